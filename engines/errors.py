@@ -1,0 +1,34 @@
+"""Typed exceptions of the engines; app/ maps them to HTTP statuses in one place."""
+from kvcached.errors import FatalError, KvcachedError, TemporaryError
+
+
+class EngineError(KvcachedError):
+    """Base of every engine error."""
+
+
+class ModelNotFound(EngineError, FatalError):
+    """No model by that name in the registry (HTTP 404)."""
+
+
+class ModelLoadError(EngineError, FatalError):
+    """The model file could not be read or loaded; the message says why."""
+
+
+class InvalidRequest(EngineError, FatalError):
+    """The request cannot be served as asked (HTTP 400): the message says what to change."""
+
+
+class ContextOverflow(InvalidRequest):
+    """The prompt does not fit the model's context (HTTP 400)."""
+
+
+class InfillUnsupported(InvalidRequest):
+    """Fill-in-the-middle was asked of a model without FIM tokens (HTTP 400)."""
+
+
+class EmbeddingsUnsupported(InvalidRequest):
+    """The engine cannot produce embeddings for this model (HTTP 400)."""
+
+
+class EngineBusy(EngineError, TemporaryError):
+    """The model's request queue is full; retry later (HTTP 503)."""

@@ -1,0 +1,129 @@
+"""Typed requests and results that every engine takes and returns.
+
+The HTTP layer translates OpenAI, Ollama and llama.cpp JSON into these at the
+edge; nothing inside the engines ever sees raw JSON.
+"""
+from __future__ import annotations
+
+import enum
+import threading
+import uuid
+from dataclasses import dataclass, field
+
+
+class RequestKind(enum.Enum):
+    CHAT = "chat"              # messages rendered through the model's chat template
+    COMPLETION = "completion"  # raw prompt text
+    INFILL = "infill"          # fill-in-the-middle: prompt is the prefix, suffix the rest
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"              # end-of-generation token or a stop string
+    LENGTH = "length"          # max_tokens or the context ran out
+    CANCELLED = "cancelled"    # the client went away
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling; temperature 0 means greedy."""
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        # Values come from clients through the HTTP layer, which validates them
+        # first; these are internal invariants.
+        assert self.max_tokens >= 0, "max_tokens must be >= 0"
+        assert self.temperature >= 0, "temperature must be >= 0"
+        assert 0 < self.top_p <= 1, "top_p must be in (0, 1]"
+        assert 0 <= self.min_p <= 1, "min_p must be in [0, 1]"
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str       # "system" | "user" | "assistant" | "tool"
+    content: str
+
+
+@dataclass
+class GenerateRequest:
+    kind: RequestKind
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    messages: tuple[ChatMessage, ...] = ()   # CHAT
+    prompt: str = ""                          # COMPLETION, or the INFILL prefix
+    suffix: str = ""                          # INFILL
+    extra_context: tuple[str, ...] = ()       # INFILL: other files (llama.cpp input_extra)
+    add_generation_prompt: bool = True
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request and free its sequence at once."""
+        self.cancelled.set()
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0        # prompt tokens whose KV was reused, not recomputed
+    prompt_eval_ns: int = 0
+    eval_ns: int = 0
+    load_ns: int = 0
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """One piece of a streamed generation. The last chunk has finish_reason and usage set."""
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    vectors: tuple[tuple[float, ...], ...]
+    prompt_tokens: int
+
+
+class ModelState(enum.Enum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    LOADED = "loaded"      # weights in memory, ready (busy or idle: see Engine.busy)
+    PAUSED = "paused"      # weights in memory, KV on the host; resumes on next request
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    weights_bytes: int = 0
+    kv_held_bytes: int = 0      # mapped KV pages (device or host backend)
+    kv_live_bytes: int = 0      # of which hold live tokens
+    paused_host_bytes: int = 0  # KV moved to host memory by pause()
+    on_gpu: bool = False
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_held_bytes
+
+
+@dataclass(frozen=True)
+class LoadProgress:
+    """Reported while a model loads, for the CLI's bar and the tray/dashboard."""
+    model: str
+    fraction: float     # 0..1
+    stage: str          # "reading", "dequantizing", "allocating", "ready"

@@ -1,0 +1,44 @@
+"""The one configuration object of kvcached, validated when it is made.
+
+It is passed down through constructors (backend, pool, KV cache, broker);
+nothing here is read from globals or the environment. Values measured at run
+time (granularity, device total) live on the objects that measure them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvcached.errors import ConfigError
+
+MiB = 1 << 20
+GiB = 1 << 30
+BACKENDS = ("auto", "cuda", "host")
+
+
+@dataclass(frozen=True)
+class KvcachedConfig:
+    backend: str = "auto"               # "auto": cuda when a device and driver answer, else host
+    device: int = 0                     # CUDA device ordinal
+    page_size: int = 2 * MiB            # a multiple of the backend's granularity
+    budget_bytes: int | None = None     # pages this process may hold; None: what the device allows
+    reserve_pages: int = 4              # pre-created pages kept ready for the hot path
+    headroom_bytes: int = 1 * GiB       # kept free for other applications
+    monitor_interval_s: float = 0.05    # broker sampling period (<= 100 ms on the GPU)
+    auto_yield: bool = True             # reclaim when others grow into the headroom
+    event_log_size: int = 1000          # bounded broker event log
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend: {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.page_size <= 0 or self.page_size % (64 * 1024):
+            raise ConfigError(f"page_size: {self.page_size} must be a positive multiple of 64 KiB")
+        if self.budget_bytes is not None and self.budget_bytes < 0:
+            raise ConfigError(f"budget_bytes: {self.budget_bytes} must be >= 0")
+        if self.reserve_pages < 0:
+            raise ConfigError(f"reserve_pages: {self.reserve_pages} must be >= 0")
+        if self.headroom_bytes < 0:
+            raise ConfigError(f"headroom_bytes: {self.headroom_bytes} must be >= 0")
+        if not 0.001 <= self.monitor_interval_s <= 10:
+            raise ConfigError(f"monitor_interval_s: {self.monitor_interval_s} must be in [0.001, 10]")
+        if self.event_log_size < 1:
+            raise ConfigError(f"event_log_size: {self.event_log_size} must be >= 1")

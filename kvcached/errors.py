@@ -1,0 +1,50 @@
+"""Typed exceptions of kvcached.
+
+Temporary conditions (retry, reclaim, queue) are separated from fatal ones
+(bad configuration, no backend) so callers branch on type, never on text.
+The HTTP layer maps these to status codes in one place.
+"""
+
+
+class KvcachedError(Exception):
+    """Base of every error kvcached raises."""
+
+
+class TemporaryError(KvcachedError):
+    """Retrying later, or after a reclaim, can succeed."""
+
+
+class FatalError(KvcachedError):
+    """Retrying the same call cannot succeed."""
+
+
+class PoolExhausted(TemporaryError):
+    """The page budget is spent: reclaim, wait, or queue the request."""
+
+
+class DeviceOutOfMemory(TemporaryError):
+    """The device itself had no room for a new physical page (CUDA_ERROR_OUT_OF_MEMORY,
+    or ENOMEM on the host). Ordinary and recoverable: nothing was mapped."""
+
+
+class AdmissionDenied(TemporaryError):
+    """The broker could not make room for a client's request within the budget."""
+
+
+class VmmError(FatalError):
+    """A virtual-memory driver call failed. `code` names the driver error
+    (for example "CUDA_ERROR_INVALID_VALUE" or "EINVAL")."""
+
+    def __init__(self, call: str, code: str, detail: str = "") -> None:
+        self.call = call
+        self.code = code
+        message = f"{call} failed: {code}"
+        super().__init__(f"{message} ({detail})" if detail else message)
+
+
+class BackendUnavailable(FatalError):
+    """The requested VMM backend cannot run here (no CUDA device, not Linux...)."""
+
+
+class ConfigError(FatalError):
+    """A configuration value is invalid; the message names the key."""
