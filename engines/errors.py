@@ -7,7 +7,12 @@ class EngineError(KvcachedError):
 
 
 class ModelNotFound(EngineError, FatalError):
-    """No model by that name in the registry (HTTP 404)."""
+    """No model by that name in the registry (HTTP 404). `near` holds the closest names."""
+
+    def __init__(self, message: str = "", name: str = "", near: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.name = name
+        self.near = near
 
 
 class ModelLoadError(EngineError, FatalError):

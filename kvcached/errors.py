@@ -46,5 +46,19 @@ class BackendUnavailable(FatalError):
     """The requested VMM backend cannot run here (no CUDA device, not Linux...)."""
 
 
+class ClosedError(FatalError):
+    """A backend, pool or virtual tensor was used after close()."""
+
+
 class ConfigError(FatalError):
     """A configuration value is invalid; the message names the key."""
+
+
+class InvalidArgument(FatalError, ValueError):
+    """A caller passed a value out of range (a slot, a layer, a token count);
+    the message names the argument. Also a ValueError for generic callers."""
+
+
+class CacheBusy(TemporaryError):
+    """A reclaim step could not run because the memory it would take is in use
+    (a step is running on it); try again between steps."""

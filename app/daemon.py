@@ -1,0 +1,167 @@
+"""The daemon: `serve(settings) -> int` builds the broker, registry, model manager and HTTP
+app, and runs uvicorn on settings.host:settings.port until SIGTERM or SIGINT.
+
+It starts fast: no model loads before the first request, and torch is imported
+only when an engine that needs it is made. SIGTERM stops accepting, lets
+requests in flight finish for a short grace period, cancels the rest (each
+engine frees its sequences), unloads models and exits 0.
+
+Run it as `ebbtide serve` (app/cli.py) or `python -m app.daemon` (tests).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+import uvicorn
+
+from app import env
+from app.model_manager import ModelManager
+from app.paths import app_paths
+from app.server import auth
+from app.server.app_factory import create_app
+from app.server.broker_link import BrokerLink
+from app.server.context import ServerContext
+from app.server.events import EventHub
+from app.server.metrics import Metrics
+from app.server.security import is_loopback_host
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+GRACE_S = 5  # seconds in-flight requests get to finish after SIGTERM
+EXIT_OK, EXIT_CONFIG, EXIT_BIND = 0, 2, 3
+NOT_RECLAIM_STEPS = frozenset({"auto_yield", "resume", "admit"})  # broker events that return nothing
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, but a SIGTERM/SIGINT shutdown is a clean exit (0), not a re-raised signal,
+    and the endpoint URL is printed once the socket is bound."""
+
+    def __init__(self, config: uvicorn.Config, ctx: ServerContext) -> None:
+        super().__init__(config)
+        self.ctx = ctx
+
+    def handle_exit(self, sig: int, frame) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()  # we shut down on purpose: exit 0, do not re-raise
+        self.ctx.hub.publish("shutdown", reason=signal.Signals(sig).name)  # ends event streams
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            print(f"Ebbtide is serving on {self.ctx.endpoint_url}", flush=True)
+            print(f"  OpenAI: {self.ctx.endpoint_url}/v1   Ollama: {self.ctx.endpoint_url}   "
+                  f"dashboard: {self.ctx.endpoint_url}/dashboard", flush=True)
+
+
+def engine_config(settings: Settings, models_dir: str):
+    """EngineConfig from the app's Settings (the one place the two are joined)."""
+    from engines.config import EngineConfig
+
+    overrides = {n: m.engine for n, m in settings.models.items() if m.engine != "auto"}
+    contexts = {n: m.context_length for n, m in settings.models.items() if m.context_length}
+    return EngineConfig(models_dir=models_dir, model_dirs=tuple(settings.model_dirs),
+                        scan_ollama=settings.scan_ollama, scan_lmstudio=settings.scan_lmstudio,
+                        scan_hf_cache=settings.scan_hf_cache, engine_overrides=overrides,
+                        context_overrides=contexts, max_queue=settings.max_queue,
+                        torch_num_slots=settings.num_slots)
+
+
+def open_broker(settings: Settings):
+    """The kvcached broker for this process, started; None (logged) where it cannot run."""
+    try:
+        from kvcached.broker import Broker
+        from kvcached.config import KvcachedConfig
+
+        config = KvcachedConfig(backend=settings.backend, headroom_bytes=settings.headroom_bytes,
+                                monitor_interval_s=settings.monitor_interval_s, auto_yield=settings.auto_yield)
+        broker = Broker(config)
+        return broker.start(), broker.monitor.name
+    except Exception as exc:  # serving without memory brokering beats not serving
+        log.warning("memory broker unavailable, serving without it: %s", exc)
+        return None, "none"
+
+
+def make_engine_factory(config):
+    def make_engine(info):
+        try:
+            from engines.factory import create_engine  # imports torch only when needed
+        except ImportError:  # a checkout without the factory yet: llama.cpp serves everything
+            from engines.llamacpp.engine import LlamaCppEngine
+
+            return LlamaCppEngine(info, config)
+        return create_engine(info, config)
+
+    return make_engine
+
+
+def build_context(settings: Settings) -> ServerContext:
+    from engines.registry import ModelRegistry
+
+    paths = app_paths().ensure()
+    token = auth.ensure_token(paths.token_file)
+    hub = EventHub()
+    broker, backend = open_broker(settings)
+    link = BrokerLink(broker, hub)
+    config = engine_config(settings, str(paths.models_dir))
+    manager = ModelManager(ModelRegistry(config), make_engine_factory(config), settings, hub, link)
+    metrics = Metrics(lambda: {l.name: _memory_gauges(l.engine) for l in manager.loaded()})
+    hub.listen(lambda event: _count_reclaim(metrics, event))
+    return ServerContext(settings, manager, metrics, hub, link, token, backend=backend)
+
+
+def _count_reclaim(metrics: Metrics, event) -> None:
+    """Broker steps and manual reclaims become the /metrics reclaim counters."""
+    if event.kind not in ("broker", "reclaim") or event.data.get("step") in NOT_RECLAIM_STEPS:
+        return
+    data = event.data
+    metrics.record_reclaim(str(data.get("step", event.kind)), str(data.get("client") or data.get("model", "")),
+                           int(data.get("bytes_returned", 0)))
+
+
+def _memory_gauges(engine) -> dict[str, int]:
+    m = engine.memory()
+    return {"weights": m.weights_bytes, "kv_held": m.kv_held_bytes, "kv_live": m.kv_live_bytes,
+            "paused_host": m.paused_host_bytes}
+
+
+def check_bind(settings: Settings) -> str | None:
+    """Why this bind is refused, or None. Off loopback needs the explicit setting."""
+    if is_loopback_host(settings.host) or settings.allow_non_loopback:
+        return None
+    return (f"refusing to bind {settings.host}: it is reachable from other machines. Set "
+            f"allow_non_loopback = true in settings.toml to allow it (the bearer token is then "
+            f"required on every route)")
+
+
+def serve(settings: Settings) -> int:
+    """Run the daemon until SIGTERM/SIGINT; returns the process exit code."""
+    problem = check_bind(settings)
+    if problem:
+        print(f"ebbtide: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    ctx = build_context(settings)
+    config = uvicorn.Config(create_app(ctx), host=settings.host, port=settings.port, log_level="warning",
+                            timeout_graceful_shutdown=GRACE_S, lifespan="on", access_log=False)
+    server = _Server(config, ctx)
+    server.run()
+    if not server.started:
+        print(f"ebbtide: could not listen on {settings.host}:{settings.port} (in use?)", file=sys.stderr)
+        return EXIT_BIND
+    log.info("stopped")
+    return EXIT_OK
+
+
+def main() -> int:
+    from app.settings_file import load_settings
+
+    logging.basicConfig(level=os.environ.get(env.LOG_LEVEL, "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(load_settings().settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The ONE place typed exceptions become HTTP statuses and each dialect's error body.
+
+Statuses come from a table keyed by exception type (most specific first), never
+from message text. The body follows the dialect of the route that failed, so
+each client library parses our errors as its own server's:
+  OpenAI     {"error": {"message", "type", "code"}}
+  Ollama     {"error": "message"}
+  llama.cpp  {"error": {"code", "message", "type"}}   (also /control and /metrics)
+"""
+from __future__ import annotations
+
+import enum
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+from engines import errors as engine_errors
+from kvcached import errors as kv_errors
+
+log = logging.getLogger(__name__)
+
+
+class Dialect(enum.Enum):
+    OPENAI = "openai"
+    OLLAMA = "ollama"
+    LLAMACPP = "llamacpp"
+
+
+class Unauthorized(Exception):
+    """The control API was called without a valid token."""
+
+
+class BodyTooLarge(Exception):
+    """A body sent without Content-Length grew past the limit while it was read (HTTP 413)."""
+
+
+class BadRequest(Exception):
+    """The HTTP layer itself found the request unusable (a value out of range...)."""
+
+
+# (exception type, HTTP status, OpenAI/llama.cpp error type); first match wins.
+STATUS_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
+    (BodyTooLarge, 413, "invalid_request_error"),
+    (Unauthorized, 401, "authentication_error"),
+    (BadRequest, 400, "invalid_request_error"),
+    (engine_errors.ModelNotFound, 404, "not_found_error"),
+    (engine_errors.InvalidRequest, 400, "invalid_request_error"),
+    (engine_errors.EngineBusy, 503, "unavailable_error"),
+    (engine_errors.ModelLoadError, 500, "server_error"),
+    (kv_errors.TemporaryError, 503, "unavailable_error"),
+    (kv_errors.ConfigError, 500, "server_error"),
+    (kv_errors.KvcachedError, 500, "server_error"),
+)
+
+# Path prefix -> dialect; the longest prefix that matches wins.
+DIALECT_PREFIXES: tuple[tuple[str, Dialect], ...] = (
+    ("/v1/", Dialect.OPENAI),
+    ("/api/", Dialect.OLLAMA),
+)
+
+
+def dialect_of(path: str) -> Dialect:
+    for prefix, dialect in DIALECT_PREFIXES:
+        if path.startswith(prefix):
+            return dialect
+    return Dialect.LLAMACPP
+
+
+def classify(exc: BaseException) -> tuple[int, str]:
+    """HTTP status and error type for an exception; unknown ones are server errors."""
+    for exc_type, status, kind in STATUS_TABLE:
+        if isinstance(exc, exc_type):
+            return status, kind
+    return 500, "server_error"
+
+
+def error_body(dialect: Dialect, status: int, kind: str, message: str) -> dict:
+    """The error JSON in the dialect's own shape."""
+    shapes = {
+        Dialect.OPENAI: lambda: {"error": {"message": message, "type": kind, "param": None, "code": status}},
+        Dialect.OLLAMA: lambda: {"error": message},
+        Dialect.LLAMACPP: lambda: {"error": {"code": status, "message": message, "type": kind}},
+    }
+    return shapes[dialect]()
+
+
+def error_for(exc: BaseException, dialect: Dialect) -> tuple[int, dict]:
+    """Status and body for an exception: used by handlers and by streams that fail midway."""
+    status, kind = classify(exc)
+    message = str(exc) or type(exc).__name__
+    if status >= 500:
+        log.error("%s: %s", type(exc).__name__, message, exc_info=exc)
+    return status, error_body(dialect, status, kind, message)
+
+
+def stream_error_line(exc: BaseException, dialect: Dialect) -> bytes:
+    """The error as one line in a stream already under way (Ollama: an {"error":...} line)."""
+    _, body = error_for(exc, dialect)
+    return json.dumps(body).encode()
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
+    problems = []
+    status = 422
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            return 400, f"malformed JSON body: {err.get('msg', '')}"
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        problems.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
+    return status, "invalid request: " + "; ".join(problems[:5])
+
+
+# Clients of these dialects expect 400 for any invalid body, as their servers answer.
+_VALIDATION_STATUS = {Dialect.OPENAI: 400, Dialect.OLLAMA: 400, Dialect.LLAMACPP: None}
+
+
+def install(app: FastAPI) -> None:
+    """Registers the handlers on the app: the only exception-to-HTTP mapping there is."""
+
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        dialect = dialect_of(request.url.path)
+        status, message = _validation_message(exc)
+        status = _VALIDATION_STATUS[dialect] or status
+        return JSONResponse(error_body(dialect, status, "invalid_request_error", message), status_code=status)
+
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        dialect = dialect_of(request.url.path)
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        body = error_body(dialect, exc.status_code, kind, str(exc.detail))
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    async def on_error(request: Request, exc: Exception) -> JSONResponse:
+        status, body = error_for(exc, dialect_of(request.url.path))
+        return JSONResponse(body, status_code=status)
+
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    for exc_type, _, _ in STATUS_TABLE:
+        app.add_exception_handler(exc_type, on_error)
+    app.add_exception_handler(Exception, on_error)

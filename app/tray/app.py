@@ -1,0 +1,240 @@
+"""The tray application: pystray on the main thread, the daemon as a supervised child.
+
+`run_tray` takes the single-instance lock, starts the daemon under a
+DaemonSupervisor (or attaches to a daemon that `ebbtide serve` already runs),
+and shows the icon. Two helper threads keep the view fresh: one polls the
+control API, one follows its event stream so a reclaim shows at once. Without a
+display (or when pystray has no working backend) it says so and supervises the
+daemon headless.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from types import ModuleType
+
+from app import exit_codes
+from app.control_client import ControlClient, ControlError, DaemonNotRunning
+from app.instance_lock import AlreadyRunning, InstanceLock
+from app.login_item import for_platform, tray_command
+from app.paths import AppPaths
+from app.settings_file import LoadedSettings
+from app.tray.dispatcher import Dispatcher, TrayHooks
+from app.tray.icon import draw_icon
+from app.tray.menu import Entry, build_entries, to_pystray
+from app.tray.popup import TkPopup
+from app.tray.supervisor import DaemonState, DaemonSupervisor, daemon_command, daemon_env
+from app.tray.xorg_clicks import enable_clicks
+from app.tray.view import TrayMode, TrayView, down_view, view_from
+
+log = logging.getLogger(__name__)
+
+POLL_S = 2.0
+# Event kinds (or model states) that mean memory was just given back.
+RECLAIM_KINDS = ("reclaim",)
+
+
+def is_reclaim(event: dict) -> bool:
+    if event.get("kind") in RECLAIM_KINDS:
+        return True
+    return event.get("kind") in ("broker", "model") and int(event.get("bytes_returned", 0) or 0) > 0
+
+
+class TrayApp:
+    def __init__(self, client: ControlClient, settings_file, login_item: ModuleType | None,
+                 supervisor: DaemonSupervisor | None = None) -> None:
+        self.client = client
+        self.supervisor = supervisor
+        self.login_item = login_item
+        self.view: TrayView = down_view(TrayMode.STARTING, "", endpoint=client.base_url)
+        self.last_reclaim_at = 0.0
+        self.icon = None
+        self.stopping = threading.Event()
+        self._drawn_key: object = None
+        hooks = TrayHooks(refresh=self.refresh, quit=self.quit, auto_yield=lambda: self.view.auto_yield,
+                          tray_command=tray_command)
+        self.dispatcher = Dispatcher(client, settings_file, login_item, hooks)
+        self.popup = TkPopup(self.dispatcher.dispatch)
+
+    # --- state -----------------------------------------------------------------
+    def _start_at_login(self) -> bool:
+        try:
+            return bool(self.login_item and self.login_item.is_enabled())
+        except Exception:  # a platform without a login item still gets a tray
+            return False
+
+    def refresh(self) -> TrayView:
+        at_login, endpoint = self._start_at_login(), self.client.base_url
+        if self.supervisor is not None and self.supervisor.state is DaemonState.FAILED:
+            view = down_view(TrayMode.ERROR, f"the daemon exited with {self.supervisor.last_exit}",
+                             start_at_login=at_login, endpoint=endpoint)
+        else:
+            try:
+                models, memory = self.client.models(), self.client.memory()
+                if self.supervisor is not None:
+                    self.supervisor.mark_running()
+                view = view_from(models, memory, last_reclaim_at=self.last_reclaim_at,
+                                 start_at_login=at_login, endpoint=endpoint)
+            except (DaemonNotRunning, ControlError) as exc:
+                starting = self.supervisor is not None and self.supervisor.state is not DaemonState.RUNNING
+                view = down_view(TrayMode.STARTING if starting else TrayMode.ERROR, str(exc),
+                                 start_at_login=at_login, endpoint=endpoint)
+        self.view = view
+        self._redraw()
+        return view
+
+    def entries(self) -> list[Entry]:
+        return build_entries(self.view)
+
+    def _redraw(self) -> None:
+        icon, view = self.icon, self.view
+        if icon is None:
+            return
+        key = (view.mode, round(view.held_fraction, 2), round(view.others_fraction, 2))
+        if key != self._drawn_key:  # redraw only on change: an undocked xorg icon logs on each update
+            self._drawn_key = key
+            icon.icon = draw_icon(view)
+        icon.title = view.tooltip()
+        icon.update_menu()
+
+    # --- pystray ---------------------------------------------------------------
+    def build_icon(self):
+        import pystray
+
+        def items():
+            yield pystray.MenuItem("Open menu", lambda icon, item: self.activate(), default=True, visible=False)
+            yield from to_pystray(self.entries(), self.dispatcher.dispatch)
+
+        self.icon = pystray.Icon("ebbtide", draw_icon(self.view), self.view.tooltip(), pystray.Menu(items))
+        enable_clicks(self.icon)
+        return self.icon
+
+    def activate(self) -> None:
+        """A click on the icon: the menu where the backend draws none, else the dashboard."""
+        if self.icon is not None and not self.icon.HAS_MENU:
+            self.popup.open(self.entries())
+        elif self.view.mode not in (TrayMode.STARTING, TrayMode.ERROR):
+            self.dispatcher.dispatch("open_dashboard")
+
+    def start_helpers(self) -> None:
+        for target, name in ((self._poll, "tray-poll"), (self._follow_events, "tray-events")):
+            threading.Thread(target=target, name=name, daemon=True).start()
+
+    def _setup(self, icon) -> None:
+        icon.visible = True
+        self.start_helpers()
+
+    def run(self) -> None:
+        """Show the icon; returns after Quit. Must run on the main thread (macOS)."""
+        if self.icon is None:
+            self.build_icon()
+        self.icon.run(setup=self._setup)
+
+    def quit(self) -> None:
+        self.stopping.set()
+        self.popup.close()
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        if self.icon is not None:
+            self.icon.stop()
+
+    # --- helper threads ------------------------------------------------------
+    def _poll(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.refresh()
+            except Exception:
+                log.exception("tray: refresh failed")
+            self.stopping.wait(POLL_S)
+
+    def _follow_events(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                for event in self.client.events(self.stopping):
+                    if is_reclaim(event):
+                        self.last_reclaim_at = time.time()
+                    if event.get("kind") in ("reclaim", "model", "broker", "settings"):
+                        self.refresh()
+            except Exception as exc:  # daemon restarting: try again shortly
+                log.debug("tray: event stream ended: %s", exc)
+            self.stopping.wait(1.0)
+
+
+def no_display_reason(platform: str | None = None, environ: dict | None = None) -> str:
+    """Why no icon can be shown here, or "" when a display may be there."""
+    platform = sys.platform if platform is None else platform
+    environ = os.environ if environ is None else environ
+    if platform.startswith("linux") and not (environ.get("DISPLAY") or environ.get("WAYLAND_DISPLAY")):
+        return "no display ($DISPLAY and $WAYLAND_DISPLAY are unset)"
+    return ""
+
+
+def run_headless(supervisor: DaemonSupervisor) -> int:
+    """Supervise the daemon until it fails for good or we are asked to stop."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        if supervisor.state is DaemonState.FAILED:
+            print(f"ebbtide: the daemon keeps failing (exit {supervisor.last_exit}); see the daemon log.",
+                  file=sys.stderr)
+            return exit_codes.ERROR
+    supervisor.stop()
+    return exit_codes.OK
+
+
+def _login_item() -> ModuleType | None:
+    try:
+        return for_platform()
+    except Exception:
+        return None
+
+
+def run_tray(paths: AppPaths, loaded: LoadedSettings, headless: bool = False) -> int:
+    settings = loaded.settings
+    lock = InstanceLock(paths.lock_file)
+    supervisor: DaemonSupervisor | None = None
+    try:
+        lock.acquire("tray", settings.endpoint_url)
+        supervisor = DaemonSupervisor(daemon_command(), daemon_env(os.getpid()), paths.log_dir / "daemon.log")
+    except AlreadyRunning as exc:
+        if exc.info is None or exc.info.role != "daemon":
+            print(f"ebbtide: {exc}.", file=sys.stderr)
+            return exit_codes.ALREADY_RUNNING
+        print(f"Attaching to the daemon already running at {exc.info.endpoint} (pid {exc.info.pid}).")
+    client = ControlClient.from_settings(paths, settings)
+    try:
+        if supervisor is not None:
+            supervisor.start()
+        return _show(client, loaded, supervisor, headless)
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
+        client.close()
+        lock.release()
+
+
+def _show(client: ControlClient, loaded: LoadedSettings, supervisor: DaemonSupervisor | None,
+          headless: bool) -> int:
+    reason = "asked to run headless" if headless else no_display_reason()
+    app = TrayApp(client, loaded.path, _login_item(), supervisor)
+    if not reason:
+        try:
+            app.build_icon()
+        except Exception as exc:  # pystray found no backend that works here
+            reason = f"the tray icon cannot be shown ({exc})"
+    if reason:
+        if supervisor is None:
+            print(f"ebbtide: {reason}, and a daemon is already running at {client.base_url}.", file=sys.stderr)
+            return exit_codes.ALREADY_RUNNING
+        print(f"ebbtide: {reason}; running the daemon without a tray icon at {client.base_url}.")
+        return run_headless(supervisor)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: threading.Thread(target=app.quit, daemon=True).start())
+    print(f"Ebbtide is running at {client.base_url}.")
+    app.run()
+    return exit_codes.OK

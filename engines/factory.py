@@ -1,0 +1,46 @@
+"""create_engine(info, config): the engine for a model, chosen by engines.choice.
+
+Engine classes are imported only when chosen, so serving a GGUF model on the
+CPU never imports torch, and a machine without llama-cpp-python can still run
+the torch engine. Extra keyword arguments go to the engine's constructor (the
+torch engine takes the broker's page pool, for instance).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+
+from engines.base import Engine, ModelInfo
+from engines.choice import choose_engine, cuda_available
+from engines.config import EngineConfig
+from engines.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+# engine kind -> "module:Class"
+ENGINE_CLASSES: dict[str, str] = {
+    "torch": "engines.torch.engine:TorchEngine",
+    "llamacpp": "engines.llamacpp.engine:LlamaCppEngine",
+}
+# What to install when an engine's module is missing.
+ENGINE_PACKAGES: dict[str, str] = {"torch": "torch", "llamacpp": "llama-cpp-python"}
+
+
+def engine_class(kind: str) -> type[Engine]:
+    module_name, _, class_name = ENGINE_CLASSES[kind].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelLoadError(f"the {kind} engine cannot be imported ({exc}); "
+                             f"install {ENGINE_PACKAGES[kind]}") from exc
+    return getattr(module, class_name)
+
+
+def create_engine(info: ModelInfo, config: EngineConfig | None = None,
+                  has_cuda: Callable[[], bool] = cuda_available, **engine_kwargs: object) -> Engine:
+    """An unloaded engine for info; call load() on it (the app does, with progress)."""
+    config = config or EngineConfig()
+    choice = choose_engine(info, config, has_cuda)
+    log.info("%s: %s engine (%s)", info.name, choice.engine, choice.reason)
+    return engine_class(choice.engine)(info, config, **engine_kwargs)

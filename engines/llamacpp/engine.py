@@ -1,0 +1,262 @@
+"""LlamaCppEngine: a GGUF model served through llama.cpp, obeying the broker per model.
+
+llama.cpp owns its KV buffer, so the broker's verbs map onto whole contexts:
+trim gives back nothing (the buffer is one allocation), drop_prefixes frees
+an idle context and forgets its cached conversation, pause saves the context
+state to host memory and frees the context (weights stay), resume restores
+it, unload frees everything. The weights load through llama_cpp's thin
+wrappers with params from options.py (use_extra_bufts off: the AMX segfault).
+All context work runs on one worker thread (worker.py); requests queue there,
+and a full queue answers EngineBusy. Embeddings use a second, small context
+with embeddings on, over the same weights, made on first use.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+import llama_cpp
+from llama_cpp import _internals as internals
+
+from engines.base import Engine, ModelInfo, ProgressCallback
+from engines.config import EngineConfig
+from engines.errors import ContextOverflow, ModelLoadError
+from engines.llamacpp import embedding, options
+from engines.llamacpp.generation import run_generation
+from engines.llamacpp.native import route_native_logs, token_piece
+from engines.llamacpp.prompt import PromptBuilder
+from engines.llamacpp.session import Session, kv_bytes_per_token
+from engines.llamacpp.state import PausedState, pause_session, resume_session
+from engines.llamacpp.stream import TokenStream
+from engines.llamacpp.worker import Worker
+from engines.progress import ProgressReporter
+from engines.types import EmbeddingResult, GenerateRequest, MemoryReport, ModelState, StreamChunk
+
+log = logging.getLogger(__name__)
+
+
+class LlamaCppEngine(Engine):
+    kind = "llamacpp"
+
+    def __init__(self, info: ModelInfo, config: EngineConfig | None = None) -> None:
+        super().__init__(info)
+        self.config = config or EngineConfig()
+        self.n_ctx = options.context_n_ctx(self.config, info)
+        self._load_lock = threading.RLock()   # load/unload, and tokenizing against a live model
+        self._state = ModelState.UNLOADED
+        self._model: internals.LlamaModel | None = None
+        self._prompts: PromptBuilder | None = None
+        self._worker: Worker | None = None
+        self._session: Session | None = None        # touched on the worker thread only
+        self._paused: PausedState | None = None
+        self._embedder: embedding.Embedder | None = None
+        self._on_gpu = False
+        self._weights_bytes = 0
+        self._kv_per_token = 0
+        self._idle_since = time.monotonic()   # while no worker exists (unloaded)
+
+    # --- lifecycle ---------------------------------------------------------------
+    def load(self, progress: ProgressCallback | None = None) -> None:
+        with self._load_lock:
+            if self._model is not None:
+                return
+            reporter = ProgressReporter(self.info.name, progress)
+            self._state = ModelState.LOADING
+            try:
+                self._load_model(reporter)
+            except BaseException:
+                self._free_native()
+                self._state = ModelState.UNLOADED
+                raise
+            self._state = ModelState.LOADED
+            reporter.report(1.0, "ready")
+
+    def _load_model(self, reporter: ProgressReporter) -> None:
+        route_native_logs()
+        reporter.report(0.0, "reading")
+        params = options.model_params(self.config, lambda f: reporter.report(0.9 * f, "reading"))
+        try:
+            self._model = internals.LlamaModel(path_model=self.info.path, params=params.params, verbose=True)
+        except ValueError as exc:   # the wrapper's way of saying "NULL model"
+            raise ModelLoadError(f"{self.info.name}: llama.cpp could not load {self.info.path}: {exc}") from exc
+        self._on_gpu = params.on_gpu
+        self._weights_bytes = int(llama_cpp.llama_model_size(self._model.model))
+        self._kv_per_token = kv_bytes_per_token(self._model)
+        self._prompts = PromptBuilder(self._model, self.info.chat_template)
+        reporter.report(0.95, "allocating")
+        self._session = Session(self._model, self._context_params())
+        self._worker = Worker(self.info.name, self.config.max_queue)
+        log.info("loaded %s with llama.cpp: %d MB weights, n_ctx %d, %s", self.info.name,
+                 self._weights_bytes >> 20, self._session.n_ctx, "GPU" if self._on_gpu else "CPU")
+
+    def _context_params(self):
+        return options.context_params(self.config, self.n_ctx)
+
+    def unload(self) -> int:
+        with self._load_lock:
+            if self._model is None:
+                return 0
+            freed = self.memory().total_bytes
+            worker, self._worker = self._worker, None
+            if worker is not None:
+                worker.call(self._free_contexts)   # after every queued request has run
+                worker.stop()
+                self._idle_since = worker.idle_since
+            self._free_native()
+            self._state = ModelState.UNLOADED
+            log.info("unloaded %s: %d MB given back", self.info.name, freed >> 20)
+            return freed
+
+    def _free_contexts(self) -> int:
+        freed = self._held_kv_bytes()
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
+        return freed
+
+    def _free_native(self) -> None:
+        self._free_contexts()
+        self._paused = None
+        self._prompts = None
+        if self._model is not None:
+            self._model.close()
+            self._model = None
+
+    @property
+    def state(self) -> ModelState:
+        return self._state
+
+    # --- serving -------------------------------------------------------------------
+    def generate(self, request: GenerateRequest) -> Iterator[StreamChunk]:
+        self.load()
+        with self._load_lock:
+            assert self._prompts is not None and self._worker is not None
+            prompt = self._prompts.build(request)
+            worker = self._worker
+        if len(prompt) >= self.n_ctx:
+            raise ContextOverflow(f"the prompt is {len(prompt)} tokens; {self.info.name} is served with a "
+                                  f"context of {self.n_ctx} (one token must stay free to generate)")
+        out: queue.Queue = queue.Queue()
+
+        def job() -> None:
+            try:
+                session = self._ready_session()
+                run_generation(session, request, prompt, out.put)
+            except BaseException as exc:
+                out.put(exc)
+            finally:
+                out.put(TokenStream.END)
+
+        worker.submit(job, is_request=True)
+        return TokenStream(request, out)
+
+    def _ready_session(self) -> Session:
+        """The context to serve on: resumed if paused, recreated if dropped. Worker thread."""
+        assert self._model is not None
+        if self._session is None:
+            paused, self._paused = self._paused, None
+            self._session = resume_session(self._model, self._context_params(), paused or PausedState(b"", ()))
+            self._state = ModelState.LOADED
+        return self._session
+
+    def embed(self, texts: list[str]) -> EmbeddingResult:
+        self.load()
+        with self._load_lock:
+            assert self._worker is not None
+            worker = self._worker
+
+        def job() -> EmbeddingResult:
+            assert self._model is not None
+            if self._embedder is None:
+                self._embedder = embedding.Embedder(self._model, self.config, self.info.name)
+            return self._embedder.embed(texts)
+
+        return worker.submit(job, is_request=True).result()
+
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        self.load()
+        with self._load_lock:
+            assert self._prompts is not None
+            return self._prompts.tokenize(text, add_bos=add_special and self._prompts.add_bos, special=True)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        self.load()
+        with self._load_lock:
+            assert self._model is not None
+            return b"".join(token_piece(self._model.vocab, t) for t in token_ids).decode("utf-8", "replace")
+
+    @property
+    def can_infill(self) -> bool:
+        self.load()
+        return bool(self._prompts and self._prompts.can_infill)
+
+    # --- memory and the broker's verbs ---------------------------------------------
+    def _held_kv_bytes(self) -> int:
+        held = self._session.n_ctx * self._kv_per_token if self._session is not None else 0
+        return held + (self._embedder.kv_bytes if self._embedder is not None else 0)
+
+    def memory(self) -> MemoryReport:
+        session, paused = self._session, self._paused
+        return MemoryReport(
+            weights_bytes=self._weights_bytes if self._model is not None else 0,
+            kv_held_bytes=self._held_kv_bytes(),
+            kv_live_bytes=len(session.tokens) * self._kv_per_token if session is not None else 0,
+            paused_host_bytes=paused.host_bytes if paused is not None else 0,
+            on_gpu=self._on_gpu)
+
+    def trim(self) -> int:
+        return 0   # llama.cpp allocates its KV buffer whole: nothing to give back piecemeal
+
+    def drop_prefixes(self) -> int:
+        """Free an idle context and forget the conversation it cached (the next request
+        re-evaluates its prompt). A busy model gives nothing: its context is in use."""
+        worker = self._worker
+        if worker is None or worker.busy:
+            return 0
+        return worker.call(lambda: 0 if worker.num_waiting else self._free_contexts())
+
+    def pause(self) -> int:
+        worker = self._worker
+        if worker is None:
+            return 0
+        return worker.call(self._pause_on_worker)
+
+    def _pause_on_worker(self) -> int:
+        if self._session is None:
+            return 0
+        freed = self._held_kv_bytes()
+        self._paused = pause_session(self._session)
+        self._session = None
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
+        self._state = ModelState.PAUSED
+        return freed
+
+    def resume(self) -> None:
+        worker = self._worker
+        if worker is not None:
+            worker.call(self._ready_session)
+
+    @property
+    def busy(self) -> bool:
+        worker = self._worker
+        return worker.busy if worker is not None else False
+
+    @property
+    def idle_since(self) -> float:
+        worker = self._worker
+        return worker.idle_since if worker is not None else self._idle_since
+
+    # --- for tests and benchmarks ----------------------------------------------------
+    @property
+    def num_evaluated(self) -> int:
+        """Tokens the current context has decoded since it was made or restored."""
+        session = self._session
+        return session.num_evaluated if session is not None else 0

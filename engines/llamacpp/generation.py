@@ -1,0 +1,91 @@
+"""One generation on a llama.cpp session: prefill what is new, then sample, stream, stop.
+
+Runs on the engine's worker thread. Text streams as UTF-8 is completed (a
+token may end mid-character) and with stop strings held back (the client
+never sees a stop string or a piece of one). It ends on an end-of-generation
+token, a stop token or string, max_tokens, a full context, or cancellation.
+"""
+from __future__ import annotations
+
+import codecs
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import llama_cpp
+
+from engines.llamacpp.native import token_piece
+from engines.llamacpp.sampling import build_sampler
+from engines.llamacpp.session import Session
+from engines.torch.stops import StopMatcher
+from engines.types import FinishReason, GenerateRequest, StreamChunk, Usage
+
+Emit = Callable[[StreamChunk], None]
+
+
+@dataclass
+class _Output:
+    """Turns sampled tokens into the chunks the client sees."""
+    emit: Emit
+    matcher: StopMatcher
+    decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    pending_ids: list[int] = field(default_factory=list)
+
+    def add(self, token: int, piece: bytes) -> None:
+        self.pending_ids.append(token)
+        text = self.matcher.feed(self.decoder.decode(piece))
+        if text:
+            self.emit(StreamChunk(text=text, token_ids=tuple(self.pending_ids)))
+            self.pending_ids.clear()
+
+    def finish(self, reason: FinishReason, usage: Usage) -> None:
+        tail = "" if self.matcher.is_stopped else self.matcher.feed(self.decoder.decode(b"", final=True))
+        text = tail + self.matcher.flush()
+        self.emit(StreamChunk(text=text, token_ids=tuple(self.pending_ids), finish_reason=reason, usage=usage))
+
+
+def _stop_reason(session: Session, token: int, request: GenerateRequest) -> FinishReason | None:
+    params = request.sampling
+    if not params.ignore_eos and llama_cpp.llama_vocab_is_eog(session.model.vocab, token):
+        return FinishReason.STOP
+    if token in params.stop_token_ids:
+        return FinishReason.STOP
+    return None
+
+
+def run_generation(session: Session, request: GenerateRequest, prompt: list[int], emit: Emit) -> None:
+    """Generate for request on session, emitting chunks; the last carries finish_reason and usage."""
+    params = request.sampling
+    out = _Output(emit=emit, matcher=StopMatcher(tuple(params.stop)))
+    started = time.perf_counter_ns()
+    prepared = session.prepare(prompt)
+    session.decode(prepared.to_eval, request.cancelled)
+    prefilled = time.perf_counter_ns()
+    reason, num_generated = _sample_loop(session, request, out) if not request.cancelled.is_set() \
+        else (FinishReason.CANCELLED, 0)
+    usage = Usage(prompt_tokens=len(prompt), completion_tokens=num_generated, cached_tokens=prepared.cached,
+                  prompt_eval_ns=prefilled - started, eval_ns=time.perf_counter_ns() - prefilled)
+    out.finish(reason, usage)
+
+
+def _sample_loop(session: Session, request: GenerateRequest, out: _Output) -> tuple[FinishReason, int]:
+    params = request.sampling
+    sampler = build_sampler(params, session.tokens)
+    try:
+        for num_generated in range(params.max_tokens):
+            if request.cancelled.is_set():
+                return FinishReason.CANCELLED, num_generated
+            token = sampler.sample(session.ctx, -1)
+            reason = _stop_reason(session, token, request)
+            if reason is not None:
+                return reason, num_generated + 1
+            out.add(token, token_piece(session.model.vocab, token))
+            if out.matcher.is_stopped:
+                return FinishReason.STOP, num_generated + 1
+            if len(session.tokens) >= session.n_ctx:
+                return FinishReason.LENGTH, num_generated + 1
+            if num_generated + 1 < params.max_tokens:
+                session.decode([token])   # its KV, and the logits of the next step
+        return FinishReason.LENGTH, params.max_tokens
+    finally:
+        sampler.close()

@@ -1,0 +1,105 @@
+"""Attention over a KV cache that lives outside the model.
+
+The model computes q, k, v for the new tokens and hands them to a `KVAccess`,
+which writes k, v into its cache at the tokens' positions and returns the
+attention output. The model never owns KV memory: the serving side plugs in
+kvcached virtual tensors (strided per-layer views of a token-major region),
+tests plug in `ContiguousKV`. Both reuse `write_kv` and `cache_attention`.
+
+Conventions (the contract with the serving side):
+- q [B, Hq, T, D]; k, v [B, Hkv, T, D]; positions [B, T] int64, the absolute
+  position of every new token in its sequence (also its cache index).
+- A key at cache index j is visible to a query at position p iff j <= p. So a
+  row's history must already be in the cache at 0..p-1, and nothing needs a
+  length mask: stale data past a sequence's end is never read.
+- Padding (ragged rows in one batch): give pad tokens positions *after* the
+  row's real tokens (e.g. all equal to the row's length, which must be <
+  the cache capacity) and ignore their outputs. They write junk past the end
+  of the sequence, which the next real token overwrites before anyone reads it.
+- GQA without copying K/V: the Hq/Hkv query heads of one group are folded into
+  the query-length axis ([B, Hkv, G*T, D]), so every SDPA backend sees plain
+  multi-head attention and the cache is read once (no repeat_interleave).
+"""
+from __future__ import annotations
+
+import abc
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             positions: torch.Tensor) -> None:
+    """Write new k, v [B, Hkv, T, D] into caches [B, Hkv, S, D] at positions [B, T].
+    Caches may be strided views (virtual tensors); only index_put_ touches them."""
+    batch = torch.arange(k.shape[0], device=k.device).unsqueeze(1).expand_as(positions)
+    # Advanced indices separated by a slice put their dims first: target [B, T, Hkv, D].
+    k_cache[batch, :, positions] = k.transpose(1, 2).to(k_cache.dtype)
+    v_cache[batch, :, positions] = v.transpose(1, 2).to(v_cache.dtype)
+
+
+def causal_mask(positions: torch.Tensor, read_len: int) -> torch.Tensor:
+    """Boolean mask [B, 1, T, read_len]: True where key index j <= query position."""
+    keys = torch.arange(read_len, device=positions.device)
+    return (keys.view(1, 1, 1, -1) <= positions.unsqueeze(1).unsqueeze(-1))
+
+
+def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    mask: torch.Tensor | None, read_len: int) -> torch.Tensor:
+    """Attention of q [B, Hq, T, D] over cache[:, :, :read_len] -> [B, Hq, T, D].
+
+    mask [B, 1, T, read_len] (from `causal_mask`, shared across layers), or None
+    when every query sees all read_len keys (one decode token per row at
+    position read_len - 1): then SDPA runs unmasked and can pick flash.
+    """
+    bsz, num_heads, t, d = q.shape
+    num_kv = k_cache.shape[1]
+    group = num_heads // num_kv
+    keys = k_cache[:, :, :read_len].to(q.dtype)    # [B, Hkv, S, D]; a view when dtypes match
+    values = v_cache[:, :, :read_len].to(q.dtype)
+    qg = q.reshape(bsz, num_kv, group * t, d)        # [B, Hkv, G*T, D]
+    if mask is not None:
+        mask = mask.expand(bsz, 1, t, read_len).repeat(1, 1, group, 1)  # [B, 1, G*T, S]
+    out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
+    return out.reshape(bsz, num_heads, t, d)
+
+
+class KVAccess(abc.ABC):
+    """Where a model's layers keep and read their K/V. One forward calls
+    `begin` once, then `attend` once per layer in order."""
+
+    def begin(self, positions: torch.Tensor) -> None:
+        """Called once per forward before layer 0, e.g. to build a shared mask."""
+
+    @abc.abstractmethod
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               positions: torch.Tensor) -> torch.Tensor:
+        """Write k, v [B, Hkv, T, D] at positions [B, T]; return attention of
+        q [B, Hq, T, D] over the cache -> [B, Hq, T, D]."""
+
+
+class ContiguousKV(KVAccess):
+    """Plain preallocated tensors [B, Hkv, S, D] per layer: tests, CPU runs, and
+    the static-KV baseline of the benchmarks. Row b of the batch is sequence b."""
+
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 read_len: int | None = None) -> None:
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_len = max_len
+        # A fixed read_len (e.g. max_len) avoids a host sync per forward: CUDA graphs.
+        self.fixed_read_len = read_len
+        self._read_len = 0
+        self._mask: torch.Tensor | None = None
+
+    def begin(self, positions: torch.Tensor) -> None:
+        self._read_len = self.fixed_read_len or int(positions.max().item()) + 1
+        is_single_decode = positions.shape == (1, 1) and self.fixed_read_len is None
+        self._mask = None if is_single_decode else causal_mask(positions, self._read_len)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               positions: torch.Tensor) -> torch.Tensor:
+        write_kv(self.k[layer], self.v[layer], k, v, positions)
+        return cache_attention(q, self.k[layer], self.v[layer], self._mask, self._read_len)

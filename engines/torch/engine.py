@@ -1,0 +1,291 @@
+"""TorchEngine: a Llama-family model served with its KV cache in kvcached virtual tensors.
+
+Loads a GGUF file, a safetensors folder, or random weights from a named config
+(ModelInfo.source "synthetic": benchmarks); builds the KV cache over kvcached
+(one virtual tensor, pages mapped as sequences grow), and runs a ServingLoop
+(continuous batching, chunked prefill, prefix reuse, CUDA-graph decode). The
+broker's verbs take the loop's step lock, so they run between steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from engines.base import Engine, ModelInfo, ProgressCallback
+from engines.config import EngineConfig
+from engines.errors import ContextOverflow, EmbeddingsUnsupported, InvalidRequest, ModelLoadError
+from engines.torch.attention import ContiguousKV
+from engines.torch.kv_access import KVStore, KvcachedStore, StaticStore
+from engines.torch.prefix_cache import PrefixCache
+from engines.torch.runner import Runner
+from engines.torch.scheduler import Scheduler, Sequence
+from engines.torch.serving import Job, ServingLoop
+from engines.torch.text_side import TextSide
+from engines.types import EmbeddingResult, GenerateRequest, LoadProgress, MemoryReport, ModelState, StreamChunk
+from kvcached.config import KvcachedConfig
+from kvcached.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+class TorchEngine(Engine):
+    kind = "torch"
+
+    def __init__(self, info: ModelInfo, config: EngineConfig | None = None,
+                 kv_config: KvcachedConfig | None = None, kv_pool: object | None = None,
+                 static_kv: bool = False) -> None:
+        """kv_pool: a kvcached PagePool to take pages from (the broker's); None opens a
+        backend from kv_config. static_kv: one preallocated KV tensor instead (benchmarks)."""
+        super().__init__(info)
+        self.config = config or EngineConfig()
+        if self.config.torch_dtype not in ("auto", *DTYPES):
+            raise ConfigError(f"torch_dtype: {self.config.torch_dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        for key in ("torch_max_context", "torch_prefill_chunk"):
+            if getattr(self.config, key) < 2:
+                raise ConfigError(f"{key}: {getattr(self.config, key)} must be >= 2")
+        self.kv_config = kv_config or KvcachedConfig()
+        self._kv_pool = kv_pool
+        self._static_kv = static_kv
+        self._lock = threading.RLock()          # load/unload/pause against each other
+        self._state = ModelState.UNLOADED
+        self.model: torch.nn.Module | None = None
+        self.text: TextSide | None = None
+        self.store: KVStore | None = None
+        self.loop: ServingLoop | None = None
+        self.max_ctx = 0
+
+    # --- lifecycle -------------------------------------------------------------
+    def load(self, progress: ProgressCallback | None = None) -> None:
+        with self._lock:
+            if self._state is not ModelState.UNLOADED:
+                return
+            self._state = ModelState.LOADING
+            try:
+                self._load(progress)
+            except BaseException:
+                self._state = ModelState.UNLOADED
+                self._drop()
+                raise
+            self._state = ModelState.LOADED
+
+    def _load(self, progress: ProgressCallback | None) -> None:
+        report = (lambda f, stage: progress(LoadProgress(self.info.name, f, stage))) if progress else \
+            (lambda f, stage: None)
+        device = pick_device(self.config.torch_device)
+        dtype = DTYPES.get(self.config.torch_dtype)
+        self.model, self.text = self._read_model(device, dtype, lambda f: report(0.9 * f, "reading"))
+        cfg = self.model.cfg
+        self.max_ctx = min(self.config.torch_max_context, cfg.max_context)
+        report(0.92, "allocating")
+        self.store = self._make_store(cfg, device)
+        num_slots = self.store.layout.max_slots
+        scheduler = Scheduler(PrefixCache(num_slots), self.max_ctx, self.config.torch_prefill_chunk,
+                              self.config.max_queue)
+        runner = Runner(self.model, self.store, use_graphs=device.type == "cuda" and self.config.torch_cuda_graphs)
+        self.loop = ServingLoop(scheduler, runner, self.config.max_queue, before_step=self._resume_if_paused)
+        report(1.0, "ready")
+
+    def _read_model(self, device: torch.device, dtype: torch.dtype | None, progress) -> tuple:
+        info = self.info
+        if info.source == "synthetic" or not info.path:
+            from engines.torch.synthetic import synthetic_model
+
+            name = info.metadata.get("config", info.name)
+            return synthetic_model(name, device, dtype), None
+        path = Path(info.path)
+        if path.is_dir():
+            from engines.torch.safetensors_loader import load_safetensors
+
+            return load_safetensors(path, device, dtype, progress), None
+        if not path.is_file():
+            raise ModelLoadError(f"model file not found: {path}")
+        from engines.torch.gguf_loader import load_gguf
+
+        model, meta = load_gguf(path, device, dtype, progress)
+        return model, TextSide.from_gguf(meta, str(path), model.cfg.eos_ids)
+
+    def _make_store(self, cfg, device: torch.device) -> KVStore:
+        from engines.torch.kv_access import kv_layout
+        from kvcached.kv_cache.layout import KVShape
+
+        shape = KVShape(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.model.dtype)
+        slots = self.config.torch_num_slots
+        if self._static_kv:
+            layout = kv_layout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.model.dtype,
+                               slots, self.max_ctx, self.kv_config.page_size)
+            return StaticStore(layout, self.model.dtype, device)
+        from kvcached.kv_cache.manager import KVCache
+        from kvcached.vmm import open_backend
+
+        if self._kv_pool is not None:
+            return KvcachedStore(KVCache(self._kv_pool, shape, slots, self.max_ctx, self.kv_config))
+        # The KV lives where the weights do: device pages on CUDA, host pages on the CPU.
+        kv_config = dataclasses.replace(self.kv_config, backend="cuda" if device.type == "cuda" else "host")
+        return KvcachedStore(KVCache(open_backend(kv_config), shape, slots, self.max_ctx, kv_config))
+
+    def unload(self) -> int:
+        with self._lock:
+            if self._state is ModelState.UNLOADED:
+                return 0
+            freed = self.memory().total_bytes
+            self._drop()
+            self._state = ModelState.UNLOADED
+            return freed
+
+    def _drop(self) -> None:
+        if self.loop is not None:
+            self.loop.close()   # waits for the step in flight; fails what still waits
+        if self.store is not None:
+            self.store.close()
+        self.loop = self.store = self.model = self.text = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    @property
+    def state(self) -> ModelState:
+        return self._state
+
+    # --- serving -----------------------------------------------------------------
+    def generate(self, request: GenerateRequest) -> Iterator[StreamChunk]:
+        """Checks and queues at once (errors raise here), then streams."""
+        self.load()
+        text = self._need_text()
+        prompt = text.prompt_ids(request)
+        if len(prompt) >= self.max_ctx:
+            raise ContextOverflow(f"the prompt has {len(prompt)} tokens; this model's context here "
+                                  f"holds {self.max_ctx} and one more is needed to answer")
+        params = request.sampling
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(text.eog_ids))
+        job = Job(request, Sequence(prompt, params.max_tokens), text.decoder(), frozenset(stop_ids))
+        self.loop.submit(job)
+        return self._stream(job)
+
+    @staticmethod
+    def _stream(job: Job) -> Iterator[StreamChunk]:
+        finished = False
+        try:
+            while True:
+                item = job.out.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    finished = True
+                    return
+        finally:
+            if not finished:   # the caller went away: free the slot now
+                job.request.cancel()
+
+    def embed(self, texts: list[str]) -> EmbeddingResult:
+        """Mean of the last hidden state over each text's tokens, L2-normalized."""
+        self.load()
+        text = self._need_text()
+        vectors, total = [], 0
+        for item in texts:
+            ids = text.tokenize(item, add_special=True)
+            if not ids:
+                raise InvalidRequest("cannot embed an empty text")
+            if len(ids) > self.max_ctx:
+                raise ContextOverflow(f"a text to embed has {len(ids)} tokens; the context holds {self.max_ctx}")
+            total += len(ids)
+            with self.loop.step_lock:
+                vectors.append(tuple(self._hidden_mean(ids).tolist()))
+        return EmbeddingResult(tuple(vectors), total)
+
+    @torch.inference_mode()
+    def _hidden_mean(self, ids: list[int]) -> torch.Tensor:
+        model, cfg = self.model, self.model.cfg
+        kv = ContiguousKV(cfg.num_layers, 1, cfg.num_kv_heads, len(ids), cfg.head_dim,
+                          model.dtype, model.device)     # private: the slots' KV is untouched
+        input_ids = torch.tensor([ids], device=model.device)
+        positions = torch.arange(len(ids), device=model.device).unsqueeze(0)
+        kv.begin(positions)
+        x = model.model.embed_tokens(input_ids)                              # [1, T, dim]
+        cos, sin = model.rotary(positions)
+        for layer in model.model.layers:
+            x = layer(x, cos, sin, positions, kv)
+        pooled = model.model.norm(x).float().mean(dim=1)[0]                  # [dim]
+        return torch.nn.functional.normalize(pooled, dim=0).cpu()
+
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        self.load()
+        return self._need_text().tokenize(text, add_special)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        self.load()
+        return self._need_text().detokenize(token_ids)
+
+    def _need_text(self) -> TextSide:
+        if self.text is None:
+            raise EmbeddingsUnsupported(f"model {self.info.name} has no tokenizer (random weights): "
+                                        "it serves benchmarks only")
+        return self.text
+
+    # --- memory and the broker's verbs ---------------------------------------------
+    def memory(self) -> MemoryReport:
+        model, store = self.model, self.store
+        if model is None or store is None:
+            return MemoryReport()
+        return MemoryReport(weights_bytes=model.weight_bytes(), kv_held_bytes=store.held_bytes,
+                            kv_live_bytes=store.live_bytes, paused_host_bytes=store.paused_bytes,
+                            on_gpu=model.device.type == "cuda")
+
+    def trim(self) -> int:
+        loop = self.loop
+        if loop is None:
+            return 0
+        with loop.step_lock:
+            return self.store.trim()
+
+    def drop_prefixes(self) -> int:
+        loop = self.loop
+        if loop is None:
+            return 0
+        with loop.step_lock:
+            for slot in loop.scheduler.prefix_cache.drop_all():
+                self.store.release(slot)
+            return self.store.trim()
+
+    def pause(self) -> int:
+        with self._lock:
+            if self._state is not ModelState.LOADED:
+                return 0
+            with self.loop.step_lock:
+                freed = self.store.pause()
+                self._state = ModelState.PAUSED
+                return freed
+
+    def resume(self) -> None:
+        with self._lock:
+            self._resume_if_paused()
+
+    def _resume_if_paused(self) -> None:
+        if self._state is ModelState.PAUSED:
+            with self.loop.step_lock:
+                self.store.resume()
+                self._state = ModelState.LOADED
+
+    @property
+    def busy(self) -> bool:
+        return self.loop is not None and self.loop.busy
+
+    @property
+    def idle_since(self) -> float:
+        if self.loop is None:
+            return time.monotonic()
+        return time.monotonic() if self.loop.busy else self.loop.idle_since

@@ -1,0 +1,208 @@
+"""The serving side's KV: where each slot's K and V live, and how a forward reaches them.
+
+`KVStore` is what the runner needs of a KV cache: per layer, K and V over every
+slot as fixed-address tensors [S, Hkv, max_ctx, D], and the verbs to make
+tokens writable (`ensure`), forget a slot, trim, pause and resume.
+`KvcachedStore` puts kvcached's virtual-tensor KVCache behind it (the engine's
+KV in production); `StaticStore` is one preallocated tensor in the very same
+layout, the baseline that measures what mapping on demand costs.
+
+`SlotKV` is the model's `KVAccess` (engines.torch.attention) over a store:
+batch row b is slot `slots[b]`. A single sequence (prefill, CPU decode) works
+on its slot's views directly; a decode batch writes with index_put_ and reads
+each row's first read_len tokens with one index_select, so a step has no host
+sync and is captured once per (batch, read_len) bucket in a CUDA graph.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+
+import torch
+
+from engines.torch.attention import KVAccess, cache_attention, causal_mask, write_kv
+from kvcached.kv_cache.layout import KVLayout, KVShape
+
+
+class KVStore(abc.ABC):
+    layout: KVLayout
+
+    @abc.abstractmethod
+    def views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of one layer over every slot, [S, Hkv, max_ctx, D], fixed addresses."""
+
+    @abc.abstractmethod
+    def ensure(self, slot: int, n_tokens: int) -> None:
+        """Tokens [0, n_tokens) of the slot are writable and live (maps pages as needed)."""
+
+    @abc.abstractmethod
+    def release(self, slot: int) -> None:
+        """The slot holds nothing worth keeping: its pages may be given back."""
+
+    def step_guard(self) -> contextlib.AbstractContextManager:
+        """Held while a step reads or writes the KV: no page is unmapped meanwhile."""
+        return contextlib.nullcontext()
+
+    def trim(self) -> int:
+        """Give back pages that hold no live token; returns bytes."""
+        return 0
+
+    def pause(self) -> int:
+        """Move live KV to host memory and give back the pages; returns bytes."""
+        return 0
+
+    def resume(self) -> None:
+        """Bring paused KV back where it was, bit-exact."""
+
+    @property
+    def held_bytes(self) -> int:
+        return self.layout.total_bytes
+
+    @property
+    def live_bytes(self) -> int:
+        return 0
+
+    @property
+    def paused_bytes(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        """Give back everything."""
+
+
+class StaticStore(KVStore):
+    """One preallocated tensor in KVLayout's token-major layout; never maps or trims."""
+
+    def __init__(self, layout: KVLayout, dtype: torch.dtype, device: torch.device) -> None:
+        self.layout = layout
+        self._flat = torch.zeros(layout.total_elems, dtype=dtype, device=device)
+        self._live = [0] * layout.max_slots
+
+    def views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(self._view(self.layout.batched_view(layer, is_value)) for is_value in (False, True))
+
+    def _view(self, spec) -> torch.Tensor:
+        return self._flat.as_strided(spec.size, spec.stride, spec.offset)
+
+    def ensure(self, slot: int, n_tokens: int) -> None:
+        self.layout.check_tokens(n_tokens)
+        self._live[slot] = n_tokens
+
+    def release(self, slot: int) -> None:
+        self._live[slot] = 0
+
+    @property
+    def live_bytes(self) -> int:
+        return sum(self.layout.live_bytes_for(n) for n in self._live)
+
+    def close(self) -> None:
+        self._flat = torch.empty(0, dtype=self._flat.dtype, device=self._flat.device)
+
+
+class KvcachedStore(KVStore):
+    """kvcached's KVCache (virtual tensors, pages mapped as sequences grow).
+
+    Every slot is acquired from the cache once, here: which slot a request
+    runs in is the prefix cache's choice (engines.torch.prefix_cache), and a
+    finished sequence's slot must keep its tokens live so trim() leaves the
+    reusable prefix alone. A slot's live length is what `ensure` last set."""
+
+    def __init__(self, cache) -> None:  # kvcached.kv_cache.manager.KVCache
+        self.cache = cache
+        self.layout = cache.layout
+        taken = sorted(cache.acquire_slot() for _ in range(self.layout.max_slots))
+        assert taken == list(range(self.layout.max_slots))
+
+    def views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.batched_kv(layer)
+
+    def ensure(self, slot: int, n_tokens: int) -> None:
+        self.cache.ensure(slot, n_tokens)
+
+    def release(self, slot: int) -> None:
+        self.cache.ensure(slot, 0)   # no live token: trim may take every page
+
+    def step_guard(self):
+        return self.cache.step_guard()
+
+    def trim(self) -> int:
+        return self.cache.trim()
+
+    def pause(self) -> int:
+        return self.cache.pause()
+
+    def resume(self) -> None:
+        self.cache.resume()
+
+    @property
+    def held_bytes(self) -> int:
+        return self.cache.held_bytes()
+
+    @property
+    def live_bytes(self) -> int:
+        return self.cache.live_bytes()
+
+    @property
+    def paused_bytes(self) -> int:
+        return self.cache.paused_host_bytes()
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+def kv_layout(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+              num_slots: int, max_ctx: int, page_size: int) -> KVLayout:
+    return KVLayout(KVShape(num_layers, num_kv_heads, head_dim, dtype), num_slots, max_ctx, page_size)
+
+
+class SlotKV(KVAccess):
+    """Batch row b of a forward is slot slots[b]. Call `bind_slot` or `bind_batch`
+    before each forward (or once before capturing a graph)."""
+
+    def __init__(self, store: KVStore) -> None:
+        self.store = store
+        self.refresh()
+        self._slot: int | None = None
+        self._slots: torch.Tensor | None = None
+        self._read_len = 0
+        self._needs_mask = True
+        self._mask: torch.Tensor | None = None
+
+    def refresh(self) -> None:
+        """Take the store's views again (after a store is rebuilt; addresses never move otherwise)."""
+        views = [self.store.views(i) for i in range(self.store.layout.shape.num_layers)]
+        self.k = [kv[0] for kv in views]
+        self.v = [kv[1] for kv in views]
+
+    def bind_slot(self, slot: int, read_len: int, needs_mask: bool = True) -> None:
+        """One sequence in one slot; read_len = tokens visible after this forward's writes."""
+        self._slot, self._slots, self._read_len, self._needs_mask = slot, None, read_len, needs_mask
+
+    def bind_batch(self, slots: torch.Tensor, key_index: torch.Tensor | int) -> None:
+        """A decode batch: slots [B] int64 on the model's device; key_index [R] (or the int R), any
+        tensor whose length R (a bucket >= every position + 1) is the keys read.
+        R comes from a tensor's shape, not a Python int, so torch.compile treats
+        it as a size and does not recompile for every bucket."""
+        self._slot, self._slots, self._read_len, self._needs_mask = None, slots, key_index, True
+
+    def _keys_read(self) -> int:
+        return self._read_len if isinstance(self._read_len, int) else self._read_len.shape[0]
+
+    def begin(self, positions: torch.Tensor) -> None:
+        self._mask = causal_mask(positions, self._keys_read()) if self._needs_mask else None
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               positions: torch.Tensor) -> torch.Tensor:
+        if self._slot is not None:
+            k_cache = self.k[layer][self._slot:self._slot + 1]          # [1, Hkv, max_ctx, D] view
+            v_cache = self.v[layer][self._slot:self._slot + 1]
+            write_kv(k_cache, v_cache, k, v, positions)
+            return cache_attention(q, k_cache, v_cache, self._mask, self._read_len)
+        slots, read_len = self._slots, self._keys_read()
+        rows = slots.unsqueeze(1).expand_as(positions)                  # [B, T]
+        # Advanced indices around a slice put their dims first: target [B, T, Hkv, D].
+        self.k[layer][rows, :, positions] = k.transpose(1, 2).to(self.k[layer].dtype)
+        self.v[layer][rows, :, positions] = v.transpose(1, 2).to(self.v[layer].dtype)
+        keys = self.k[layer][:, :, :read_len].index_select(0, slots)   # [B, Hkv, R, D]
+        values = self.v[layer][:, :, :read_len].index_select(0, slots)
+        return cache_attention(q, keys, values, self._mask, read_len)

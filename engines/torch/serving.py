@@ -1,0 +1,182 @@
+"""The torch engine's step loop: one worker thread that owns the scheduler, the
+runner and the KV, and streams each request's chunks to its caller.
+
+Callers (HTTP threads) submit a Job and read its chunks from a queue; the
+broker's verbs take `step_lock`, so they run between steps and never unmap a
+page a running step touches (the illegal-address crash seen in vLLM and
+kvcached). A step is schedule -> run -> sample -> postprocess.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from engines.errors import EngineBusy
+from engines.torch.runner import Runner
+from engines.torch.sampling import make_generator, sample
+from engines.torch.scheduler import Scheduler, Sequence, SeqStatus
+from engines.torch.stops import StopMatcher
+from engines.types import FinishReason, GenerateRequest, StreamChunk, Usage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Job:
+    request: GenerateRequest
+    seq: Sequence
+    decoder: object                      # engines.text.tokenizer.StreamDecoder (feed/flush)
+    stop_token_ids: frozenset[int]
+    out: queue.Queue = field(default_factory=queue.Queue)
+    matcher: StopMatcher = field(init=False)
+    generator: torch.Generator | None = None
+    started_ns: int = field(default_factory=time.perf_counter_ns)
+    first_token_ns: int = 0
+
+    def __post_init__(self) -> None:
+        self.matcher = StopMatcher(self.request.sampling.stop)
+
+
+class ServingLoop:
+    def __init__(self, scheduler: Scheduler, runner: Runner, max_queue: int,
+                 before_step: Callable[[], None] = lambda: None) -> None:
+        self.scheduler = scheduler
+        self.runner = runner
+        self.max_queue = max_queue
+        self.before_step = before_step           # e.g. resume a paused KV
+        self.step_lock = threading.RLock()
+        self._inbox: list[Job] = []
+        self._jobs: dict[int, Job] = {}
+        self._wake = threading.Condition()
+        self._stop = False
+        self.idle_since = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="torch-engine", daemon=True)
+        self._thread.start()
+
+    # --- callers' side -------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        with self._wake:
+            if len(self._inbox) + len(self.scheduler.waiting) >= self.max_queue:
+                raise EngineBusy(f"{self.max_queue} requests are already waiting for this model")
+            self._inbox.append(job)
+            self._wake.notify()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._inbox or self._jobs)
+
+    def close(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        self._thread.join()
+
+    # --- the worker ----------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stop or self._inbox or self._jobs):
+                    self._wake.wait()
+                if self._stop:
+                    break
+            try:
+                self.step()
+            except Exception as exc:  # a failed step fails its requests, never the worker
+                log.exception("torch engine step failed")
+                self._fail_all(exc)
+        self._fail_all(RuntimeError("the engine was unloaded"))
+
+    def step(self) -> None:
+        with self.step_lock:
+            self.before_step()
+            self._admit()
+            self._reap_cancelled()
+            plan = self.scheduler.schedule()
+            if plan.is_empty:
+                return
+            logits = self.runner.run(plan)
+            seqs = plan.sampling_sequences()
+            jobs = [self._jobs[s.seq_id] for s in seqs]
+            tokens = [] if not seqs else sample(logits, [j.request.sampling for j in jobs], [s.tokens for s in seqs],
+                            [j.generator for j in jobs])
+            for seq in self.scheduler.complete(plan, tokens):
+                self._postprocess(self._jobs[seq.seq_id], seq.output[-1])
+            self._note_idle()
+
+    def _admit(self) -> None:
+        with self._wake:
+            inbox, self._inbox = self._inbox, []
+        for job in inbox:
+            try:
+                self.scheduler.add(job.seq)
+            except Exception as exc:  # typed errors (ContextOverflow, EngineBusy) go to the caller
+                job.out.put(exc)
+                continue
+            if job.seq.status is SeqStatus.FINISHED:           # max_tokens 0
+                self._send_final(job, FinishReason.LENGTH)
+                continue
+            job.generator = make_generator(job.request.sampling.seed, self.runner.device) \
+                if not job.request.sampling.is_greedy else None
+            self._jobs[job.seq.seq_id] = job
+
+    def _reap_cancelled(self) -> None:
+        for job in list(self._jobs.values()):
+            if job.request.cancelled.is_set():
+                self.scheduler.cancel(job.seq)
+                self._send_final(job, FinishReason.CANCELLED)
+
+    def _postprocess(self, job: Job, token: int) -> None:
+        if job.first_token_ns == 0:
+            job.first_token_ns = time.perf_counter_ns()
+        if token in job.stop_token_ids:
+            self.scheduler.finish(job.seq, FinishReason.STOP)
+            self._send_final(job, FinishReason.STOP, drop_last=True)
+            return
+        text = job.matcher.feed(job.decoder.feed(token))
+        if job.matcher.is_stopped:
+            self.scheduler.finish(job.seq, FinishReason.STOP)
+            self._send_final(job, FinishReason.STOP, text=text)
+            return
+        if job.seq.status is SeqStatus.FINISHED:               # max_tokens reached
+            self._send_final(job, job.seq.finish_reason or FinishReason.LENGTH, text=text, token=token)
+            return
+        job.out.put(StreamChunk(text=text, token_ids=(token,)))
+
+    def _send_final(self, job: Job, reason: FinishReason, text: str = "", token: int | None = None,
+                    drop_last: bool = False) -> None:
+        if reason is not FinishReason.STOP or not job.matcher.is_stopped:
+            text += job.matcher.feed(job.decoder.flush()) + job.matcher.flush()
+        now = time.perf_counter_ns()
+        seq = job.seq
+        first = job.first_token_ns or now
+        usage = Usage(prompt_tokens=len(seq.prompt),
+                      completion_tokens=len(seq.output) - (1 if drop_last else 0),
+                      cached_tokens=seq.num_cached,
+                      prompt_eval_ns=first - job.started_ns, eval_ns=now - first)
+        job.out.put(StreamChunk(text=text, token_ids=() if token is None else (token,),
+                                finish_reason=reason, usage=usage))
+        self._jobs.pop(seq.seq_id, None)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._wake:
+            pending, self._inbox = self._inbox, []
+        for job in pending:
+            job.out.put(exc)
+        for job in self._jobs.values():
+            if job.seq.status is not SeqStatus.FINISHED:
+                self.scheduler.finish(job.seq, FinishReason.CANCELLED)
+                if job.seq.slot >= 0:  # the failed step may have left its KV half-written
+                    self.scheduler.prefix_cache.forget(job.seq.slot)
+            job.out.put(exc)
+        self._jobs.clear()
+        self._note_idle()
+
+    def _note_idle(self) -> None:
+        if not self._jobs and not self._inbox:
+            self.idle_since = time.monotonic()

@@ -1,0 +1,289 @@
+"""The memory broker: one per process and device.
+
+A thread samples the device every `monitor_interval_s`; when others grow into
+the headroom it gives memory back, cheapest step first, from the idlest and
+lowest-priority clients (the order is policy.py's, pure and unit-tested).
+Admission makes room for a client that asks for more, by reclaiming clients
+of lower priority, or refuses with AdmissionDenied. Every step taken is an
+Event in a bounded log that the control API and dashboard follow.
+
+The monitor and the clients' verbs are passed in (CONVENTIONS 10), so unit
+tests drive the broker with scripted memory and integration tests with a real
+second process. Reclaim runs one at a time (one lock); verbs are called
+without the registry lock held, so a client may register or read the
+snapshot while another is being trimmed.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+from kvcached.broker.client import STEP_ORDER, STEP_VERBS, ClientSpec, ReclaimVerbs, Step
+from kvcached.broker.events import Event, EventLog
+from kvcached.broker.monitor import MemorySample, Monitor, open_monitor
+from kvcached.broker.policy import (Action, ClientView, admission_need, eligible, plan,
+                                    pressure_need, reclaimable_bytes)
+from kvcached.config import KvcachedConfig
+from kvcached.errors import AdmissionDenied, ConfigError, InvalidArgument
+
+log = logging.getLogger(__name__)
+MiB = 1 << 20
+
+
+class ClientHandle:
+    """A registered client: what register() returns and the engine keeps."""
+
+    def __init__(self, broker: "Broker", spec: ClientSpec, verbs: ReclaimVerbs) -> None:
+        self.broker = broker
+        self.spec = spec
+        self.verbs = verbs
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def admit(self, nbytes: int) -> int:
+        return self.broker.admit(self, nbytes)
+
+    def record(self, step: str, bytes_returned: int = 0, duration_s: float = 0.0,
+               detail: str = "") -> None:
+        """Log something the engine did itself (a resume before a step, a reload)."""
+        self.broker.events.append(Event(self.name, step, bytes_returned, duration_s, "engine", detail))
+
+    def unregister(self) -> None:
+        self.broker.unregister(self)
+
+    def view(self) -> ClientView:
+        return ClientView(self.name, self.spec.priority, self.spec.min_bytes,
+                          int(self.verbs.held_bytes()), bool(self.verbs.is_busy()),
+                          float(self.verbs.idle_since()))
+
+
+class Broker:
+    """Budgets, headroom, reclaim and admission for one device. Thread-safe."""
+
+    def __init__(self, config: KvcachedConfig, monitor: Monitor | None = None, pool=None) -> None:
+        self.config = config
+        self.pool = pool
+        self.events = EventLog(config.event_log_size)
+        self._clients: dict[str, ClientHandle] = {}
+        self._lock = threading.RLock()            # the registry
+        self._reclaim_lock = threading.Lock()     # one reclaim at a time
+        self._auto_yield = config.auto_yield
+        self._last_sample: MemorySample | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if monitor is None:
+            backend = pool.backend.name if pool is not None else _default_backend(config)
+            monitor = open_monitor(backend, config.device, self.held_bytes)
+        self.monitor = monitor
+
+    # --- clients ---------------------------------------------------------------
+    def register(self, spec: ClientSpec, verbs: ReclaimVerbs) -> ClientHandle:
+        missing = [v for v in ("held_bytes", "is_busy", "idle_since", *STEP_VERBS.values())
+                   if not callable(getattr(verbs, v, None))]
+        if missing:
+            raise ConfigError(f"client {spec.name}: verbs lack {', '.join(missing)}")
+        with self._lock:
+            if spec.name in self._clients:
+                raise ConfigError(f"client {spec.name!r} is already registered")
+            handle = ClientHandle(self, spec, verbs)
+            self._clients[spec.name] = handle
+        log.info("broker: client %s registered (priority %d)", spec.name, spec.priority)
+        return handle
+
+    def unregister(self, client: ClientHandle | str) -> None:
+        name = client if isinstance(client, str) else client.name
+        with self._lock:
+            self._clients.pop(name, None)
+
+    def clients(self) -> list[ClientHandle]:
+        with self._lock:
+            return list(self._clients.values())
+
+    def _resolve(self, client: ClientHandle | str) -> ClientHandle:
+        name = client if isinstance(client, str) else client.name
+        with self._lock:
+            if name not in self._clients:
+                raise InvalidArgument(f"client {name!r} is not registered")
+            return self._clients[name]
+
+    def held_bytes(self) -> int:
+        """What this process holds as the broker counts it: clients plus the pool's reserve."""
+        held = sum(h.verbs.held_bytes() for h in self.clients())
+        return held + (self.pool.reserved() if self.pool is not None else 0)
+
+    # --- the thread ------------------------------------------------------------
+    def start(self) -> "Broker":
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="kvcached-broker", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        self.stop()
+        self.monitor.close()
+
+    def __enter__(self) -> "Broker":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.config.monitor_interval_s):
+            try:
+                self.tick()
+            except Exception:   # a broken verb or monitor must not end the thread
+                log.exception("broker: sampling or reclaim failed")
+
+    def tick(self) -> int:
+        """One sample; reclaim when others grew into the headroom. Returns bytes given back."""
+        sample = self.sample()
+        if not self.auto_yield:
+            return 0
+        need = pressure_need(sample, self.config.headroom_bytes)
+        if not need.is_needed:
+            return 0
+        with self._reclaim_lock:
+            actions = plan(self._views(), need.steps, has_pool=self.pool is not None)
+            return self._run(actions, need.bytes, "pressure")
+
+    def sample(self) -> MemorySample:
+        sample = self.monitor.sample()
+        self._last_sample = sample
+        return sample
+
+    # --- reclaim and admission ---------------------------------------------------
+    def reclaim(self, target_bytes: int | None = None, client: ClientHandle | str | None = None,
+                steps: Sequence[Step] = STEP_ORDER) -> int:
+        """Give memory back now (the tray's "give back all now"): every allowed step,
+        or until `target_bytes` came back; from one client, or from all. Returns bytes."""
+        if target_bytes is not None and target_bytes < 0:
+            raise InvalidArgument(f"target_bytes: {target_bytes} must be >= 0")
+        need = target_bytes if target_bytes is not None else float("inf")
+        with self._reclaim_lock:
+            if client is not None:
+                handle = self._resolve(client)
+                actions = plan([handle.view()], steps, has_pool=False)
+            else:
+                actions = plan(self._views(), steps, has_pool=self.pool is not None)
+            return self._run(actions, need, "manual")
+
+    def admit(self, client: ClientHandle | str, nbytes: int) -> int:
+        """Make room for `nbytes` more for `client`: within its maximum, the budget and
+        the headroom, reclaiming clients of lower priority if needed. Returns bytes
+        reclaimed; AdmissionDenied (nothing taken) when that cannot be enough."""
+        handle = self._resolve(client)
+        if not isinstance(nbytes, int) or nbytes < 0:
+            raise InvalidArgument(f"nbytes: {nbytes!r} must be an int >= 0")
+        spec = handle.spec
+        held = int(handle.verbs.held_bytes())
+        if spec.max_bytes is not None and held + nbytes > spec.max_bytes:
+            raise AdmissionDenied(f"client {spec.name}: {_mib(held)} held + {_mib(nbytes)} asked "
+                                  f"exceeds its maximum of {_mib(spec.max_bytes)}")
+        with self._reclaim_lock:
+            need = self._admission_need(nbytes)
+            if need == 0:
+                return 0
+            views = self._views()
+            pool_bytes = self.pool.reserved() if self.pool is not None else 0
+            can = reclaimable_bytes(views, spec.priority, spec.name) + pool_bytes
+            if can < need:
+                raise AdmissionDenied(
+                    f"client {spec.name}: {_mib(nbytes)} asked needs {_mib(need)} reclaimed, but "
+                    f"clients of lower priority than {spec.priority} can give at most {_mib(can)}")
+            actions = plan(views, below_priority=spec.priority, exclude=spec.name,
+                           has_pool=self.pool is not None)
+            got = self._run(actions, need, "admission")
+            still = self._admission_need(nbytes)
+            if still > 0:
+                raise AdmissionDenied(f"client {spec.name}: reclaimed {_mib(got)} but "
+                                      f"{_mib(still)} more are needed for {_mib(nbytes)}")
+            return got
+
+    def _admission_need(self, nbytes: int) -> int:
+        clients_held = sum(h.verbs.held_bytes() for h in self.clients())
+        return admission_need(self.sample(), self.config.headroom_bytes,
+                              self.config.budget_bytes, clients_held, nbytes)
+
+    def _views(self) -> list[ClientView]:
+        return [h.view() for h in self.clients()]
+
+    def _run(self, actions: list[Action], need: float, reason: str) -> int:
+        """Take actions in order until `need` bytes came back; each one is an Event."""
+        got = 0
+        for action in actions:
+            if got >= need:
+                break
+            got += self._act(action, reason)
+        return got
+
+    def _act(self, action: Action, reason: str) -> int:
+        start = time.perf_counter()
+        detail = ""
+        try:
+            if action.step is Step.POOL:
+                returned = self.pool.shrink()
+            else:
+                with self._lock:
+                    handle = self._clients.get(action.client)
+                # Re-check just before acting: the client may have become busy, or an
+                # earlier step (trim) may have left nothing for this one to take.
+                if handle is None or not eligible(handle.view(), action.step):
+                    return 0
+                returned = int(getattr(handle.verbs, STEP_VERBS[action.step])())
+        except Exception as exc:  # a client's failure must not stop the rest of the reclaim
+            log.warning("broker: %s of %s failed: %s", action.step.value, action.client, exc)
+            returned, detail = 0, f"{type(exc).__name__}: {exc}"
+        duration = time.perf_counter() - start
+        if returned or detail or reason != "pressure":
+            self.events.append(Event(action.client or "", action.step.value, returned, duration,
+                                     reason, detail))
+        return returned
+
+    # --- switches and reports -------------------------------------------------------
+    @property
+    def auto_yield(self) -> bool:
+        return self._auto_yield
+
+    def set_auto_yield(self, enabled: bool) -> None:
+        self._auto_yield = bool(enabled)
+        self.events.append(Event("", "auto_yield", 0, 0.0, "manual", "on" if enabled else "off"))
+
+    def snapshot(self) -> dict:
+        """Device total/free/this process/others, and what each client holds."""
+        sample = self._last_sample or self.sample()
+        now = time.monotonic()
+        clients = []
+        for h in self.clients():
+            v = h.view()
+            clients.append({"name": v.name, "priority": v.priority, "min_bytes": v.min_bytes,
+                            "max_bytes": h.spec.max_bytes, "held_bytes": v.held_bytes,
+                            "is_busy": v.is_busy, "idle_s": 0.0 if v.is_busy else now - v.idle_since})
+        return {"device": {**sample.to_dict(), "monitor": self.monitor.name},
+                "headroom_bytes": self.config.headroom_bytes,
+                "budget_bytes": self.config.budget_bytes,
+                "auto_yield": self.auto_yield,
+                "pool_reserved_bytes": self.pool.reserved() if self.pool is not None else 0,
+                "clients": clients}
+
+
+def _default_backend(config: KvcachedConfig) -> str:
+    if config.backend != "auto":
+        return config.backend
+    from kvcached.vmm import cuda_available
+    return "cuda" if cuda_available(config.device) else "host"
+
+
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / MiB:.0f} MiB"

@@ -1,0 +1,77 @@
+"""What a broker client is: its spec, and the verbs it answers.
+
+A client is one model (one engine). It registers with a name, a priority, a
+pinned minimum and a maximum, and an object implementing ReclaimVerbs; the
+broker calls those verbs from its own thread, so they must be thread-safe.
+Engines must not hold their own locks while calling Broker.admit(): the broker
+may call another engine's verbs to make room, and a verb waiting on a lock the
+caller holds would deadlock.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from kvcached.errors import ConfigError
+
+
+class Step(enum.Enum):
+    """Reclaim steps, cheapest first (the order the broker takes them in)."""
+    POOL = "pool"                    # release pooled pages nobody uses
+    TRIM = "trim"                    # unmap pages that hold no live token
+    DROP_PREFIXES = "drop_prefixes"  # forget cached prefixes of finished conversations
+    PAUSE = "pause"                  # move live KV to host memory, unmap its pages
+    UNLOAD = "unload"                # free the weights
+
+
+STEP_ORDER: tuple[Step, ...] = tuple(Step)
+CLIENT_STEPS: tuple[Step, ...] = (Step.TRIM, Step.DROP_PREFIXES, Step.PAUSE, Step.UNLOAD)
+# Steps that give back everything a client holds: never on a client with a pinned minimum.
+WHOLE_STEPS = frozenset({Step.PAUSE, Step.UNLOAD})
+# Steps that would disturb a running request: never on a busy client.
+IDLE_ONLY_STEPS = frozenset({Step.PAUSE, Step.UNLOAD})
+# The verb each client step calls.
+STEP_VERBS: dict[Step, str] = {
+    Step.TRIM: "trim",
+    Step.DROP_PREFIXES: "drop_prefixes",
+    Step.PAUSE: "pause",
+    Step.UNLOAD: "unload",
+}
+
+
+@runtime_checkable
+class ReclaimVerbs(Protocol):
+    """What engines implement for the broker. Each reclaim verb returns bytes given back."""
+
+    def held_bytes(self) -> int: ...
+
+    def is_busy(self) -> bool: ...
+
+    def idle_since(self) -> float:
+        """time.monotonic() when the last request finished (now while busy)."""
+        ...
+
+    def trim(self) -> int: ...
+
+    def drop_prefixes(self) -> int: ...
+
+    def pause(self) -> int: ...
+
+    def unload(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    name: str
+    priority: int = 0              # higher keeps its memory longer
+    min_bytes: int = 0             # pinned: the broker never takes the client below this
+    max_bytes: int | None = None   # admission refuses growth past this; None: no limit
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"client name: {self.name!r} must be a non-empty string")
+        if self.min_bytes < 0:
+            raise ConfigError(f"client {self.name}: min_bytes {self.min_bytes} must be >= 0")
+        if self.max_bytes is not None and self.max_bytes < self.min_bytes:
+            raise ConfigError(f"client {self.name}: max_bytes {self.max_bytes} < min_bytes {self.min_bytes}")

@@ -1,0 +1,119 @@
+"""The broker's decisions, as pure functions: how much to reclaim, from whom,
+in which order. No torch, no threads, no clock: inputs are a memory sample
+and a snapshot of each client, so unit tests drive it with scripted memory.
+
+Order: cheapest step first across all clients (pool, trim, drop prefixes,
+pause, unload); within a step, lowest priority first, then the idlest
+(oldest idle_since). Busy clients are never paused or unloaded; a client with
+a pinned minimum is never paused or unloaded, and is not trimmed when it
+already holds no more than its minimum.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from kvcached.broker.client import CLIENT_STEPS, IDLE_ONLY_STEPS, STEP_ORDER, WHOLE_STEPS, Step
+from kvcached.broker.monitor import MemorySample
+
+# /proc/pressure/memory "some avg10" (%) from which the host is short of memory
+# even while MemAvailable looks fine: then the cheap steps run.
+PRESSURE_THRESHOLD = 10.0
+PRESSURE_STEPS: tuple[Step, ...] = (Step.POOL, Step.TRIM, Step.DROP_PREFIXES)
+
+
+@dataclass(frozen=True)
+class ClientView:
+    """One client as the policy sees it at one instant."""
+    name: str
+    priority: int
+    min_bytes: int
+    held_bytes: int
+    is_busy: bool
+    idle_since: float
+
+
+@dataclass(frozen=True)
+class Action:
+    step: Step
+    client: str | None      # None for the pool step
+
+
+@dataclass(frozen=True)
+class Need:
+    """What a sample asks for: bytes to give back, through which steps."""
+    bytes: int
+    steps: tuple[Step, ...]
+
+    @property
+    def is_needed(self) -> bool:
+        return self.bytes > 0
+
+
+NO_NEED = Need(0, ())
+
+
+def pressure_need(sample: MemorySample, headroom: int) -> Need:
+    """Others grew into the headroom: give back the shortfall, every step allowed.
+    PSI pressure alone: the cheap steps, as much as they give."""
+    short = headroom - sample.free_bytes
+    if short > 0:
+        return Need(short, STEP_ORDER)
+    if sample.pressure is not None and sample.pressure >= PRESSURE_THRESHOLD:
+        return Need(1, PRESSURE_STEPS)   # 1 byte: run the cheap steps once
+    return NO_NEED
+
+
+def admission_need(sample: MemorySample, headroom: int, budget: int | None,
+                   clients_held: int, nbytes: int) -> int:
+    """Bytes to reclaim so `nbytes` more fit in the budget and leave the headroom free."""
+    over_budget = clients_held + nbytes - budget if budget is not None else 0
+    over_device = headroom + nbytes - sample.free_bytes
+    return max(0, over_budget, over_device)
+
+
+def eligible(view: ClientView, step: Step) -> bool:
+    if view.held_bytes <= 0:
+        return False
+    if step in IDLE_ONLY_STEPS and view.is_busy:
+        return False
+    if step in WHOLE_STEPS:
+        return view.min_bytes == 0
+    return view.held_bytes > view.min_bytes
+
+
+def victim_order(views: Iterable[ClientView]) -> list[ClientView]:
+    """Lowest priority first, then idle before busy, then the longest idle."""
+    return sorted(views, key=lambda v: (v.priority, v.is_busy, v.idle_since, v.name))
+
+
+def plan(views: Sequence[ClientView], steps: Sequence[Step] = STEP_ORDER,
+         below_priority: int | None = None, exclude: str | None = None,
+         has_pool: bool = True) -> list[Action]:
+    """Every action that could give memory back, in the order to try them.
+    The broker runs them until the need is met. `below_priority`: only clients
+    of strictly lower priority (admission); `exclude`: never this client."""
+    victims = [v for v in victim_order(views)
+               if v.name != exclude and (below_priority is None or v.priority < below_priority)]
+    actions: list[Action] = []
+    for step in steps:
+        if step is Step.POOL:
+            if has_pool:
+                actions.append(Action(Step.POOL, None))
+            continue
+        assert step in CLIENT_STEPS
+        actions.extend(Action(step, v.name) for v in victims if eligible(v, step))
+    return actions
+
+
+def reclaimable_bytes(views: Sequence[ClientView], below_priority: int | None = None,
+                      exclude: str | None = None) -> int:
+    """An upper bound on what reclaim could give back: all a victim holds above
+    its minimum (everything, for an idle unpinned client)."""
+    total = 0
+    for v in views:
+        if v.name == exclude or (below_priority is not None and v.priority >= below_priority):
+            continue
+        whole = not v.is_busy and v.min_bytes == 0
+        total += v.held_bytes if whole else max(0, v.held_bytes - v.min_bytes)
+    return total

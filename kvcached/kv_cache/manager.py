@@ -1,0 +1,272 @@
+"""KVCache: one model's K and V in a virtual tensor, mapped page by page.
+
+The layout (see layout.py) is token-major slot regions: slot s is
+`[max_context, L, 2, H_kv, D]` at a fixed, page-aligned stride, so a sequence
+grows from its slot's start one page at a time, one page holds every layer of
+many tokens, and each layer's K or V is a strided view attention reads
+without a copy. The engine's use:
+
+    slot = kv.acquire_slot()              # a slot whose pages are still mapped first
+    with kv.step_guard():                 # resumes a paused cache; blocks reclaim
+        kv.ensure(slot, n_tokens)         # pages for tokens [0, n_tokens)
+        k, v = kv.layer_kv(slot, layer, n_tokens)   # [H, T, D] views
+    kv.free(slot)                         # pages stay mapped for the next sequence
+
+Reclaim (trim, pause) waits until no step runs and keeps new steps out while
+it unmaps: unmapping a page a kernel still reads is an illegal-address crash,
+and a batched decode reads every slot's region. It only ever takes pages that
+hold no live token (trim) or live pages after copying them to host (pause).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+
+import torch
+
+from kvcached.config import KvcachedConfig
+from kvcached.kv_cache import offload
+from kvcached.kv_cache.layout import KVLayout, KVShape, dtype_name
+from kvcached.kv_cache.placement import SlotTable
+from kvcached.page_pool import PagePool
+from kvcached.virtual_tensor import VirtualTensor
+from kvcached.vmm.backend import VmmBackend
+
+log = logging.getLogger(__name__)
+
+RESUME_CHUNK = 256 << 20   # bytes mapped per step of resume while the previous copy runs
+
+
+class KVCache:
+    """`max_slots` sequences of up to `max_context` tokens of one model's KV. Thread-safe."""
+
+    def __init__(self, pool_or_backend: PagePool | VmmBackend, shape: KVShape, max_slots: int,
+                 max_context: int, config: KvcachedConfig | None = None) -> None:
+        self.config = config or KvcachedConfig()
+        if isinstance(pool_or_backend, PagePool):
+            self.pool, self._owns_pool = pool_or_backend, False
+        else:
+            self.pool, self._owns_pool = PagePool(pool_or_backend, self.config), True
+        self.shape = shape
+        self.layout = KVLayout(shape, max_slots, max_context, self.pool.page_size)
+        self.dtype: torch.dtype = getattr(torch, dtype_name(shape.dtype))
+        self.device = self.pool.backend.device
+        self._vt = VirtualTensor(self.pool, (self.layout.total_elems,), self.dtype)
+        self._flat = self._vt.tensor                      # [S * slot_stride]
+        self._bytes = self._flat.view(torch.uint8)        # the same memory, as bytes
+        self._table = SlotTable(max_slots)
+        self._cond = threading.Condition(threading.RLock())
+        self._running = 0          # steps inside step_guard()
+        self._reclaiming = 0       # trims/pauses waiting or running: new steps wait
+        self._staging = offload.HostStaging(self.device)
+        self._paused: offload.PausedKV | None = None
+        self._closed = False
+
+    # --- slots -------------------------------------------------------------
+    def acquire_slot(self, prefer_mapped: bool = True, expected_tokens: int | None = None) -> int:
+        """A free slot for a new sequence; PoolExhausted when every slot is live.
+        Prefers a slot whose pages are still mapped (best fit for expected_tokens)."""
+        with self._cond:
+            needed = None if expected_tokens is None else self.layout.pages_for_tokens(expected_tokens)
+            slot = self._table.choose(prefer_mapped, needed)
+            self._table.acquire(slot)
+            return slot
+
+    def free(self, slot: int) -> None:
+        """The sequence ended; its pages stay mapped for the next one until trimmed."""
+        with self._cond:
+            self._table.release(slot)
+            if self._paused is not None:   # its paused bytes are not wanted back
+                start = self.layout.first_page(slot) * self.layout.page_size
+                self._paused = offload.PausedKV(tuple(
+                    e for e in self._paused.extents
+                    if not start <= e.offset < start + self.layout.slot_bytes))
+
+    def ensure(self, slot: int, n_tokens: int) -> int:
+        """Back tokens [0, n_tokens) of a slot with pages; they become its live tokens.
+        Returns bytes newly mapped. PoolExhausted/DeviceOutOfMemory leave it as it was."""
+        with self._cond:
+            state = self._table.live(slot)
+            self.layout.check_tokens(n_tokens)
+            if self._paused is not None:
+                self._resume_locked()
+            needed = self.layout.pages_for_tokens(n_tokens)
+            mapped = 0
+            if needed > state.mapped_pages:
+                # A kernel still reading the zero page there (a batched decode reads
+                # every slot's tail) must finish before the mapping changes.
+                self.pool.backend.synchronize()
+                first = self.layout.first_page(slot)
+                mapped = self._vt.map_pages(first + state.mapped_pages, needed - state.mapped_pages)
+                state.mapped_pages = needed
+            state.num_tokens = n_tokens
+            return mapped
+
+    def num_tokens(self, slot: int) -> int:
+        with self._cond:
+            return self._table.live(slot).num_tokens
+
+    def live_slots(self) -> list[int]:
+        with self._cond:
+            return [i for i, s in enumerate(self._table.slots) if s.is_live]
+
+    # --- views ---------------------------------------------------------------
+    def layer_kv(self, slot: int, layer: int, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One slot's K and V for one layer: two [H, T, D] views, last dim contiguous."""
+        return (self._view(self.layout.layer_view(slot, layer, n_tokens, False)),
+                self._view(self.layout.layer_view(slot, layer, n_tokens, True)))
+
+    def slot_tokens(self, slot: int, n_tokens: int) -> torch.Tensor:
+        """A slot's first n_tokens, all layers, as one contiguous [T, L, 2, H, D] view."""
+        return self._view(self.layout.slot_view(slot, n_tokens))
+
+    def batched_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's K and V over every slot: [S, H, max_context, D] at fixed addresses
+        (pages not mapped read zeros), for batched decode and CUDA graphs."""
+        return (self._view(self.layout.batched_view(layer, False)),
+                self._view(self.layout.batched_view(layer, True)))
+
+    def _view(self, spec) -> torch.Tensor:
+        return self._flat.as_strided(spec.size, spec.stride, spec.offset)
+
+    # --- steps and reclaim exclusion ------------------------------------------
+    @contextlib.contextmanager
+    def step_guard(self) -> Iterator[None]:
+        """Hold while a step reads or writes the cache: no page is unmapped meanwhile.
+        A paused cache is resumed first (PoolExhausted if its pages cannot come back)."""
+        with self._cond:
+            while self._reclaiming:
+                self._cond.wait()
+            if self._paused is not None:
+                self._resume_locked()
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+    def is_busy(self) -> bool:
+        with self._cond:
+            return self._running > 0
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Wait for running steps to end, keep new ones out, hold the lock."""
+        with self._cond:
+            self._reclaiming += 1
+            try:
+                while self._running:
+                    self._cond.wait()
+                yield
+            finally:
+                self._reclaiming -= 1
+                self._cond.notify_all()
+
+    # --- reclaim --------------------------------------------------------------
+    def trim(self) -> int:
+        """Unmap every page that holds no live token; returns bytes given back."""
+        with self._exclusive():
+            freed = 0
+            for slot, first, count in self._table.trimmable(self.layout.pages_for_tokens):
+                freed += self._vt.unmap_pages(self.layout.first_page(slot) + first, count)
+                self._table.slots[slot].mapped_pages = first
+            return freed
+
+    def pause(self) -> int:
+        """Copy live KV to host memory and unmap every page; returns bytes unmapped.
+        Idempotent: a paused cache returns 0."""
+        with self._exclusive():
+            if self._paused is not None:
+                return 0
+            ranges = [(self.layout.first_page(i) * self.layout.page_size,
+                       self.layout.live_bytes_for(s.num_tokens))
+                      for i, s in enumerate(self._table.slots) if s.is_live and s.num_tokens]
+            paused = offload.save(self._bytes, ranges, self._staging, self.pool.backend.synchronize)
+            freed = 0
+            for i, s in enumerate(self._table.slots):
+                if s.mapped_pages:
+                    freed += self._vt.unmap_pages(self.layout.first_page(i), s.mapped_pages)
+                    s.mapped_pages = 0
+            self._paused = paused
+            log.debug("KV paused: %d live bytes to host, %d bytes unmapped", paused.nbytes, freed)
+            return freed
+
+    def resume(self) -> None:
+        """Map the live pages again and copy the paused bytes back, bit-exact. Idempotent.
+        PoolExhausted/DeviceOutOfMemory: stays paused, nothing lost."""
+        with self._cond:
+            if self._paused is not None:
+                self._resume_locked()
+
+    def _resume_locked(self) -> None:
+        paused = self._paused
+        assert paused is not None
+        page = self.layout.page_size
+        chunks = offload.PausedKV(tuple(
+            offload.Extent(off, n, e.at + (off - e.offset))
+            for e in paused.extents
+            for off, n in offload.split([(e.offset, e.nbytes)], RESUME_CHUNK)))
+
+        def map_extent(extent: offload.Extent) -> None:
+            first = extent.offset // page
+            self._vt.map_pages(first, -(-(extent.offset + extent.nbytes) // page) - first)
+
+        try:
+            offload.restore(self._bytes, chunks, self._staging, map_extent,
+                            self.pool.backend.synchronize)
+        except BaseException:
+            self._vt.unmap_pages(0, self._vt.num_pages)   # back to fully paused
+            raise
+        for i, s in enumerate(self._table.slots):
+            s.mapped_pages = self.layout.pages_for_tokens(s.num_tokens) if s.is_live else 0
+        self._paused = None
+
+    @property
+    def is_paused(self) -> bool:
+        with self._cond:
+            return self._paused is not None
+
+    # --- accounting -----------------------------------------------------------
+    def held_bytes(self) -> int:
+        """Bytes of mapped pages (device or host backend)."""
+        return self._vt.mapped_bytes
+
+    def live_bytes(self) -> int:
+        """Bytes of live tokens' K and V (on the host while paused)."""
+        with self._cond:
+            return self._table.live_tokens() * self.shape.token_bytes
+
+    def paused_host_bytes(self) -> int:
+        with self._cond:
+            return self._paused.nbytes if self._paused is not None else 0
+
+    def staging_bytes(self) -> int:
+        return self._staging.capacity
+
+    def release_staging(self) -> int:
+        """Free the kept host staging buffer (unless paused KV lives in it)."""
+        with self._cond:
+            return 0 if self._paused is not None else self._staging.release()
+
+    # --- life cycle -------------------------------------------------------------
+    def close(self) -> None:
+        """Unmap everything and free the range (and the pool when this cache made it)."""
+        with self._exclusive():
+            if self._closed:
+                return
+            self._closed = True
+            self._vt.close()
+            self._staging.release()
+            self._paused = None
+            if self._owns_pool:
+                self.pool.close()
+
+    def __enter__(self) -> "KVCache":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

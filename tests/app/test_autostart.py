@@ -1,0 +1,66 @@
+"""Start at login: the XDG entry written and removed for real; plist and Run key content checked."""
+from __future__ import annotations
+
+import configparser
+import plistlib
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.login_item import UnsupportedPlatform, for_platform
+
+COMMAND = ["/opt/my apps/ebbtide", "--flag=100%"]
+
+
+def test_platform_table() -> None:
+    assert for_platform("linux").__name__.endswith("_linux")
+    assert for_platform("darwin").__name__.endswith("_darwin")
+    assert for_platform("win32").__name__.endswith("_windows")
+    with pytest.raises(UnsupportedPlatform):
+        for_platform("sunos5")
+
+
+def test_xdg_entry_written_and_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    linux = for_platform("linux")
+    assert not linux.is_enabled()
+    path = linux.enable(COMMAND)
+    assert path == tmp_path / "autostart" / "ebbtide.desktop" and linux.is_enabled()
+    entry = configparser.ConfigParser(interpolation=None)
+    entry.read(path)
+    section = entry["Desktop Entry"]
+    assert section["Type"] == "Application" and section["Name"] == "Ebbtide"
+    # The spec's quoting: a shell-like split (after %% -> %) gives the command back.
+    assert shlex.split(section["Exec"].replace("%%", "%")) == COMMAND
+    assert linux.disable() and not path.exists() and not linux.is_enabled()
+    assert linux.disable() is False
+
+
+def test_cli_autostart_round_trip(tmp_path: Path) -> None:
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg"), "EBBTIDE_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+    root = Path(__file__).resolve().parents[2]
+
+    def run(action: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "app.cli", "autostart", action], env=env, cwd=root,
+                              capture_output=True, text=True, timeout=60)
+
+    assert "off" in run("status").stdout
+    assert run("enable").returncode == 0 and (tmp_path / "xdg/autostart/ebbtide.desktop").is_file()
+    assert "on" in run("status").stdout
+    assert run("disable").returncode == 0 and not (tmp_path / "xdg/autostart/ebbtide.desktop").exists()
+
+
+def test_launch_agent_plist() -> None:
+    plist = plistlib.loads(for_platform("darwin").content(COMMAND).encode())
+    assert plist["ProgramArguments"] == COMMAND and plist["RunAtLoad"] is True
+    assert plist["KeepAlive"] is False and plist["Label"].endswith(".tray")
+
+
+def test_run_key_value() -> None:
+    windows = for_platform("win32")
+    assert windows.content(["C:\\Program Files\\Ebbtide\\ebbtide.exe", "tray"]) == \
+        '"C:\\Program Files\\Ebbtide\\ebbtide.exe" tray'
+    assert windows.location().startswith("HKEY_CURRENT_USER\\Software\\Microsoft\\Windows\\CurrentVersion\\Run")

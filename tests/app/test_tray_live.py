@@ -1,0 +1,151 @@
+"""The tray under Xvfb with pystray's xorg backend, against a live daemon.
+
+The icon docks into a real (minimal) system tray and is drawn; a real click on
+it (XTEST) opens the menu, built from the daemon's state; a real click on
+"Give back all GPU memory now" makes the daemon reclaim, seen on its event
+stream. Screenshots of the icon and menu go to docs/screenshots/.
+"""
+from __future__ import annotations
+
+import queue
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from desktop_support import ROOT, SCREENSHOTS, LiveDaemon, start_xvfb, stop, wait_until
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def xdisplay():
+    proc, display = start_xvfb()
+    yield display
+    stop(proc)
+
+
+class TrayHost:
+    """tests/app/xtray_host.py in a child process; .docked yields (window, x, y, size)."""
+
+    def __init__(self, display: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("xtray_host.py"))],
+                                     env={"DISPLAY": display, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "ready"
+        self.docked: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            _, window, x, y, size = line.split()
+            self.docked.put((int(window), int(x), int(y), int(size)))
+
+    def next_dock(self, timeout_s: float = 30.0) -> tuple[int, int, int, int]:
+        return self.docked.get(timeout=timeout_s)
+
+
+@pytest.fixture
+def tray_host(xdisplay):
+    host = TrayHost(xdisplay)
+    yield host
+    stop(host.proc)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path):
+    live = LiveDaemon(tmp_path / "home").start()
+    yield live
+    live.stop()
+
+
+def click(display_name: str, x: int, y: int) -> None:
+    from Xlib import X, display
+    from Xlib.ext import xtest
+
+    d = display.Display(display_name)
+    try:
+        xtest.fake_input(d, X.MotionNotify, x=x, y=y)
+        d.sync()
+        xtest.fake_input(d, X.ButtonPress, 1)
+        xtest.fake_input(d, X.ButtonRelease, 1)
+        d.sync()
+    finally:
+        d.close()
+
+
+def grab(display_name: str):
+    from PIL import ImageGrab
+
+    return ImageGrab.grab(xdisplay=display_name)
+
+
+def follow_events(client, into: list, stop_event: threading.Event) -> threading.Thread:
+    def run() -> None:
+        try:
+            for event in client.events(stop_event):
+                into.append(event)
+        except Exception as exc:  # the stream ends when the daemon stops
+            into.append({"kind": "stream-ended", "error": str(exc)})
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_tray_menu_from_live_daemon_reclaims(xdisplay, tray_host, daemon, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("DISPLAY", xdisplay)
+    monkeypatch.setenv("PYSTRAY_BACKEND", "xorg")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    from app.control_client import ControlClient
+    from app.login_item import for_platform
+    from app.tray.app import TrayApp
+    from app.tray.menu import GIVE_BACK_ALL, find
+    from app.tray.view import TrayMode
+
+    model = daemon.load_default_model()
+    app = TrayApp(daemon.client, tmp_path / "settings.toml", for_platform("linux"))
+    view = app.refresh()
+    assert view.mode in (TrayMode.NORMAL, TrayMode.YIELDING)
+    held = {m["name"]: m for m in daemon.client.models()}[model]
+    row = next(r for r in view.models if r.name == model)
+    assert row.state == held["state"] == "loaded" and row.held_bytes > 0
+    assert any(e.label.startswith(f"{model} (idle") for e in app.entries())
+
+    icon = app.build_icon()
+    runner = threading.Thread(target=icon.run, kwargs={"setup": app._setup}, daemon=True)
+    runner.start()
+    window, x, y, size = tray_host.next_dock()
+    # The docked icon is drawn: its pixels are no longer the panel's plain colour.
+    def drawn():
+        region = grab(xdisplay).crop((x, y, x + size, y + size)).convert("RGB")
+        return len(set(region.getdata())) > 4 and region
+    icon_shot = wait_until(drawn, 20, "the icon to be drawn")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    icon_shot.resize((size * 4, size * 4)).save(SCREENSHOTS / "tray-icon.png")
+
+    events: list[dict] = []
+    stop_events = threading.Event()
+    follower = ControlClient(daemon.url, daemon.client.token_file)
+    follow_events(follower, events, stop_events)
+
+    click(xdisplay, x + size // 2, y + size // 2)  # pystray xorg -> default action -> our popup menu
+    assert app.popup.posted.wait(20), "the menu did not open on a click"
+    target = app.popup.item_centers[GIVE_BACK_ALL]
+    screen = grab(xdisplay)
+    left = min(target[0] - 160, x - 40)
+    screen.crop((max(0, left), 0, screen.width, min(screen.height, target[1] + 200))).save(
+        SCREENSHOTS / "tray-menu.png")
+
+    click(xdisplay, *target)
+    reclaim = wait_until(lambda: next((e for e in events if e.get("kind") == "reclaim"), None), 30,
+                         "a reclaim event after the menu click")
+    assert reclaim["reason"] == "manual"
+    assert app.dispatcher.last_error == ""
+    after = {m["name"]: m for m in daemon.client.models()}[model]
+    assert (after["memory"] or {}).get("total", 0) < held["memory"]["total"] or after["state"] != "loaded"
+    stop_events.set()
+    app.quit()
+    runner.join(20)
+    assert not runner.is_alive()

@@ -1,0 +1,203 @@
+"""The broker driven by scripted memory (CONVENTIONS 10): the monitor is a
+script of samples and the clients are recording verbs whose memory is a
+number the script's free memory follows."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from kvcached.broker import Broker, ClientSpec, Step
+from kvcached.broker.monitor import MemorySample
+from kvcached.config import KvcachedConfig
+from kvcached.errors import AdmissionDenied, ConfigError, InvalidArgument
+
+GiB = 1 << 30
+TOTAL = 80 * GiB
+
+
+class Device:
+    """Scripted device memory: others' use is set by the test, ours is the clients' sum."""
+
+    name = "scripted"
+
+    def __init__(self) -> None:
+        self.others = 0
+        self.clients: list[Verbs] = []
+
+    def sample(self) -> MemorySample:
+        ours = sum(c.held for c in self.clients)
+        return MemorySample(TOTAL, TOTAL - ours - self.others, ours, self.others)
+
+    def close(self) -> None:
+        pass
+
+
+class Verbs:
+    """A client whose memory splits into free pages, prefixes, live KV and weights."""
+
+    def __init__(self, device: Device, free=0, prefixes=0, live=0, weights=0, busy=False, idle_since=0.0):
+        self.free, self.prefixes, self.live, self.weights = free, prefixes, live, weights
+        self.busy, self._idle = busy, idle_since
+        self.calls: list[str] = []
+        device.clients.append(self)
+
+    @property
+    def held(self) -> int:
+        return self.free + self.prefixes + self.live + self.weights
+
+    def held_bytes(self): return self.held
+    def is_busy(self): return self.busy
+    def idle_since(self): return self._idle
+
+    def _give(self, verb: str, *parts: str) -> int:
+        self.calls.append(verb)
+        n = sum(getattr(self, p) for p in parts)
+        for p in parts:
+            setattr(self, p, 0)
+        return n
+
+    def trim(self): return self._give("trim", "free")
+    def drop_prefixes(self): return self._give("drop_prefixes", "prefixes")
+    def pause(self): return self._give("pause", "live")
+    def unload(self): return self._give("unload", "weights", "free", "prefixes", "live")
+
+
+@pytest.fixture
+def device():
+    return Device()
+
+
+def make(device, **kw) -> Broker:
+    return Broker(KvcachedConfig(headroom_bytes=2 * GiB, monitor_interval_s=0.005, **kw), device)
+
+
+def test_nothing_happens_while_the_headroom_is_free(device):
+    broker = make(device)
+    a = Verbs(device, free=GiB, live=4 * GiB)
+    broker.register(ClientSpec("a"), a)
+    device.others = 60 * GiB
+    assert broker.tick() == 0 and a.calls == []
+
+
+def test_pressure_takes_cheapest_steps_until_the_headroom_is_back(device):
+    broker = make(device)
+    lo = Verbs(device, free=GiB, prefixes=GiB, live=4 * GiB, weights=2 * GiB, idle_since=5.0)
+    hi = Verbs(device, free=3 * GiB, live=4 * GiB, idle_since=1.0)
+    broker.register(ClientSpec("lo", priority=0), lo)
+    broker.register(ClientSpec("hi", priority=9), hi)
+    device.others = TOTAL - 15 * GiB - GiB          # free = 1 GiB: 1 GiB short
+    assert broker.tick() == GiB
+    assert lo.calls == ["trim"] and hi.calls == []  # lowest priority's trim was enough
+    device.others += 4 * GiB                        # free -2 GiB: every trim, then prefixes
+    got = broker.tick()
+    assert hi.calls == ["trim"] and lo.calls == ["trim", "trim", "drop_prefixes"]
+    assert got == 4 * GiB
+    steps = [(e.client, e.step) for e in broker.events.recent()]
+    assert steps == [("lo", "trim"), ("hi", "trim"), ("lo", "drop_prefixes")]
+    assert all(e.reason == "pressure" and e.duration_s >= 0 for e in broker.events.recent())
+
+
+def test_pause_before_unload_and_busy_or_pinned_are_spared(device):
+    broker = make(device)
+    idle = Verbs(device, live=4 * GiB, weights=4 * GiB, idle_since=1.0)
+    busy = Verbs(device, live=8 * GiB, busy=True)
+    pinned = Verbs(device, live=8 * GiB, idle_since=0.0)
+    broker.register(ClientSpec("idle"), idle)
+    broker.register(ClientSpec("busy"), busy)
+    broker.register(ClientSpec("pinned", min_bytes=GiB), pinned)
+    device.others = 66 * GiB        # free -10 GiB: 12 short; only idle's 8 may go
+    assert broker.tick() == 8 * GiB
+    assert idle.calls[-2:] == ["pause", "unload"]
+    assert "pause" not in busy.calls and "pause" not in pinned.calls
+
+
+def test_auto_yield_off_only_samples(device):
+    broker = make(device)
+    a = Verbs(device, free=4 * GiB)
+    broker.register(ClientSpec("a"), a)
+    broker.set_auto_yield(False)
+    device.others = TOTAL - 4 * GiB
+    assert broker.tick() == 0 and a.calls == []
+    assert broker.snapshot()["auto_yield"] is False
+    assert broker.reclaim() == 4 * GiB             # manual still works
+
+
+def test_manual_reclaim_of_one_client_and_a_target(device):
+    broker = make(device)
+    a = Verbs(device, free=GiB, live=GiB, weights=GiB)
+    b = Verbs(device, free=GiB)
+    broker.register(ClientSpec("a"), a)
+    handle_b = broker.register(ClientSpec("b"), b)
+    assert broker.reclaim(target_bytes=GiB) == GiB and a.calls == ["trim"] and b.calls == []
+    assert broker.reclaim(client=handle_b) == GiB and b.calls == ["trim"]
+    assert broker.reclaim(client="a", steps=[Step.PAUSE]) == GiB and a.weights == GiB
+    assert all(e.reason == "manual" for e in broker.events.recent())
+    with pytest.raises(InvalidArgument):
+        broker.reclaim(client="nobody")
+
+
+def test_admission_reclaims_lower_priorities_or_refuses(device):
+    broker = make(device, budget_bytes=20 * GiB)
+    low = Verbs(device, live=6 * GiB, idle_since=1.0)
+    peer = Verbs(device, live=8 * GiB)
+    asker = Verbs(device, live=2 * GiB)
+    broker.register(ClientSpec("low", priority=0), low)
+    broker.register(ClientSpec("peer", priority=5), peer)
+    me = broker.register(ClientSpec("me", priority=5, max_bytes=14 * GiB), asker)
+    assert me.admit(GiB) == 0                          # 16 + 1 <= 20: nothing taken
+    assert me.admit(10 * GiB) == 6 * GiB               # 16 + 10 > 20: low is paused
+    assert low.calls == ["trim", "drop_prefixes", "pause"] and peer.calls == []
+    with pytest.raises(AdmissionDenied, match="maximum"):
+        me.admit(13 * GiB)                             # 2 + 13 > 14
+    asker.live = 8 * GiB                               # 16 held; 5 more needs peer's memory
+    with pytest.raises(AdmissionDenied, match="lower priority"):
+        me.admit(5 * GiB)
+    assert peer.calls == []                            # refused before taking anything
+    with pytest.raises(InvalidArgument):
+        me.admit(-1)
+
+
+def test_a_failing_verb_is_an_event_not_a_crash(device):
+    broker = make(device)
+
+    class Broken(Verbs):
+        def trim(self):
+            raise RuntimeError("driver said no")
+
+    bad = Broken(device, free=GiB, idle_since=0.0)
+    good = Verbs(device, free=GiB, idle_since=1.0)
+    broker.register(ClientSpec("bad"), bad)
+    broker.register(ClientSpec("good"), good)
+    device.others = TOTAL - 2 * GiB - GiB
+    assert broker.tick() == GiB
+    failed = [e for e in broker.events.recent() if e.detail]
+    assert failed[0].client == "bad" and "driver said no" in failed[0].detail
+
+
+def test_registration_rules(device):
+    broker = make(device)
+    broker.register(ClientSpec("a"), Verbs(device))
+    with pytest.raises(ConfigError):
+        broker.register(ClientSpec("a"), Verbs(device))
+    with pytest.raises(ConfigError):
+        broker.register(ClientSpec("b"), object())
+    with pytest.raises(ConfigError):
+        ClientSpec("c", min_bytes=2, max_bytes=1)
+    broker.unregister("a")
+    assert broker.clients() == []
+
+
+def test_the_thread_yields_to_scripted_pressure_and_streams_events(device):
+    broker = make(device)
+    a = Verbs(device, free=3 * GiB, idle_since=0.0)
+    broker.register(ClientSpec("a"), a)
+    with broker, broker.events.subscribe() as sub:
+        device.others = TOTAL - 3 * GiB - GiB
+        event = sub.get(timeout=10)
+        assert event is not None and (event.client, event.step, event.bytes_returned) == ("a", "trim", 3 * GiB)
+        snap = broker.snapshot()
+    assert snap["clients"][0]["name"] == "a" and snap["device"]["monitor"] == "scripted"
+    assert snap["headroom_bytes"] == 2 * GiB
+    time.sleep(0)  # the thread has stopped: nothing more changes
+    assert a.calls == ["trim"]
