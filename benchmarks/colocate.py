@@ -25,19 +25,22 @@ the static split's, with zero failed requests.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script, sys.path[0] is benchmarks/, whose http.py and engines.py would shadow
+    # the standard library's http and the engines package: put the repo root there instead.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
 import argparse
 import asyncio
 import json
 import logging
 import math
 import random
-import sys
 import tempfile
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import e2e_common as common
 from benchmarks.daemon_proc import Daemon
@@ -46,15 +49,17 @@ from benchmarks.results_io import print_table, write_result
 from benchmarks.stream_client import make_client, openai_completion, origin_clock, run_users
 
 log = logging.getLogger("colocate")
-CONFIGS = ("static", "elastic")
+CONFIGS = ("elastic", "static")  # elastic first: the static split's caps use its measured weights
+BUNDLED = "bundled"
 TARGET_RATIO = 10.0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny CPU run on the bundled model")
-    p.add_argument("--configs", default="static,elastic", help="which configurations, in order")
-    p.add_argument("--model-config", default="llama-3.1-8b", help="synthetic config of each model")
+    p.add_argument("--configs", default="elastic,static", help="which configurations, in order")
+    p.add_argument("--model-config", default="llama-3.1-8b",
+                   help=f"synthetic config of each model, or {BUNDLED!r}: the bundled SmolLM2 GGUF")
     p.add_argument("--num-models", type=int, default=3)
     p.add_argument("--engine", default=None,
                    help="engine per model: auto/torch/llamacpp (default: torch; auto in --smoke)")
@@ -63,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-tokens", type=int, default=256)
     p.add_argument("--base-users", type=int, default=2)
     p.add_argument("--peak-users", type=int, default=32)
-    p.add_argument("--rise-s", type=float, default=8.0)
-    p.add_argument("--hold-s", type=float, default=25.0)
-    p.add_argument("--fall-s", type=float, default=8.0)
+    p.add_argument("--rise-s", type=float, default=6.0)
+    p.add_argument("--hold-s", type=float, default=20.0)
+    p.add_argument("--fall-s", type=float, default=6.0)
     p.add_argument("--think-s", type=float, default=0.5, help="mean pause between a user's requests")
     p.add_argument("--kv-third", type=int, default=0,
                    help="KV bytes of one static third (0: half of one model's peak need)")
@@ -80,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def apply_smoke(args: argparse.Namespace) -> None:
     """A few seconds on a CPU: the bundled SmolLM2 three times, tiny prompts, few users."""
-    args.backend, args.engine = "host", args.engine or "auto"
+    args.backend, args.engine, args.model_config = "host", args.engine or "auto", BUNDLED
     args.prompt_tokens, args.output_tokens = 24, 8
     args.base_users, args.peak_users = 1, 3
     args.rise_s, args.hold_s, args.fall_s, args.think_s = 1.0, 3.0, 1.0, 0.2
@@ -89,33 +94,63 @@ def apply_smoke(args: argparse.Namespace) -> None:
 
 
 def sizing(args: argparse.Namespace) -> dict:
-    """KV per sequence, one model's peak need, the static third and the whole budget."""
-    if args.smoke:
-        weights = common.bundled_gguf().stat().st_size
-        kv_per_token = 2 * 30 * 3 * 64 * 4   # SmolLM2-135M, float32 KV on the CPU
-    else:
-        weights, kv_per_token = common.config_numbers(args.model_config)
+    """KV per sequence, one model's peak need, the static third and the whole budget.
+    The budget counts weights too, as the broker counts what each model holds."""
+    config = "smollm2-135m" if args.model_config == BUNDLED else args.model_config
+    weights, kv_per_token = common.config_numbers(config)
+    if args.smoke:  # on a CPU the torch engine keeps float32 weights and KV; llama.cpp maps the GGUF
+        kv_per_token *= 2
+        weights = 2 * weights if args.engine == "torch" else common.bundled_gguf().stat().st_size
     weights = args.weights_bytes or weights
     per_seq = common.page_round(kv_per_token * (args.prompt_tokens + args.output_tokens))
     peak_need = args.peak_users * per_seq
     third = args.kv_third or common.page_round(peak_need // 2)
-    return {"weights_bytes": weights, "kv_bytes_per_token": kv_per_token, "kv_per_seq_bytes": per_seq,
-            "peak_need_bytes": peak_need, "kv_third_bytes": third,
-            "kv_total_bytes": 3 * third if args.num_models == 3 else args.num_models * third,
+    return {"weights_bytes": weights, "weights_measured": False, "kv_bytes_per_token": kv_per_token,
+            "kv_per_seq_bytes": per_seq, "peak_need_bytes": peak_need, "kv_third_bytes": third,
             "budget_bytes": args.num_models * (weights + third)}
+
+
+def with_measured_weights(size: dict, loaded: dict[str, dict]) -> dict:
+    """The static split's third from the weights a run actually loaded: the same budget,
+    minus what the weights really take, cut in equal KV thirds."""
+    measured = [int(m.get("weights") or 0) for m in loaded.values()]
+    if not measured or not all(measured):
+        return size
+    third = (size["budget_bytes"] - sum(measured)) // len(measured)
+    third -= third % (2 << 20)
+    if third <= 0:
+        log.warning("measured weights %s leave no KV in the budget: keeping the estimate", measured)
+        return size
+    log.info("measured weights %s: a static third is %.0f MiB of KV", measured, third / (1 << 20))
+    return {**size, "weights_bytes": max(measured), "weights_measured": True,
+            "weights_by_model": {n: int(m["weights"]) for n, m in loaded.items()}, "kv_third_bytes": third}
 
 
 def daemon_settings(kind: str, args: argparse.Namespace, models: list[str], size: dict,
                     model_dir: Path | None) -> dict:
     settings = common.base_settings(backend=args.backend, num_slots=max(args.peak_users, 4),
                                     headroom=args.headroom, model_dir=model_dir,
-                                    synthetic=not args.smoke, budget=size["budget_bytes"])
+                                    synthetic=args.model_config != BUNDLED, budget=size["budget_bytes"])
     context = args.prompt_tokens + args.output_tokens + 64
-    per_model = {"engine": args.engine, "context_length": max(context, 256)}
+    settings["models"] = {m: {"engine": args.engine, "context_length": max(context, 256)} for m in models}
     if kind == "static":
-        per_model["max_bytes"] = size["weights_bytes"] + size["kv_third_bytes"]
-    settings["models"] = {m: dict(per_model) for m in models}
+        # A static reservation of a third: capped in bytes (max_bytes, which the broker's admission
+        # enforces) and in sequences (slots), as a server that preallocates its KV is.
+        weights = size.get("weights_by_model", {})
+        for m in models:
+            settings["models"][m]["max_bytes"] = weights.get(m, size["weights_bytes"]) + size["kv_third_bytes"]
+        settings["num_slots"] = max(1, size["kv_third_bytes"] // size["kv_per_seq_bytes"])
     return settings
+
+
+def budget_check(timeline: list[dict], size: dict) -> dict:
+    """Did the models together stay within budget_bytes? (Only then is the elastic win the
+    broker's doing, not just more memory.)"""
+    totals = [sum((m.get("weights") or 0) + (m.get("kv_held") or 0) for m in s["models"].values())
+              for s in timeline]
+    peak = max(totals, default=0)
+    return {"max_held_bytes": peak, "budget_bytes": size["budget_bytes"],
+            "within_budget": peak <= size["budget_bytes"]}
 
 
 async def run_config(kind: str, args: argparse.Namespace, models: list[str], size: dict,
@@ -142,9 +177,10 @@ async def run_config(kind: str, args: argparse.Namespace, models: list[str], siz
         per_model[model] = {"all": common.summarize_records(mine),
                             "at_peak": common.summarize_records([r for r in mine if ramp.at_peak(r.t_send)]),
                             "peak_window_s": [ramp.peak_start_s, ramp.peak_end_s]}
-    return {"config": kind, "settings": settings, "load_s": round(load_s, 2), "prompt_words": words,
+    return {"config": kind, "sizing": size, "settings": settings, "load_s": round(load_s, 2), "prompt_words": words,
             "memory_after_load": loaded, "models": per_model,
-            "overall": common.summarize_records(records), "memory_timeline": timeline,
+            "overall": common.summarize_records(records), "budget": budget_check(timeline, size),
+            "memory_timeline": timeline,
             "broker_events": events, "daemon_log_tail": log_tail.splitlines()}
 
 
@@ -186,8 +222,9 @@ def compare(results: dict[str, dict]) -> dict:
                           _get(e, "all", "tokens_per_s"), _get(s, "all", "tokens_per_s")))}
         met = met and not math.isnan(p99) and p99 >= TARGET_RATIO
     failures = sum(r["overall"]["failed"] for r in results.values())
+    within = bool(results["elastic"].get("budget", {}).get("within_budget"))
     return {"per_model": out, "failed_requests": failures, "target_ratio": TARGET_RATIO,
-            "done": bool(met and failures == 0)}
+            "elastic_within_budget": within, "done": bool(met and failures == 0 and within)}
 
 
 def _get(d: dict, *keys: str) -> float:
@@ -210,8 +247,13 @@ def report(name: str, payload: dict) -> None:
                  "peak p99 ms", "tok/s"], rows)
     for model, c in payload.get("comparison", {}).get("per_model", {}).items():
         print(f"{model}: static/elastic p99 TTFT at its peak = {c['peak_p99_ttft_ratio']}x")
+    for kind, res in payload["results"].items():
+        check = res.get("budget", {})
+        print(f"{kind}: models held at most {check.get('max_held_bytes', 0) / (1 << 30):.2f} GiB "
+              f"of a {check.get('budget_bytes', 0) / (1 << 30):.2f} GiB budget")
     if payload.get("comparison"):
-        print(f"done (>= {TARGET_RATIO:g}x and no failures): {payload['comparison']['done']}")
+        print(f"done (>= {TARGET_RATIO:g}x, no failures, elastic within budget): "
+              f"{payload['comparison']['done']}")
     print(f"wrote {write_result(name, payload)}")
 
 
@@ -240,12 +282,18 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--configs: {unknown or kinds} is not a list of {', '.join(CONFIGS)}")
     size = sizing(args)
     log.info("sizing: %s", size)
+    started = time.time()
+    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="colocate-models-") as tmp:
-        model_dir = Path(tmp) if args.smoke else None
-        models = (common.smoke_models(model_dir, [f"colocate-{chr(97 + i)}" for i in range(args.num_models)])
-                  if args.smoke else common.synthetic_models(args.model_config, args.num_models))
-        started = time.time()
-        results = {kind: asyncio.run(run_config(kind, args, models, size, model_dir)) for kind in kinds}
+        bundled = args.model_config == BUNDLED
+        model_dir = Path(tmp) if bundled else None
+        names = [f"colocate-{chr(97 + i)}" for i in range(args.num_models)]
+        models = (common.smoke_models(model_dir, names) if bundled
+                  else common.synthetic_models(args.model_config, args.num_models))
+        for kind in kinds:
+            results[kind] = asyncio.run(run_config(kind, args, models, size, model_dir))
+            if not args.weights_bytes and not size["weights_measured"]:
+                size = with_measured_weights(size, results[kind]["memory_after_load"])
     payload = {"args": vars(args), "sizing": size, "wall_s": round(time.time() - started, 1),
                "results": results, "comparison": compare(results)}
     suffix = "" if len(kinds) == len(CONFIGS) else "_" + "_".join(kinds)

@@ -84,7 +84,7 @@ def request_body(kind: str, model: str, rng: random.Random, num_predict: int) ->
 
 
 class EditorStream:
-    """Sends one request every ~interval_s (exponential gaps) until stop(); keeps every record."""
+    """Sends one request every ~interval_s (+-50%) until stop(); keeps every record."""
 
     def __init__(self, client: httpx.AsyncClient, base_url: str, model: str, kinds: list[str],
                  interval_s: float, num_predict: int, clock, seed: int = 1) -> None:
@@ -114,9 +114,10 @@ class EditorStream:
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
             count += 1
-            gap = self.rng.expovariate(1.0 / self.interval_s) if self.interval_s > 0 else 0.0
+            # A steady cadence with jitter, as typing is: every phase gets its share of requests.
+            gap = self.interval_s * self.rng.uniform(0.5, 1.5)
             try:
-                await asyncio.wait_for(self._stopped.wait(), min(gap, 3 * self.interval_s))
+                await asyncio.wait_for(self._stopped.wait(), gap)
             except asyncio.TimeoutError:
                 pass
         if self._inflight:

@@ -7,7 +7,8 @@ desktop), says READY, waits for GO on stdin, then grows by --grow bytes in
 applications do (Chrome's GPU process, OBS), and each piece records how long
 it waited from its first attempt to success: the number the broker is judged
 by (<= 250 ms each). It says GROWN, holds for --hold-s, frees everything, says
-RELEASED and prints one RESULT line of JSON.
+RELEASED and prints one RESULT line of JSON. With --leave-free, the baseline
+is all but that much of the memory free at start.
 
 Backends are siblings in a lookup table: `cuda` (torch.cuda allocations, the
 real thing on the GPU) and `host` (anonymous memory touched page by page, for
@@ -18,10 +19,17 @@ Usage: python3 benchmarks/video_call.py --backend cuda --grow 8GiB --step 512MiB
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script, sys.path[0] is benchmarks/, whose http.py would shadow the standard
+    # library's (torch imports it): put the repo root there instead.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
 import argparse
 import json
 import mmap
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field

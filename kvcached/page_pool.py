@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from kvcached.config import KvcachedConfig
 from kvcached.errors import ClosedError, ConfigError, KvcachedError, PoolExhausted
 from kvcached.vmm.backend import Handle, VmmBackend
+from kvcached.zero_worker import ZeroWorker
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class PagePool:
         self._refill_wanted = True  # cleared by shrink(): a reclaimed reserve stays empty
         self._closed = False
         self._cond = threading.Condition()
+        # Deferred zero-page restores of the virtual tensors over this pool.
+        self.zero_worker = ZeroWorker(backend.map_zero)
         self._thread = threading.Thread(target=self._refill_loop, name="kvcached-pool-refill",
                                         daemon=True)
         self._thread.start()
@@ -187,6 +190,7 @@ class PagePool:
             self._closed = True
             self._cond.notify_all()
         self._thread.join()
+        self.zero_worker.close()
         self.shrink()
 
     def __enter__(self) -> "PagePool":

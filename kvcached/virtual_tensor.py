@@ -2,9 +2,20 @@
 
 The range is reserved once, so the tensor's address never moves: kernels and
 CUDA graphs captured over it stay valid while pages are mapped and unmapped
-underneath. Unmapped pages read as zeros (the backend's shared read-only zero
-page) and writes to them fault. Pages come from a PagePool; mapping adjacent
-pages in one call lets the backend batch driver calls.
+underneath. Every page is in one of four states:
+
+    ZERO      no page; the shared read-only zero page: reads 0, writes fault
+    PREPARED  a page staged ahead: zeroed and read-only, so it looks like ZERO,
+              but mapping it is one set-access (the zero page is already gone)
+    MAPPED    a page, read/write
+    BARE      given back with defer_zero: no mapping until the zero worker runs
+              (or until the page is mapped again); settle() waits for it
+
+Why PREPARED and BARE exist (H100, benchmarks/vmm_driver_costs.py): swapping
+the zero page out costs a cuMemUnmap (~19 us) and back in a cuMemMap +
+cuMemSetAccess (~30 us) per page, as much again as the raw map or give-back.
+prepare_pages() pays the first ahead of time, defer_zero the second after
+the memory is already back; both only where the caller says it is safe.
 """
 from __future__ import annotations
 
@@ -18,8 +29,11 @@ import torch
 
 from kvcached.errors import ClosedError, InvalidArgument
 from kvcached.page_pool import Page, PagePool
+from kvcached.zero_worker import ZeroTask
 
 log = logging.getLogger(__name__)
+
+ZERO, MAPPED, PREPARED, BARE = range(4)
 
 
 class _CudaArray:
@@ -48,19 +62,21 @@ _BYTE_VIEWS: dict[str, Callable[[int, int, torch.device], torch.Tensor]] = {
 }
 
 
-def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
-    """Sorted page indices -> (first, count) runs of adjacent pages."""
-    runs: list[tuple[int, int]] = []
+def _runs(indices: Sequence[int], key: Callable[[int], object] = lambda i: None
+          ) -> list[tuple[int, int, object]]:
+    """Sorted page indices -> (first, count, key) runs of adjacent pages with one key."""
+    runs: list[tuple[int, int, object]] = []
     for i in indices:
-        if runs and runs[-1][0] + runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        k = key(i)
+        if runs and runs[-1][0] + runs[-1][1] == i and runs[-1][2] == k:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1, k)
         else:
-            runs.append((i, 1))
+            runs.append((i, 1, k))
     return runs
 
 
 class VirtualTensor:
-    """`shape`/`dtype` tensor over `num_pages` pages of `pool.page_size` bytes."""
+    """`shape`/`dtype` tensor over `num_pages` pages of `pool.page_size` bytes. Thread-safe."""
 
     def __init__(self, pool: PagePool, shape: Sequence[int], dtype: torch.dtype) -> None:
         self.pool = pool
@@ -76,6 +92,8 @@ class VirtualTensor:
         self.reserved_bytes = self.num_pages * self.page_size
         self._backend = pool.backend
         self._pages: list[Page | None] = [None] * self.num_pages
+        self._state = bytearray(self.num_pages)  # ZERO everywhere
+        self._tasks: dict[int, ZeroTask] = {}    # BARE page -> its zero-page restore
         self._lock = threading.Lock()
         self._closed = False
         self.addr = self._backend.reserve(self.reserved_bytes)
@@ -85,62 +103,90 @@ class VirtualTensor:
 
     # -- by pages ---------------------------------------------------------
     def map_pages(self, first: int, count: int) -> int:
-        """Map every unmapped page of [first, first+count); returns bytes newly mapped.
-        All or nothing: on PoolExhausted/DeviceOutOfMemory nothing new stays mapped."""
+        """Map every page of [first, first+count) read/write; returns bytes newly mapped.
+        All or nothing: on PoolExhausted/DeviceOutOfMemory nothing changes. Kernels must
+        not read these pages while this runs (the zero page is briefly swapped out)."""
         with self._lock:
             self._check(first, count)
-            todo = [i for i in range(first, first + count) if self._pages[i] is None]
-            pages: list[Page] = []
-            try:
-                for _ in todo:
-                    pages.append(self.pool.acquire())
-                by_index = dict(zip(todo, pages))
-                for start, n in _runs(todo):
-                    handles = [by_index[i].handle for i in range(start, start + n)]
-                    self._backend.map_pages(self._addr_of(start), handles, self.page_size)
-                    for i in range(start, start + n):
-                        self._pages[i] = by_index[i]
-            except BaseException:
-                self._roll_back(todo, pages)
-                raise
-            return len(todo) * self.page_size
+            state = self._state
+            prepared = [i for i in range(first, first + count) if state[i] == PREPARED]
+            fresh = [i for i in range(first, first + count) if state[i] in (ZERO, BARE)]
+            pages = self._acquire(len(fresh))  # first: PoolExhausted must change nothing
+            self._reclaim_bare(fresh)
+            for start, n, _ in _runs(prepared):
+                self._backend.activate_pages(self._addr_of(start), n, self.page_size)
+                state[start:start + n] = bytes([MAPPED]) * n
+            self._attach(fresh, pages, self._backend.map_pages, MAPPED)
+            return (len(prepared) + len(fresh)) * self.page_size
 
-    def unmap_pages(self, first: int, count: int) -> int:
-        """Unmap the mapped pages of [first, first+count), after synchronizing the
-        device; returns the bytes handed back to the pool."""
+    def prepare_pages(self, first: int, count: int) -> int:
+        """Stage pages of [first, first+count) ahead of map_pages: held, zeroed, read-only
+        (reads still see 0, writes still fault). Call it where map_pages would be safe;
+        the later map_pages then costs one set-access. Returns bytes newly staged."""
         with self._lock:
             self._check(first, count)
-            todo = [i for i in range(first, first + count) if self._pages[i] is not None]
-            return self._unmap(todo)
+            fresh = [i for i in range(first, first + count) if self._state[i] in (ZERO, BARE)]
+            pages = self._acquire(len(fresh))
+            self._reclaim_bare(fresh)
+            self._attach(fresh, pages, self._backend.prepare_pages, PREPARED)
+            return len(fresh) * self.page_size
+
+    def unmap_pages(self, first: int, count: int, defer_zero: bool = False) -> int:
+        """Give back the mapped or prepared pages of [first, first+count), after
+        synchronizing the device; returns bytes handed back to the pool. `defer_zero`:
+        the zero page returns from a background thread, so memory goes back at the raw
+        driver rate; until settle(), kernels must not read these pages."""
+        with self._lock:
+            self._check(first, count)
+            held = [i for i in range(first, first + count) if self._state[i] in (MAPPED, PREPARED)]
+            return self._detach(held, defer_zero)
+
+    def settle(self) -> None:
+        """Wait until every deferred zero page is back (cheap when none is pending)."""
+        with self._lock:
+            self._reclaim_bare(list(self._tasks), cancel=False)
 
     # -- by bytes ---------------------------------------------------------
     def map(self, offset: int, length: int) -> int:
         """Map every page intersecting [offset, offset+length) bytes."""
         return self.map_pages(*self._page_span(offset, length))
 
-    def unmap(self, offset: int, length: int) -> int:
+    def unmap(self, offset: int, length: int, defer_zero: bool = False) -> int:
         """Unmap every page intersecting [offset, offset+length) bytes."""
-        return self.unmap_pages(*self._page_span(offset, length))
+        return self.unmap_pages(*self._page_span(offset, length), defer_zero=defer_zero)
 
     # -- queries ----------------------------------------------------------
     def is_mapped(self, page: int) -> bool:
         self._check(page, 1)
-        return self._pages[page] is not None
+        return self._state[page] == MAPPED
 
     def mapped_pages(self) -> list[int]:
-        return [i for i, p in enumerate(self._pages) if p is not None]
+        return [i for i, s in enumerate(self._state) if s == MAPPED]
+
+    def prepared_pages(self) -> list[int]:
+        return [i for i, s in enumerate(self._state) if s == PREPARED]
+
+    def pending_zero_pages(self) -> list[int]:
+        """Pages given back with defer_zero whose zero page may not be back yet."""
+        return sorted(self._tasks)
 
     @property
     def mapped_bytes(self) -> int:
-        return sum(p is not None for p in self._pages) * self.page_size
+        return self._state.count(MAPPED) * self.page_size
+
+    @property
+    def held_bytes(self) -> int:
+        """Physical pages this tensor holds: mapped plus prepared."""
+        return (self._state.count(MAPPED) + self._state.count(PREPARED)) * self.page_size
 
     # -- life cycle -------------------------------------------------------
     def close(self) -> None:
-        """Unmap every page and free the reservation; `.tensor` must not be used after."""
+        """Give every page back and free the reservation; `.tensor` must not be used after."""
         with self._lock:
             if self._closed:
                 return
-            self._unmap(self.mapped_pages())
+            self._reclaim_bare(list(self._tasks), cancel=False)
+            self._detach([i for i, s in enumerate(self._state) if s in (MAPPED, PREPARED)], False)
             self._closed = True
             self._backend.free_reservation(self.addr, self.reserved_bytes)
 
@@ -152,30 +198,86 @@ class VirtualTensor:
 
     def __repr__(self) -> str:
         return (f"VirtualTensor(shape={self.shape}, dtype={self.dtype}, pages="
-                f"{len(self.mapped_pages())}/{self.num_pages} of {self.page_size} bytes)")
+                f"{self._state.count(MAPPED)}/{self.num_pages} of {self.page_size} bytes)")
 
     # -- inside -----------------------------------------------------------
-    def _unmap(self, todo: list[int]) -> int:
+    def _acquire(self, n: int) -> list[Page]:
+        pages: list[Page] = []
+        try:
+            for _ in range(n):
+                pages.append(self.pool.acquire())
+        except BaseException:
+            for page in pages:
+                self.pool.release(page)
+            raise
+        return pages
+
+    def _attach(self, todo: list[int], pages: list[Page], attach: Callable, new_state: int) -> None:
+        """Put `pages` at the ZERO/BARE pages `todo`, run by run; all or nothing."""
+        runs = _runs(todo, key=lambda i: self._state[i] == BARE)
+        done: list[int] = []
+        for r, (start, n, bare) in enumerate(runs):
+            chunk = pages[len(done):len(done) + n]
+            try:
+                attach(self._addr_of(start), [p.handle for p in chunk], self.page_size, bare=bare)
+            except BaseException:
+                self._undo_attach(runs[r:], done, pages[len(done):])
+                raise
+            for i, page in zip(range(start, start + n), chunk):
+                self._pages[i], self._state[i] = page, new_state
+            done.extend(range(start, start + n))
+
+    def _undo_attach(self, left: list, done: list[int], unused: list[Page]) -> None:
+        """After a failed run (left[0]; the backend put its zero page back): the zero page
+        over the bare runs never tried, the pages already attached given back."""
+        start, n, _ = left[0]
+        self._state[start:start + n] = bytes([ZERO]) * n
+        for start, n, bare in left[1:]:
+            if bare:
+                self._backend.map_zero(self._addr_of(start), n * self.page_size)
+                self._state[start:start + n] = bytes([ZERO]) * n
+        self._detach(done, False)
+        for page in unused:
+            self.pool.release(page)
+
+    def _detach(self, todo: list[int], defer_zero: bool) -> int:
+        """Give back the pages at `todo`: unmap, return them to the pool (the memory is
+        back here), then the zero page, now or from the pool's zero worker."""
         if not todo:
             return 0
         # A kernel still reading a page we unmap is an illegal-address crash.
         self._backend.synchronize()
-        for start, n in _runs(todo):
-            self._backend.unmap_pages(self._addr_of(start), n, self.page_size)
-            for i in range(start, start + n):
-                page, self._pages[i] = self._pages[i], None
-                self.pool.release(page)
+        runs = _runs(todo)
+        for start, n, _ in runs:
+            self._backend.unmap_pages(self._addr_of(start), n, self.page_size, restore_zero=False)
+            self._state[start:start + n] = bytes([BARE]) * n
+        for i in todo:
+            page, self._pages[i] = self._pages[i], None
+            self.pool.release(page)
+        if defer_zero:
+            worker = self.pool.zero_worker
+            for i in todo:
+                self._tasks[i] = worker.submit(self._addr_of(i), self.page_size)
+        else:
+            for start, n, _ in runs:
+                self._backend.map_zero(self._addr_of(start), n * self.page_size)
+                self._state[start:start + n] = bytes([ZERO]) * n
         return len(todo) * self.page_size
 
-    def _roll_back(self, todo: list[int], pages: list[Page]) -> None:
-        """Undo a failed map_pages: unmap what got mapped, return every page.
-        (The backend's map_pages is itself all or nothing.)"""
-        mapped = [i for i in todo if self._pages[i] is not None]
-        assigned = {id(self._pages[i]) for i in mapped}
-        self._unmap(mapped)
-        for page in pages:
-            if id(page) not in assigned:
-                self.pool.release(page)
+    def _reclaim_bare(self, indices: Sequence[int], cancel: bool = True) -> None:
+        """Resolve deferred zero pages among `indices`: a restore not started yet is
+        cancelled (the page stays BARE, to be mapped as is), else waited for (ZERO)."""
+        if not self._tasks:
+            return
+        worker = self.pool.zero_worker
+        for i in indices:
+            task = self._tasks.pop(i, None)
+            if task is None:
+                continue
+            if cancel and worker.cancel(task):
+                continue
+            worker.wait(task)
+            self._state[i] = ZERO
 
     def _addr_of(self, page: int) -> int:
         return self.addr + page * self.page_size

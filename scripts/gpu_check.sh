@@ -12,6 +12,7 @@ mkdir -p "$OUT"
 BENCHMARKS=(
   "benchmarks/vmm_driver_costs.py"
   "benchmarks/vmm.py"
+  "benchmarks/yield.py"
 )
 
 status=0

@@ -34,17 +34,12 @@ class Unauthorized(Exception):
     """The control API was called without a valid token."""
 
 
-class BodyTooLarge(Exception):
-    """A body sent without Content-Length grew past the limit while it was read (HTTP 413)."""
-
-
 class BadRequest(Exception):
     """The HTTP layer itself found the request unusable (a value out of range...)."""
 
 
 # (exception type, HTTP status, OpenAI/llama.cpp error type); first match wins.
 STATUS_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
-    (BodyTooLarge, 413, "invalid_request_error"),
     (Unauthorized, 401, "authentication_error"),
     (BadRequest, 400, "invalid_request_error"),
     (engine_errors.ModelNotFound, 404, "not_found_error"),

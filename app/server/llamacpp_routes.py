@@ -10,6 +10,8 @@ loads the model and answers an empty completion.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from anyio import to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -43,6 +45,7 @@ class _Sampling(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     stream: bool | None = False
+    ignore_eos: bool | None = False
 
 
 class CompletionBody(_Sampling):
@@ -77,10 +80,11 @@ class DetokenizeBody(BaseModel):
 
 
 def _sampling(body: _Sampling):
-    return make_sampling(max_tokens=body.n_predict, temperature=body.temperature, top_k=body.top_k,
+    sampling = make_sampling(max_tokens=body.n_predict, temperature=body.temperature, top_k=body.top_k,
                          top_p=body.top_p, min_p=body.min_p, seed=body.seed, stop=body.stop,
                          repeat_penalty=body.repeat_penalty, repeat_last_n=body.repeat_last_n,
                          presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
+    return replace(sampling, ignore_eos=True) if body.ignore_eos else sampling
 
 
 @router.get("/health")

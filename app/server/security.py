@@ -24,7 +24,7 @@ from http.cookies import SimpleCookie
 from urllib.parse import urlsplit
 
 from app.server import auth
-from app.server.errors import BodyTooLarge, dialect_of, error_body
+from app.server.errors import dialect_of, error_body
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,8 @@ class SecurityMiddleware:
             log.warning("refused %s %s: %s", scope.get("method"), scope.get("path"), message)
             await _send_json(send, status, message, scope["path"])
             return
-        await self.app(scope, _limited(receive, self.policy.max_body_bytes, send), send)
+        limit = _BodyLimit(receive, send, self.policy.max_body_bytes, scope["path"])
+        await self.app(scope, limit.receive, limit.send)
 
     def _refusal(self, scope, headers: dict[str, str]) -> tuple[int, str] | None:
         if not self.policy.host_allowed(headers.get("host")):
@@ -124,20 +125,37 @@ def _token_of(headers: dict[str, str]) -> str | None:
     return auth.presented_token(headers, {k: m.value for k, m in cookies.items()})
 
 
-def _limited(receive, limit: int, send):
-    """Counts body bytes as they arrive, for bodies sent without Content-Length."""
-    seen = 0
+class _BodyLimit:
+    """Counts body bytes as they arrive, for bodies sent without Content-Length. Past the
+    limit it answers 413 itself and tells the app the client left (FastAPI would turn an
+    exception raised while reading into a generic 400); what the app sends after is dropped."""
 
-    async def wrapped():
-        nonlocal seen
-        message = await receive()
+    def __init__(self, receive, send, limit: int, path: str) -> None:
+        self._receive, self._send = receive, send
+        self.limit, self.path = limit, path
+        self.seen = 0
+        self.refused = False
+        self.started = False
+
+    async def receive(self):
+        if self.refused:
+            return {"type": "http.disconnect"}
+        message = await self._receive()
         if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise BodyTooLarge(f"request body over the {limit} byte limit")
+            self.seen += len(message.get("body", b""))
+            if self.seen > self.limit:
+                self.refused = True
+                if not self.started:
+                    await _send_json(self._send, 413, f"request body over the {self.limit} byte limit", self.path)
+                return {"type": "http.disconnect"}
         return message
 
-    return wrapped
+    async def send(self, message) -> None:
+        if self.refused:
+            return
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
 
 
 _KINDS = {401: "authentication_error", 403: "permission_error", 413: "invalid_request_error",

@@ -16,14 +16,15 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import llama_cpp
 from llama_cpp import _internals as internals
 
 from engines.base import Engine, ModelInfo, ProgressCallback
 from engines.config import EngineConfig
-from engines.errors import ContextOverflow, ModelLoadError
+from engines.errors import ContextOverflow, EngineError, ModelLoadError
 from engines.llamacpp import embedding, options
 from engines.llamacpp.generation import run_generation
 from engines.llamacpp.native import route_native_logs, token_piece
@@ -31,11 +32,12 @@ from engines.llamacpp.prompt import PromptBuilder
 from engines.llamacpp.session import Session, kv_bytes_per_token
 from engines.llamacpp.state import PausedState, pause_session, resume_session
 from engines.llamacpp.stream import TokenStream
-from engines.llamacpp.worker import Worker
+from engines.llamacpp.worker import Worker, WorkerStopped
 from engines.progress import ProgressReporter
 from engines.types import EmbeddingResult, GenerateRequest, MemoryReport, ModelState, StreamChunk
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class LlamaCppEngine(Engine):
@@ -135,25 +137,28 @@ class LlamaCppEngine(Engine):
     # --- serving -------------------------------------------------------------------
     def generate(self, request: GenerateRequest) -> Iterator[StreamChunk]:
         self.load()
-        with self._load_lock:
-            assert self._prompts is not None and self._worker is not None
-            prompt = self._prompts.build(request)
-            worker = self._worker
-        if len(prompt) >= self.n_ctx:
-            raise ContextOverflow(f"the prompt is {len(prompt)} tokens; {self.info.name} is served with a "
-                                  f"context of {self.n_ctx} (one token must stay free to generate)")
         out: queue.Queue = queue.Queue()
 
         def job() -> None:
             try:
-                session = self._ready_session()
-                run_generation(session, request, prompt, out.put)
+                run_generation(self._ready_session(), request, prompt, out.put)
+            except RuntimeError as exc:   # llama.cpp's wrappers raise RuntimeError for native failures
+                out.put(EngineError(f"{self.info.name}: llama.cpp failed: {exc}"))
             except BaseException as exc:
                 out.put(exc)
             finally:
                 out.put(TokenStream.END)
 
-        worker.submit(job, is_request=True)
+        # Under the lock, so an unload cannot free the model while the prompt is tokenized
+        # nor stop the worker between building the prompt and queueing it.
+        with self._load_lock:
+            if self._prompts is None or self._worker is None:   # unloaded since load() above
+                return self.generate(request)
+            prompt = self._prompts.build(request)
+            if len(prompt) >= self.n_ctx:
+                raise ContextOverflow(f"the prompt is {len(prompt)} tokens; {self.info.name} is served with "
+                                      f"a context of {self.n_ctx} (one token must stay free to generate)")
+            self._worker.submit(job, is_request=True)
         return TokenStream(request, out)
 
     def _ready_session(self) -> Session:
@@ -167,9 +172,6 @@ class LlamaCppEngine(Engine):
 
     def embed(self, texts: list[str]) -> EmbeddingResult:
         self.load()
-        with self._load_lock:
-            assert self._worker is not None
-            worker = self._worker
 
         def job() -> EmbeddingResult:
             assert self._model is not None
@@ -177,7 +179,11 @@ class LlamaCppEngine(Engine):
                 self._embedder = embedding.Embedder(self._model, self.config, self.info.name)
             return self._embedder.embed(texts)
 
-        return worker.submit(job, is_request=True).result()
+        with self._load_lock:
+            if self._worker is None:   # unloaded since load() above
+                return self.embed(texts)
+            future = self._worker.submit(job, is_request=True)
+        return future.result()
 
     def tokenize(self, text: str, add_special: bool = False) -> list[int]:
         self.load()
@@ -213,19 +219,26 @@ class LlamaCppEngine(Engine):
     def trim(self) -> int:
         return 0   # llama.cpp allocates its KV buffer whole: nothing to give back piecemeal
 
+    def _on_worker(self, fn: Callable[[], T], unloaded: T) -> T:
+        """Run a verb on the worker; `unloaded` when there is no model (or it just went)."""
+        worker = self._worker
+        if worker is None:
+            return unloaded
+        try:
+            return worker.call(fn)
+        except WorkerStopped:   # unloaded while the verb waited: nothing left to act on
+            return unloaded
+
     def drop_prefixes(self) -> int:
         """Free an idle context and forget the conversation it cached (the next request
         re-evaluates its prompt). A busy model gives nothing: its context is in use."""
         worker = self._worker
         if worker is None or worker.busy:
             return 0
-        return worker.call(lambda: 0 if worker.num_waiting else self._free_contexts())
+        return self._on_worker(lambda: 0 if worker.num_waiting else self._free_contexts(), 0)
 
     def pause(self) -> int:
-        worker = self._worker
-        if worker is None:
-            return 0
-        return worker.call(self._pause_on_worker)
+        return self._on_worker(self._pause_on_worker, 0)
 
     def _pause_on_worker(self) -> int:
         if self._session is None:
@@ -240,9 +253,7 @@ class LlamaCppEngine(Engine):
         return freed
 
     def resume(self) -> None:
-        worker = self._worker
-        if worker is not None:
-            worker.call(self._ready_session)
+        self._on_worker(self._ready_session, None)
 
     @property
     def busy(self) -> bool:

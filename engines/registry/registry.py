@@ -32,6 +32,7 @@ from engines.registry.ollama import scan_ollama_roots
 
 log = logging.getLogger(__name__)
 
+SYNTHETIC_PREFIX = "synthetic/"
 # Names that mean "the default model" when nothing else claims them.
 DEFAULT_ALIASES = ("", "default")
 _MetaKey = tuple[str, int, int]
@@ -92,6 +93,11 @@ class ModelRegistry:
                 info = self._describe(item, seen_keys)
                 if info is not None and info.name not in models:
                     models[info.name] = info
+        if self.config.include_synthetic:
+            from engines.registry.synthetic import scan_synthetic
+
+            for info in scan_synthetic():
+                models.setdefault(info.name, info)
         with self._lock:
             # Forget headers of files that are gone, so the cache cannot grow without bound.
             self._meta_cache = {k: v for k, v in self._meta_cache.items() if k in seen_keys}
@@ -133,6 +139,10 @@ class ModelRegistry:
         """The model by name. Also accepted: a name without its tag (":latest" first, then a
         unique match), any case, and "" or "default" for the default model. Raises
         ModelNotFound naming the nearest names."""
+        if self.config.include_synthetic and name.startswith(SYNTHETIC_PREFIX):
+            from engines.registry.synthetic import synthetic_info
+
+            return synthetic_info(name)   # any copy tag; ModelNotFound names the known configs
         info = self._lookup(self._listing(), name)
         if info is None and time.monotonic() - self._scanned_at >= self.rescan_after_miss_s:
             # Maybe downloaded since the last scan: look again, but not on every miss,

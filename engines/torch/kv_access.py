@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import threading
 
 import torch
 
@@ -198,11 +199,38 @@ class SlotKV(KVAccess):
             v_cache = self.v[layer][self._slot:self._slot + 1]
             write_kv(k_cache, v_cache, k, v, positions)
             return cache_attention(q, k_cache, v_cache, self._mask, self._read_len)
-        slots, read_len = self._slots, self._keys_read()
+        # Compiled, the batch path is one opaque op: the KV tensors stay out of the
+        # traced graph. As graph inputs, 2 x layers views of one buffer that the graph
+        # writes made AOTAutograd rebuild and copy back the whole buffer every step,
+        # unmapped (read-only zero) pages included: an illegal-address crash on the H100.
+        _ACTIVE.kv = self
+        return torch.ops.ebbtide.slot_attend(q, k, v, positions, self._slots, self._mask, layer)
+
+    def attend_batch(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        read_len = mask.shape[-1]
         rows = slots.unsqueeze(1).expand_as(positions)                  # [B, T]
         # Advanced indices around a slice put their dims first: target [B, T, Hkv, D].
         self.k[layer][rows, :, positions] = k.transpose(1, 2).to(self.k[layer].dtype)
         self.v[layer][rows, :, positions] = v.transpose(1, 2).to(self.v[layer].dtype)
         keys = self.k[layer][:, :, :read_len].index_select(0, slots)   # [B, Hkv, R, D]
         values = self.v[layer][:, :, :read_len].index_select(0, slots)
-        return cache_attention(q, keys, values, self._mask, read_len)
+        return cache_attention(q, keys, values, mask, read_len).contiguous()
+
+
+# The SlotKV whose forward runs on this thread (vLLM's "forward context"): the op
+# below finds its KV here, so no tensor of the cache is an argument.
+_ACTIVE = threading.local()
+
+
+@torch.library.custom_op("ebbtide::slot_attend", mutates_args=())
+def _slot_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                 slots: torch.Tensor, mask: torch.Tensor, layer: int) -> torch.Tensor:
+    """Write k, v of a decode batch into its slots and attend: [B, Hq, T, D], contiguous."""
+    return _ACTIVE.kv.attend_batch(layer, q, k, v, positions, slots, mask)
+
+
+@_slot_attend.register_fake
+def _slot_attend_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                      slots: torch.Tensor, mask: torch.Tensor, layer: int) -> torch.Tensor:
+    return q.new_empty(q.shape)

@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 
 from kvcached.broker.client import STEP_ORDER, STEP_VERBS, ClientSpec, ReclaimVerbs, Step
-from kvcached.broker.events import Event, EventLog
+from kvcached.broker.events import Event, EventLog, Subscription
 from kvcached.broker.monitor import MemorySample, Monitor, open_monitor
 from kvcached.broker.policy import (Action, ClientView, admission_need, eligible, plan,
                                     pressure_need, reclaimable_bytes)
@@ -30,6 +30,7 @@ from kvcached.errors import AdmissionDenied, ConfigError, InvalidArgument
 
 log = logging.getLogger(__name__)
 MiB = 1 << 20
+MAX_ROUNDS_PER_TICK = 8   # reclaim rounds one sample may start before the next interval
 
 
 class ClientHandle:
@@ -147,16 +148,25 @@ class Broker:
                 log.exception("broker: sampling or reclaim failed")
 
     def tick(self) -> int:
-        """One sample; reclaim when others grew into the headroom. Returns bytes given back."""
-        sample = self.sample()
-        if not self.auto_yield:
-            return 0
-        need = pressure_need(sample, self.config.headroom_bytes)
-        if not need.is_needed:
-            return 0
-        with self._reclaim_lock:
-            actions = plan(self._views(), need.steps, has_pool=self.pool is not None)
-            return self._run(actions, need.bytes, "pressure")
+        """Sample; while others are in the headroom, reclaim and sample again at once
+        (an application that is growing has usually taken what one round gave back
+        by the time it ends, and waiting a whole interval would only delay it).
+        Returns bytes given back."""
+        got = 0
+        for _ in range(MAX_ROUNDS_PER_TICK):
+            sample = self.sample()
+            if not self.auto_yield:
+                return got
+            need = pressure_need(sample, self.config.headroom_bytes)
+            if not need.is_needed:
+                return got
+            with self._reclaim_lock:
+                actions = plan(self._views(), need.steps, has_pool=self.pool is not None)
+                returned = self._run(actions, need.bytes, "pressure")
+            got += returned
+            if returned == 0:       # nothing left to give: wait for the next interval
+                break
+        return got
 
     def sample(self) -> MemorySample:
         sample = self.monitor.sample()
@@ -192,24 +202,34 @@ class Broker:
             raise AdmissionDenied(f"client {spec.name}: {_mib(held)} held + {_mib(nbytes)} asked "
                                   f"exceeds its maximum of {_mib(spec.max_bytes)}")
         with self._reclaim_lock:
-            need = self._admission_need(nbytes)
-            if need == 0:
-                return 0
-            views = self._views()
-            pool_bytes = self.pool.reserved() if self.pool is not None else 0
-            can = reclaimable_bytes(views, spec.priority, spec.name) + pool_bytes
-            if can < need:
-                raise AdmissionDenied(
-                    f"client {spec.name}: {_mib(nbytes)} asked needs {_mib(need)} reclaimed, but "
-                    f"clients of lower priority than {spec.priority} can give at most {_mib(can)}")
-            actions = plan(views, below_priority=spec.priority, exclude=spec.name,
-                           has_pool=self.pool is not None)
-            got = self._run(actions, need, "admission")
-            still = self._admission_need(nbytes)
-            if still > 0:
-                raise AdmissionDenied(f"client {spec.name}: reclaimed {_mib(got)} but "
-                                      f"{_mib(still)} more are needed for {_mib(nbytes)}")
+            start = time.perf_counter()
+            got = self._make_room(handle, nbytes)
+            self.events.append(Event(spec.name, "admit", 0, time.perf_counter() - start, "admission",
+                                     f"{_mib(nbytes)} admitted after {_mib(got)} reclaimed"))
             return got
+
+    def _make_room(self, handle: ClientHandle, nbytes: int) -> int:
+        """Reclaim what admitting nbytes needs; AdmissionDenied, before taking
+        anything, when clients of lower priority cannot give enough."""
+        spec = handle.spec
+        need = self._admission_need(nbytes)
+        if need == 0:
+            return 0
+        views = self._views()
+        pool_bytes = self.pool.reserved() if self.pool is not None else 0
+        can = reclaimable_bytes(views, spec.priority, spec.name) + pool_bytes
+        if can < need:
+            raise AdmissionDenied(
+                f"client {spec.name}: {_mib(nbytes)} asked needs {_mib(need)} reclaimed, but "
+                f"clients of lower priority than {spec.priority} can give at most {_mib(can)}")
+        actions = plan(views, below_priority=spec.priority, exclude=spec.name,
+                       has_pool=self.pool is not None)
+        got = self._run(actions, need, "admission")
+        still = self._admission_need(nbytes)
+        if still > 0:
+            raise AdmissionDenied(f"client {spec.name}: reclaimed {_mib(got)} but "
+                                  f"{_mib(still)} more are needed for {_mib(nbytes)}")
+        return got
 
     def _admission_need(self, nbytes: int) -> int:
         clients_held = sum(h.verbs.held_bytes() for h in self.clients())
@@ -252,6 +272,10 @@ class Broker:
         return returned
 
     # --- switches and reports -------------------------------------------------------
+    def subscribe(self) -> Subscription:
+        """Follow new events (the control API streams these); close() when done."""
+        return self.events.subscribe()
+
     @property
     def auto_yield(self) -> bool:
         return self._auto_yield

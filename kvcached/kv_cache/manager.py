@@ -37,6 +37,7 @@ from kvcached.vmm.backend import VmmBackend
 log = logging.getLogger(__name__)
 
 RESUME_CHUNK = 256 << 20   # bytes mapped per step of resume while the previous copy runs
+PAUSE_CHUNK = 256 << 20    # bytes copied per step of pause while the previous chunk is unmapped
 
 
 class KVCache:
@@ -174,6 +175,7 @@ class KVCache:
             for slot, first, count in self._table.trimmable(self.layout.pages_for_tokens):
                 freed += self._vt.unmap_pages(self.layout.first_page(slot) + first, count)
                 self._table.slots[slot].mapped_pages = first
+            self._shrink_own_pool()
             return freed
 
     def pause(self) -> int:
@@ -185,15 +187,31 @@ class KVCache:
             ranges = [(self.layout.first_page(i) * self.layout.page_size,
                        self.layout.live_bytes_for(s.num_tokens))
                       for i, s in enumerate(self._table.slots) if s.is_live and s.num_tokens]
-            paused = offload.save(self._bytes, ranges, self._staging, self.pool.backend.synchronize)
-            freed = 0
-            for i, s in enumerate(self._table.slots):
+            page = self.layout.page_size
+
+            def unmap(offset: int, nbytes: int) -> int:
+                first = offset // page
+                return self._vt.unmap_pages(first, -(-(offset + nbytes) // page) - first)
+
+            # Whatever the engine queued must land before its bytes are copied.
+            self.pool.backend.synchronize()
+            # Whole pages a chunk: unmapping a chunk must never take bytes of the next.
+            chunk = max(1, PAUSE_CHUNK // page) * page
+            paused, freed = offload.save_unmapping(self._bytes, ranges, self._staging, unmap, chunk)
+            for i, s in enumerate(self._table.slots):   # pages past the live tokens
                 if s.mapped_pages:
                     freed += self._vt.unmap_pages(self.layout.first_page(i), s.mapped_pages)
                     s.mapped_pages = 0
             self._paused = paused
+            self._shrink_own_pool()
             log.debug("KV paused: %d live bytes to host, %d bytes unmapped", paused.nbytes, freed)
             return freed
+
+    def _shrink_own_pool(self) -> None:
+        """Unmapped pages land in the pool's reserve; a pool this cache made is
+        nobody else's, so free them too (a shared pool is the broker's to shrink)."""
+        if self._owns_pool:
+            self.pool.shrink()
 
     def resume(self) -> None:
         """Map the live pages again and copy the paused bytes back, bit-exact. Idempotent.

@@ -43,15 +43,31 @@ class VmmBackend(ABC):
         """Release a physical page (its memory returns once it is unmapped)."""
 
     @abstractmethod
-    def map_pages(self, addr: int, handles: Sequence[Handle], size: int) -> None:
-        """Map `handles` (each `size` bytes) at adjacent addresses from `addr`,
-        replacing the zero page there, read/write. One batch: adjacent pages
-        share driver calls where the driver allows it."""
+    def map_pages(self, addr: int, handles: Sequence[Handle], size: int, bare: bool = False) -> None:
+        """Map `handles` (each `size` bytes) at adjacent addresses from `addr`, read/write,
+        replacing the zero page there (`bare`: the range has no mapping at all, after
+        unmap_pages(restore_zero=False)). All or nothing."""
 
     @abstractmethod
-    def unmap_pages(self, addr: int, count: int, size: int) -> None:
-        """Unmap `count` adjacent pages of `size` bytes from `addr` and put the
-        zero page back. The caller synchronizes first (see synchronize())."""
+    def unmap_pages(self, addr: int, count: int, size: int, restore_zero: bool = True) -> None:
+        """Unmap `count` adjacent pages of `size` bytes from `addr` and put the zero page
+        back (`restore_zero=False`: leave the range bare; map_zero() later). The caller
+        synchronizes first (see synchronize())."""
+
+    @abstractmethod
+    def map_zero(self, addr: int, size: int) -> None:
+        """Map the read-only zero page over a bare range."""
+
+    @abstractmethod
+    def prepare_pages(self, addr: int, handles: Sequence[Handle], size: int,
+                      bare: bool = False) -> None:
+        """Stage `handles` where the zero page was: mapped, zeroed, READ-ONLY, so reads
+        still see zeros and writes still fault. activate_pages() then only sets
+        read/write access: the costly zero-page unmap is paid here, ahead of time."""
+
+    @abstractmethod
+    def activate_pages(self, addr: int, count: int, size: int) -> None:
+        """Make prepared pages read/write."""
 
     def map_page(self, addr: int, handle: Handle, size: int) -> None:
         """Map one page read/write at `addr`."""

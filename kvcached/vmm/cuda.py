@@ -101,6 +101,8 @@ class CudaBackend(VmmBackend):
                                      f"device granularity {self.granularity}")
         self.zero_page_size = config.page_size
         self._closed = False
+        self._stream = check("cuStreamCreate", cu.cuStreamCreate(
+            cu.CUstream_flags.CU_STREAM_NON_BLOCKING.value))
         self._zero = self._make_zero_page()
 
     # -- address ranges ---------------------------------------------------
@@ -110,7 +112,7 @@ class CudaBackend(VmmBackend):
         addr = int(check("cuMemAddressReserve",
                          cu.cuMemAddressReserve(size, self.zero_page_size, 0, 0)))
         try:
-            self._map_zero(addr, size)
+            self.map_zero(addr, size)
         except VmmError:
             cu.cuMemAddressFree(addr, size)
             raise
@@ -132,33 +134,63 @@ class CudaBackend(VmmBackend):
         check("cuMemRelease", cu.cuMemRelease(handle))
 
     # -- mapping ----------------------------------------------------------
-    def map_pages(self, addr: int, handles: Sequence[Any], size: int) -> None:
+    def map_pages(self, addr: int, handles: Sequence[Any], size: int, bare: bool = False) -> None:
         self._ensure_context()
         total = len(handles) * size
-        check("cuMemUnmap", cu.cuMemUnmap(addr, total))  # the zero page, one call for the run
+        if not bare:  # the zero page: one call for the run (it still costs per mapping)
+            check("cuMemUnmap", cu.cuMemUnmap(addr, total))
+        self._map_run(addr, handles, size, self._rw)
+
+    def prepare_pages(self, addr: int, handles: Sequence[Any], size: int,
+                      bare: bool = False) -> None:
+        self._ensure_context()
+        total = len(handles) * size
+        if not bare:
+            check("cuMemUnmap", cu.cuMemUnmap(addr, total))
+        self._map_run(addr, handles, size, self._rw)
+        try:
+            # Zeroed on a private stream: waits for this memset only, not for the
+            # caller's kernels.
+            check("cuMemsetD8Async", cu.cuMemsetD8Async(addr, 0, total, self._stream))
+            check("cuStreamSynchronize", cu.cuStreamSynchronize(self._stream))
+            check("cuMemSetAccess", cu.cuMemSetAccess(addr, total, self._ro, 1))
+        except VmmError:
+            cu.cuMemUnmap(addr, total)
+            self.map_zero(addr, total)
+            raise
+
+    def activate_pages(self, addr: int, count: int, size: int) -> None:
+        self._ensure_context()
+        check("cuMemSetAccess", cu.cuMemSetAccess(addr, count * size, self._rw, 1))
+
+    def unmap_pages(self, addr: int, count: int, size: int, restore_zero: bool = True) -> None:
+        self._ensure_context()
+        total = count * size
+        check("cuMemUnmap", cu.cuMemUnmap(addr, total))
+        if restore_zero:
+            self.map_zero(addr, total)
+
+    def map_zero(self, addr: int, size: int) -> None:
+        self._ensure_context()
+        step = self.zero_page_size
+        for at in range(addr, addr + size, step):
+            check("cuMemMap", cu.cuMemMap(at, step, 0, self._zero, 0))
+        check("cuMemSetAccess", cu.cuMemSetAccess(addr, size, self._ro, 1))
+
+    def _map_run(self, addr: int, handles: Sequence[Any], size: int, access: list) -> None:
+        """Map handles over a bare run and set access in one call; on failure the
+        zero page is put back over the whole run (all or nothing)."""
         mapped = 0
         try:
             for i, handle in enumerate(handles):
                 check("cuMemMap", cu.cuMemMap(addr + i * size, size, 0, handle, 0))
                 mapped += 1
-            check("cuMemSetAccess", cu.cuMemSetAccess(addr, total, self._rw, 1))
+            check("cuMemSetAccess", cu.cuMemSetAccess(addr, len(handles) * size, access, 1))
         except VmmError:
             if mapped:
                 cu.cuMemUnmap(addr, mapped * size)
-            self._map_zero(addr, total)  # all or nothing: the zero page is back
+            self.map_zero(addr, len(handles) * size)
             raise
-
-    def unmap_pages(self, addr: int, count: int, size: int) -> None:
-        self._ensure_context()
-        total = count * size
-        check("cuMemUnmap", cu.cuMemUnmap(addr, total))
-        self._map_zero(addr, total)
-
-    def _map_zero(self, addr: int, size: int) -> None:
-        step = self.zero_page_size
-        for at in range(addr, addr + size, step):
-            check("cuMemMap", cu.cuMemMap(at, step, 0, self._zero, 0))
-        check("cuMemSetAccess", cu.cuMemSetAccess(addr, size, self._ro, 1))
 
     # -- the rest ---------------------------------------------------------
     def synchronize(self) -> None:
@@ -174,6 +206,7 @@ class CudaBackend(VmmBackend):
         self._closed = True
         self._ensure_context()
         check("cuMemRelease", cu.cuMemRelease(self._zero))
+        check("cuStreamDestroy", cu.cuStreamDestroy(self._stream))
         check("cuDevicePrimaryCtxRelease", cu.cuDevicePrimaryCtxRelease(self._dev))
 
     def _make_zero_page(self) -> Any:

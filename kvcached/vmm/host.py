@@ -51,6 +51,8 @@ def _load_libc() -> ctypes.CDLL:
                           ctypes.c_int, ctypes.c_long]
     libc.munmap.restype = ctypes.c_int
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mprotect.restype = ctypes.c_int
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     libc.fallocate.restype = ctypes.c_int
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
     return libc
@@ -92,7 +94,7 @@ class HostBackend(VmmBackend):
                                MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
         if addr == MAP_FAILED or addr is None:
             _raise_errno("mmap", f"reserving {size} bytes")
-        self._map_zero(addr, size)
+        self.map_zero(addr, size)
         return addr
 
     def free_reservation(self, addr: int, size: int) -> None:
@@ -121,14 +123,48 @@ class HostBackend(VmmBackend):
         self._give_slot(handle.offset, handle.size)
 
     # -- mapping ----------------------------------------------------------
-    def map_pages(self, addr: int, handles: Sequence[HostHandle], size: int) -> None:
+    # MAP_FIXED replaces whatever is mapped at once, so `bare` changes nothing here.
+    def map_pages(self, addr: int, handles: Sequence[HostHandle], size: int,
+                  bare: bool = False) -> None:
         try:
-            self._map_runs(addr, handles, size)
+            self._map_runs(addr, handles, size, PROT_READ | PROT_WRITE)
         except VmmError:
-            self._map_zero(addr, len(handles) * size)  # all or nothing
+            self.map_zero(addr, len(handles) * size)  # all or nothing
             raise
 
-    def _map_runs(self, addr: int, handles: Sequence[HostHandle], size: int) -> None:
+    def prepare_pages(self, addr: int, handles: Sequence[HostHandle], size: int,
+                      bare: bool = False) -> None:
+        total = len(handles) * size
+        self.map_pages(addr, handles, size)
+        ctypes.memset(addr, 0, total)
+        self._protect(addr, total, PROT_READ)
+
+    def activate_pages(self, addr: int, count: int, size: int) -> None:
+        self._protect(addr, count * size, PROT_READ | PROT_WRITE)
+
+    def unmap_pages(self, addr: int, count: int, size: int, restore_zero: bool = True) -> None:
+        total = count * size
+        if restore_zero:
+            self.map_zero(addr, total)
+            return
+        # Bare, as on CUDA: no access at all until map_zero().
+        got = self._libc.mmap(addr, total, PROT_NONE,
+                              MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0)
+        if got != addr:
+            _raise_errno("mmap", f"unmapping {total} bytes at {addr:#x}")
+
+    def map_zero(self, addr: int, size: int) -> None:
+        for at in range(addr, addr + size, self.zero_page_size):
+            got = self._libc.mmap(at, self.zero_page_size, PROT_READ, MAP_SHARED | MAP_FIXED,
+                                  self._zero_fd, 0)
+            if got != at:
+                _raise_errno("mmap", f"mapping the zero page at {at:#x}")
+
+    def _protect(self, addr: int, size: int, prot: int) -> None:
+        if self._libc.mprotect(addr, size, prot) != 0:
+            _raise_errno("mprotect", f"{size} bytes at {addr:#x}")
+
+    def _map_runs(self, addr: int, handles: Sequence[HostHandle], size: int, prot: int) -> None:
         # Pieces adjacent in the file and in memory become one mmap (one VMA).
         i = 0
         while i < len(handles):
@@ -137,23 +173,11 @@ class HostBackend(VmmBackend):
                 j += 1
             at = addr + i * size
             length = (j - i) * size
-            got = self._libc.mmap(at, length, PROT_READ | PROT_WRITE,
-                                  MAP_SHARED | MAP_FIXED | MAP_POPULATE,
+            got = self._libc.mmap(at, length, prot, MAP_SHARED | MAP_FIXED | MAP_POPULATE,
                                   self._data_fd, handles[i].offset)
             if got != at:
                 _raise_errno("mmap", f"mapping {length} bytes at {at:#x}")
             i = j
-
-    def unmap_pages(self, addr: int, count: int, size: int) -> None:
-        # MAP_FIXED replaces the page's mapping at once: no window without a mapping.
-        self._map_zero(addr, count * size)
-
-    def _map_zero(self, addr: int, size: int) -> None:
-        for at in range(addr, addr + size, self.zero_page_size):
-            got = self._libc.mmap(at, self.zero_page_size, PROT_READ, MAP_SHARED | MAP_FIXED,
-                                  self._zero_fd, 0)
-            if got != at:
-                _raise_errno("mmap", f"mapping the zero page at {at:#x}")
 
     # -- the rest ---------------------------------------------------------
     def synchronize(self) -> None:

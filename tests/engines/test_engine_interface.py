@@ -63,25 +63,25 @@ def test_loaded_and_reporting_weights(engine: Engine) -> None:
 
 
 def test_max_tokens_ends_with_length_and_exact_count(engine: Engine) -> None:
-    text, last = collect(engine, completion("One, two, three,", max_tokens=6, ignore_eos=True))
+    text, last = collect(engine, completion("One, two, three,", max_tokens=4, ignore_eos=True))
     assert last.finish_reason is FinishReason.LENGTH
-    assert last.usage.completion_tokens == 6 and last.usage.prompt_tokens > 0 and text
+    assert last.usage.completion_tokens == 4 and last.usage.prompt_tokens > 0 and text
 
 
 def test_greedy_is_repeatable_and_chat_works(engine: Engine) -> None:
     request = lambda: GenerateRequest(kind=RequestKind.CHAT, messages=(ChatMessage("user", "Say hello."),),
-                                      sampling=SamplingParams(temperature=0, max_tokens=8))
+                                      sampling=SamplingParams(temperature=0, max_tokens=4))
     first, _ = collect(engine, request())
     second, _ = collect(engine, request())
     assert first == second and first.strip()
 
 
 def test_stop_string_cuts_the_text_before_it(engine: Engine) -> None:
-    free, _ = collect(engine, completion("The alphabet: A, B, C,", max_tokens=12, ignore_eos=True))
+    free, _ = collect(engine, completion("The alphabet: A, B, C,", max_tokens=8, ignore_eos=True))
     words = [w for w in free.split() if len(w) >= 2]
     assert words, f"the model produced too little to pick a stop string from: {free!r}"
     stop = words[len(words) // 2][:2]
-    stopped, last = collect(engine, completion("The alphabet: A, B, C,", max_tokens=12, ignore_eos=True,
+    stopped, last = collect(engine, completion("The alphabet: A, B, C,", max_tokens=8, ignore_eos=True,
                                                stop=(stop,)))
     assert last.finish_reason is FinishReason.STOP
     assert stopped == free[:free.index(stop)] and stop not in stopped

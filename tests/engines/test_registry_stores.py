@@ -135,3 +135,17 @@ def test_bundled_default_model_is_found() -> None:
     default = registry.get("default")
     assert default.source == "bundled" and default.name == "smollm2:135m-instruct-q4_1"
     assert registry.get("smollm2") == default and registry.default() == default
+
+
+def test_synthetic_models_only_when_turned_on(tmp_path: Path) -> None:
+    assert ModelRegistry(isolated_config(tmp_path, include_bundled=False)).list() == []
+    with pytest.raises(ModelNotFound):
+        ModelRegistry(isolated_config(tmp_path, include_bundled=False)).get("synthetic/llama-3.1-8b")
+    registry = ModelRegistry(isolated_config(tmp_path, include_bundled=False, include_synthetic=True))
+    names = {m.name for m in registry.list()}
+    assert names and all(n.startswith("synthetic/") for n in names)
+    some = sorted(names)[0].split(":")[0]
+    info = registry.get(f"{some}:zz")      # any copy tag resolves
+    assert info.source == "synthetic" and info.path == ""
+    with pytest.raises(ModelNotFound):
+        registry.get("synthetic/no-such-config")

@@ -87,3 +87,23 @@ def test_broker_yields_device_memory_to_another_process():
 def _no_leftover_memory():
     yield
     torch.cuda.empty_cache()
+
+
+def test_nvml_monitor_sees_our_pages_come_and_go():
+    config = KvcachedConfig(backend="cuda", page_size=2 * MiB, reserve_pages=0)
+    backend = open_backend(config)
+    kv = KVCache(backend, SHAPE, max_slots=1, max_context=TOKENS, config=config)
+    monitor = NvmlMonitor(0, kv.held_bytes)
+    before = monitor.sample()
+    assert before.total_bytes > before.free_bytes > 0
+    kv.ensure(kv.acquire_slot(), TOKENS)                # 1 GiB
+    during = monitor.sample()
+    assert before.free_bytes - during.free_bytes >= GiB * 0.9
+    assert during.ours_bytes >= GiB * 0.9               # NVML per process, or our count
+    kv.free(0)
+    assert kv.trim() == GiB
+    after = monitor.sample()
+    assert after.free_bytes - during.free_bytes >= GiB * 0.9
+    monitor.close()
+    kv.close()
+    backend.close()

@@ -48,7 +48,8 @@ def test_auto_picks_cuda(backend):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_map_write_read_unmap_zero_reads(pool, dtype):
-    with VirtualTensor(pool, (6, PAGE // 4), dtype) as vt:  # float32: one row per page
+    per_page = PAGE // torch.empty((), dtype=dtype).element_size()
+    with VirtualTensor(pool, (6, per_page), dtype) as vt:  # one row per page
         assert vt.tensor.device.type == "cuda" and vt.tensor.data_ptr() == vt.addr
         assert not vt.tensor.any().item()  # all zero page
         vt.map_pages(1, 3)  # one batch: adjacent pages
@@ -61,6 +62,24 @@ def test_map_write_read_unmap_zero_reads(pool, dtype):
         vt.tensor.fill_(1)
         assert vt.tensor.float().sum().item() == vt.tensor.numel()
         assert vt.tensor.data_ptr() == vt.addr  # the address never moves
+
+
+def test_prepared_pages_and_deferred_zero(pool):
+    with VirtualTensor(pool, (8, PAGE), torch.uint8) as vt:  # one row per page
+        vt.map_pages(0, 2)
+        vt.tensor[:2] = 5
+        assert vt.prepare_pages(2, 3) == 3 * PAGE
+        torch.cuda.synchronize()
+        assert not vt.tensor[2:].any().item()  # prepared pages read zeros
+        assert vt.map_pages(2, 2) == 2 * PAGE
+        vt.tensor[2:4] = 6
+        assert vt.unmap_pages(0, 8, defer_zero=True) == 5 * PAGE
+        assert pool.held() == 0  # memory is back before the zero page is
+        vt.map_pages(1, 1)  # its restore cancelled or awaited
+        vt.tensor[1] = 7
+        vt.settle()
+        torch.cuda.synchronize()
+        assert vt.tensor.sum(dim=1).tolist() == [0, 7 * PAGE] + [0] * 6
 
 
 def test_reserve_refilled_from_background_thread(backend):

@@ -156,6 +156,16 @@ def test_admission_reclaims_lower_priorities_or_refuses(device):
     assert peer.calls == []                            # refused before taking anything
     with pytest.raises(InvalidArgument):
         me.admit(-1)
+    admits = [e for e in broker.events.recent() if e.step == "admit"]
+    assert [e.client for e in admits] == ["me", "me"] and admits[1].reason == "admission"
+
+
+def test_engines_record_their_own_steps(device):
+    broker = make(device)
+    handle = broker.register(ClientSpec("a"), Verbs(device))
+    handle.record("resume", duration_s=0.01, detail="before a step")
+    (event,) = broker.events.recent()
+    assert (event.client, event.step, event.reason) == ("a", "resume", "engine")
 
 
 def test_a_failing_verb_is_an_event_not_a_crash(device):
@@ -192,7 +202,7 @@ def test_the_thread_yields_to_scripted_pressure_and_streams_events(device):
     broker = make(device)
     a = Verbs(device, free=3 * GiB, idle_since=0.0)
     broker.register(ClientSpec("a"), a)
-    with broker, broker.events.subscribe() as sub:
+    with broker, broker.subscribe() as sub:
         device.others = TOTAL - 3 * GiB - GiB
         event = sub.get(timeout=10)
         assert event is not None and (event.client, event.step, event.bytes_returned) == ("a", "trim", 3 * GiB)
@@ -201,3 +211,22 @@ def test_the_thread_yields_to_scripted_pressure_and_streams_events(device):
     assert snap["headroom_bytes"] == 2 * GiB
     time.sleep(0)  # the thread has stopped: nothing more changes
     assert a.calls == ["trim"]
+
+
+def test_one_tick_keeps_reclaiming_while_the_other_app_keeps_growing(device):
+    broker = make(device)
+    clients = [Verbs(device, free=2 * GiB, idle_since=float(i)) for i in range(3)]
+    for i, c in enumerate(clients):
+        broker.register(ClientSpec(f"c{i}"), c)
+    growth = iter([2 * GiB, 2 * GiB, 0, 0])
+    real_sample = device.sample
+
+    def growing_sample():
+        s = real_sample()
+        device.others += next(growth, 0)     # the other app takes what was given back
+        return s
+
+    device.sample = growing_sample
+    device.others = TOTAL - 6 * GiB - GiB    # 1 GiB short
+    assert broker.tick() == 6 * GiB          # three rounds in one tick
+    assert [c.calls for c in clients] == [["trim"], ["trim"], ["trim"]]

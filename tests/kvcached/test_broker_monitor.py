@@ -32,3 +32,13 @@ def test_open_monitor_by_backend():
     assert open_monitor("host", 0, lambda: 0).name == "host"
     with pytest.raises(BackendUnavailable):
         open_monitor("tpu", 0, lambda: 0)
+
+
+def test_nvml_without_a_driver_is_a_typed_error():
+    from kvcached.vmm import cuda_available
+
+    if cuda_available():
+        pytest.skip("a CUDA driver answers here: tests/gpu covers NVML")
+    from kvcached.broker.monitor_nvml import NvmlMonitor
+    with pytest.raises(BackendUnavailable):
+        NvmlMonitor(0, lambda: 0)

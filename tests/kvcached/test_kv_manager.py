@@ -76,7 +76,7 @@ def test_views_are_strided_windows_sdpa_reads_without_copy(kv):
     assert kb.shape == (3, 2, 200, 64)
     assert torch.equal(kb[slot, :, :50], k) and torch.equal(vb[slot, :, :50], v)
     assert not kb[slot, :, 64:].any()
-    assert not kb[1 - slot if slot < 2 else 0].any()
+    assert not kb[(slot + 1) % 3].any()                # a slot never mapped: all zeros
 
 
 def test_free_keeps_pages_and_placement_reuses_them(kv):
@@ -209,3 +209,39 @@ def test_bad_arguments_are_typed(kv):
         kv.acquire_slot()
     with pytest.raises(PoolExhausted):
         kv.acquire_slot()
+
+
+def test_pause_in_many_chunks_unmaps_each_only_after_its_copy(kv, monkeypatch):
+    from kvcached.kv_cache import manager, offload
+
+    monkeypatch.setattr(manager, "PAUSE_CHUNK", 2 * PAGE + 1)   # rounds down to 2 pages
+    monkeypatch.setattr(manager, "RESUME_CHUNK", PAGE)
+    seen = []
+    real = offload.save_unmapping
+
+    def spy(device_bytes, ranges, staging, unmap, chunk):
+        assert chunk == 2 * PAGE
+        starts, at = [], 0
+        for offset, nbytes in ranges:
+            starts.append((offset, nbytes, at))
+            at += nbytes
+
+        def checked(offset, nbytes):
+            # The chunk's bytes are already on the host when its pages go.
+            ro, _, rat = next(r for r in starts if r[0] <= offset < r[0] + r[1])
+            host = staging.get(1)[rat + offset - ro:rat + offset - ro + nbytes]
+            assert torch.equal(host, device_bytes[offset:offset + nbytes])
+            seen.append((offset, nbytes))
+            return unmap(offset, nbytes)
+        return real(device_bytes, ranges, staging, checked, chunk)
+
+    monkeypatch.setattr(offload, "save_unmapping", spy)
+    slots = [kv.acquire_slot(), kv.acquire_slot()]
+    for s, n in zip(slots, (200, 150)):
+        kv.ensure(s, n)
+        fill(kv, s, n, seed=s + 7)
+    crcs = [checksum(kv, s, n) for s, n in zip(slots, (200, 150))]
+    assert kv.pause() == (7 + 5) * PAGE
+    assert len(seen) == 4 + 3                   # 7 pages -> 4 chunks, 5 pages -> 3
+    kv.resume()
+    assert [checksum(kv, s, n) for s, n in zip(slots, (200, 150))] == crcs

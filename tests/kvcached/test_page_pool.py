@@ -134,12 +134,14 @@ def test_threads_acquire_and_release_concurrently(backend):
 
 
 class MapUnmapMachine(RuleBasedStateMachine):
-    """Random map/unmap over two tensors sharing one pool. After each step the pool is
-    made quiescent (fill_reserve), then: pages held = pages mapped + pages in reserve,
+    """Random map/prepare/unmap (eager or deferred zero page)/settle/shrink over two
+    tensors sharing one pool. After each step the pool is made quiescent
+    (fill_reserve), then: pages held = pages mapped (and prepared) + pages in reserve,
     measured against the memory really committed in the backend; data written to a
-    mapped page reads back until it is unmapped; unmapped pages read zeros."""
+    mapped page reads back until it is unmapped; every other page reads zeros."""
 
     NUM_PAGES = 6
+    spans = st.tuples(st.integers(0, 1), st.integers(0, NUM_PAGES - 1), st.integers(0, 3))
 
     def __init__(self) -> None:
         super().__init__()
@@ -149,12 +151,16 @@ class MapUnmapMachine(RuleBasedStateMachine):
         self.tensors = [VirtualTensor(self.pool, (self.NUM_PAGES, PAGE), torch.uint8)
                         for _ in range(2)]
         self.stamps: list[dict[int, int]] = [{}, {}]  # tensor -> page -> byte written
+        self.prepared: list[set[int]] = [set(), set()]
         self.counter = 0
 
-    @rule(t=st.integers(0, 1), first=st.integers(0, NUM_PAGES - 1), count=st.integers(0, 3))
-    def map(self, t: int, first: int, count: int) -> None:
-        count = min(count, self.NUM_PAGES - first)
-        vt = self.tensors[t]
+    def _span(self, span: tuple[int, int, int]) -> tuple[VirtualTensor, int, int, int]:
+        t, first, count = span
+        return self.tensors[t], t, first, min(count, self.NUM_PAGES - first)
+
+    @rule(span=spans)
+    def map(self, span) -> None:
+        vt, t, first, count = self._span(span)
         before = set(vt.mapped_pages())
         try:
             vt.map_pages(first, count)
@@ -162,18 +168,35 @@ class MapUnmapMachine(RuleBasedStateMachine):
             assert set(vt.mapped_pages()) == before  # all or nothing
             return
         for page in range(first, first + count):
+            self.prepared[t].discard(page)
             if page not in before:
                 self.counter = self.counter % 250 + 1
                 vt.tensor[page] = self.counter
                 self.stamps[t][page] = self.counter
 
-    @rule(t=st.integers(0, 1), first=st.integers(0, NUM_PAGES - 1), count=st.integers(0, 3))
-    def unmap(self, t: int, first: int, count: int) -> None:
-        count = min(count, self.NUM_PAGES - first)
-        expected = sum(1 for p in range(first, first + count) if p in self.stamps[t])
-        assert self.tensors[t].unmap_pages(first, count) == expected * PAGE
+    @rule(span=spans)
+    def prepare(self, span) -> None:
+        vt, t, first, count = self._span(span)
+        try:
+            vt.prepare_pages(first, count)
+        except PoolExhausted:
+            return
+        self.prepared[t].update(p for p in range(first, first + count) if p not in self.stamps[t])
+
+    @rule(span=spans, defer=st.booleans())
+    def unmap(self, span, defer: bool) -> None:
+        vt, t, first, count = self._span(span)
+        held = set(self.stamps[t]) | self.prepared[t]
+        expected = sum(1 for p in range(first, first + count) if p in held)
+        assert vt.unmap_pages(first, count, defer_zero=defer) == expected * PAGE
         for page in range(first, first + count):
             self.stamps[t].pop(page, None)
+            self.prepared[t].discard(page)
+
+    @rule(t=st.integers(0, 1))
+    def settle(self, t: int) -> None:
+        self.tensors[t].settle()
+        assert self.tensors[t].pending_zero_pages() == []
 
     @rule()
     def shrink(self) -> None:
@@ -184,13 +207,15 @@ class MapUnmapMachine(RuleBasedStateMachine):
     def accounting_and_data(self) -> None:
         self.pool.fill_reserve()
         stats = self.pool.stats()
-        mapped = sum(len(vt.mapped_pages()) for vt in self.tensors)
-        assert stats.in_use_pages == mapped
-        assert _committed(self.backend) == (mapped + stats.reserved_pages) * PAGE
+        held = sum(len(vt.mapped_pages()) + len(vt.prepared_pages()) for vt in self.tensors)
+        assert stats.in_use_pages == held
+        assert _committed(self.backend) == (held + stats.reserved_pages) * PAGE
         assert stats.held_pages <= stats.budget_pages
-        for vt, stamps in zip(self.tensors, self.stamps):
+        for vt, stamps, prepared in zip(self.tensors, self.stamps, self.prepared):
             assert sorted(stamps) == vt.mapped_pages()
-            for page in range(self.NUM_PAGES):
+            assert sorted(prepared) == vt.prepared_pages()
+            pending = set(vt.pending_zero_pages())  # no mapping yet: reading would fault
+            for page in set(range(self.NUM_PAGES)) - pending:
                 expected = stamps.get(page, 0)
                 row = vt.tensor[page]
                 assert int(row[0]) == expected and int(row[-1]) == expected
@@ -204,6 +229,6 @@ class MapUnmapMachine(RuleBasedStateMachine):
 
 
 MapUnmapMachine.TestCase.settings = settings(
-    max_examples=40, stateful_step_count=25, deadline=None,
+    max_examples=50, stateful_step_count=30, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 test_map_unmap_state_machine = MapUnmapMachine.TestCase

