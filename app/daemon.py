@@ -104,13 +104,13 @@ def build_context(settings: Settings) -> ServerContext:
     paths = app_paths().ensure()
     token = auth.ensure_token(paths.token_file)
     hub = EventHub()
-    broker, backend = open_broker(settings)
-    link = BrokerLink(broker, hub)
+    link = BrokerLink(None, hub)
+    link.open_in_background(lambda: open_broker(settings))  # imports torch: not on the startup path
     config = engine_config(settings, str(paths.models_dir))
     manager = ModelManager(ModelRegistry(config), make_engine_factory(config), settings, hub, link)
     metrics = Metrics(lambda: {l.name: _memory_gauges(l.engine) for l in manager.loaded()})
     hub.listen(lambda event: _count_reclaim(metrics, event))
-    return ServerContext(settings, manager, metrics, hub, link, token, backend=backend)
+    return ServerContext(settings, manager, metrics, hub, link, token)
 
 
 def _count_reclaim(metrics: Metrics, event) -> None:

@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny CPU run on the bundled model")
     p.add_argument("--configs", default="elastic,static", help="which configurations, in order")
-    p.add_argument("--model-config", default="llama-3.1-8b",
-                   help=f"synthetic config of each model, or {BUNDLED!r}: the bundled SmolLM2 GGUF")
+    p.add_argument("--model-config", default=None,
+                   help=f"synthetic config of each model (default llama-3.1-8b), or {BUNDLED!r}: "
+                        "the bundled SmolLM2 GGUF (the default with --smoke)")
     p.add_argument("--num-models", type=int, default=3)
     p.add_argument("--engine", default=None,
                    help="engine per model: auto/torch/llamacpp (default: torch; auto in --smoke)")
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def apply_smoke(args: argparse.Namespace) -> None:
     """A few seconds on a CPU: the bundled SmolLM2 three times, tiny prompts, few users."""
-    args.backend, args.engine, args.model_config = "host", args.engine or "auto", BUNDLED
+    args.backend, args.engine = "host", args.engine or "auto"
+    args.model_config = args.model_config or BUNDLED
     args.prompt_tokens, args.output_tokens = 24, 8
     args.base_users, args.peak_users = 1, 3
     args.rise_s, args.hold_s, args.fall_s, args.think_s = 1.0, 3.0, 1.0, 0.2
@@ -100,7 +102,8 @@ def sizing(args: argparse.Namespace) -> dict:
     weights, kv_per_token = common.config_numbers(config)
     if args.smoke:  # on a CPU the torch engine keeps float32 weights and KV; llama.cpp maps the GGUF
         kv_per_token *= 2
-        weights = 2 * weights if args.engine == "torch" else common.bundled_gguf().stat().st_size
+        on_torch = args.engine == "torch" or args.model_config != BUNDLED  # synthetic: torch only
+        weights = 2 * weights if on_torch else common.bundled_gguf().stat().st_size
     weights = args.weights_bytes or weights
     per_seq = common.page_round(kv_per_token * (args.prompt_tokens + args.output_tokens))
     peak_need = args.peak_users * per_seq
@@ -177,11 +180,11 @@ async def run_config(kind: str, args: argparse.Namespace, models: list[str], siz
         per_model[model] = {"all": common.summarize_records(mine),
                             "at_peak": common.summarize_records([r for r in mine if ramp.at_peak(r.t_send)]),
                             "peak_window_s": [ramp.peak_start_s, ramp.peak_end_s]}
-    return {"config": kind, "sizing": size, "settings": settings, "load_s": round(load_s, 2), "prompt_words": words,
-            "memory_after_load": loaded, "models": per_model,
+    return {"config": kind, "sizing": size, "settings": settings, "load_s": round(load_s, 2),
+            "prompt_words": words, "memory_after_load": loaded, "models": per_model,
             "overall": common.summarize_records(records), "budget": budget_check(timeline, size),
-            "memory_timeline": timeline,
-            "broker_events": events, "daemon_log_tail": log_tail.splitlines()}
+            "memory_timeline": timeline, "broker_events": events,
+            "daemon_log_tail": log_tail.splitlines()}
 
 
 async def drive(client, daemon: Daemon, models: list[str], ramps: list[Ramp], words: int,
@@ -276,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         apply_smoke(args)
     args.engine = args.engine or "torch"
+    args.model_config = args.model_config or "llama-3.1-8b"
     kinds = [k.strip() for k in args.configs.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in CONFIGS]
     if unknown or not kinds:

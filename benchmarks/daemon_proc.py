@@ -145,8 +145,19 @@ class Daemon:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+        self.keep_log()
         if self._tmp is not None:
             self._tmp.cleanup()
+
+    def keep_log(self, max_lines: int = 3000) -> Path | None:
+        """On the lent GPU ($OUT set), keep the daemon's log (its last max_lines) beside the
+        results, since the temporary home goes away with the daemon."""
+        out = os.environ.get("OUT")
+        if not out:
+            return None
+        dest = Path(out) / f"{self.name}.log"
+        dest.write_text(self.log_tail(max_lines) + "\n")
+        return dest
 
     def log_tail(self, num_lines: int = 40) -> str:
         try:

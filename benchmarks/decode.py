@@ -118,7 +118,7 @@ def bench_engine(model, kind: str, args: argparse.Namespace) -> dict:
             decode_steps(runner, seqs, 3)                         # captures (and compiles) the step
             out[f"warmup_b{batch}_s"] = time.perf_counter() - t_first
             out[f"decode_b{batch}_tok_s"] = batch * args.steps / decode_steps(runner, seqs, args.steps)
-        graph = runner.graphs.get((1, min(runner.read_buckets)))
+        graph = runner.graphs.get((runner.batch_buckets[0], runner.read_buckets[0]))
         if graph is not None:   # the GPU time of one captured step alone, without the host's part
             sync(device)
             t = time.perf_counter()
@@ -179,24 +179,19 @@ def bench_gpu(args: argparse.Namespace) -> dict:
         model = synthetic_model(cfg, device, torch.bfloat16)
         weight_bytes = model.weight_bytes()
         row: dict = {"weights_bytes": weight_bytes, "bandwidth_limit_tok_s": bandwidth / weight_bytes}
-        for kind in args.kv.split(","):
+        for variant in args.kv.split(","):
             try:
-                row[kind] = bench_engine(model, kind, args)
+                row[variant] = bench_hf(cfg, torch.bfloat16, device, args) if variant == "hf" \
+                    else bench_engine(model, variant, args)
             except Exception as exc:  # one failing variant must not lose the others' numbers
-                log.exception("%s with %s KV failed", name, kind)
-                row[kind] = {"error": f"{type(exc).__name__}: {exc}"}
+                log.exception("%s: %s failed", name, variant)
+                row[variant] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"{name} {variant}: {row[variant]}", flush=True)
+            results["models"][name] = row
+            write_result(f"decode_gpu_{name}", {**results, "settings": vars(args)})
         del model
         gc.collect()
         torch.cuda.empty_cache()
-        if args.hf:
-            try:
-                row["hf"] = bench_hf(cfg, torch.bfloat16, device, args)
-            except Exception as exc:
-                log.exception("transformers on %s failed", name)
-                row["hf"] = {"error": f"{type(exc).__name__}: {exc}"}
-        results["models"][name] = row
-        print(f"{name}: {row}", flush=True)
-        write_result("decode_gpu", {**results, "settings": vars(args), "partial": True})
     return results
 
 
@@ -206,7 +201,7 @@ def bench_cpu(args: argparse.Namespace) -> dict:
     path = bundled_model_path()
     model, _ = load_gguf(path)
     row: dict = {"weights_bytes": model.weight_bytes()}
-    for kind in args.kv.split(","):
+    for kind in [k for k in args.kv.split(",") if k != "hf"]:   # transformers runs on the GPU only
         row[kind] = bench_engine(model, kind, args)
     del model
     try:
@@ -241,12 +236,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     on_cuda = torch.cuda.is_available()
     parser.add_argument("--models", default=",".join(GPU_MODELS))
-    parser.add_argument("--kv", default="static,virtual")
+    parser.add_argument("--kv", default="static,hf,virtual",
+                        help="variants in order: static, virtual (KV), hf (transformers)")
     parser.add_argument("--steps", type=int, default=128 if on_cuda else 16)
     parser.add_argument("--hf-steps", type=int, default=32)
     parser.add_argument("--prefill", type=int, default=512 if on_cuda else 128)
     parser.add_argument("--ctx", type=int, default=1024 if on_cuda else 512)
-    parser.add_argument("--no-hf", dest="hf", action="store_false")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -53,8 +53,9 @@ BUNDLED = "bundled"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny CPU run: bundled model, host RAM")
-    p.add_argument("--model-config", default="llama-3.1-8b",
-                   help="synthetic config of the assistant, or 'bundled': the bundled SmolLM2 GGUF")
+    p.add_argument("--model-config", default=None,
+                   help="synthetic config of the assistant (default llama-3.1-8b), or 'bundled': "
+                        "the bundled SmolLM2 GGUF (the default with --smoke)")
     p.add_argument("--engine", default=None, help="auto/torch/llamacpp (default: torch; auto in --smoke)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--num-slots", type=int, default=16)
@@ -79,10 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def apply_smoke(args: argparse.Namespace) -> None:
     args.backend, args.engine, args.call_backend = "host", args.engine or "auto", "host"
-    args.model_config = BUNDLED
-    args.num_slots, args.context, args.interval_s, args.output_tokens = 4, 512, 1.0, 8
+    args.model_config = args.model_config or BUNDLED
+    args.num_slots, args.context, args.interval_s, args.output_tokens = 4, 512, 2.0, 8
     args.pregrow_requests, args.pregrow_tokens = 2, 200
-    args.before_s = args.after_s = args.hold_s = 4.0
+    args.before_s = args.after_s = args.hold_s = 5.0
     args.grow, args.step, args.leave_free = 128 << 20, 32 << 20, 0
     args.headroom = 64 << 20
     args.name += "_smoke"
@@ -94,7 +95,7 @@ async def pregrow(client, base_url: str, model: str, words: int, args, clock) ->
 
     def body() -> dict:
         return {"model": model, "prompt": make_prompt(rng, words), "raw": True, "stream": True,
-                "options": {"num_predict": 1, "temperature": 0, "num_ctx": args.context}}
+                "options": {"num_predict": 1, "temperature": 0}}
 
     return list(await asyncio.gather(*(ollama_request(client, base_url, "generate", body(), clock, "pregrow")
                                       for _ in range(args.pregrow_requests))))
@@ -219,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         apply_smoke(args)
     args.engine = args.engine or "torch"
+    args.model_config = args.model_config or "llama-3.1-8b"
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="desktop-models-") as tmp:
         bundled = args.model_config == BUNDLED

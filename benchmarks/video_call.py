@@ -30,6 +30,7 @@ if __package__ in (None, ""):
 import argparse
 import json
 import mmap
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -41,12 +42,10 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": MiB, "mib": MiB, "g"
 
 def parse_size(text: str) -> int:
     """'8GiB', '512MiB', '1048576' -> bytes."""
-    raw = text.strip().lower()
-    number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = raw[len(number):].strip()
-    if not number or unit not in _UNITS:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if match is None or match.group(2).lower() not in _UNITS:
         raise argparse.ArgumentTypeError(f"expected a size such as 512MiB or 8GiB, got {text!r}")
-    return int(float(number) * _UNITS[unit])
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 class AllocationFailed(Exception):

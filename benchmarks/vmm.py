@@ -5,7 +5,7 @@ The figures (issue 3): map-from-reserve per page <= 1.15x the raw map +
 set-access; give-back rate >= 0.9x the raw unmap + release rate. Ours also
 keeps every unmapped address on the read-only zero page, which raw does not.
 
-    PYTHONPATH=. python3 benchmarks/vmm.py [--backend cuda|host|all] [--pages N]
+    PYTHONPATH=. python3 -m benchmarks.vmm [--backend cuda|host|all] [--pages N]
 """
 from __future__ import annotations
 
@@ -111,10 +111,11 @@ def measure_raw(backend: VmmBackend, size: int, n: int) -> dict[str, float]:
 
 def measure_ours(backend: VmmBackend, size: int, n: int, single: bool, staged: bool,
                  defer: bool) -> dict[str, float]:
-    """Map n pages from a full reserve (staged ahead with prepare_pages, or not), then
-    give them back (unmap + pool shrink: the memory really returns), with the zero
-    page restored in the call or deferred. The budget is exactly n pages, so no
-    refill runs during the timed loop. Staging and settling are timed apart."""
+    """Map n pages from a full reserve, then give them back (unmap + pool shrink: the
+    memory really returns). `staged`: prepare_pages swapped the zero page out ahead
+    (timed apart, as "prepare"); `defer`: the zero page comes back from the zero worker
+    (settle() timed apart). The budget is exactly n pages, so no refill runs during
+    the timed loop."""
     config = KvcachedConfig(backend=backend.name, page_size=size, budget_bytes=n * size,
                             reserve_pages=n)
     times: dict[str, list[float]] = {"map": [], "give_back": [], "prepare": [], "settle": []}
@@ -131,8 +132,9 @@ def measure_ours(backend: VmmBackend, size: int, n: int, single: bool, staged: b
     return {k: statistics.median(v) * 1e6 / n for k, v in times.items() if v}
 
 
-# (name, single, staged, defer): staged+deferred is the design; cold (no staging, the
-# zero page swapped in the call) is what the zero page costs without it.
+# (name, single, staged, defer): staged+deferred is the design, for where the caller
+# vouches no kernel reads the pages in between; cold (the zero page swapped inside
+# the calls) is what the strict zero page costs everywhere else.
 VARIANTS = [
     ("staged_single", True, True, True),
     ("staged_batch", False, True, True),

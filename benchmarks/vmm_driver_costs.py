@@ -1,7 +1,7 @@
 """What each CUDA VMM driver call costs, per handle, alone and spanning adjacent
 mappings: the facts the cuda backend's batching is designed by.
 
-Run on a CUDA machine: PYTHONPATH=. python3 benchmarks/vmm_driver_costs.py
+Run on a CUDA machine: PYTHONPATH=. python3 -m benchmarks.vmm_driver_costs
 """
 from __future__ import annotations
 
@@ -51,6 +51,9 @@ def one_round(size: int, dev: int) -> dict[str, float]:
     for a in addrs:
         check("m", cu.cuMemMap(a, size, 0, zero, 0))
     r["set_access_ro_each"] = _us(lambda: [check("s", cu.cuMemSetAccess(a, size, ro, 1)) for a in addrs], N)
+    # changing the access of a mapping that has one (read-only -> read/write)
+    r["set_access_ro_to_rw_each"] = _us(lambda: [check("s", cu.cuMemSetAccess(a, size, rw, 1)) for a in addrs], N)
+    r["ctx_synchronize_idle"] = _us(lambda: [check("y", cu.cuCtxSynchronize()) for _ in addrs], N)
     r["unmap_zero_span"] = _us(lambda: check("u", cu.cuMemUnmap(va, span)), N)
     # unmapping a mapping whose access was never set
     for a, h in zip(addrs, handles):

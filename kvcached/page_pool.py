@@ -84,7 +84,8 @@ class PagePool:
                     page = self._reserve.pop()
                     self._in_use += 1
                     self._refill_wanted = True
-                    self._cond.notify_all()
+                    if self._room_to_refill():  # waking the thread for nothing costs GIL turns
+                        self._cond.notify_all()
                     return page
                 if self._in_use + self._creating < self._budget_pages:
                     break
@@ -114,6 +115,7 @@ class PagePool:
                 self._reserve.append(page)
                 self._cond.notify_all()
                 return
+        self.zero_worker.touch()
         self.backend.release_page(page.handle)
 
     # -- reclaim and sizing -----------------------------------------------
@@ -123,6 +125,7 @@ class PagePool:
         with self._cond:
             pages, self._reserve = self._reserve, []
             self._refill_wanted = False
+        self.zero_worker.touch()
         for page in pages:
             self.backend.release_page(page.handle)
         return len(pages) * self.page_size

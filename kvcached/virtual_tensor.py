@@ -2,20 +2,20 @@
 
 The range is reserved once, so the tensor's address never moves: kernels and
 CUDA graphs captured over it stay valid while pages are mapped and unmapped
-underneath. Every page is in one of four states:
+underneath. Every page is in one of three states:
 
-    ZERO      no page; the shared read-only zero page: reads 0, writes fault
-    PREPARED  a page staged ahead: zeroed and read-only, so it looks like ZERO,
-              but mapping it is one set-access (the zero page is already gone)
-    MAPPED    a page, read/write
-    BARE      given back with defer_zero: no mapping until the zero worker runs
-              (or until the page is mapped again); settle() waits for it
+    ZERO    no page; the shared read-only zero page: reads 0, writes fault
+    MAPPED  a page, read/write
+    BARE    no mapping at all: reads fault. Only where the caller said no kernel
+            reads it: prepared for mapping (prepare_pages), or given back with
+            defer_zero while the zero worker has not yet put the zero page back
 
-Why PREPARED and BARE exist (H100, benchmarks/vmm_driver_costs.py): swapping
-the zero page out costs a cuMemUnmap (~19 us) and back in a cuMemMap +
-cuMemSetAccess (~30 us) per page, as much again as the raw map or give-back.
-prepare_pages() pays the first ahead of time, defer_zero the second after
-the memory is already back; both only where the caller says it is safe.
+Why BARE exists (H100, benchmarks/vmm_driver_costs.py): swapping the zero page
+out costs a cuMemUnmap (~19 us) and back in a cuMemMap + cuMemSetAccess
+(~30 us) per page, on top of the raw map (~26 us) or give-back (~30 us).
+Batching adjacent pages into one call does not help (the driver's cost
+follows mappings), so that work is moved off the measured path, but only
+where the caller vouches for it.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from kvcached.zero_worker import ZeroTask
 
 log = logging.getLogger(__name__)
 
-ZERO, MAPPED, PREPARED, BARE = range(4)
+ZERO, MAPPED, BARE = range(3)
 
 
 class _CudaArray:
@@ -91,9 +91,10 @@ class VirtualTensor:
         self.num_pages = -(-self.nbytes // self.page_size)
         self.reserved_bytes = self.num_pages * self.page_size
         self._backend = pool.backend
+        self._worker = pool.zero_worker
         self._pages: list[Page | None] = [None] * self.num_pages
         self._state = bytearray(self.num_pages)  # ZERO everywhere
-        self._tasks: dict[int, ZeroTask] = {}    # BARE page -> its zero-page restore
+        self._tasks: dict[int, ZeroTask] = {}    # BARE page -> its pending zero page
         self._lock = threading.Lock()
         self._closed = False
         self.addr = self._backend.reserve(self.reserved_bytes)
@@ -105,46 +106,55 @@ class VirtualTensor:
     def map_pages(self, first: int, count: int) -> int:
         """Map every page of [first, first+count) read/write; returns bytes newly mapped.
         All or nothing: on PoolExhausted/DeviceOutOfMemory nothing changes. Kernels must
-        not read these pages while this runs (the zero page is briefly swapped out)."""
+        not read these pages while this runs (the zero page is briefly swapped out);
+        contents of a newly mapped page are undefined."""
         with self._lock:
             self._check(first, count)
             state = self._state
-            prepared = [i for i in range(first, first + count) if state[i] == PREPARED]
-            fresh = [i for i in range(first, first + count) if state[i] in (ZERO, BARE)]
-            pages = self._acquire(len(fresh))  # first: PoolExhausted must change nothing
-            self._reclaim_bare(fresh)
-            for start, n, _ in _runs(prepared):
-                self._backend.activate_pages(self._addr_of(start), n, self.page_size)
-                state[start:start + n] = bytes([MAPPED]) * n
-            self._attach(fresh, pages, self._backend.map_pages, MAPPED)
-            return (len(prepared) + len(fresh)) * self.page_size
+            todo = [i for i in range(first, first + count) if state[i] != MAPPED]
+            if not todo:
+                return 0
+            pages = self._acquire(len(todo))  # first: PoolExhausted must change nothing
+            if self._tasks:
+                self._take_back_bare(todo)
+            self._worker.touch()
+            self._attach(todo, pages)
+            return len(todo) * self.page_size
 
     def prepare_pages(self, first: int, count: int) -> int:
-        """Stage pages of [first, first+count) ahead of map_pages: held, zeroed, read-only
-        (reads still see 0, writes still fault). Call it where map_pages would be safe;
-        the later map_pages then costs one set-access. Returns bytes newly staged."""
+        """Swap the zero page out of [first, first+count) ahead of map_pages, which then
+        costs what the raw driver calls cost. The caller vouches that no kernel reads
+        these pages until they are mapped (reads would fault) or unmapped (which puts
+        the zero page back). Holds no memory. Returns the number of pages prepared."""
         with self._lock:
             self._check(first, count)
-            fresh = [i for i in range(first, first + count) if self._state[i] in (ZERO, BARE)]
-            pages = self._acquire(len(fresh))
-            self._reclaim_bare(fresh)
-            self._attach(fresh, pages, self._backend.prepare_pages, PREPARED)
-            return len(fresh) * self.page_size
+            todo = [i for i in range(first, first + count) if self._state[i] == ZERO]
+            for start, n, _ in _runs(todo):
+                self._backend.unmap_pages(self._addr_of(start), n, self.page_size,
+                                          restore_zero=False)
+                self._state[start:start + n] = bytes([BARE]) * n
+            return len(todo)
 
     def unmap_pages(self, first: int, count: int, defer_zero: bool = False) -> int:
-        """Give back the mapped or prepared pages of [first, first+count), after
-        synchronizing the device; returns bytes handed back to the pool. `defer_zero`:
-        the zero page returns from a background thread, so memory goes back at the raw
-        driver rate; until settle(), kernels must not read these pages."""
+        """Give back the mapped pages of [first, first+count) after synchronizing the
+        device (prepared ones get the zero page back); returns bytes handed back to the
+        pool. `defer_zero`: the zero page comes back from the pool's zero worker, so the
+        memory goes back at the raw driver rate; the caller vouches that no kernel
+        reads these pages until settle() (reads before that may fault)."""
         with self._lock:
             self._check(first, count)
-            held = [i for i in range(first, first + count) if self._state[i] in (MAPPED, PREPARED)]
-            return self._detach(held, defer_zero)
+            state = self._state
+            prepared = [i for i in range(first, first + count)
+                        if state[i] == BARE and i not in self._tasks]
+            self._restore_zero(prepared)
+            mapped = [i for i in range(first, first + count) if state[i] == MAPPED]
+            return self._detach(mapped, defer_zero)
 
     def settle(self) -> None:
-        """Wait until every deferred zero page is back (cheap when none is pending)."""
+        """Put the zero page back wherever a deferred give-back left none; cheap when
+        nothing is pending. Prepared pages stay prepared."""
         with self._lock:
-            self._reclaim_bare(list(self._tasks), cancel=False)
+            self._finish_tasks(list(self._tasks))
 
     # -- by bytes ---------------------------------------------------------
     def map(self, offset: int, length: int) -> int:
@@ -164,7 +174,7 @@ class VirtualTensor:
         return [i for i, s in enumerate(self._state) if s == MAPPED]
 
     def prepared_pages(self) -> list[int]:
-        return [i for i, s in enumerate(self._state) if s == PREPARED]
+        return [i for i, s in enumerate(self._state) if s == BARE and i not in self._tasks]
 
     def pending_zero_pages(self) -> list[int]:
         """Pages given back with defer_zero whose zero page may not be back yet."""
@@ -174,19 +184,15 @@ class VirtualTensor:
     def mapped_bytes(self) -> int:
         return self._state.count(MAPPED) * self.page_size
 
-    @property
-    def held_bytes(self) -> int:
-        """Physical pages this tensor holds: mapped plus prepared."""
-        return (self._state.count(MAPPED) + self._state.count(PREPARED)) * self.page_size
-
     # -- life cycle -------------------------------------------------------
     def close(self) -> None:
         """Give every page back and free the reservation; `.tensor` must not be used after."""
         with self._lock:
             if self._closed:
                 return
-            self._reclaim_bare(list(self._tasks), cancel=False)
-            self._detach([i for i, s in enumerate(self._state) if s in (MAPPED, PREPARED)], False)
+            self._finish_tasks(list(self._tasks))
+            self._restore_zero([i for i, s in enumerate(self._state) if s == BARE])
+            self._detach([i for i, s in enumerate(self._state) if s == MAPPED], False)
             self._closed = True
             self._backend.free_reservation(self.addr, self.reserved_bytes)
 
@@ -212,37 +218,36 @@ class VirtualTensor:
             raise
         return pages
 
-    def _attach(self, todo: list[int], pages: list[Page], attach: Callable, new_state: int) -> None:
-        """Put `pages` at the ZERO/BARE pages `todo`, run by run; all or nothing."""
-        runs = _runs(todo, key=lambda i: self._state[i] == BARE)
+    def _attach(self, todo: list[int], pages: list[Page]) -> None:
+        """Map `pages` at the ZERO/BARE pages `todo`, run by run; all or nothing."""
+        runs = _runs(todo, key=self._state.__getitem__)
         done: list[int] = []
-        for r, (start, n, bare) in enumerate(runs):
+        for r, (start, n, was) in enumerate(runs):
             chunk = pages[len(done):len(done) + n]
             try:
-                attach(self._addr_of(start), [p.handle for p in chunk], self.page_size, bare=bare)
+                self._backend.map_pages(self._addr_of(start), [p.handle for p in chunk],
+                                        self.page_size, bare=was == BARE)
             except BaseException:
                 self._undo_attach(runs[r:], done, pages[len(done):])
                 raise
-            for i, page in zip(range(start, start + n), chunk):
-                self._pages[i], self._state[i] = page, new_state
+            self._pages[start:start + n] = chunk
+            self._state[start:start + n] = bytes([MAPPED]) * n
             done.extend(range(start, start + n))
 
     def _undo_attach(self, left: list, done: list[int], unused: list[Page]) -> None:
-        """After a failed run (left[0]; the backend put its zero page back): the zero page
-        over the bare runs never tried, the pages already attached given back."""
+        """After a failed run (left[0]; the backend put its zero page back): the zero
+        page over every run never tried, the pages already mapped given back."""
         start, n, _ = left[0]
         self._state[start:start + n] = bytes([ZERO]) * n
-        for start, n, bare in left[1:]:
-            if bare:
-                self._backend.map_zero(self._addr_of(start), n * self.page_size)
-                self._state[start:start + n] = bytes([ZERO]) * n
+        self._restore_zero([i for start, n, was in left[1:] if was == BARE
+                            for i in range(start, start + n)])
         self._detach(done, False)
         for page in unused:
             self.pool.release(page)
 
     def _detach(self, todo: list[int], defer_zero: bool) -> int:
         """Give back the pages at `todo`: unmap, return them to the pool (the memory is
-        back here), then the zero page, now or from the pool's zero worker."""
+        back here), then the zero page, now or from the zero worker."""
         if not todo:
             return 0
         # A kernel still reading a page we unmap is an illegal-address crash.
@@ -251,32 +256,35 @@ class VirtualTensor:
         for start, n, _ in runs:
             self._backend.unmap_pages(self._addr_of(start), n, self.page_size, restore_zero=False)
             self._state[start:start + n] = bytes([BARE]) * n
+        pages = self._pages
         for i in todo:
-            page, self._pages[i] = self._pages[i], None
+            page, pages[i] = pages[i], None
             self.pool.release(page)
         if defer_zero:
-            worker = self.pool.zero_worker
             for i in todo:
-                self._tasks[i] = worker.submit(self._addr_of(i), self.page_size)
+                self._tasks[i] = self._worker.submit(self._addr_of(i), self.page_size)
         else:
-            for start, n, _ in runs:
-                self._backend.map_zero(self._addr_of(start), n * self.page_size)
-                self._state[start:start + n] = bytes([ZERO]) * n
+            self._restore_zero(todo)
         return len(todo) * self.page_size
 
-    def _reclaim_bare(self, indices: Sequence[int], cancel: bool = True) -> None:
-        """Resolve deferred zero pages among `indices`: a restore not started yet is
-        cancelled (the page stays BARE, to be mapped as is), else waited for (ZERO)."""
-        if not self._tasks:
-            return
-        worker = self.pool.zero_worker
+    def _restore_zero(self, bare: list[int]) -> None:
+        for start, n, _ in _runs(bare):
+            self._backend.map_zero(self._addr_of(start), n * self.page_size)
+            self._state[start:start + n] = bytes([ZERO]) * n
+
+    def _take_back_bare(self, indices: list[int]) -> None:
+        """Pages about to be mapped: a zero page not yet restored is no longer wanted
+        (the page stays BARE and is mapped as is); one being restored is waited for."""
         for i in indices:
             task = self._tasks.pop(i, None)
-            if task is None:
-                continue
-            if cancel and worker.cancel(task):
-                continue
-            worker.wait(task)
+            if task is not None and not self._worker.cancel(task):
+                self._worker.finish(task)
+                self._state[i] = ZERO
+
+    def _finish_tasks(self, indices: list[int]) -> None:
+        for i in indices:
+            task = self._tasks.pop(i)
+            self._worker.finish(task)
             self._state[i] = ZERO
 
     def _addr_of(self, page: int) -> int:

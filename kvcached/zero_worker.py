@@ -7,19 +7,25 @@ launch no work reading those pages until it calls `settle()` (pause, unload,
 a trim between engine steps) may leave that work to this thread, so memory
 goes back at the raw driver rate. Until a task has run, its page has no
 mapping at all: a kernel reading it would fault, hence the settle() rule.
-A task not yet started can be cancelled, which is how mapping a page again
-right after giving it back costs nothing extra.
+
+The thread waits for a quiet moment (no kvcached driver call for `quiet_s`)
+before each task: driver calls from two threads serialize inside the driver,
+and the give-back that queued the work is usually followed by more of it
+(releasing the pages). A task not started yet can be cancelled (the page is
+mapped again right away) or run by the caller itself (settle()).
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from typing import Callable
 
 log = logging.getLogger(__name__)
 
 PENDING, RUNNING, DONE, CANCELLED = range(4)
+QUIET_S = 0.002  # a burst of map/unmap/release calls is over after this long without one
 
 
 class ZeroTask:
@@ -35,24 +41,35 @@ class ZeroTask:
 
 
 class ZeroWorker:
-    """A FIFO of zero-page restores run by one daemon thread."""
+    """A FIFO of zero-page restores run by one daemon thread in quiet moments."""
 
-    def __init__(self, map_zero: Callable[[int, int], None], name: str = "kvcached-zero") -> None:
+    def __init__(self, map_zero: Callable[[int, int], None], quiet_s: float = QUIET_S,
+                 name: str = "kvcached-zero") -> None:
         self._map_zero = map_zero
+        self._quiet_s = quiet_s
+        self._last_busy = 0.0
         self._queue: deque[ZeroTask] = deque()
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
+    def touch(self) -> None:
+        """The caller is making driver calls: hold the queue back a moment (lock-free)."""
+        self._last_busy = time.monotonic()
+
     def submit(self, addr: int, size: int) -> ZeroTask:
         task = ZeroTask(addr, size)
+        self.touch()
         with self._cond:
             if self._closed:  # nobody left to run it: do it here
-                self._run(task)
+                task.state = RUNNING
+            else:
+                if not self._queue:  # else the thread is awake or waits on a timeout already
+                    self._cond.notify_all()
+                self._queue.append(task)
                 return task
-            self._queue.append(task)
-            self._cond.notify_all()
+        self._run(task)
         return task
 
     def cancel(self, task: ZeroTask) -> bool:
@@ -63,10 +80,14 @@ class ZeroWorker:
             task.state = CANCELLED
             return True
 
-    def wait(self, task: ZeroTask) -> None:
-        """Block until the task ran (or was cancelled); re-raise its error."""
+    def finish(self, task: ZeroTask) -> None:
+        """Make sure the task has run: here and now if it has not started, else wait.
+        Re-raises its error."""
+        if self.cancel(task):
+            task.state = RUNNING
+            self._run(task)
         with self._cond:
-            while task.state in (PENDING, RUNNING):
+            while task.state == RUNNING:
                 self._cond.wait()
         if task.error is not None:
             raise task.error
@@ -80,23 +101,33 @@ class ZeroWorker:
             self._cond.notify_all()
         self._thread.join()
 
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
+    def _next_task(self) -> ZeroTask | None:
+        """The next task to run once things are quiet; None when closed and drained."""
+        with self._cond:
+            while True:
+                while self._queue and self._queue[0].state != PENDING:  # cancelled or finished
+                    self._queue.popleft()
                 if not self._queue:
-                    return
-                task = self._queue.popleft()
-                if task.state == CANCELLED:
+                    if self._closed:
+                        return None
+                    self._cond.wait()
                     continue
+                idle = time.monotonic() - self._last_busy
+                if idle < self._quiet_s and not self._closed:
+                    self._cond.wait(self._quiet_s - idle)
+                    continue
+                task = self._queue.popleft()
                 task.state = RUNNING
+                return task
+
+    def _loop(self) -> None:
+        while (task := self._next_task()) is not None:
             self._run(task)
 
     def _run(self, task: ZeroTask) -> None:
         try:
             self._map_zero(task.addr, task.size)
-        except BaseException as exc:  # surfaced to whoever waits on the task
+        except BaseException as exc:  # surfaced to whoever finishes the task
             log.exception("restoring the zero page at %#x failed", task.addr)
             task.error = exc
         with self._cond:

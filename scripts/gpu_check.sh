@@ -2,7 +2,10 @@
 # The one command the lead runs on the lent GPU: the GPU tests, then each GPU
 # benchmark in turn, results (JSON) into $OUT. Must finish well under 10 minutes.
 #   OUT=/some/dir bash scripts/gpu_check.sh
-# To add a benchmark: append one line to BENCHMARKS below ("script.py args").
+# To add a benchmark: append one line to BENCHMARKS below: a module and its arguments
+# ("benchmarks.decode --steps 64"). Modules, not paths: `python3 benchmarks/x.py`
+# would put benchmarks/ first on sys.path, where benchmarks/http.py shadows the
+# standard library's http (torch imports it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
@@ -30,7 +33,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 step "pytest tests/gpu" 240 python3 -m pytest -q -p no:cacheprovider tests/gpu
 for bench in "${BENCHMARKS[@]}"; do
   # shellcheck disable=SC2086  # a line may carry arguments
-  step "$bench" 180 python3 $bench
+  step "$bench" 180 python3 -m $bench
 done
 echo "gpu_check: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
 exit $status

@@ -1,18 +1,23 @@
 """The daemon's side of the memory broker: engines registered as clients, events forwarded.
 
 The broker (kvcached.broker) knows nothing of models; it calls ReclaimVerbs.
-EngineVerbs adapts an engines.base.Engine to those verbs. The broker's event
-log is pumped by one thread into the daemon's EventHub, so GET /control/events
-shows reclaim steps next to model state changes.
+engines.broker_client.EngineVerbs adapts an Engine to them; the subclass here
+also announces pause and unload on the daemon's EventHub, so the tray and
+dashboard see a model the broker paused under pressure. The broker's event log
+is pumped by one thread into the hub, so GET /control/events shows reclaim
+steps next to model state changes.
 
-A daemon may run without a broker (BrokerLink(None)): the kvcached backend
-could not start here, for instance. Then every call is a no-op and
+The broker is opened in the background (open_in_background): opening it picks
+a VMM backend, which imports torch (seconds on a small CPU), and the daemon
+must answer /health at once. Models loaded before it is ready are registered
+when it arrives. Where it cannot run at all, every call is a no-op and
 reclaim_all() returns None so the manager does the steps itself.
 """
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from app.server.events import EventHub
 from app.settings import ModelSettings
@@ -22,80 +27,98 @@ from engines.types import ModelState
 log = logging.getLogger(__name__)
 
 
-class EngineVerbs:
-    """ReclaimVerbs over an Engine. Thread-safe because the engine is."""
+def _verbs_class():
+    from engines.broker_client import EngineVerbs
 
-    def __init__(self, engine: Engine, hub: EventHub | None = None) -> None:
-        self.engine = engine
-        self.hub = hub
+    class AnnouncingVerbs(EngineVerbs):
+        """EngineVerbs that tell the hub when the broker pauses or unloads a model."""
 
-    def held_bytes(self) -> int:
-        return self.engine.memory().total_bytes
+        def __init__(self, engine: Engine, hub: EventHub | None) -> None:
+            super().__init__(engine)
+            self.hub = hub
 
-    def is_busy(self) -> bool:
-        return self.engine.busy
+        def pause(self) -> int:
+            freed = super().pause()
+            self._announce(ModelState.PAUSED, freed)
+            return freed
 
-    def idle_since(self) -> float:
-        return self.engine.idle_since
+        def unload(self) -> int:
+            freed = super().unload()  # the manager loads again on the next request
+            self._announce(ModelState.UNLOADED, freed)
+            return freed
 
-    def trim(self) -> int:
-        return self.engine.trim()
+        def _announce(self, state: ModelState, freed: int) -> None:
+            if self.hub is not None and freed:
+                self.hub.publish("model", model=self.engine.info.name, state=state.value,
+                                 bytes_returned=freed, reason="broker")
 
-    def drop_prefixes(self) -> int:
-        return self.engine.drop_prefixes()
-
-    def pause(self) -> int:
-        freed = self.engine.pause()
-        self._state(ModelState.PAUSED, freed)
-        return freed
-
-    def unload(self) -> int:
-        # The manager sees state UNLOADED on the next request and loads again.
-        freed = self.engine.unload()
-        self._state(ModelState.UNLOADED, freed)
-        return freed
-
-    def _state(self, state: ModelState, freed: int) -> None:
-        if self.hub is not None:
-            self.hub.publish("model", model=self.engine.info.name, state=state.value,
-                             bytes_returned=freed, reason="pressure")
+    return AnnouncingVerbs
 
 
 class BrokerLink:
-    """Registers engines with the broker (or does nothing when there is none)."""
+    """Registers engines with the broker, once it is there (or never, without one)."""
 
-    def __init__(self, broker, hub: EventHub | None = None) -> None:
-        self.broker = broker
+    def __init__(self, broker=None, hub: EventHub | None = None, backend: str = "none") -> None:
         self.hub = hub
+        self.broker = None
+        self.backend = backend
+        self._lock = threading.Lock()
+        self._pending: dict[str, tuple[Engine, ModelSettings | None]] = {}
         self._stop = threading.Event()
         self._pump: threading.Thread | None = None
-        if broker is not None and hub is not None:
-            self._pump = threading.Thread(target=self._pump_events, name="broker-events", daemon=True)
-            self._pump.start()
+        self.ready = threading.Event()
+        if broker is not None:
+            self.attach(broker, backend)
 
     @property
     def enabled(self) -> bool:
         return self.broker is not None
 
+    def open_in_background(self, open_broker: Callable[[], tuple[object | None, str]]) -> None:
+        def run() -> None:
+            try:
+                broker, backend = open_broker()
+                if broker is not None:
+                    self.attach(broker, backend)
+            finally:
+                self.ready.set()
+
+        threading.Thread(target=run, name="broker-open", daemon=True).start()
+
+    def attach(self, broker, backend: str) -> None:
+        with self._lock:
+            self.broker, self.backend = broker, backend
+            pending, self._pending = self._pending, {}
+        for name, (engine, model) in pending.items():
+            self._register_now(name, engine, model)
+        if self.hub is not None:
+            self._pump = threading.Thread(target=self._pump_events, name="broker-events", daemon=True)
+            self._pump.start()
+        self.ready.set()
+
     def register(self, name: str, engine: Engine, model: ModelSettings | None) -> None:
-        if self.broker is None:
-            return
-        from kvcached.broker.client import ClientSpec
+        with self._lock:
+            if self.broker is None:
+                self._pending[name] = (engine, model)
+                return
+        self._register_now(name, engine, model)
+
+    def _register_now(self, name: str, engine: Engine, model: ModelSettings | None) -> None:
+        from kvcached.broker import ClientSpec
 
         model = model or ModelSettings()
         spec = ClientSpec(name, priority=model.priority, min_bytes=model.min_bytes, max_bytes=model.max_bytes)
         try:
-            self.broker.register(spec, EngineVerbs(engine, self.hub))
+            self.broker.register(spec, _verbs_class()(engine, self.hub))
         except Exception:  # serving without the broker's protection beats not serving
             log.exception("could not register %s with the broker", name)
 
     def unregister(self, name: str) -> None:
-        if self.broker is None:
-            return
-        try:
-            self.broker.unregister(name)
-        except Exception:
-            log.exception("could not unregister %s from the broker", name)
+        with self._lock:
+            self._pending.pop(name, None)
+            broker = self.broker
+        if broker is not None:
+            broker.unregister(name)
 
     def reclaim_all(self) -> int | None:
         """Run the broker's whole ladder now; None without a broker."""
@@ -108,15 +131,7 @@ class BrokerLink:
             self.broker.set_auto_yield(enabled)
 
     def snapshot(self) -> dict | None:
-        if self.broker is None:
-            return None
-        snap = self.broker.snapshot()
-        return snap if isinstance(snap, dict) else snap.to_dict()
-
-    def recent_events(self, limit: int = 200) -> list[dict]:
-        if self.broker is None:
-            return []
-        return [e.to_dict() for e in self.broker.events.recent(limit)]
+        return self.broker.snapshot() if self.broker is not None else None
 
     def _pump_events(self) -> None:
         subscription = self.broker.events.subscribe()
@@ -132,7 +147,7 @@ class BrokerLink:
 
     def close(self) -> None:
         self._stop.set()
-        if self.broker is not None and hasattr(self.broker, "close"):
+        if self.broker is not None:
             try:
                 self.broker.close()
             except Exception:

@@ -27,9 +27,13 @@ class ServerContext:
     hub: EventHub
     broker: BrokerLink
     token: str
-    backend: str = "host"
     started_at: float = field(default_factory=time.time)
     pid: int = field(default_factory=os.getpid)
+
+    @property
+    def backend(self) -> str:
+        """The broker's monitor ("host", "nvml"...), "none" until (or unless) it runs."""
+        return self.broker.backend
 
     @property
     def endpoint_url(self) -> str:

@@ -185,6 +185,8 @@ class SlotKV(KVAccess):
         R comes from a tensor's shape, not a Python int, so torch.compile treats
         it as a size and does not recompile for every bucket."""
         self._slot, self._slots, self._read_len, self._needs_mask = None, slots, key_index, True
+        # Set here, outside any compiled region: Dynamo would trace this side effect, not run it.
+        _ACTIVE.kv = self
 
     def _keys_read(self) -> int:
         return self._read_len if isinstance(self._read_len, int) else self._read_len.shape[0]
@@ -203,7 +205,6 @@ class SlotKV(KVAccess):
         # traced graph. As graph inputs, 2 x layers views of one buffer that the graph
         # writes made AOTAutograd rebuild and copy back the whole buffer every step,
         # unmapped (read-only zero) pages included: an illegal-address crash on the H100.
-        _ACTIVE.kv = self
         return torch.ops.ebbtide.slot_attend(q, k, v, positions, self._slots, self._mask, layer)
 
     def attend_batch(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -52,6 +52,10 @@ class DecodeGraph:
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.slots = torch.zeros(batch, dtype=torch.long, device=device)
         self.key_index = torch.arange(read_len, device=device)
+        if runner.is_compiled:
+            # One compiled step for every bucket: batch and read length are sizes, not constants.
+            for t in (self.ids, self.pos, self.slots, self.key_index):
+                torch._dynamo.mark_dynamic(t, 0)
         # Warm up on the real inputs of this step: a warm-up writes K/V, and only the
         # step's own positions are mapped and free to overwrite (with the same values).
         # The warm-up also compiles, where torch.compile is on.
@@ -105,7 +109,11 @@ class Runner:
             self.decode_forward = torch.compile(self._decode_forward)
         layout = store.layout
         self.max_ctx = layout.max_context
-        self.batch_buckets = pow2_buckets(1, layout.max_slots)
+        # Compiled, batch 1 runs as 2 (a repeated row costs nothing at decode, where
+        # weights dominate): Dynamo specializes size-1 dimensions, so a bucket of 1
+        # would compile the whole model a second time.
+        self.batch_buckets = pow2_buckets(2 if self.is_compiled and layout.max_slots > 1 else 1,
+                                          layout.max_slots)
         self.read_buckets = pow2_buckets(min(MIN_READ_BUCKET, self.max_ctx), self.max_ctx)
         self.graphs: dict[tuple[int, int], DecodeGraph] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None

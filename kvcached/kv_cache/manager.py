@@ -80,10 +80,21 @@ class KVCache:
         with self._cond:
             self._table.release(slot)
             if self._paused is not None:   # its paused bytes are not wanted back
-                start = self.layout.first_page(slot) * self.layout.page_size
-                self._paused = offload.PausedKV(tuple(
-                    e for e in self._paused.extents
-                    if not start <= e.offset < start + self.layout.slot_bytes))
+                self._truncate_paused(slot, 0)
+
+    def _truncate_paused(self, slot: int, n_tokens: int) -> None:
+        """While paused: keep only the first n_tokens of a slot's paused bytes."""
+        assert self._paused is not None
+        start = self.layout.first_page(slot) * self.layout.page_size
+        keep = self.layout.live_bytes_for(n_tokens)
+        extents = []
+        for e in self._paused.extents:
+            if start <= e.offset < start + self.layout.slot_bytes:
+                if keep:
+                    extents.append(offload.Extent(e.offset, min(e.nbytes, keep), e.at))
+            else:
+                extents.append(e)
+        self._paused = offload.PausedKV(tuple(extents))
 
     def ensure(self, slot: int, n_tokens: int) -> int:
         """Back tokens [0, n_tokens) of a slot with pages; they become its live tokens.
@@ -92,6 +103,10 @@ class KVCache:
             state = self._table.live(slot)
             self.layout.check_tokens(n_tokens)
             if self._paused is not None:
+                if n_tokens <= state.num_tokens:   # shrinking needs no pages: stay paused
+                    self._truncate_paused(slot, n_tokens)
+                    state.num_tokens = n_tokens
+                    return 0
                 self._resume_locked()
             needed = self.layout.pages_for_tokens(n_tokens)
             mapped = 0

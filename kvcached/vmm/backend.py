@@ -58,17 +58,6 @@ class VmmBackend(ABC):
     def map_zero(self, addr: int, size: int) -> None:
         """Map the read-only zero page over a bare range."""
 
-    @abstractmethod
-    def prepare_pages(self, addr: int, handles: Sequence[Handle], size: int,
-                      bare: bool = False) -> None:
-        """Stage `handles` where the zero page was: mapped, zeroed, READ-ONLY, so reads
-        still see zeros and writes still fault. activate_pages() then only sets
-        read/write access: the costly zero-page unmap is paid here, ahead of time."""
-
-    @abstractmethod
-    def activate_pages(self, addr: int, count: int, size: int) -> None:
-        """Make prepared pages read/write."""
-
     def map_page(self, addr: int, handle: Handle, size: int) -> None:
         """Map one page read/write at `addr`."""
         self.map_pages(addr, [handle], size)

@@ -101,8 +101,6 @@ class CudaBackend(VmmBackend):
                                      f"device granularity {self.granularity}")
         self.zero_page_size = config.page_size
         self._closed = False
-        self._stream = check("cuStreamCreate", cu.cuStreamCreate(
-            cu.CUstream_flags.CU_STREAM_NON_BLOCKING.value))
         self._zero = self._make_zero_page()
 
     # -- address ranges ---------------------------------------------------
@@ -140,28 +138,6 @@ class CudaBackend(VmmBackend):
         if not bare:  # the zero page: one call for the run (it still costs per mapping)
             check("cuMemUnmap", cu.cuMemUnmap(addr, total))
         self._map_run(addr, handles, size, self._rw)
-
-    def prepare_pages(self, addr: int, handles: Sequence[Any], size: int,
-                      bare: bool = False) -> None:
-        self._ensure_context()
-        total = len(handles) * size
-        if not bare:
-            check("cuMemUnmap", cu.cuMemUnmap(addr, total))
-        self._map_run(addr, handles, size, self._rw)
-        try:
-            # Zeroed on a private stream: waits for this memset only, not for the
-            # caller's kernels.
-            check("cuMemsetD8Async", cu.cuMemsetD8Async(addr, 0, total, self._stream))
-            check("cuStreamSynchronize", cu.cuStreamSynchronize(self._stream))
-            check("cuMemSetAccess", cu.cuMemSetAccess(addr, total, self._ro, 1))
-        except VmmError:
-            cu.cuMemUnmap(addr, total)
-            self.map_zero(addr, total)
-            raise
-
-    def activate_pages(self, addr: int, count: int, size: int) -> None:
-        self._ensure_context()
-        check("cuMemSetAccess", cu.cuMemSetAccess(addr, count * size, self._rw, 1))
 
     def unmap_pages(self, addr: int, count: int, size: int, restore_zero: bool = True) -> None:
         self._ensure_context()
@@ -206,7 +182,6 @@ class CudaBackend(VmmBackend):
         self._closed = True
         self._ensure_context()
         check("cuMemRelease", cu.cuMemRelease(self._zero))
-        check("cuStreamDestroy", cu.cuStreamDestroy(self._stream))
         check("cuDevicePrimaryCtxRelease", cu.cuDevicePrimaryCtxRelease(self._dev))
 
     def _make_zero_page(self) -> Any:

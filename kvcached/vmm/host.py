@@ -51,8 +51,6 @@ def _load_libc() -> ctypes.CDLL:
                           ctypes.c_int, ctypes.c_long]
     libc.munmap.restype = ctypes.c_int
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mprotect.restype = ctypes.c_int
-    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     libc.fallocate.restype = ctypes.c_int
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
     return libc
@@ -132,16 +130,6 @@ class HostBackend(VmmBackend):
             self.map_zero(addr, len(handles) * size)  # all or nothing
             raise
 
-    def prepare_pages(self, addr: int, handles: Sequence[HostHandle], size: int,
-                      bare: bool = False) -> None:
-        total = len(handles) * size
-        self.map_pages(addr, handles, size)
-        ctypes.memset(addr, 0, total)
-        self._protect(addr, total, PROT_READ)
-
-    def activate_pages(self, addr: int, count: int, size: int) -> None:
-        self._protect(addr, count * size, PROT_READ | PROT_WRITE)
-
     def unmap_pages(self, addr: int, count: int, size: int, restore_zero: bool = True) -> None:
         total = count * size
         if restore_zero:
@@ -159,10 +147,6 @@ class HostBackend(VmmBackend):
                                   self._zero_fd, 0)
             if got != at:
                 _raise_errno("mmap", f"mapping the zero page at {at:#x}")
-
-    def _protect(self, addr: int, size: int, prot: int) -> None:
-        if self._libc.mprotect(addr, size, prot) != 0:
-            _raise_errno("mprotect", f"{size} bytes at {addr:#x}")
 
     def _map_runs(self, addr: int, handles: Sequence[HostHandle], size: int, prot: int) -> None:
         # Pieces adjacent in the file and in memory become one mmap (one VMA).

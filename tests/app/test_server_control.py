@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import httpx
 import pytest
@@ -35,8 +36,12 @@ def test_models_memory_and_status(live_server, http) -> None:
     memory = http.get("/control/memory").json()
     assert memory["device"]["total_bytes"] > 0 and memory["models"][model]["weights"] > 0
     assert memory["auto_yield"] in (True, False) and memory["headroom_bytes"] >= 0
-    status = http.get("/control/status").json()
+    # The broker opens in the background (it imports torch); wait for it.
+    deadline = time.monotonic() + 90
+    while (status := http.get("/control/status").json())["backend"] == "none" and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert status["endpoint"].startswith("http://127.0.0.1:") and status["backend"] == "host"
+    assert status["broker"] is True
 
 
 def test_pause_resume_reclaim_unload(live_server, http) -> None:

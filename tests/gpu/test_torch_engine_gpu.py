@@ -71,12 +71,13 @@ def test_graphed_decode_matches_eager(model_gpu, compile):
     torch.testing.assert_close(graphed, eager, rtol=2e-3, atol=2e-3)
 
 
-def test_graphs_survive_trim_pause_resume_of_virtual_kv(model_gpu):
+@pytest.mark.parametrize("compile", [False, True])
+def test_graphs_survive_trim_pause_resume_of_virtual_kv(model_gpu, compile):
     try:
         store = virtual_store()
     except Exception as exc:  # the cuda VMM backend is another engineer's part
         pytest.skip(f"kvcached cuda backend unavailable: {exc}")
-    runner = Runner(model_gpu, store, use_graphs=True, compile=False)
+    runner = Runner(model_gpu, store, use_graphs=True, compile=compile)
     want = run(Runner(model_gpu, static_store(CUDA), use_graphs=False, compile=False), PROMPTS, 8)
     seqs = [Sequence(prompt=p, max_tokens=10 ** 6, slot=s) for s, p in PROMPTS.items()]
     got = []

@@ -68,14 +68,15 @@ def test_prepared_pages_and_deferred_zero(pool):
     with VirtualTensor(pool, (8, PAGE), torch.uint8) as vt:  # one row per page
         vt.map_pages(0, 2)
         vt.tensor[:2] = 5
-        assert vt.prepare_pages(2, 3) == 3 * PAGE
-        torch.cuda.synchronize()
-        assert not vt.tensor[2:].any().item()  # prepared pages read zeros
-        assert vt.map_pages(2, 2) == 2 * PAGE
+        assert vt.prepare_pages(2, 3) == 3 and pool.held() == 2 * PAGE
+        assert vt.map_pages(2, 2) == 2 * PAGE  # prepared: the zero page is already out
         vt.tensor[2:4] = 6
-        assert vt.unmap_pages(0, 8, defer_zero=True) == 5 * PAGE
+        vt.unmap_pages(4, 1)  # the last prepared page gets its zero page back
+        torch.cuda.synchronize()
+        assert vt.tensor.sum(dim=1).tolist() == [5 * PAGE] * 2 + [6 * PAGE] * 2 + [0] * 4
+        assert vt.unmap_pages(0, 8, defer_zero=True) == 4 * PAGE
         assert pool.held() == 0  # memory is back before the zero page is
-        vt.map_pages(1, 1)  # its restore cancelled or awaited
+        vt.map_pages(1, 1)  # its zero page cancelled or awaited
         vt.tensor[1] = 7
         vt.settle()
         torch.cuda.synchronize()

@@ -245,3 +245,17 @@ def test_pause_in_many_chunks_unmaps_each_only_after_its_copy(kv, monkeypatch):
     assert len(seen) == 4 + 3                   # 7 pages -> 4 chunks, 5 pages -> 3
     kv.resume()
     assert [checksum(kv, s, n) for s, n in zip(slots, (200, 150))] == crcs
+
+
+def test_shrinking_a_slot_while_paused_stays_paused(kv):
+    a, b = kv.acquire_slot(), kv.acquire_slot()
+    kv.ensure(a, 150)
+    kv.ensure(b, 100)
+    fill(kv, a, 150, seed=8)
+    crc = checksum(kv, a, 40)
+    kv.pause()
+    assert kv.ensure(b, 0) == 0 and kv.ensure(a, 40) == 0    # a finished sequence, a truncation
+    assert kv.is_paused and kv.paused_host_bytes() == 40 * SHAPE.token_bytes
+    kv.resume()
+    assert kv.held_bytes() == 2 * PAGE and checksum(kv, a, 40) == crc
+    assert kv.ensure(a, 41) == 0 and kv.ensure(b, 1) == PAGE

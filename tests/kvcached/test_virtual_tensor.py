@@ -137,29 +137,25 @@ def test_pages_move_between_tensors_through_the_pool():
         b.close()
 
 
-def test_prepared_pages_read_zero_fault_on_write_and_map_in_place(pool):
+def test_prepared_pages_hold_nothing_fault_on_read_and_map(pool):
     with VirtualTensor(pool, (6, PAGE), torch.uint8) as vt:
         vt.map_pages(0, 1)
         vt.tensor[0] = 9
-        vt.unmap_pages(0, 1)  # with reserve_pages=0 the page is freed...
-        assert vt.prepare_pages(1, 2) == 2 * PAGE
-        assert vt.prepare_pages(1, 3) == PAGE  # already prepared pages are left alone
-        assert vt.prepared_pages() == [1, 2, 3] and vt.mapped_pages() == []
-        assert vt.held_bytes == 3 * PAGE and vt.mapped_bytes == 0
-        assert not vt.tensor.any()  # prepared pages are zeroed
+        assert vt.prepare_pages(0, 4) == 3  # the mapped page is left alone
+        assert vt.prepared_pages() == [1, 2, 3] and pool.held() == PAGE
         pid = os.fork()
         if pid == 0:
             faulthandler.disable()
-            vt.tensor[2, 5] = 1  # read-only until mapped
+            int(vt.tensor[2, 5])  # no mapping at all: the caller vouched nobody reads it
             os._exit(0)
         _, status = os.waitpid(pid, 0)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV
         assert vt.map_pages(1, 2) == 2 * PAGE
         vt.tensor[1:3] = 4
-        assert vt.mapped_pages() == [1, 2] and vt.prepared_pages() == [3]
-        assert int(vt.tensor.sum()) == 4 * 2 * PAGE
-        assert vt.unmap_pages(0, 6) == 3 * PAGE  # prepared pages are given back too
-        assert pool.held() == 0
+        assert vt.mapped_pages() == [0, 1, 2] and vt.prepared_pages() == [3]
+        assert vt.unmap_pages(3, 3) == 0  # un-prepares: the zero page is back
+        assert vt.prepared_pages() == [] and not vt.tensor[3:].any()
+        assert int(vt.tensor.sum()) == 9 * PAGE + 4 * 2 * PAGE
 
 
 def test_deferred_zero_gives_memory_back_then_settles_to_zeros(pool):
@@ -186,6 +182,7 @@ def test_mapping_right_after_a_deferred_give_back(pool):
             vt.tensor[4 * PAGE: 8 * PAGE] = 2
             assert int(vt.tensor[4 * PAGE: 8 * PAGE].sum()) == 2 * 4 * PAGE
             vt.prepare_pages(8, 2)
+            vt.map_pages(8, 1)
             vt.unmap_pages(0, 16)
         vt.settle()
         assert not vt.tensor.any()
