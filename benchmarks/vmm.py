@@ -10,7 +10,6 @@ keeps every unmapped address on the read-only zero page, which raw does not.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import statistics
 import sys

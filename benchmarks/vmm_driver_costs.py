@@ -13,6 +13,7 @@ from typing import Callable
 from cuda.bindings import driver as cu
 
 from benchmarks.results_io import print_table, write_result
+from kvcached.vmm import cuda_available
 from kvcached.vmm.cuda import READ_ONLY, READ_WRITE, access_desc, allocation_prop, check
 
 MiB = 1 << 20
@@ -65,6 +66,9 @@ def one_round(size: int, dev: int) -> dict[str, float]:
 
 
 def main() -> int:
+    if not cuda_available():
+        print("vmm_driver_costs: no CUDA device here, nothing to measure")
+        return 0
     check("init", cu.cuInit(0))
     dev = check("dev", cu.cuDeviceGet(0))
     ctx = check("ctx", cu.cuDevicePrimaryCtxRetain(dev))

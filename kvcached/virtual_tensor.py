@@ -20,7 +20,6 @@ where the caller vouches for it.
 from __future__ import annotations
 
 import ctypes
-import logging
 import math
 import threading
 from typing import Callable, Sequence
@@ -30,8 +29,6 @@ import torch
 from kvcached.errors import ClosedError, InvalidArgument
 from kvcached.page_pool import Page, PagePool
 from kvcached.zero_worker import ZeroTask
-
-log = logging.getLogger(__name__)
 
 ZERO, MAPPED, BARE = range(3)
 

@@ -2,14 +2,15 @@
 # The one command the lead runs on the lent GPU: the GPU tests, then each GPU
 # benchmark in turn, results (JSON) into $OUT. Must finish well under 10 minutes.
 #   OUT=/some/dir bash scripts/gpu_check.sh
-# To add a benchmark: append one line to BENCHMARKS below: a module and its arguments
-# ("benchmarks.decode --steps 64"). Modules, not paths: `python3 benchmarks/x.py`
-# would put benchmarks/ first on sys.path, where benchmarks/http.py shadows the
-# standard library's http (torch imports it).
+# To add a benchmark: append one line to BENCHMARKS below: a script and its arguments
+# ("benchmarks/decode.py --steps 64"). Each runs as a module (python3 -m
+# benchmarks.decode): `python3 benchmarks/x.py` would put benchmarks/ first on
+# sys.path, where benchmarks/http.py shadows the standard library's http.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 export OUT="${OUT:-$PWD/benchmarks/results}"
+PY="${PYTHON:-python3}"  # the GPU machine's python3 (no .venv there)
 mkdir -p "$OUT"
 
 BENCHMARKS=(
@@ -29,11 +30,13 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log, remember failu
   [ "$rc" -eq 0 ] || status=1
 }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-step "pytest tests/gpu" 240 python3 -m pytest -q -p no:cacheprovider tests/gpu
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
+step "pytest tests/gpu" 240 "$PY" -m pytest -q -p no:cacheprovider tests/gpu
 for bench in "${BENCHMARKS[@]}"; do
+  read -r script args <<<"$bench"
+  module=${script%.py}
   # shellcheck disable=SC2086  # a line may carry arguments
-  step "$bench" 180 python3 -m $bench
+  step "$bench" 180 "$PY" -m "${module//\//.}" $args
 done
 echo "gpu_check: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
 exit $status

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
@@ -48,6 +49,10 @@ def create_app(ctx: ServerContext) -> FastAPI:
                             allowed_origins=tuple(o.rstrip("/") for o in ctx.settings.allowed_origins),
                             max_body_bytes=ctx.settings.max_body_bytes)
     # Last added runs first: the security check sees every request before anything else.
+    # CORS answers only for origins the user configured (the dashboard is same-origin).
+    if policy.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(policy.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials=False)
     app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)
     app.add_middleware(SecurityMiddleware, policy=policy)

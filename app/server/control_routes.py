@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
@@ -146,8 +146,11 @@ async def status(request: Request) -> dict:
 
 
 @router.get("/events")
-async def events(request: Request, since: int = 0) -> StreamingResponse:
-    """Replays events after `since` still in the hub's history, then follows new ones."""
+async def events(request: Request, since: int = Query(0, ge=0)) -> StreamingResponse:
+    """Replays events after `since` (or the Last-Event-ID a reconnecting EventSource sends)
+    still in the hub's history, then follows new ones."""
+    last_id = request.headers.get("last-event-id", "")
+    since = max(since, int(last_id)) if last_id.isdigit() else since
     hub = ctx_of(request).hub
     sub = hub.subscribe()  # before reading history, so nothing falls between the two
     backlog = [e for e in hub.recent() if e.seq > since]
@@ -158,7 +161,7 @@ async def events(request: Request, since: int = 0) -> StreamingResponse:
             last = 0
             for event in backlog:
                 last = event.seq
-                yield sse_event(event.kind, event.to_dict())
+                yield sse_event(event.kind, event.to_dict(), event.seq)
             while True:
                 try:
                     event = await asyncio.wait_for(sub.queue.get(), HEARTBEAT_S)
@@ -166,7 +169,7 @@ async def events(request: Request, since: int = 0) -> StreamingResponse:
                     yield b": keep-alive\n\n"  # lets clients (and proxies) see the stream is alive
                     continue
                 if event.seq > last:
-                    yield sse_event(event.kind, event.to_dict())
+                    yield sse_event(event.kind, event.to_dict(), event.seq)
                 if event.kind == "shutdown":
                     return  # the daemon is stopping: end the stream so shutdown need not wait
         finally:

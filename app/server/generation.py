@@ -7,12 +7,14 @@ tokens, busy) become proper HTTP errors instead of a broken stream.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from anyio import to_thread
+from starlette.requests import Request
 
 from app.model_manager import Lease, ModelManager
 from app.server.errors import BadRequest
@@ -82,9 +84,16 @@ class Generation:
         finally:
             self.close()
 
-    async def collect(self) -> Totals:
-        async for _ in self.chunks():
-            pass
+    async def collect(self, client: Request | None = None) -> Totals:
+        """The whole generation (stream: false). With the client's request, a client that
+        hangs up (an editor's autocomplete after the next keystroke) cancels it at once."""
+        watcher = asyncio.create_task(_cancel_on_disconnect(client, self.request)) if client else None
+        try:
+            async for _ in self.chunks():
+                pass
+        finally:
+            if watcher is not None:
+                watcher.cancel()
         return self.totals
 
     def close(self) -> None:
@@ -101,6 +110,13 @@ class Generation:
 
     def usage(self) -> Usage:
         return self.totals.usage or Usage(completion_tokens=self.totals.completion_tokens)
+
+
+async def _cancel_on_disconnect(client: Request, request: GenerateRequest) -> None:
+    # The body is read already, so the next ASGI message can only be the client leaving.
+    while (await client.receive())["type"] != "http.disconnect":
+        pass
+    request.cancel()
 
 
 async def start_generation(manager: ModelManager, metrics: Metrics, model: str | None,

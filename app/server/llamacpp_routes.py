@@ -103,7 +103,7 @@ async def completion(body: CompletionBody, request: Request):
         prompt = await detokenize_ids(ctx.manager, body.model, prompt)
     gen_request = GenerateRequest(RequestKind.COMPLETION, sampling, prompt=prompt)
     gen = await start_generation(ctx.manager, ctx.metrics, body.model, gen_request)
-    return await _respond(gen, bool(body.stream))
+    return await _respond(gen, bool(body.stream), request)
 
 
 @router.post("/infill")
@@ -118,7 +118,7 @@ async def infill(body: InfillBody, request: Request):
     gen_request = GenerateRequest(RequestKind.INFILL, sampling, prompt=body.input_prefix + body.prompt,
                                   suffix=body.input_suffix, extra_context=extra)
     gen = await start_generation(ctx.manager, ctx.metrics, body.model, gen_request)
-    return await _respond(gen, bool(body.stream))
+    return await _respond(gen, bool(body.stream), request)
 
 
 def _extra_text(chunk: ExtraChunk) -> str:
@@ -154,9 +154,9 @@ def _empty_result(model: str) -> dict:
             "stopping_word": "", "truncated": False, "has_new_line": False, "timings": {}}
 
 
-async def _respond(gen: Generation, stream: bool):
+async def _respond(gen: Generation, stream: bool, client: Request):
     if not stream:
-        totals = await gen.collect()
+        totals = await gen.collect(client)
         return JSONResponse(_final(gen, totals.text))
 
     async def events():

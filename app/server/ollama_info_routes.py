@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from app.server.context import OLLAMA_COMPAT_VERSION, VERSION, ctx_of
 from app.server.ollama_format import details, digest, rfc3339, tag_entry
 from engines.base import ModelInfo
+from engines.types import ModelState
 
 router = APIRouter(tags=["ollama"])
 
@@ -91,6 +92,8 @@ async def ps(request: Request) -> dict:
     ctx = ctx_of(request)
     models = []
     for loaded in ctx.manager.loaded():
+        if loaded.engine.state is ModelState.UNLOADED:  # the broker unloaded it under pressure
+            continue
         memory = loaded.engine.memory()
         size = memory.total_bytes or loaded.info.size_bytes
         models.append({

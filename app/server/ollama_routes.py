@@ -110,7 +110,7 @@ async def generate(body: GenerateBody, request: Request):
     if not body.prompt and not body.suffix:
         return await _load_only(ctx, body.model, keep_alive, {"response": ""})
     gen = await start_generation(ctx.manager, ctx.metrics, body.model, gen_request, keep_alive)
-    return await _respond(gen, body.stream is not False, lambda text: {"response": text})
+    return await _respond(gen, body.stream is not False, lambda text: {"response": text}, request)
 
 
 @router.post("/chat")
@@ -124,7 +124,7 @@ async def chat(body: ChatBody, request: Request):
     gen_request = GenerateRequest(RequestKind.CHAT, sampling, messages=messages)
     gen = await start_generation(ctx.manager, ctx.metrics, body.model, gen_request, keep_alive)
     return await _respond(gen, body.stream is not False,
-                          lambda text: {"message": {"role": "assistant", "content": text}})
+                          lambda text: {"message": {"role": "assistant", "content": text}}, request)
 
 
 async def _load_only(ctx: ServerContext, model: str, keep_alive: float | None, empty: dict) -> JSONResponse:
@@ -151,9 +151,9 @@ def _final(gen: Generation, piece: dict) -> dict:
             "eval_duration": usage.eval_ns}
 
 
-async def _respond(gen: Generation, stream: bool, piece):
+async def _respond(gen: Generation, stream: bool, piece, client: Request):
     if not stream:
-        totals = await gen.collect()
+        totals = await gen.collect(client)
         return JSONResponse(_final(gen, piece(totals.text)))
 
     async def lines():

@@ -106,7 +106,7 @@ async def chat_completions(body: ChatCompletionBody, request: Request):
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     gen_request = GenerateRequest(RequestKind.CHAT, _sampling(body, max_tokens), messages=to_messages(body.messages))
     gen = await start_generation(ctx.manager, ctx.metrics, body.model, gen_request)
-    return await _respond(gen, body, "chat.completion", _chat_choice, _chat_delta)
+    return await _respond(gen, body, "chat.completion", _chat_choice, _chat_delta, request)
 
 
 @router.post("/completions")
@@ -117,7 +117,7 @@ async def completions(body: CompletionBody, request: Request):
     gen_request = GenerateRequest(kind, _sampling(body, body.max_tokens), prompt=prompt, suffix=body.suffix or "")
     gen = await start_generation(ctx.manager, ctx.metrics, body.model, gen_request)
     echo = prompt if body.echo else ""
-    return await _respond(gen, body, "text_completion", lambda g: _text_choice(g, echo), _text_delta)
+    return await _respond(gen, body, "text_completion", lambda g: _text_choice(g, echo), _text_delta, request)
 
 
 async def _prompt_text(prompt, model: str, request: Request) -> str:
@@ -155,11 +155,11 @@ def _text_delta(text: str, first: bool, finish) -> dict:
             "finish_reason": FINISH_NAMES[finish] if finish is not None else None}
 
 
-async def _respond(gen: Generation, body: _Common, obj: str, choice, delta):
+async def _respond(gen: Generation, body: _Common, obj: str, choice, delta, client: Request):
     ident = ("chatcmpl-" if obj == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     if not body.stream:
-        await gen.collect()
+        await gen.collect(client)
         return JSONResponse({"id": ident, "object": obj, "created": created, "model": gen.model,
                              "system_fingerprint": "ebbtide", "choices": [choice(gen)], "usage": _usage_json(gen)})
     include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -110,7 +110,9 @@ class SecurityMiddleware:
                 return 400, "Content-Length must be a number"
             if int(length) > self.policy.max_body_bytes:
                 return 413, f"request body over the {self.policy.max_body_bytes} byte limit"
-        if self.policy.allow_non_loopback and scope["path"] not in OPEN_PATHS:
+        # A CORS preflight never carries credentials; it reveals nothing and passes to CORS.
+        is_preflight = scope["method"] == "OPTIONS" and "access-control-request-method" in headers
+        if self.policy.allow_non_loopback and scope["path"] not in OPEN_PATHS and not is_preflight:
             if not auth.token_matches(self.policy.token, _token_of(headers)):
                 return 401, "this daemon is reachable off loopback: a bearer token is required"
         return None

@@ -73,9 +73,11 @@ def sse(payload: dict | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-def sse_event(event: str, payload: dict) -> bytes:
-    """A named server-sent event (the control API's event stream)."""
-    return f"event: {event}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+def sse_event(event: str, payload: dict, event_id: int | None = None) -> bytes:
+    """A named server-sent event (the control API's event stream); with an id, a browser's
+    EventSource reconnects with Last-Event-ID and misses nothing still in the history."""
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
 
 
 def ndjson(payload: dict) -> bytes:

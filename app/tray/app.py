@@ -140,6 +140,10 @@ class TrayApp:
         if self.supervisor is not None:
             self.supervisor.stop()
         if self.icon is not None:
+            # Undock before stopping: pystray's xorg loop, stopped while docked in a tray,
+            # kept waiting for a DestroyNotify that never came (seen under Xvfb with a real
+            # XEMBED tray); hidden first, it ends at once. Other backends just hide the icon.
+            self.icon.visible = False
             self.icon.stop()
 
     # --- helper threads ------------------------------------------------------

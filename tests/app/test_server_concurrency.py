@@ -60,3 +60,24 @@ def test_client_that_disconnects_mid_stream_is_cancelled(live_server) -> None:
         text = http.get("/metrics").text
     completion = [l for l in text.splitlines() if l.startswith("ebbtide_completion_tokens_total")]
     assert completion  # the cancelled request was still counted
+
+
+def test_client_that_hangs_up_on_a_non_streamed_request_is_cancelled(live_server) -> None:
+    # llama.vscode and Zed drop an autocomplete request on the next keystroke (stream: false).
+    model = live_server.default_model()
+    body = {"prompt": "Count to one thousand:", "n_predict": 4000, "ignore_eos": True}
+    with live_server.client() as http:  # loaded first, so the hang-up lands mid-generation
+        assert http.post("/completion", json={"prompt": "Hi", "n_predict": 1}).status_code == 200
+    with live_server.client(timeout=1.0) as http:
+        try:
+            http.post("/completion", json=body)
+        except httpx.TimeoutException:
+            pass  # the client gave up and closed the connection
+    with live_server.client() as http:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            rows = {m["name"]: m for m in http.get("/control/models", headers=live_server.auth).json()["models"]}
+            if not rows[model]["busy"]:
+                break
+            time.sleep(0.05)
+        assert not rows[model]["busy"]

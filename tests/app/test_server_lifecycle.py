@@ -57,3 +57,20 @@ def test_sigterm_with_a_stream_in_flight_exits_zero(start_daemon) -> None:
     assert not thread.is_alive()
     log = daemon.log()
     assert "Traceback" not in log, log[-3000:]
+
+
+def test_off_loopback_mode_needs_the_token_everywhere_and_cors_follows_settings(start_daemon) -> None:
+    # Bound on loopback here, but with the off-loopback policy the setting turns on.
+    daemon = start_daemon('allow_non_loopback = true\nallowed_origins = ["http://localhost:5173"]\n')
+    with daemon.client() as http:
+        assert http.get("/health").status_code == 200  # probes stay open
+        assert http.get("/api/tags").status_code == 401
+        assert http.get("/api/tags", headers=daemon.auth).status_code == 200
+        # Host is not checked off loopback (the machine's LAN name is legitimate), the token is.
+        assert http.get("/api/tags", headers={**daemon.auth, "Host": "studio.lan"}).status_code == 200
+        preflight = http.options("/v1/chat/completions", headers={
+            "Origin": "http://localhost:5173", "Access-Control-Request-Method": "POST"})
+        assert preflight.headers.get("access-control-allow-origin") == "http://localhost:5173"
+        refused = http.options("/v1/chat/completions", headers={
+            "Origin": "http://localhost:9999", "Access-Control-Request-Method": "POST"})
+        assert refused.status_code == 403

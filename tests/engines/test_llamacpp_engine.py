@@ -118,3 +118,21 @@ def test_progress_bar_renders_for_terminals_and_logs(tmp_path) -> None:
     lines = log.getvalue().splitlines()
     assert [line.split()[-2] for line in lines] == ["reading", "allocating", "ready"]   # one per stage
     assert bar.render(LoadProgress("m", 0.5, "reading")) == "m [#####-----]  50.0% reading"
+
+
+def test_chunks_carry_every_generated_token(engine: LlamaCppEngine) -> None:
+    chunks = list(engine.generate(completion("Numbers: 1, 2,", max_tokens=7, ignore_eos=True)))
+    ids = [t for c in chunks for t in c.token_ids]
+    assert len(ids) == chunks[-1].usage.completion_tokens == 7
+    assert engine.detokenize(ids) == "".join(c.text for c in chunks)
+
+
+def test_load_time_is_reported_once_by_the_first_request() -> None:
+    engine = LlamaCppEngine(default_info(), small_config())
+    engine.load()
+    first = list(engine.generate(completion("One", max_tokens=1)))[-1].usage
+    engine.pause()
+    resumed = list(engine.generate(completion("One", max_tokens=1)))[-1].usage
+    again = list(engine.generate(completion("One", max_tokens=1)))[-1].usage
+    engine.unload()
+    assert first.load_ns > resumed.load_ns > again.load_ns == 0

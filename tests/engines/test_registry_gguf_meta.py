@@ -73,3 +73,37 @@ def test_broken_files_raise_a_typed_error_naming_the_file(tmp_path: Path, conten
 def test_missing_file_is_a_typed_error(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError):
         read_gguf_meta(tmp_path / "absent.gguf")
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf_bytes(tmp_path_factory) -> bytes:
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    _write_tiny_gguf(path, "keys")
+    return path.read_bytes()
+
+
+def test_corrupt_headers_never_crash(tmp_path_factory, tiny_gguf_bytes: bytes) -> None:
+    """Flipped bytes and truncations anywhere in a real header: a result or ModelLoadError,
+    never another exception (a broken download must not break the model list)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    folder = tmp_path_factory.mktemp("corrupt")
+    header_len = min(len(tiny_gguf_bytes), 4096)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(st.tuples(st.integers(0, header_len - 1), st.integers(0, 255)), max_size=4),
+           st.integers(8, len(tiny_gguf_bytes)))
+    def check(flips: list[tuple[int, int]], cut: int) -> None:
+        data = bytearray(tiny_gguf_bytes[:cut])
+        for pos, value in flips:
+            if pos < len(data):
+                data[pos] = value
+        path = folder / "c.gguf"
+        path.write_bytes(bytes(data))
+        try:
+            read_gguf_meta(path)
+        except ModelLoadError:
+            pass
+
+    check()

@@ -77,8 +77,9 @@ def test_finds_the_model_in_ollama_and_hf_layouts(tmp_path: Path) -> None:
 
 
 def test_lmstudio_and_plain_folders(tmp_path: Path) -> None:
-    link_or_copy(default_gguf(), tmp_path / "lmstudio" / "lmstudio-community" / "SmolLM2-GGUF" / "SmolLM2-Q4_1.gguf")
-    link_or_copy(default_gguf(), tmp_path / "lmstudio" / "lmstudio-community" / "SmolLM2-GGUF" / "mmproj-SmolLM2-f16.gguf")
+    repo = tmp_path / "lmstudio" / "lmstudio-community" / "SmolLM2-GGUF"
+    link_or_copy(default_gguf(), repo / "SmolLM2-Q4_1.gguf")
+    link_or_copy(default_gguf(), repo / "mmproj-SmolLM2-f16.gguf")       # a vision projector, not a model
     link_or_copy(default_gguf(), tmp_path / "ebbtide-models" / "team" / "small.gguf")
     link_or_copy(default_gguf(), tmp_path / "extra" / "split-00001-of-00002.gguf")
     (tmp_path / "extra" / "split-00002-of-00002.gguf").write_bytes(b"second shard")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from engines.errors import ModelNotFound
+from engines.errors import ModelLoadError, ModelNotFound
 from engines.registry.synthetic import parse_name, scan_synthetic, synthetic_info, synthetic_names
 from engines.torch.configs import NAMED_CONFIGS
 
@@ -32,3 +32,18 @@ def test_listing_has_each_config_and_its_copies() -> None:
     assert {f"synthetic/{c}:c" for c in NAMED_CONFIGS} <= listed
     with pytest.raises(ModelNotFound):
         synthetic_names(["nope"])
+
+
+def test_synthetic_tokenizer_needs_no_file_and_streams_text_for_every_id() -> None:
+    from engines.registry.synthetic import tokenizer_meta
+    from engines.text.tokenizer import StreamDecoder, load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_meta(NAMED_CONFIGS["llama-3.2-1b"].vocab_size))
+    text = "def f(x):\n    return 'wörld' <|im_start|>"
+    ids = tokenizer.encode(text, add_special=True)
+    assert ids == list(text.encode("utf-8"))          # one token per byte, no BOS
+    assert tokenizer.decode(ids) == text
+    decoder = StreamDecoder(tokenizer)
+    assert [decoder.feed(i) for i in (300, 128255)] == [" w300", " w128255"]
+    with pytest.raises(ModelLoadError):
+        tokenizer_meta(100)
