@@ -10,6 +10,7 @@ Run it as `ebbtide serve` (app/cli.py) or `python -m app.daemon` (tests).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -31,7 +32,8 @@ from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
-GRACE_S = 5  # seconds in-flight requests get to finish after SIGTERM
+FINISH_S = 3  # seconds in-flight requests get to finish after SIGTERM before they are cancelled
+GRACE_S = 6   # uvicorn's own limit, a backstop: by then every request has ended
 EXIT_OK, EXIT_CONFIG, EXIT_BIND = 0, 2, 3
 NOT_RECLAIM_STEPS = frozenset({"auto_yield", "resume", "admit"})  # broker events that return nothing
 
@@ -48,6 +50,10 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
         self._captured_signals.clear()  # we shut down on purpose: exit 0, do not re-raise
         self.ctx.hub.publish("shutdown", reason=signal.Signals(sig).name)  # ends event streams
+        # Cancel what has not finished in FINISH_S ourselves: engines stop their sequences
+        # and handlers end normally, instead of uvicorn cancelling tasks mid-await.
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(loop.call_later, FINISH_S, self.ctx.manager.cancel_all)
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)

@@ -48,6 +48,7 @@ class Loaded:
     active: int = 0                                    # leases held
     expires_at: float = math.inf                       # time.time(); inf while leased
     requests: dict[str, GenerateRequest] = field(default_factory=dict)  # by request_id
+    unload_when_idle: bool = False                     # keep_alive 0 arrived while it served
 
     @property
     def name(self) -> str:
@@ -136,9 +137,10 @@ class ModelManager:
         for request in lease._requests:
             loaded.requests.pop(request.request_id, None)
         if loaded.active == 0:
-            loaded.keep_alive_s = lease.keep_alive_s
-            loaded.expires_at = time.time() + lease.keep_alive_s
-            if lease.keep_alive_s == 0 and not self._closing:
+            keep = 0.0 if loaded.unload_when_idle else lease.keep_alive_s
+            loaded.keep_alive_s = keep
+            loaded.expires_at = time.time() + keep
+            if keep == 0 and not self._closing:
                 asyncio.get_running_loop().create_task(self._unload_if_idle(loaded))
 
     async def _ensure_loaded(self, info: ModelInfo) -> Loaded:
@@ -212,7 +214,18 @@ class ModelManager:
         return freed
 
     async def unload(self, name: str) -> int:
+        """Unload now (the control API: the user asked), cancelling requests in flight."""
         loaded = self._require(name)
+        return await self._unload(loaded)
+
+    async def expire(self, name: str) -> int:
+        """Ollama's keep_alive 0: unload once the requests in flight are done (now if none)."""
+        loaded = self._loaded.get(name)
+        if loaded is None:
+            return 0
+        if loaded.active:
+            loaded.unload_when_idle = True
+            return 0
         return await self._unload(loaded)
 
     async def _unload(self, loaded: Loaded) -> int:

@@ -104,9 +104,10 @@ def decode_steps(runner: Runner, seqs: list[Sequence], steps: int) -> float:
 def bench_engine(model, kind: str, args: argparse.Namespace) -> dict:
     cfg, device = model.cfg, model.device
     store = make_store(kind, cfg, model.dtype, device, 8, args.ctx)
-    runner = Runner(model, store, compile=args.compile if device.type == "cuda" else False)
+    runner = Runner(model, store, compile=args.compile if device.type == "cuda" else False,
+                    triton=args.triton and device.type == "cuda")
     gen = torch.Generator().manual_seed(0)
-    out: dict = {}
+    out: dict = {"compiled": runner.is_compiled, "triton_attention": runner.kv.use_triton}
     try:
         long = [Sequence(prompt=torch.randint(0, cfg.vocab_size, (args.prefill,), generator=gen).tolist(),
                          max_tokens=1, slot=7)]
@@ -246,6 +247,8 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=512 if on_cuda else 128)
     parser.add_argument("--ctx", type=int, default=1024 if on_cuda else 512)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--no-triton", dest="triton", action="store_false",
+                        help="attention of decode as torch ops instead of the one Triton kernel")
     args = parser.parse_args()
     torch.manual_seed(0)
     results = bench_gpu(args) if on_cuda else bench_cpu(args)

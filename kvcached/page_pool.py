@@ -68,7 +68,8 @@ class PagePool:
         self._creating = 0          # pages the refill thread is creating now
         self._refill_wanted = True  # cleared by shrink(): a reclaimed reserve stays empty
         self._closed = False
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()  # `with` on a Lock is C; on a Condition, Python
+        self._cond = threading.Condition(self._lock)
         # Deferred zero-page restores of the virtual tensors over this pool.
         self.zero_worker = ZeroWorker(backend.map_zero)
         self._thread = threading.Thread(target=self._refill_loop, name="kvcached-pool-refill",
@@ -79,7 +80,7 @@ class PagePool:
     def acquire(self) -> Page:
         """A page from the reserve, else a new one. PoolExhausted over the budget;
         DeviceOutOfMemory when the device is full."""
-        with self._cond:
+        with self._lock:
             while True:
                 self._check_open()
                 if self._reserve:
@@ -99,32 +100,58 @@ class PagePool:
         try:
             handle = self.backend.create_page(self.page_size)
         except BaseException:
-            with self._cond:
+            with self._lock:
                 self._in_use -= 1
             raise
-        with self._cond:
+        with self._lock:
             self._refill_wanted = True
             self._cond.notify_all()
         return Page(handle, self.page_size)
 
+    def acquire_many(self, n: int) -> list[Page]:
+        """`n` pages, all or none: reserve pages under one lock, the rest as acquire()."""
+        with self._lock:
+            self._check_open()
+            k = min(n, len(self._reserve))
+            pages = self._reserve[len(self._reserve) - k:]
+            del self._reserve[len(self._reserve) - k:]
+            self._in_use += k
+            if k:
+                self._refill_wanted = True
+                if self._room_to_refill():
+                    self._cond.notify_all()
+        try:
+            while len(pages) < n:
+                pages.append(self.acquire())
+        except BaseException:
+            self.release_many(pages)
+            raise
+        return pages
+
     def release(self, page: Page) -> None:
         """Back to the reserve, or freed when the reserve is full (or over budget)."""
-        with self._cond:
-            self._in_use -= 1
-            keep = (not self._closed and len(self._reserve) < self._reserve_target
-                    and self._in_use + len(self._reserve) < self._budget_pages)
-            if keep:
-                self._reserve.append(page)
+        self.release_many([page])
+
+    def release_many(self, pages: list[Page]) -> None:
+        """release() for several pages, under one lock."""
+        with self._lock:
+            self._in_use -= len(pages)
+            room = min(self._reserve_target - len(self._reserve),
+                       self._budget_pages - self._in_use - len(self._reserve))
+            keep = 0 if self._closed else max(0, min(len(pages), room))
+            self._reserve.extend(pages[:keep])
+            if self._creating:  # only then can an acquire() be waiting
                 self._cond.notify_all()
-                return
-        self.zero_worker.touch()
-        self.backend.release_page(page.handle)
+        if keep < len(pages):
+            self.zero_worker.touch()
+        for page in pages[keep:]:
+            self.backend.release_page(page.handle)
 
     # -- reclaim and sizing -----------------------------------------------
     def shrink(self) -> int:
         """Free every reserve page (the cheapest reclaim); returns bytes freed.
         The reserve stays empty until the next acquire wants it again."""
-        with self._cond:
+        with self._lock:
             pages, self._reserve = self._reserve, []
             self._refill_wanted = False
         self.zero_worker.touch()
@@ -137,7 +164,7 @@ class PagePool:
         is); returns pages added. For start-up and benchmarks."""
         added = 0
         while True:
-            with self._cond:
+            with self._lock:
                 self._check_open()
                 if not self._room_to_refill():
                     while self._creating:  # the refill thread's pages count as filled
@@ -153,7 +180,7 @@ class PagePool:
         """A new budget; pages already in use are kept, the reserve trims to fit."""
         if budget_bytes < 0:
             raise ConfigError(f"budget_bytes: {budget_bytes} must be >= 0")
-        with self._cond:
+        with self._lock:
             self._budget_pages = budget_bytes // self.page_size
             excess = self._in_use + len(self._reserve) - self._budget_pages
             keep = len(self._reserve) - min(len(self._reserve), max(0, excess))
@@ -163,7 +190,7 @@ class PagePool:
 
     # -- accounting (bytes) -----------------------------------------------
     def stats(self) -> PoolStats:
-        with self._cond:
+        with self._lock:
             return PoolStats(self.page_size, self._budget_pages, self._in_use, len(self._reserve))
 
     def available(self) -> int:
@@ -189,7 +216,7 @@ class PagePool:
     def close(self) -> None:
         """Stop the refill thread and free the reserve. Pages still in use stay
         with their owners, who release them. Idempotent."""
-        with self._cond:
+        with self._lock:
             if self._closed:
                 return
             self._closed = True
@@ -214,7 +241,7 @@ class PagePool:
 
     def _refill_loop(self) -> None:
         while True:
-            with self._cond:
+            with self._lock:
                 while not (self._closed or (self._refill_wanted and self._room_to_refill())):
                     self._cond.wait()
                 if self._closed:
@@ -225,7 +252,7 @@ class PagePool:
             except Exception as exc:  # device full: wait for the next acquire to retry
                 log_at = log.debug if isinstance(exc, KvcachedError) else log.exception
                 log_at("reserve refill stopped: %s", exc)
-                with self._cond:
+                with self._lock:
                     self._refill_wanted = False
 
     def _add_created_page(self) -> None:
@@ -233,11 +260,11 @@ class PagePool:
         try:
             handle = self.backend.create_page(self.page_size)
         except BaseException:
-            with self._cond:
+            with self._lock:
                 self._creating -= 1
                 self._cond.notify_all()
             raise
-        with self._cond:
+        with self._lock:
             self._creating -= 1
             self._cond.notify_all()
             if not self._closed and len(self._reserve) < self._reserve_target:

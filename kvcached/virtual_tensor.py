@@ -111,9 +111,13 @@ class VirtualTensor:
             todo = [i for i in range(first, first + count) if state[i] != MAPPED]
             if not todo:
                 return 0
-            pages = self._acquire(len(todo))  # first: PoolExhausted must change nothing
-            if self._tasks:
-                self._take_back_bare(todo)
+            pages = self.pool.acquire_many(len(todo))  # first: PoolExhausted changes nothing
+            try:
+                if self._tasks:
+                    self._take_back_bare(todo)
+            except BaseException:  # a zero-page restore failed: a driver error, fatal
+                self.pool.release_many(pages)
+                raise
             self._worker.touch()
             self._attach(todo, pages)
             return len(todo) * self.page_size
@@ -204,17 +208,6 @@ class VirtualTensor:
                 f"{self._state.count(MAPPED)}/{self.num_pages} of {self.page_size} bytes)")
 
     # -- inside -----------------------------------------------------------
-    def _acquire(self, n: int) -> list[Page]:
-        pages: list[Page] = []
-        try:
-            for _ in range(n):
-                pages.append(self.pool.acquire())
-        except BaseException:
-            for page in pages:
-                self.pool.release(page)
-            raise
-        return pages
-
     def _attach(self, todo: list[int], pages: list[Page]) -> None:
         """Map `pages` at the ZERO/BARE pages `todo`, run by run; all or nothing."""
         runs = _runs(todo, key=self._state.__getitem__)
@@ -239,8 +232,7 @@ class VirtualTensor:
         self._restore_zero([i for start, n, was in left[1:] if was == BARE
                             for i in range(start, start + n)])
         self._detach(done, False)
-        for page in unused:
-            self.pool.release(page)
+        self.pool.release_many(unused)
 
     def _detach(self, todo: list[int], defer_zero: bool) -> int:
         """Give back the pages at `todo`: unmap, return them to the pool (the memory is
@@ -253,13 +245,14 @@ class VirtualTensor:
         for start, n, _ in runs:
             self._backend.unmap_pages(self._addr_of(start), n, self.page_size, restore_zero=False)
             self._state[start:start + n] = bytes([BARE]) * n
-        pages = self._pages
+        released = [self._pages[i] for i in todo]
         for i in todo:
-            page, pages[i] = pages[i], None
-            self.pool.release(page)
+            self._pages[i] = None
+        self.pool.release_many(released)
         if defer_zero:
-            for i in todo:
-                self._tasks[i] = self._worker.submit(self._addr_of(i), self.page_size)
+            for start, n, _ in runs:  # one task per run: the driver cost is per page anyway
+                task = self._worker.submit(self._addr_of(start), n * self.page_size)
+                self._tasks.update(dict.fromkeys(range(start, start + n), task))
         else:
             self._restore_zero(todo)
         return len(todo) * self.page_size
@@ -271,18 +264,33 @@ class VirtualTensor:
 
     def _take_back_bare(self, indices: list[int]) -> None:
         """Pages about to be mapped: a zero page not yet restored is no longer wanted
-        (the page stays BARE and is mapped as is); one being restored is waited for."""
-        for i in indices:
-            task = self._tasks.pop(i, None)
-            if task is not None and not self._worker.cancel(task):
+        there (those pages stay BARE and are mapped as they are; the rest of the task's
+        run gets a new task); one being restored is waited for."""
+        wanted = set(indices)
+        for task in {id(t): t for i in indices if (t := self._tasks.get(i))}.values():
+            covered = self._pages_of(task)
+            if self._worker.cancel(task):
+                rest = [i for i in covered if i not in wanted]
+                for start, n, _ in _runs(rest):
+                    again = self._worker.submit(self._addr_of(start), n * self.page_size)
+                    self._tasks.update(dict.fromkeys(range(start, start + n), again))
+            else:
                 self._worker.finish(task)
-                self._state[i] = ZERO
+                self._state[covered[0]:covered[-1] + 1] = bytes([ZERO]) * len(covered)
 
     def _finish_tasks(self, indices: list[int]) -> None:
-        for i in indices:
-            task = self._tasks.pop(i)
+        for task in {id(t): t for i in indices if (t := self._tasks.get(i))}.values():
+            covered = self._pages_of(task)
             self._worker.finish(task)
-            self._state[i] = ZERO
+            self._state[covered[0]:covered[-1] + 1] = bytes([ZERO]) * len(covered)
+
+    def _pages_of(self, task: ZeroTask) -> list[int]:
+        """The pages a task covers (one adjacent run), taken out of the task table."""
+        first = (task.addr - self.addr) // self.page_size
+        covered = list(range(first, first + task.size // self.page_size))
+        for i in covered:
+            del self._tasks[i]
+        return covered
 
     def _addr_of(self, page: int) -> int:
         return self.addr + page * self.page_size

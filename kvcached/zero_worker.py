@@ -49,7 +49,8 @@ class ZeroWorker:
         self._quiet_s = quiet_s
         self._last_busy = 0.0
         self._queue: deque[ZeroTask] = deque()
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()  # `with` on a Lock is C; on a Condition, Python
+        self._cond = threading.Condition(self._lock)
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -61,7 +62,7 @@ class ZeroWorker:
     def submit(self, addr: int, size: int) -> ZeroTask:
         task = ZeroTask(addr, size)
         self.touch()
-        with self._cond:
+        with self._lock:
             if self._closed:  # nobody left to run it: do it here
                 task.state = RUNNING
             else:
@@ -74,7 +75,7 @@ class ZeroWorker:
 
     def cancel(self, task: ZeroTask) -> bool:
         """True when the task had not started: its range stays without any mapping."""
-        with self._cond:
+        with self._lock:
             if task.state != PENDING:
                 return False
             task.state = CANCELLED
@@ -86,7 +87,7 @@ class ZeroWorker:
         if self.cancel(task):
             task.state = RUNNING
             self._run(task)
-        with self._cond:
+        with self._lock:
             while task.state == RUNNING:
                 self._cond.wait()
         if task.error is not None:
@@ -94,7 +95,7 @@ class ZeroWorker:
 
     def close(self) -> None:
         """Run what is queued, then stop the thread. Idempotent."""
-        with self._cond:
+        with self._lock:
             if self._closed:
                 return
             self._closed = True
@@ -103,7 +104,7 @@ class ZeroWorker:
 
     def _next_task(self) -> ZeroTask | None:
         """The next task to run once things are quiet; None when closed and drained."""
-        with self._cond:
+        with self._lock:
             while True:
                 while self._queue and self._queue[0].state != PENDING:  # cancelled or finished
                     self._queue.popleft()
@@ -130,6 +131,6 @@ class ZeroWorker:
         except BaseException as exc:  # surfaced to whoever finishes the task
             log.exception("restoring the zero page at %#x failed", task.addr)
             task.error = exc
-        with self._cond:
+        with self._lock:
             task.state = DONE
             self._cond.notify_all()

@@ -10,14 +10,14 @@ How clients authenticate (the contract the tray, CLI and dashboard build on):
 * Programs (tray, CLI, app/control_client.py) read the token file and send
   ``Authorization: Bearer <token>`` on every ``/control/...`` request.
 * The dashboard is opened as ``http://127.0.0.1:<port>/dashboard?token=<token>``
-  (the tray/CLI build that URL from the token file). The daemon checks the
+  (the tray builds it from the token file: app/control_client.ControlClient.dashboard_url). The daemon checks the
   token, sets the cookie ``ebbtide_token`` (HttpOnly, SameSite=Strict, Path=/)
   and answers ``303 -> /dashboard`` so the token leaves the address bar and
   history. The page then just calls ``fetch("/control/...")`` and
   ``new EventSource("/control/events")`` on its own origin: the cookie rides
   along (EventSource cannot send an Authorization header, hence the cookie).
   Without a valid cookie, control routes answer 401 and the page should say
-  "open the dashboard from the tray or `ebbtide dashboard`".
+  "open the dashboard from the tray".
 * A foreign web page cannot use the cookie: SameSite=Strict keeps it off
   cross-site requests and app/server/security.py refuses foreign Origins.
 

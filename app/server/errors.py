@@ -51,6 +51,8 @@ STATUS_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
     (kv_errors.KvcachedError, 500, "server_error"),
 )
 
+RETRY_AFTER_S = 1
+
 # Path prefix -> dialect; the longest prefix that matches wins.
 DIALECT_PREFIXES: tuple[tuple[str, Dialect], ...] = (
     ("/v1/", Dialect.OPENAI),
@@ -87,8 +89,10 @@ def error_for(exc: BaseException, dialect: Dialect) -> tuple[int, dict]:
     """Status and body for an exception: used by handlers and by streams that fail midway."""
     status, kind = classify(exc)
     message = str(exc) or type(exc).__name__
-    if status >= 500:
+    if status == 500:  # our fault: keep the traceback
         log.error("%s: %s", type(exc).__name__, message, exc_info=exc)
+    elif status > 500:  # temporary (busy, reclaiming): expected under load
+        log.warning("%s: %s", type(exc).__name__, message)
     return status, error_body(dialect, status, kind, message)
 
 
@@ -130,7 +134,9 @@ def install(app: FastAPI) -> None:
 
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
         status, body = error_for(exc, dialect_of(request.url.path))
-        return JSONResponse(body, status_code=status)
+        # Temporary conditions (a full queue, a reclaim under way): tell clients when to retry.
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if isinstance(exc, kv_errors.TemporaryError) else None
+        return JSONResponse(body, status_code=status, headers=headers)
 
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)

@@ -99,6 +99,8 @@ async def ps(request: Request) -> dict:
         models.append({
             "name": loaded.name, "model": loaded.name, "size": size, "digest": digest(loaded.info),
             "details": details(loaded.info), "expires_at": rfc3339(loaded.expires_at),
-            "size_vram": size if memory.on_gpu else 0, "context_length": loaded.info.context_length,
+            "size_vram": size if memory.on_gpu else 0,
+            # The context it is served with (llama.cpp engines may cap the model's own).
+            "context_length": getattr(loaded.engine, "n_ctx", loaded.info.context_length),
         })
     return {"models": models}

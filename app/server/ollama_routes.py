@@ -131,8 +131,7 @@ async def _load_only(ctx: ServerContext, model: str, keep_alive: float | None, e
     """Ollama's "empty request loads the model"; with keep_alive 0 it unloads instead."""
     if keep_alive == 0:
         info = await ctx.manager.resolve(model)
-        if ctx.manager.find_loaded(info.name) is not None:
-            await ctx.manager.unload(info.name)
+        await ctx.manager.expire(info.name)
         return JSONResponse({"model": info.name, "created_at": now_rfc3339(), **empty,
                              "done": True, "done_reason": "unload"})
     lease = await ctx.manager.lease(model, keep_alive)

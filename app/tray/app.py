@@ -55,6 +55,10 @@ class TrayApp:
         self.icon = None
         self.stopping = threading.Event()
         self._drawn_key: object = None
+        # pystray's xorg backend runs cross-thread calls through one shared reply queue, so two
+        # threads updating the icon at once can take each other's replies: all icon calls go
+        # through this lock.
+        self._icon_lock = threading.Lock()
         hooks = TrayHooks(refresh=self.refresh, quit=self.quit, auto_yield=lambda: self.view.auto_yield,
                           tray_command=tray_command)
         self.dispatcher = Dispatcher(client, settings_file, login_item, hooks)
@@ -95,11 +99,15 @@ class TrayApp:
         if icon is None:
             return
         key = (view.mode, round(view.held_fraction, 2), round(view.others_fraction, 2))
-        if key != self._drawn_key:  # redraw only on change: an undocked xorg icon logs on each update
-            self._drawn_key = key
-            icon.icon = draw_icon(view)
-        icon.title = view.tooltip()
-        icon.update_menu()
+        with self._icon_lock:
+            if self.stopping.is_set():
+                return
+            if key != self._drawn_key:  # redraw only on change: an undocked xorg icon logs on each update
+                self._drawn_key = key
+                icon.icon = draw_icon(view)
+            if icon.title != view.tooltip():
+                icon.title = view.tooltip()
+            icon.update_menu()
 
     # --- pystray ---------------------------------------------------------------
     def build_icon(self):
@@ -139,6 +147,10 @@ class TrayApp:
         self.popup.close()
         if self.supervisor is not None:
             self.supervisor.stop()
+        with self._icon_lock:
+            self._stop_icon()
+
+    def _stop_icon(self) -> None:
         if self.icon is not None:
             # Undock before stopping: pystray's xorg loop, stopped while docked in a tray,
             # kept waiting for a DestroyNotify that never came (seen under Xvfb with a real

@@ -89,7 +89,8 @@ class TorchEngine(Engine):
         dtype = DTYPES.get(self.config.torch_dtype)
         self.model, self.text = self._read_model(device, dtype, lambda f: report(0.9 * f, "reading"))
         cfg = self.model.cfg
-        self.max_ctx = min(self.config.torch_max_context, cfg.max_context)
+        wanted = self.config.context_overrides.get(self.info.name, self.config.torch_max_context)
+        self.max_ctx = min(wanted, cfg.max_context)
         report(0.92, "allocating")
         self.store = self._make_store(cfg, device)
         num_slots = self.store.layout.max_slots

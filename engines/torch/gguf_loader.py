@@ -18,7 +18,9 @@ default for exactness, bf16 is one argument away.
 from __future__ import annotations
 
 import logging
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -132,31 +134,42 @@ def dequantize_tensor(tensor: Any) -> np.ndarray:
     return array if array.flags.writeable else array.copy()
 
 
-def load_gguf_state(reader: Any, cfg: ModelConfig,
+def load_gguf_state(reader: Any, cfg: ModelConfig, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32,
                     progress: Callable[[float], None] | None = None
                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """All model tensors as float32 CPU torch tensors (HF names), plus the
-    llama3 rope frequency factors where the file has them."""
-    state: dict[str, torch.Tensor] = {}
-    rope_factors = None
+    """All model tensors (HF names) on device/dtype, plus the llama3 rope
+    frequency factors (float32, CPU) where the file has them."""
     permute = cfg.arch in _PERMUTED_ARCHS
     heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
-    tensors = list(reader.tensors)
-    for i, tensor in enumerate(tensors):
-        if tensor.name == _ROPE_FREQS:
-            rope_factors = torch.from_numpy(dequantize_tensor(tensor))
-            continue
-        name = hf_name(tensor.name)
-        if name is None:
-            log.debug("GGUF tensor %s not used by the model", tensor.name)
-            continue
+    tensors = [t for t in reader.tensors if t.name == _ROPE_FREQS or hf_name(t.name) is not None]
+
+    def convert(tensor: Any) -> np.ndarray:
         array = dequantize_tensor(tensor)
-        proj = name.split(".")[-2]
-        if permute and proj in heads:
-            array = unpermute_qk(array, heads[proj])
-        state[name] = torch.from_numpy(array)
-        if progress is not None:
-            progress((i + 1) / len(tensors))
+        proj = (hf_name(tensor.name) or "").split(".")[-2:-1]
+        if permute and proj and proj[0] in heads:
+            array = unpermute_qk(array, heads[proj[0]])
+        return array
+
+    # numpy's dequantization releases the GIL in its array ops: threads overlap
+    # (measured single-threaded: ~85 M weights/s, i.e. 1.6 s for SmolLM2-135M).
+    state: dict[str, torch.Tensor] = {}
+    rope_factors = None
+    workers = min(8, os.cpu_count() or 1)
+    done = 0
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        # A few tensors at a time, moved to the target at once: float32 copies of
+        # a whole 8B model (32 GB) never sit in host memory together.
+        for start in range(0, len(tensors), 2 * workers):
+            chunk = tensors[start:start + 2 * workers]
+            for tensor, array in zip(chunk, pool.map(convert, chunk)):
+                if tensor.name == _ROPE_FREQS:
+                    rope_factors = torch.from_numpy(array)
+                else:
+                    state[str(hf_name(tensor.name))] = torch.from_numpy(array).to(device, dtype)
+                done += 1
+                if progress is not None:
+                    progress(done / len(tensors))
     return state, rope_factors
 
 
@@ -170,8 +183,9 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu",
     names = {t.name for t in reader.tensors}
     cfg = from_gguf_fields(meta, has_qkv_bias="blk.0.attn_q.bias" in names,
                            has_output="output.weight" in names)
-    state, rope_factors = load_gguf_state(reader, cfg, progress)
-    model = build_model(cfg, state, device, dtype or default_dtype(device))
+    dtype = dtype or default_dtype(device)
+    state, rope_factors = load_gguf_state(reader, cfg, device, dtype, progress)
+    model = build_model(cfg, state, device, dtype)
     if rope_factors is not None:
         model.rotary.set_freq_factors(rope_factors)
     log.info("loaded %s: %d layers, dim %d, %s on %s", Path(path).name, cfg.num_layers,

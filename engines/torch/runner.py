@@ -20,6 +20,7 @@ import logging
 
 import torch
 
+from engines.torch import decode_attention
 from engines.torch.kv_access import KVStore, SlotKV
 from engines.torch.scheduler import PrefillChunk, Sequence, StepPlan
 
@@ -90,8 +91,9 @@ class DecodeGraph:
 
 class Runner:
     def __init__(self, model: torch.nn.Module, store: KVStore, use_graphs: bool | None = None,
-                 compile: bool | None = None) -> None:
-        """use_graphs, compile: None means on where the model is on CUDA."""
+                 compile: bool | None = None, triton: bool | None = None) -> None:
+        """use_graphs, compile, triton: None means on where the model is on CUDA
+        (triton: the one-kernel decode attention, after it checks out here)."""
         self.model = model
         self.store = store
         self.kv = SlotKV(store)
@@ -99,10 +101,15 @@ class Runner:
         on_cuda = self.device.type == "cuda"
         self.use_graphs = on_cuda if use_graphs is None else use_graphs
         # Eager, a decode step is ~40 small kernels a layer (norms, RoPE, SiLU in
-        # float32 pieces); compiled, Inductor fuses them to about a dozen, which
-        # is what gets SmolLM2-135M under 1 ms a token and 8B near the bandwidth
-        # limit. Graphs capture the compiled step; Inductor's own cudagraphs are off.
+        # float32 pieces); compiled, Inductor fuses the model's own ops. Measured on
+        # the H100 with attention still as torch ops: 1.96 ms a step for SmolLM2-135M,
+        # ~65 us a layer beyond weight reads, hence the Triton attention kernel.
+        # Graphs capture the compiled step; Inductor's own cudagraphs are off.
         self.is_compiled = on_cuda if compile is None else compile
+        cfg = model.cfg
+        if (on_cuda if triton is None else triton) and decode_attention.is_available(self.device):
+            self.kv.use_triton = decode_attention.self_check(
+                self.device, model.dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         self.decode_forward = self._decode_forward
         if self.is_compiled:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
@@ -114,7 +121,9 @@ class Runner:
         # would compile the whole model a second time.
         self.batch_buckets = pow2_buckets(2 if self.is_compiled and layout.max_slots > 1 else 1,
                                           layout.max_slots)
-        self.read_buckets = pow2_buckets(min(MIN_READ_BUCKET, self.max_ctx), self.max_ctx)
+        # The Triton kernel reads each row's own length on the device: one bucket does.
+        self.read_buckets = [self.max_ctx] if self.kv.use_triton else \
+            pow2_buckets(min(MIN_READ_BUCKET, self.max_ctx), self.max_ctx)
         self.graphs: dict[tuple[int, int], DecodeGraph] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
@@ -173,11 +182,3 @@ class Runner:
             graph = DecodeGraph(self, key[0], key[1], tokens, positions, slots)
             self.graphs[key] = graph
         return graph.run(tokens, positions, slots)
-
-    def capture_all(self, slot: int = 0) -> None:
-        """Capture every bucket up front (benchmarks), on one slot's first token."""
-        self.store.ensure(slot, 1)
-        for batch in self.batch_buckets:
-            for read_len in self.read_buckets:
-                if (batch, read_len) not in self.graphs:
-                    self.graphs[(batch, read_len)] = DecodeGraph(self, batch, read_len, [0], [0], [slot])

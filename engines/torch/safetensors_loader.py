@@ -39,7 +39,11 @@ def read_hf_config(folder: Path) -> ModelConfig:
 def load_safetensors_state(folder: Path, device: torch.device | str, dtype: torch.dtype,
                            progress: Callable[[float], None] | None = None
                            ) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorsError, safe_open
+    import safetensors
+    from safetensors import safe_open
+
+    # Named SafetensorError in the package root since 0.4; older ones raise OSError-likes.
+    bad_file = (getattr(safetensors, "SafetensorError", OSError), OSError)
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -52,7 +56,7 @@ def load_safetensors_state(folder: Path, device: torch.device | str, dtype: torc
                 for name in f.keys():
                     if not name.endswith(_IGNORED_SUFFIXES):
                         state[name] = f.get_tensor(name).to(dtype)
-        except SafetensorsError as exc:
+        except bad_file as exc:
             raise ModelLoadError(f"{file.name} is not a readable safetensors file: {exc}") from None
         if progress is not None:
             progress((i + 1) / len(files))

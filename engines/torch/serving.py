@@ -55,6 +55,7 @@ class ServingLoop:
         self._jobs: dict[int, Job] = {}
         self._wake = threading.Condition()
         self._stop = False
+        self._closing = False
         self.idle_since = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="torch-engine", daemon=True)
         self._thread.start()
@@ -62,6 +63,8 @@ class ServingLoop:
     # --- callers' side -------------------------------------------------------
     def submit(self, job: Job) -> None:
         with self._wake:
+            if self._closing:
+                raise EngineBusy("the model is unloading; retry to load it again")
             if len(self._inbox) + len(self.scheduler.waiting) >= self.max_queue:
                 raise EngineBusy(f"{self.max_queue} requests are already waiting for this model")
             self._inbox.append(job)
@@ -72,7 +75,11 @@ class ServingLoop:
         return bool(self._inbox or self._jobs)
 
     def close(self) -> None:
+        """Refuse new requests, let those in flight finish, then stop the worker."""
         with self._wake:
+            self._closing = True
+            while self._inbox or self._jobs:
+                self._wake.wait(0.05)
             self._stop = True
             self._wake.notify()
         self._thread.join()
@@ -90,7 +97,7 @@ class ServingLoop:
             except Exception as exc:  # a failed step fails its requests, never the worker
                 log.exception("torch engine step failed")
                 self._fail_all(exc)
-        self._fail_all(RuntimeError("the engine was unloaded"))
+        self._fail_all(EngineBusy("the model was unloaded while this request waited"))
 
     def step(self) -> None:
         with self.step_lock:

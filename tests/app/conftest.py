@@ -14,18 +14,20 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
+import tomli_w
 
 ROOT = Path(__file__).resolve().parents[2]
 # Hermetic: no scanning of the machine's Ollama/LM Studio/HF stores, only the bundled model.
 # max_queue: the 32-concurrent-streams test queues 31 requests behind one on llama.cpp.
-BASE_SETTINGS = ("scan_ollama = false\nscan_lmstudio = false\nscan_hf_cache = false\n"
-                 "monitor_interval_s = 0.2\nmax_queue = 64\n")
+BASE_SETTINGS = {"scan_ollama": False, "scan_lmstudio": False, "scan_hf_cache": False,
+                 "monitor_interval_s": 0.2, "max_queue": 64}
 START_TIMEOUT_S = 90.0
 
 
@@ -79,7 +81,9 @@ class Daemon:
 
 def _spawn(home: Path, settings_toml: str = "") -> Daemon:
     (home / "config").mkdir(parents=True, exist_ok=True)
-    (home / "config" / "settings.toml").write_text(BASE_SETTINGS + settings_toml)
+    # A test's settings override the hermetic base (a TOML key may appear only once).
+    settings = {**BASE_SETTINGS, **tomllib.loads(settings_toml)}
+    (home / "config" / "settings.toml").write_text(tomli_w.dumps(settings))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("EBBTIDE_")}
     env.update({"EBBTIDE_HOME": str(home), "EBBTIDE_PORT": str(port), "EBBTIDE_BACKEND": "host",
@@ -113,7 +117,7 @@ def live_server(tmp_path_factory) -> Iterator[Daemon]:
 
 @pytest.fixture
 def start_daemon(tmp_path) -> Iterator[Callable[..., Daemon]]:
-    """Start private daemons (settings_toml is appended to the hermetic settings); all stop at the end."""
+    """Start private daemons (settings_toml overrides the hermetic settings); all stop at the end."""
     started: list[Daemon] = []
 
     def start(settings_toml: str = "") -> Daemon:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import httpx
@@ -81,3 +82,34 @@ def test_client_that_hangs_up_on_a_non_streamed_request_is_cancelled(live_server
                 break
             time.sleep(0.05)
         assert not rows[model]["busy"]
+
+
+def test_a_full_queue_answers_busy_with_retry_after(start_daemon) -> None:
+    daemon = start_daemon("max_queue = 1\n")
+    long = {"prompt": "Count to one thousand:", "n_predict": 2000, "ignore_eos": True, "stream": True}
+    with daemon.client() as first_client, daemon.client() as http:
+        with first_client.stream("POST", "/completion", json=long) as running:
+            next(running.iter_lines())  # the first request is generating
+            # The second waits in the queue; its response would start only after the first.
+            second = threading.Thread(target=_post_quietly, args=(daemon, long), daemon=True)
+            second.start()
+            deadline = time.monotonic() + 30
+            busy = None
+            while time.monotonic() < deadline:
+                try:
+                    busy = http.post("/completion", json={"prompt": "Hi", "n_predict": 1}, timeout=2)
+                except httpx.TimeoutException:
+                    continue  # this one got the queue's place before the second: try again
+                if busy.status_code == 503:
+                    break
+            assert busy.status_code == 503, busy.text
+            assert busy.headers["retry-after"] == "1"
+            assert "waiting" in busy.json()["error"]["message"]
+
+
+def _post_quietly(daemon, body: dict) -> None:
+    try:
+        with daemon.client(timeout=5) as client:
+            client.post("/completion", json=body)
+    except httpx.HTTPError:
+        pass  # it gives up while queued: the daemon cancels it

@@ -131,3 +131,13 @@ def test_dashboard_trades_the_url_token_for_a_cookie(live_server) -> None:
         assert "httponly" in cookie and "samesite=strict" in cookie
         # The client now holds the cookie: the control API answers without a header.
         assert http.get("/control/status").status_code == 200
+
+
+@pytest.mark.parametrize("name", ["../../../../etc/passwd", "/etc/passwd", "..%2F..%2Fetc%2Fpasswd",
+                                  "C:\\Windows\\win.ini"])
+def test_model_names_never_become_paths(http, name) -> None:
+    # The registry looks names up in its listing only; a path-like name is just an unknown model.
+    shown = http.post("/api/show", json={"model": name})
+    assert shown.status_code == 404 and "root:" not in shown.text
+    generated = http.post("/api/generate", json={"model": name, "prompt": "x", "stream": False})
+    assert generated.status_code == 404

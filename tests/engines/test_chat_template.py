@@ -1,7 +1,13 @@
 """Chat templates: the bundled model's own template, the ChatML fallback, the sandbox."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from text_fixtures import gguf_meta  # noqa: E402,F401
 
 from engines.errors import InvalidRequest, ModelLoadError
 from engines.text.chat_template import CHATML_TEMPLATE, ChatTemplate, TemplateError

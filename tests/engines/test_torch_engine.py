@@ -15,7 +15,7 @@ from engines.torch.engine import TorchEngine
 from engines.torch.gguf_loader import bundled_model_path
 from engines.types import ChatMessage, FinishReason, GenerateRequest, ModelState, RequestKind, SamplingParams
 
-GREEDY = SamplingParams(temperature=0, max_tokens=8)
+GREEDY = SamplingParams(temperature=0, max_tokens=6)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_chat_streams_and_ends(engine):
 
 def test_max_tokens_gives_length_with_exact_count(engine):
     text, last = collect(engine, chat("Count from one to twenty in words."))
-    assert last.finish_reason is FinishReason.LENGTH and last.usage.completion_tokens == 8 and text
+    assert last.finish_reason is FinishReason.LENGTH and last.usage.completion_tokens == 6 and text
 
 
 def test_next_turn_reuses_the_prefix_and_answers_the_same(engine):
@@ -69,12 +69,12 @@ def test_stop_string_is_cut_and_never_sent(engine):
     full, _ = collect(engine, chat("Count from one to twenty in words."))
     stop = full.strip()[3:6]
     text, last = collect(engine, chat("Count from one to twenty in words.",
-                                      SamplingParams(temperature=0, max_tokens=8, stop=(stop,))))
+                                      SamplingParams(temperature=0, max_tokens=6, stop=(stop,))))
     assert last.finish_reason is FinishReason.STOP and stop not in text and full.startswith(text)
 
 
 def test_concurrent_requests_batch_and_match_solo_outputs(engine):
-    prompts = ["Say hello.", "What is two plus two?", "Name a color.", "Write a haiku about rain."]
+    prompts = ["Say hello.", "Name a color."]
     solo = {p: collect(engine, chat(p))[0] for p in prompts}
     results: dict[str, str] = {}
 

@@ -123,3 +123,16 @@ def test_virtual_kv_maps_pages_as_the_sequence_grows_and_trims(model, virtual_st
 def test_buckets():
     assert pow2_buckets(1, 8) == [1, 2, 4, 8] and pow2_buckets(1, 6) == [1, 2, 4, 6]
     assert pow2_buckets(256, 4096)[-1] == 4096 and bucket(3, [1, 2, 4, 8]) == 4
+
+
+def test_virtual_store_ensures_ahead_and_shrinks_exactly(virtual_store):
+    calls = []
+    real = virtual_store.cache.ensure
+    virtual_store.cache.ensure = lambda slot, n: (calls.append(n), real(slot, n))[1]
+    for n in range(1, 40):
+        virtual_store.ensure(0, n)
+    assert calls == [16, 32, 48]                       # once in 16 tokens while growing
+    virtual_store.ensure(0, 5)                         # a new, shorter sequence in the slot
+    assert calls[-1] == 5 and virtual_store.cache.num_tokens(0) == 5
+    virtual_store.release(0)
+    assert virtual_store.cache.num_tokens(0) == 0

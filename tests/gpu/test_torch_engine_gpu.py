@@ -65,10 +65,23 @@ def model_gpu():
 
 
 @pytest.mark.parametrize("compile", [False, True])
-def test_graphed_decode_matches_eager(model_gpu, compile):
-    eager = run(Runner(model_gpu, static_store(CUDA), use_graphs=False, compile=False), PROMPTS, 6)
-    graphed = run(Runner(model_gpu, static_store(CUDA), use_graphs=True, compile=compile), PROMPTS, 6)
+@pytest.mark.parametrize("triton", [False, True])
+def test_graphed_decode_matches_eager(model_gpu, compile, triton):
+    eager = run(Runner(model_gpu, static_store(CUDA), use_graphs=False, compile=False, triton=False), PROMPTS, 6)
+    runner = Runner(model_gpu, static_store(CUDA), use_graphs=True, compile=compile, triton=triton)
+    assert runner.kv.use_triton == (triton and importlib.util.find_spec("triton") is not None)
+    graphed = run(runner, PROMPTS, 6)
     torch.testing.assert_close(graphed, eager, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", [(9, 3, 64), (32, 8, 128)])
+def test_triton_decode_attention_matches_reference(dtype, heads):
+    from engines.torch import decode_attention
+
+    if not decode_attention.is_available(CUDA):
+        pytest.skip("no Triton")
+    assert decode_attention.self_check(CUDA, dtype, *heads)
 
 
 @pytest.mark.parametrize("compile", [False, True])
