@@ -140,7 +140,17 @@ class TrayApp:
         """Show the icon; returns after Quit. Must run on the main thread (macOS)."""
         if self.icon is None:
             self.build_icon()
-        self.icon.run(setup=self._setup)
+        if type(self.icon).__module__ != "pystray._xorg":
+            self.icon.run(setup=self._setup)
+            return
+        # pystray's xorg loop, stopped while docked, sometimes waits forever on python-xlib
+        # for a DestroyNotify (its buffered DestroyWindow is never flushed when other threads
+        # use the connection; seen under Xvfb). X needs no main thread, so the loop runs
+        # beside us and Quit ends the tray whether or not that loop notices.
+        loop = threading.Thread(target=self.icon.run, kwargs={"setup": self._setup}, name="tray-xorg", daemon=True)
+        loop.start()
+        self.stopping.wait()
+        loop.join(2.0)
 
     def quit(self) -> None:
         self.stopping.set()

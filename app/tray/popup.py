@@ -26,6 +26,7 @@ class TkPopup:
         self.closed = threading.Event()
         self.closed.set()
         self.item_centers: dict[str, tuple[int, int]] = {}  # label -> screen point (top level only)
+        self.bounds: tuple[int, int, int, int] = (0, 0, 0, 0)  # left, top, right, bottom on screen
         self._root = None
 
     def open(self, entries: list[Entry], at: tuple[int, int] | None = None) -> bool:
@@ -75,7 +76,8 @@ class TkPopup:
             elif entry.children:
                 menu.add_cascade(label=entry.label, menu=self._menu(menu, entry.children), state=state)
             elif entry.checked is not None:
-                var = tkinter.BooleanVar(master=root, value=entry.checked)
+                # IntVar, not BooleanVar: Tk compares the value with onvalue "1" as text.
+                var = tkinter.IntVar(master=root, value=int(entry.checked))
                 menu.add_checkbutton(label=entry.label, variable=var, state=state, command=self._later(entry))
                 menu._keep = getattr(menu, "_keep", []) + [var]  # Tk forgets variables Python drops
             else:
@@ -89,6 +91,7 @@ class TkPopup:
 
     def _note_positions(self, menu, entries: list[Entry]) -> None:
         top, left, width = menu.winfo_rooty(), menu.winfo_rootx(), menu.winfo_width()
+        self.bounds = (left, top, left + width, top + menu.winfo_height())
         for index, entry in enumerate(entries):
             if entry.is_separator:
                 continue

@@ -17,7 +17,8 @@ import pytest
 
 from desktop_support import ROOT, SCREENSHOTS, LiveDaemon, start_xvfb, stop, wait_until
 
-pytestmark = pytest.mark.timeout(240)
+# pystray closes its X connection in __del__, after Xvfb is gone: harmless, but reported as unraisable.
+pytestmark = [pytest.mark.timeout(240), pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
 
 @pytest.fixture
@@ -113,8 +114,8 @@ def test_tray_menu_from_live_daemon_reclaims(xdisplay, tray_host, daemon, tmp_pa
     assert row.state == held["state"] == "loaded" and row.held_bytes > 0
     assert any(e.label.startswith(f"{model} (idle") for e in app.entries())
 
-    icon = app.build_icon()
-    runner = threading.Thread(target=icon.run, kwargs={"setup": app._setup}, daemon=True)
+    app.build_icon()
+    runner = threading.Thread(target=app.run, daemon=True)  # the tray's loop, as run_tray runs it
     runner.start()
     window, x, y, size = tray_host.next_dock()
     # The docked icon is drawn: its pixels are no longer the panel's plain colour.
@@ -133,9 +134,8 @@ def test_tray_menu_from_live_daemon_reclaims(xdisplay, tray_host, daemon, tmp_pa
     click(xdisplay, x + size // 2, y + size // 2)  # pystray xorg -> default action -> our popup menu
     assert app.popup.posted.wait(20), "the menu did not open on a click"
     target = app.popup.item_centers[GIVE_BACK_ALL]
-    screen = grab(xdisplay)
-    left = min(target[0] - 160, x - 40)
-    screen.crop((max(0, left), 0, screen.width, min(screen.height, target[1] + 200))).save(
+    left, top, right, bottom = app.popup.bounds
+    grab(xdisplay).crop((max(0, min(left, x) - 12), 0, max(right, x + size) + 12, bottom + 12)).save(
         SCREENSHOTS / "tray-menu.png")
 
     click(xdisplay, *target)
@@ -148,4 +148,4 @@ def test_tray_menu_from_live_daemon_reclaims(xdisplay, tray_host, daemon, tmp_pa
     stop_events.set()
     app.quit()
     runner.join(20)
-    assert not runner.is_alive()
+    assert not runner.is_alive(), "Quit did not end the tray"
