@@ -37,7 +37,7 @@ test-fast: $(STAMP)
 # On a CUDA machine (the lent GPU): GPU tests and benchmarks with the system python,
 # results under $$OUT (or benchmarks/results/gpu when OUT is unset).
 gpu-check:
-	scripts/gpu_check.sh
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

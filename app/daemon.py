@@ -65,15 +65,9 @@ class _Server(uvicorn.Server):
 
 def engine_config(settings: Settings, models_dir: str):
     """EngineConfig from the app's Settings (the one place the two are joined)."""
-    from engines.config import EngineConfig
+    from engines.config import config_from_settings
 
-    overrides = {n: m.engine for n, m in settings.models.items() if m.engine != "auto"}
-    contexts = {n: m.context_length for n, m in settings.models.items() if m.context_length}
-    return EngineConfig(models_dir=models_dir, model_dirs=tuple(settings.model_dirs),
-                        scan_ollama=settings.scan_ollama, scan_lmstudio=settings.scan_lmstudio,
-                        scan_hf_cache=settings.scan_hf_cache, engine_overrides=overrides,
-                        context_overrides=contexts, max_queue=settings.max_queue,
-                        torch_num_slots=settings.num_slots)
+    return config_from_settings(settings, models_dir=models_dir)
 
 
 def open_broker(settings: Settings):
@@ -83,6 +77,7 @@ def open_broker(settings: Settings):
         from kvcached.config import KvcachedConfig
 
         config = KvcachedConfig(backend=settings.backend, headroom_bytes=settings.headroom_bytes,
+                                budget_bytes=settings.budget_bytes or None,
                                 monitor_interval_s=settings.monitor_interval_s, auto_yield=settings.auto_yield)
         broker = Broker(config)
         return broker.start(), broker.monitor.name
@@ -93,12 +88,8 @@ def open_broker(settings: Settings):
 
 def make_engine_factory(config):
     def make_engine(info):
-        try:
-            from engines.factory import create_engine  # imports torch only when needed
-        except ImportError:  # a checkout without the factory yet: llama.cpp serves everything
-            from engines.llamacpp.engine import LlamaCppEngine
+        from engines.factory import create_engine  # imports torch only when needed
 
-            return LlamaCppEngine(info, config)
         return create_engine(info, config)
 
     return make_engine

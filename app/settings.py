@@ -42,7 +42,7 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()  # browser origins besides the dashboard's own
     default_model: str = ""                # "" = the bundled SmolLM2
     keep_alive_s: float = 300.0            # idle unload, as Ollama's default 5 minutes; <0 never
-    max_queue: int = 16                    # per model; a full queue answers busy
+    max_queue: int = 512                   # per model, as Ollama; a full queue answers busy
     max_body_bytes: int = 8 << 20
     num_slots: int = 8                     # torch engine batch slots
     backend: str = "auto"                  # kvcached backend

@@ -5,7 +5,7 @@
 # To add a benchmark: append one line to BENCHMARKS below: a script and its arguments
 # ("benchmarks/decode.py --steps 64"). Each runs as a module (python3 -m
 # benchmarks.decode): `python3 benchmarks/x.py` would put benchmarks/ first on
-# sys.path, where benchmarks/http.py shadows the standard library's http.
+# sys.path, so benchmarks/ never shadows a standard-library module.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=.

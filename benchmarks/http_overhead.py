@@ -14,7 +14,7 @@ socket writes) and none of the engine's (llama.cpp decodes on its own worker
 and ggml threads). That CPU per token is the overhead the goal is about, read
 from /proc so other processes' load cannot inflate it. Goal: under 0.5 ms.
 
-Run:  python -m benchmarks.http [--tokens 128] [--rounds 5]
+Run:  python -m benchmarks.http_overhead [--tokens 128] [--rounds 5]
 (as a module: a script named http.py would shadow the standard library's http).
 """
 from __future__ import annotations
