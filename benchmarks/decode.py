@@ -230,7 +230,8 @@ def bench_llamacpp(path: Path, args: argparse.Namespace) -> dict:
     llm.eval(prompt[:32])
     t = time.perf_counter()
     for _ in range(args.steps):
-        llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
+        # Greedy through llama.cpp's own sampler: without logits_all, llm.scores stays zero.
+        llm.eval([llm.sample(top_k=1, temp=0.0)])
     out["decode_b1_tok_s"] = args.steps / (time.perf_counter() - t)
     return out
 

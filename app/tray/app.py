@@ -199,11 +199,8 @@ def no_display_reason(platform: str | None = None, environ: dict | None = None) 
     return ""
 
 
-def run_headless(supervisor: DaemonSupervisor) -> int:
-    """Supervise the daemon until it fails for good or we are asked to stop."""
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+def run_headless(supervisor: DaemonSupervisor, stop: threading.Event) -> int:
+    """Supervise the daemon until it fails for good or stop is set (SIGTERM, SIGINT)."""
     while not stop.wait(0.5):
         if supervisor.state is DaemonState.FAILED:
             print(f"ebbtide: the daemon keeps failing (exit {supervisor.last_exit}); see the daemon log.",
@@ -222,6 +219,10 @@ def _login_item() -> ModuleType | None:
 
 def run_tray(paths: AppPaths, loaded: LoadedSettings, headless: bool = False) -> int:
     settings = loaded.settings
+    # Signals are caught from the very start, so a SIGTERM while starting still ends cleanly.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     lock = InstanceLock(paths.lock_file)
     supervisor: DaemonSupervisor | None = None
     try:
@@ -236,7 +237,7 @@ def run_tray(paths: AppPaths, loaded: LoadedSettings, headless: bool = False) ->
     try:
         if supervisor is not None:
             supervisor.start()
-        return _show(client, loaded, supervisor, headless)
+        return _show(client, loaded, supervisor, headless, stop)
     finally:
         if supervisor is not None:
             supervisor.stop()
@@ -245,7 +246,7 @@ def run_tray(paths: AppPaths, loaded: LoadedSettings, headless: bool = False) ->
 
 
 def _show(client: ControlClient, loaded: LoadedSettings, supervisor: DaemonSupervisor | None,
-          headless: bool) -> int:
+          headless: bool, stop: threading.Event) -> int:
     reason = "asked to run headless" if headless else no_display_reason()
     app = TrayApp(client, loaded.path, _login_item(), supervisor)
     if not reason:
@@ -257,10 +258,9 @@ def _show(client: ControlClient, loaded: LoadedSettings, supervisor: DaemonSuper
         if supervisor is None:
             print(f"ebbtide: {reason}, and a daemon is already running at {client.base_url}.", file=sys.stderr)
             return exit_codes.ALREADY_RUNNING
-        print(f"ebbtide: {reason}; running the daemon without a tray icon at {client.base_url}.")
-        return run_headless(supervisor)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: threading.Thread(target=app.quit, daemon=True).start())
-    print(f"Ebbtide is running at {client.base_url}.")
+        print(f"ebbtide: {reason}; running the daemon without a tray icon at {client.base_url}.", flush=True)
+        return run_headless(supervisor, stop)
+    threading.Thread(target=lambda: stop.wait() or app.quit(), name="tray-signals", daemon=True).start()
+    print(f"Ebbtide is running at {client.base_url}.", flush=True)
     app.run()
     return exit_codes.OK

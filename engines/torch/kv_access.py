@@ -9,9 +9,11 @@ layout, the baseline that measures what mapping on demand costs.
 
 `SlotKV` is the model's `KVAccess` (engines.torch.attention) over a store:
 batch row b is slot `slots[b]`. A single sequence (prefill, CPU decode) works
-on its slot's views directly; a decode batch writes with index_put_ and reads
-each row's first read_len tokens with one index_select, so a step has no host
-sync and is captured once per (batch, read_len) bucket in a CUDA graph.
+on its slot's views directly. A decode batch goes through one opaque custom op
+(`ebbtide::slot_attend`, so torch.compile never sees the cache tensors): on
+CUDA the one-kernel Triton decode attention (engines.torch.decode_attention),
+elsewhere index_put_ + index_select + SDPA over a read-length bucket. Either
+way a step has no host sync and is captured in a CUDA graph per bucket.
 """
 from __future__ import annotations
 

@@ -149,3 +149,24 @@ def test_tray_menu_from_live_daemon_reclaims(xdisplay, tray_host, daemon, tmp_pa
     app.quit()
     runner.join(20)
     assert not runner.is_alive(), "Quit did not end the tray"
+
+
+def test_tray_process_docks_and_supervises_its_daemon(xdisplay, tray_host, tmp_path) -> None:
+    """`ebbtide` as people start it: the icon docks, its daemon child answers, SIGTERM ends both."""
+    from app.control_client import ControlClient
+    from desktop_support import daemon_env, free_port
+
+    home = tmp_path / "home"
+    env = daemon_env(home, free_port(), DISPLAY=xdisplay, PYSTRAY_BACKEND="xorg")
+    tray = subprocess.Popen([sys.executable, "-m", "app.cli"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    client = ControlClient(f"http://127.0.0.1:{env['EBBTIDE_PORT']}", home / "run" / "control-token")
+    try:
+        tray_host.next_dock(60)
+        wait_until(client.is_alive, 60, "the daemon the tray started")
+        assert client.status()["pid"] != tray.pid  # a child process, not the tray itself
+    finally:
+        tray.terminate()
+        code = tray.wait(30)
+    assert code == 0
+    assert not client.is_alive()

@@ -1,0 +1,191 @@
+/* The dashboard: models with their actions, and the live memory timeline.
+ *
+ * Everything goes through the control API on this page's own origin; the token rides in
+ * the HttpOnly cookie the daemon set when the page was opened from the tray or
+ * `ebbtide dashboard` (app/server/auth.py). Memory is sampled every second; the event
+ * stream (/control/events) marks reclaims on the timeline and refreshes model states.
+ */
+"use strict";
+
+const WINDOW_S = 300, SAMPLE_MS = 1000;
+const SCALES = ["auto", "device", "models"];
+const state = { samples: [], markers: [], names: [], models: [], autoYield: true, scale: "auto" };
+const $ = id => document.getElementById(id);
+
+async function api(method, path, body) {
+  const response = await fetch(path, {
+    method, credentials: "same-origin",
+    headers: body ? { "Content-Type": "application/json" } : {},
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  if (response.status === 401) {
+    throw new Error("Not authorized: open the dashboard from the tray menu or with `ebbtide dashboard`.");
+  }
+  const data = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const err = data.error;
+    throw new Error((err && (err.message || err)) || response.statusText);
+  }
+  return data;
+}
+
+function problem(message) {
+  const node = $("problem");
+  node.hidden = !message;
+  node.textContent = message || "";
+}
+
+const FIRST_ACTION = { paused: ["Resume", "resume"], loaded: ["Pause", "pause"], loading: ["Pause", "pause"] };
+
+function shownState(m) {
+  if (m.state === "loaded") return m.busy ? "busy" : "idle";
+  return m.state;
+}
+
+function heldBytes(m) { return m.memory ? (m.memory.weights || 0) + (m.memory.kv_held || 0) : 0; }
+
+function renderModels() {
+  const body = $("models").querySelector("tbody");
+  body.textContent = "";
+  for (const m of state.models) {
+    const tr = document.createElement("tr");
+    tr.dataset.model = m.name;
+    const st = shownState(m);
+    const cells = [m.name, null, m.engine || "", m.state === "unloaded" ? "" : Timeline.formatBytes(heldBytes(m)),
+                   String(m.priority ?? 0)];
+    cells.forEach((text, i) => {
+      const td = document.createElement("td");
+      if (i === 1) {
+        const badge = document.createElement("span");
+        badge.className = `state state-${st}`;
+        badge.textContent = st;
+        td.appendChild(badge);
+      } else td.textContent = text;
+      tr.appendChild(td);
+    });
+    const actions = document.createElement("td");
+    actions.className = "actions";
+    const inMemory = m.state !== "unloaded";
+    const [label, verb] = FIRST_ACTION[m.state] || ["Pause", "pause"];
+    for (const [text, action] of [[label, verb], ["Give back memory", "reclaim"], ["Unload", "unload"]]) {
+      const button = document.createElement("button");
+      button.textContent = text;
+      button.dataset.action = action;
+      button.disabled = !inMemory;
+      button.onclick = () => act(`/control/models/${encodeURIComponent(m.name)}/${action}`);
+      actions.appendChild(button);
+    }
+    tr.appendChild(actions);
+    body.appendChild(tr);
+  }
+}
+
+async function act(path, body) {
+  try {
+    await api("POST", path, body);
+    problem("");
+    await refreshModels();
+  } catch (e) { problem(e.message); }
+}
+
+async function refreshModels() {
+  const data = await api("GET", "/control/models");
+  state.models = data.models || [];
+  for (const m of state.models) if (!state.names.includes(m.name)) state.names.push(m.name);
+  renderModels();
+}
+
+function deviceOf(memory) {
+  const d = memory.device || {};
+  const pick = k => d[`${k}_bytes`] ?? d[k] ?? 0;
+  return { total: pick("total"), free: pick("free"), others: pick("others") };
+}
+
+async function sample() {
+  const memory = await api("GET", "/control/memory");
+  const device = deviceOf(memory);
+  const models = {};
+  for (const [name, m] of Object.entries(memory.models || {})) {
+    models[name] = m ? (m.total ?? heldBytes({ memory: m })) : 0;
+    if (!state.names.includes(name)) state.names.push(name);
+  }
+  state.samples.push({ t: Date.now() / 1000, models, ...device });
+  const cutoff = Date.now() / 1000 - WINDOW_S - 10;
+  while (state.samples.length && state.samples[0].t < cutoff) state.samples.shift();
+  state.autoYield = !!memory.auto_yield;
+  $("auto-yield").checked = state.autoYield;
+  const held = Object.values(models).reduce((a, b) => a + b, 0);
+  $("summary").textContent = `models hold ${Timeline.formatBytes(held)} of ${Timeline.formatBytes(device.total)}` +
+    ` \u00b7 others ${Timeline.formatBytes(device.others)} \u00b7 free ${Timeline.formatBytes(device.free)}` +
+    ` \u00b7 ${memory.backend || ""}`;
+}
+
+function draw() {
+  Timeline.legend($("legend"), state.names);
+  const now = Date.now() / 1000;
+  // A fresh page shows what it has seen (at least 20 s), growing to the full window.
+  const seen = state.samples.length ? now - state.samples[0].t : 0;
+  const span = Math.min(WINDOW_S, Math.max(20, seen * 1.15));
+  $("window").textContent = span < 120 ? `${span.toFixed(0)} seconds` : `${(span / 60).toFixed(0)} minutes`;
+  Timeline.render($("timeline"), state.samples, state.markers,
+                  { now, windowS: span, names: state.names, scale: state.scale });
+}
+
+function logEvent(event) {
+  const li = document.createElement("li");
+  const when = new Date((event.time || Date.now() / 1000) * 1000).toLocaleTimeString();
+  const bytes = event.bytes_returned ? ` gave back ${Timeline.formatBytes(event.bytes_returned)}` : "";
+  const who = event.model || event.client || "";
+  li.textContent = `${when} ${event.kind} ${who} ${event.state || event.step || event.reason || ""}${bytes}`;
+  if (isReclaim(event)) li.className = "reclaim";
+  const list = $("events");
+  list.prepend(li);
+  while (list.children.length > 100) list.lastChild.remove();
+}
+
+function isReclaim(event) {
+  return event.kind === "reclaim" || ((event.kind === "broker" || event.kind === "model") &&
+                                      (event.bytes_returned || 0) > 0);
+}
+
+function onEvent(event) {
+  logEvent(event);
+  if (isReclaim(event)) {
+    Timeline.addMarker(state.markers, { t: event.time || Date.now() / 1000, bytes: event.bytes_returned || 0,
+                                        model: event.model || event.client || "*",
+                                        reason: event.reason || event.step }, event.kind === "reclaim");
+    draw();
+  }
+  if (event.kind === "model" || event.kind === "reclaim") refreshModels().catch(e => problem(e.message));
+}
+
+const EVENT_KINDS = ["reclaim", "model", "broker", "progress", "settings", "shutdown", "message"];
+
+function follow() {
+  const source = new EventSource("/control/events");
+  for (const kind of EVENT_KINDS) {
+    source.addEventListener(kind, msg => {
+      try { onEvent({ kind, ...JSON.parse(msg.data) }); } catch (e) { console.warn(e); }
+    });
+  }
+  source.onerror = () => problem("Lost the event stream; reconnecting...");
+  source.onopen = () => problem("");
+}
+
+async function tick() {
+  try { await sample(); draw(); }
+  catch (e) { problem(e.message); }
+}
+
+function start() {
+  $("reclaim-all").onclick = () => act("/control/reclaim");
+  $("auto-yield").onchange = e => act("/control/auto-yield", { enabled: e.target.checked });
+  $("timeline").addEventListener("dblclick", () => {
+    state.scale = SCALES[(SCALES.indexOf(state.scale) + 1) % SCALES.length];
+    draw();
+  });
+  refreshModels().then(tick).then(follow).catch(e => problem(e.message));
+  setInterval(tick, SAMPLE_MS);
+}
+
+start();
