@@ -1,42 +1,51 @@
 #!/usr/bin/env bash
-# The one command the lead runs on the lent GPU: the GPU tests, then each GPU
-# benchmark in turn, results (JSON) into $OUT. Must finish well under 10 minutes.
-#   OUT=/some/dir bash scripts/gpu_check.sh
-# To add a benchmark: append one line to BENCHMARKS below: a script and its arguments
-# ("benchmarks/decode.py --steps 64"). Each runs as a module (python3 -m
-# benchmarks.decode): `python3 benchmarks/x.py` would put benchmarks/ first on
-# sys.path, so benchmarks/ never shadows a standard-library module.
+# The one command run on the lent GPU: the GPU tests, then the GPU benchmarks,
+# each with a time limit; results (JSON and logs) packed into $OUT/gpu_results.tgz
+# (the device tool brings back at most 8 files). Each part fits one call of under
+# 10 minutes:
+#   bash scripts/gpu_check.sh                  # everything
+#   bash scripts/gpu_check.sh tests vmm yield  # only these parts
+# Benchmarks run as modules (python3 -m benchmarks.decode): `python3 benchmarks/x.py`
+# would put benchmarks/ first on sys.path, where benchmarks/engines.py shadows the
+# engines package.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 PYTHONPATH=.
-export OUT="${OUT:-$PWD/benchmarks/results}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
+FINAL_OUT="${OUT:-$PWD/benchmarks/results}"
+export OUT=/tmp/gpu_results   # benchmarks write here; packed at the end
+mkdir -p "$OUT" "$FINAL_OUT"
 PY="${PYTHON:-python3}"  # the GPU machine's python3 (no .venv there)
-mkdir -p "$OUT"
+# Packages that machine lacks travel as wheels in .whl/ (carry it): fastapi, gguf...
+if [ -d .whl ]; then
+  bash benchmarks/gpu_setup.sh && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
 
-BENCHMARKS=(
-  "benchmarks/vmm_driver_costs.py"
-  "benchmarks/vmm.py"
-  "benchmarks/yield.py"
+# part -> "seconds command..."
+declare -A PARTS=(
+  [tests]="300 -m pytest -q -p no:cacheprovider -x --timeout 240 tests/gpu"
+  [vmm]="120 -m benchmarks.vmm_driver_costs"
+  [vmm2]="150 -m benchmarks.vmm"
+  [yield]="240 -m benchmarks.yield"
+  [decode]="420 -m benchmarks.decode"
+  [engines]="180 -m benchmarks.engines --model synthetic/smollm2-135m --engines torch"
 )
+ORDER=(tests vmm vmm2 yield decode engines)
+[ $# -gt 0 ] && ORDER=("$@")
 
 status=0
-step() {  # step NAME SECONDS CMD...: run with a time limit, log, remember failures
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  echo "=== $name"
-  timeout "$limit" "$@" 2>&1 | tee "$OUT/$(echo "$name" | tr '/ ' '__').log"
-  local rc=${PIPESTATUS[0]}
-  echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
-  [ "$rc" -eq 0 ] || status=1
-}
-
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
-step "pytest tests/gpu" 240 "$PY" -m pytest -q -p no:cacheprovider tests/gpu
-for bench in "${BENCHMARKS[@]}"; do
-  read -r script args <<<"$bench"
-  module=${script%.py}
-  # shellcheck disable=SC2086  # a line may carry arguments
-  step "$bench" 180 "$PY" -m "${module//\//.}" $args
+for part in "${ORDER[@]}"; do
+  spec=${PARTS[$part]:-}
+  [ -n "$spec" ] || { echo "unknown part: $part (known: ${!PARTS[*]})"; status=2; continue; }
+  read -r limit cmd <<<"$spec"
+  t0=$SECONDS
+  echo "=== $part"
+  # shellcheck disable=SC2086  # the command carries its arguments
+  timeout "$limit" "$PY" $cmd > >(tee "$OUT/$part.log") 2>&1
+  rc=$?
+  echo "=== $part: rc=$rc in $((SECONDS - t0)) s"
+  [ "$rc" -eq 0 ] || status=1
 done
+tar czf "$FINAL_OUT/gpu_results.tgz" -C "$OUT" .
 echo "gpu_check: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
 exit $status

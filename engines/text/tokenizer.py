@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import codecs
 import functools
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from engines.errors import ModelLoadError
-
-log = logging.getLogger(__name__)
 
 TOKEN_TYPE_NORMAL, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED = 1, 3, 4
 
@@ -136,13 +133,16 @@ class BpeTokenizer(_Common):
         added_types = {TOKEN_TYPE_CONTROL: True, TOKEN_TYPE_USER_DEFINED: False}
         tk.add_tokens([AddedToken(tok, special=added_types[kind], normalized=False)
                        for tok, kind in zip(self.vocab, self.token_types) if kind in added_types])
-        self._tk = tk
+        # encode_special_tokens=True makes CONTROL tokens plain text (llama.cpp
+        # parse_special=False). It is a flag on the object, so each mode gets its
+        # own tokenizer instead of flipping one under concurrent HTTP threads.
+        literal = HfTokenizer.from_str(tk.to_str())
+        literal.encode_special_tokens = True
+        self._by_mode = {True: tk, False: literal}
         self._byte_of = _byte_decoder()
 
     def encode(self, text: str, add_special: bool = False, parse_special: bool = True) -> list[int]:
-        # encode_special_tokens=True makes CONTROL tokens plain text (llama.cpp parse_special=False).
-        self._tk.encode_special_tokens = not parse_special
-        ids = self._tk.encode(text, add_special_tokens=False).ids
+        ids = self._by_mode[parse_special].encode(text, add_special_tokens=False).ids
         return self._with_specials(ids, add_special)
 
     def token_bytes(self, token_id: int, skip_special: bool = True) -> bytes:

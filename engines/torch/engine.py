@@ -103,10 +103,13 @@ class TorchEngine(Engine):
     def _read_model(self, device: torch.device, dtype: torch.dtype | None, progress) -> tuple:
         info = self.info
         if info.source == "synthetic" or not info.path:
+            from engines.registry.synthetic import tokenizer_meta
             from engines.torch.synthetic import synthetic_model
 
-            name = info.metadata.get("config", info.name)
-            return synthetic_model(name, device, dtype), None
+            model = synthetic_model(info.metadata.get("config", info.name), device, dtype)
+            # A byte-level vocabulary that needs no file: benchmarks send text and read text.
+            meta = tokenizer_meta(model.cfg.vocab_size)
+            return model, TextSide.from_gguf(meta, "")  # no end token: runs the full length
         path = Path(info.path)
         if path.is_dir():
             from engines.torch.safetensors_loader import load_safetensors

@@ -30,6 +30,9 @@ to cache regions (see attention.py for padding and masking rules). Call under
 torch.inference_mode(). Nothing in forward syncs with the host except what the
 KVAccess does (ContiguousKV reads max(position) unless given a fixed read_len),
 so a decode step can be captured in a CUDA graph.
+
+`model.fuse_projections()` (after loading) merges q/k/v and gate/up into one
+GEMM each for GPU decode; the math and the interface stay the same.
 """
 from __future__ import annotations
 
@@ -91,12 +94,25 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
 
+        self.qkv_proj: nn.Linear | None = None     # set by fuse(): one GEMM instead of three
+
+    def fuse(self) -> None:
+        self.qkv_proj = _fused_linear(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        kv_width = self.num_kv * self.head_dim
+        return self.qkv_proj(x).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 positions: torch.Tensor, kv: KVAccess) -> torch.Tensor:
         bsz, t, _ = x.shape
-        q = self.q_proj(x).view(bsz, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(bsz, t, self.num_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(bsz, t, self.num_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
+        q = q.reshape(bsz, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(bsz, t, self.num_kv, self.head_dim).transpose(1, 2)
+        v = v.reshape(bsz, t, self.num_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)   # [B, H, T, D]
         out = kv.attend(self.layer, q, k, v, positions)               # [B, Hq, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(bsz, t, -1))
@@ -108,9 +124,28 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.gate_up_proj: nn.Linear | None = None   # set by fuse()
+
+    def fuse(self) -> None:
+        self.gate_up_proj = _fused_linear(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def _fused_linear(*parts: nn.Linear) -> nn.Linear:
+    """One Linear whose output is the parts' outputs side by side."""
+    weight = torch.cat([p.weight for p in parts], dim=0)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None,
+                      device=weight.device, dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if parts[0].bias is not None:
+        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+    return fused
 
 
 class DecoderLayer(nn.Module):
@@ -167,6 +202,16 @@ class LlamaModel(nn.Module):
             rows = torch.arange(x.shape[0], device=x.device)
             x = x[rows, logit_index].unsqueeze(1)                      # [B, 1, dim]
         return self.lm_head(self.model.norm(x)).float()               # [B, T|1, V]
+
+    def fuse_projections(self) -> LlamaModel:
+        """Merge q/k/v and gate/up into one GEMM each (7 -> 4 per layer): fewer,
+        larger kernels for decode on GPU. Same math; parameter names change, so
+        call it after loading, never before. Returns self."""
+        for layer in self.model.layers:
+            if layer.self_attn.qkv_proj is None:
+                layer.self_attn.fuse()
+                layer.mlp.fuse()
+        return self
 
     def weight_bytes(self) -> int:
         seen: set[int] = set()

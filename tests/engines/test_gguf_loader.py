@@ -47,7 +47,7 @@ def tiny_f32(tmp_path_factory, tiny_state) -> Path:
 
 
 def our_logits(path: Path, ids: list[int] = IDS) -> np.ndarray:
-    model, _ = load_gguf(path)
+    model, _ = load_gguf(path, dtype=torch.float32)
     cfg = model.cfg
     kv = ContiguousKV(cfg.num_layers, 1, cfg.num_kv_heads, len(ids), cfg.head_dim, torch.float32)
     with torch.inference_mode():
@@ -58,7 +58,7 @@ def llamacpp_logits(path: Path, ids: list[int] = IDS) -> np.ndarray:
     llama_cpp = pytest.importorskip("llama_cpp")
     # f32 KV (type_k/type_v 0 = GGML_TYPE_F32): the reference keeps full precision
     # where our model does; use_extra_bufts=False avoids the AMX decode segfault.
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, logits_all=True,
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, logits_all=True,
                           use_extra_bufts=False, verbose=False, type_k=0, type_v=0)
     llm.eval(ids)
     return np.array(llm.scores[:len(ids)])
@@ -89,7 +89,7 @@ def test_tensor_names_map_to_hf(gguf_name, expected):
 
 
 def test_f32_file_loads_exact_weights(tiny_f32, tiny_state):
-    model, meta = load_gguf(tiny_f32)
+    model, meta = load_gguf(tiny_f32, dtype=torch.float32)
     assert meta["general.architecture"] == "llama"
     # rms_eps travels as float32 in GGUF.
     assert model.cfg.rms_eps == pytest.approx(TINY.rms_eps)
@@ -106,16 +106,41 @@ def test_f32_logits_match_llamacpp(tiny_f32):
     assert (ours.argmax(1) == ref.argmax(1)).all()
 
 
-def test_qwen2_arch_keeps_rows_and_loads_bias(tmp_path):
+def test_qwen2_arch_keeps_rows_loads_bias_and_matches_llamacpp(tmp_path):
     cfg = TINY.replace(qkv_bias=True, arch="qwen2", tie_embeddings=True)
     state = random_state(cfg, seed=1)
     path = write_tiny_gguf(tmp_path / "qwen.gguf", cfg, state, arch="qwen2")
-    model, _ = load_gguf(path)
+    model, _ = load_gguf(path, dtype=torch.float32)
     assert model.cfg.qkv_bias and model.cfg.tie_embeddings and model.cfg.arch == "qwen2"
     loaded = model.state_dict()
     for name, tensor in state.items():
         assert torch.equal(loaded[name], tensor), name
     assert model.lm_head.weight is model.model.embed_tokens.weight
+    ours, ref = our_logits(path), llamacpp_logits(path)
+    assert np.abs(ours - ref).max() < 1e-3 * np.abs(ref).max()
+
+
+def test_llama3_rope_freqs_match_llamacpp_and_hf_scaling(tmp_path, tiny_state):
+    """Llama 3.1+ GGUFs carry RoPE scaling as rope_freqs.weight divisors; the HF
+    path computes the same from config.json's rope_scaling. Both must agree with
+    llama.cpp at positions long enough for the low frequencies to matter."""
+    from engines.torch.configs import RopeScaling, rope_inv_freq
+    from engines.torch.model import build_model
+
+    scaled = TINY.replace(rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 64), rope_theta=500000.0)
+    factors = np.array(rope_inv_freq(scaled.replace(rope_scaling=RopeScaling()))) / \
+        np.array(rope_inv_freq(scaled))
+    assert factors.max() > 7.9 and factors.min() == 1.0
+    path = write_tiny_gguf(tmp_path / "llama3.gguf", scaled.replace(rope_scaling=RopeScaling()),
+                           tiny_state, rope_freqs=factors)
+    ids = [int(i) for i in np.random.RandomState(1).randint(0, 256, 200)]
+    ours, ref = our_logits(path, ids), llamacpp_logits(path, ids)
+    assert np.abs(ours - ref).max() < 1e-3 * np.abs(ref).max()
+    hf_path = build_model(scaled, dict(tiny_state), "cpu", torch.float32)
+    kv = ContiguousKV(2, 1, 2, len(ids), 64, torch.float32)
+    with torch.inference_mode():
+        hf = hf_path(torch.tensor([ids]), torch.arange(len(ids))[None], kv)[0].numpy()
+    assert np.abs(hf - ours).max() < 1e-4 * np.abs(ours).max()
 
 
 # (type, relative RMS error bound of the weights after the round trip)
@@ -131,7 +156,7 @@ def _weight_error(model, state) -> float:
 @pytest.mark.parametrize("qtype,bound", GGUF_PY_TYPES, ids=lambda v: getattr(v, "name", str(v)))
 def test_quantized_types_dequantize(tmp_path, tiny_state, qtype, bound):
     path = write_tiny_gguf(tmp_path / f"tiny-{qtype.name}.gguf", TINY, tiny_state, qtype=qtype)
-    model, _ = load_gguf(path)
+    model, _ = load_gguf(path, dtype=torch.float32)
     assert _weight_error(model, tiny_state) < bound
 
 
@@ -148,7 +173,7 @@ def test_k_quants_dequantize_and_match_llamacpp(tmp_path, tiny_f32, tiny_state, 
                                           ctypes.byref(params)) == 0
     found = {t.tensor_type.name for t in open_reader(out).tensors} - {"F32"}
     assert found == types
-    model, _ = load_gguf(out)
+    model, _ = load_gguf(out, dtype=torch.float32)
     assert _weight_error(model, tiny_state) < bound
     ours, ref = our_logits(out), llamacpp_logits(out)
     # llama.cpp rounds activations to 8 bits for quantized matmuls; we do not.
@@ -181,11 +206,30 @@ def test_non_gguf_file_is_load_error(tmp_path):
 def test_unsupported_architecture_is_load_error(tmp_path, tiny_state):
     path = write_tiny_gguf(tmp_path / "bert.gguf", TINY, tiny_state, arch="bert")
     with pytest.raises(ModelLoadError, match="architecture 'bert'"):
-        load_gguf(path)
+        load_gguf(path, dtype=torch.float32)
 
 
 def test_truncated_tensor_set_is_load_error(tmp_path, tiny_state):
     partial = {k: v for k, v in tiny_state.items() if "layers.1." not in k}
     path = write_tiny_gguf(tmp_path / "partial.gguf", TINY, partial)
     with pytest.raises(ModelLoadError, match="weights lack"):
-        load_gguf(path)
+        load_gguf(path, dtype=torch.float32)
+
+
+def test_cpu_dtype_float32_by_default_bf16_for_speed_where_native():
+    from engines.torch.gguf_loader import cpu_float_dtype, default_dtype
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert cpu_float_dtype() == default_dtype("cpu") == torch.float32
+    assert cpu_float_dtype(prefer_speed=True) == (torch.bfloat16 if native else torch.float32)
+    assert default_dtype("cuda") == torch.bfloat16
+
+
+def test_bf16_load_is_close_to_float32(tiny_f32):
+    model, _ = load_gguf(tiny_f32, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    reference, _ = load_gguf(tiny_f32)
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.allclose(a.float(), b, rtol=1e-2, atol=1e-3), name
+

@@ -151,7 +151,7 @@ def test_safetensors_folder_gives_same_logits(tmp_path, model):
         "num_key_value_heads": CFG.num_kv_heads, "num_hidden_layers": CFG.num_layers,
         "intermediate_size": CFG.ffn_dim, "vocab_size": CFG.vocab_size, "rms_norm_eps": CFG.rms_eps,
         "rope_theta": CFG.rope_theta, "tie_word_embeddings": False}))
-    loaded = load_safetensors(tmp_path)
+    loaded = load_safetensors(tmp_path, dtype=torch.float32)
     ids = [3, 1, 4, 1, 5, 9, 2, 6]
     assert torch.equal(run(loaded, ids), run(model, ids))
 
@@ -175,3 +175,15 @@ def test_synthetic_model_is_seeded_and_finite():
         logits = a(torch.tensor([[1, 2, 3]]), torch.arange(3)[None], kv)
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
     assert a.weight_bytes() == CFG.num_params * 2
+
+
+def test_fused_projections_give_same_logits():
+    fused = build_model(CFG.replace(qkv_bias=True), random_state(CFG.replace(qkv_bias=True)), "cpu",
+                        torch.float32)
+    ids = list(range(3, 20))
+    before = run(fused, ids)
+    bytes_before = fused.weight_bytes()
+    fused.fuse_projections()
+    assert fused.model.layers[0].self_attn.qkv_proj is not None
+    assert fused.weight_bytes() == bytes_before
+    assert torch.allclose(run(fused, ids), before, atol=1e-5)

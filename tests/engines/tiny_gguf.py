@@ -74,8 +74,10 @@ def _vocab(cfg: ModelConfig) -> tuple[list[str], list[int]]:
 
 
 def write_tiny_gguf(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], arch: str = "llama",
-                    qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32) -> Path:
-    """Write cfg/state as a GGUF file; 2-D weights stored as `qtype` (norms stay F32)."""
+                    qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
+                    rope_freqs: np.ndarray | None = None) -> Path:
+    """Write cfg/state as a GGUF file; 2-D weights stored as `qtype` (norms stay F32).
+    rope_freqs: llama3-style per-frequency divisors, stored as convert_hf_to_gguf does."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_layers)
     w.add_context_length(cfg.max_context)
@@ -97,6 +99,8 @@ def write_tiny_gguf(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor]
     w.add_bos_token_id(256)
     w.add_eos_token_id(257)
     w.add_add_bos_token(False)
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
     for name, tensor in state.items():
         array = tensor.float().numpy()
