@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {key: getattr(args, key) for key in SERVE_OPTIONS.values() if getattr(args, key, None) is not None}
     loaded = load_settings(overrides=overrides)
     logging.basicConfig(level=loaded.settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per control API poll is noise
     paths = app_paths().ensure()
     try:
         return COMMANDS[args.command](args, paths, loaded)

@@ -23,8 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-# Run as a script, Python puts benchmarks/ first on the path, where benchmarks/engines.py
-# and benchmarks/http.py would shadow the engines package and the standard library.
+# Run as a script, Python puts benchmarks/ first on the path; the repository root must
+# come first so `engines` and `kvcached` resolve to the packages.
 _HERE, _ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent
 sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 

@@ -21,7 +21,7 @@ from engines.torch.configs import SUPPORTED_ARCHS as TORCH_FAMILIES
 
 log = logging.getLogger(__name__)
 
-# The engine each device runs best (measured: benchmarks/engines.py).
+# The engine each device runs best (measured: benchmarks/engine_compare.py).
 ENGINE_BY_DEVICE: dict[str, str] = {"cuda": "torch", "cpu": "llamacpp"}
 # Sources only one engine can load.
 ENGINE_BY_SOURCE: dict[str, str] = {"synthetic": "torch"}

@@ -5,9 +5,8 @@
 # 10 minutes:
 #   bash scripts/gpu_check.sh                  # everything
 #   bash scripts/gpu_check.sh tests vmm yield  # only these parts
-# Benchmarks run as modules (python3 -m benchmarks.decode): `python3 benchmarks/x.py`
-# would put benchmarks/ first on sys.path, where benchmarks/engines.py shadows the
-# engines package.
+# Benchmarks run as modules (python3 -m benchmarks.decode), with the repository root
+# on sys.path. The end-to-end parts (pressure, colocate) take most of a call each.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
@@ -27,9 +26,11 @@ declare -A PARTS=(
   [vmm2]="150 -m benchmarks.vmm"
   [yield]="240 -m benchmarks.yield"
   [decode]="420 -m benchmarks.decode"
-  [engines]="180 -m benchmarks.engines --model synthetic/smollm2-135m --engines torch"
+  [engines]="180 -m benchmarks.engine_compare --model synthetic/smollm2-135m --engines torch"
+  [pressure]="560 -m benchmarks.desktop_pressure"
+  [colocate]="590 -m benchmarks.colocate"
 )
-ORDER=(tests vmm vmm2 yield decode engines)
+ORDER=(tests vmm vmm2 yield decode engines)  # pressure and colocate: one call each
 [ $# -gt 0 ] && ORDER=("$@")
 
 status=0

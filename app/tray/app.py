@@ -260,7 +260,11 @@ def _show(client: ControlClient, loaded: LoadedSettings, supervisor: DaemonSuper
             return exit_codes.ALREADY_RUNNING
         print(f"ebbtide: {reason}; running the daemon without a tray icon at {client.base_url}.", flush=True)
         return run_headless(supervisor, stop)
-    threading.Thread(target=lambda: stop.wait() or app.quit(), name="tray-signals", daemon=True).start()
+    def quit_on_signal() -> None:
+        stop.wait()
+        app.quit()
+
+    threading.Thread(target=quit_on_signal, name="tray-signals", daemon=True).start()
     print(f"Ebbtide is running at {client.base_url}.", flush=True)
     app.run()
     return exit_codes.OK

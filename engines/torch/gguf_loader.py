@@ -2,7 +2,8 @@
 
 Reads through the `gguf` package's GGUFReader (memory-mapped), dequantizes each
 tensor with `gguf.quants.dequantize` (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K,
-Q5_K, Q6_K and the rest it knows), maps llama.cpp tensor names onto the
+Q5_K, Q6_K and the rest it knows; on a GPU the common quant types decode there
+instead, through engines.torch.dequant), maps llama.cpp tensor names onto the
 model's Hugging Face names, and undoes the Q/K row permutation that
 convert_hf_to_gguf.py applies to llama-architecture models (llama.cpp rotates
 adjacent pairs; the model here rotates halves, as HF does).
@@ -34,6 +35,7 @@ import torch
 
 from engines.errors import ModelLoadError
 from engines.torch.configs import ModelConfig, from_gguf_fields
+from engines.torch.dequant import TORCH_DEQUANT, dequantize_raw
 from engines.torch.model import LlamaModel, build_model
 
 log = logging.getLogger(__name__)
@@ -106,10 +108,10 @@ def hf_name(gguf_name: str) -> str | None:
     return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
 
 
-def unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
+def unpermute_qk(w: Any, num_heads: int) -> Any:
     """Invert convert_hf_to_gguf.py's permute(): rows per head go from
     (pairs, 2) interleaved back to (2, pairs) halves. Works for weights [rows, cols]
-    and biases [rows]."""
+    and biases [rows], numpy arrays and torch tensors alike."""
     rest = w.shape[1:]
     return (w.reshape(num_heads, -1, 2, *rest).swapaxes(1, 2).reshape(w.shape))
 
@@ -163,15 +165,23 @@ def load_gguf_state(reader: Any, cfg: ModelConfig, device: torch.device | str = 
     heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
     tensors = [t for t in reader.tensors if t.name == _ROPE_FREQS or hf_name(t.name) is not None]
 
-    def convert(tensor: Any) -> np.ndarray:
-        array = dequantize_tensor(tensor)
+    on_gpu = torch.device(device).type == "cuda"
+
+    def convert(tensor: Any) -> torch.Tensor:
+        if on_gpu and tensor.tensor_type.name in TORCH_DEQUANT:
+            # Raw blocks go to the GPU (4-8x fewer bytes) and decode there.
+            raw = torch.from_numpy(np.array(tensor.data)).to(device)
+            shape = tuple(int(d) for d in reversed(tensor.shape))
+            weights = dequantize_raw(raw, tensor.tensor_type.name, shape)
+        else:
+            weights = torch.from_numpy(dequantize_tensor(tensor))
         proj = (hf_name(tensor.name) or "").split(".")[-2:-1]
         if permute and proj and proj[0] in heads:
-            array = unpermute_qk(array, heads[proj[0]])
-        return array
+            weights = unpermute_qk(weights, heads[proj[0]])
+        return weights
 
-    # numpy's dequantization releases the GIL in its array ops: threads overlap
-    # (measured single-threaded: ~85 M weights/s, i.e. 1.6 s for SmolLM2-135M).
+    # On the CPU, gguf.quants (numpy) decodes; its array ops release the GIL, so
+    # threads overlap (single-threaded: ~85 M weights/s, 1.6 s for SmolLM2-135M).
     state: dict[str, torch.Tensor] = {}
     rope_factors = None
     workers = min(8, os.cpu_count() or 1)
@@ -181,11 +191,11 @@ def load_gguf_state(reader: Any, cfg: ModelConfig, device: torch.device | str = 
         # a whole 8B model (32 GB) never sit in host memory together.
         for start in range(0, len(tensors), 2 * workers):
             chunk = tensors[start:start + 2 * workers]
-            for tensor, array in zip(chunk, pool.map(convert, chunk)):
+            for tensor, weights in zip(chunk, pool.map(convert, chunk)):
                 if tensor.name == _ROPE_FREQS:
-                    rope_factors = torch.from_numpy(array)
+                    rope_factors = weights.cpu()
                 else:
-                    state[str(hf_name(tensor.name))] = torch.from_numpy(array).to(device, dtype)
+                    state[str(hf_name(tensor.name))] = weights.to(device, dtype)
                 done += 1
                 if progress is not None:
                     progress(done / len(tensors))

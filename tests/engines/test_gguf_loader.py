@@ -233,3 +233,31 @@ def test_bf16_load_is_close_to_float32(tiny_f32):
     for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
         assert torch.allclose(a.float(), b, rtol=1e-2, atol=1e-3), name
 
+
+
+@pytest.mark.parametrize("ftype", [15, 17])
+def test_torch_dequant_equals_gguf_quants(tmp_path, tiny_f32, tiny_state, ftype):
+    """engines.torch.dequant (the GPU path) gives the same floats as gguf.quants for
+    every type it handles, here run on the CPU: Q8_0, Q4_0, Q4_1 written by gguf-py,
+    Q4_K, Q5_K, Q6_K written by llama.cpp."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from engines.torch.dequant import TORCH_DEQUANT, dequantize_raw
+    from engines.torch.gguf_loader import dequantize_tensor
+
+    out = tmp_path / f"k{ftype}.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    assert llama_cpp.llama_model_quantize(str(tiny_f32).encode(), str(out).encode(),
+                                          ctypes.byref(params)) == 0
+    files = [out] + [write_tiny_gguf(tmp_path / f"{q.name}.gguf", TINY, tiny_state, qtype=q)
+                     for q in (Q.Q8_0, Q.Q4_0, Q.Q4_1)]
+    seen = set()
+    for path in files:
+        for tensor in open_reader(path).tensors:
+            name = tensor.tensor_type.name
+            if name in TORCH_DEQUANT:
+                want = dequantize_tensor(tensor)
+                got = dequantize_raw(torch.from_numpy(np.array(tensor.data)), name, want.shape)
+                assert np.array_equal(got.numpy(), want), (path.name, tensor.name)
+                seen.add(name)
+    assert seen >= {"Q8_0", "Q4_0", "Q4_1", "Q6_K", "Q4_K" if ftype == 15 else "Q5_K"}

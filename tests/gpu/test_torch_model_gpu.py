@@ -133,3 +133,17 @@ def test_default_gguf_greedy_gpu_equals_cpu():
     gpu, _ = load_gguf(path, "cuda", torch.float32)
     agree = sum(greedy(cpu, ids, 16) == greedy(gpu, ids, 16) for ids in PROMPTS)
     assert agree >= len(PROMPTS) - 1
+
+
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"])
+def test_dequant_on_gpu_equals_cpu(type_name):
+    """The loader's GPU decode path (engines.torch.dequant) gives the CPU's floats;
+    the CPU path is checked against gguf.quants in tests/engines/test_gguf_loader.py."""
+    from engines.torch.dequant import TORCH_DEQUANT, dequantize_raw
+
+    block, size, _ = TORCH_DEQUANT[type_name]
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (64 * size,), dtype=torch.uint8, generator=gen)
+    cpu = dequantize_raw(raw, type_name, (64 * block,))
+    gpu = dequantize_raw(raw.cuda(), type_name, (64 * block,)).cpu()
+    assert torch.allclose(cpu, gpu, rtol=0, atol=0, equal_nan=True)

@@ -1,9 +1,9 @@
 """Both engines on the default model: load time, time to first token, prefill and decode speed.
 
-    python -m benchmarks.engines                       # both engines, here
-    python -m benchmarks.engines --engines llamacpp --runs 5
-    PYTHONPATH=. python3 benchmarks/engines.py --model /path/to/SmolLM2.gguf   # the GPU machine
-    PYTHONPATH=. python3 benchmarks/engines.py --model synthetic/smollm2-135m --engines torch
+    python -m benchmarks.engine_compare                       # both engines, here
+    python -m benchmarks.engine_compare --engines llamacpp --runs 5
+    PYTHONPATH=. python3 benchmarks/engine_compare.py --model /path/to/SmolLM2.gguf   # the GPU machine
+    PYTHONPATH=. python3 benchmarks/engine_compare.py --model synthetic/smollm2-135m --engines torch
 
 For each engine: load the model, one warm-up request, then `--runs` of each
 measurement, median reported:
@@ -35,7 +35,7 @@ from engines.base import Engine, ModelInfo
 from engines.config import EngineConfig
 from engines.types import GenerateRequest, RequestKind, SamplingParams
 
-log = logging.getLogger("benchmarks.engines")
+log = logging.getLogger("benchmarks.engine_compare")
 FILLER = "The quick brown fox jumps over the lazy dog while the cat watches from the window. "
 
 

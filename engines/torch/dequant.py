@@ -1,0 +1,107 @@
+"""GGUF dequantization in torch, on the device the weights go to.
+
+`gguf.quants.dequantize` (numpy, one core) measured on the build CPU: F16 310,
+Q8_0 140, Q4_0 141, Q4_1 92, Q6_K ~55 M weights/s, i.e. minutes for an 8B
+model. These torch ports of the same formulas (gguf-py's dequantize_blocks,
+op for op) run on the GPU, or on all CPU cores, so a GGUF loads in seconds.
+Types not in `TORCH_DEQUANT` fall back to gguf.quants; tests check that both
+paths give identical floats.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+QK_K = 256
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """[n, 2k] uint8 -> [n, k] float32 (little-endian fp16 fields)."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor, group: int) -> torch.Tensor:
+    """Low nibbles of each `group` bytes, then high nibbles: [n, -1, 2, group]."""
+    q = qs.reshape(qs.shape[0], -1, 1, group)
+    return torch.cat([q & 0x0F, q >> 4], dim=2)
+
+
+def _q8_0(b: torch.Tensor) -> torch.Tensor:
+    return b[:, 2:].contiguous().view(torch.int8).float() * _f16(b[:, :2])
+
+
+def _q4_0(b: torch.Tensor) -> torch.Tensor:
+    q = _nibbles(b[:, 2:], 16).reshape(b.shape[0], -1).to(torch.int8) - 8
+    return _f16(b[:, :2]) * q.float()
+
+
+def _q4_1(b: torch.Tensor) -> torch.Tensor:
+    q = _nibbles(b[:, 4:], 16).reshape(b.shape[0], -1).float()
+    return _f16(b[:, :2]) * q + _f16(b[:, 2:4])
+
+
+def _scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K-quant 6-bit scales and mins packed in 12 bytes -> [n, 8] each."""
+    s = scales.reshape(-1, 3, 4)
+    d, m, md = s[:, 0], s[:, 1], s[:, 2]
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return sc, mn
+
+
+def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = b.shape[0]
+    sc, mn = _scale_min(b[:, 4:16])
+    d = (_f16(b[:, :2]) * sc.float()).reshape(n, -1, 1)
+    dm = (_f16(b[:, 2:4]) * mn.float()).reshape(n, -1, 1)
+    return d, dm
+
+
+def _q4_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d, dm = _k_scales(b)
+    q = _nibbles(b[:, 16:], 32).reshape(n, -1, 32).float()
+    return (d * q - dm).reshape(n, QK_K)
+
+
+def _q5_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d, dm = _k_scales(b)
+    qh, qs = b[:, 16:16 + QK_K // 8], b[:, 16 + QK_K // 8:]
+    ql = _nibbles(qs, 32).reshape(n, -1, 32)
+    shifts = torch.arange(8, dtype=torch.uint8, device=b.device).reshape(1, 1, 8, 1)
+    high = ((qh.reshape(n, -1, 1, 32) >> shifts) & 0x01).reshape(n, -1, 32)
+    return (d * (ql | (high << 4)).float() - dm).reshape(n, QK_K)
+
+
+def _q6_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    ql, qh = b[:, :QK_K // 2], b[:, QK_K // 2:QK_K // 2 + QK_K // 4]
+    scales = b[:, 3 * QK_K // 4:3 * QK_K // 4 + QK_K // 16].contiguous().view(torch.int8).float()
+    d = (_f16(b[:, -2:]) * scales).reshape(n, QK_K // 16, 1)
+    low = _nibbles(ql, 64).reshape(n, -1, 32)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).reshape(1, 1, 4, 1)
+    high = ((qh.reshape(n, -1, 1, 32) >> shifts) & 0x03).reshape(n, -1, 32)
+    q = ((low | (high << 4)).to(torch.int8) - 32).reshape(n, QK_K // 16, -1).float()
+    return (d * q).reshape(n, QK_K)
+
+
+# GGML type name -> (weights per block, bytes per block, block decoder)
+TORCH_DEQUANT: dict[str, tuple[int, int, Callable[[torch.Tensor], torch.Tensor]]] = {
+    "Q8_0": (32, 34, _q8_0),
+    "Q4_0": (32, 18, _q4_0),
+    "Q4_1": (32, 20, _q4_1),
+    "Q4_K": (QK_K, 144, _q4_k),
+    "Q5_K": (QK_K, 176, _q5_k),
+    "Q6_K": (QK_K, 210, _q6_k),
+}
+
+
+def dequantize_raw(raw: torch.Tensor, type_name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """raw uint8 bytes of one tensor (any shape) -> float32 tensor of `shape`, on raw's device."""
+    block, size, decode = TORCH_DEQUANT[type_name]
+    blocks = raw.reshape(-1, size)
+    out = decode(blocks)
+    assert out.shape == (blocks.shape[0], block), "block decoder shape"
+    return out.reshape(shape)
