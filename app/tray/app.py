@@ -28,8 +28,8 @@ from app.tray.icon import draw_icon
 from app.tray.menu import Entry, build_entries, to_pystray
 from app.tray.popup import TkPopup
 from app.tray.supervisor import DaemonState, DaemonSupervisor, daemon_command, daemon_env
-from app.tray.xorg_clicks import enable_clicks
 from app.tray.view import TrayMode, TrayView, down_view, view_from
+from app.tray.xorg_clicks import enable_clicks
 
 log = logging.getLogger(__name__)
 

@@ -64,3 +64,17 @@ def test_run_key_value() -> None:
     assert windows.content(["C:\\Program Files\\Ebbtide\\ebbtide.exe", "tray"]) == \
         '"C:\\Program Files\\Ebbtide\\ebbtide.exe" tray'
     assert windows.location().startswith("HKEY_CURRENT_USER\\Software\\Microsoft\\Windows\\CurrentVersion\\Run")
+
+
+def test_installer_files() -> None:
+    root = Path(__file__).resolve().parents[2] / "installers" / "linux"
+    entry = configparser.ConfigParser(interpolation=None)
+    entry.optionxform = str  # keys are case-sensitive in desktop entries
+    entry.read(root / "ebbtide.desktop")
+    section = entry["Desktop Entry"]
+    assert (section["Type"], section["Exec"], section["Icon"]) == ("Application", "ebbtide", "ebbtide")
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.optionxform = str
+    unit.read(root / "ebbtide.service")
+    assert unit["Service"]["ExecStart"].endswith("ebbtide serve")
+    assert unit["Install"]["WantedBy"] == "default.target"

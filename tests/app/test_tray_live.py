@@ -102,7 +102,7 @@ def test_tray_menu_from_live_daemon_reclaims(xdisplay, tray_host, daemon, tmp_pa
     from app.control_client import ControlClient
     from app.login_item import for_platform
     from app.tray.app import TrayApp
-    from app.tray.menu import GIVE_BACK_ALL, find
+    from app.tray.menu import GIVE_BACK_ALL
     from app.tray.view import TrayMode
 
     model = daemon.load_default_model()

@@ -14,7 +14,7 @@ from app.tray.dispatcher import Dispatcher, TrayHooks
 from app.tray.icon import LOOKS, draw_icon
 from app.tray.menu import AUTO_YIELD, GIVE_BACK_ALL, QUIT, START_AT_LOGIN, build_entries, find
 from app.tray.supervisor import DaemonState, DaemonSupervisor
-from app.tray.view import TrayMode, TrayView, down_view, view_from
+from app.tray.view import TrayMode, down_view, view_from
 from desktop_support import free_port, start_xvfb, stop, wait_until
 
 MiB = 1 << 20
@@ -76,10 +76,10 @@ def test_pystray_menu_is_built_from_entries(monkeypatch) -> None:
         xvfb, display = start_xvfb()
         monkeypatch.setenv("DISPLAY", display)
         try:
-            import pystray
+            import pystray  # noqa: F401
         finally:
             stop(xvfb)
-    import pystray
+    pystray = sys.modules["pystray"]
     from app.tray.menu import to_pystray
     calls = []
     items = to_pystray(build_entries(view_from(MODELS, MEMORY)), lambda c, a: calls.append((c, a)))
