@@ -9,6 +9,7 @@ daemon headless.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -83,6 +84,8 @@ class TrayApp:
                     self.supervisor.mark_running()
                 view = view_from(models, memory, last_reclaim_at=self.last_reclaim_at,
                                  start_at_login=at_login, endpoint=endpoint)
+                if self.dispatcher.last_error:  # a failed click shows until the next one works
+                    view = dataclasses.replace(view, message=self.dispatcher.last_error)
             except (DaemonNotRunning, ControlError) as exc:
                 starting = self.supervisor is not None and self.supervisor.state is not DaemonState.RUNNING
                 view = down_view(TrayMode.STARTING if starting else TrayMode.ERROR, str(exc),

@@ -74,6 +74,8 @@ class TrayView:
         lines += [f"{m.name}: {m.shown_state}, {format_bytes(m.held_bytes)}" for m in in_memory[:4]]
         if self.mode is TrayMode.YIELDING:
             lines.append("Giving memory back to other apps")
+        if self.message:
+            lines.append(self.message)
         return "\n".join(lines)[:250]  # Windows cuts tooltips at 128-255 characters
 
 

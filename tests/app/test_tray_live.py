@@ -7,6 +7,7 @@ stream. Screenshots of the icon and menu go to docs/screenshots/.
 """
 from __future__ import annotations
 
+import gc
 import queue
 import subprocess
 import sys
@@ -121,7 +122,8 @@ def test_tray_menu_from_live_daemon_reclaims(xdisplay, tray_host, daemon, tmp_pa
     # The docked icon is drawn: its pixels are no longer the panel's plain colour.
     def drawn():
         region = grab(xdisplay).crop((x, y, x + size, y + size)).convert("RGB")
-        return len(set(region.getdata())) > 4 and region
+        data = region.tobytes()
+        return len({data[i:i + 3] for i in range(0, len(data), 3)}) > 4 and region
     icon_shot = wait_until(drawn, 20, "the icon to be drawn")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     icon_shot.resize((size * 4, size * 4)).save(SCREENSHOTS / "tray-icon.png")
@@ -149,6 +151,8 @@ def test_tray_menu_from_live_daemon_reclaims(xdisplay, tray_host, daemon, tmp_pa
     app.quit()
     runner.join(20)
     assert not runner.is_alive(), "Quit did not end the tray"
+    app.icon = None  # let pystray close its X connection while Xvfb still runs
+    gc.collect()
 
 
 def test_tray_process_docks_and_supervises_its_daemon(xdisplay, tray_host, tmp_path) -> None:
