@@ -84,7 +84,9 @@ def timed(engine: Engine, req: GenerateRequest) -> tuple[float, float, int, int]
 
 
 def measure(engine: Engine, args: argparse.Namespace) -> dict:
-    words = max(1, args.prompt_tokens // 17)   # FILLER is about 17 tokens
+    # Sized with the engine's own tokenizer: a synthetic model's byte-level one makes
+    # the same text ~5x more tokens than SmolLM2's BPE.
+    words = max(1, args.prompt_tokens // max(1, len(engine.tokenize(FILLER))))
     timed(engine, request("Warm up. " + FILLER, 4))
     ttft, prefill, decode, prompt_tokens = [], [], [], 0
     for run in range(args.runs):
