@@ -126,4 +126,4 @@ class LoadProgress:
     """Reported while a model loads, for the CLI's bar and the tray/dashboard."""
     model: str
     fraction: float     # 0..1
-    stage: str          # "reading", "dequantizing", "allocating", "ready"
+    stage: str          # "reading", "dequantizing", "allocating", "compiling", "ready"

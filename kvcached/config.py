@@ -23,6 +23,10 @@ class KvcachedConfig:
     budget_bytes: int | None = None     # pages this process may hold; None: what the device allows
     reserve_pages: int = 4              # pre-created pages kept ready for the hot path
     headroom_bytes: int = 1 * GiB       # kept free for other applications
+    # Reclaim that pressure starts aims this far above the headroom: another app's
+    # failed allocation is invisible to NVML, so giving back only the shortfall left
+    # a growing app (512 MiB steps) failing, and each round costs a step of the models.
+    reclaim_hysteresis_bytes: int = 512 * MiB
     monitor_interval_s: float = 0.05    # broker sampling period (<= 100 ms on the GPU)
     auto_yield: bool = True             # reclaim when others grow into the headroom
     event_log_size: int = 1000          # bounded broker event log
@@ -38,6 +42,8 @@ class KvcachedConfig:
             raise ConfigError(f"reserve_pages: {self.reserve_pages} must be >= 0")
         if self.headroom_bytes < 0:
             raise ConfigError(f"headroom_bytes: {self.headroom_bytes} must be >= 0")
+        if self.reclaim_hysteresis_bytes < 0:
+            raise ConfigError(f"reclaim_hysteresis_bytes: {self.reclaim_hysteresis_bytes} must be >= 0")
         if not 0.001 <= self.monitor_interval_s <= 10:
             raise ConfigError(f"monitor_interval_s: {self.monitor_interval_s} must be in [0.001, 10]")
         if self.event_log_size < 1:

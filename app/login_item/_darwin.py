@@ -9,6 +9,7 @@ import plistlib
 from pathlib import Path
 
 from app.login_item import LABEL
+from app.login_item._file_entry import remove_entry, write_entry
 
 
 def location() -> Path:
@@ -26,18 +27,12 @@ def content(command: list[str]) -> str:
 
 
 def enable(command: list[str]) -> Path:
-    path = location()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(content(command), encoding="utf-8")
-    return path
+    return write_entry(location(), content(command))
 
 
 def disable() -> bool:
-    try:
-        location().unlink()
-        return True
-    except FileNotFoundError:
-        return False
+    """True when an entry was there and is gone now."""
+    return remove_entry(location())
 
 
 def is_enabled() -> bool:

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from app.login_item import APP_ID
+from app.login_item._file_entry import remove_entry, write_entry
 
 # Desktop Entry spec, "The Exec key": these characters need the argument quoted.
 _RESERVED = set(" \t\n\"'\\><~|&;$*?#()`")
@@ -43,19 +44,12 @@ def content(command: list[str]) -> str:
 
 
 def enable(command: list[str]) -> Path:
-    path = location()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(content(command), encoding="utf-8")
-    return path
+    return write_entry(location(), content(command))
 
 
 def disable() -> bool:
     """True when an entry was there and is gone now."""
-    try:
-        location().unlink()
-        return True
-    except FileNotFoundError:
-        return False
+    return remove_entry(location())
 
 
 def is_enabled() -> bool:

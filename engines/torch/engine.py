@@ -97,6 +97,10 @@ class TorchEngine(Engine):
         scheduler = Scheduler(PrefixCache(num_slots), self.max_ctx, self.config.torch_prefill_chunk,
                               self.config.max_queue)
         runner = Runner(self.model, self.store, use_graphs=device.type == "cuda" and self.config.torch_cuda_graphs)
+        if runner.use_graphs or runner.is_compiled:
+            # Compile and capture here, not in the middle of serving (runner.warm_up says why).
+            report(0.93, "compiling")
+            runner.warm_up(lambda f: report(0.93 + 0.06 * f, "compiling"))
         self.loop = ServingLoop(scheduler, runner, self.config.max_queue, before_step=self._resume_if_paused)
         report(1.0, "ready")
 

@@ -150,14 +150,15 @@ class Broker:
     def tick(self) -> int:
         """Sample; while others are in the headroom, reclaim and sample again at once
         (an application that is growing has usually taken what one round gave back
-        by the time it ends, and waiting a whole interval would only delay it).
-        Returns bytes given back."""
+        by the time it ends, and waiting a whole interval would only delay it),
+        until headroom + reclaim_hysteresis_bytes are free. Returns bytes given back."""
         got = 0
         for _ in range(MAX_ROUNDS_PER_TICK):
             sample = self.sample()
             if not self.auto_yield:
                 return got
-            need = pressure_need(sample, self.config.headroom_bytes)
+            need = pressure_need(sample, self.config.headroom_bytes, self.config.reclaim_hysteresis_bytes,
+                                 is_reclaiming=got > 0)
             if not need.is_needed:
                 return got
             with self._reclaim_lock:

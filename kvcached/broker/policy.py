@@ -53,12 +53,17 @@ class Need:
 NO_NEED = Need(0, ())
 
 
-def pressure_need(sample: MemorySample, headroom: int) -> Need:
-    """Others grew into the headroom: give back the shortfall, every step allowed.
+def pressure_need(sample: MemorySample, headroom: int, hysteresis: int = 0,
+                  is_reclaiming: bool = False) -> Need:
+    """Others grew into the headroom: give back enough to leave headroom + hysteresis
+    free, every step allowed. Reclaim starts below the headroom and, once started
+    (`is_reclaiming`), goes on until the target is met: an app whose allocation
+    failed is still short, and NVML cannot see what it asked for.
     PSI pressure alone: the cheap steps, as much as they give."""
-    short = headroom - sample.free_bytes
-    if short > 0:
-        return Need(short, STEP_ORDER)
+    target = headroom + hysteresis
+    trigger = target if is_reclaiming else headroom
+    if sample.free_bytes < trigger:
+        return Need(target - sample.free_bytes, STEP_ORDER)
     if sample.pressure is not None and sample.pressure >= PRESSURE_THRESHOLD:
         return Need(1, PRESSURE_STEPS)   # 1 byte: run the cheap steps once
     return NO_NEED
