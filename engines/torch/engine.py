@@ -3,8 +3,10 @@
 Loads a GGUF file, a safetensors folder, or random weights from a named config
 (ModelInfo.source "synthetic": benchmarks); builds the KV cache over kvcached
 (one virtual tensor, pages mapped as sequences grow), and runs a ServingLoop
-(continuous batching, chunked prefill, prefix reuse, CUDA-graph decode). The
-broker's verbs take the loop's step lock, so they run between steps.
+(continuous batching, chunked prefill, prefix reuse, CUDA-graph decode). On
+CUDA, load() compiles and captures every decode bucket ("compiling"), so no
+request waits for it. The broker's verbs run between steps (the loop's
+between_steps(), which lets them in at the next step boundary).
 """
 from __future__ import annotations
 
@@ -211,7 +213,7 @@ class TorchEngine(Engine):
             if len(ids) > self.max_ctx:
                 raise ContextOverflow(f"a text to embed has {len(ids)} tokens; the context holds {self.max_ctx}")
             total += len(ids)
-            with self.loop.step_lock:
+            with self.loop.between_steps():
                 vectors.append(tuple(self._hidden_mean(ids).tolist()))
         return EmbeddingResult(tuple(vectors), total)
 
@@ -257,14 +259,14 @@ class TorchEngine(Engine):
         loop = self.loop
         if loop is None:
             return 0
-        with loop.step_lock:
+        with loop.between_steps():
             return self.store.trim()
 
     def drop_prefixes(self) -> int:
         loop = self.loop
         if loop is None:
             return 0
-        with loop.step_lock:
+        with loop.between_steps():
             for slot in loop.scheduler.prefix_cache.drop_all():
                 self.store.release(slot)
             return self.store.trim()
@@ -273,7 +275,7 @@ class TorchEngine(Engine):
         with self._lock:
             if self._state is not ModelState.LOADED:
                 return 0
-            with self.loop.step_lock:
+            with self.loop.between_steps():
                 freed = self.store.pause()
                 self._state = ModelState.PAUSED
                 return freed

@@ -5,7 +5,8 @@ in `plan.sampling_sequences()` order. Prefill runs eagerly, one chunk per
 sequence (its length varies). Decode on CUDA replays a CUDA graph captured per
 (batch bucket, read-length bucket): at 135M parameters a step is ~0.1 ms of
 memory traffic against several ms of Python launching 30 layers, so only a
-graph reaches the 1,000 tok/s goal. Graphs live on this object (never module
+graph reaches the 1,000 tok/s goal. `warm_up()` (called by the engine's load)
+compiles and captures every bucket before the first request. Graphs live on this object (never module
 globals) and stay valid across trim, pause and resume because the KV's virtual
 addresses never move; the only inputs are fixed-address buffers (tokens,
 positions, slots) and nothing in them syncs with the host.

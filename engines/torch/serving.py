@@ -2,17 +2,18 @@
 runner and the KV, and streams each request's chunks to its caller.
 
 Callers (HTTP threads) submit a Job and read its chunks from a queue; the
-broker's verbs take `step_lock`, so they run between steps and never unmap a
-page a running step touches (the illegal-address crash seen in vLLM and
+broker's verbs enter `between_steps()`, so they run between steps (at the next
+boundary: the worker waits for them) and never unmap a page a running step touches (the illegal-address crash seen in vLLM and
 kvcached). A step is schedule -> run -> sample -> postprocess.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,9 @@ class ServingLoop:
         self.max_queue = max_queue
         self.before_step = before_step           # e.g. resume a paused KV
         self.step_lock = threading.RLock()
+        # Callers waiting in between_steps(): the worker lets them in before its next step.
+        self._callers_waiting = 0
+        self._callers = threading.Condition()
         self._inbox: list[Job] = []
         self._jobs: dict[int, Job] = {}
         self._wake = threading.Condition()
@@ -74,6 +78,30 @@ class ServingLoop:
     def busy(self) -> bool:
         return bool(self._inbox or self._jobs)
 
+    @contextlib.contextmanager
+    def between_steps(self) -> Iterator[None]:
+        """Hold the model between two steps (the broker's verbs, embeddings), fairly.
+        A bare `with step_lock` from another thread could wait many steps: the
+        worker releases the lock and takes it again for the next step before the
+        waiting thread gets the GIL to wake up; so the worker waits for callers here."""
+        with self._callers:
+            self._callers_waiting += 1
+        try:
+            self.step_lock.acquire()
+        finally:
+            with self._callers:
+                self._callers_waiting -= 1
+                self._callers.notify_all()
+        try:
+            yield
+        finally:
+            self.step_lock.release()
+
+    def _let_callers_in(self) -> None:
+        with self._callers:
+            while self._callers_waiting:
+                self._callers.wait()
+
     def close(self) -> None:
         """Refuse new requests, let those in flight finish, then stop the worker."""
         with self._wake:
@@ -92,6 +120,7 @@ class ServingLoop:
                     self._wake.wait()
                 if self._stop:
                     break
+            self._let_callers_in()
             try:
                 self.step()
             except Exception as exc:  # a failed step fails its requests, never the worker

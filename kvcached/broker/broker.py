@@ -74,6 +74,7 @@ class Broker:
         self._reclaim_lock = threading.Lock()     # one reclaim at a time
         self._auto_yield = config.auto_yield
         self._last_sample: MemorySample | None = None
+        self._is_short = False   # reclaim under pressure started and has not met its target yet
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if monitor is None:
@@ -158,14 +159,19 @@ class Broker:
             if not self.auto_yield:
                 return got
             need = pressure_need(sample, self.config.headroom_bytes, self.config.reclaim_hysteresis_bytes,
-                                 is_reclaiming=got > 0)
+                                 is_reclaiming=self._is_short)
+            # Short of the target, not merely under PSI pressure: aim at the target until met.
+            self._is_short = need.is_needed and need.steps == STEP_ORDER
             if not need.is_needed:
                 return got
             with self._reclaim_lock:
                 actions = plan(self._views(), need.steps, has_pool=self.pool is not None)
                 returned = self._run(actions, need.bytes, "pressure")
             got += returned
-            if returned == 0:       # nothing left to give: wait for the next interval
+            if returned == 0:
+                # Nothing left to give: wait for the next interval, and start again only
+                # below the headroom (not at every sample between headroom and target).
+                self._is_short = False
                 break
         return got
 

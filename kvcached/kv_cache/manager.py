@@ -187,7 +187,12 @@ class KVCache:
         """Unmap every page that holds no live token; returns bytes given back."""
         with self._exclusive():
             freed = 0
-            for slot, first, count in self._table.trimmable(self.layout.pages_for_tokens):
+            trimmable = self._table.trimmable(self.layout.pages_for_tokens)
+            if trimmable:
+                # step_guard ends when a step's kernels are queued, not done: a batched
+                # decode may still be reading these pages (as zeros or stale KV).
+                self.pool.backend.synchronize()
+            for slot, first, count in trimmable:
                 freed += self._vt.unmap_pages(self.layout.first_page(slot) + first, count)
                 self._table.slots[slot].mapped_pages = first
             self._shrink_own_pool()
