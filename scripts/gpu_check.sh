@@ -26,6 +26,7 @@ declare -A PARTS=(
   [vmm2]="150 -m benchmarks.vmm"
   [yield]="240 -m benchmarks.yield"
   [decode]="420 -m benchmarks.decode"
+  [profile]="300 -m benchmarks.decode_profile"
   [engines]="180 -m benchmarks.engine_compare --model synthetic/smollm2-135m --engines torch"
   [pressure]="560 -m benchmarks.desktop_pressure"
   [colocate]="590 -m benchmarks.colocate"

@@ -103,7 +103,8 @@ class TorchEngine(Engine):
             # Compile and capture here, not in the middle of serving (runner.warm_up says why).
             report(0.93, "compiling")
             runner.warm_up(lambda f: report(0.93 + 0.06 * f, "compiling"))
-        self.loop = ServingLoop(scheduler, runner, self.config.max_queue, before_step=self._resume_if_paused)
+        self.loop = ServingLoop(scheduler, runner, self.config.max_queue, before_step=self._resume_if_paused,
+                                 name=self.info.name)
         report(1.0, "ready")
 
     def _read_model(self, device: torch.device, dtype: torch.dtype | None, progress) -> tuple:

@@ -22,6 +22,7 @@ from engines.errors import EngineBusy
 from engines.torch.runner import Runner
 from engines.torch.sampling import make_generator, sample
 from engines.torch.scheduler import Scheduler, Sequence, SeqStatus
+from engines.torch.step_stats import StepStats
 from engines.torch.stops import StopMatcher
 from engines.types import FinishReason, GenerateRequest, StreamChunk, Usage
 
@@ -46,8 +47,9 @@ class Job:
 
 class ServingLoop:
     def __init__(self, scheduler: Scheduler, runner: Runner, max_queue: int,
-                 before_step: Callable[[], None] = lambda: None) -> None:
+                 before_step: Callable[[], None] = lambda: None, name: str = "torch") -> None:
         self.scheduler = scheduler
+        self.stats = StepStats(name)
         self.runner = runner
         self.max_queue = max_queue
         self.before_step = before_step           # e.g. resume a paused KV
@@ -133,17 +135,25 @@ class ServingLoop:
             self.before_step()
             self._admit()
             self._reap_cancelled()
+            t0 = time.perf_counter()
             plan = self.scheduler.schedule()
             if plan.is_empty:
                 return
+            t1 = time.perf_counter()
             logits = self.runner.run(plan)
             seqs = plan.sampling_sequences()
             jobs = [self._jobs[s.seq_id] for s in seqs]
+            t2 = time.perf_counter()
             tokens = [] if not seqs else sample(logits, [j.request.sampling for j in jobs], [s.tokens for s in seqs],
                             [j.generator for j in jobs])
+            t3 = time.perf_counter()
             for seq in self.scheduler.complete(plan, tokens):
                 self._postprocess(self._jobs[seq.seq_id], seq.output[-1])
             self._note_idle()
+            self.stats.record(len(plan.decodes), sum(c.end - c.start for c in plan.prefills),
+                              {"schedule": t1 - t0, "run": t2 - t1, "sample": t3 - t2,
+                               "post": time.perf_counter() - t3})
+            self.stats.maybe_log(len(self.scheduler.waiting), len(self.scheduler.running))
 
     def _admit(self) -> None:
         with self._wake:

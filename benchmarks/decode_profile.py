@@ -1,0 +1,144 @@
+"""Where a decode step's GPU time goes: kernel by kernel, against the GEMM floor.
+
+benchmarks/decode.py says how fast a step is; this says why. For each model
+(random bf16 weights of a named config) and attention variant it captures the
+engine's decode graph, replays it under torch.profiler and lists the kernels
+of one step (calls and microseconds per step). Beside it, the floor: the
+model's four projections and the LM head as bare F.linear calls at M = 1, 2, 8
+rows, timed with CUDA events, and the bandwidth they reach.
+
+    python -m benchmarks.decode_profile [--models smollm2-135m,llama-3.1-8b]
+        [--variants triton,torchops] [--steps 50]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.decode import make_store, prefill
+from benchmarks.results_io import print_table, write_result
+from engines.torch.runner import Runner
+from engines.torch.scheduler import Sequence, StepPlan
+
+log = logging.getLogger("benchmarks.decode_profile")
+
+
+def time_cuda(fn, iters: int = 50) -> float:
+    """Microseconds per call, CUDA events around `iters` calls after a warm-up."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return 1000 * start.elapsed_time(end) / iters
+
+
+def gemm_floor(cfg, dtype: torch.dtype) -> dict:
+    """The projections of one layer and the LM head as bare GEMMs: us and GB/s per M."""
+    q_width = cfg.num_heads * cfg.head_dim
+    kv_width = cfg.num_kv_heads * cfg.head_dim
+    shapes = {"qkv": (q_width + 2 * kv_width, cfg.dim), "o": (cfg.dim, q_width),
+              "gate_up": (2 * cfg.ffn_dim, cfg.dim), "down": (cfg.dim, cfg.ffn_dim),
+              "lm_head": (cfg.vocab_size, cfg.dim)}
+    weights = {k: torch.randn(*s, device="cuda", dtype=dtype) for k, s in shapes.items()}
+    out: dict = {}
+    for m in (1, 2, 8):
+        row: dict = {}
+        step_us = 0.0
+        for name, w in weights.items():
+            x = torch.randn(m, w.shape[1], device="cuda", dtype=dtype)
+            us = time_cuda(lambda: F.linear(x, w))
+            row[name] = {"us": round(us, 2), "gb_s": round(w.numel() * w.element_size() / us / 1e3, 1)}
+            step_us += us * (1 if name == "lm_head" else cfg.num_layers)
+        row["step_gemms_us"] = round(step_us, 1)
+        out[f"m{m}"] = row
+    return out
+
+
+def kernel_table(model, variant: str, args: argparse.Namespace) -> dict:
+    """One captured decode step (batch 1 as the engine runs it), kernel by kernel."""
+    cfg = model.cfg
+    store = make_store("virtual", cfg, model.dtype, model.device, 8, args.ctx)
+    runner = Runner(model, store, compile=not args.no_compile, triton=variant == "triton")
+    try:
+        runner.warm_up()
+        seq = Sequence(prompt=list(range(1, 33)), max_tokens=10 ** 6, slot=0)
+        prefill(runner, [seq])
+        plan = StepPlan(decodes=(seq,))
+        for _ in range(args.steps):             # a realistic history length to attend over
+            seq.output.append(int(runner.run(plan)[0].argmax()))
+            seq.num_computed += 1
+        key = next(k for k in runner.graphs if k[0] >= 1)
+        graph = runner.graphs[key].graph
+        replay_us = time_cuda(graph.replay, args.steps)
+        acts = [torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(args.steps):
+                graph.replay()
+            torch.cuda.synchronize()
+        kernels: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+        for evt in prof.events():
+            if evt.device_type == torch.autograd.DeviceType.CUDA:
+                k = kernels[evt.name[:90]]
+                k[0] += 1
+                k[1] += evt.device_time_total if hasattr(evt, "device_time_total") else evt.cuda_time_total
+        rows = sorted(((n, c / args.steps, us / args.steps) for n, (c, us) in kernels.items()),
+                      key=lambda r: -r[2])
+        return {"graph_key": list(key), "replay_us": round(replay_us, 1),
+                "kernels_per_step": round(sum(r[1] for r in rows), 1),
+                "kernel_us_per_step": round(sum(r[2] for r in rows), 1),
+                "compiled": runner.is_compiled, "triton_attention": runner.kv.use_triton,
+                "top": [{"kernel": n, "calls": round(c, 2), "us": round(us, 2)} for n, c, us in rows[:30]]}
+    finally:
+        store.close()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="smollm2-135m,llama-3.1-8b")
+    p.add_argument("--variants", default="triton,torchops")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--ctx", type=int, default=1024)
+    p.add_argument("--no-compile", action="store_true")
+    args = p.parse_args()
+    from engines.torch.configs import named_config
+    from engines.torch.synthetic import synthetic_model
+
+    results: dict = {"settings": vars(args), "models": {}}
+    for name in args.models.split(","):
+        cfg = named_config(name)
+        row: dict = {"gemm_floor": gemm_floor(cfg, torch.bfloat16)}
+        model = synthetic_model(cfg, torch.device("cuda"), torch.bfloat16)
+        for variant in args.variants.split(","):
+            try:
+                row[variant] = kernel_table(model, variant, args)
+            except Exception as exc:  # one variant failing must not lose the others
+                log.exception("%s %s failed", name, variant)
+                row[variant] = {"error": f"{type(exc).__name__}: {exc}"}
+            v = row[variant]
+            print(f"\n{name} {variant}: replay {v.get('replay_us')} us, "
+                  f"{v.get('kernels_per_step')} kernels, {v.get('kernel_us_per_step')} us of kernels")
+            print_table(["kernel", "calls/step", "us/step"],
+                        [[k["kernel"], k["calls"], k["us"]] for k in v.get("top", [])[:18]])
+        floor = row["gemm_floor"]
+        print_table(["M", "step GEMMs us", *[k for k in floor["m1"] if k != "step_gemms_us"]],
+                    [[m, f["step_gemms_us"], *[f"{v['us']}us {v['gb_s']}GB/s" for k, v in f.items()
+                                                if k != "step_gemms_us"]] for m, f in floor.items()])
+        results["models"][name] = row
+        write_result("decode_profile", results)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
