@@ -34,9 +34,9 @@ if triton is not None:
     @triton.jit
     def _decode_attention_kernel(
             q_ptr, k_new_ptr, v_new_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
-            q_sb, q_sh, n_sb, n_sh, c_slot, c_head, c_tok, o_sb, o_sh, scale,
+            q_sb, q_sh, k_sb, k_sh, v_sb, v_sh, c_slot, c_head, c_tok, o_sb, o_sh, scale,
             GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-            BLOCK_N: tl.constexpr):
+            BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
         pos = tl.load(pos_ptr + b)
@@ -46,29 +46,31 @@ if triton is not None:
         g_ok = g < GROUP
         k_base = k_cache_ptr + slot * c_slot + h * c_head
         v_base = v_cache_ptr + slot * c_slot + h * c_head
-        k_new = tl.load(k_new_ptr + b * n_sb + h * n_sh + d)                       # [D]
-        v_new = tl.load(v_new_ptr + b * n_sb + h * n_sh + d)
+        k_new = tl.load(k_new_ptr + b * k_sb + h * k_sh + d)                       # [D]
+        v_new = tl.load(v_new_ptr + b * v_sb + h * v_sh + d)
         tl.store(k_base + pos * c_tok + d, k_new)
         tl.store(v_base + pos * c_tok + d, v_new)
         q = tl.load(q_ptr + b * q_sb + (h * GROUP + g)[:, None] * q_sh + d[None, :],
-                    mask=g_ok[:, None], other=0.0).to(tl.float32)                   # [G, D]
-        # Scores and sums in float32 (the products are tiny: decode reads, not computes).
-        # The new token first: its score starts the running max and sum.
-        m_i = tl.sum(q * k_new.to(tl.float32)[None, :], axis=1) * scale             # [G]
+                    mask=g_ok[:, None], other=0.0)                                  # [G, D]
+        # The new token first: its score starts the running max and sum (float32).
+        m_i = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale  # [G]
         l_i = tl.full([BLOCK_G], 1.0, dtype=tl.float32)
         acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32) + v_new.to(tl.float32)[None, :]
+        # Dots in the cache's 16-bit type on tensor cores, accumulated in float32, as
+        # flash attention does: float32 "ieee" dots spilled registers at head_dim 128
+        # (117 us a layer for llama-3.1-8b on the H100, decode_profile.json).
         for start in range(0, pos, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             valid = n < pos
             k = tl.load(k_base + n[:, None] * c_tok + d[None, :], mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-            s = tl.where(valid[None, :], s * scale, float("-inf"))                     # [G, N]
+            v = tl.load(v_base + n[:, None] * c_tok + d[None, :], mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)                                    # [G, N]
+            s = tl.where(valid[None, :], s * scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_base + n[:, None] * c_tok + d[None, :], mask=valid[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         out = acc / l_i[:, None]
         tl.store(out_ptr + b * o_sb + (h * GROUP + g)[:, None] * o_sh + d[None, :],
@@ -87,18 +89,19 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
     num_kv = k.shape[1]
     group = num_heads // num_kv
     out = torch.empty((bsz, num_heads, 1, head_dim), dtype=q.dtype, device=q.device)
-    # Tiny tensors: contiguous() is free when they already are (they come so from the model).
-    q = q.contiguous()
-    k = k.to(k_cache.dtype).contiguous()
-    v = v.to(v_cache.dtype).contiguous()
+    # Strided q/k/v are fine (the model hands over views of one rotated q|k tensor): the
+    # kernel takes their batch and head strides; only the last dim must be contiguous.
+    k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
     _decode_attention_kernel[(bsz, num_kv)](
         q, k, v, positions.reshape(-1), slots, k_cache, v_cache, out,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
         1.0 / math.sqrt(head_dim),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_N=64)
+        BLOCK_N=64, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     return out
 
 
@@ -126,7 +129,9 @@ def self_check(device: torch.device, dtype: torch.dtype, num_heads: int, num_kv:
         # A token-major cache like kvcached's: [S, T, L=2, H, D] viewed as [S, H, T, D].
         base = rand(slots_n, ctx, 2, num_kv, head_dim)
         views = [base[:, :, i].permute(0, 2, 1, 3) for i in range(2)]
-        q, k, v = rand(3, num_heads, 1, head_dim), rand(3, num_kv, 1, head_dim), rand(3, num_kv, 1, head_dim)
+        # Strided as the model hands them over: q and k views of one rotated tensor, v of a wider one.
+        q, k = rand(3, num_heads + num_kv, 1, head_dim).split([num_heads, num_kv], dim=1)
+        v = rand(3, 2 * num_kv, 1, head_dim)[:, num_kv:]
         positions = torch.tensor([[0], [130], [130]], device=device)
         slots = torch.tensor([2, 0, 0], device=device)      # a repeated row, as padding makes
         got = decode_attention(q, k, v, positions, slots, *[t.clone() for t in views])

@@ -51,6 +51,10 @@ class KVStore(abc.ABC):
         """Give back pages that hold no live token; returns bytes."""
         return 0
 
+    def set_tail_reads(self, reads_tail: bool) -> None:
+        """Whether this engine's kernels read slots past their live tokens (a decode over
+        a read-length bucket does; the one-kernel Triton decode and prefill do not)."""
+
     def pause(self) -> int:
         """Move live KV to host memory and give back the pages; returns bytes."""
         return 0
@@ -147,6 +151,9 @@ class KvcachedStore(KVStore):
 
     def step_guard(self):
         return self.cache.step_guard()
+
+    def set_tail_reads(self, reads_tail: bool) -> None:
+        self.cache.tail_readers = reads_tail
 
     def trim(self) -> int:
         return self.cache.trim()

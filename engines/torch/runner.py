@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engines.torch import decode_attention
 from engines.torch.kv_access import KVStore, SlotKV
@@ -29,6 +30,11 @@ from engines.torch.scheduler import PrefillChunk, Sequence, StepPlan
 log = logging.getLogger(__name__)
 
 MIN_READ_BUCKET = 256
+# Attention backends for the eager paths (prefill, CPU decode). Not cuDNN: it builds an
+# execution plan for every new (query length, key length), ~0.3-1.3 s each on the H100,
+# and prompts come in every length: under 32 users of llama-3.2-1b a step with a prefill
+# took 0.35-1.5 s (measured, colocate_diag), against milliseconds with flash/efficient.
+EAGER_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def bucket(n: int, buckets: list[int]) -> int:
@@ -55,6 +61,11 @@ class DecodeGraph:
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.slots = torch.zeros(batch, dtype=torch.long, device=device)
         self.key_index = torch.arange(read_len, device=device)
+        # Tokens, positions and slots cross to the device as one copy from pinned memory
+        # (three pageable copies each block the host ~10 us: 3% of a SmolLM2 step).
+        self.staging = torch.zeros(3, batch, dtype=torch.long, pin_memory=True)
+        self.staged = torch.zeros(3, batch, dtype=torch.long, device=device)
+        self.copied = torch.cuda.Event()
         if runner.is_compiled:
             # One compiled step for every bucket: batch and read length are sizes, not constants.
             for t in (self.ids, self.pos, self.slots, self.key_index):
@@ -79,11 +90,14 @@ class DecodeGraph:
 
     def _load(self, tokens: list[int], positions: list[int], slots: list[int]) -> None:
         pad = self.ids.shape[0] - len(tokens)
-        host = torch.tensor([tokens + tokens[:1] * pad, positions + positions[:1] * pad,
-                             slots + slots[:1] * pad], dtype=torch.long)
-        self.ids.copy_(host[0].unsqueeze(1), non_blocking=True)
-        self.pos.copy_(host[1].unsqueeze(1), non_blocking=True)
-        self.slots.copy_(host[2], non_blocking=True)
+        self.copied.synchronize()      # the last step's copy has left the pinned buffer
+        self.staging.copy_(torch.tensor([tokens + tokens[:1] * pad, positions + positions[:1] * pad,
+                                         slots + slots[:1] * pad], dtype=torch.long))
+        self.staged.copy_(self.staging, non_blocking=True)
+        self.copied.record()
+        self.ids.copy_(self.staged[0].unsqueeze(1))
+        self.pos.copy_(self.staged[1].unsqueeze(1))
+        self.slots.copy_(self.staged[2])
 
     def run(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
         self._load(tokens, positions, slots)
@@ -96,6 +110,10 @@ class Runner:
                  compile: bool | None = None, triton: bool | None = None) -> None:
         """use_graphs, compile, triton: None means on where the model is on CUDA
         (triton: the one-kernel decode attention, after it checks out here)."""
+        if model.device.type == "cuda":
+            # One GEMM for q/k/v and one for gate/up: 7 -> 4 kernels a layer, ~3.4 us each
+            # for SmolLM2-135M in a graph on the H100 (decode_profile.json).
+            model.fuse_projections()
         self.model = model
         self.store = store
         self.kv = SlotKV(store)
@@ -112,6 +130,7 @@ class Runner:
         if (on_cuda if triton is None else triton) and decode_attention.is_available(self.device):
             self.kv.use_triton = decode_attention.self_check(
                 self.device, model.dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        store.set_tail_reads(not self.kv.use_triton)
         self.decode_forward = self._decode_forward
         if self.is_compiled:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
@@ -134,7 +153,7 @@ class Runner:
         return [(b, r) for b in self.batch_buckets for r in self.read_buckets]
 
     @torch.inference_mode()
-    def warm_up(self, progress: Callable[[float], None] = lambda f: None) -> None:
+    def warm_up(self, progress: Callable[[float], None] = lambda f: None, prefill_tokens: int = 0) -> None:
         """Compile and capture every decode bucket now (at load), not on the first
         steps of serving: on the H100 the first decode of a synthetic Llama-3.1-8B
         compiled for ~56 s and each later bucket captured in ~1 s, all under the
@@ -146,9 +165,12 @@ class Runner:
         if not (self.use_graphs or self.is_compiled):
             return
         keys = self.warm_keys() if self.use_graphs else [(b, 0) for b in self.batch_buckets]
-        self.store.ensure(0, 1)
+        prefill_tokens = min(prefill_tokens, self.max_ctx - 1)
+        self.store.ensure(0, max(1, prefill_tokens))
         try:
             with self.store.step_guard():
+                if prefill_tokens > 1:
+                    self._warm_prefill(prefill_tokens)
                 for i, (batch, read_len) in enumerate(keys):
                     if self.use_graphs:
                         if (batch, read_len) not in self.graphs:
@@ -161,6 +183,14 @@ class Runner:
                 torch.cuda.synchronize(self.device)
         finally:
             self.store.release(0)
+
+    def _warm_prefill(self, n: int) -> None:
+        """One prefill chunk of the largest size: the caching allocator keeps its blocks, so
+        the first prompts of a burst do not each wait on cudaMalloc, which synchronizes
+        with the GPU (measured: three llama-3.2-1b on the H100, steps with a prefill took
+        0.3-0.8 s for the first ~10 s of a model's first burst, then ~40 ms)."""
+        seq = Sequence(prompt=[0] * n, max_tokens=1, slot=0)
+        self.prefill(PrefillChunk(seq, 0, n))
 
     def _decode_forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(ids, positions, self.kv)                     # [B, 1, V]
@@ -185,7 +215,8 @@ class Runner:
         positions = torch.arange(chunk.start, chunk.end, device=self.device).unsqueeze(0)   # [1, n]
         self.kv.bind_slot(seq.slot, chunk.end)
         last = torch.tensor([n - 1], device=self.device)
-        logits = self.model(ids, positions, self.kv, logit_index=last)                   # [1, 1, V]
+        with sdpa_kernel(EAGER_SDPA):
+            logits = self.model(ids, positions, self.kv, logit_index=last)               # [1, 1, V]
         return logits[:, 0] if chunk.is_last else None
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -207,7 +238,8 @@ class Runner:
             self.kv.bind_slot(slots[0], positions[0] + 1, needs_mask=False)
         else:
             self.kv.bind_batch(torch.tensor(slots, device=self.device), max(positions) + 1)
-        return self.decode_forward(ids, pos)[:, 0]
+        with sdpa_kernel(EAGER_SDPA):
+            return self.decode_forward(ids, pos)[:, 0]
 
     def _decode_graphed(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
         key = (bucket(len(tokens), self.batch_buckets), bucket(max(positions) + 1, self.read_buckets))
