@@ -236,7 +236,7 @@ class ModelManager:
             for request in list(loaded.requests.values()):
                 request.cancel()
             del self._loaded[loaded.name]
-            self.broker.unregister(loaded.name)
+            self.broker.unregister(loaded.name, loaded.engine)
             freed = await to_thread.run_sync(loaded.engine.unload)
             self._publish_state(loaded.name, ModelState.UNLOADED, bytes_returned=freed)
             log.info("unloaded %s (%d bytes)", loaded.name, freed)

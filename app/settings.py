@@ -57,6 +57,8 @@ class Settings:
     log_level: str = "INFO"
     budget_bytes: int = 0                  # all models together (weights and KV); 0: what the device allows
     synthetic_models: bool = False         # list random-weight "synthetic/<config>" models (benchmarks)
+    admission_timeout_s: float = 120.0     # a request waiting this long for GPU memory answers 503
+    torch_llamacpp_numerics: bool = True   # torch engine on the CPU: llama.cpp's exact tokens, slower
 
     @property
     def endpoint_url(self) -> str:
@@ -153,6 +155,12 @@ def positive_interval(value: object) -> float:
     return seconds
 
 
+def positive_seconds(seconds: float) -> float:
+    if not seconds > 0:
+        raise SettingValueError(f"expected a duration above 0, got {seconds!r}")
+    return seconds
+
+
 def optional(parse: Callable[[object], object]) -> Callable[[object], object]:
     """TOML has no null: the empty string or "none" stands for "not set"."""
     def parse_optional(value: object) -> object:
@@ -183,6 +191,8 @@ FIELDS: dict[str, Callable[[object], object]] = {
     "log_level": lambda v: one_of(LOG_LEVELS)(parse_str(v).upper()),
     "budget_bytes": parse_bytes,
     "synthetic_models": parse_bool,
+    "admission_timeout_s": lambda v: positive_seconds(parse_duration(v)),
+    "torch_llamacpp_numerics": parse_bool,
 }
 
 # Names people write in the file that mean a field above (Ollama calls it keep_alive).

@@ -129,9 +129,12 @@ async def sample_memory(daemon, every_s: float, clock, out: list[dict], stop: as
         snap = await asyncio.to_thread(daemon.control_get, "/control/memory")
         if isinstance(snap, dict):
             device = snap.get("device") or {}
+            clients = (snap.get("broker") or {}).get("clients") or []
             out.append({"t": round(clock(), 3),
                         "models": {n: {k: m.get(k) for k in ("weights", "kv_held", "kv_live", "paused_host")}
                                    for n, m in model_memory(snap).items()},
+                        # What the broker counts each model holding (mapped + promised KV, weights).
+                        "broker_held": {c.get("name"): c.get("held_bytes") or 0 for c in clients},
                         "free_bytes": device.get("free_bytes"), "others_bytes": device.get("others_bytes")})
         try:
             await asyncio.wait_for(stop.wait(), every_s)

@@ -109,3 +109,7 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def idle_since(self) -> float:
         """time.monotonic() when the last request finished (now, while busy)."""
+
+    def attach_broker(self, handle: object | None) -> None:
+        """The broker registered this engine (a kvcached ClientHandle; None: it left).
+        Engines that admit work against the broker's budget keep it; others ignore it."""

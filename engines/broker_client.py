@@ -3,8 +3,10 @@
 Each loaded model registers with the broker under its name, with the priority,
 pinned minimum and maximum from its settings; the broker then calls the
 engine's verbs from its own thread (every engine's verbs are thread-safe).
-held_bytes is what the model keeps resident, weights plus KV held: the bytes
-the broker can win back by pausing (KV) or unloading (both).
+held_bytes is what the model keeps resident, weights plus KV held, plus KV
+promised to admitted sequences and not mapped yet (so the broker never promises
+it to another model): the bytes the broker can win back by pausing (KV) or
+unloading (both). cached_bytes is what trim + drop_prefixes can give.
 `load_estimate` is what a load will take, for Broker.admit before loading,
 read from the model's metadata without loading it.
 """
@@ -25,7 +27,13 @@ class EngineVerbs:
 
     def held_bytes(self) -> int:
         report = self.engine.memory()
-        return report.weights_bytes + report.kv_held_bytes
+        return report.weights_bytes + report.kv_held_bytes + report.kv_booked_bytes
+
+    def cached_bytes(self) -> int | None:
+        return self.engine.memory().kv_cached_bytes
+
+    def booked_bytes(self) -> int:
+        return self.engine.memory().kv_booked_bytes
 
     def is_busy(self) -> bool:
         return self.engine.busy
@@ -51,7 +59,15 @@ def register_engine(broker: Broker, engine: Engine, priority: int = 0, min_bytes
     """Register engine with the broker; keep the handle, and unregister() it when the
     model is removed. Raises kvcached ConfigError when the name is taken."""
     spec = ClientSpec(name=engine.info.name, priority=priority, min_bytes=min_bytes, max_bytes=max_bytes)
-    return broker.register(spec, EngineVerbs(engine))
+    handle = broker.register(spec, EngineVerbs(engine))
+    engine.attach_broker(handle)   # from now on its sequences are admitted against the budget
+    return handle
+
+
+def unregister_engine(handle: ClientHandle, engine: Engine) -> None:
+    """The reverse of register_engine: admission stops, the broker forgets it."""
+    engine.attach_broker(None)
+    handle.unregister()
 
 
 def load_estimate(info: ModelInfo, n_ctx: int) -> int:

@@ -56,14 +56,16 @@ class EngineConfig:
     max_queue: int = 16                         # requests waiting per model; more answers busy
     torch_num_slots: int = 8                    # torch engine: continuous-batching slots
     torch_device: str = "auto"                  # torch engine: "auto", "cuda", "cpu"
-    torch_dtype: str = "auto"                   # torch engine: "auto", "bfloat16", "float16", "float32"
-    torch_max_context: int = 4096               # torch engine: tokens per sequence at most
-    torch_prefill_chunk: int = 512              # torch engine: prompt tokens per scheduler step
-    torch_cuda_graphs: bool = True              # torch engine: capture decode in CUDA graphs on GPU
+    torch_dtype: str = "auto"                   # torch engine: "auto" (bf16 on CUDA), "bfloat16", "float16", "float32"
     torch_max_context: int = 4096               # torch engine: tokens per slot (capped by the model's)
     torch_prefill_chunk: int = 512              # torch engine: prompt tokens computed per step
-    torch_dtype: str = "auto"                   # torch engine: "auto" (bf16 on CUDA), "bfloat16", "float16", "float32"
-    torch_cuda_graphs: bool = True              # torch engine: decode in captured CUDA graphs
+    torch_cuda_graphs: bool = True              # torch engine: decode in captured CUDA graphs on GPU
+    # torch engine on the CPU, GGUF with quantized weights: compute bit for bit as llama.cpp
+    # does (same greedy tokens as the llama.cpp engine; several times slower than float32).
+    torch_llamacpp_numerics: bool = True
+    # torch engine under the broker: a request whose KV has not fitted the budget for this
+    # long fails with EngineBusy (503) instead of waiting on (memory held by others).
+    admission_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         kinds = {"default_engine": self.default_engine, **{
@@ -86,6 +88,9 @@ class EngineConfig:
             raise ConfigError(f"llama_n_gpu_layers: {self.llama_n_gpu_layers} must be >= -1")
         if not 0 <= self.max_scan_depth <= 16:
             raise ConfigError(f"max_scan_depth: {self.max_scan_depth} must be in [0, 16]")
+        if isinstance(self.admission_timeout_s, bool) or not isinstance(self.admission_timeout_s, (int, float)) \
+                or not self.admission_timeout_s > 0:
+            raise ConfigError(f"admission_timeout_s: {self.admission_timeout_s!r} must be a number of seconds > 0")
         if self.torch_device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"torch_device: {self.torch_device!r} is not one of auto, cuda, cpu")
         if self.torch_dtype not in TORCH_DTYPES:
@@ -153,6 +158,8 @@ def config_from_settings(settings: object, **overrides: object) -> EngineConfig:
         "scan_hf_cache": bool(getattr(settings, "scan_hf_cache", True)),
         "max_queue": int(getattr(settings, "max_queue", 16)),
         "torch_num_slots": int(getattr(settings, "num_slots", 8)),
+        "admission_timeout_s": float(getattr(settings, "admission_timeout_s", 120.0)),
+        "torch_llamacpp_numerics": bool(getattr(settings, "torch_llamacpp_numerics", True)),
         "include_synthetic": bool(getattr(settings, "synthetic_models", False)),
         "engine_overrides": {name: m.engine for name, m in models.items()
                              if getattr(m, "engine", "auto") != "auto"},

@@ -115,6 +115,12 @@ class MemoryReport:
     kv_live_bytes: int = 0      # of which hold live tokens
     paused_host_bytes: int = 0  # KV moved to host memory by pause()
     on_gpu: bool = False
+    # Admission (the broker's budget): KV promised to running and admitted sequences
+    # but not mapped yet; the broker counts it as held so no one else is promised it.
+    kv_booked_bytes: int = 0
+    # Held KV that no running sequence needs (cached prefixes, trimmable pages):
+    # what trim + drop_prefixes can give back; None where the engine cannot say.
+    kv_cached_bytes: int | None = None
 
     @property
     def total_bytes(self) -> int:

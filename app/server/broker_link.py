@@ -109,14 +109,18 @@ class BrokerLink:
         model = model or ModelSettings()
         spec = ClientSpec(name, priority=model.priority, min_bytes=model.min_bytes, max_bytes=model.max_bytes)
         try:
-            self.broker.register(spec, _verbs_class()(engine, self.hub))
+            handle = self.broker.register(spec, _verbs_class()(engine, self.hub))
         except Exception:  # serving without the broker's protection beats not serving
             log.exception("could not register %s with the broker", name)
+            return
+        engine.attach_broker(handle)   # its requests are admitted against the budget from now on
 
-    def unregister(self, name: str) -> None:
+    def unregister(self, name: str, engine: Engine | None = None) -> None:
         with self._lock:
             self._pending.pop(name, None)
             broker = self.broker
+        if engine is not None:
+            engine.attach_broker(None)
         if broker is not None:
             broker.unregister(name)
 

@@ -4,7 +4,10 @@ pystray's xorg backend only reports a click on the icon. On such desktops a
 click opens this popup, drawn from the same menu entries, and every item ends
 in the same dispatcher. Tk runs in the popup's own thread (Tk objects must stay
 in the thread that made them); a click hands the command to another thread so
-a slow daemon never freezes the menu.
+a slow daemon never freezes the menu. No other thread ever calls into Tk:
+`close()` only raises a flag that the popup's own loop polls, because a call
+from another thread waits, uninterruptibly, for a Tk loop that may just have
+ended (it froze the tray's Quit, and CI, that way).
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ from collections.abc import Callable
 from app.tray.menu import Entry
 
 log = logging.getLogger(__name__)
+
+CLOSE_POLL_MS = 50  # how soon an open popup notices close()
 
 
 class TkPopup:
@@ -27,23 +32,20 @@ class TkPopup:
         self.closed.set()
         self.item_centers: dict[str, tuple[int, int]] = {}  # label -> screen point (top level only)
         self.bounds: tuple[int, int, int, int] = (0, 0, 0, 0)  # left, top, right, bottom on screen
-        self._root = None
+        self._close_asked = threading.Event()
 
     def open(self, entries: list[Entry], at: tuple[int, int] | None = None) -> bool:
         if not self.closed.is_set():
             return False  # already open
         self.posted.clear()
         self.closed.clear()
+        self._close_asked.clear()
         threading.Thread(target=self._run, args=(entries, at), name="tray-popup", daemon=True).start()
         return True
 
     def close(self) -> None:
-        root = self._root
-        if root is not None:
-            try:
-                root.after(0, root.destroy)
-            except RuntimeError:  # Tk already gone
-                pass
+        """Asks an open popup to go; safe from any thread, returns at once."""
+        self._close_asked.set()
 
     def _run(self, entries: list[Entry], at: tuple[int, int] | None) -> None:
         try:
@@ -51,19 +53,25 @@ class TkPopup:
 
             root = tkinter.Tk(className="ebbtide")
             root.withdraw()
-            self._root = root
             menu = self._menu(root, entries)
             menu.bind("<Unmap>", lambda _: root.after(100, root.destroy))
             x, y = at if at is not None else root.winfo_pointerxy()
             menu.tk_popup(x, y)
             root.after(50, lambda: self._note_positions(menu, entries))
+            self._watch_close(root)
             root.mainloop()
         except Exception:
             log.exception("tray: the popup menu failed")
         finally:
-            self._root = None
             self.posted.clear()
             self.closed.set()
+
+    def _watch_close(self, root) -> None:
+        """On the popup's thread: destroys the popup once close() was asked for."""
+        if self._close_asked.is_set():
+            root.destroy()
+        else:
+            root.after(CLOSE_POLL_MS, lambda: self._watch_close(root))
 
     def _menu(self, root, entries: list[Entry] | tuple[Entry, ...]):
         import tkinter

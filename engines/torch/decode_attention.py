@@ -89,6 +89,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
     num_kv = k.shape[1]
     group = num_heads // num_kv
     out = torch.empty((bsz, num_heads, 1, head_dim), dtype=q.dtype, device=q.device)
+    # Keys a block: 128 at head_dim 64, 64 at 128 (16 KiB of K a block either way); a short
+    # history then takes one or two latency-bound trips through memory, not three.
     # Strided q/k/v are fine (the model hands over views of one rotated q|k tensor): the
     # kernel takes their batch and head strides; only the last dim must be contiguous.
     k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
@@ -101,7 +103,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
         1.0 / math.sqrt(head_dim),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_N=64, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+        BLOCK_N=max(32, min(128, 8192 // head_dim)), PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     return out
 
 

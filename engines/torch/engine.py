@@ -6,7 +6,9 @@ Loads a GGUF file, a safetensors folder, or random weights from a named config
 (continuous batching, chunked prefill, prefix reuse, CUDA-graph decode). On
 CUDA, load() compiles and captures every decode bucket ("compiling"), so no
 request waits for it. The broker's verbs run between steps (the loop's
-between_steps(), which lets them in at the next step boundary).
+between_steps(), which lets them in at the next step boundary). Once the
+broker hands it a client handle (attach_broker), a sequence runs only when the
+KV it may need fits the broker's budget (engines/torch/admission.py).
 """
 from __future__ import annotations
 
@@ -22,8 +24,10 @@ import torch
 from engines.base import Engine, ModelInfo, ProgressCallback
 from engines.config import EngineConfig
 from engines.errors import ContextOverflow, EmbeddingsUnsupported, InvalidRequest, ModelLoadError
+from engines.torch.admission import MemoryAdmission
 from engines.torch.attention import ContiguousKV
 from engines.torch.kv_access import KVStore, KvcachedStore, StaticStore
+from engines.torch.kv_ledger import KVLedger
 from engines.torch.prefix_cache import PrefixCache
 from engines.torch.runner import Runner
 from engines.torch.scheduler import Scheduler, Sequence
@@ -69,6 +73,8 @@ class TorchEngine(Engine):
         self.store: KVStore | None = None
         self.loop: ServingLoop | None = None
         self.max_ctx = 0
+        self.admission: MemoryAdmission | None = None
+        self._broker_handle = None    # kvcached.broker.ClientHandle, set by attach_broker
 
     # --- lifecycle -------------------------------------------------------------
     def load(self, progress: ProgressCallback | None = None) -> None:
@@ -102,10 +108,34 @@ class TorchEngine(Engine):
         if runner.use_graphs or runner.is_compiled:
             # Compile and capture here, not in the middle of serving (runner.warm_up says why).
             report(0.93, "compiling")
-            runner.warm_up(lambda f: report(0.93 + 0.06 * f, "compiling"))
+            runner.warm_up(lambda f: report(0.93 + 0.06 * f, "compiling"),
+                           prefill_tokens=self.config.torch_prefill_chunk)
+        self.admission = self._make_admission()
         self.loop = ServingLoop(scheduler, runner, self.config.max_queue, before_step=self._resume_if_paused,
-                                 name=self.info.name)
+                                 name=self.info.name, memory=self.admission)
         report(1.0, "ready")
+
+    def _make_admission(self) -> MemoryAdmission | None:
+        """The KV book and the broker's admission, over kvcached pages (a static KV
+        holds all its memory from the start: nothing to admit)."""
+        store = self.store
+        if not isinstance(store, KvcachedStore):
+            return None
+        ledger = KVLedger(store.layout, getattr(KvcachedStore, "ENSURE_AHEAD", 1))
+        admission = MemoryAdmission(self.info.name, ledger, self.config.admission_timeout_s,
+                                    mapped_bytes=lambda: store.held_bytes, live_tokens=store.cache.num_tokens,
+                                    is_paused=lambda: self._state is ModelState.PAUSED,
+                                    drop_own=self.drop_prefixes)
+        admission.handle = self._broker_handle
+        store.trim()                # a warm-up's released pages: not counted against the budget
+        admission.after_reclaim()
+        return admission
+
+    def attach_broker(self, handle: object | None) -> None:
+        """Admit sequences through this broker client handle from now on (None: stop)."""
+        self._broker_handle = handle
+        if self.admission is not None:
+            self.admission.handle = handle
 
     def _read_model(self, device: torch.device, dtype: torch.dtype | None, progress) -> tuple:
         info = self.info
@@ -126,19 +156,23 @@ class TorchEngine(Engine):
             raise ModelLoadError(f"model file not found: {path}")
         from engines.torch.gguf_loader import load_gguf
 
-        model, meta = load_gguf(path, device, dtype, progress)
+        model, meta = load_gguf(path, device, dtype, progress,
+                                llamacpp_numerics=self.config.torch_llamacpp_numerics)
         return model, TextSide.from_gguf(meta, str(path), model.cfg.eos_ids)
 
     def _make_store(self, cfg, device: torch.device) -> KVStore:
         from engines.torch.kv_access import kv_layout
         from kvcached.kv_cache.layout import KVShape
 
-        shape = KVShape(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.model.dtype)
+        from engines.torch.ggml_numerics import kv_cache_dtype
+
+        kv_dtype = kv_cache_dtype(self.model)   # float16 on the llama.cpp-numerics path, as llama.cpp
+        shape = KVShape(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
         slots = self.config.torch_num_slots
         if self._static_kv:
-            layout = kv_layout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.model.dtype,
+            layout = kv_layout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype,
                                slots, self.max_ctx, self.kv_config.page_size)
-            return StaticStore(layout, self.model.dtype, device)
+            return StaticStore(layout, kv_dtype, device)
         from kvcached.kv_cache.manager import KVCache
         from kvcached.vmm import open_backend
 
@@ -162,7 +196,7 @@ class TorchEngine(Engine):
             self.loop.close()   # waits for the step in flight; fails what still waits
         if self.store is not None:
             self.store.close()
-        self.loop = self.store = self.model = self.text = None
+        self.loop = self.store = self.model = self.text = self.admission = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -252,16 +286,21 @@ class TorchEngine(Engine):
         model, store = self.model, self.store
         if model is None or store is None:
             return MemoryReport()
-        return MemoryReport(weights_bytes=model.weight_bytes(), kv_held_bytes=store.held_bytes,
+        held, admission = store.held_bytes, self.admission
+        return MemoryReport(weights_bytes=model.weight_bytes(), kv_held_bytes=held,
                             kv_live_bytes=store.live_bytes, paused_host_bytes=store.paused_bytes,
-                            on_gpu=model.device.type == "cuda")
+                            on_gpu=model.device.type == "cuda",
+                            kv_booked_bytes=admission.ledger.booked_bytes(held) if admission else 0,
+                            kv_cached_bytes=admission.ledger.cached_bytes() if admission else None)
 
     def trim(self) -> int:
         loop = self.loop
         if loop is None:
             return 0
         with loop.between_steps():
-            return self.store.trim()
+            freed = self.store.trim()
+            self._after_reclaim()
+            return freed
 
     def drop_prefixes(self) -> int:
         loop = self.loop
@@ -270,7 +309,13 @@ class TorchEngine(Engine):
         with loop.between_steps():
             for slot in loop.scheduler.prefix_cache.drop_all():
                 self.store.release(slot)
-            return self.store.trim()
+            freed = self.store.trim()
+            self._after_reclaim()
+            return freed
+
+    def _after_reclaim(self) -> None:
+        if self.admission is not None and self._state is not ModelState.PAUSED:
+            self.admission.after_reclaim()
 
     def pause(self) -> int:
         with self._lock:
@@ -279,6 +324,8 @@ class TorchEngine(Engine):
             with self.loop.between_steps():
                 freed = self.store.pause()
                 self._state = ModelState.PAUSED
+                if self.admission is not None:
+                    self.admission.after_pause()
                 return freed
 
     def resume(self) -> None:
@@ -288,8 +335,11 @@ class TorchEngine(Engine):
     def _resume_if_paused(self) -> None:
         if self._state is ModelState.PAUSED:
             with self.loop.step_lock:
+                need = self.admission.resume_need() if self.admission is not None else 0
                 self.store.resume()
                 self._state = ModelState.LOADED
+                if self.admission is not None:   # the worker asked for `need` before this step
+                    self.admission.after_resume(need)
 
     @property
     def busy(self) -> bool:

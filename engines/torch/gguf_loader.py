@@ -17,7 +17,9 @@ reads every weight per step; bf16 halves the bytes). bf16 is the fastest, but
 on the default Q4_1 model it visibly changes answers: Q4_1's d*q+m is exact in
 float32, not in bf16, and a bf16 residual stream drifts over 30 layers ("What
 is the capital of France?" greedy: "Paris" in float32, "L'Etoile, la
-Marseillaise..." in bf16). float32 is also what matches llama.cpp's tokens.
+Marseillaise..." in bf16). On the CPU in float32, a file with quantized
+weights computes as llama.cpp does, bit for bit (engines.torch.ggml_numerics;
+`load_gguf(..., llamacpp_numerics=False)` gives the plain float32 model).
 """
 from __future__ import annotations
 
@@ -202,11 +204,40 @@ def load_gguf_state(reader: Any, cfg: ModelConfig, device: torch.device | str = 
     return state, rope_factors
 
 
+def ggml_linears(reader: Any, cfg: ModelConfig) -> dict[str, tuple[str, Any]]:
+    """Projection module name (HF) -> (its GGML weight type, its blocks in the model's
+    row order or None: ggml_numerics.weight_blocks). A tied lm_head multiplies token_embd."""
+    from engines.torch.ggml_linear import WeightBlocks
+    from engines.torch.ggml_numerics import weight_blocks
+
+    permute = cfg.arch in _PERMUTED_ARCHS
+    heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
+    out: dict[str, tuple[str, Any]] = {}
+    for tensor in reader.tensors:
+        tied_head = tensor.name == "token_embd.weight" and cfg.tie_embeddings
+        name = "lm_head.weight" if tied_head else hf_name(tensor.name)
+        if name is None or not name.endswith("proj.weight") and name != "lm_head.weight":
+            continue
+        blocks = weight_blocks(tensor)
+        proj = name.split(".")[-2]
+        if blocks is not None and permute and proj in heads:
+            blocks = WeightBlocks(*(None if t is None else unpermute_qk(t, heads[proj]) for t in
+                                    (blocks.ints, blocks.scales, blocks.mins)))
+        out[name.removesuffix(".weight")] = (tensor.tensor_type.name, blocks)
+    return out
+
+
 def load_gguf(path: str | Path, device: torch.device | str = "cpu",
               dtype: torch.dtype | None = None,
-              progress: Callable[[float], None] | None = None
-              ) -> tuple[LlamaModel, dict[str, Any]]:
-    """Load a GGUF model; returns (model in eval mode, GGUF metadata)."""
+              progress: Callable[[float], None] | None = None,
+              llamacpp_numerics: bool = True) -> tuple[LlamaModel, dict[str, Any]]:
+    """Load a GGUF model; returns (model in eval mode, GGUF metadata).
+
+    llamacpp_numerics: where it applies (float32 on the CPU, quantized weights),
+    compute as llama.cpp's CPU backend does (engines.torch.ggml_numerics); then
+    give the model a KV cache of `ggml_numerics.kv_cache_dtype(model)`."""
+    from engines.torch import ggml_numerics
+
     reader = open_reader(path)
     meta = read_metadata(reader)
     names = {t.name for t in reader.tensors}
@@ -215,6 +246,10 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu",
     dtype = dtype or default_dtype(device)
     state, rope_factors = load_gguf_state(reader, cfg, device, dtype, progress)
     model = build_model(cfg, state, device, dtype)
+    types = {t.tensor_type.name for t in reader.tensors if (hf_name(t.name) or "").endswith("proj.weight")
+             or t.name in ("output.weight", "token_embd.weight")}
+    if llamacpp_numerics and ggml_numerics.is_applicable(types, device, model.dtype):
+        ggml_numerics.install(model, ggml_linears(reader, cfg), cfg.arch in _PERMUTED_ARCHS)
     if rope_factors is not None:
         model.rotary.set_freq_factors(rope_factors)
     log.info("loaded %s: %d layers, dim %d, %s on %s", Path(path).name, cfg.num_layers,

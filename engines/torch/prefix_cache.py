@@ -11,6 +11,7 @@ tokens so its KV pages can be freed. Pure bookkeeping, no torch.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 
@@ -40,7 +41,15 @@ class PrefixCache:
         """A free slot for this prompt and the number of prompt tokens whose KV it
         already holds; None when every slot is running. At least one prompt token
         is always left to compute, since its logits pick the first new token."""
-        free = [i for i, s in enumerate(self.slots) if not s.is_running]
+        picked = self.choose(prompt)
+        if picked is not None:
+            self.take(picked[0], prompt, picked[1])
+        return picked
+
+    def choose(self, prompt: list[int], exclude: Collection[int] = ()) -> tuple[int, int] | None:
+        """What acquire would pick, without taking it (admission weighs its memory
+        first). `exclude`: slots already chosen for earlier prompts of a batch."""
+        free = [i for i, s in enumerate(self.slots) if not s.is_running and i not in exclude]
         if not free:
             return None
         scored = [(min(common_prefix_len(self.slots[i].tokens, prompt), max(len(prompt) - 1, 0)), i)
@@ -51,11 +60,15 @@ class PrefixCache:
             # so the prefixes most likely to be asked for again survive longest.
             slot = min(free, key=lambda i: (bool(self.slots[i].tokens), self.slots[i].last_used))
             reuse = 0
+        return slot, reuse
+
+    def take(self, slot: int, prompt: list[int], reuse: int) -> None:
+        """Run a sequence in slot, reusing the first `reuse` prompt tokens held there."""
         state = self.slots[slot]
+        assert not state.is_running, f"slot {slot} is already running"
         state.is_running = True
         state.tokens = list(prompt[:reuse])
         state.last_used = next(self._clock)
-        return slot, reuse
 
     def release(self, slot: int, tokens: list[int]) -> None:
         """The sequence in this slot ended; its KV holds these tokens (those computed)."""

@@ -8,6 +8,11 @@ budget so a long prompt never stalls the decodes running beside it, and
 decodes every sequence whose prompt is done. The runner computes; complete()
 records what it sampled.
 
+Memory: a `gate(seq, slot)` passed in (the engine's KV admission, see
+engines/torch/admission.py) may refuse the head of the queue its slot until
+memory frees; it then stays first in line (FIFO: a large request is not
+starved by smaller ones behind it). Without a gate everything is admitted.
+
 Invariants (checked in tests): a slot runs at most one sequence; a running
 sequence's computed tokens never exceed its tokens; a decoding sequence has
 exactly one token not yet computed (the last one sampled); no position ever
@@ -18,6 +23,7 @@ from __future__ import annotations
 import enum
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engines.errors import ContextOverflow, EngineBusy
@@ -45,6 +51,12 @@ class Sequence:
     num_cached: int = 0        # prompt tokens reused from a held prefix, not computed
     output: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    memory_wait_since: float | None = None   # time.monotonic() its memory was first refused
+
+    @property
+    def final_tokens(self) -> int:
+        """Tokens it holds at most: the prompt and every token it may generate."""
+        return len(self.prompt) + self.max_tokens
 
     @property
     def tokens(self) -> list[int]:
@@ -80,11 +92,15 @@ class StepPlan:
         return [c.seq for c in self.prefills if c.is_last] + list(self.decodes)
 
 
+Gate = Callable[[Sequence, int], bool]   # (head of the queue, its slot) -> admitted
+
+
 class Scheduler:
     def __init__(self, prefix_cache: PrefixCache, max_ctx: int, prefill_chunk: int = 512,
-                 max_queue: int = 16) -> None:
+                 max_queue: int = 16, gate: Gate | None = None) -> None:
         assert max_ctx >= 2 and prefill_chunk >= 1 and max_queue >= 0
         self.prefix_cache = prefix_cache
+        self.gate = gate
         self.max_ctx = max_ctx
         self.prefill_chunk = prefill_chunk
         self.max_queue = max_queue
@@ -122,11 +138,26 @@ class Scheduler:
                 budget -= n
         return StepPlan(tuple(prefills), decodes)
 
+    def next_placements(self) -> list[tuple[Sequence, int]]:
+        """The waiting sequences that free slots would take now, in order, with their
+        slots (what admission must find memory for). Changes nothing."""
+        out: list[tuple[Sequence, int]] = []
+        for seq in self.waiting:
+            picked = self.prefix_cache.choose(seq.prompt, exclude={slot for _, slot in out})
+            if picked is None:
+                break
+            out.append((seq, picked[0]))
+        return out
+
     def _admit(self) -> None:
         while self.waiting:
-            picked = self.prefix_cache.acquire(self.waiting[0].prompt)
+            head = self.waiting[0]
+            picked = self.prefix_cache.choose(head.prompt)
             if picked is None:
                 return
+            if self.gate is not None and not self.gate(head, picked[0]):
+                return   # no memory for it yet: it stays first in line
+            self.prefix_cache.take(picked[0], head.prompt, picked[1])
             seq = self.waiting.popleft()
             seq.slot, seq.num_computed = picked
             seq.num_cached = seq.num_computed

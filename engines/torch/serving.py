@@ -5,6 +5,13 @@ Callers (HTTP threads) submit a Job and read its chunks from a queue; the
 broker's verbs enter `between_steps()`, so they run between steps (at the next
 boundary: the worker waits for them) and never unmap a page a running step touches (the illegal-address crash seen in vLLM and
 kvcached). A step is schedule -> run -> sample -> postprocess.
+
+With a MemoryAdmission (engines/torch/admission.py), the worker asks the
+broker for the KV its waiting sequences need *before* taking the step lock
+(the broker may be reclaiming from another model, whose verbs wait for that
+model's step boundary: asking under our lock could deadlock two models), and
+the step admits only what that credit covers. Refused with nothing running,
+it waits on its condition (ADMISSION_WAIT_S, or a new request), never spins.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engines.errors import EngineBusy
+from engines.torch.admission import MemoryAdmission
 from engines.torch.runner import Runner
 from engines.torch.sampling import make_generator, sample
 from engines.torch.scheduler import Scheduler, Sequence, SeqStatus
@@ -27,6 +35,8 @@ from engines.torch.stops import StopMatcher
 from engines.types import FinishReason, GenerateRequest, StreamChunk, Usage
 
 log = logging.getLogger(__name__)
+
+ADMISSION_WAIT_S = 0.05   # refused memory with nothing running: look again this often
 
 
 @dataclass(eq=False)
@@ -47,8 +57,12 @@ class Job:
 
 class ServingLoop:
     def __init__(self, scheduler: Scheduler, runner: Runner, max_queue: int,
-                 before_step: Callable[[], None] = lambda: None, name: str = "torch") -> None:
+                 before_step: Callable[[], None] = lambda: None, name: str = "torch",
+                 memory: MemoryAdmission | None = None) -> None:
         self.scheduler = scheduler
+        self.memory = memory
+        if memory is not None:
+            scheduler.gate = memory.gate
         self.stats = StepStats(name)
         self.runner = runner
         self.max_queue = max_queue
@@ -124,36 +138,83 @@ class ServingLoop:
                     break
             self._let_callers_in()
             try:
+                if self._needs_memory() and not self._reserve_memory():
+                    continue
                 self.step()
             except Exception as exc:  # a failed step fails its requests, never the worker
                 log.exception("torch engine step failed")
                 self._fail_all(exc)
         self._fail_all(EngineBusy("the model was unloaded while this request waited"))
 
-    def step(self) -> None:
+    def _needs_memory(self) -> bool:
+        """Anything to ask the broker for (a request waits, or the KV must come back)?
+        Read without the lock: only this thread adds to the queue's waiting side."""
+        memory = self.memory
+        return memory is not None and memory.enforced and \
+            bool(self._inbox or self.scheduler.waiting or memory.is_paused())
+
+    def _reserve_memory(self) -> bool:
+        """Credit from the broker for what waits (no lock held while asking). False:
+        refused and nothing can run, after waiting a little (the caller loops)."""
         with self.step_lock:
-            self.before_step()
             self._admit()
             self._reap_cancelled()
-            t0 = time.perf_counter()
-            plan = self.scheduler.schedule()
-            if plan.is_empty:
-                return
-            t1 = time.perf_counter()
-            logits = self.runner.run(plan)
-            seqs = plan.sampling_sequences()
-            jobs = [self._jobs[s.seq_id] for s in seqs]
-            t2 = time.perf_counter()
-            tokens = [] if not seqs else sample(logits, [j.request.sampling for j in jobs], [s.tokens for s in seqs],
-                            [j.generator for j in jobs])
-            t3 = time.perf_counter()
-            for seq in self.scheduler.complete(plan, tokens):
-                self._postprocess(self._jobs[seq.seq_id], seq.output[-1])
-            self._note_idle()
-            self.stats.record(len(plan.decodes), sum(c.end - c.start for c in plan.prefills),
-                              {"schedule": t1 - t0, "run": t2 - t1, "sample": t3 - t2,
-                               "post": time.perf_counter() - t3})
-            self.stats.maybe_log(len(self.scheduler.waiting), len(self.scheduler.running))
+            self._expire_memory_waits()
+            self.memory.settle(self.scheduler)   # what the reaping ended gives its booking back
+            asks = self.memory.shortfall(self.scheduler)
+            can_run = bool(self.scheduler.running) and not self.memory.is_paused()
+            head = self.scheduler.waiting[0] if self.scheduler.waiting else None
+        if not asks or self.memory.request(asks):
+            return True
+        if head is not None and head.memory_wait_since is None:
+            head.memory_wait_since = time.monotonic()   # its clock towards the timeout starts
+        if can_run:
+            return True
+        with self._wake:
+            if not (self._stop or self._inbox):
+                self._wake.wait(ADMISSION_WAIT_S)
+        return False
+
+    def _expire_memory_waits(self) -> None:
+        for seq, error in self.memory.expired(self.scheduler, time.monotonic()):
+            log.warning("%s", error)
+            self.scheduler.finish(seq, FinishReason.CANCELLED)
+            job = self._jobs.pop(seq.seq_id, None)
+            if job is not None:
+                job.out.put(error)
+        self._note_idle()
+
+    def step(self) -> None:
+        with self.step_lock:
+            try:
+                self._step()
+            finally:
+                if self.memory is not None:
+                    self.memory.settle(self.scheduler)
+
+    def _step(self) -> None:
+        self.before_step()
+        self._admit()
+        self._reap_cancelled()
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return
+        t1 = time.perf_counter()
+        logits = self.runner.run(plan)
+        seqs = plan.sampling_sequences()
+        jobs = [self._jobs[s.seq_id] for s in seqs]
+        t2 = time.perf_counter()
+        tokens = [] if not seqs else sample(logits, [j.request.sampling for j in jobs], [s.tokens for s in seqs],
+                        [j.generator for j in jobs])
+        t3 = time.perf_counter()
+        for seq in self.scheduler.complete(plan, tokens):
+            self._postprocess(self._jobs[seq.seq_id], seq.output[-1])
+        self._note_idle()
+        self.stats.record(len(plan.decodes), sum(c.end - c.start for c in plan.prefills),
+                          {"schedule": t1 - t0, "run": t2 - t1, "sample": t3 - t2,
+                           "post": time.perf_counter() - t3})
+        self.stats.maybe_log(len(self.scheduler.waiting), len(self.scheduler.running))
 
     def _admit(self) -> None:
         with self._wake:
@@ -222,6 +283,9 @@ class ServingLoop:
             job.out.put(exc)
         self._jobs.clear()
         self._note_idle()
+        if self.memory is not None:
+            with self.step_lock:
+                self.memory.settle(self.scheduler)
 
     def _note_idle(self) -> None:
         if not self._jobs and not self._inbox:

@@ -3,8 +3,11 @@
 A thread samples the device every `monitor_interval_s`; when others grow into
 the headroom it gives memory back, cheapest step first, from the idlest and
 lowest-priority clients (the order is policy.py's, pure and unit-tested).
-Admission makes room for a client that asks for more, by reclaiming clients
-of lower priority, or refuses with AdmissionDenied. Every step taken is an
+Admission makes room for a client that asks for more (the cheap steps from any
+other client, pause and unload from idle clients of lower priority), or
+refuses with AdmissionDenied; a granted admission is committed (the client's
+`commit` callback, under the broker's lock) before the next one is weighed,
+so two clients are never promised the same bytes. Every step taken is an
 Event in a bounded log that the control API and dashboard follow.
 
 The monitor and the clients' verbs are passed in (CONVENTIONS 10), so unit
@@ -18,13 +21,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kvcached.broker.client import STEP_ORDER, STEP_VERBS, ClientSpec, ReclaimVerbs, Step
 from kvcached.broker.events import Event, EventLog, Subscription
 from kvcached.broker.monitor import MemorySample, Monitor, open_monitor
-from kvcached.broker.policy import (Action, ClientView, admission_need, eligible, plan,
-                                    pressure_need, reclaimable_bytes)
+from kvcached.broker.policy import (Action, ClientView, admission_need, admission_plan,
+                                    admission_reclaimable, eligible, plan, pressure_need)
 from kvcached.config import KvcachedConfig
 from kvcached.errors import AdmissionDenied, ConfigError, InvalidArgument
 
@@ -45,8 +48,8 @@ class ClientHandle:
     def name(self) -> str:
         return self.spec.name
 
-    def admit(self, nbytes: int) -> int:
-        return self.broker.admit(self, nbytes)
+    def admit(self, nbytes: int, commit: Callable[[int], None] | None = None) -> int:
+        return self.broker.admit(self, nbytes, commit)
 
     def record(self, step: str, bytes_returned: int = 0, duration_s: float = 0.0,
                detail: str = "") -> None:
@@ -57,9 +60,13 @@ class ClientHandle:
         self.broker.unregister(self)
 
     def view(self) -> ClientView:
+        cached = getattr(self.verbs, "cached_bytes", None)     # optional verbs (client.py)
+        booked = getattr(self.verbs, "booked_bytes", None)
         return ClientView(self.name, self.spec.priority, self.spec.min_bytes,
                           int(self.verbs.held_bytes()), bool(self.verbs.is_busy()),
-                          float(self.verbs.idle_since()))
+                          float(self.verbs.idle_since()),
+                          _optional_int(cached),
+                          0 if booked is None else int(booked()))
 
 
 class Broker:
@@ -196,41 +203,48 @@ class Broker:
                 actions = plan(self._views(), steps, has_pool=self.pool is not None)
             return self._run(actions, need, "manual")
 
-    def admit(self, client: ClientHandle | str, nbytes: int) -> int:
+    def admit(self, client: ClientHandle | str, nbytes: int,
+              commit: Callable[[int], None] | None = None) -> int:
         """Make room for `nbytes` more for `client`: within its maximum, the budget and
-        the headroom, reclaiming clients of lower priority if needed. Returns bytes
-        reclaimed; AdmissionDenied (nothing taken) when that cannot be enough."""
+        the headroom, reclaiming from other clients if needed. Returns bytes reclaimed;
+        AdmissionDenied (nothing taken) when that cannot be enough. `commit(nbytes)`
+        runs under the broker's lock once admitted: the client counts the bytes in its
+        held_bytes there, so the next admission (another client's) already sees them.
+        Call it holding none of the engine's own locks (client.py says why)."""
         handle = self._resolve(client)
-        if not isinstance(nbytes, int) or nbytes < 0:
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
             raise InvalidArgument(f"nbytes: {nbytes!r} must be an int >= 0")
         spec = handle.spec
-        held = int(handle.verbs.held_bytes())
-        if spec.max_bytes is not None and held + nbytes > spec.max_bytes:
-            raise AdmissionDenied(f"client {spec.name}: {_mib(held)} held + {_mib(nbytes)} asked "
-                                  f"exceeds its maximum of {_mib(spec.max_bytes)}")
         with self._reclaim_lock:
+            held = int(handle.verbs.held_bytes())
+            if spec.max_bytes is not None and held + nbytes > spec.max_bytes:
+                raise AdmissionDenied(f"client {spec.name}: {_mib(held)} held + {_mib(nbytes)} asked "
+                                      f"exceeds its maximum of {_mib(spec.max_bytes)}")
             start = time.perf_counter()
             got = self._make_room(handle, nbytes)
-            self.events.append(Event(spec.name, "admit", 0, time.perf_counter() - start, "admission",
-                                     f"{_mib(nbytes)} admitted after {_mib(got)} reclaimed"))
+            if commit is not None:
+                commit(nbytes)
+            if got:  # an admission that took nothing is no news (one per request would flood the log)
+                self.events.append(Event(spec.name, "admit", 0, time.perf_counter() - start, "admission",
+                                         f"{_mib(nbytes)} admitted after {_mib(got)} reclaimed"))
             return got
 
     def _make_room(self, handle: ClientHandle, nbytes: int) -> int:
         """Reclaim what admitting nbytes needs; AdmissionDenied, before taking
-        anything, when clients of lower priority cannot give enough."""
+        anything, when the other clients cannot give enough."""
         spec = handle.spec
         need = self._admission_need(nbytes)
         if need == 0:
             return 0
         views = self._views()
         pool_bytes = self.pool.reserved() if self.pool is not None else 0
-        can = reclaimable_bytes(views, spec.priority, spec.name) + pool_bytes
+        can = admission_reclaimable(views, spec.priority, spec.name) + pool_bytes
         if can < need:
             raise AdmissionDenied(
-                f"client {spec.name}: {_mib(nbytes)} asked needs {_mib(need)} reclaimed, but "
-                f"clients of lower priority than {spec.priority} can give at most {_mib(can)}")
-        actions = plan(views, below_priority=spec.priority, exclude=spec.name,
-                       has_pool=self.pool is not None)
+                f"client {spec.name}: {_mib(nbytes)} asked needs {_mib(need)} reclaimed, but the "
+                f"others' cached KV and idle clients of lower priority than {spec.priority} "
+                f"can give at most {_mib(can)}")
+        actions = admission_plan(views, spec.priority, spec.name, has_pool=self.pool is not None)
         got = self._run(actions, need, "admission")
         still = self._admission_need(nbytes)
         if still > 0:
@@ -239,9 +253,10 @@ class Broker:
         return got
 
     def _admission_need(self, nbytes: int) -> int:
-        clients_held = sum(h.verbs.held_bytes() for h in self.clients())
-        return admission_need(self.sample(), self.config.headroom_bytes,
-                              self.config.budget_bytes, clients_held, nbytes)
+        views = self._views()
+        return admission_need(self.sample(), self.config.headroom_bytes, self.config.budget_bytes,
+                              sum(v.held_bytes for v in views), nbytes,
+                              sum(v.booked_bytes for v in views))
 
     def _views(self) -> list[ClientView]:
         return [h.view() for h in self.clients()]
@@ -300,6 +315,7 @@ class Broker:
             v = h.view()
             clients.append({"name": v.name, "priority": v.priority, "min_bytes": v.min_bytes,
                             "max_bytes": h.spec.max_bytes, "held_bytes": v.held_bytes,
+                            "cached_bytes": v.cached_bytes, "booked_bytes": v.booked_bytes,
                             "is_busy": v.is_busy, "idle_s": 0.0 if v.is_busy else now - v.idle_since})
         return {"device": {**sample.to_dict(), "monitor": self.monitor.name},
                 "headroom_bytes": self.config.headroom_bytes,
@@ -314,6 +330,11 @@ def _default_backend(config: KvcachedConfig) -> str:
         return config.backend
     from kvcached.vmm import cuda_available
     return "cuda" if cuda_available(config.device) else "host"
+
+
+def _optional_int(verb: Callable[[], object] | None) -> int | None:
+    value = verb() if verb is not None else None
+    return None if value is None else int(value)
 
 
 def _mib(nbytes: float) -> str:

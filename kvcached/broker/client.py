@@ -29,6 +29,8 @@ STEP_ORDER: tuple[Step, ...] = tuple(Step)
 CLIENT_STEPS: tuple[Step, ...] = (Step.TRIM, Step.DROP_PREFIXES, Step.PAUSE, Step.UNLOAD)
 # Steps that give back everything a client holds: never on a client with a pinned minimum.
 WHOLE_STEPS = frozenset({Step.PAUSE, Step.UNLOAD})
+# Steps that lose nothing running: admission may take them from a client of any priority.
+CHEAP_STEPS = frozenset({Step.POOL, Step.TRIM, Step.DROP_PREFIXES})
 # Steps that would disturb a running request: never on a busy client.
 IDLE_ONLY_STEPS = frozenset({Step.PAUSE, Step.UNLOAD})
 # The verb each client step calls.
@@ -59,6 +61,10 @@ class ReclaimVerbs(Protocol):
     def pause(self) -> int: ...
 
     def unload(self) -> int: ...
+
+    # Optional (the broker reads them where present, see ClientHandle.view):
+    #   cached_bytes() -> int: held bytes that trim + drop_prefixes give back;
+    #   booked_bytes() -> int: bytes admitted (in held_bytes) but not mapped yet.
 
 
 @dataclass(frozen=True)

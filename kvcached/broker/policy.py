@@ -7,13 +7,22 @@ pause, unload); within a step, lowest priority first, then the idlest
 (oldest idle_since). Busy clients are never paused or unloaded; a client with
 a pinned minimum is never paused or unloaded, and is not trimmed when it
 already holds no more than its minimum.
+
+Admission (a client asks for more) may take the cheap steps (pool, trim, drop
+cached prefixes: nothing running is lost) from ANY other client, whatever its
+priority: three equal-priority models must be able to take each other's idle
+prefixes. Pause and unload stay for idle clients of strictly lower priority.
+What admission counts on getting is what the steps can really give: a
+client's `cached_bytes` (held KV that no running sequence needs) from the
+cheap steps, everything it holds from pause/unload.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from kvcached.broker.client import CLIENT_STEPS, IDLE_ONLY_STEPS, STEP_ORDER, WHOLE_STEPS, Step
+from kvcached.broker.client import (CHEAP_STEPS, CLIENT_STEPS, IDLE_ONLY_STEPS, STEP_ORDER,
+                                    WHOLE_STEPS, Step)
 from kvcached.broker.monitor import MemorySample
 
 # /proc/pressure/memory "some avg10" (%) from which the host is short of memory
@@ -31,6 +40,12 @@ class ClientView:
     held_bytes: int
     is_busy: bool
     idle_since: float
+    # Held KV that trim and drop_prefixes give back (no running sequence needs it);
+    # None where the client cannot say (counted as nothing, steps still tried).
+    cached_bytes: int | None = None
+    # Bytes promised to the client (admitted) but not mapped yet: in held_bytes,
+    # not yet in the device's used memory.
+    booked_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -70,10 +85,12 @@ def pressure_need(sample: MemorySample, headroom: int, hysteresis: int = 0,
 
 
 def admission_need(sample: MemorySample, headroom: int, budget: int | None,
-                   clients_held: int, nbytes: int) -> int:
-    """Bytes to reclaim so `nbytes` more fit in the budget and leave the headroom free."""
+                   clients_held: int, nbytes: int, booked: int = 0) -> int:
+    """Bytes to reclaim so `nbytes` more fit in the budget and leave the headroom free.
+    `booked`: bytes already promised to clients but not mapped yet (the device's free
+    memory does not show them; promising them twice is how two models overshoot)."""
     over_budget = clients_held + nbytes - budget if budget is not None else 0
-    over_device = headroom + nbytes - sample.free_bytes
+    over_device = headroom + nbytes + booked - sample.free_bytes
     return max(0, over_budget, over_device)
 
 
@@ -85,6 +102,14 @@ def eligible(view: ClientView, step: Step) -> bool:
     if step in WHOLE_STEPS:
         return view.min_bytes == 0
     return view.held_bytes > view.min_bytes
+
+
+def eligible_for_admission(view: ClientView, step: Step, priority: int) -> bool:
+    """May an admission at `priority` take `step` from this (other) client? The cheap
+    steps from anyone; pause and unload only from idle clients of lower priority."""
+    if step in CHEAP_STEPS:
+        return view.cached_bytes != 0 and eligible(view, step)
+    return view.priority < priority and eligible(view, step)
 
 
 def victim_order(views: Iterable[ClientView]) -> list[ClientView]:
@@ -109,6 +134,30 @@ def plan(views: Sequence[ClientView], steps: Sequence[Step] = STEP_ORDER,
         assert step in CLIENT_STEPS
         actions.extend(Action(step, v.name) for v in victims if eligible(v, step))
     return actions
+
+
+def admission_plan(views: Sequence[ClientView], priority: int, exclude: str,
+                   has_pool: bool = True) -> list[Action]:
+    """What an admission for client `exclude` at `priority` may take, cheapest first."""
+    victims = [v for v in victim_order(views) if v.name != exclude]
+    actions: list[Action] = [Action(Step.POOL, None)] if has_pool else []
+    for step in CLIENT_STEPS:
+        actions.extend(Action(step, v.name) for v in victims if eligible_for_admission(v, step, priority))
+    return actions
+
+
+def admission_reclaimable(views: Sequence[ClientView], priority: int, exclude: str) -> int:
+    """What admission_plan can be counted on to give back: never more than the steps
+    really give (a busy client's running KV is not reclaimable; an unknown cache is 0)."""
+    total = 0
+    for v in views:
+        if v.name == exclude:
+            continue
+        if eligible_for_admission(v, Step.UNLOAD, priority):
+            total += v.held_bytes
+        elif v.cached_bytes:
+            total += min(v.cached_bytes, max(0, v.held_bytes - v.min_bytes))
+    return total
 
 
 def reclaimable_bytes(views: Sequence[ClientView], below_priority: int | None = None,

@@ -174,3 +174,29 @@ def test_tray_process_docks_and_supervises_its_daemon(xdisplay, tray_host, tmp_p
         code = tray.wait(30)
     assert code == 0
     assert not client.is_alive()
+
+
+def test_popup_closes_from_another_thread_even_as_it_ends(xdisplay, monkeypatch) -> None:
+    """Quit while the menu is closing itself: close() must return at once, never wait on Tk.
+
+    Calling into Tk from a thread other than the popup's waits for the popup's loop; when
+    that loop had just ended (an item was clicked), Quit froze for good.
+    """
+    monkeypatch.setenv("DISPLAY", xdisplay)
+    from app.tray.menu import Entry
+    from app.tray.popup import TkPopup
+
+    dispatched: list[str] = []
+    popup = TkPopup(lambda command, arg: dispatched.append(command) or True)
+    entries = [Entry(label="First", command="first"), Entry(label="Second", command="second")]
+    for round_ in range(6):
+        assert popup.open(entries, at=(40, 40))
+        assert popup.posted.wait(20), "the popup did not open"
+        if round_ % 2:  # a click unmaps the menu, whose own loop then ends
+            click(xdisplay, *popup.item_centers["First"])
+        closer = threading.Thread(target=popup.close, daemon=True)
+        closer.start()
+        closer.join(5)
+        assert not closer.is_alive(), "close() waited on the popup's Tk loop"
+        assert popup.closed.wait(10), "the popup did not close"
+    wait_until(lambda: len(dispatched) == 3, 10, "the three clicked items to be dispatched")

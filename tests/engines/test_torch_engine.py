@@ -22,7 +22,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=6)
 def engine():
     eng = TorchEngine(ModelInfo(name="smollm2", path=str(bundled_model_path())),
                       EngineConfig(torch_num_slots=4, torch_max_context=256, torch_prefill_chunk=32,
-                                   max_queue=4))
+                                   max_queue=4, torch_llamacpp_numerics=False))
     eng.load()
     yield eng
     assert eng.unload() > 0 and eng.state is ModelState.UNLOADED

@@ -61,7 +61,7 @@ def complete(text: str, max_tokens: int = 2) -> GenerateRequest:
 def engine():
     eng = TorchEngine(ModelInfo(name="smollm2", path=str(bundled_model_path())),
                       EngineConfig(torch_num_slots=4, torch_max_context=768, torch_prefill_chunk=256,
-                                   max_queue=4),
+                                   max_queue=4, torch_llamacpp_numerics=False),
                       KvcachedConfig(reserve_pages=0))
     eng.load()
     yield eng

@@ -167,3 +167,45 @@ def test_cancel_while_waiting_and_while_running():
     s.cancel(a)
     assert a.finish_reason is FinishReason.CANCELLED and not s.has_work
     assert s.prefix_cache.held_tokens(0) == 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(prompts=st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=8), min_size=1, max_size=6),
+       history=st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=8), max_size=3),
+       num_slots=st.integers(1, 4))
+def test_next_placements_are_what_admission_then_takes(prompts, history, num_slots):
+    """Admission weighs memory for the slots next_placements names: they must be the
+    slots the scheduler then really gives (a prefix's slot changes what it costs)."""
+    s = make(num_slots=num_slots, max_ctx=32, max_queue=16)
+    for old in history:                   # finished turns leave prefixes in some slots
+        s.add(Sequence(prompt=old, max_tokens=1))
+        while s.has_work:
+            step(s, 1)
+    seqs = [Sequence(prompt=p, max_tokens=2) for p in prompts]
+    for seq in seqs:
+        s.add(seq)
+    placements = [(seq.seq_id, slot) for seq, slot in s.next_placements()]
+    assert len(placements) == min(num_slots, len(seqs))
+    s.schedule()
+    assert [(seq.seq_id, seq.slot) for seq in s.running] == placements
+
+
+def test_a_refusing_gate_keeps_the_head_first_in_line():
+    allowed: set[int] = set()
+    asked: list[tuple[int, int]] = []
+
+    def gate(seq: Sequence, slot: int) -> bool:
+        asked.append((seq.seq_id, slot))
+        return seq.seq_id in allowed
+
+    s = Scheduler(PrefixCache(2), max_ctx=32, prefill_chunk=8, max_queue=8, gate=gate)
+    big, small = Sequence(prompt=[1] * 4, max_tokens=20), Sequence(prompt=[2], max_tokens=1)
+    s.add(big)
+    s.add(small)
+    assert s.schedule().is_empty and list(s.waiting) == [big, small]
+    assert asked == [(big.seq_id, 0)]     # a small request never jumps the queue
+    assert not any(slot.is_running for slot in s.prefix_cache.slots)
+    allowed.update({big.seq_id, small.seq_id})
+    s.schedule()
+    assert s.running == [big, small] and not s.waiting
+    check_invariants(s)

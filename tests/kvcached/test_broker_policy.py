@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 from kvcached.broker.client import Step
 from kvcached.broker.monitor import MemorySample
 from kvcached.broker.policy import (PRESSURE_THRESHOLD, Action, ClientView, admission_need,
-                                    eligible, plan, pressure_need, reclaimable_bytes)
+                                    admission_plan, admission_reclaimable, eligible,
+                                    eligible_for_admission, plan, pressure_need, reclaimable_bytes)
 
 GiB = 1 << 30
 
@@ -16,8 +17,8 @@ def sample(free: int, pressure: float | None = None) -> MemorySample:
     return MemorySample(80 * GiB, free, 10 * GiB, 70 * GiB - free, pressure)
 
 
-def view(name, priority=0, held=GiB, busy=False, idle_since=0.0, min_bytes=0):
-    return ClientView(name, priority, min_bytes, held, busy, idle_since)
+def view(name, priority=0, held=GiB, busy=False, idle_since=0.0, min_bytes=0, cached=None, booked=0):
+    return ClientView(name, priority, min_bytes, held, busy, idle_since, cached, booked)
 
 
 def test_no_need_while_the_headroom_is_free():
@@ -69,6 +70,51 @@ def test_admission_need_counts_budget_and_headroom():
     assert admission_need(sample(8 * GiB), GiB, None, 0, 9 * GiB) == 2 * GiB
     # Budget 10 GiB, 9 held: 3 more need 2 back even with the device free.
     assert admission_need(sample(60 * GiB), GiB, 10 * GiB, 9 * GiB, 3 * GiB) == 2 * GiB
+
+
+def test_admission_takes_cheap_steps_from_any_priority_whole_steps_from_lower_idle():
+    views = [view("asker", priority=3), view("peer", priority=3, cached=GiB // 2),
+             view("high", priority=7, busy=True, cached=GiB // 4), view("low", priority=1),
+             view("low-busy", priority=1, busy=True, cached=0)]
+    actions = admission_plan(views, 3, "asker", has_pool=False)
+    by_step = {step: [a.client for a in actions if a.step is step] for step in Step}
+    assert by_step[Step.TRIM] == ["low", "peer", "high"]            # lowest priority first
+    assert by_step[Step.DROP_PREFIXES] == ["low", "peer", "high"]
+    assert by_step[Step.PAUSE] == ["low"] and by_step[Step.UNLOAD] == ["low"]
+    assert "asker" not in {a.client for a in actions}
+    # Counted on: the others' cached KV, and all of an idle lower-priority client; never
+    # a busy client's running KV (the old bound counted low-busy's whole GiB).
+    assert admission_reclaimable(views, 3, "asker") == GiB // 2 + GiB // 4 + GiB
+    assert not eligible_for_admission(views[2], Step.PAUSE, 3)      # higher priority
+    assert not eligible_for_admission(views[4], Step.TRIM, 3)       # nothing cached
+
+
+def test_admission_counts_what_is_promised_but_not_mapped():
+    # 8 GiB free on the device, but 3 are promised to a client that has not mapped them.
+    assert admission_need(sample(8 * GiB), GiB, None, 0, 5 * GiB, booked=3 * GiB) == GiB
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4 * GiB), st.booleans(),
+                          st.one_of(st.none(), st.integers(0, 4 * GiB)), st.integers(0, 2 * GiB)),
+                min_size=1, max_size=6), st.integers(0, 3))
+def test_every_admission_plan_respects_the_rules(rows, priority):
+    views = [view(f"c{i}", p, held, busy, 0.0, mn, None if c is None else min(c, held))
+             for i, (p, held, busy, c, mn) in enumerate(rows)]
+    by_name = {v.name: v for v in views}
+    actions = admission_plan(views, priority, "c0", has_pool=False)
+    for a in actions:
+        v = by_name[a.client]
+        assert a.client != "c0" and eligible(v, a.step)
+        if a.step in (Step.PAUSE, Step.UNLOAD):
+            assert v.priority < priority and not v.is_busy and v.min_bytes == 0
+        else:
+            assert v.cached_bytes != 0
+    # Never more than the steps can give: cached (above the minimum) or all of a victim.
+    bound = sum(v.held_bytes if (v.priority < priority and not v.is_busy and v.min_bytes == 0)
+                else min(v.cached_bytes or 0, max(0, v.held_bytes - v.min_bytes))
+                for v in views[1:])
+    assert admission_reclaimable(views, priority, "c0") <= bound
 
 
 @settings(max_examples=200, deadline=None)

@@ -1,0 +1,57 @@
+"""The daemon's broker link hands each registered engine its broker handle, so the
+torch engine admits requests against the budget; settings carry the admission wait and the CPU numerics choice."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from app.server.broker_link import BrokerLink
+from app.settings import ModelSettings, Settings
+from app.settings_file import load_settings
+from engines.base import ModelInfo
+from engines.config import config_from_settings
+from engines.torch.configs import named_config
+from engines.torch.engine import TorchEngine
+from kvcached.broker import Broker
+from kvcached.config import KvcachedConfig
+
+TINY = named_config("smollm2-135m").replace(num_layers=1, dim=64, num_heads=2, num_kv_heads=1, head_dim=32,
+                                           ffn_dim=128, vocab_size=300, max_context=64)
+
+
+def test_registered_engines_admit_through_the_broker_and_stop_when_unregistered():
+    engine = TorchEngine(ModelInfo(name="tiny", path="", source="synthetic", metadata={"config": TINY}),
+                         config_from_settings(Settings(admission_timeout_s=7.5), torch_num_slots=2),
+                         KvcachedConfig(page_size=64 << 10, reserve_pages=0))
+    engine.load()
+    broker = Broker(KvcachedConfig(headroom_bytes=0, budget_bytes=1 << 40))
+    link = BrokerLink(broker)
+    try:
+        link.register("tiny", engine, ModelSettings(max_bytes=1 << 30))
+        assert engine.admission.handle is not None and engine.admission.timeout_s == 7.5
+        assert broker.snapshot()["clients"][0]["max_bytes"] == 1 << 30
+        link.unregister("tiny", engine)
+        assert engine.admission.handle is None and broker.clients() == []
+    finally:
+        link.close()
+        engine.unload()
+
+
+def test_admission_timeout_is_a_setting(tmp_path: Path):
+    path = tmp_path / "settings.toml"
+    path.write_text('admission_timeout_s = "2m"\n')
+    loaded = load_settings(path, environ={})
+    assert not loaded.problems and loaded.settings.admission_timeout_s == 120.0
+    path.write_text("admission_timeout_s = 0\n")
+    loaded = load_settings(path, environ={})
+    assert loaded.problems and loaded.settings.admission_timeout_s == Settings().admission_timeout_s
+
+
+def test_cpu_numerics_is_a_setting_that_reaches_the_engine_config(tmp_path: Path):
+    path = tmp_path / "settings.toml"
+    path.write_text("torch_llamacpp_numerics = false\n")
+    loaded = load_settings(path, environ={})
+    assert not loaded.problems and config_from_settings(loaded.settings).torch_llamacpp_numerics is False
+    path.write_text('torch_llamacpp_numerics = "sometimes"\n')
+    loaded = load_settings(path, environ={})
+    assert [p.key for p in loaded.problems] == ["torch_llamacpp_numerics"]
+    assert config_from_settings(loaded.settings).torch_llamacpp_numerics is True

@@ -1,0 +1,33 @@
+"""A backstop for the whole suite: a test stuck where no signal reaches it ends the run.
+
+pytest-timeout interrupts a slow test with SIGALRM, which Python handles only
+when the main thread returns to the interpreter. A main thread blocked in C
+(a Tk call from a foreign thread once waited on a condition variable for good)
+never does, and CI ran into its own time limit with no word on where. This
+watchdog runs in C (faulthandler): past twice a test's timeout it prints every
+thread's stack and exits, so the run fails fast and says where it stood.
+"""
+from __future__ import annotations
+
+import faulthandler
+import sys
+
+import pytest
+
+BACKSTOP_FACTOR = 2.0   # past pytest-timeout's own limit, which gets the first try
+
+
+def _timeout_of(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("timeout")
+    if marker is not None and (marker.args or "timeout" in marker.kwargs):
+        return float(marker.args[0] if marker.args else marker.kwargs["timeout"])
+    return float(item.config.getini("timeout") or 0)
+
+
+@pytest.fixture(autouse=True)
+def _hard_timeout(request: pytest.FixtureRequest):
+    limit = _timeout_of(request.node)
+    if limit > 0:
+        faulthandler.dump_traceback_later(limit * BACKSTOP_FACTOR, exit=True, file=sys.__stderr__)
+    yield
+    faulthandler.cancel_dump_traceback_later()
