@@ -10,7 +10,8 @@ large device-to-device copy). On the CPU: the bundled SmolLM2-135M GGUF
 against llama-cpp-python on the same file.
 
 Decode is timed as the engine serves: the runner's step (CUDA graph) plus the
-greedy pick of each next token on the host, one step after another.
+greedy pick of each next token on the host, one step after another, best of
+three runs (all three kept in the JSON).
 
     python -m benchmarks.decode [--models smollm2-135m,llama-3.1-8b] [--steps 128] [--no-hf]
 """
@@ -38,6 +39,7 @@ from engines.torch.scheduler import PrefillChunk, Sequence, StepPlan  # noqa: E4
 log = logging.getLogger("benchmarks.decode")
 GPU_MODELS = ("smollm2-135m", "llama-3.2-1b", "llama-3.1-8b")
 PAGE = 2 << 20
+REPEATS = 3
 
 
 def sync(device: torch.device) -> None:
@@ -121,7 +123,11 @@ def bench_engine(model, kind: str, args: argparse.Namespace) -> dict:
             t_first = time.perf_counter()
             decode_steps(runner, seqs, 3)                         # captures (and compiles) the step
             out[f"warmup_b{batch}_s"] = time.perf_counter() - t_first
-            out[f"decode_b{batch}_tok_s"] = batch * args.steps / decode_steps(runner, seqs, args.steps)
+            # Best of REPEATS: on the lent machine the same run varies by up to ~8% (decode_host.json),
+            # always slower, never faster, so the best is the steadiest estimate of each KV kind.
+            rates = [batch * args.steps / decode_steps(runner, seqs, args.steps) for _ in range(REPEATS)]
+            out[f"decode_b{batch}_tok_s"] = max(rates)
+            out[f"decode_b{batch}_tok_s_runs"] = [round(r, 1) for r in rates]
         graph = runner.graphs.get((runner.batch_buckets[0], runner.read_buckets[0]))
         if graph is not None:   # the GPU time of one captured step alone, without the host's part
             sync(device)
@@ -159,11 +165,15 @@ def bench_hf(cfg, dtype: torch.dtype, device: torch.device, args: argparse.Names
             kw = dict(max_new_tokens=args.hf_steps, min_new_tokens=args.hf_steps, do_sample=False,
                       pad_token_id=0)
             model.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})    # warm-up
-            sync(device)
-            t = time.perf_counter()
-            model.generate(ids, **kw)
-            sync(device)
-            out[f"decode_b{batch}_tok_s"] = batch * args.hf_steps / (time.perf_counter() - t)
+            rates = []
+            for _ in range(REPEATS):      # best of REPEATS, as for the engine
+                sync(device)
+                t = time.perf_counter()
+                model.generate(ids, **kw)
+                sync(device)
+                rates.append(batch * args.hf_steps / (time.perf_counter() - t))
+            out[f"decode_b{batch}_tok_s"] = max(rates)
+            out[f"decode_b{batch}_tok_s_runs"] = [round(r, 2) for r in rates]
     finally:
         del model
         gc.collect()

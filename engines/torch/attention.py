@@ -42,6 +42,20 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache[batch, :, positions] = v.transpose(1, 2).to(v_cache.dtype)
 
 
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; rotate-half RoPE in float32, back to x's dtype."""
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, Hq, T, D] and k [B, Hkv, T, D] rotated as one tensor: one fused kernel, not two."""
+    return apply_rotary(torch.cat((q, k), dim=1), cos, sin).split([q.shape[1], k.shape[1]], dim=1)
+
+
 def causal_mask(positions: torch.Tensor, read_len: int) -> torch.Tensor:
     """Boolean mask [B, 1, T, read_len]: True where key index j <= query position."""
     keys = torch.arange(read_len, device=positions.device)
@@ -117,6 +131,13 @@ class KVAccess(abc.ABC):
                positions: torch.Tensor) -> torch.Tensor:
         """Write k, v [B, Hkv, T, D] at positions [B, T]; return attention of
         q [B, Hq, T, D] over the cache -> [B, Hq, T, D]."""
+
+    def attend_rotary(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """`attend` with q and k not yet rotated (cos, sin [B, 1, T, D] from the model's
+        Rotary). Here: rotate q and k, then attend; a KVAccess whose kernel rotates
+        as it attends overrides this."""
+        return self.attend(layer, *rotate_qk(q, k, cos, sin), v, positions)
 
 
 class ContiguousKV(KVAccess):

@@ -1,6 +1,11 @@
 """One Triton kernel for a decode step's attention: write the new K/V into each row's
 slot and attend over that slot's history, straight from the strided KV views.
 
+With `cos`/`sin` given, the kernel also applies the rotate-half RoPE to q and the
+new k (in float32, rounded back to the cache type, as attention.apply_rotary does):
+Inductor's RoPE kernels had been two launches a layer, ~100 us of a ~920 us
+SmolLM2-135M step on the H100 with 11 kernels a layer (decode_profile.json).
+
 Measured on the H100 (benchmarks/decode.py, 2026-11-23): with attention as plain
 torch ops (two index_put, two index_select, mask, SDPA and its copies) a decode
 step spent ~65 us per layer beyond its weight reads, whatever the model: 1.96 ms
@@ -21,6 +26,8 @@ import math
 
 import torch
 
+from engines.torch.attention import apply_rotary, cache_attention
+
 log = logging.getLogger(__name__)
 
 try:
@@ -34,9 +41,10 @@ if triton is not None:
     @triton.jit
     def _decode_attention_kernel(
             q_ptr, k_new_ptr, v_new_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
-            q_sb, q_sh, k_sb, k_sh, v_sb, v_sh, c_slot, c_head, c_tok, o_sb, o_sh, scale,
+            cos_ptr, sin_ptr,
+            q_sb, q_sh, k_sb, k_sh, v_sb, v_sh, c_slot, c_head, c_tok, o_sb, o_sh, cs_b, scale,
             GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-            BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+            BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROTARY: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
         pos = tl.load(pos_ptr + b)
@@ -46,12 +54,25 @@ if triton is not None:
         g_ok = g < GROUP
         k_base = k_cache_ptr + slot * c_slot + h * c_head
         v_base = v_cache_ptr + slot * c_slot + h * c_head
-        k_new = tl.load(k_new_ptr + b * k_sb + h * k_sh + d)                       # [D]
-        v_new = tl.load(v_new_ptr + b * v_sb + h * v_sh + d)
+        k_ptrs = k_new_ptr + b * k_sb + h * k_sh
+        q_ptrs = q_ptr + b * q_sb + (h * GROUP + g)[:, None] * q_sh
+        k_new = tl.load(k_ptrs + d)                                                # [D]
+        q = tl.load(q_ptrs + d[None, :], mask=g_ok[:, None], other=0.0)             # [G, D]
+        if ROTARY:
+            # rotate_half(x)[d] = -x[d + D/2] for d < D/2, else x[d - D/2]
+            half: tl.constexpr = HEAD_DIM // 2
+            d_rot = (d + half) % HEAD_DIM
+            sign = tl.where(d < half, -1.0, 1.0)
+            cos = tl.load(cos_ptr + b * cs_b + d)
+            sin = tl.load(sin_ptr + b * cs_b + d) * sign
+            k_rot = tl.load(k_ptrs + d_rot).to(tl.float32)
+            k_new = (k_new.to(tl.float32) * cos + k_rot * sin).to(k_new.dtype)
+            q_rot = tl.load(q_ptrs + d_rot[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+            q = (q.to(tl.float32) * cos[None, :] + q_rot * sin[None, :]).to(q.dtype)
+        k_new = k_new.to(k_cache_ptr.dtype.element_ty)
+        v_new = tl.load(v_new_ptr + b * v_sb + h * v_sh + d).to(v_cache_ptr.dtype.element_ty)
         tl.store(k_base + pos * c_tok + d, k_new)
         tl.store(v_base + pos * c_tok + d, v_new)
-        q = tl.load(q_ptr + b * q_sb + (h * GROUP + g)[:, None] * q_sh + d[None, :],
-                    mask=g_ok[:, None], other=0.0)                                  # [G, D]
         # The new token first: its score starts the running max and sum (float32).
         m_i = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale  # [G]
         l_i = tl.full([BLOCK_G], 1.0, dtype=tl.float32)
@@ -82,36 +103,42 @@ def is_available(device: torch.device) -> bool:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                     slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+                     slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, Hq, 1, D]; k, v [B, Hkv, 1, D]; positions [B, 1]; slots [B];
-    caches [S, Hkv, max_ctx, D] (strided, last dim contiguous). Returns [B, Hq, 1, D]."""
+    caches [S, Hkv, max_ctx, D] (strided, last dim contiguous); cos, sin [B, 1, 1, D]
+    float32 (Rotary's output) to rotate q and k here, or None where they already are.
+    Returns [B, Hq, 1, D]."""
     bsz, num_heads, _, head_dim = q.shape
     num_kv = k.shape[1]
     group = num_heads // num_kv
     out = torch.empty((bsz, num_heads, 1, head_dim), dtype=q.dtype, device=q.device)
     # Keys a block: 128 at head_dim 64, 64 at 128 (16 KiB of K a block either way); a short
     # history then takes one or two latency-bound trips through memory, not three.
-    # Strided q/k/v are fine (the model hands over views of one rotated q|k tensor): the
+    # Strided q/k/v are fine (the model hands over views of one q|k|v projection): the
     # kernel takes their batch and head strides; only the last dim must be contiguous.
-    k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    rotary = cos is not None
+    if rotary:
+        cos, sin = cos.reshape(bsz, head_dim).float().contiguous(), sin.reshape(bsz, head_dim).float().contiguous()
+    else:
+        cos = sin = positions        # unused: ROTARY is off
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
     _decode_attention_kernel[(bsz, num_kv)](
-        q, k, v, positions.reshape(-1), slots, k_cache, v_cache, out,
+        q, k, v, positions.reshape(-1), slots, k_cache, v_cache, out, cos, sin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
-        1.0 / math.sqrt(head_dim),
+        cos.stride(0), 1.0 / math.sqrt(head_dim),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_N=max(32, min(128, 8192 // head_dim)), PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+        BLOCK_N=max(32, min(128, 8192 // head_dim)), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        ROTARY=rotary)
     return out
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                         slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
     """The same in plain torch, row by row: the kernel's definition and its test oracle."""
-    from engines.torch.attention import cache_attention
-
     outs = []
     for b in range(q.shape[0]):
         slot, pos = int(slots[b]), int(positions[b, 0])
@@ -131,19 +158,24 @@ def self_check(device: torch.device, dtype: torch.dtype, num_heads: int, num_kv:
         # A token-major cache like kvcached's: [S, T, L=2, H, D] viewed as [S, H, T, D].
         base = rand(slots_n, ctx, 2, num_kv, head_dim)
         views = [base[:, :, i].permute(0, 2, 1, 3) for i in range(2)]
-        # Strided as the model hands them over: q and k views of one rotated tensor, v of a wider one.
-        q, k = rand(3, num_heads + num_kv, 1, head_dim).split([num_heads, num_kv], dim=1)
-        v = rand(3, 2 * num_kv, 1, head_dim)[:, num_kv:]
+        # Strided as the model hands them over: q, k and v views of one projection.
+        q, k, v = rand(3, num_heads + 2 * num_kv, 1, head_dim).split([num_heads, num_kv, num_kv], dim=1)
         positions = torch.tensor([[0], [130], [130]], device=device)
         slots = torch.tensor([2, 0, 0], device=device)      # a repeated row, as padding makes
-        got = decode_attention(q, k, v, positions, slots, *[t.clone() for t in views])
-        ref_base = base.clone()
-        ref = reference_attention(q, k, v, positions, slots,
-                                  *[ref_base[:, :, i].permute(0, 2, 1, 3) for i in range(2)])
+        angles = positions.float().unsqueeze(-1) * torch.rand(head_dim // 2, generator=gen).to(device)
+        cos, sin = [f(torch.cat((angles, angles), -1)).unsqueeze(1) for f in (torch.cos, torch.sin)]
+        worst = 0.0
+        for rotary in (False, True):
+            got = decode_attention(q, k, v, positions, slots, *[t.clone() for t in views],
+                                   *((cos, sin) if rotary else (None, None)))
+            q_ref, k_ref = (apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)) if rotary else (q, k)
+            ref_base = base.clone()
+            ref = reference_attention(q_ref, k_ref, v, positions, slots,
+                                      *[ref_base[:, :, i].permute(0, 2, 1, 3) for i in range(2)])
+            worst = max(worst, (got.float() - ref.float()).abs().max().item())
         tol = 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
-        if not torch.allclose(got.float(), ref.float(), rtol=tol, atol=tol):
-            log.warning("Triton decode attention differs from the reference (max %.3g): not used",
-                        (got.float() - ref.float()).abs().max().item())
+        if worst > tol:
+            log.warning("Triton decode attention differs from the reference (max %.3g): not used", worst)
             return False
         return True
     except Exception:  # a Triton or driver that cannot build it: the torch ops serve

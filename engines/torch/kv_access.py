@@ -23,7 +23,7 @@ import threading
 
 import torch
 
-from engines.torch.attention import KVAccess, cache_attention, causal_mask, write_kv
+from engines.torch.attention import KVAccess, cache_attention, causal_mask, rotate_qk, write_kv
 from engines.torch.decode_attention import decode_attention
 from kvcached.kv_cache.layout import KVLayout, KVShape
 
@@ -231,16 +231,30 @@ class SlotKV(KVAccess):
             v_cache = self.v[layer][self._slot:self._slot + 1]
             write_kv(k_cache, v_cache, k, v, positions)
             return cache_attention(q, k_cache, v_cache, self._mask, self._read_len)
+        return self._attend_op(layer, q, k, v, positions, None, None)
+
+    def attend_rotary(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self._slot is not None:
+            return super().attend_rotary(layer, q, k, v, positions, cos, sin)
+        return self._attend_op(layer, q, k, v, positions, cos, sin)
+
+    def _attend_op(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   positions: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
         # Compiled, the batch path is one opaque op: the KV tensors stay out of the
         # traced graph. As graph inputs, 2 x layers views of one buffer that the graph
         # writes made AOTAutograd rebuild and copy back the whole buffer every step,
         # unmapped (read-only zero) pages included: an illegal-address crash on the H100.
-        return torch.ops.ebbtide.slot_attend(q, k, v, positions, self._slots, self._mask, layer)
+        return torch.ops.ebbtide.slot_attend(q, k, v, positions, self._slots, self._mask, cos, sin, layer)
 
     def attend_batch(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                     positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+                     cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+        """A decode batch; cos, sin given: q and k are still to be rotated."""
         if self.use_triton and q.shape[2] == 1:
-            return decode_attention(q, k, v, positions, slots, self.k[layer], self.v[layer])
+            return decode_attention(q, k, v, positions, slots, self.k[layer], self.v[layer], cos, sin)
+        if cos is not None:
+            q, k = rotate_qk(q, k, cos, sin)
         read_len = mask.shape[-1]
         rows = slots.unsqueeze(1).expand_as(positions)                  # [B, T]
         # Advanced indices around a slice put their dims first: target [B, T, Hkv, D].
@@ -258,12 +272,15 @@ _ACTIVE = threading.local()
 
 @torch.library.custom_op("ebbtide::slot_attend", mutates_args=())
 def _slot_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                 slots: torch.Tensor, mask: torch.Tensor, layer: int) -> torch.Tensor:
-    """Write k, v of a decode batch into its slots and attend: [B, Hq, T, D], contiguous."""
-    return _ACTIVE.kv.attend_batch(layer, q, k, v, positions, slots, mask)
+                 slots: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                 layer: int) -> torch.Tensor:
+    """Write k, v of a decode batch into its slots and attend: [B, Hq, T, D], contiguous.
+    cos, sin: rotate q and k first (None: they are rotated already)."""
+    return _ACTIVE.kv.attend_batch(layer, q, k, v, positions, slots, mask, cos, sin)
 
 
 @_slot_attend.register_fake
 def _slot_attend_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                      slots: torch.Tensor, mask: torch.Tensor, layer: int) -> torch.Tensor:
+                      slots: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                      layer: int) -> torch.Tensor:
     return q.new_empty(q.shape)

@@ -15,8 +15,9 @@ scheduler & co.):
 
     input_ids   [B, T] int64   new tokens of B sequences (T=1 for decode)
     positions   [B, T] int64   absolute position of each token = its KV index
-    kv          KVAccess       engines.torch.attention: per layer, writes the
-                               new k/v at `positions` and attends over the cache
+    kv          KVAccess       engines.torch.attention: per layer, rotates q and
+                               k (RoPE), writes the new k/v at `positions` and
+                               attends over the cache
                                (history 0..p-1 must already be there)
     logit_index [B] int64 | None
                                None: logits for every token [B, T, V];
@@ -76,14 +77,6 @@ class Rotary(nn.Module):
         return emb.cos(), emb.sin()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D]; rotate-half RoPE in float32, back to x's dtype."""
-    xf = x.float()
-    half = xf.shape[-1] // 2
-    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -113,9 +106,8 @@ class Attention(nn.Module):
         q = q.reshape(bsz, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.reshape(bsz, t, self.num_kv, self.head_dim).transpose(1, 2)
         v = v.reshape(bsz, t, self.num_kv, self.head_dim).transpose(1, 2)
-        # q and k rotated as one tensor: one fused kernel a layer instead of two.
-        q, k = apply_rotary(torch.cat((q, k), dim=1), cos, sin).split([self.num_heads, self.num_kv], dim=1)
-        out = kv.attend(self.layer, q, k, v, positions)               # [B, Hq, T, D]
+        # RoPE is the KVAccess's to apply: the GPU decode kernel rotates q and k in place.
+        out = kv.attend_rotary(self.layer, q, k, v, positions, cos, sin)   # [B, Hq, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(bsz, t, -1))
 
 

@@ -64,6 +64,7 @@ class DecodeGraph:
         # Tokens, positions and slots cross to the device as one copy from pinned memory
         # (three pageable copies each block the host ~10 us: 3% of a SmolLM2 step).
         self.staging = torch.zeros(3, batch, dtype=torch.long, pin_memory=True)
+        self.staging_rows = self.staging.numpy()   # filled in place: no tensor built per step
         self.staged = torch.zeros(3, batch, dtype=torch.long, device=device)
         self.copied = torch.cuda.Event()
         if runner.is_compiled:
@@ -85,19 +86,25 @@ class DecodeGraph:
             self.logits = self._forward()                               # [B, 1, V]
 
     def _forward(self) -> torch.Tensor:
+        # The copies out of the staged inputs are part of the graph: three launches
+        # fewer on the host each step.
+        self.ids.copy_(self.staged[0].unsqueeze(1))
+        self.pos.copy_(self.staged[1].unsqueeze(1))
+        self.slots.copy_(self.staged[2])
         self.runner.kv.bind_batch(self.slots, self.key_index)
         return self.runner.decode_forward(self.ids, self.pos)
 
     def _load(self, tokens: list[int], positions: list[int], slots: list[int]) -> None:
-        pad = self.ids.shape[0] - len(tokens)
+        n = len(tokens)
         self.copied.synchronize()      # the last step's copy has left the pinned buffer
-        self.staging.copy_(torch.tensor([tokens + tokens[:1] * pad, positions + positions[:1] * pad,
-                                         slots + slots[:1] * pad], dtype=torch.long))
+        # Straight into the pinned buffer through numpy: building a tensor from the lists
+        # and copying it cost ~25 us a step, 3% of a SmolLM2-135M step on the H100.
+        rows = self.staging_rows
+        for i, values in enumerate((tokens, positions, slots)):
+            rows[i, :n] = values
+            rows[i, n:] = values[0]
         self.staged.copy_(self.staging, non_blocking=True)
         self.copied.record()
-        self.ids.copy_(self.staged[0].unsqueeze(1))
-        self.pos.copy_(self.staged[1].unsqueeze(1))
-        self.slots.copy_(self.staged[2])
 
     def run(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
         self._load(tokens, positions, slots)

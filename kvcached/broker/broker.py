@@ -18,10 +18,11 @@ snapshot while another is being trimmed.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from kvcached.broker.client import STEP_ORDER, STEP_VERBS, ClientSpec, ReclaimVerbs, Step
 from kvcached.broker.events import Event, EventLog, Subscription
@@ -123,6 +124,15 @@ class Broker:
         """What this process holds as the broker counts it: clients plus the pool's reserve."""
         held = sum(h.verbs.held_bytes() for h in self.clients())
         return held + (self.pool.reserved() if self.pool is not None else 0)
+
+    @contextlib.contextmanager
+    def between_reclaims(self) -> Iterator[None]:
+        """Hold off admissions and reclaims meanwhile. Each moves bytes between two
+        clients (one gives back, the other is granted), so a sum over clients read
+        while one is halfway can count the same bytes twice; read inside this, it
+        cannot. Never call the broker's own verbs (admit, reclaim) inside it."""
+        with self._reclaim_lock:
+            yield
 
     # --- the thread ------------------------------------------------------------
     def start(self) -> "Broker":

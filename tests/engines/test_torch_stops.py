@@ -39,6 +39,22 @@ def test_earliest_of_several_stops_wins_and_empty_stop_is_ignored():
 def test_any_split_gives_the_text_before_the_first_stop(text, stops, cuts):
     bounds = sorted({0, len(text), *[c for c in cuts if c <= len(text)]})
     pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    expected = text[:min(found)] if found else text
-    assert run(tuple(stops), pieces) == (expected, bool(found))
+    assert run(tuple(stops), pieces) == stopped_at_first_piece_that_completes_a_stop(text, stops, bounds)
+
+
+def stopped_at_first_piece_that_completes_a_stop(text, stops, bounds):
+    """Generation ends with the first piece (token) after which the text holds a stop
+    string; the client gets the text before the earliest stop seen by then. Later
+    text is never generated, so a longer stop that starts earlier but would only
+    complete after that piece does not count (text "<a<", stops "a" and "<a<", pieces
+    "<a" + "<": "<", stopped by "a")."""
+    for end in bounds[1:]:
+        found = [i for i in (text[:end].find(s) for s in stops) if i >= 0]
+        if found:
+            return text[:min(found)], True
+    return text, False
+
+
+def test_a_stop_that_completes_first_wins_over_a_longer_one_that_starts_earlier():
+    assert run(("a", "<a<"), ["<a", "<"]) == ("<", True)
+    assert run(("a", "<a<"), ["<a<"]) == ("", True)

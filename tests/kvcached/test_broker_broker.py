@@ -190,6 +190,32 @@ def test_admission_takes_cached_prefixes_of_any_priority_and_commits_under_the_l
     assert peer.calls == ["trim", "drop_prefixes"] and high.calls == ["trim"] and len(committed) == 1
 
 
+def test_sums_read_between_reclaims_never_count_moving_bytes_twice(device):
+    """An admission takes from one client and grants another: a reader holding
+    between_reclaims() sees it before or after, and the admission waits for it."""
+    import threading
+
+    broker = make(device, budget_bytes=10 * GiB)
+    giver = Verbs(device, prefixes=4 * GiB, live=4 * GiB)
+    asker = Verbs(device, live=2 * GiB)
+    broker.register(ClientSpec("giver"), giver)
+    me = broker.register(ClientSpec("asker"), asker)
+    admitted = threading.Event()
+
+    def admit() -> None:
+        me.admit(4 * GiB, lambda n: setattr(asker, "live", asker.live + n))
+        admitted.set()
+
+    with broker.between_reclaims():
+        worker = threading.Thread(target=admit)
+        worker.start()
+        assert not admitted.wait(0.2)                       # held off while we read
+        assert broker.held_bytes() == 10 * GiB and giver.calls == []
+    worker.join(5)
+    assert admitted.is_set() and giver.calls == ["trim", "drop_prefixes"]
+    assert broker.held_bytes() == 10 * GiB                  # 4 GiB moved, none counted twice
+
+
 def test_engines_record_their_own_steps(device):
     broker = make(device)
     handle = broker.register(ClientSpec("a"), Verbs(device))
