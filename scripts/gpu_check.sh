@@ -27,6 +27,7 @@ declare -A PARTS=(
   [yield]="240 -m benchmarks.yield"
   [decode]="420 -m benchmarks.decode"
   [profile]="300 -m benchmarks.decode_profile"
+  [host]="300 -m benchmarks.decode_host --models smollm2-135m,llama-3.2-1b,llama-3.1-8b"
   [engines]="180 -m benchmarks.engine_compare --model synthetic/smollm2-135m --engines torch"
   [pressure]="560 -m benchmarks.desktop_pressure"
   [colocate]="590 -m benchmarks.colocate"
