@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 
 from app.server import auth, control_routes, errors, llamacpp_routes, ollama_info_routes, ollama_routes, openai_routes
 from app.server.context import VERSION, ServerContext, ctx_of
@@ -62,7 +63,9 @@ def create_app(ctx: ServerContext) -> FastAPI:
 def _add_metrics_and_dashboard(app: FastAPI) -> None:
     @app.get("/metrics", response_class=PlainTextResponse, tags=["metrics"])
     async def metrics(request: Request) -> PlainTextResponse:
-        return PlainTextResponse(ctx_of(request).metrics.render(), media_type="text/plain; version=0.0.4")
+        # Rendering reads every engine's memory: in the thread pool (control_routes says why).
+        text = await run_in_threadpool(ctx_of(request).metrics.render)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/dashboard", include_in_schema=False)
     async def dashboard(request: Request, token: str | None = None) -> Response:

@@ -14,6 +14,7 @@ import os
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
 
 from app.server import auth
 from app.server.context import VERSION, ServerContext, ctx_of
@@ -61,14 +62,20 @@ def model_rows(ctx: ServerContext) -> list[dict]:
     return list(rows.values())
 
 
+# Reading an engine's memory can wait on its KV cache's lock, which a pause or resume
+# holds while it copies gigabytes between device and host: these readers run in the
+# thread pool, so the event loop (and every token stream on it) never waits with them.
 @router.get("/models")
 async def models(request: Request) -> dict:
-    return {"models": model_rows(ctx_of(request))}
+    return {"models": await run_in_threadpool(model_rows, ctx_of(request))}
 
 
 @router.get("/memory")
 async def memory(request: Request) -> dict:
-    ctx = ctx_of(request)
+    return await run_in_threadpool(memory_report, ctx_of(request))
+
+
+def memory_report(ctx: ServerContext) -> dict:
     per_model = {l.name: _memory_json(l.engine.memory()) for l in ctx.manager.loaded()}
     snapshot = ctx.broker.snapshot()
     device = (snapshot or {}).get("device") or _host_sample(sum(m["total"] for m in per_model.values()))

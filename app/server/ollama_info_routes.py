@@ -9,8 +9,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.concurrency import run_in_threadpool
 
-from app.server.context import OLLAMA_COMPAT_VERSION, VERSION, ctx_of
+from app.server.context import OLLAMA_COMPAT_VERSION, VERSION, ServerContext, ctx_of
 from app.server.ollama_format import details, digest, rfc3339, tag_entry
 from engines.base import ModelInfo
 from engines.types import ModelState
@@ -89,7 +90,11 @@ async def show(body: ShowBody, request: Request) -> dict:
 
 @router.get("/api/ps")
 async def ps(request: Request) -> dict:
-    ctx = ctx_of(request)
+    # In the thread pool: an engine's memory can wait on a pause or resume (control_routes).
+    return await run_in_threadpool(_running_models, ctx_of(request))
+
+
+def _running_models(ctx: ServerContext) -> dict:
     models = []
     for loaded in ctx.manager.loaded():
         if loaded.engine.state is ModelState.UNLOADED:  # the broker unloaded it under pressure
