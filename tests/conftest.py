@@ -24,10 +24,20 @@ def _timeout_of(item: pytest.Item) -> float:
     return float(item.config.getini("timeout") or 0)
 
 
+def _real_stderr(config: pytest.Config) -> int | object:
+    """Where the stacks must go: the run's own stderr. pytest captures fd 2 into a
+    temporary file while a test runs (sys.__stderr__ included), and the process exits
+    before it would show it: the first backstop in CI printed nowhere. The capture
+    keeps a copy of the real fd 2; use it where this pytest has one."""
+    capman = config.pluginmanager.getplugin("capturemanager")
+    saved = getattr(getattr(getattr(capman, "_global_capturing", None), "err", None), "targetfd_save", None)
+    return saved if isinstance(saved, int) else sys.__stderr__
+
+
 @pytest.fixture(autouse=True)
 def _hard_timeout(request: pytest.FixtureRequest):
     limit = _timeout_of(request.node)
     if limit > 0:
-        faulthandler.dump_traceback_later(limit * BACKSTOP_FACTOR, exit=True, file=sys.__stderr__)
+        faulthandler.dump_traceback_later(limit * BACKSTOP_FACTOR, exit=True, file=_real_stderr(request.config))
     yield
     faulthandler.cancel_dump_traceback_later()

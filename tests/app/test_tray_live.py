@@ -11,6 +11,7 @@ import gc
 import queue
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -78,10 +79,26 @@ def click(display_name: str, x: int, y: int) -> None:
         d.close()
 
 
-def grab(display_name: str):
-    from PIL import ImageGrab
+GRAB_TIMEOUT_S = 10.0
+_GRAB = "import sys; from PIL import ImageGrab; ImageGrab.grab(xdisplay=sys.argv[1]).save(sys.argv[2])"
 
-    return ImageGrab.grab(xdisplay=display_name)
+
+def grab(display_name: str):
+    """A screenshot of the display, or None when the X server did not answer in time.
+    Taken in a child process: in CI, PIL's xcb_connect once waited forever in the test's
+    main thread while pystray held an X server grab, where no signal or timeout
+    reaches it; a child is killed and the caller tries again."""
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as folder:
+        shot = Path(folder) / "screen.png"
+        try:
+            subprocess.run([sys.executable, "-c", _GRAB, display_name, str(shot)], check=True,
+                           timeout=GRAB_TIMEOUT_S, capture_output=True)
+        except subprocess.TimeoutExpired:
+            return None
+        with Image.open(shot) as image:
+            return image.copy()
 
 
 def follow_events(client, into: list, stop_event: threading.Event) -> threading.Thread:
@@ -121,7 +138,10 @@ def test_tray_menu_from_live_daemon_reclaims(xdisplay, tray_host, daemon, tmp_pa
     window, x, y, size = tray_host.next_dock()
     # The docked icon is drawn: its pixels are no longer the panel's plain colour.
     def drawn():
-        region = grab(xdisplay).crop((x, y, x + size, y + size)).convert("RGB")
+        screen = grab(xdisplay)
+        if screen is None:
+            return False
+        region = screen.crop((x, y, x + size, y + size)).convert("RGB")
         data = region.tobytes()
         return len({data[i:i + 3] for i in range(0, len(data), 3)}) > 4 and region
     icon_shot = wait_until(drawn, 20, "the icon to be drawn")
@@ -137,8 +157,8 @@ def test_tray_menu_from_live_daemon_reclaims(xdisplay, tray_host, daemon, tmp_pa
     assert app.popup.posted.wait(20), "the menu did not open on a click"
     target = app.popup.item_centers[GIVE_BACK_ALL]
     left, top, right, bottom = app.popup.bounds
-    grab(xdisplay).crop((max(0, min(left, x) - 12), 0, max(right, x + size) + 12, bottom + 12)).save(
-        SCREENSHOTS / "tray-menu.png")
+    wait_until(lambda: grab(xdisplay), 30, "a screenshot of the menu").crop(
+        (max(0, min(left, x) - 12), 0, max(right, x + size) + 12, bottom + 12)).save(SCREENSHOTS / "tray-menu.png")
 
     click(xdisplay, *target)
     reclaim = wait_until(lambda: next((e for e in events if e.get("kind") == "reclaim"), None), 30,
