@@ -24,7 +24,7 @@ from engines.torch.scheduler import Sequence, StepPlan
 
 
 class TimedEnsure:
-    """Wraps a store's ensure: calls, seconds, and the steps in which it was slow."""
+    """Wraps a store's ensure: how often it was called and the seconds it took."""
 
     def __init__(self, store) -> None:
         self.inner, self.calls, self.seconds = store.ensure, 0, 0.0

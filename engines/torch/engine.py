@@ -121,7 +121,7 @@ class TorchEngine(Engine):
         store = self.store
         if not isinstance(store, KvcachedStore):
             return None
-        ledger = KVLedger(store.layout, getattr(KvcachedStore, "ENSURE_AHEAD", 1))
+        ledger = KVLedger(store.layout, KvcachedStore.ENSURE_AHEAD)
         admission = MemoryAdmission(self.info.name, ledger, self.config.admission_timeout_s,
                                     mapped_bytes=lambda: store.held_bytes, live_tokens=store.cache.num_tokens,
                                     is_paused=lambda: self._state is ModelState.PAUSED,

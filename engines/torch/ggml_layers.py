@@ -73,11 +73,10 @@ class GgmlRotary(Rotary):
                 sin[idx].unsqueeze(1).to(positions.device))
 
 
-def _file_order(num_heads: int, head_dim: int) -> torch.Tensor:
+def _file_order(head_dim: int) -> torch.Tensor:
     """Index taking a head's HF-ordered dims to the GGUF file's interleaved order."""
     half = head_dim // 2
-    per_head = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)
-    return per_head
+    return torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)
 
 
 class GgmlAttention(Attention):
@@ -88,7 +87,7 @@ class GgmlAttention(Attention):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         self.qkv_proj = None
         self.interleaved = interleaved
-        self.register_buffer("order", _file_order(self.num_heads, self.head_dim), persistent=False)
+        self.register_buffer("order", _file_order(self.head_dim), persistent=False)
 
     def fuse(self) -> None:
         raise NotImplementedError("llama.cpp numerics keep q/k/v apart (as llama.cpp does)")
@@ -107,16 +106,10 @@ class GgmlAttention(Attention):
             return torch.stack((out0, out1), dim=-1).flatten(-2)
         return torch.cat((out0, out1), dim=-1)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                positions: torch.Tensor, kv: KVAccess) -> torch.Tensor:
-        bsz, t, _ = x.shape
-        q, k, v = self.project(x)
-        q = q.reshape(bsz, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.reshape(bsz, t, self.num_kv, self.head_dim).transpose(1, 2)
-        v = v.reshape(bsz, t, self.num_kv, self.head_dim).transpose(1, 2)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, positions: torch.Tensor, kv: KVAccess) -> torch.Tensor:
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)        # [B, H, T, D], file order
-        out = kv.attend(self.layer, q, k, v, positions)                # [B, Hq, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, t, -1))
+        return kv.attend(self.layer, q, k, v, positions)
 
 
 class GgmlMLP(MLP):

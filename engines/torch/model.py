@@ -106,9 +106,14 @@ class Attention(nn.Module):
         q = q.reshape(bsz, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.reshape(bsz, t, self.num_kv, self.head_dim).transpose(1, 2)
         v = v.reshape(bsz, t, self.num_kv, self.head_dim).transpose(1, 2)
-        # RoPE is the KVAccess's to apply: the GPU decode kernel rotates q and k in place.
-        out = kv.attend_rotary(self.layer, q, k, v, positions, cos, sin)   # [B, Hq, T, D]
+        out = self.attend(q, k, v, cos, sin, positions, kv)             # [B, Hq, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(bsz, t, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, positions: torch.Tensor, kv: KVAccess) -> torch.Tensor:
+        """RoPE, then attention over the cache. RoPE is the KVAccess's to apply here:
+        the GPU decode kernel rotates q and k in place."""
+        return kv.attend_rotary(self.layer, q, k, v, positions, cos, sin)
 
 
 class MLP(nn.Module):
