@@ -19,13 +19,13 @@ import sys
 import uvicorn
 
 from app import env
-from app.model_manager import ModelManager
+from app.models.manager import ModelManager
 from app.paths import app_paths
 from app.server import auth
 from app.server.app_factory import create_app
-from app.server.broker_link import BrokerLink
+from app.models.broker_link import BrokerLink
 from app.server.context import ServerContext
-from app.server.events import EventHub
+from app.models.events import EventHub
 from app.server.metrics import Metrics
 from app.server.security import is_loopback_host
 from app.settings import Settings

@@ -32,9 +32,9 @@ sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() !=
 import torch  # noqa: E402
 
 from benchmarks.results_io import print_table, write_result  # noqa: E402
-from engines.torch.kv_access import KVStore, KvcachedStore, StaticStore, kv_layout  # noqa: E402
-from engines.torch.runner import Runner  # noqa: E402
-from engines.torch.scheduler import PrefillChunk, Sequence, StepPlan  # noqa: E402
+from engines.torch.serve.kv_access import KVStore, KvcachedStore, StaticStore, kv_layout  # noqa: E402
+from engines.torch.serve.runner import Runner  # noqa: E402
+from engines.torch.serve.scheduler import PrefillChunk, Sequence, StepPlan  # noqa: E402
 
 log = logging.getLogger("benchmarks.decode")
 GPU_MODELS = ("smollm2-135m", "llama-3.2-1b", "llama-3.1-8b")
@@ -182,8 +182,8 @@ def bench_hf(cfg, dtype: torch.dtype, device: torch.device, args: argparse.Names
 
 
 def bench_gpu(args: argparse.Namespace) -> dict:
-    from engines.torch.configs import named_config
-    from engines.torch.synthetic import synthetic_model
+    from engines.torch.model.configs import named_config
+    from engines.torch.model.synthetic import synthetic_model
 
     device = torch.device("cuda")
     bandwidth = measure_bandwidth(device)
@@ -210,7 +210,7 @@ def bench_gpu(args: argparse.Namespace) -> dict:
 
 
 def bench_cpu(args: argparse.Namespace) -> dict:
-    from engines.torch.gguf_loader import bundled_model_path, load_gguf
+    from engines.torch.load.gguf_loader import bundled_model_path, load_gguf
 
     path = bundled_model_path()
     model, _ = load_gguf(path)
@@ -226,11 +226,9 @@ def bench_cpu(args: argparse.Namespace) -> dict:
 
 
 def bench_llamacpp(path: Path, args: argparse.Namespace) -> dict:
-    import llama_cpp
+    from engines.llamacpp.native import plain_llama  # use_extra_bufts really off (AMX)
 
-    # use_extra_bufts=False: llama.cpp's AMX buffers segfault in decode on this CPU.
-    llm = llama_cpp.Llama(str(path), n_ctx=args.ctx, n_batch=args.prefill, verbose=False,
-                          use_extra_bufts=False)
+    llm = plain_llama(str(path), n_ctx=args.ctx, n_batch=args.prefill, verbose=False)
     prompt = list(range(100, 100 + args.prefill))
     llm.reset()
     t = time.perf_counter()

@@ -19,8 +19,8 @@ import torch
 
 from benchmarks.decode import make_store, prefill
 from benchmarks.results_io import print_table, write_result
-from engines.torch.runner import Runner
-from engines.torch.scheduler import Sequence, StepPlan
+from engines.torch.serve.runner import Runner
+from engines.torch.serve.scheduler import Sequence, StepPlan
 
 
 class TimedEnsure:
@@ -76,8 +76,8 @@ def main() -> None:
     parser.add_argument("--models", default="smollm2-135m,llama-3.2-1b")
     parser.add_argument("--steps", type=int, default=256)
     args = parser.parse_args()
-    from engines.torch.configs import named_config
-    from engines.torch.synthetic import synthetic_model
+    from engines.torch.model.configs import named_config
+    from engines.torch.model.synthetic import synthetic_model
 
     results: dict = {"models": {}}
     rows = []

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from benchmarks.decode import make_store, prefill
 from benchmarks.results_io import print_table, write_result
-from engines.torch.runner import Runner
-from engines.torch.scheduler import Sequence, StepPlan
+from engines.torch.serve.runner import Runner
+from engines.torch.serve.scheduler import Sequence, StepPlan
 
 log = logging.getLogger("benchmarks.decode_profile")
 
@@ -110,8 +110,8 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--no-compile", action="store_true")
     args = p.parse_args()
-    from engines.torch.configs import named_config
-    from engines.torch.synthetic import synthetic_model
+    from engines.torch.model.configs import named_config
+    from engines.torch.model.synthetic import synthetic_model
 
     results: dict = {"settings": vars(args), "models": {}}
     for name in args.models.split(","):

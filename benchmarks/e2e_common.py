@@ -60,7 +60,7 @@ def synthetic_models(config: str, count: int) -> list[str]:
 
 def config_numbers(config: str) -> tuple[int, int]:
     """(weights bytes, KV bytes per token) of a named config, in bf16."""
-    from engines.torch.configs import named_config
+    from engines.torch.model.configs import named_config
 
     cfg = named_config(config)
     return cfg.num_params * DTYPE_BYTES, cfg.kv_bytes_per_token(DTYPE_BYTES)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from engines.base import ModelInfo
 from engines.config import EngineConfig
-from engines.torch.configs import SUPPORTED_ARCHS as TORCH_FAMILIES
+from engines.torch.model.configs import SUPPORTED_ARCHS as TORCH_FAMILIES
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from app.model_manager import ModelManager
-from app.server.broker_link import BrokerLink
-from app.server.events import EventHub
+from app.models.manager import ModelManager
+from app.models.broker_link import BrokerLink
+from app.models.events import EventHub
 from app.server.metrics import Metrics
 from app.settings import Settings
 

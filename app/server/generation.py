@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from anyio import to_thread
 from starlette.requests import Request
 
-from app.model_manager import Lease, ModelManager
+from app.models.manager import Lease, ModelManager
 from app.server.errors import BadRequest
 from app.server.metrics import Metrics
 from app.server.streaming import ChunkBridge

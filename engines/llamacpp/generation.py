@@ -17,7 +17,7 @@ import llama_cpp
 from engines.llamacpp.native import token_piece
 from engines.llamacpp.sampling import build_sampler
 from engines.llamacpp.session import Session
-from engines.torch.stops import StopMatcher
+from engines.torch.serve.stops import StopMatcher
 from engines.types import FinishReason, GenerateRequest, StreamChunk, Usage
 
 Emit = Callable[[StreamChunk], None]

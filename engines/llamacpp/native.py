@@ -50,3 +50,29 @@ def token_piece(vocab: llama_cpp.llama_vocab_p, token: int, special: bool = Fals
         buf = ctypes.create_string_buffer(size)
         n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, special)
     return buf.raw[:max(n, 0)]
+
+
+_default_params_lock = threading.Lock()
+
+
+def plain_llama(model_path: str, **kwargs: object) -> "llama_cpp.Llama":
+    """A `llama_cpp.Llama` (the high-level class tests and benchmarks use as the
+    reference) with `use_extra_bufts` really off. `Llama(..., use_extra_bufts=False)`
+    drops the keyword silently and builds its params from
+    `llama_model_default_params()`, so on a CPU with AMX it segfaults in decode;
+    here the default params it reads have the flag off for the construction."""
+    import llama_cpp.llama_cpp as bindings   # the module llama.py reads the defaults from
+
+    original = bindings.llama_model_default_params
+
+    def defaults_without_extra_bufts():
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    with _default_params_lock:
+        bindings.llama_model_default_params = defaults_without_extra_bufts
+        try:
+            return llama_cpp.Llama(model_path=str(model_path), **kwargs)
+        finally:
+            bindings.llama_model_default_params = original

@@ -3,7 +3,7 @@
 No weights can be downloaded on the benchmark machines, and serving speed and
 memory depend on shapes and bytes, not on values. So benchmarks ask the
 daemon for `synthetic/llama-3.1-8b` (or any config in
-engines.torch.configs.NAMED_CONFIGS) and the torch engine builds it with
+engines.torch.model.configs.NAMED_CONFIGS) and the torch engine builds it with
 random weights (ModelInfo.source "synthetic", path "", metadata["config"]
 naming the config). Colocation needs several models of one shape, so a name
 may carry a copy tag: `synthetic/llama-3.1-8b:b` is a second, separate model
@@ -26,7 +26,7 @@ from collections.abc import Iterable
 
 from engines.base import ModelInfo
 from engines.errors import ModelLoadError, ModelNotFound
-from engines.torch.configs import NAMED_CONFIGS, ModelConfig
+from engines.torch.model.configs import NAMED_CONFIGS, ModelConfig
 
 PREFIX = "synthetic/"
 SOURCE = "synthetic"

@@ -8,7 +8,7 @@ CUDA, load() compiles and captures every decode bucket ("compiling"), so no
 request waits for it. The broker's verbs run between steps (the loop's
 between_steps(), which lets them in at the next step boundary). Once the
 broker hands it a client handle (attach_broker), a sequence runs only when the
-KV it may need fits the broker's budget (engines/torch/admission.py).
+KV it may need fits the broker's budget (engines/torch/serve/admission.py).
 """
 from __future__ import annotations
 
@@ -24,15 +24,15 @@ import torch
 from engines.base import Engine, ModelInfo, ProgressCallback
 from engines.config import EngineConfig
 from engines.errors import ContextOverflow, EmbeddingsUnsupported, InvalidRequest, ModelLoadError
-from engines.torch.admission import MemoryAdmission
-from engines.torch.attention import ContiguousKV
-from engines.torch.kv_access import KVStore, KvcachedStore, StaticStore
-from engines.torch.kv_ledger import KVLedger
-from engines.torch.prefix_cache import PrefixCache
-from engines.torch.runner import Runner
-from engines.torch.scheduler import Scheduler, Sequence
-from engines.torch.serving import Job, ServingLoop
-from engines.torch.text_side import TextSide
+from engines.torch.serve.admission import MemoryAdmission
+from engines.torch.model.attention import ContiguousKV
+from engines.torch.serve.kv_access import KVStore, KvcachedStore, StaticStore
+from engines.torch.serve.kv_ledger import KVLedger
+from engines.torch.serve.prefix_cache import PrefixCache
+from engines.torch.serve.runner import Runner
+from engines.torch.serve.scheduler import Scheduler, Sequence
+from engines.torch.serve.serving import Job, ServingLoop
+from engines.torch.serve.text_side import TextSide
 from engines.types import EmbeddingResult, GenerateRequest, LoadProgress, MemoryReport, ModelState, StreamChunk
 from kvcached.config import KvcachedConfig
 from kvcached.errors import ConfigError
@@ -141,7 +141,7 @@ class TorchEngine(Engine):
         info = self.info
         if info.source == "synthetic" or not info.path:
             from engines.registry.synthetic import tokenizer_meta
-            from engines.torch.synthetic import synthetic_model
+            from engines.torch.model.synthetic import synthetic_model
 
             model = synthetic_model(info.metadata.get("config", info.name), device, dtype)
             # A byte-level vocabulary that needs no file: benchmarks send text and read text.
@@ -149,22 +149,22 @@ class TorchEngine(Engine):
             return model, TextSide.from_gguf(meta, "")  # no end token: runs the full length
         path = Path(info.path)
         if path.is_dir():
-            from engines.torch.safetensors_loader import load_safetensors
+            from engines.torch.load.safetensors_loader import load_safetensors
 
             return load_safetensors(path, device, dtype, progress), None
         if not path.is_file():
             raise ModelLoadError(f"model file not found: {path}")
-        from engines.torch.gguf_loader import load_gguf
+        from engines.torch.load.gguf_loader import load_gguf
 
         model, meta = load_gguf(path, device, dtype, progress,
                                 llamacpp_numerics=self.config.torch_llamacpp_numerics)
         return model, TextSide.from_gguf(meta, str(path), model.cfg.eos_ids)
 
     def _make_store(self, cfg, device: torch.device) -> KVStore:
-        from engines.torch.kv_access import kv_layout
+        from engines.torch.serve.kv_access import kv_layout
         from kvcached.kv_cache.layout import KVShape
 
-        from engines.torch.ggml_numerics import kv_cache_dtype
+        from engines.torch.ggml.numerics import kv_cache_dtype
 
         kv_dtype = kv_cache_dtype(self.model)   # float16 on the llama.cpp-numerics path, as llama.cpp
         shape = KVShape(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.server.broker_link import BrokerLink
+from app.models.broker_link import BrokerLink
 from app.settings import ModelSettings, Settings
 from app.settings_file import load_settings
 from engines.base import ModelInfo
 from engines.config import config_from_settings
-from engines.torch.configs import named_config
+from engines.torch.model.configs import named_config
 from engines.torch.engine import TorchEngine
 from kvcached.broker import Broker
 from kvcached.config import KvcachedConfig

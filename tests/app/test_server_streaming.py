@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from app.server.errors import Dialect
-from app.server.events import EventHub
+from app.models.events import EventHub
 from app.server.metrics import Metrics
 from app.server.streaming import ChunkBridge, guarded, ndjson, sse, sse_event
 from engines.errors import EngineBusy

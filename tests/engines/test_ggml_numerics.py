@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from engines.torch.attention import ContiguousKV
-from engines.torch.ggml_linear import GgmlLinear
-from engines.torch.ggml_math import reduce_add16, v_expf
-from engines.torch.ggml_numerics import HEAD_EXACT_WITHIN, is_applicable, kv_cache_dtype, uses_llamacpp_numerics
-from engines.torch.ggml_quant import q8_blocks
-from engines.torch.gguf_loader import bundled_model_path, load_gguf
+from engines.torch.model.attention import ContiguousKV
+from engines.torch.ggml.linear import GgmlLinear
+from engines.torch.ggml.math import reduce_add16, v_expf
+from engines.torch.ggml.numerics import HEAD_EXACT_WITHIN, is_applicable, kv_cache_dtype, uses_llamacpp_numerics
+from engines.torch.ggml.quant import q8_blocks
+from engines.torch.load.gguf_loader import bundled_model_path, load_gguf
 
 IDS = [1, 504, 3287, 9145, 30, 2113, 28, 2014, 4451, 314, 253, 1400]
 
@@ -98,9 +98,10 @@ def test_switch_off_gives_the_plain_model():
 
 
 def test_prefill_logits_equal_llamacpp_to_the_last_bit(ggml_model):
+    from engines.llamacpp.native import plain_llama  # use_extra_bufts really off (AMX)
     llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(bundled_model_path()), n_ctx=64, n_threads=2, logits_all=True,
-                          use_extra_bufts=False, verbose=False)
+    llm = plain_llama(str(bundled_model_path()), n_ctx=64, n_threads=2, logits_all=True,
+                          verbose=False)
     llm.eval(IDS)
     ref = np.array(llm.scores[:len(IDS)])
     cfg = ggml_model.cfg

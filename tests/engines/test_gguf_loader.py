@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_gguf import TINY, permute, random_state, write_tiny_gguf  # noqa: E402
 
 from engines.errors import ModelLoadError  # noqa: E402
-from engines.torch.attention import ContiguousKV  # noqa: E402
-from engines.torch.gguf_loader import (  # noqa: E402
+from engines.torch.model.attention import ContiguousKV  # noqa: E402
+from engines.torch.load.gguf_loader import (  # noqa: E402
     bundled_model_path,
     hf_name,
     load_gguf,
@@ -56,10 +56,11 @@ def our_logits(path: Path, ids: list[int] = IDS) -> np.ndarray:
 
 def llamacpp_logits(path: Path, ids: list[int] = IDS) -> np.ndarray:
     llama_cpp = pytest.importorskip("llama_cpp")
+    from engines.llamacpp.native import plain_llama  # use_extra_bufts really off (AMX)
     # f32 KV (type_k/type_v 0 = GGML_TYPE_F32): the reference keeps full precision
-    # where our model does; use_extra_bufts=False avoids the AMX decode segfault.
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, logits_all=True,
-                          use_extra_bufts=False, verbose=False, type_k=0, type_v=0)
+    # where our model does.
+    llm = plain_llama(str(path), n_ctx=256, n_threads=1, logits_all=True,
+                          verbose=False, type_k=0, type_v=0)
     llm.eval(ids)
     return np.array(llm.scores[:len(ids)])
 
@@ -124,8 +125,8 @@ def test_llama3_rope_freqs_match_llamacpp_and_hf_scaling(tmp_path, tiny_state):
     """Llama 3.1+ GGUFs carry RoPE scaling as rope_freqs.weight divisors; the HF
     path computes the same from config.json's rope_scaling. Both must agree with
     llama.cpp at positions long enough for the low frequencies to matter."""
-    from engines.torch.configs import RopeScaling, rope_inv_freq
-    from engines.torch.model import build_model
+    from engines.torch.model.configs import RopeScaling, rope_inv_freq
+    from engines.torch.model.model import build_model
 
     scaled = TINY.replace(rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 64), rope_theta=500000.0)
     factors = np.array(rope_inv_freq(scaled.replace(rope_scaling=RopeScaling()))) / \
@@ -181,7 +182,7 @@ def test_k_quants_dequantize_and_match_llamacpp(tmp_path, tiny_f32, tiny_state, 
 
 
 def test_bundled_model_metadata_gives_smollm2_config():
-    from engines.torch.configs import from_gguf_fields
+    from engines.torch.model.configs import from_gguf_fields
 
     reader = open_reader(bundled_model_path())
     names = {t.name for t in reader.tensors}
@@ -217,7 +218,7 @@ def test_truncated_tensor_set_is_load_error(tmp_path, tiny_state):
 
 
 def test_cpu_dtype_float32_by_default_bf16_for_speed_where_native():
-    from engines.torch.gguf_loader import cpu_float_dtype, default_dtype
+    from engines.torch.load.gguf_loader import cpu_float_dtype, default_dtype
 
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     native = "avx512_bf16" in flags or "amx_bf16" in flags
@@ -237,12 +238,12 @@ def test_bf16_load_is_close_to_float32(tiny_f32):
 
 @pytest.mark.parametrize("ftype", [15, 17])
 def test_torch_dequant_equals_gguf_quants(tmp_path, tiny_f32, tiny_state, ftype):
-    """engines.torch.dequant (the GPU path) gives the same floats as gguf.quants for
+    """engines.torch.load.dequant (the GPU path) gives the same floats as gguf.quants for
     every type it handles, here run on the CPU: Q8_0, Q4_0, Q4_1 written by gguf-py,
     Q4_K, Q5_K, Q6_K written by llama.cpp."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    from engines.torch.dequant import TORCH_DEQUANT, dequantize_raw
-    from engines.torch.gguf_loader import dequantize_tensor
+    from engines.torch.load.dequant import TORCH_DEQUANT, dequantize_raw
+    from engines.torch.load.gguf_loader import dequantize_tensor
 
     out = tmp_path / f"k{ftype}.gguf"
     params = llama_cpp.llama_model_quantize_default_params()

@@ -14,16 +14,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_gguf import TINY, random_state  # noqa: E402
 
 from engines.errors import ModelLoadError  # noqa: E402
-from engines.torch.attention import ContiguousKV, cache_attention, causal_mask  # noqa: E402
-from engines.torch.configs import (  # noqa: E402
+from engines.torch.model.attention import ContiguousKV, cache_attention, causal_mask  # noqa: E402
+from engines.torch.model.configs import (  # noqa: E402
     NAMED_CONFIGS,
     RopeScaling,
     from_hf_config,
     named_config,
     rope_inv_freq,
 )
-from engines.torch.model import LlamaModel, build_model  # noqa: E402
-from engines.torch.synthetic import synthetic_model  # noqa: E402
+from engines.torch.model.model import LlamaModel, build_model  # noqa: E402
+from engines.torch.model.synthetic import synthetic_model  # noqa: E402
 
 CFG = TINY.replace(vocab_size=300, dim=128, num_heads=4, num_kv_heads=2, head_dim=32, ffn_dim=256)
 
@@ -142,7 +142,7 @@ def test_invalid_config_is_load_error():
 def test_safetensors_folder_gives_same_logits(tmp_path, model):
     from safetensors.torch import save_file
 
-    from engines.torch.safetensors_loader import load_safetensors
+    from engines.torch.load.safetensors_loader import load_safetensors
 
     state = {k: v.contiguous() for k, v in random_state(CFG).items()}
     save_file(state, str(tmp_path / "model.safetensors"))
@@ -157,7 +157,7 @@ def test_safetensors_folder_gives_same_logits(tmp_path, model):
 
 
 def test_safetensors_errors_are_typed(tmp_path):
-    from engines.torch.safetensors_loader import load_safetensors
+    from engines.torch.load.safetensors_loader import load_safetensors
 
     with pytest.raises(ModelLoadError, match="not a model folder"):
         load_safetensors(tmp_path / "missing")

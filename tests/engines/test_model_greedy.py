@@ -29,7 +29,7 @@ model by one ulp changed the logits by 0.19 on average (the plain float32 model:
 1e-5), as much as the two libraries differed. Every rounding boundary crossed
 flips a quantized activation, which flips more in the next layer. So the torch
 engine's CPU path reproduces llama.cpp's kernels' summation orders (see
-engines/torch/ggml_dot.py, ggml_math.py, ggml_layers.py); its prefill logits
+engines/torch/ggml/dot.py, ggml_math.py, ggml_layers.py); its prefill logits
 equal llama.cpp's exactly (tests/engines/test_ggml_numerics.py).
 """
 from __future__ import annotations
@@ -45,9 +45,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from text_fixtures import gguf_meta, tokenizer  # noqa: E402,F401
 
 from engines.text.chat_template import ChatTemplate  # noqa: E402
-from engines.torch.attention import ContiguousKV  # noqa: E402
-from engines.torch.gguf_loader import bundled_model_path, load_gguf  # noqa: E402
-from engines.torch.ggml_numerics import HEAD_EXACT_WITHIN, kv_cache_dtype  # noqa: E402
+from engines.torch.model.attention import ContiguousKV  # noqa: E402
+from engines.torch.load.gguf_loader import bundled_model_path, load_gguf  # noqa: E402
+from engines.torch.ggml.numerics import HEAD_EXACT_WITHIN, kv_cache_dtype  # noqa: E402
 
 NUM_TOKENS = 32
 RAW = [
@@ -71,9 +71,9 @@ HARD_CHAT = ["Write a haiku about the sea.", "Translate 'bonjour' to English.", 
 
 def open_llama_cpp(logits_all: bool):
     llama_cpp = pytest.importorskip("llama_cpp")
-    # use_extra_bufts=False: llama.cpp 0.3.36 segfaults in decode on AMX CPUs without it.
-    return llama_cpp.Llama(model_path=str(bundled_model_path()), n_ctx=512, n_batch=512,
-                           n_threads=2, logits_all=logits_all, use_extra_bufts=False, verbose=False)
+    from engines.llamacpp.native import plain_llama  # use_extra_bufts really off (AMX)
+    return plain_llama(str(bundled_model_path()), n_ctx=512, n_batch=512,
+                           n_threads=2, logits_all=logits_all, verbose=False)
 
 
 @pytest.fixture(scope="module")

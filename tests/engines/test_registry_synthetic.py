@@ -5,7 +5,7 @@ import pytest
 
 from engines.errors import ModelLoadError, ModelNotFound
 from engines.registry.synthetic import parse_name, scan_synthetic, synthetic_info, synthetic_names
-from engines.torch.configs import NAMED_CONFIGS
+from engines.torch.model.configs import NAMED_CONFIGS
 
 
 def test_names_carry_config_and_copy_tag() -> None:

@@ -20,7 +20,7 @@ from engines.text.tokenizer import (  # noqa: E402
     StreamDecoder,
     load_tokenizer,
 )
-from engines.torch.gguf_loader import bundled_model_path  # noqa: E402
+from engines.torch.load.gguf_loader import bundled_model_path  # noqa: E402
 
 TEXTS = [
     "Hello, world!",

@@ -12,7 +12,7 @@ from engines.base import ModelInfo
 from engines.config import EngineConfig
 from engines.errors import ContextOverflow, InfillUnsupported, InvalidRequest
 from engines.torch.engine import TorchEngine
-from engines.torch.gguf_loader import bundled_model_path
+from engines.torch.load.gguf_loader import bundled_model_path
 from engines.types import ChatMessage, FinishReason, GenerateRequest, ModelState, RequestKind, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6)

@@ -1,4 +1,4 @@
-"""The KV book (engines/torch/kv_ledger.py) against a model of the KV cache's pages,
+"""The KV book (engines/torch/serve/kv_ledger.py) against a model of the KV cache's pages,
 driven through random admissions, steps, reuse, finishes and trims with hypothesis.
 
 What must hold: what the cache really maps never exceeds what the book has
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engines.torch.kv_ledger import KVLedger
+from engines.torch.serve.kv_ledger import KVLedger
 
 PAGE, TOKENS_PER_PAGE, AHEAD, MAX_CTX, SLOTS = 4096, 8, 4, 64, 3
 

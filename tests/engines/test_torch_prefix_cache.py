@@ -4,7 +4,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engines.torch.prefix_cache import PrefixCache, common_prefix_len
+from engines.torch.serve.prefix_cache import PrefixCache, common_prefix_len
 
 
 def test_longest_shared_prefix_wins_and_one_token_is_left():

@@ -18,7 +18,7 @@ from engines.base import ModelInfo
 from engines.broker_client import register_engine
 from engines.config import EngineConfig
 from engines.torch.engine import TorchEngine
-from engines.torch.gguf_loader import bundled_model_path
+from engines.torch.load.gguf_loader import bundled_model_path
 from engines.types import GenerateRequest, RequestKind, SamplingParams
 from kvcached.broker import Broker
 from kvcached.broker.monitor import MemorySample

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engines.torch.attention import ContiguousKV
-from engines.torch.configs import ModelConfig
-from engines.torch.kv_access import KvcachedStore, StaticStore, kv_layout
-from engines.torch.runner import Runner, bucket, pow2_buckets
-from engines.torch.scheduler import PrefillChunk, Sequence, StepPlan
-from engines.torch.synthetic import synthetic_model
+from engines.torch.model.attention import ContiguousKV
+from engines.torch.model.configs import ModelConfig
+from engines.torch.serve.kv_access import KvcachedStore, StaticStore, kv_layout
+from engines.torch.serve.runner import Runner, bucket, pow2_buckets
+from engines.torch.serve.scheduler import PrefillChunk, Sequence, StepPlan
+from engines.torch.model.synthetic import synthetic_model
 from kvcached.config import KvcachedConfig
 from kvcached.kv_cache.layout import KVShape
 from kvcached.kv_cache.manager import KVCache

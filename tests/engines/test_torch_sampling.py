@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from engines.torch.sampling import apply_penalties, filter_logits, make_generator, sample, sample_row
+from engines.torch.serve.sampling import apply_penalties, filter_logits, make_generator, sample, sample_row
 from engines.types import SamplingParams
 
 CPU = torch.device("cpu")

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engines.errors import ContextOverflow, EngineBusy
-from engines.torch.prefix_cache import PrefixCache
-from engines.torch.scheduler import Scheduler, Sequence, SeqStatus
+from engines.torch.serve.prefix_cache import PrefixCache
+from engines.torch.serve.scheduler import Scheduler, Sequence, SeqStatus
 from engines.types import FinishReason
 
 

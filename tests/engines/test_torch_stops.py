@@ -4,7 +4,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engines.torch.stops import StopMatcher
+from engines.torch.serve.stops import StopMatcher
 
 
 def run(stops, pieces):

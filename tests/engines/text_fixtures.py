@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from engines.text.tokenizer import Tokenizer, load_tokenizer
-from engines.torch.gguf_loader import bundled_model_path, open_reader, read_metadata
+from engines.torch.load.gguf_loader import bundled_model_path, open_reader, read_metadata
 
 
 @lru_cache(maxsize=1)

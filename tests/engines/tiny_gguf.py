@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from engines.text.tokenizer import _byte_decoder
-from engines.torch.configs import ModelConfig
-from engines.torch.model import LlamaModel
+from engines.torch.model.configs import ModelConfig
+from engines.torch.model.model import LlamaModel
 
 TINY = ModelConfig(vocab_size=512, dim=256, num_layers=2, num_heads=4, num_kv_heads=2,
                    head_dim=64, ffn_dim=512, rope_theta=10000.0, rms_eps=1e-5,

@@ -8,11 +8,11 @@ import importlib.util
 import pytest
 import torch
 
-from engines.torch.configs import ModelConfig
-from engines.torch.kv_access import KvcachedStore, StaticStore, kv_layout
-from engines.torch.runner import Runner
-from engines.torch.scheduler import PrefillChunk, Sequence, StepPlan
-from engines.torch.synthetic import synthetic_model
+from engines.torch.model.configs import ModelConfig
+from engines.torch.serve.kv_access import KvcachedStore, StaticStore, kv_layout
+from engines.torch.serve.runner import Runner
+from engines.torch.serve.scheduler import PrefillChunk, Sequence, StepPlan
+from engines.torch.model.synthetic import synthetic_model
 
 CFG = ModelConfig(vocab_size=512, dim=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
                   ffn_dim=256, max_context=1024)
@@ -77,7 +77,7 @@ def test_graphed_decode_matches_eager(model_gpu, compile, triton):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads", [(9, 3, 64), (32, 8, 128)])
 def test_triton_decode_attention_matches_reference(dtype, heads):
-    from engines.torch import decode_attention
+    from engines.torch.kernels import decode_attention
 
     if not decode_attention.is_available(CUDA):
         pytest.skip("no Triton")
@@ -133,7 +133,7 @@ def test_engine_greedy_on_gpu_matches_cpu():
     from engines.base import ModelInfo
     from engines.config import EngineConfig
     from engines.torch.engine import TorchEngine
-    from engines.torch.gguf_loader import bundled_model_path
+    from engines.torch.load.gguf_loader import bundled_model_path
     from engines.types import ChatMessage, GenerateRequest, RequestKind, SamplingParams
 
     def answer(device: str, text: str) -> str:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engines.torch.attention import ContiguousKV, KVAccess, cache_attention, causal_mask, write_kv
-from engines.torch.configs import named_config
-from engines.torch.model import LlamaModel, build_model
-from engines.torch.synthetic import synthetic_state
+from engines.torch.model.attention import ContiguousKV, KVAccess, cache_attention, causal_mask, write_kv
+from engines.torch.model.configs import named_config
+from engines.torch.model.model import LlamaModel, build_model
+from engines.torch.model.synthetic import synthetic_state
 
 pytestmark = pytest.mark.gpu
 CFG = named_config("smollm2-135m").replace(num_layers=6)   # real shapes, fewer layers: fast
@@ -122,7 +122,7 @@ def test_matches_hugging_face_transformers(cpu_state):
 
 def test_default_gguf_greedy_gpu_equals_cpu():
     pytest.importorskip("gguf")
-    from engines.torch.gguf_loader import bundled_model_path, load_gguf
+    from engines.torch.load.gguf_loader import bundled_model_path, load_gguf
 
     try:
         path = bundled_model_path()
@@ -137,9 +137,9 @@ def test_default_gguf_greedy_gpu_equals_cpu():
 
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"])
 def test_dequant_on_gpu_equals_cpu(type_name):
-    """The loader's GPU decode path (engines.torch.dequant) gives the CPU's floats;
+    """The loader's GPU decode path (engines.torch.load.dequant) gives the CPU's floats;
     the CPU path is checked against gguf.quants in tests/engines/test_gguf_loader.py."""
-    from engines.torch.dequant import TORCH_DEQUANT, dequantize_raw
+    from engines.torch.load.dequant import TORCH_DEQUANT, dequantize_raw
 
     block, size, _ = TORCH_DEQUANT[type_name]
     gen = torch.Generator().manual_seed(0)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engines.torch.runner import Runner
-from engines.torch.scheduler import PrefillChunk, Sequence, StepPlan
-from engines.torch.synthetic import synthetic_model
+from engines.torch.serve.runner import Runner
+from engines.torch.serve.scheduler import PrefillChunk, Sequence, StepPlan
+from engines.torch.model.synthetic import synthetic_model
 
 from test_torch_engine_gpu import CFG, CUDA, PROMPTS, run, static_store, virtual_store
 

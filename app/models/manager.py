@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 from anyio import to_thread
 
-from app.server.broker_link import BrokerLink
-from app.server.events import EventHub
+from app.models.broker_link import BrokerLink
+from app.models.events import EventHub
 from app.settings import Settings
 from engines.base import Engine, ModelInfo
 from engines.errors import ModelNotFound

@@ -17,7 +17,7 @@ Conventions (the contract with the serving side):
   the cache capacity) and ignore their outputs. They write junk past the end
   of the sequence, which the next real token overwrites before anyone reads it.
 - llama.cpp's numerics: float32 queries over a float16 cache (the CPU path of
-  engines.torch.ggml_numerics) are computed as ggml computes its f16 KV, bit
+  engines.torch.ggml.numerics) are computed as ggml computes its f16 KV, bit
   for bit (`ggml_attention`).
 - GQA without copying K/V: the Hq/Hkv query heads of one group are folded into
   the query-length axis ([B, Hkv, G*T, D]), so every SDPA backend sees plain
@@ -87,13 +87,13 @@ def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 def ggml_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    mask: torch.Tensor | None, read_len: int) -> torch.Tensor:
     """cache_attention as llama.cpp computes it on the CPU without flash attention,
-    bit for bit (engines.torch.ggml_dot says why that matters):
+    bit for bit (engines.torch.ggml.dot says why that matters):
     kq = mul_mat(K f16, Q rounded to f16), softmax(kq * scale + mask) with
     ggml_v_expf, kqv = mul_mat(V f16, P rounded to f16). Keys are padded with
     masked zeros to a multiple of 64, which adds nothing to any sum. The two
     matmuls sum in the order of the kernel llama.cpp picks (ggml_math.f16_dot):
     tinyBLAS when a sequence brings 2+ tokens, ggml_vec_dot_f16 for one."""
-    from engines.torch.ggml_math import f16_dot, v_expf, reduce_add16
+    from engines.torch.ggml.math import f16_dot, v_expf, reduce_add16
 
     bsz, num_heads, t, d = q.shape
     group = num_heads // k_cache.shape[1]

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from engines.torch.configs import ModelConfig, named_config
-from engines.torch.gguf_loader import default_dtype
-from engines.torch.model import LlamaModel, build_model
+from engines.torch.model.configs import ModelConfig, named_config
+from engines.torch.load.gguf_loader import default_dtype
+from engines.torch.model.model import LlamaModel, build_model
 
 
 def synthetic_state(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype,

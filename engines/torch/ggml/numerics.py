@@ -4,14 +4,14 @@ A user who switches between the llama.cpp engine and the torch engine on the
 CPU expects the same answers. With float32 throughout, our logits differed from
 llama.cpp's by ~0.2 on average on SmolLM2-135M Q4_1, enough to change the greedy
 tokens within 32 on 8 of 10 prompts. Emulating llama.cpp's rounding alone did
-not help (engines.torch.ggml_dot says why: its output is chaotic in the last
+not help (engines.torch.ggml.dot says why: its output is chaotic in the last
 bit); computing bit for bit as its x86 kernels do matched 10 of 10
 (tests/engines/test_model_greedy.py). `install` swaps the modules of a built
 model (model.py stays one class for every path):
 
 - projections -> `GgmlLinear` (Q4_1, Q8_0 exact; other quant types: activation
   rounding only, so close but not guaranteed the same tokens);
-- RMSNorm, RoPE, attention, SwiGLU -> engines.torch.ggml_layers;
+- RMSNorm, RoPE, attention, SwiGLU -> engines.torch.ggml.layers;
 - the KV cache in float16 (`kv_cache_dtype`), as llama.cpp keeps it;
   attention.cache_attention takes float32 queries over a float16 cache as
   ggml's attention (attention.ggml_attention).
@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.torch.ggml_linear import GgmlLinear, WeightBlocks
-from engines.torch.ggml_quant import VEC_DOT
-from engines.torch.ggml_layers import GgmlAttention, GgmlMLP, GgmlRMSNorm, GgmlRotary
-from engines.torch.model import LlamaModel, RMSNorm
+from engines.torch.ggml.linear import GgmlLinear, WeightBlocks
+from engines.torch.ggml.quant import VEC_DOT
+from engines.torch.ggml.layers import GgmlAttention, GgmlMLP, GgmlRMSNorm, GgmlRotary
+from engines.torch.model.model import LlamaModel, RMSNorm
 
 log = logging.getLogger(__name__)
 

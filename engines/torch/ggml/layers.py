@@ -1,6 +1,6 @@
 """The model's layers as llama.cpp's CPU backend computes them, bit for bit.
 
-Subclasses of engines.torch.model's modules, swapped in by ggml_numerics.install
+Subclasses of engines.torch.model.model's modules, swapped in by ggml_numerics.install
 after a GGUF model is built (model.py stays one class for every path). Each one
 reproduces one ggml op, checked against llama.cpp 0.3.36's own intermediate
 tensors on SmolLM2-135M (zero difference):
@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engines.torch.attention import KVAccess
-from engines.torch.ggml_math import fma, rope_cos_sin, silu
-from engines.torch.model import MLP, Attention, RMSNorm, Rotary
+from engines.torch.model.attention import KVAccess
+from engines.torch.ggml.math import fma, rope_cos_sin, silu
+from engines.torch.model.model import MLP, Attention, RMSNorm, Rotary
 
 _MIN_ROPE_TABLE = 1024
 

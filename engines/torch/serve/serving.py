@@ -6,7 +6,7 @@ broker's verbs enter `between_steps()`, so they run between steps (at the next
 boundary: the worker waits for them) and never unmap a page a running step touches (the illegal-address crash seen in vLLM and
 kvcached). A step is schedule -> run -> sample -> postprocess.
 
-With a MemoryAdmission (engines/torch/admission.py), the worker asks the
+With a MemoryAdmission (engines/torch/serve/admission.py), the worker asks the
 broker for the KV its waiting sequences need *before* taking the step lock
 (the broker may be reclaiming from another model, whose verbs wait for that
 model's step boundary: asking under our lock could deadlock two models), and
@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 import torch
 
 from engines.errors import EngineBusy
-from engines.torch.admission import MemoryAdmission
-from engines.torch.runner import Runner
-from engines.torch.sampling import make_generator, sample
-from engines.torch.scheduler import Scheduler, Sequence, SeqStatus
-from engines.torch.step_stats import StepStats
-from engines.torch.stops import StopMatcher
+from engines.torch.serve.admission import MemoryAdmission
+from engines.torch.serve.runner import Runner
+from engines.torch.serve.sampling import make_generator, sample
+from engines.torch.serve.scheduler import Scheduler, Sequence, SeqStatus
+from engines.torch.serve.step_stats import StepStats
+from engines.torch.serve.stops import StopMatcher
 from engines.types import FinishReason, GenerateRequest, StreamChunk, Usage
 
 log = logging.getLogger(__name__)

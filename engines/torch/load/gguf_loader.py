@@ -3,7 +3,7 @@
 Reads through the `gguf` package's GGUFReader (memory-mapped), dequantizes each
 tensor with `gguf.quants.dequantize` (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K,
 Q5_K, Q6_K and the rest it knows; on a GPU the common quant types decode there
-instead, through engines.torch.dequant), maps llama.cpp tensor names onto the
+instead, through engines.torch.load.dequant), maps llama.cpp tensor names onto the
 model's Hugging Face names, and undoes the Q/K row permutation that
 convert_hf_to_gguf.py applies to llama-architecture models (llama.cpp rotates
 adjacent pairs; the model here rotates halves, as HF does).
@@ -18,7 +18,7 @@ on the default Q4_1 model it visibly changes answers: Q4_1's d*q+m is exact in
 float32, not in bf16, and a bf16 residual stream drifts over 30 layers ("What
 is the capital of France?" greedy: "Paris" in float32, "L'Etoile, la
 Marseillaise..." in bf16). On the CPU in float32, a file with quantized
-weights computes as llama.cpp does, bit for bit (engines.torch.ggml_numerics;
+weights computes as llama.cpp does, bit for bit (engines.torch.ggml.numerics;
 `load_gguf(..., llamacpp_numerics=False)` gives the plain float32 model).
 """
 from __future__ import annotations
@@ -36,9 +36,9 @@ import numpy as np
 import torch
 
 from engines.errors import ModelLoadError
-from engines.torch.configs import ModelConfig, from_gguf_fields
-from engines.torch.dequant import TORCH_DEQUANT, dequantize_raw
-from engines.torch.model import LlamaModel, build_model
+from engines.torch.model.configs import ModelConfig, from_gguf_fields
+from engines.torch.load.dequant import TORCH_DEQUANT, dequantize_raw
+from engines.torch.model.model import LlamaModel, build_model
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +207,8 @@ def load_gguf_state(reader: Any, cfg: ModelConfig, device: torch.device | str = 
 def ggml_linears(reader: Any, cfg: ModelConfig) -> dict[str, tuple[str, Any]]:
     """Projection module name (HF) -> (its GGML weight type, its blocks in the model's
     row order or None: ggml_numerics.weight_blocks). A tied lm_head multiplies token_embd."""
-    from engines.torch.ggml_linear import WeightBlocks
-    from engines.torch.ggml_numerics import weight_blocks
+    from engines.torch.ggml.linear import WeightBlocks
+    from engines.torch.ggml.numerics import weight_blocks
 
     permute = cfg.arch in _PERMUTED_ARCHS
     heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
@@ -234,9 +234,9 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu",
     """Load a GGUF model; returns (model in eval mode, GGUF metadata).
 
     llamacpp_numerics: where it applies (float32 on the CPU, quantized weights),
-    compute as llama.cpp's CPU backend does (engines.torch.ggml_numerics); then
+    compute as llama.cpp's CPU backend does (engines.torch.ggml.numerics); then
     give the model a KV cache of `ggml_numerics.kv_cache_dtype(model)`."""
-    from engines.torch import ggml_numerics
+    from engines.torch.ggml import numerics as ggml_numerics
 
     reader = open_reader(path)
     meta = read_metadata(reader)

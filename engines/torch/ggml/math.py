@@ -1,6 +1,6 @@
 """The float32 primitives of llama.cpp's x86 CPU kernels, bit for bit, in torch.
 
-engines.torch.ggml_dot says why bit for bit: llama.cpp's tokens are chaotic in
+engines.torch.ggml.dot says why bit for bit: llama.cpp's tokens are chaotic in
 the last bit. Each function here was checked against llama.cpp 0.3.36's own
 intermediate tensors (cb_eval) on SmolLM2-135M: zero difference.
 

@@ -5,9 +5,9 @@ weight_bytes and everything that reads `.weight` see the true weight) and, in
 forward, computes what llama.cpp computes:
 
 - Q4_1 and Q8_0 weights (the default model's): bit for bit, from the weight's
-  own integers and block scales (engines.torch.ggml_dot, which says why bit
+  own integers and block scales (engines.torch.ggml.dot, which says why bit
   for bit is what it takes), on activations quantized to Q8_1 / Q8_0 as
-  llama.cpp does (engines.torch.ggml_quant);
+  llama.cpp does (engines.torch.ggml.quant);
 - the other types in ggml_quant.VEC_DOT: the activation rounded the same way,
   then a float32 matmul on the dequantized weight (same values, torch's
   summation order);
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.torch.ggml_dot import block_dot
-from engines.torch.ggml_quant import QK8, VEC_DOT, q8_blocks
+from engines.torch.ggml.dot import block_dot
+from engines.torch.ggml.quant import QK8, VEC_DOT, q8_blocks
 
 EXACT_TYPES = frozenset({"Q4_1", "Q8_0"})   # kernels whose summation order ggml_dot reproduces
 

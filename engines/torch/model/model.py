@@ -15,7 +15,7 @@ scheduler & co.):
 
     input_ids   [B, T] int64   new tokens of B sequences (T=1 for decode)
     positions   [B, T] int64   absolute position of each token = its KV index
-    kv          KVAccess       engines.torch.attention: per layer, rotates q and
+    kv          KVAccess       engines.torch.model.attention: per layer, rotates q and
                                k (RoPE), writes the new k/v at `positions` and
                                attends over the cache
                                (history 0..p-1 must already be there)
@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.torch.attention import KVAccess
-from engines.torch.configs import ModelConfig, rope_inv_freq
+from engines.torch.model.attention import KVAccess
+from engines.torch.model.configs import ModelConfig, rope_inv_freq
 
 
 class RMSNorm(nn.Module):
@@ -170,7 +170,7 @@ class Backbone(nn.Module):
 
 class LlamaModel(nn.Module):
     """Build on the `meta` device and load weights with `load_weights` (loaders
-    do that), or use engines.torch.synthetic for random weights."""
+    do that), or use engines.torch.model.synthetic for random weights."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

@@ -23,9 +23,9 @@ from collections.abc import Callable
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from engines.torch import decode_attention
-from engines.torch.kv_access import KVStore, SlotKV
-from engines.torch.scheduler import PrefillChunk, Sequence, StepPlan
+from engines.torch.kernels import decode_attention
+from engines.torch.serve.kv_access import KVStore, SlotKV
+from engines.torch.serve.scheduler import PrefillChunk, Sequence, StepPlan
 
 log = logging.getLogger(__name__)
 

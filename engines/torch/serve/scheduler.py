@@ -9,7 +9,7 @@ decodes every sequence whose prompt is done. The runner computes; complete()
 records what it sampled.
 
 Memory: a `gate(seq, slot)` passed in (the engine's KV admission, see
-engines/torch/admission.py) may refuse the head of the queue its slot until
+engines/torch/serve/admission.py) may refuse the head of the queue its slot until
 memory frees; it then stays first in line (FIFO: a large request is not
 starved by smaller ones behind it). Without a gate everything is admitted.
 
@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engines.errors import ContextOverflow, EngineBusy
-from engines.torch.prefix_cache import PrefixCache
+from engines.torch.serve.prefix_cache import PrefixCache
 from engines.types import FinishReason
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from engines.errors import ModelLoadError
-from engines.torch.configs import ModelConfig, from_hf_config
-from engines.torch.gguf_loader import default_dtype
-from engines.torch.model import LlamaModel, build_model
+from engines.torch.model.configs import ModelConfig, from_hf_config
+from engines.torch.load.gguf_loader import default_dtype
+from engines.torch.model.model import LlamaModel, build_model
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ import time
 from collections.abc import Callable
 
 from engines.errors import EngineBusy
-from engines.torch.kv_ledger import KVLedger
-from engines.torch.scheduler import Scheduler, Sequence
+from engines.torch.serve.kv_ledger import KVLedger
+from engines.torch.serve.scheduler import Scheduler, Sequence
 from kvcached.errors import AdmissionDenied
 
 log = logging.getLogger(__name__)

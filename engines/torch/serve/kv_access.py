@@ -7,11 +7,11 @@ tokens writable (`ensure`), forget a slot, trim, pause and resume.
 KV in production); `StaticStore` is one preallocated tensor in the very same
 layout, the baseline that measures what mapping on demand costs.
 
-`SlotKV` is the model's `KVAccess` (engines.torch.attention) over a store:
+`SlotKV` is the model's `KVAccess` (engines.torch.model.attention) over a store:
 batch row b is slot `slots[b]`. A single sequence (prefill, CPU decode) works
 on its slot's views directly. A decode batch goes through one opaque custom op
 (`ebbtide::slot_attend`, so torch.compile never sees the cache tensors): on
-CUDA the one-kernel Triton decode attention (engines.torch.decode_attention),
+CUDA the one-kernel Triton decode attention (engines.torch.kernels.decode_attention),
 elsewhere index_put_ + index_select + SDPA over a read-length bucket. Either
 way a step has no host sync and is captured in a CUDA graph per bucket.
 """
@@ -23,8 +23,8 @@ import threading
 
 import torch
 
-from engines.torch.attention import KVAccess, cache_attention, causal_mask, rotate_qk, write_kv
-from engines.torch.decode_attention import decode_attention
+from engines.torch.model.attention import KVAccess, cache_attention, causal_mask, rotate_qk, write_kv
+from engines.torch.kernels.decode_attention import decode_attention
 from kvcached.kv_cache.layout import KVLayout, KVShape
 
 
@@ -111,7 +111,7 @@ class KvcachedStore(KVStore):
     """kvcached's KVCache (virtual tensors, pages mapped as sequences grow).
 
     Every slot is acquired from the cache once, here: which slot a request
-    runs in is the prefix cache's choice (engines.torch.prefix_cache), and a
+    runs in is the prefix cache's choice (engines.torch.serve.prefix_cache), and a
     finished sequence's slot must keep its tokens live so trim() leaves the
     reusable prefix alone. A slot's live length is what `ensure` last set."""
 

@@ -19,7 +19,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from app.server.events import EventHub
+from app.models.events import EventHub
 from app.settings import ModelSettings
 from engines.base import Engine
 from engines.types import ModelState

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from engines.torch.attention import apply_rotary, cache_attention
+from engines.torch.model.attention import apply_rotary, cache_attention
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Triton kernels the model runs on CUDA (each checks itself against a torch reference)."""

@@ -1,0 +1,1 @@
+"""Loaders: GGUF (with GPU dequantization) and safetensors folders into the model."""

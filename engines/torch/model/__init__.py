@@ -1,0 +1,1 @@
+"""The model: configs per family, the decoder, attention, random-weight models."""
