@@ -125,7 +125,8 @@ def test_llama3_rope_freqs_match_llamacpp_and_hf_scaling(tmp_path, tiny_state):
     """Llama 3.1+ GGUFs carry RoPE scaling as rope_freqs.weight divisors; the HF
     path computes the same from config.json's rope_scaling. Both must agree with
     llama.cpp at positions long enough for the low frequencies to matter."""
-    from engines.torch.model.configs import RopeScaling, rope_inv_freq
+    from engines.torch.model.configs import rope_inv_freq
+    from engines.torch.model.rope import RopeScaling
     from engines.torch.model.model import build_model
 
     scaled = TINY.replace(rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 64), rope_theta=500000.0)
@@ -182,11 +183,10 @@ def test_k_quants_dequantize_and_match_llamacpp(tmp_path, tiny_f32, tiny_state, 
 
 
 def test_bundled_model_metadata_gives_smollm2_config():
-    from engines.torch.model.configs import from_gguf_fields
+    from engines.torch.model.families import from_gguf_fields
 
     reader = open_reader(bundled_model_path())
-    names = {t.name for t in reader.tensors}
-    cfg = from_gguf_fields(read_metadata(reader), "blk.0.attn_q.bias" in names, "output.weight" in names)
+    cfg = from_gguf_fields(read_metadata(reader), {t.name for t in reader.tensors})
     assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (30, 9, 3, 64)
     assert (cfg.vocab_size, cfg.dim, cfg.ffn_dim, cfg.tie_embeddings) == (49152, 576, 1536, True)
     assert cfg.rope_theta == 100000.0 and cfg.eos_ids == (2,) and cfg.max_context == 8192

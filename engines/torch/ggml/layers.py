@@ -86,6 +86,7 @@ class GgmlAttention(Attention):
                                                                   attn.num_kv, attn.head_dim)
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         self.qkv_proj = None
+        self.spec, self.q_norm, self.k_norm = attn.spec, None, None   # plain families only
         self.interleaved = interleaved
         self.register_buffer("order", _file_order(self.head_dim), persistent=False)
 
