@@ -83,7 +83,10 @@ def test_unpermute_inverts_convert_permute(heads, half, cols):
     ("blk.12.ffn_down.weight", "model.layers.12.mlp.down_proj.weight"),
     ("blk.1.ffn_norm.weight", "model.layers.1.post_attention_layernorm.weight"),
     ("rope_freqs.weight", None),
-    ("blk.0.attn_q_norm.weight", None),
+    ("blk.0.attn_q_norm.weight", "model.layers.0.self_attn.q_norm.weight"),
+    ("blk.0.ffn_gate_exps.weight", "model.layers.0.mlp.experts.gate_proj.weight"),
+    ("blk.0.ffn_gate.3.weight", None),          # old per-expert Mixtral layout
+    ("blk.0.attn_post_norm.weight", None),
 ])
 def test_tensor_names_map_to_hf(gguf_name, expected):
     assert hf_name(gguf_name) == expected

@@ -111,8 +111,8 @@ def gguf_rope_scaling(get: Any, context_length: int,
     if kind not in _GGUF_ROPE_KINDS:
         raise ModelLoadError(f"GGUF rope.scaling.type {kind!r} is not implemented by the torch engine "
                              f"(implemented: {', '.join(_GGUF_ROPE_KINDS)})")
-    if kind == "linear" and factor in (0.0, 1.0):
-        kind = "none"
+    if kind == "none" or kind == "linear" and factor in (0.0, 1.0):
+        return RopeScaling()
     return RopeScaling(_GGUF_ROPE_KINDS[kind], factor or 1.0, original_max_position=original,
                        beta_fast=float(get("rope.scaling.yarn_beta_fast", 32.0) or 32.0),
                        beta_slow=float(get("rope.scaling.yarn_beta_slow", 1.0) or 1.0),
@@ -169,7 +169,7 @@ def from_gguf_fields(meta: dict[str, Any], names: set[str] | frozenset[str],
         ffn_dim=int(get("expert_feed_forward_length", 0) or get("feed_forward_length")),
         rope_theta=float(get("rope.freq_base", 10000.0)),
         rope_scaling=gguf_rope_scaling(get, context, rope_tensors or {}),
-        rope_dim=int(get("rope.dimension_count", 0) or 0),
+        rope_dim=int(get("rope.dimension_count", head_dim) or head_dim) % head_dim,   # whole head: 0
         rope_theta_local=float(get("rope.freq_base_swa", 0.0) or fam.local_rope_theta),
         rms_eps=float(get(fam.norm_eps_key, 1e-5)), norm=fam.norm,
         tie_embeddings="output.weight" not in names,
