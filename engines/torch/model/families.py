@@ -103,7 +103,7 @@ def gguf_rope_scaling(get: Any, context_length: int,
     original = int(get("rope.scaling.original_context_length", 0) or context_length)
     attn_factor = float(get("rope.scaling.attn_factor", 1.0) or 1.0)
     if "rope_factors_long.weight" in rope_tensors:
-        return RopeScaling("longrope", factor or 1.0, original_max_position=original, attn_factor=attn_factor,
+        return RopeScaling("longrope", context_length / original, original_max_position=original, attn_factor=attn_factor,
                            long_factors=tuple(rope_tensors["rope_factors_long.weight"]),
                            short_factors=tuple(rope_tensors.get("rope_factors_short.weight",
                                                                 rope_tensors["rope_factors_long.weight"])))
@@ -113,6 +113,8 @@ def gguf_rope_scaling(get: Any, context_length: int,
                              f"(implemented: {', '.join(_GGUF_ROPE_KINDS)})")
     if kind == "none" or kind == "linear" and factor in (0.0, 1.0):
         return RopeScaling()
+    if kind == "linear":
+        return RopeScaling("linear", factor)
     return RopeScaling(_GGUF_ROPE_KINDS[kind], factor or 1.0, original_max_position=original,
                        beta_fast=float(get("rope.scaling.yarn_beta_fast", 32.0) or 32.0),
                        beta_slow=float(get("rope.scaling.yarn_beta_slow", 1.0) or 1.0),
