@@ -22,6 +22,7 @@ from torch import nn
 from engines.torch.model.attention import KVAccess
 from engines.torch.ggml.math import fma, rope_cos_sin, silu
 from engines.torch.model.model import MLP, Attention, RMSNorm, Rotary
+from engines.torch.model.rope import RopeScaling
 
 _MIN_ROPE_TABLE = 1024
 
@@ -51,6 +52,7 @@ class GgmlRotary(Rotary):
         # powf(base, -2/n_dims), correctly rounded (as glibc's powf gave it here)
         self.theta_scale = float(torch.tensor(rope_theta ** (-2.0 / head_dim), dtype=torch.float32))
         self.freq_scale = freq_scale
+        self.scaling = RopeScaling("linear", 1.0 / freq_scale) if freq_scale != 1.0 else RopeScaling()
         self.freq_factors = None
         self._cos = self._sin = torch.empty(0, self.half)
 
