@@ -98,10 +98,12 @@ def cmd_serve(args: argparse.Namespace, paths: AppPaths, loaded: LoadedSettings)
 
 
 def _print_models(models: list[dict]) -> None:
+    """One row a model; WHY says which engine serves (or would serve) it and why."""
     rows = [(m.get("name", "?"), m.get("state", "?") + (" (busy)" if m.get("busy") else ""),
-             m.get("engine", ""), format_bytes(model_held_bytes(m))) for m in models]
-    header = ("NAME", "STATE", "ENGINE", "MEMORY")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
+             m.get("engine") or "", format_bytes(model_held_bytes(m)),
+             (f"{m['route']['engine']}: {m['route']['reason']}" if m.get("route") else "")) for m in models]
+    header = ("NAME", "STATE", "ENGINE", "MEMORY", "WHY")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
     for row in [header, *rows]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
 

@@ -192,7 +192,9 @@ def bench_gpu(args: argparse.Namespace) -> dict:
         cfg = named_config(name)
         model = synthetic_model(cfg, device, torch.bfloat16)
         weight_bytes = model.weight_bytes()
-        row: dict = {"weights_bytes": weight_bytes, "bandwidth_limit_tok_s": bandwidth / weight_bytes}
+        # A token reads only its top-k experts: the limit counts the weights a step reads.
+        read_bytes = weight_bytes * cfg.num_active_params / cfg.num_params
+        row: dict = {"weights_bytes": weight_bytes, "bandwidth_limit_tok_s": bandwidth / read_bytes}
         for variant in args.kv.split(","):
             try:
                 row[variant] = bench_hf(cfg, torch.bfloat16, device, args) if variant == "hf" \

@@ -1,23 +1,39 @@
-"""Which engine serves a model: torch on a CUDA GPU, llama.cpp on the CPU, overridable.
+"""Which engine serves a model, and why: one routing table.
 
 A per-model override in settings wins (EngineConfig.engine_overrides, then
-default_engine). Otherwise the device picks from a table, and a model the
-torch engine cannot run (a family it does not implement) goes to llama.cpp.
-Synthetic models (random weights from a named config, for benchmarks) exist
-only for torch. Whether CUDA is present is passed in, so tests choose for
-either machine; by default it is asked of torch, without initialising CUDA
-when torch is not installed.
+default_engine). Otherwise the device picks (torch on a CUDA GPU, llama.cpp on
+the CPU), and a model the torch engine cannot run goes to llama.cpp with the
+reason in words. What the torch engine cannot run is read from the file, not
+guessed from its name: `TORCH_CHECKS` runs over the GGUF header (architecture,
+tensor list, tensor types) without loading a byte of weights:
+
+- an architecture it does not implement (engines.torch.model.families);
+- tensors no module of that family takes (an old per-expert Mixtral file, a
+  vision tower, a layout a converter changed): the loader would refuse them;
+- tensor types its loader cannot read.
+
+A Mixtral GGUF declares `llama`; its experts (ffn_gate_inp + ffn_*_exps) are
+implemented, so it goes to torch on a GPU like any Llama. Whatever this table
+lets through and the torch engine still fails to load is loaded by llama.cpp
+instead (engines.factory.load_with_fallback): never an error for the user.
+Synthetic models (random weights, benchmarks) exist only for torch. Whether
+CUDA is present is passed in, so tests choose for either machine; no torch is
+imported here.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from engines.base import ModelInfo
 from engines.config import EngineConfig
-from engines.torch.model.configs import SUPPORTED_ARCHS as TORCH_FAMILIES
+from engines.errors import ModelLoadError
+from engines.torch.load.gguf_names import unknown_tensors
+from engines.torch.model.families import FAMILIES
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +41,7 @@ log = logging.getLogger(__name__)
 ENGINE_BY_DEVICE: dict[str, str] = {"cuda": "torch", "cpu": "llamacpp"}
 # Sources only one engine can load.
 ENGINE_BY_SOURCE: dict[str, str] = {"synthetic": "torch"}
+TORCH_FAMILIES = tuple(FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -41,8 +58,96 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+@dataclass(frozen=True)
+class FileFacts:
+    """What the routing reads of a model: its family, tensors by name -> GGML type code."""
+    family: str
+    tensors: dict[str, int]
+
+
+@functools.lru_cache(maxsize=256)
+def _gguf_facts(path: str, mtime: float, size: int) -> FileFacts:
+    from engines.registry.gguf_meta import read_gguf_meta
+
+    meta = read_gguf_meta(path)
+    return FileFacts(meta.architecture, meta.tensors)
+
+
+def file_facts(info: ModelInfo) -> FileFacts | None:
+    """The GGUF header's facts (cached per file version); None for folders and synthetic models."""
+    path = Path(info.path) if info.path else None
+    if path is None or not path.is_file():
+        return None
+    stat = path.stat()
+    return _gguf_facts(str(path), stat.st_mtime, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1)
+def torch_readable_types() -> frozenset[str]:
+    """GGML types the torch loader reads: those gguf-py dequantizes."""
+    from gguf import GGMLQuantizationType, quants
+
+    readable = {"F32", "F16", "BF16"}
+    for qtype in GGMLQuantizationType:
+        if getattr(quants, qtype.name, None) is not None:
+            readable.add(qtype.name)
+    return frozenset(readable)
+
+
+def _type_name(code: int) -> str:
+    from gguf import GGMLQuantizationType
+
+    try:
+        return GGMLQuantizationType(code).name
+    except ValueError:
+        return f"type{code}"
+
+
+def _family_gap(info: ModelInfo, facts: FileFacts | None) -> str | None:
+    family = facts.family if facts else info.family
+    if family not in FAMILIES:
+        return f"the torch engine does not implement the {family!r} family"
+    return None
+
+
+def _tensor_gap(info: ModelInfo, facts: FileFacts | None) -> str | None:
+    if facts is None:
+        return None
+    unknown = unknown_tensors(list(facts.tensors), facts.family)
+    if unknown:
+        return f"the torch {facts.family} model does not take {len(unknown)} tensors, e.g. {unknown[0]}"
+    return None
+
+
+def _type_gap(info: ModelInfo, facts: FileFacts | None) -> str | None:
+    if facts is None:
+        return None
+    names = sorted({_type_name(code) for code in facts.tensors.values()} - torch_readable_types())
+    if names:
+        return f"the torch loader cannot read {', '.join(names)} tensors"
+    return None
+
+
+# What keeps the torch engine from a model, checked in order: the first gap is the reason.
+TORCH_CHECKS: tuple[Callable[[ModelInfo, FileFacts | None], str | None], ...] = (
+    _family_gap, _tensor_gap, _type_gap)
+
+
+def torch_gap(info: ModelInfo) -> str | None:
+    """Why the torch engine cannot serve this model, or None where it can."""
+    try:
+        facts = file_facts(info)
+    except (OSError, ModelLoadError) as exc:
+        return f"its GGUF header cannot be read ({exc})"
+    for check in TORCH_CHECKS:
+        gap = check(info, facts)
+        if gap:
+            return gap
+    return None
+
+
 def torch_can_serve(info: ModelInfo) -> bool:
-    return info.family in TORCH_FAMILIES
+    return torch_gap(info) is None
 
 
 def choose_engine(info: ModelInfo, config: EngineConfig,
@@ -55,6 +160,8 @@ def choose_engine(info: ModelInfo, config: EngineConfig,
         return Choice(ENGINE_BY_SOURCE[info.source], f"{info.source} models run only there")
     device = "cuda" if has_cuda() else "cpu"
     engine = ENGINE_BY_DEVICE[device]
-    if engine == "torch" and not torch_can_serve(info):
-        return Choice("llamacpp", f"the torch engine does not implement the {info.family!r} family")
+    if engine == "torch":
+        gap = torch_gap(info)
+        if gap:
+            return Choice("llamacpp", gap)
     return Choice(engine, f"the default on {'a CUDA GPU' if device == 'cuda' else 'the CPU'}")

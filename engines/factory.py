@@ -4,6 +4,11 @@ Engine classes are imported only when chosen, so serving a GGUF model on the
 CPU never imports torch, and a machine without llama-cpp-python can still run
 the torch engine. Extra keyword arguments go to the engine's constructor (the
 torch engine takes the broker's page pool, for instance).
+
+`load_with_fallback` loads an engine and, where the torch engine fails on a
+GGUF file for any reason, loads the llama.cpp engine on the same file instead:
+a log line and `engine.fallback_note` (shown in /api/ps and `ebbtide ps`),
+never an error the user sees for a model llama.cpp can serve.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import importlib
 import logging
 from collections.abc import Callable
 
-from engines.base import Engine, ModelInfo
+from engines.base import Engine, ModelInfo, ProgressCallback
 from engines.choice import choose_engine, cuda_available
 from engines.config import EngineConfig
 from engines.errors import ModelLoadError
@@ -44,3 +49,20 @@ def create_engine(info: ModelInfo, config: EngineConfig | None = None,
     choice = choose_engine(info, config, has_cuda)
     log.info("%s: %s engine (%s)", info.name, choice.engine, choice.reason)
     return engine_class(choice.engine)(info, config, **engine_kwargs)
+
+
+def load_with_fallback(engine: Engine, progress: ProgressCallback | None = None) -> Engine:
+    """engine.load(progress); a torch engine that fails on a GGUF file hands it to llama.cpp."""
+    try:
+        engine.load(progress=progress)
+        return engine
+    except Exception as exc:
+        info = engine.info
+        if engine.kind != "torch" or not info.path.endswith(".gguf"):
+            raise
+        note = f"the torch engine failed to load it ({type(exc).__name__}: {exc}); served by llama.cpp"
+        log.warning("%s: %s", info.name, note, exc_info=not isinstance(exc, ModelLoadError))
+    fallback = engine_class("llamacpp")(info, getattr(engine, "config", None) or EngineConfig())
+    fallback.load(progress=progress)
+    fallback.fallback_note = note
+    return fallback

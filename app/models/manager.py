@@ -173,9 +173,9 @@ class ModelManager:
             return loaded
 
     def _load_engine(self, info: ModelInfo, progress) -> Engine:
-        engine = self.make_engine(info)
-        engine.load(progress=progress)
-        return engine
+        from engines.factory import load_with_fallback
+
+        return load_with_fallback(self.make_engine(info), progress)
 
     # --- verbs for the control API ---------------------------------------------
     def _require(self, name: str) -> Loaded:

@@ -45,17 +45,27 @@ def _memory_json(report) -> dict:
             "paused_host": report.paused_host_bytes, "total": report.total_bytes, "on_gpu": report.on_gpu}
 
 
+def _route(ctx: ServerContext, info) -> dict:
+    """The engine that would serve it, and why (engines.choice's routing table)."""
+    from engines.choice import choose_engine
+
+    choice = choose_engine(info, ctx.manager.registry.config)
+    return {"engine": choice.engine, "reason": choice.reason}
+
+
 def model_rows(ctx: ServerContext) -> list[dict]:
     rows = {}
     for info in ctx.manager.registry.list():
         rows[info.name] = {"name": info.name, "state": ModelState.UNLOADED.value, "busy": False, "engine": None,
                            "memory": None, "priority": ctx.settings.model(info.name).priority,
                            "size": info.size_bytes, "source": info.source, "context_length": info.context_length,
-                           "can_infill": info.can_infill, "expires_at": None}
+                           "can_infill": info.can_infill, "expires_at": None, "route": _route(ctx, info)}
     for loaded in ctx.manager.loaded():
         engine = loaded.engine
         rows[loaded.name] = {**rows.get(loaded.name, {"name": loaded.name}), "state": engine.state.value,
                              "busy": engine.busy, "engine": engine.kind, "memory": _memory_json(engine.memory()),
+                             **({"route": {"engine": engine.kind, "reason": engine.fallback_note}}
+                                if engine.fallback_note else {}),
                              "priority": ctx.settings.model(loaded.name).priority,
                              "expires_at": None if loaded.expires_at == float("inf") else loaded.expires_at,
                              "requests_active": loaded.active}

@@ -107,5 +107,8 @@ def _running_models(ctx: ServerContext) -> dict:
             "size_vram": size if memory.on_gpu else 0,
             # The context it is served with (llama.cpp engines may cap the model's own).
             "context_length": getattr(loaded.engine, "n_ctx", loaded.info.context_length),
+            # Which engine serves it, and why another one does not (a torch load that fell back).
+            "engine": loaded.engine.kind,
+            **({"note": loaded.engine.fallback_note} if loaded.engine.fallback_note else {}),
         })
     return {"models": models}

@@ -65,6 +65,7 @@ class GgufMeta:
     vocab_size: int
     tensor_count: int
     kv: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
+    tensors: dict[str, int] = field(default_factory=dict, compare=False, hash=False)   # name -> GGML type
 
     @property
     def can_infill(self) -> bool:
@@ -151,11 +152,12 @@ def _read_kv(cur: _Cursor, kv_count: int) -> tuple[dict[str, object], dict[str, 
     return kv, fim_found
 
 
-def _read_tensor_infos(cur: _Cursor, tensor_count: int) -> tuple[int, Counter]:
-    """Parameter count and how many 2-D+ tensors each quantization type holds."""
-    params, types = 0, Counter()
+def _read_tensor_infos(cur: _Cursor, tensor_count: int) -> tuple[int, Counter, dict[str, int]]:
+    """Parameter count, how many 2-D+ tensors each quantization type holds, and each
+    tensor's type by name (the engine choice reads the layout from the names)."""
+    params, types, by_name = 0, Counter(), {}
     for _ in range(tensor_count):
-        cur.raw_string()
+        name = cur.raw_string()
         n_dims = cur.scalar("<I")
         if n_dims > 8:
             raise ModelLoadError(f"{cur.path}: tensor with {n_dims} dimensions; the header is corrupt")
@@ -163,9 +165,10 @@ def _read_tensor_infos(cur: _Cursor, tensor_count: int) -> tuple[int, Counter]:
         ttype = cur.scalar("<I")
         cur.scalar("<Q")  # data offset: tensor data is never read here
         params += math.prod(dims)
+        by_name[name.decode("utf-8", errors="replace") if isinstance(name, bytes) else str(name)] = ttype
         if n_dims >= 2:
             types[ttype] += 1
-    return params, types
+    return params, types, by_name
 
 
 def _quantization(kv: dict[str, object], tensor_types: Counter) -> str:
@@ -220,7 +223,7 @@ def _parse(cur: _Cursor) -> GgufMeta:
                              f"(only {', '.join(map(str, SUPPORTED_VERSIONS))}; big-endian files are not)")
     tensor_count, kv_count = cur.scalar("<Q"), cur.scalar("<Q")
     kv, fim_found = _read_kv(cur, kv_count)
-    params, tensor_types = _read_tensor_infos(cur, tensor_count)
+    params, tensor_types, tensors = _read_tensor_infos(cur, tensor_count)
     arch = str(kv.get(Keys.General.ARCHITECTURE, "") or "unknown")
     tokens = kv.get(Keys.Tokenizer.LIST)
     vocab = tokens if isinstance(tokens, int) else len(tokens) if isinstance(tokens, list) else 0
@@ -236,5 +239,5 @@ def _parse(cur: _Cursor) -> GgufMeta:
         head_count=_int(kv, f"{arch}.attention.head_count"),
         head_count_kv=_int(kv, f"{arch}.attention.head_count_kv", _int(kv, f"{arch}.attention.head_count")),
         vocab_size=_int(kv, f"{arch}.vocab_size", vocab),
-        tensor_count=tensor_count, kv=kv,
+        tensor_count=tensor_count, kv=kv, tensors=tensors,
     )

@@ -99,6 +99,7 @@ class TorchEngine(Engine):
         cfg = self.model.cfg
         wanted = self.config.context_overrides.get(self.info.name, self.config.torch_max_context)
         self.max_ctx = min(wanted, cfg.max_context)
+        self.model.fit_context(self.max_ctx)    # LongRoPE (Phi-3) picks its factors by the context served
         report(0.92, "allocating")
         self.store = self._make_store(cfg, device)
         num_slots = self.store.layout.max_slots

@@ -13,7 +13,7 @@ from kvcached.errors import ConfigError
 from llamacpp_support import default_info
 
 LLAMA = ModelInfo(name="smollm2:135m", path="/m.gguf", family="llama")
-GEMMA = ModelInfo(name="gemma3:1b", path="/g.gguf", family="gemma3")
+GEMMA = ModelInfo(name="gemma3n:e2b", path="/g.gguf", family="gemma3n")
 SYNTH = ModelInfo(name="llama-8b-random", path="", source="synthetic")
 
 

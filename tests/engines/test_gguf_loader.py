@@ -83,7 +83,10 @@ def test_unpermute_inverts_convert_permute(heads, half, cols):
     ("blk.12.ffn_down.weight", "model.layers.12.mlp.down_proj.weight"),
     ("blk.1.ffn_norm.weight", "model.layers.1.post_attention_layernorm.weight"),
     ("rope_freqs.weight", None),
-    ("blk.0.attn_q_norm.weight", None),
+    ("blk.0.attn_q_norm.weight", "model.layers.0.self_attn.q_norm.weight"),
+    ("blk.0.ffn_gate_exps.weight", "model.layers.0.mlp.experts.gate_proj.weight"),
+    ("blk.0.ffn_gate.3.weight", None),          # old per-expert Mixtral layout
+    ("blk.0.attn_post_norm.weight", None),
 ])
 def test_tensor_names_map_to_hf(gguf_name, expected):
     assert hf_name(gguf_name) == expected
@@ -125,7 +128,8 @@ def test_llama3_rope_freqs_match_llamacpp_and_hf_scaling(tmp_path, tiny_state):
     """Llama 3.1+ GGUFs carry RoPE scaling as rope_freqs.weight divisors; the HF
     path computes the same from config.json's rope_scaling. Both must agree with
     llama.cpp at positions long enough for the low frequencies to matter."""
-    from engines.torch.model.configs import RopeScaling, rope_inv_freq
+    from engines.torch.model.configs import rope_inv_freq
+    from engines.torch.model.rope import RopeScaling
     from engines.torch.model.model import build_model
 
     scaled = TINY.replace(rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 64), rope_theta=500000.0)
@@ -182,11 +186,10 @@ def test_k_quants_dequantize_and_match_llamacpp(tmp_path, tiny_f32, tiny_state, 
 
 
 def test_bundled_model_metadata_gives_smollm2_config():
-    from engines.torch.model.configs import from_gguf_fields
+    from engines.torch.model.families import from_gguf_fields
 
     reader = open_reader(bundled_model_path())
-    names = {t.name for t in reader.tensors}
-    cfg = from_gguf_fields(read_metadata(reader), "blk.0.attn_q.bias" in names, "output.weight" in names)
+    cfg = from_gguf_fields(read_metadata(reader), {t.name for t in reader.tensors})
     assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (30, 9, 3, 64)
     assert (cfg.vocab_size, cfg.dim, cfg.ffn_dim, cfg.tie_embeddings) == (49152, 576, 1536, True)
     assert cfg.rope_theta == 100000.0 and cfg.eos_ids == (2,) and cfg.max_context == 8192

@@ -15,13 +15,9 @@ from tiny_gguf import TINY, random_state  # noqa: E402
 
 from engines.errors import ModelLoadError  # noqa: E402
 from engines.torch.model.attention import ContiguousKV, cache_attention, causal_mask  # noqa: E402
-from engines.torch.model.configs import (  # noqa: E402
-    NAMED_CONFIGS,
-    RopeScaling,
-    from_hf_config,
-    named_config,
-    rope_inv_freq,
-)
+from engines.torch.model.configs import NAMED_CONFIGS, named_config, rope_inv_freq  # noqa: E402
+from engines.torch.model.hf_config import from_hf_config  # noqa: E402
+from engines.torch.model.rope import RopeScaling  # noqa: E402
 from engines.torch.model.model import LlamaModel, build_model  # noqa: E402
 from engines.torch.model.synthetic import synthetic_model  # noqa: E402
 
@@ -120,14 +116,15 @@ def test_hf_config_parses_llama3_and_rejects_unknown():
     assert cfg == named_config("llama-3.2-1b").replace(bos_id=None)
     with pytest.raises(ModelLoadError, match="model_type 'gpt2'"):
         from_hf_config({"model_type": "gpt2"})
-    with pytest.raises(ModelLoadError, match="yarn"):
+    with pytest.raises(ModelLoadError, match="dynamic"):
         from_hf_config({**{"hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1,
                            "intermediate_size": 8, "vocab_size": 8},
-                        "rope_scaling": {"type": "yarn", "factor": 2}})
+                        "rope_scaling": {"type": "dynamic", "factor": 2}})
 
 
 def test_named_configs_have_published_sizes():
-    expected = {"smollm2-135m": 134.5e6, "llama-3.2-1b": 1.236e9, "llama-3.1-8b": 8.03e9}
+    expected = {"smollm2-135m": 134.5e6, "llama-3.2-1b": 1.236e9, "llama-3.1-8b": 8.03e9,
+                "qwen3-8b": 8.19e9, "qwen3-30b-a3b": 30.5e9, "gemma-3-12b": 11.77e9, "phi-4-mini": 3.84e9}
     for name, count in expected.items():
         assert NAMED_CONFIGS[name].num_params == pytest.approx(count, rel=0.01)
     with pytest.raises(ModelLoadError, match="no named model config"):

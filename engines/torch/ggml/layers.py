@@ -22,6 +22,7 @@ from torch import nn
 from engines.torch.model.attention import KVAccess
 from engines.torch.ggml.math import fma, rope_cos_sin, silu
 from engines.torch.model.model import MLP, Attention, RMSNorm, Rotary
+from engines.torch.model.rope import RopeScaling
 
 _MIN_ROPE_TABLE = 1024
 
@@ -51,6 +52,7 @@ class GgmlRotary(Rotary):
         # powf(base, -2/n_dims), correctly rounded (as glibc's powf gave it here)
         self.theta_scale = float(torch.tensor(rope_theta ** (-2.0 / head_dim), dtype=torch.float32))
         self.freq_scale = freq_scale
+        self.scaling = RopeScaling("linear", 1.0 / freq_scale) if freq_scale != 1.0 else RopeScaling()
         self.freq_factors = None
         self._cos = self._sin = torch.empty(0, self.half)
 
@@ -86,6 +88,7 @@ class GgmlAttention(Attention):
                                                                   attn.num_kv, attn.head_dim)
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         self.qkv_proj = None
+        self.spec, self.q_norm, self.k_norm = attn.spec, None, None   # plain families only
         self.interleaved = interleaved
         self.register_buffer("order", _file_order(self.head_dim), persistent=False)
 

@@ -18,6 +18,13 @@ One program per (batch row, KV head): the group's query heads ride together
 through the history in blocks (online softmax), and the new token's own key
 and value are taken from registers, so the kernel never reads what it wrote.
 Rows repeated as padding write identical values to the same place.
+
+Every family's attention (the layer's `AttnSpec`): any even head dim (Phi-3's
+96 runs in a 128-wide block, masked), the query scale, Gemma 2's logit
+soft-cap (cap * tanh(s / cap), tanh from exp so the interpreter runs it too),
+sliding windows (the loop starts at the window's first key: a sliding layer
+reads at most `window` keys however long the sequence), and partial RoPE
+(pairs (i, i + rope_dim/2); cos/sin are (1, 0) past rope_dim).
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ import math
 
 import torch
 
-from engines.torch.model.attention import apply_rotary, cache_attention
+from engines.torch.model.attention import PLAIN, AttnSpec, apply_rotary, cache_attention
 
 log = logging.getLogger(__name__)
 
@@ -39,54 +46,75 @@ except ImportError:  # CPU builds of torch ship without Triton; the torch-op pat
 
 if triton is not None:
     @triton.jit
+    def _softcapped(s, cap):
+        # cap * tanh(s / cap), with tanh(x) = 1 - 2 / (exp(2x) + 1)
+        return cap * (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0))
+
+    @triton.jit
     def _decode_attention_kernel(
             q_ptr, k_new_ptr, v_new_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
             cos_ptr, sin_ptr,
             q_sb, q_sh, k_sb, k_sh, v_sb, v_sh, c_slot, c_head, c_tok, o_sb, o_sh, cs_b, scale,
-            GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-            BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROTARY: tl.constexpr):
+            softcap, window,
+            GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+            ROPE_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROTARY: tl.constexpr,
+            SOFTCAP: tl.constexpr, WINDOW: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
         pos = tl.load(pos_ptr + b)
         slot = tl.load(slot_ptr + b)
-        d = tl.arange(0, HEAD_DIM)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
         g = tl.arange(0, BLOCK_G)
         g_ok = g < GROUP
         k_base = k_cache_ptr + slot * c_slot + h * c_head
         v_base = v_cache_ptr + slot * c_slot + h * c_head
         k_ptrs = k_new_ptr + b * k_sb + h * k_sh
         q_ptrs = q_ptr + b * q_sb + (h * GROUP + g)[:, None] * q_sh
-        k_new = tl.load(k_ptrs + d)                                                # [D]
-        q = tl.load(q_ptrs + d[None, :], mask=g_ok[:, None], other=0.0)             # [G, D]
+        qd_ok = g_ok[:, None] & d_ok[None, :]
+        k_new = tl.load(k_ptrs + d, mask=d_ok, other=0.0)                            # [D]
+        q = tl.load(q_ptrs + d[None, :], mask=qd_ok, other=0.0)                      # [G, D]
         if ROTARY:
-            # rotate_half(x)[d] = -x[d + D/2] for d < D/2, else x[d - D/2]
-            half: tl.constexpr = HEAD_DIM // 2
-            d_rot = (d + half) % HEAD_DIM
+            # rotate_half over the first ROPE_DIM dims: x[d] pairs with x[d +- ROPE_DIM/2]
+            half: tl.constexpr = ROPE_DIM // 2
+            turned = d < ROPE_DIM
+            d_rot = tl.where(turned, (d + half) % ROPE_DIM, d)
             sign = tl.where(d < half, -1.0, 1.0)
-            cos = tl.load(cos_ptr + b * cs_b + d)
-            sin = tl.load(sin_ptr + b * cs_b + d) * sign
-            k_rot = tl.load(k_ptrs + d_rot).to(tl.float32)
+            cos = tl.load(cos_ptr + b * cs_b + d, mask=d_ok, other=1.0)
+            sin = tl.load(sin_ptr + b * cs_b + d, mask=d_ok, other=0.0) * sign
+            k_rot = tl.load(k_ptrs + d_rot, mask=d_ok, other=0.0).to(tl.float32)
             k_new = (k_new.to(tl.float32) * cos + k_rot * sin).to(k_new.dtype)
-            q_rot = tl.load(q_ptrs + d_rot[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+            q_rot = tl.load(q_ptrs + d_rot[None, :], mask=qd_ok, other=0.0).to(tl.float32)
             q = (q.to(tl.float32) * cos[None, :] + q_rot * sin[None, :]).to(q.dtype)
         k_new = k_new.to(k_cache_ptr.dtype.element_ty)
-        v_new = tl.load(v_new_ptr + b * v_sb + h * v_sh + d).to(v_cache_ptr.dtype.element_ty)
-        tl.store(k_base + pos * c_tok + d, k_new)
-        tl.store(v_base + pos * c_tok + d, v_new)
+        v_new = tl.load(v_new_ptr + b * v_sb + h * v_sh + d, mask=d_ok, other=0.0).to(v_cache_ptr.dtype.element_ty)
+        tl.store(k_base + pos * c_tok + d, k_new, mask=d_ok)
+        tl.store(v_base + pos * c_tok + d, v_new, mask=d_ok)
         # The new token first: its score starts the running max and sum (float32).
         m_i = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale  # [G]
+        if SOFTCAP:
+            m_i = _softcapped(m_i, softcap)
         l_i = tl.full([BLOCK_G], 1.0, dtype=tl.float32)
-        acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32) + v_new.to(tl.float32)[None, :]
+        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32) + v_new.to(tl.float32)[None, :]
+        first = 0
+        if WINDOW:
+            first = tl.maximum(pos - window + 1, 0)            # keys p - window < j <= p
+            first = (first // BLOCK_N) * BLOCK_N
         # Dots in the cache's 16-bit type on tensor cores, accumulated in float32, as
         # flash attention does: float32 "ieee" dots spilled registers at head_dim 128
         # (117 us a layer for llama-3.1-8b on the H100, decode_profile.json).
-        for start in range(0, pos, BLOCK_N):
+        for start in range(first, pos, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             valid = n < pos
-            k = tl.load(k_base + n[:, None] * c_tok + d[None, :], mask=valid[:, None], other=0.0)
-            v = tl.load(v_base + n[:, None] * c_tok + d[None, :], mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)                                    # [G, N]
-            s = tl.where(valid[None, :], s * scale, float("-inf"))
+            if WINDOW:
+                valid = valid & (n > pos - window)
+            kv_ok = valid[:, None] & d_ok[None, :]
+            k = tl.load(k_base + n[:, None] * c_tok + d[None, :], mask=kv_ok, other=0.0)
+            v = tl.load(v_base + n[:, None] * c_tok + d[None, :], mask=kv_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale     # [G, N]
+            if SOFTCAP:
+                s = _softcapped(s, softcap)
+            s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
@@ -95,7 +123,7 @@ if triton is not None:
             m_i = m_new
         out = acc / l_i[:, None]
         tl.store(out_ptr + b * o_sb + (h * GROUP + g)[:, None] * o_sh + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+                 out.to(out_ptr.dtype.element_ty), mask=qd_ok)
 
 
 def is_available(device: torch.device) -> bool:
@@ -104,11 +132,12 @@ def is_available(device: torch.device) -> bool:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                      slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+                     cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                     spec: AttnSpec = PLAIN) -> torch.Tensor:
     """q [B, Hq, 1, D]; k, v [B, Hkv, 1, D]; positions [B, 1]; slots [B];
     caches [S, Hkv, max_ctx, D] (strided, last dim contiguous); cos, sin [B, 1, 1, D]
-    float32 (Rotary's output) to rotate q and k here, or None where they already are.
-    Returns [B, Hq, 1, D]."""
+    float32 (Rotary's output) to rotate q and k here, or None where they already are;
+    spec: the layer's scale, soft-cap, window and rotated dims. Returns [B, Hq, 1, D]."""
     bsz, num_heads, _, head_dim = q.shape
     num_kv = k.shape[1]
     group = num_heads // num_kv
@@ -129,26 +158,31 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
         q, k, v, positions.reshape(-1), slots, k_cache, v_cache, out, cos, sin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
-        cos.stride(0), 1.0 / math.sqrt(head_dim),
+        cos.stride(0), spec.scale or 1.0 / math.sqrt(head_dim), spec.softcap or 1.0, spec.window,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_N=max(32, min(128, 8192 // head_dim)), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        ROTARY=rotary)
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), ROPE_DIM=spec.rope_dim or head_dim,
+        BLOCK_N=max(16, min(128, 8192 // triton.next_power_of_2(head_dim))),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        ROTARY=rotary, SOFTCAP=bool(spec.softcap), WINDOW=bool(spec.window))
     return out
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                        slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+                        slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        spec: AttnSpec = PLAIN) -> torch.Tensor:
     """The same in plain torch, row by row: the kernel's definition and its test oracle."""
     outs = []
     for b in range(q.shape[0]):
         slot, pos = int(slots[b]), int(positions[b, 0])
         k_cache[slot, :, pos] = k[b, :, 0].to(k_cache.dtype)
         v_cache[slot, :, pos] = v[b, :, 0].to(v_cache.dtype)
-        outs.append(cache_attention(q[b:b + 1], k_cache[slot:slot + 1], v_cache[slot:slot + 1], None, pos + 1))
+        outs.append(cache_attention(q[b:b + 1], k_cache[slot:slot + 1], v_cache[slot:slot + 1], None, pos + 1,
+                                    spec))
     return torch.cat(outs)
 
 
-def self_check(device: torch.device, dtype: torch.dtype, num_heads: int, num_kv: int, head_dim: int) -> bool:
+def self_check(device: torch.device, dtype: torch.dtype, num_heads: int, num_kv: int, head_dim: int,
+               specs: tuple[AttnSpec, ...] = (PLAIN,)) -> bool:
     """Run the kernel once against the reference on this device and these shapes;
     False (and a warning) where it fails or differs, so the caller falls back."""
     try:
@@ -165,14 +199,19 @@ def self_check(device: torch.device, dtype: torch.dtype, num_heads: int, num_kv:
         angles = positions.float().unsqueeze(-1) * torch.rand(head_dim // 2, generator=gen).to(device)
         cos, sin = [f(torch.cat((angles, angles), -1)).unsqueeze(1) for f in (torch.cos, torch.sin)]
         worst = 0.0
-        for rotary in (False, True):
-            got = decode_attention(q, k, v, positions, slots, *[t.clone() for t in views],
-                                   *((cos, sin) if rotary else (None, None)))
-            q_ref, k_ref = (apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)) if rotary else (q, k)
-            ref_base = base.clone()
-            ref = reference_attention(q_ref, k_ref, v, positions, slots,
-                                      *[ref_base[:, :, i].permute(0, 2, 1, 3) for i in range(2)])
-            worst = max(worst, (got.float() - ref.float()).abs().max().item())
+        for spec in specs:
+            rope_dim = spec.rope_dim or head_dim
+            cos_s, sin_s = cos.clone(), sin.clone()
+            cos_s[..., rope_dim:], sin_s[..., rope_dim:] = 1.0, 0.0      # Rotary's (1, 0) past rope_dim
+            for rotary in (False, True):
+                got = decode_attention(q, k, v, positions, slots, *[t.clone() for t in views],
+                                       *((cos_s, sin_s) if rotary else (None, None)), spec)
+                q_ref, k_ref = ((apply_rotary(q, cos_s, sin_s, spec.rope_dim), apply_rotary(k, cos_s, sin_s, spec.rope_dim))
+                                if rotary else (q, k))
+                ref_base = base.clone()
+                ref = reference_attention(q_ref, k_ref, v, positions, slots,
+                                          *[ref_base[:, :, i].permute(0, 2, 1, 3) for i in range(2)], spec)
+                worst = max(worst, (got.float() - ref.float()).abs().max().item())
         tol = 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
         if worst > tol:
             log.warning("Triton decode attention differs from the reference (max %.3g): not used", worst)

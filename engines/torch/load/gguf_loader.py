@@ -4,9 +4,11 @@ Reads through the `gguf` package's GGUFReader (memory-mapped), dequantizes each
 tensor with `gguf.quants.dequantize` (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K,
 Q5_K, Q6_K and the rest it knows; on a GPU the common quant types decode there
 instead, through engines.torch.load.dequant), maps llama.cpp tensor names onto the
-model's Hugging Face names, and undoes the Q/K row permutation that
-convert_hf_to_gguf.py applies to llama-architecture models (llama.cpp rotates
-adjacent pairs; the model here rotates halves, as HF does).
+model's Hugging Face names per family (engines.torch.load.gguf_names), and
+undoes the Q/K row permutation that convert_hf_to_gguf.py applies to
+llama-architecture models (llama.cpp rotates adjacent pairs; the model here
+rotates halves, as HF does). A tensor no module takes is an error, never
+skipped: the engine choice then hands the file to llama.cpp.
 
 Dtypes: bf16 on CUDA; float32 on the CPU by default, bfloat16 on request
 (`cpu_float_dtype(prefer_speed=True)`, or the engine's torch_dtype setting).
@@ -36,32 +38,14 @@ import numpy as np
 import torch
 
 from engines.errors import ModelLoadError
-from engines.torch.model.configs import ModelConfig, from_gguf_fields
 from engines.torch.load.dequant import TORCH_DEQUANT, dequantize_raw
+from engines.torch.load.gguf_names import ROPE_TENSORS, hf_name, unknown_tensors
+from engines.torch.model.configs import ModelConfig
+from engines.torch.model.families import family, from_gguf_fields
 from engines.torch.model.model import LlamaModel, build_model
 
 log = logging.getLogger(__name__)
 
-# llama.cpp per-layer tensor names -> Hugging Face names (suffix .weight/.bias kept).
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
-# Architectures whose Q/K rows convert_hf_to_gguf.py permuted (LlamaModel.permute).
-_PERMUTED_ARCHS = frozenset({"llama", "mistral"})
 _ROPE_FREQS = "rope_freqs.weight"
 
 
@@ -98,16 +82,6 @@ def cpu_float_dtype(prefer_speed: bool = False) -> torch.dtype:
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else cpu_float_dtype()
-
-
-def hf_name(gguf_name: str) -> str | None:
-    """llama.cpp tensor name -> HF name; None for tensors the model does not take."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    m = _LAYER_RE.match(gguf_name)
-    if m is None or m.group(2) not in _LAYER_NAMES:
-        return None
-    return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
 
 
 def unpermute_qk(w: Any, num_heads: int) -> Any:
@@ -163,9 +137,9 @@ def load_gguf_state(reader: Any, cfg: ModelConfig, device: torch.device | str = 
                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """All model tensors (HF names) on device/dtype, plus the llama3 rope
     frequency factors (float32, CPU) where the file has them."""
-    permute = cfg.arch in _PERMUTED_ARCHS
+    permute = family(cfg.arch).permuted_qk
     heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
-    tensors = [t for t in reader.tensors if t.name == _ROPE_FREQS or hf_name(t.name) is not None]
+    tensors = [t for t in reader.tensors if t.name == _ROPE_FREQS or hf_name(t.name, cfg.arch) is not None]
 
     on_gpu = torch.device(device).type == "cuda"
 
@@ -177,7 +151,7 @@ def load_gguf_state(reader: Any, cfg: ModelConfig, device: torch.device | str = 
             weights = dequantize_raw(raw, tensor.tensor_type.name, shape)
         else:
             weights = torch.from_numpy(dequantize_tensor(tensor))
-        proj = (hf_name(tensor.name) or "").split(".")[-2:-1]
+        proj = (hf_name(tensor.name, cfg.arch) or "").split(".")[-2:-1]
         if permute and proj and proj[0] in heads:
             weights = unpermute_qk(weights, heads[proj[0]])
         return weights
@@ -197,7 +171,7 @@ def load_gguf_state(reader: Any, cfg: ModelConfig, device: torch.device | str = 
                 if tensor.name == _ROPE_FREQS:
                     rope_factors = weights.cpu()
                 else:
-                    state[str(hf_name(tensor.name))] = weights.to(device, dtype)
+                    state[str(hf_name(tensor.name, cfg.arch))] = weights.to(device, dtype)
                 done += 1
                 if progress is not None:
                     progress(done / len(tensors))
@@ -210,12 +184,12 @@ def ggml_linears(reader: Any, cfg: ModelConfig) -> dict[str, tuple[str, Any]]:
     from engines.torch.ggml.linear import WeightBlocks
     from engines.torch.ggml.numerics import weight_blocks
 
-    permute = cfg.arch in _PERMUTED_ARCHS
+    permute = family(cfg.arch).permuted_qk
     heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
     out: dict[str, tuple[str, Any]] = {}
     for tensor in reader.tensors:
         tied_head = tensor.name == "token_embd.weight" and cfg.tie_embeddings
-        name = "lm_head.weight" if tied_head else hf_name(tensor.name)
+        name = "lm_head.weight" if tied_head else hf_name(tensor.name, cfg.arch)
         if name is None or not name.endswith("proj.weight") and name != "lm_head.weight":
             continue
         blocks = weight_blocks(tensor)
@@ -225,6 +199,21 @@ def ggml_linears(reader: Any, cfg: ModelConfig) -> dict[str, tuple[str, Any]]:
                                     (blocks.ints, blocks.scales, blocks.mins)))
         out[name.removesuffix(".weight")] = (tensor.tensor_type.name, blocks)
     return out
+
+
+def read_config(reader: Any, meta: dict[str, Any]) -> ModelConfig:
+    """The model's config from the file: metadata, tensor names, LongRoPE factor tensors.
+    A tensor no module of the family takes is a ModelLoadError naming it."""
+    names = {t.name for t in reader.tensors}
+    arch = str(meta.get("general.architecture", ""))
+    family(arch)                                    # not implemented: say so first
+    unknown = unknown_tensors(names, arch)
+    if unknown:
+        raise ModelLoadError(f"{len(unknown)} tensors the torch {arch} model does not take, "
+                             f"e.g. {unknown[:3]}")
+    rope = {t.name: [float(f) for f in dequantize_tensor(t).ravel()] for t in reader.tensors
+            if t.name in ROPE_TENSORS and t.name != _ROPE_FREQS}
+    return from_gguf_fields(meta, names, rope)
 
 
 def load_gguf(path: str | Path, device: torch.device | str = "cpu",
@@ -240,16 +229,16 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu",
 
     reader = open_reader(path)
     meta = read_metadata(reader)
-    names = {t.name for t in reader.tensors}
-    cfg = from_gguf_fields(meta, has_qkv_bias="blk.0.attn_q.bias" in names,
-                           has_output="output.weight" in names)
+    cfg = read_config(reader, meta)
     dtype = dtype or default_dtype(device)
     state, rope_factors = load_gguf_state(reader, cfg, device, dtype, progress)
     model = build_model(cfg, state, device, dtype)
-    types = {t.tensor_type.name for t in reader.tensors if (hf_name(t.name) or "").endswith("proj.weight")
+    types = {t.tensor_type.name for t in reader.tensors
+             if (hf_name(t.name, cfg.arch) or "").endswith("proj.weight")
              or t.name in ("output.weight", "token_embd.weight")}
-    if llamacpp_numerics and ggml_numerics.is_applicable(types, device, model.dtype):
-        ggml_numerics.install(model, ggml_linears(reader, cfg), cfg.arch in _PERMUTED_ARCHS)
+    numerics_fit = family(cfg.arch).ggml_numerics and not cfg.num_experts
+    if llamacpp_numerics and numerics_fit and ggml_numerics.is_applicable(types, device, model.dtype):
+        ggml_numerics.install(model, ggml_linears(reader, cfg), family(cfg.arch).permuted_qk)
     if rope_factors is not None:
         model.rotary.set_freq_factors(rope_factors)
     log.info("loaded %s: %d layers, dim %d, %s on %s", Path(path).name, cfg.num_layers,

@@ -4,7 +4,11 @@ Parameter names already match the model's (HF names), so loading is reading
 each tensor through the `safetensors` library straight onto the target device
 (`safe_open(..., device=...)`), casting, and checking that nothing is missing.
 Sharded folders (model-00001-of-00004.safetensors...) are read shard by shard.
-Weights are in HF layout (rotate-half RoPE): no permutation to undo.
+Weights are in HF layout (rotate-half RoPE): no permutation to undo. Two
+family details are applied here (`hf_layout`): Gemma checkpoints store each
+norm weight minus one (GGUF files hold the sum), and MoE checkpoints store one
+tensor per expert (Mixtral under `block_sparse_moe` with w1/w3/w2), which the
+model keeps stacked [E, out, in].
 """
 from __future__ import annotations
 
@@ -16,8 +20,10 @@ from pathlib import Path
 import torch
 
 from engines.errors import ModelLoadError
-from engines.torch.model.configs import ModelConfig, from_hf_config
 from engines.torch.load.gguf_loader import default_dtype
+from engines.torch.load.hf_layout import to_model_layout
+from engines.torch.model.configs import ModelConfig
+from engines.torch.model.hf_config import from_hf_config
 from engines.torch.model.model import LlamaModel, build_model
 
 log = logging.getLogger(__name__)
@@ -71,7 +77,7 @@ def load_safetensors(folder: str | Path, device: torch.device | str = "cpu",
         raise ModelLoadError(f"not a model folder: {folder}")
     cfg = read_hf_config(folder)
     dtype = dtype or default_dtype(device)
-    state = load_safetensors_state(folder, device, dtype, progress)
+    state = to_model_layout(load_safetensors_state(folder, device, dtype, progress), cfg)
     if "lm_head.weight" not in state and not cfg.tie_embeddings:
         # Some exports tie without saying so in config.json.
         cfg = cfg.replace(tie_embeddings=True)

@@ -22,14 +22,37 @@ Conventions (the contract with the serving side):
 - GQA without copying K/V: the Hq/Hkv query heads of one group are folded into
   the query-length axis ([B, Hkv, G*T, D]), so every SDPA backend sees plain
   multi-head attention and the cache is read once (no repeat_interleave).
+- Each layer says what its attention needs beyond q, k, v in an `AttnSpec`:
+  the query scale (Gemma's query_pre_attn_scalar), the logit soft-cap
+  (Gemma 2: cap * tanh(s / cap) on the scaled scores, as llama.cpp applies it
+  before the mask), the sliding window (a key j is seen from position p iff
+  j <= p and p - j < window: llama.cpp's LLAMA_SWA_TYPE_STANDARD), and the
+  dims RoPE turns (Phi-4-mini rotates 96 of 128).
 """
 from __future__ import annotations
 
 import abc
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AttnSpec:
+    """One layer's attention beyond q, k, v (the model sets it, every KVAccess honours it)."""
+    scale: float = 0.0        # 0: 1/sqrt(head_dim)
+    softcap: float = 0.0      # 0: none
+    window: int = 0           # sliding window in tokens; 0: global
+    rope_dim: int = 0         # dims of a head RoPE turns, as pairs (i, i + rope_dim/2); 0: all
+
+    @property
+    def is_plain(self) -> bool:
+        return not (self.scale or self.softcap or self.window or self.rope_dim)
+
+
+PLAIN = AttnSpec()
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -42,18 +65,20 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache[batch, :, positions] = v.transpose(1, 2).to(v_cache.dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D]; rotate-half RoPE in float32, back to x's dtype."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: int = 0) -> torch.Tensor:
+    """x [B, H, T, D]; rotate-half RoPE over the first rope_dim dims (0: all) in
+    float32, back to x's dtype. cos, sin [B, 1, T, D] are (1, 0) past rope_dim."""
     xf = x.float()
-    half = xf.shape[-1] // 2
-    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    turned = rope_dim or xf.shape[-1]
+    half = turned // 2
+    rotated = torch.cat((-xf[..., half:turned], xf[..., :half], xf[..., turned:]), dim=-1)
     return (xf * cos + rotated * sin).to(x.dtype)
 
 
 def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+              sin: torch.Tensor, rope_dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, Hq, T, D] and k [B, Hkv, T, D] rotated as one tensor: one fused kernel, not two."""
-    return apply_rotary(torch.cat((q, k), dim=1), cos, sin).split([q.shape[1], k.shape[1]], dim=1)
+    return apply_rotary(torch.cat((q, k), dim=1), cos, sin, rope_dim).split([q.shape[1], k.shape[1]], dim=1)
 
 
 def causal_mask(positions: torch.Tensor, read_len: int) -> torch.Tensor:
@@ -62,26 +87,56 @@ def causal_mask(positions: torch.Tensor, read_len: int) -> torch.Tensor:
     return (keys.view(1, 1, 1, -1) <= positions.unsqueeze(1).unsqueeze(-1))
 
 
+def window_mask(mask: torch.Tensor, positions: torch.Tensor, window: int) -> torch.Tensor:
+    """mask [B, 1, T, S] narrowed to keys j with p - j < window (positions [B, T])."""
+    keys = torch.arange(mask.shape[-1], device=mask.device)
+    return mask & (keys.view(1, 1, 1, -1) > (positions.unsqueeze(1).unsqueeze(-1) - window))
+
+
 def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    mask: torch.Tensor | None, read_len: int) -> torch.Tensor:
+                    mask: torch.Tensor | None, read_len: int, spec: AttnSpec = PLAIN,
+                    positions: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q [B, Hq, T, D] over cache[:, :, :read_len] -> [B, Hq, T, D].
 
     mask [B, 1, T, read_len] (from `causal_mask`, shared across layers), or None
     when every query sees all read_len keys (one decode token per row at
     position read_len - 1): then SDPA runs unmasked and can pick flash.
+    A sliding window narrows the mask (positions [B, T] needed), or without a
+    mask reads only the window's last keys.
     """
     bsz, num_heads, t, d = q.shape
     if q.dtype == torch.float32 and k_cache.dtype == torch.float16:
+        assert not (spec.scale or spec.softcap or spec.window), "llama.cpp numerics: plain attention only"
         return ggml_attention(q, k_cache, v_cache, mask, read_len)
     num_kv = k_cache.shape[1]
     group = num_heads // num_kv
-    keys = k_cache[:, :, :read_len].to(q.dtype)    # [B, Hkv, S, D]; a view when dtypes match
-    values = v_cache[:, :, :read_len].to(q.dtype)
-    qg = q.reshape(bsz, num_kv, group * t, d)        # [B, Hkv, G*T, D]
+    first = 0
+    if spec.window and mask is None:
+        first = max(0, read_len - spec.window)
+    elif spec.window:
+        mask = window_mask(mask, positions, spec.window)
+    keys = k_cache[:, :, first:read_len].to(q.dtype)    # [B, Hkv, S, D]; a view when dtypes match
+    values = v_cache[:, :, first:read_len].to(q.dtype)
+    qg = q.reshape(bsz, num_kv, group * t, d)             # [B, Hkv, G*T, D]
     if mask is not None:
         mask = mask.expand(bsz, 1, t, read_len).repeat(1, 1, group, 1)  # [B, 1, G*T, S]
-    out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
+    scale = spec.scale or 1.0 / math.sqrt(d)
+    if spec.softcap:
+        out = softcapped_attention(qg, keys, values, mask, scale, spec.softcap)
+    else:
+        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale)
     return out.reshape(bsz, num_heads, t, d)
+
+
+def softcapped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         mask: torch.Tensor | None, scale: float, cap: float) -> torch.Tensor:
+    """Attention with Gemma 2's logit soft-cap, which no SDPA backend takes: scores in
+    float32, cap * tanh(s * scale / cap), then the mask and softmax. [B, H, T, D]."""
+    scores = (q.float() @ keys.float().transpose(-1, -2)) * scale     # [B, H, T, S]
+    scores = cap * torch.tanh(scores / cap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ values.float()).to(q.dtype)
 
 
 def ggml_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -128,16 +183,17 @@ class KVAccess(abc.ABC):
 
     @abc.abstractmethod
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               positions: torch.Tensor) -> torch.Tensor:
+               positions: torch.Tensor, spec: AttnSpec = PLAIN) -> torch.Tensor:
         """Write k, v [B, Hkv, T, D] at positions [B, T]; return attention of
-        q [B, Hq, T, D] over the cache -> [B, Hq, T, D]."""
+        q [B, Hq, T, D] over the cache -> [B, Hq, T, D], as spec says."""
 
     def attend_rotary(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+                      positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      spec: AttnSpec = PLAIN) -> torch.Tensor:
         """`attend` with q and k not yet rotated (cos, sin [B, 1, T, D] from the model's
         Rotary). Here: rotate q and k, then attend; a KVAccess whose kernel rotates
         as it attends overrides this."""
-        return self.attend(layer, *rotate_qk(q, k, cos, sin), v, positions)
+        return self.attend(layer, *rotate_qk(q, k, cos, sin, spec.rope_dim), v, positions, spec)
 
 
 class ContiguousKV(KVAccess):
@@ -162,6 +218,6 @@ class ContiguousKV(KVAccess):
         self._mask = None if is_single_decode else causal_mask(positions, self._read_len)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               positions: torch.Tensor) -> torch.Tensor:
+               positions: torch.Tensor, spec: AttnSpec = PLAIN) -> torch.Tensor:
         write_kv(self.k[layer], self.v[layer], k, v, positions)
-        return cache_attention(q, self.k[layer], self.v[layer], self._mask, self._read_len)
+        return cache_attention(q, self.k[layer], self.v[layer], self._mask, self._read_len, spec, positions)

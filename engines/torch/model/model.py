@@ -1,8 +1,14 @@
-"""The Llama-family decoder (Llama 2/3, SmolLM/SmolLM2, Qwen2/2.5, Mistral).
+"""The decoder, assembled for every family the torch engine serves (Llama 2/3,
+SmolLM2, Mistral, Mixtral, Qwen2/2.5, Qwen3, Qwen3-MoE, Gemma 2/3, Phi-3/3.5/4,
+StarCoder2).
 
-RMSNorm, RoPE (with linear and llama3 scaling), GQA attention on
-`scaled_dot_product_attention`, SwiGLU MLP, tied embeddings, Qwen2's QKV bias:
-all chosen by `ModelConfig` fields, one class for the whole family. Parameter
+Pieces live one concept a file: norms.py (RMSNorm, LayerNorm), rotary.py and
+rope.py (RoPE of every scaling kind), self_attention.py (projections, q/k
+norms), attention.py (attention over the cache, AttnSpec), mlp.py (gated and
+plain MLPs), moe.py (top-k routing over stacked experts). `ModelConfig`
+fields choose them; this file only wires a layer (plain pre-norm, or Gemma's
+sandwich of norms) and the model (embedding scale, local and global RoPE,
+final soft-cap). Parameter
 names follow Hugging Face (`model.layers.N.self_attn.q_proj.weight`...), so a
 safetensors folder loads as is and the GGUF loader maps onto the same names.
 Weights are in HF layout: the GGUF loader undoes llama.cpp's Q/K permutation,
@@ -38,126 +44,52 @@ GEMM each for GPU decode; the math and the interface stay the same.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engines.torch.model.attention import KVAccess
-from engines.torch.model.configs import ModelConfig, rope_inv_freq
+from engines.torch.model.configs import ModelConfig
+from engines.torch.model.mlp import MLP, PlainMLP
+from engines.torch.model.moe import SparseMoE
+from engines.torch.model.norms import RMSNorm, make_norm
+from engines.torch.model.rope import RopeScaling
+from engines.torch.model.rotary import Rotary
+from engines.torch.model.self_attention import Attention
+
+__all__ = ["Attention", "DecoderLayer", "LlamaModel", "MLP", "RMSNorm", "Rotary", "build_model"]
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in float32 as llama.cpp and HF do: bf16 sums of squares drift.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
-
-
-class Rotary(nn.Module):
-    """cos/sin computed from positions on the fly: no table sized to the context,
-    and positions may be anything the serving side chooses (prefix reuse)."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        inv = torch.tensor(rope_inv_freq(cfg), dtype=torch.float32)
-        self.register_buffer("inv_freq", inv, persistent=False)
-
-    def set_freq_factors(self, factors: torch.Tensor) -> None:
-        """llama3-scaled GGUFs carry per-frequency divisors (rope_freqs.weight)."""
-        self.inv_freq = self.inv_freq / factors.to(self.inv_freq.device, torch.float32)
-
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.unsqueeze(-1).float() * self.inv_freq    # [B, T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)       # [B, 1, T, D]
-        return emb.cos(), emb.sin()
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
-        super().__init__()
-        self.layer = layer
-        self.num_heads, self.num_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
-
-        self.qkv_proj: nn.Linear | None = None     # set by fuse(): one GEMM instead of three
-
-    def fuse(self) -> None:
-        self.qkv_proj = _fused_linear(self.q_proj, self.k_proj, self.v_proj)
-        del self.q_proj, self.k_proj, self.v_proj
-
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.qkv_proj is None:
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        kv_width = self.num_kv * self.head_dim
-        return self.qkv_proj(x).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                positions: torch.Tensor, kv: KVAccess) -> torch.Tensor:
-        bsz, t, _ = x.shape
-        q, k, v = self.project(x)
-        q = q.reshape(bsz, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.reshape(bsz, t, self.num_kv, self.head_dim).transpose(1, 2)
-        v = v.reshape(bsz, t, self.num_kv, self.head_dim).transpose(1, 2)
-        out = self.attend(q, k, v, cos, sin, positions, kv)             # [B, Hq, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, t, -1))
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor, positions: torch.Tensor, kv: KVAccess) -> torch.Tensor:
-        """RoPE, then attention over the cache. RoPE is the KVAccess's to apply here:
-        the GPU decode kernel rotates q and k in place."""
-        return kv.attend_rotary(self.layer, q, k, v, positions, cos, sin)
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
-        self.gate_up_proj: nn.Linear | None = None   # set by fuse()
-
-    def fuse(self) -> None:
-        self.gate_up_proj = _fused_linear(self.gate_proj, self.up_proj)
-        del self.gate_proj, self.up_proj
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
-
-
-def _fused_linear(*parts: nn.Linear) -> nn.Linear:
-    """One Linear whose output is the parts' outputs side by side."""
-    weight = torch.cat([p.weight for p in parts], dim=0)
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None,
-                      device=weight.device, dtype=weight.dtype)
-    fused.weight = nn.Parameter(weight, requires_grad=False)
-    if parts[0].bias is not None:
-        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
-    return fused
+def make_mlp(cfg: ModelConfig) -> nn.Module:
+    if cfg.num_experts:
+        return SparseMoE(cfg)
+    return MLP(cfg) if cfg.gated_mlp else PlainMLP(cfg)
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm residual block. With sandwich norms (Gemma 2/3) the attention and MLP
+    outputs are normed again before their residual adds; HF names then read:
+    input_layernorm -> attn -> post_attention_layernorm -> + ; pre_feedforward_layernorm
+    -> mlp -> post_feedforward_layernorm -> +. Without: post_attention_layernorm is
+    the norm before the MLP (Llama's name for it)."""
+
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.dim, cfg.rms_eps)
+        self.sandwich = cfg.sandwich_norms
+        self.input_layernorm = make_norm(cfg.norm, cfg.dim, cfg.rms_eps)
         self.self_attn = Attention(cfg, layer)
-        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.rms_eps)
-        self.mlp = MLP(cfg)
+        self.post_attention_layernorm = make_norm(cfg.norm, cfg.dim, cfg.rms_eps)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = make_norm(cfg.norm, cfg.dim, cfg.rms_eps)
+            self.post_feedforward_layernorm = make_norm(cfg.norm, cfg.dim, cfg.rms_eps)
+        self.mlp = make_mlp(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 positions: torch.Tensor, kv: KVAccess) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, positions, kv)
+        if not self.sandwich:
+            x = x + attn
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(attn)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class Backbone(nn.Module):
@@ -165,7 +97,16 @@ class Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.rms_eps)
+        self.norm = make_norm(cfg.norm, cfg.dim, cfg.rms_eps)
+
+
+def make_rotaries(cfg: ModelConfig) -> tuple[Rotary, Rotary | None]:
+    """The global layers' RoPE, and the sliding layers' where it differs (Gemma 3:
+    base 10000, without the file's scaling)."""
+    rotary = Rotary(cfg.head_dim, cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_context)
+    if not any(cfg.is_local(i) for i in range(cfg.num_layers)):
+        return rotary, None
+    return rotary, Rotary(cfg.head_dim, cfg.rotary_dim, cfg.rope_theta_local, RopeScaling())
 
 
 class LlamaModel(nn.Module):
@@ -176,7 +117,8 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = Backbone(cfg)
-        self.rotary = Rotary(cfg)
+        self.rotary, self.rotary_local = make_rotaries(cfg)
+        self.is_local = [cfg.is_local(i) for i in range(cfg.num_layers)]
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -189,26 +131,35 @@ class LlamaModel(nn.Module):
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
+    def fit_context(self, max_context: int) -> None:
+        """The context this model will serve: LongRoPE picks its factors by it."""
+        self.rotary.fit_context(max_context)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVAccess,
                 logit_index: torch.Tensor | None = None) -> torch.Tensor:
         kv.begin(positions)
         x = self.model.embed_tokens(input_ids)                        # [B, T, dim]
-        cos, sin = self.rotary(positions)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, positions, kv)
+        if self.cfg.embed_scale != 1.0:
+            x = x * self.cfg.embed_scale
+        rope = self.rotary(positions)
+        rope_local = self.rotary_local(positions) if self.rotary_local is not None else rope
+        for layer, is_local in zip(self.model.layers, self.is_local):
+            x = layer(x, *(rope_local if is_local else rope), positions, kv)
         if logit_index is not None:
             rows = torch.arange(x.shape[0], device=x.device)
             x = x[rows, logit_index].unsqueeze(1)                      # [B, 1, dim]
-        return self.lm_head(self.model.norm(x)).float()               # [B, T|1, V]
+        logits = self.lm_head(self.model.norm(x)).float()             # [B, T|1, V]
+        if self.cfg.final_softcap:
+            logits = self.cfg.final_softcap * torch.tanh(logits / self.cfg.final_softcap)
+        return logits
 
     def fuse_projections(self) -> LlamaModel:
         """Merge q/k/v and gate/up into one GEMM each (7 -> 4 per layer): fewer,
         larger kernels for decode on GPU. Same math; parameter names change, so
         call it after loading, never before. Returns self."""
         for layer in self.model.layers:
-            if layer.self_attn.qkv_proj is None:
-                layer.self_attn.fuse()
-                layer.mlp.fuse()
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
         return self
 
     def weight_bytes(self) -> int:
@@ -224,7 +175,9 @@ class LlamaModel(nn.Module):
 def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.device | str,
                 dtype: torch.dtype) -> LlamaModel:
     """A model whose parameters are exactly `state` (HF names), on device/dtype.
-    Built on `meta` first so no memory is spent on throwaway initial weights."""
+    Built on `meta` first so no memory is spent on throwaway initial weights.
+    A tensor missing, left over or of the wrong shape is a ModelLoadError: a
+    tensor the model does not take means it would compute something else."""
     from engines.errors import ModelLoadError
 
     with torch.device("meta"):
@@ -233,6 +186,9 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.
     missing = sorted(expected - state.keys())
     if missing:
         raise ModelLoadError(f"weights lack {len(missing)} tensors, e.g. {missing[:3]}")
+    extra = sorted(state.keys() - expected - {"lm_head.weight"})
+    if extra:
+        raise ModelLoadError(f"{len(extra)} tensors that the {cfg.arch} model does not take, e.g. {extra[:3]}")
     params = {k: nn.Parameter(state[k].to(device=device, dtype=dtype), requires_grad=False)
               for k in expected}
     for name, param in params.items():
@@ -244,5 +200,5 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.
         setattr(module, attr, param)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.rotary = Rotary(cfg).to(device)
+    model.rotary, model.rotary_local = (None if r is None else r.to(device) for r in make_rotaries(cfg))
     return model.eval()

@@ -23,7 +23,15 @@ import threading
 
 import torch
 
-from engines.torch.model.attention import KVAccess, cache_attention, causal_mask, rotate_qk, write_kv
+from engines.torch.model.attention import (
+    PLAIN,
+    AttnSpec,
+    KVAccess,
+    cache_attention,
+    causal_mask,
+    rotate_qk,
+    write_kv,
+)
 from engines.torch.kernels.decode_attention import decode_attention
 from kvcached.kv_cache.layout import KVLayout, KVShape
 
@@ -225,36 +233,40 @@ class SlotKV(KVAccess):
         self._mask = causal_mask(positions, self._keys_read()) if self._needs_mask else None
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               positions: torch.Tensor) -> torch.Tensor:
+               positions: torch.Tensor, spec: AttnSpec = PLAIN) -> torch.Tensor:
         if self._slot is not None:
             k_cache = self.k[layer][self._slot:self._slot + 1]          # [1, Hkv, max_ctx, D] view
             v_cache = self.v[layer][self._slot:self._slot + 1]
             write_kv(k_cache, v_cache, k, v, positions)
-            return cache_attention(q, k_cache, v_cache, self._mask, self._read_len)
-        return self._attend_op(layer, q, k, v, positions, None, None)
+            return cache_attention(q, k_cache, v_cache, self._mask, self._read_len, spec, positions)
+        return self._attend_op(layer, q, k, v, positions, None, None, spec)
 
     def attend_rotary(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+                      positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      spec: AttnSpec = PLAIN) -> torch.Tensor:
         if self._slot is not None:
-            return super().attend_rotary(layer, q, k, v, positions, cos, sin)
-        return self._attend_op(layer, q, k, v, positions, cos, sin)
+            return super().attend_rotary(layer, q, k, v, positions, cos, sin, spec)
+        return self._attend_op(layer, q, k, v, positions, cos, sin, spec)
 
     def _attend_op(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   positions: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+                   positions: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                   spec: AttnSpec) -> torch.Tensor:
         # Compiled, the batch path is one opaque op: the KV tensors stay out of the
         # traced graph. As graph inputs, 2 x layers views of one buffer that the graph
         # writes made AOTAutograd rebuild and copy back the whole buffer every step,
         # unmapped (read-only zero) pages included: an illegal-address crash on the H100.
-        return torch.ops.ebbtide.slot_attend(q, k, v, positions, self._slots, self._mask, cos, sin, layer)
+        return torch.ops.ebbtide.slot_attend(q, k, v, positions, self._slots, self._mask, cos, sin, layer,
+                                             spec.scale, spec.softcap, spec.window, spec.rope_dim)
 
     def attend_batch(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
-                     cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+                     cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                     spec: AttnSpec = PLAIN) -> torch.Tensor:
         """A decode batch; cos, sin given: q and k are still to be rotated."""
         if self.use_triton and q.shape[2] == 1:
-            return decode_attention(q, k, v, positions, slots, self.k[layer], self.v[layer], cos, sin)
+            return decode_attention(q, k, v, positions, slots, self.k[layer], self.v[layer], cos, sin, spec)
         if cos is not None:
-            q, k = rotate_qk(q, k, cos, sin)
+            q, k = rotate_qk(q, k, cos, sin, spec.rope_dim)
         read_len = mask.shape[-1]
         rows = slots.unsqueeze(1).expand_as(positions)                  # [B, T]
         # Advanced indices around a slice put their dims first: target [B, T, Hkv, D].
@@ -262,7 +274,7 @@ class SlotKV(KVAccess):
         self.v[layer][rows, :, positions] = v.transpose(1, 2).to(self.v[layer].dtype)
         keys = self.k[layer][:, :, :read_len].index_select(0, slots)   # [B, Hkv, R, D]
         values = self.v[layer][:, :, :read_len].index_select(0, slots)
-        return cache_attention(q, keys, values, mask, read_len).contiguous()
+        return cache_attention(q, keys, values, mask, read_len, spec, positions).contiguous()
 
 
 # The SlotKV whose forward runs on this thread (vLLM's "forward context"): the op
@@ -273,14 +285,16 @@ _ACTIVE = threading.local()
 @torch.library.custom_op("ebbtide::slot_attend", mutates_args=())
 def _slot_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                  slots: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                 layer: int) -> torch.Tensor:
+                 layer: int, scale: float, softcap: float, window: int, rope_dim: int) -> torch.Tensor:
     """Write k, v of a decode batch into its slots and attend: [B, Hq, T, D], contiguous.
-    cos, sin: rotate q and k first (None: they are rotated already)."""
-    return _ACTIVE.kv.attend_batch(layer, q, k, v, positions, slots, mask, cos, sin)
+    cos, sin: rotate q and k first (None: they are rotated already). scale, softcap,
+    window, rope_dim: the layer's AttnSpec, spelled out (custom ops take plain values)."""
+    spec = AttnSpec(scale, softcap, window, rope_dim)
+    return _ACTIVE.kv.attend_batch(layer, q, k, v, positions, slots, mask, cos, sin, spec)
 
 
 @_slot_attend.register_fake
 def _slot_attend_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                       slots: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                      layer: int) -> torch.Tensor:
+                      layer: int, scale: float, softcap: float, window: int, rope_dim: int) -> torch.Tensor:
     return q.new_empty(q.shape)

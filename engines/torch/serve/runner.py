@@ -135,8 +135,10 @@ class Runner:
         self.is_compiled = on_cuda if compile is None else compile
         cfg = model.cfg
         if (on_cuda if triton is None else triton) and decode_attention.is_available(self.device):
+            # Checked on every attention the model's layers ask for (windows, soft-caps, partial RoPE).
+            specs = tuple(dict.fromkeys(layer.self_attn.spec for layer in model.model.layers))
             self.kv.use_triton = decode_attention.self_check(
-                self.device, model.dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+                self.device, model.dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, specs)
         store.set_tail_reads(not self.kv.use_triton)
         self.decode_forward = self._decode_forward
         if self.is_compiled:

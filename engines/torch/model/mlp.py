@@ -1,0 +1,71 @@
+"""The dense feed-forward blocks: gated (SwiGLU, GeGLU) and plain (StarCoder2's GELU MLP).
+
+Every projection is an `nn.Linear` under its HF name, so the quantized-weights
+loader can swap it for a QuantLinear by module name; the activation lives
+outside the Linears. `fuse()` (GPU decode) merges gate and up into one GEMM;
+Phi-3 files bring them merged already (`gate_up_proj`, gate rows first).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engines.torch.model.configs import ModelConfig
+
+# ModelConfig.activation -> the function (gelu_tanh: ggml_gelu and HF's gelu_pytorch_tanh)
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def fused_linear(*parts: nn.Linear) -> nn.Linear:
+    """One Linear whose output is the parts' outputs side by side."""
+    weight = torch.cat([p.weight for p in parts], dim=0)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None,
+                      device=weight.device, dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if parts[0].bias is not None:
+        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+    return fused
+
+
+class MLP(nn.Module):
+    """down(act(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.act = ACTIVATIONS[cfg.activation]
+        bias = cfg.mlp_bias
+        self.gate_up_proj: nn.Linear | None = None   # from the file (Phi-3) or fuse()
+        if cfg.fused_gate_up:
+            self.gate_up_proj = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=bias)
+        else:
+            self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=bias)
+            self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=bias)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=bias)
+
+    def fuse(self) -> None:
+        if self.gate_up_proj is None:
+            self.gate_up_proj = fused_linear(self.gate_proj, self.up_proj)
+            del self.gate_proj, self.up_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is None:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class PlainMLP(nn.Module):
+    """c_proj(act(c_fc(x))): StarCoder2."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.act = ACTIVATIONS[cfg.activation]
+        self.c_fc = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.c_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
+
+    def fuse(self) -> None:
+        """Nothing to merge."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))

@@ -1,0 +1,125 @@
+"""Mixture of experts (Mixtral, Qwen3-MoE): top-k softmax routing over stacked experts.
+
+Routing as llama.cpp's build_moe_ffn does for both families: softmax over the
+router's logits in float32, the top k, renormalized to sum 1 (Mixtral and
+Qwen3-MoE both set norm_w), each chosen expert's SwiGLU, summed by weight.
+
+The experts are three stacked 3-D weights [E, out, in] (`ExpertWeights`, a
+module with a `.weight`, so a quantized loader can replace it by name) and
+every step goes through one function, `experts_forward`, which a grouped
+quantized kernel can replace. It picks one of three ways, all exact:
+
+- `grouped`: tokens sorted by expert, one GEMM per expert hit. Fewest FLOPs,
+  but it reads the routing on the host: eager steps only (prefill, CPU).
+- `gathered`: each token's k experts gathered and multiplied batched. No host
+  sync (CUDA graphs, torch.compile); reads N*k experts (plus the gather's copy).
+- `dense`: every expert on every token, weighted by 0 where not routed. No host
+  sync; reads each expert once, cheaper than gathering once N*k >= E
+  (Mixtral at batch 8).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from engines.torch.model.configs import ModelConfig
+from engines.torch.model.mlp import ACTIVATIONS
+
+
+class ExpertWeights(nn.Module):
+    def __init__(self, num_experts: int, out_dim: int, in_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, out_dim, in_dim))   # [E, out, in]
+
+
+def _must_not_sync(x: torch.Tensor) -> bool:
+    return torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _grouped(x, topk_ids, topk_weights, w_gate, w_up, w_down, act) -> torch.Tensor:
+    num_tokens, k = topk_ids.shape
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=w_gate.shape[0]).tolist()
+    weights = topk_weights.reshape(-1, 1).float()
+    out = torch.zeros(num_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            rows = order[start:start + count]                     # (token, slot) pairs of this expert
+            tokens = rows // k
+            xe = x.index_select(0, tokens)                         # [c, dim]
+            h = act(xe @ w_gate[expert].T) * (xe @ w_up[expert].T)
+            out.index_add_(0, tokens, (h @ w_down[expert].T).float() * weights[rows])
+            start += count
+    return out.to(x.dtype)
+
+
+def _gathered(x, topk_ids, topk_weights, w_gate, w_up, w_down, act) -> torch.Tensor:
+    num_tokens, k = topk_ids.shape
+    flat = topk_ids.reshape(-1)                                    # [N*k]
+    xr = x.repeat_interleave(k, dim=0).unsqueeze(-1)               # [N*k, dim, 1]
+    h = act(torch.bmm(w_gate[flat], xr)) * torch.bmm(w_up[flat], xr)   # [N*k, F, 1]
+    out = torch.bmm(w_down[flat], h).view(num_tokens, k, -1)       # [N, k, dim]
+    return (out.float() * topk_weights.unsqueeze(-1).float()).sum(1).to(x.dtype)
+
+
+def _dense(x, topk_ids, topk_weights, w_gate, w_up, w_down, act) -> torch.Tensor:
+    combine = torch.zeros(x.shape[0], w_gate.shape[0], dtype=torch.float32, device=x.device)
+    combine.scatter_(1, topk_ids, topk_weights.float())            # [N, E]
+    h = act(torch.matmul(x, w_gate.transpose(1, 2))) * torch.matmul(x, w_up.transpose(1, 2))  # [E, N, F]
+    out = torch.matmul(h, w_down.transpose(1, 2))                  # [E, N, dim]
+    return torch.einsum("end,ne->nd", out.float(), combine).to(x.dtype)
+
+
+def experts_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                    w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                    act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """x [N, dim]; topk_ids, topk_weights [N, k]; w_gate, w_up [E, F, dim]; w_down [E, dim, F].
+    Returns sum_j topk_weights[:, j] * expert_{topk_ids[:, j]}(x), [N, dim]."""
+    if not _must_not_sync(x):
+        return _grouped(x, topk_ids, topk_weights, w_gate, w_up, w_down, act)
+    if topk_ids.numel() < w_gate.shape[0]:
+        return _gathered(x, topk_ids, topk_weights, w_gate, w_up, w_down, act)
+    return _dense(x, topk_ids, topk_weights, w_gate, w_up, w_down, act)
+
+
+class Experts(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.act = ACTIVATIONS[cfg.activation]
+        self.gate_proj = ExpertWeights(cfg.num_experts, cfg.ffn_dim, cfg.dim)
+        self.up_proj = ExpertWeights(cfg.num_experts, cfg.ffn_dim, cfg.dim)
+        self.down_proj = ExpertWeights(cfg.num_experts, cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        return experts_forward(x, topk_ids, topk_weights, self.gate_proj.weight, self.up_proj.weight,
+                               self.down_proj.weight, self.act)
+
+
+class SparseMoE(nn.Module):
+    """The MLP of an MoE layer: `gate` (the router, [E, dim]) and `experts`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.top_k, self.norm_topk_prob = cfg.num_experts_used, cfg.norm_topk_prob
+        self.gate = nn.Linear(cfg.dim, cfg.num_experts, bias=False)
+        self.experts = Experts(cfg)
+
+    def fuse(self) -> None:
+        """Experts stay stacked (one function serves them)."""
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, dim] -> (expert ids [N, k], weights [N, k] float32)."""
+        probs = torch.softmax(self.gate(x).float(), dim=-1)            # [N, E]
+        weights, ids = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return ids, weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])                               # [B*T, dim]
+        ids, weights = self.route(flat)
+        return self.experts(flat, ids, weights).reshape(x.shape)

@@ -1,0 +1,46 @@
+"""Normalization layers by family: RMSNorm (most), LayerNorm with bias (StarCoder2).
+
+Both normalize in float32 as llama.cpp and HF do (bf16 sums of squares drift)
+and return the input's dtype. Gemma's "weight + 1" is not here: GGUF files
+already hold the sum (convert_hf_to_gguf.py adds it) and the safetensors
+loader adds it to HF checkpoints (families.Family.hf_norm_offset).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias (HF names), computed in float32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
+        return out.to(x.dtype)
+
+
+# ModelConfig.norm -> the class
+NORM_CLASSES: dict[str, type[nn.Module]] = {"rms": RMSNorm, "layer": LayerNorm}
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    return NORM_CLASSES[kind](dim, eps)
