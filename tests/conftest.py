@@ -10,9 +10,17 @@ thread's stack and exits, so the run fails fast and says where it stood.
 from __future__ import annotations
 
 import faulthandler
+import os
 import sys
 
 import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, that is when its module
+# is first imported, by whichever test comes first. Without a GPU a kernel can only
+# run through the interpreter, so the whole suite says so before anything imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 BACKSTOP_FACTOR = 2.0   # past pytest-timeout's own limit, which gets the first try
 
