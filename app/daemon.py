@@ -25,20 +25,19 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import uvicorn
 
-from collections.abc import Callable
-
-from app import env
+from app import env, exit_codes
+from app.models.broker_link import BrokerLink
+from app.models.events import EventHub, event_kind
 from app.models.manager import ModelManager
 from app.paths import app_paths
 from app.server import auth
 from app.server.app_factory import create_app
-from app.models.broker_link import BrokerLink
 from app.server.context import ServerContext
-from app.models.events import EventHub, event_kind
 from app.server.metrics import Metrics
 from app.server.security import is_loopback_host
 from app.settings import Settings
@@ -47,7 +46,7 @@ log = logging.getLogger(__name__)
 
 FINISH_S = 3  # seconds in-flight requests get to finish after SIGTERM before they are cancelled
 GRACE_S = 6   # uvicorn's own limit, a backstop: by then every request has ended
-EXIT_OK, EXIT_CONFIG, EXIT_BIND = 0, 2, 3
+EXIT_OK, EXIT_CONFIG, EXIT_BIND = exit_codes.OK, exit_codes.CONFIG, exit_codes.BIND
 
 
 class _Server(uvicorn.Server):
