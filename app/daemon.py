@@ -34,13 +34,14 @@ from app import env, exit_codes
 from app.models.broker_link import BrokerLink
 from app.models.events import EventHub, event_kind
 from app.models.manager import ModelManager
-from app.paths import app_paths
+from app.paths import AppPaths, app_paths
 from app.server import auth
 from app.server.app_factory import create_app
 from app.server.context import ServerContext
 from app.server.metrics import Metrics
 from app.server.security import is_loopback_host
 from app.settings import Settings
+from engines import compile_cache
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,11 @@ class _Server(uvicorn.Server):
                   f"dashboard: {self.ctx.endpoint_url}/dashboard", flush=True)
 
 
-def engine_config(settings: Settings, models_dir: str):
+def engine_config(settings: Settings, paths: AppPaths):
     """EngineConfig from the app's Settings (the one place the two are joined)."""
     from engines.config import config_from_settings
 
-    return config_from_settings(settings, models_dir=models_dir)
+    return config_from_settings(settings, models_dir=str(paths.models_dir), kv_disk_dir=str(paths.kv_dir))
 
 
 def kv_config(settings: Settings):
@@ -167,11 +168,12 @@ def build_context(settings: Settings) -> ServerContext:
     from engines.registry import ModelRegistry
 
     paths = app_paths().ensure()
+    compile_cache.use(paths.cache_dir)  # before any model compiles: kernels outlive the process
     token = auth.ensure_token(paths.token_file)
     hub = EventHub()
     link = BrokerLink(None, hub)
     runtime = open_kv_in_background(settings, link)
-    config = engine_config(settings, str(paths.models_dir))
+    config = engine_config(settings, paths)
     manager = ModelManager(ModelRegistry(config), make_engine_factory(config, runtime.result), settings, hub, link)
     metrics = Metrics(lambda: {l.name: _memory_gauges(l.engine) for l in manager.loaded()})
     hub.listen(lambda event: _count_reclaim(metrics, event))
