@@ -213,7 +213,7 @@ class TorchEngine(Engine):
         if self.store is not None:
             self.store.close()
         self.loop = self.store = self.model = self.text = self.admission = None
-        if torch.cuda.is_available():
+        if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     @property
