@@ -83,3 +83,18 @@ def test_roots_follow_the_tools_environment(monkeypatch, tmp_path) -> None:
     assert config.resolved_hf_cache_dir() == tmp_path / "h" / "hub"
     assert EngineConfig(ollama_dir=str(tmp_path / "x")).resolved_ollama_dirs() == (tmp_path / "x",)
     assert config.resolved_models_dir().name == "models"
+
+
+def test_each_shared_setting_has_one_default() -> None:
+    """Settings takes its engine and kvcached defaults from EngineConfig and KvcachedConfig, and
+    config_from_settings re-declares none (max_queue was 512 in one and 16 in the other)."""
+    from app.daemon import kv_config
+    from app.settings import Settings
+    from engines.config import SETTINGS_FIELDS, config_from_settings
+    from kvcached.config import KvcachedConfig
+
+    settings, config = Settings(), config_from_settings(Settings())
+    for setting, field_name in SETTINGS_FIELDS.items():
+        assert getattr(settings, setting) == getattr(EngineConfig(), field_name) == getattr(config, field_name)
+    assert config_from_settings(object()) == EngineConfig()   # nothing given: EngineConfig's own defaults
+    assert kv_config(settings) == KvcachedConfig()            # the daemon's kvcached config, by default

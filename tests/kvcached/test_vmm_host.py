@@ -143,3 +143,17 @@ def test_close_is_idempotent():
     b = open_backend(KvcachedConfig(backend="host"))
     b.close()
     b.close()
+
+
+def test_the_device_is_decided_in_one_place():
+    """resolve_backend is what open_backend opens, and a standalone pool owns its backend."""
+    from kvcached.standalone import standalone_pool
+    from kvcached.vmm import resolve_backend
+
+    assert resolve_backend(KvcachedConfig(backend="host")) == "host"
+    assert resolve_backend(KvcachedConfig()) == ("cuda" if cuda_available() else "host")
+    pool = standalone_pool(KvcachedConfig(backend="host", page_size=PAGE, reserve_pages=0))
+    assert pool.backend.name == "host" and pool.backend.device.type == "cpu"
+    pool.release(pool.acquire())
+    pool.close()
+    assert pool.backend._closed                      # closing the pool closed its backend
