@@ -271,8 +271,12 @@ class TorchEngine(Engine):
     @torch.inference_mode()
     def _hidden_mean(self, ids: list[int]) -> torch.Tensor:
         model, cfg = self.model, self.model.cfg
+        from engines.torch.ggml.numerics import kv_cache_dtype
+
+        # Private: the slots' KV is untouched. In the slots' dtype (float16 on the llama.cpp-
+        # numerics path, whose attention is ggml's over an f16 cache, as when generating).
         kv = ContiguousKV(cfg.num_layers, 1, cfg.num_kv_heads, len(ids), cfg.head_dim,
-                          model.dtype, model.device)     # private: the slots' KV is untouched
+                          kv_cache_dtype(model), model.device)
         input_ids = torch.tensor([ids], device=model.device)
         positions = torch.arange(len(ids), device=model.device).unsqueeze(0)
         kv.begin(positions)
