@@ -1,0 +1,155 @@
+"""The two Triton kernels over `QuantWeight` planes, and their launchers.
+
+`qmatvec`: y[M, N] = x[M, K] @ W^T for M <= 8 (decode). Memory-bound: each
+program owns BN output rows and a run of 256-weight chunks along K, reads every
+quantized byte once (16-byte vectors along a row's plane), and multiplies the
+integer quants by x per sub-block before it applies the sub-block's scale
+(sum(q*x)*scale + offset*sum(x)), so a weight costs a shift, a mask, a convert
+and an FMA per row of x. Where the rows alone give too few programs to fill
+the GPU (the 1,024-row K/V projections of an 8B model), K is split across
+programs that write float32 partials, summed by one torch op.
+
+`dequantize`: W -> [N, K] in a float dtype, one program per (BN rows, chunk),
+for the prefill path of `quant_ops` and the GPU tests.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from engines.torch.kernels.quant_decode import CHUNK, TILES, decode_chunk, triton
+from engines.torch.kernels.quant_weight import PLANES, QuantWeight
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _row_pointers(p0, p1, p2, p3, s0, s1, s2, s3, rows):
+        r3 = rows[:, None, None].to(tl.int64)
+        r2 = rows[:, None].to(tl.int64)
+        return (p0 + r3 * s0, p1 + r3 * s1, p2 + r3 * s2, p3 + r3 * s3,
+                p0 + r2 * s0, p1 + r2 * s1, p2 + r2 * s2, p3 + r2 * s3)
+
+    @triton.jit
+    def _qmv_kernel(x_ptr, out_ptr, bias_ptr, p0, p1, p2, p3, s0, s1, s2, s3,
+                    M, N, K, stride_xm, stride_os, stride_om, chunks_per_split,
+                    TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr,
+                    BN: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr):
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        rows = pid_n * BN + tl.arange(0, BN)
+        # clamp, not mask: the tail's loads stay unconditional and vectorized; its stores are masked
+        b0, b1, b2, b3, c0, c1, c2, c3 = _row_pointers(p0, p1, p2, p3, s0, s1, s2, s3, tl.minimum(rows, N - 1))
+        z3 = tl.arange(0, S)[None, :, None]
+        j3 = tl.arange(0, L)[None, None, :]
+        z2 = tl.arange(0, S)[None, :]
+        mids = tl.arange(0, BM)[:, None]
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        first = pid_k * chunks_per_split
+        last = tl.minimum(first + chunks_per_split, tl.cdiv(K, S * L))
+        for c in range(first, last):
+            k0 = c * S * L
+            m3 = (k0 + z3 * L) < K
+            q, scale, offset = decode_chunk(TYPE, b0, b1, b2, b3, c0, c1, c2, c3, c, z3, j3, z2,
+                                            m3, (k0 + z2 * L) < K)
+            for m in tl.static_range(BM):
+                xv = tl.load(x_ptr + m * stride_xm + k0 + z3 * L + j3, mask=m3 & ((j3 * 0 + m) < M), other=0.0)
+                xv = xv.to(tl.float32)
+                part = tl.sum(scale * tl.sum(q * xv, axis=2) + offset * tl.sum(xv, axis=2), axis=1)
+                acc = tl.where(mids == m, acc + part[None, :], acc)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + tl.minimum(rows, N - 1)).to(tl.float32)[None, :]
+        out = out_ptr + pid_k * stride_os + mids * stride_om + rows[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(mids < M) & (rows[None, :] < N))
+
+    @triton.jit
+    def _dequant_kernel(out_ptr, p0, p1, p2, p3, s0, s1, s2, s3, N, K, stride_on,
+                        TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr, BN: tl.constexpr):
+        pid_n, c = tl.program_id(0), tl.program_id(1)
+        rows = pid_n * BN + tl.arange(0, BN)
+        b0, b1, b2, b3, c0, c1, c2, c3 = _row_pointers(p0, p1, p2, p3, s0, s1, s2, s3, tl.minimum(rows, N - 1))
+        z3 = tl.arange(0, S)[None, :, None]
+        j3 = tl.arange(0, L)[None, None, :]
+        z2 = tl.arange(0, S)[None, :]
+        k0 = c * S * L
+        m3 = (k0 + z3 * L) < K
+        q, scale, offset = decode_chunk(TYPE, b0, b1, b2, b3, c0, c1, c2, c3, c, z3, j3, z2,
+                                        m3, (k0 + z2 * L) < K)
+        w = q * scale[:, :, None] + offset[:, :, None]
+        out = out_ptr + rows[:, None, None].to(tl.int64) * stride_on + k0 + z3 * L + j3
+        tl.store(out, w.to(out_ptr.dtype.element_ty), mask=(rows[:, None, None] < N) & m3)
+
+
+MAX_DECODE_ROWS = 8     # qmatvec serves M up to this; beyond it the prefill path
+BLOCK_N = 16            # rows per program (see benchmarks/quant_matvec.py)
+PROGRAMS_PER_SM = 4     # split K until the grid has this many programs per SM
+
+
+def kernel_ready(w: QuantWeight) -> bool:
+    """Whether the Triton kernels read this weight (block types whose rows are whole chunks,
+    or legacy blocks: their ragged tail is masked)."""
+    if triton is None or w.type_name not in TILES:
+        return False
+    return w.type_name in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1") or w.shape[1] % CHUNK == 0
+
+
+def _planes(w: QuantWeight) -> tuple[list[torch.Tensor], list[int]]:
+    planes = [w.planes[name] for name, *_ in PLANES[w.type_name]]
+    planes += [planes[0]] * (4 - len(planes))
+    return planes, [p.stride(0) for p in planes]
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int | None) -> int:
+    if device_index is None:  # interpreter on the CPU
+        return 4
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def split_for(n: int, k: int, device: torch.device, block_n: int = BLOCK_N) -> int:
+    """How many programs share a row's K: enough for PROGRAMS_PER_SM programs per SM."""
+    chunks = triton.cdiv(k, CHUNK)
+    row_programs = triton.cdiv(n, block_n)
+    want = PROGRAMS_PER_SM * _sm_count(device.index if device.type == "cuda" else None)
+    split = max(1, min(chunks, triton.cdiv(want, row_programs)))
+    return triton.cdiv(chunks, triton.cdiv(chunks, split))
+
+
+def qmatvec(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None,
+            block_n: int = BLOCK_N, split: int | None = None, num_warps: int = 4) -> torch.Tensor:
+    """x [M, K] (M <= 8) -> [M, N] in x's dtype."""
+    m, k = x.shape
+    n = w.shape[0]
+    assert m <= MAX_DECODE_ROWS and k == w.shape[1], "qmatvec: M <= 8 rows of in_features"
+    x = x.contiguous()
+    type_id, s, l = TILES[w.type_name]
+    planes, strides = _planes(w)
+    split = split or split_for(n, k, x.device, block_n)
+    chunks_per_split = triton.cdiv(triton.cdiv(k, CHUNK), split)
+    bm = triton.next_power_of_2(m)
+    if split == 1:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        _qmv_kernel[(triton.cdiv(n, block_n), 1)](
+            x, out, bias if bias is not None else out, *planes, *strides, m, n, k, x.stride(0), 0, n,
+            chunks_per_split, TYPE=type_id, S=s, L=l, BN=block_n, BM=bm, HAS_BIAS=bias is not None,
+            num_warps=num_warps)
+        return out
+    partial = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    _qmv_kernel[(triton.cdiv(n, block_n), split)](
+        x, partial, partial, *planes, *strides, m, n, k, x.stride(0), m * n, n,
+        chunks_per_split, TYPE=type_id, S=s, L=l, BN=block_n, BM=bm, HAS_BIAS=False, num_warps=num_warps)
+    out = partial.sum(0)
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype)
+
+
+def dequantize(w: QuantWeight, dtype: torch.dtype, block_n: int = 16) -> torch.Tensor:
+    """W -> [N, K] in `dtype`, decoded on W's device by the Triton kernel."""
+    n, k = w.shape
+    type_id, s, l = TILES[w.type_name]
+    planes, strides = _planes(w)
+    out = torch.empty((n, k), dtype=dtype, device=w.device)
+    _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, CHUNK))](
+        out, *planes, *strides, n, k, k, TYPE=type_id, S=s, L=l, BN=block_n, num_warps=4)
+    return out
