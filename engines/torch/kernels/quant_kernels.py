@@ -153,3 +153,45 @@ def dequantize(w: QuantWeight, dtype: torch.dtype, block_n: int = 16) -> torch.T
     _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, CHUNK))](
         out, *planes, *strides, n, k, k, TYPE=type_id, S=s, L=l, BN=block_n, num_warps=4)
     return out
+
+
+if triton is not None:
+    @triton.jit
+    def _qmm_kernel(x_ptr, out_ptr, p0, p1, p2, p3, s0, s1, s2, s3, M, N, K, stride_xm, stride_om,
+                    TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BN: tl.constexpr):
+        """Prefill alternative: dequantize a [BN, 256] weight tile in registers, tensor-core dot."""
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        rows = pid_n * BN + tl.arange(0, BN)
+        b0, b1, b2, b3, c0, c1, c2, c3 = _row_pointers(p0, p1, p2, p3, s0, s1, s2, s3, tl.minimum(rows, N - 1))
+        z3 = tl.arange(0, S)[None, :, None]
+        j3 = tl.arange(0, L)[None, None, :]
+        z2 = tl.arange(0, S)[None, :]
+        tok = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+        kk = tl.arange(0, S * L)[None, :]
+        acc = tl.zeros([BLOCK_M, BN], dtype=tl.float32)
+        for c in range(0, tl.cdiv(K, S * L)):
+            k0 = c * S * L
+            m3 = (k0 + z3 * L) < K
+            q, scale, offset = decode_chunk(TYPE, b0, b1, b2, b3, c0, c1, c2, c3, c, z3, j3, z2,
+                                            m3, (k0 + z2 * L) < K)
+            w = tl.reshape(q * scale[:, :, None] + offset[:, :, None], [BN, S * L])
+            xt = tl.load(x_ptr + tok.to(tl.int64) * stride_xm + k0 + kk, mask=(tok < M) & (k0 + kk < K), other=0.0)
+            acc = tl.dot(xt, tl.trans(w.to(x_ptr.dtype.element_ty)), acc)
+        out = out_ptr + tok.to(tl.int64) * stride_om + rows[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(tok < M) & (rows[None, :] < N))
+
+
+def qmatmul_fused(x: torch.Tensor, w: QuantWeight, block_m: int = 64, block_n: int = 64,
+                  num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """x [M, K] (fp16/bf16) -> [M, N]: the dequantize-tile matmul (see quant_ops for why it is not the default)."""
+    m, k = x.shape
+    n = w.shape[0]
+    x = x.contiguous()
+    type_id, s, l = TILES[w.type_name]
+    planes, strides = _planes(w)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _qmm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+        x, out, *planes, *strides, m, n, k, x.stride(0), n, TYPE=type_id, S=s, L=l,
+        BLOCK_M=block_m, BN=block_n, num_warps=num_warps, num_stages=num_stages)
+    return out
