@@ -31,7 +31,9 @@ if triton is not None:
         return (p0 + r3 * s0, p1 + r3 * s1, p2 + r3 * s2, p3 + r3 * s3,
                 p0 + r2 * s0, p1 + r2 * s1, p2 + r2 * s2, p3 + r2 * s3)
 
-    @triton.jit
+    # sizes vary per weight and per call: one compiled kernel serves them (strides stay
+    # specialized: their divisibility by 16 lets the loads vectorize)
+    @triton.jit(do_not_specialize=["M", "N", "K", "stride_os", "stride_om", "chunks_per_split"])
     def _qmv_kernel(x_ptr, out_ptr, bias_ptr, p0, p1, p2, p3, s0, s1, s2, s3,
                     M, N, K, stride_xm, stride_os, stride_om, chunks_per_split,
                     TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr,
@@ -62,7 +64,7 @@ if triton is not None:
         out = out_ptr + pid_k * stride_os + mids * stride_om + rows[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(mids < M) & (rows[None, :] < N))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N", "K"])
     def _dequant_kernel(out_ptr, p0, p1, p2, p3, s0, s1, s2, s3, N, K, stride_on,
                         TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr, BN: tl.constexpr):
         pid_n, c = tl.program_id(0), tl.program_id(1)
@@ -156,7 +158,7 @@ def dequantize(w: QuantWeight, dtype: torch.dtype, block_n: int = 16) -> torch.T
 
 
 if triton is not None:
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "N", "K"])
     def _qmm_kernel(x_ptr, out_ptr, p0, p1, p2, p3, s0, s1, s2, s3, M, N, K, stride_xm, stride_om,
                     TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr,
                     BLOCK_M: tl.constexpr, BN: tl.constexpr):
