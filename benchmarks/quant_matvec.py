@@ -119,24 +119,23 @@ def token_estimate(per_type: dict, bandwidth: float, mix: dict[str, str], head: 
 
 
 def sweep(types: list[str]) -> list[dict]:
-    """BN x num_warps x programs per SM at M=1 over the 8B layer shapes: total layer time."""
+    """Launch shapes at M=1 over the 8B layer shapes: one layer's matvec time per config."""
     rows = []
+    device = torch.device("cuda", torch.cuda.current_device())
     for type_name in types:
         weights = {shape: random_weight(type_name, shape) for shape in set(LAYER.values())}
         x = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k in (4096, 14336)}
-        for block_n in (8, 16, 32):
-            for warps in (4, 8):
-                for per_sm in (2, 4, 8):
+        for block_n in (1, 2, 4):
+            for cpi in (4, 8):
+                for warps in (2, 4):
                     total = 0.0
-                    for name, shape in LAYER.items():
+                    for shape in LAYER.values():
                         w = weights[shape]
-                        quant_kernels.PROGRAMS_PER_SM = per_sm
-                        split = quant_kernels.split_for(shape[0], shape[1], torch.device("cuda", 0), block_n)
-                        total += graph_time(lambda: quant_kernels.qmatvec(x[shape[1]], w, block_n=block_n,
-                                                                          split=split, num_warps=warps))
-                    rows.append({"type": type_name, "block_n": block_n, "num_warps": warps,
-                                 "programs_per_sm": per_sm, "layer_us": total * 1e6})
-    quant_kernels.PROGRAMS_PER_SM = 4
+                        split = quant_kernels.split_for(shape[0], shape[1], device, block_n, cpi)
+                        total += graph_time(lambda: quant_kernels.qmatvec(
+                            x[shape[1]], w, block_n=block_n, split=split, chunks_per_step=cpi, num_warps=warps))
+                    rows.append({"type": type_name, "block_n": block_n, "chunks_per_step": cpi,
+                                 "num_warps": warps, "layer_us": total * 1e6})
     return rows
 
 
@@ -182,13 +181,14 @@ def main() -> None:
                  for t, e in tokens.items()])
     result = {"copy_bandwidth_gbs": bandwidth / 1e9, "iters_per_graph": ITERS, "per_type": per_type,
               "token_estimate_8b": tokens,
-              "defaults": {"block_n": quant_kernels.BLOCK_N, "programs_per_sm": quant_kernels.PROGRAMS_PER_SM}}
+              "defaults": {"block_n": quant_kernels.BLOCK_N, "chunks_per_step": quant_kernels.CHUNKS_PER_STEP,
+                           "num_warps": quant_kernels.NUM_WARPS, "programs_per_sm": quant_kernels.PROGRAMS_PER_SM}}
     write_result("quant_matvec", result)
     if not args.no_sweep:
         result["sweep"] = sweep([t for t in ("Q4_K", "Q6_K") if t in types])
         best = sorted(result["sweep"], key=lambda r: (r["type"], r["layer_us"]))
-        print_table(["type", "BN", "warps", "per SM", "layer us"],
-                    [[r["type"], r["block_n"], r["num_warps"], r["programs_per_sm"], r["layer_us"]] for r in best])
+        print_table(["type", "BN", "chunks/step", "warps", "layer us"],
+                    [[r["type"], r["block_n"], r["chunks_per_step"], r["num_warps"], r["layer_us"]] for r in best])
         write_result("quant_matvec", result)
     if not args.no_prefill:
         result["prefill"] = prefill([t for t in ("Q4_K", "Q6_K", "Q8_0") if t in types])

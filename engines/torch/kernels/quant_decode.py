@@ -14,6 +14,9 @@ so that weight = q * scale + offset, exactly as gguf-py's dequantize computes it
 (float32 products of an fp16 scale and a small integer are exact). The matvec
 kernel never forms the weight: it sums q*x per sub-block, then scales once.
 
+A tile may hold several chunks side by side (T = chunks * S sub-blocks): `h3`
+[1, T, 1] and `h2` [1, T] give each sub-block's chunk and `z3`/`z2` its place in
+that chunk (scalars and [1, S, ...] tiles work the same for one chunk).
 Planes come in `quant_weight.PLANES` order: `b*` are [BN, 1, 1] pointer tiles
 at each row's start (for per-weight fields), `c*` the same as [BN, 1] (per
 sub-block fields). Where the decoder reads the same byte twice (the low and
@@ -41,8 +44,8 @@ if triton is not None:
         return v.to(tl.float32)
 
     @triton.jit
-    def _q8_0(b0, c0, c1, c, z3, j3, z2, m3, m2):
-        blk3, blk2 = c * 8 + z3, c * 8 + z2
+    def _q8_0(b0, c0, c1, h3, h2, z3, j3, z2, m3, m2):
+        blk3, blk2 = h3 * 8 + z3, h2 * 8 + z2
         q = _f32(tl.load(b0 + blk3 * 32 + j3, mask=m3, other=0))
         d = _f32(tl.load(c1 + blk2, mask=m2, other=0.0))
         return q, d, d * 0.0
@@ -54,15 +57,15 @@ if triton is not None:
         return (byte >> ((j3 // 16) * 4)) & 15
 
     @triton.jit
-    def _q4_0(b0, c0, c1, c, z3, j3, z2, m3, m2):
-        q = _f32(_low_nibbles32(b0, c * 8 + z3, j3, m3) - 8)
-        d = _f32(tl.load(c1 + c * 8 + z2, mask=m2, other=0.0))
+    def _q4_0(b0, c0, c1, h3, h2, z3, j3, z2, m3, m2):
+        q = _f32(_low_nibbles32(b0, h3 * 8 + z3, j3, m3) - 8)
+        d = _f32(tl.load(c1 + h2 * 8 + z2, mask=m2, other=0.0))
         return q, d, d * 0.0
 
     @triton.jit
-    def _q4_1(b0, c0, c1, c, z3, j3, z2, m3, m2):
-        q = _f32(_low_nibbles32(b0, c * 8 + z3, j3, m3))
-        blk2 = c * 8 + z2
+    def _q4_1(b0, c0, c1, h3, h2, z3, j3, z2, m3, m2):
+        q = _f32(_low_nibbles32(b0, h3 * 8 + z3, j3, m3))
+        blk2 = h2 * 8 + z2
         d = _f32(tl.load(c1 + blk2 * 2, mask=m2, other=0.0))
         m = _f32(tl.load(c1 + blk2 * 2 + 1, mask=m2, other=0.0))
         return q, d, m
@@ -74,108 +77,109 @@ if triton is not None:
         return ((qh >> j3) & 1) << 4
 
     @triton.jit
-    def _q5_0(b0, b2, c0, c1, c, z3, j3, z2, m3, m2):
-        blk3 = c * 8 + z3
+    def _q5_0(b0, b2, c0, c1, h3, h2, z3, j3, z2, m3, m2):
+        blk3 = h3 * 8 + z3
         q = _f32((_low_nibbles32(b0, blk3, j3, m3) | _fifth_bit(b2, blk3, j3, m3)) - 16)
-        d = _f32(tl.load(c1 + c * 8 + z2, mask=m2, other=0.0))
+        d = _f32(tl.load(c1 + h2 * 8 + z2, mask=m2, other=0.0))
         return q, d, d * 0.0
 
     @triton.jit
-    def _q5_1(b0, b2, c0, c1, c, z3, j3, z2, m3, m2):
-        blk3, blk2 = c * 8 + z3, c * 8 + z2
+    def _q5_1(b0, b2, c0, c1, h3, h2, z3, j3, z2, m3, m2):
+        blk3, blk2 = h3 * 8 + z3, h2 * 8 + z2
         q = _f32(_low_nibbles32(b0, blk3, j3, m3) | _fifth_bit(b2, blk3, j3, m3))
         d = _f32(tl.load(c1 + blk2 * 2, mask=m2, other=0.0))
         m = _f32(tl.load(c1 + blk2 * 2 + 1, mask=m2, other=0.0))
         return q, d, m
 
     @triton.jit
-    def _two_bits(b0, c, z3, j3):
+    def _two_bits(b0, h3, z3, j3):
         # Q2_K/Q3_K: weight 128h + 32s + l is bits 2s of byte 32h + l; here z = 8h + 2s + l // 16
-        byte = tl.load(b0 + c * 64 + (z3 // 8) * 32 + (z3 % 2) * 16 + j3).to(tl.int32)
+        byte = tl.load(b0 + h3 * 64 + (z3 // 8) * 32 + (z3 % 2) * 16 + j3).to(tl.int32)
         return (byte >> (((z3 % 8) // 2) * 2)) & 3
 
     @triton.jit
-    def _q2_k(b0, c1, c2, c, z3, j3, z2):
-        q = _f32(_two_bits(b0, c, z3, j3))
-        sc = tl.load(c1 + c * 16 + z2).to(tl.int32)
-        d = _f32(tl.load(c2 + c * 2))
-        dmin = _f32(tl.load(c2 + c * 2 + 1))
+    def _q2_k(b0, c1, c2, h3, h2, z3, j3, z2):
+        q = _f32(_two_bits(b0, h3, z3, j3))
+        sc = tl.load(c1 + h2 * 16 + z2).to(tl.int32)
+        d = _f32(tl.load(c2 + h2 * 2))
+        dmin = _f32(tl.load(c2 + h2 * 2 + 1))
         return q, d * _f32(sc & 15), -dmin * _f32(sc >> 4)
 
     @triton.jit
-    def _q3_k(b0, b1, c2, c3, c, z3, j3, z2):
+    def _q3_k(b0, b1, c2, c3, h3, h2, z3, j3, z2):
         # hmask: weight 32i + l is bit i of byte l; a clear bit subtracts 4
-        hm = tl.load(b1 + c * 32 + (z3 % 2) * 16 + j3).to(tl.int32)
-        q = _f32(_two_bits(b0, c, z3, j3) - 4 * (1 - ((hm >> (z3 // 2)) & 1)))
-        sb = c2 + c * 12
+        hm = tl.load(b1 + h3 * 32 + (z3 % 2) * 16 + j3).to(tl.int32)
+        q = _f32(_two_bits(b0, h3, z3, j3) - 4 * (1 - ((hm >> (z3 // 2)) & 1)))
+        sb = c2 + h2 * 12
         low = (tl.load(sb + z2 % 8).to(tl.int32) >> ((z2 // 8) * 4)) & 15
         high = (tl.load(sb + 8 + z2 % 4).to(tl.int32) >> ((z2 // 4) * 2)) & 3
-        d = _f32(tl.load(c3 + c))
+        d = _f32(tl.load(c3 + h2))
         return q, d * _f32((low | (high << 4)) - 32), d * 0.0
 
     @triton.jit
-    def _k_scales(c1, c2, c, z2):
+    def _k_scales(c1, c2, h2, z2):
         """Q4_K/Q5_K: 8 six-bit scales and mins packed in 12 bytes, and fp16 d, dmin."""
-        sb = c2 + c * 12
+        sb = c2 + h2 * 12
         lo = z2 < 4
         a = tl.load(sb + tl.where(lo, z2, z2 + 4)).to(tl.int32)
         b = tl.load(sb + tl.where(lo, z2 + 4, z2 - 4)).to(tl.int32)
         e = tl.load(sb + z2).to(tl.int32)
         sc = tl.where(lo, a & 63, (a & 15) | ((b >> 6) << 4))
         m = tl.where(lo, b & 63, (a >> 4) | ((e >> 6) << 4))
-        d = _f32(tl.load(c1 + c * 2))
-        dmin = _f32(tl.load(c1 + c * 2 + 1))
+        d = _f32(tl.load(c1 + h2 * 2))
+        dmin = _f32(tl.load(c1 + h2 * 2 + 1))
         return d * _f32(sc), -dmin * _f32(m)
 
     @triton.jit
-    def _nibbles64(b0, c, z3, j3):
+    def _nibbles64(b0, h3, z3, j3):
         # Q4_K/Q5_K: byte 32g + j holds weight 64g + j (low nibble) and 64g + 32 + j (high)
-        byte = tl.load(b0 + c * 128 + (z3 // 2) * 32 + j3).to(tl.int32)
+        byte = tl.load(b0 + h3 * 128 + (z3 // 2) * 32 + j3).to(tl.int32)
         return (byte >> ((z3 % 2) * 4)) & 15
 
     @triton.jit
-    def _q4_k(b0, c1, c2, c, z3, j3, z2):
-        scale, offset = _k_scales(c1, c2, c, z2)
-        return _f32(_nibbles64(b0, c, z3, j3)), scale, offset
+    def _q4_k(b0, c1, c2, h3, h2, z3, j3, z2):
+        scale, offset = _k_scales(c1, c2, h2, z2)
+        return _f32(_nibbles64(b0, h3, z3, j3)), scale, offset
 
     @triton.jit
-    def _q5_k(b0, b3, c1, c2, c, z3, j3, z2):
-        scale, offset = _k_scales(c1, c2, c, z2)
-        qh = tl.load(b3 + c * 32 + j3).to(tl.int32)  # weight 32i + l: bit i of byte l
-        return _f32(_nibbles64(b0, c, z3, j3) | (((qh >> z3) & 1) << 4)), scale, offset
+    def _q5_k(b0, b3, c1, c2, h3, h2, z3, j3, z2):
+        scale, offset = _k_scales(c1, c2, h2, z2)
+        qh = tl.load(b3 + h3 * 32 + j3).to(tl.int32)  # weight 32i + l: bit i of byte l
+        return _f32(_nibbles64(b0, h3, z3, j3) | (((qh >> z3) & 1) << 4)), scale, offset
 
     @triton.jit
-    def _q6_k(b0, b1, c2, c3, c, z3, j3, z2):
+    def _q6_k(b0, b1, c2, c3, h3, h2, z3, j3, z2):
         # weight 128h + 64t + cc: nibble t of ql byte 64h + cc; bits 2(2t + cc//32) of qh byte 32h + cc % 32
         h, zz = z3 // 8, z3 % 8
-        ql = tl.load(b0 + c * 128 + h * 64 + (zz % 4) * 16 + j3).to(tl.int32)
-        qh = tl.load(b1 + c * 64 + h * 32 + (zz % 2) * 16 + j3).to(tl.int32)
+        ql = tl.load(b0 + h3 * 128 + h * 64 + (zz % 4) * 16 + j3).to(tl.int32)
+        qh = tl.load(b1 + h3 * 64 + h * 32 + (zz % 2) * 16 + j3).to(tl.int32)
         q = ((ql >> ((zz // 4) * 4)) & 15) | (((qh >> ((zz // 2) * 2)) & 3) << 4)
-        d = _f32(tl.load(c3 + c))
-        sc = _f32(tl.load(c2 + c * 16 + z2))
+        d = _f32(tl.load(c3 + h2))
+        sc = _f32(tl.load(c2 + h2 * 16 + z2))
         return _f32(q - 32), d * sc, d * sc * 0.0
 
     @triton.jit
-    def decode_chunk(TYPE: tl.constexpr, b0, b1, b2, b3, c0, c1, c2, c3, c, z3, j3, z2, m3, m2):
-        """Chunk c of each row -> (q [BN,S,L], scale [BN,S], offset [BN,S]); m3/m2 mask a ragged tail."""
+    def decode_chunk(TYPE: tl.constexpr, b0, b1, b2, b3, c0, c1, c2, c3, h3, h2, z3, j3, z2, m3, m2):
+        """Chunks h of each row -> (q [BN,T,L], scale [BN,T], offset [BN,T]); m3/m2 mask a ragged tail
+        (legacy types only: K-quant rows are whole chunks)."""
         if TYPE == 0:
-            q, scale, offset = _q8_0(b0, c0, c1, c, z3, j3, z2, m3, m2)
+            q, scale, offset = _q8_0(b0, c0, c1, h3, h2, z3, j3, z2, m3, m2)
         elif TYPE == 1:
-            q, scale, offset = _q4_0(b0, c0, c1, c, z3, j3, z2, m3, m2)
+            q, scale, offset = _q4_0(b0, c0, c1, h3, h2, z3, j3, z2, m3, m2)
         elif TYPE == 2:
-            q, scale, offset = _q4_1(b0, c0, c1, c, z3, j3, z2, m3, m2)
+            q, scale, offset = _q4_1(b0, c0, c1, h3, h2, z3, j3, z2, m3, m2)
         elif TYPE == 3:
-            q, scale, offset = _q5_0(b0, b2, c0, c1, c, z3, j3, z2, m3, m2)
+            q, scale, offset = _q5_0(b0, b2, c0, c1, h3, h2, z3, j3, z2, m3, m2)
         elif TYPE == 4:
-            q, scale, offset = _q5_1(b0, b2, c0, c1, c, z3, j3, z2, m3, m2)
+            q, scale, offset = _q5_1(b0, b2, c0, c1, h3, h2, z3, j3, z2, m3, m2)
         elif TYPE == 5:
-            q, scale, offset = _q2_k(b0, c1, c2, c, z3, j3, z2)
+            q, scale, offset = _q2_k(b0, c1, c2, h3, h2, z3, j3, z2)
         elif TYPE == 6:
-            q, scale, offset = _q3_k(b0, b1, c2, c3, c, z3, j3, z2)
+            q, scale, offset = _q3_k(b0, b1, c2, c3, h3, h2, z3, j3, z2)
         elif TYPE == 7:
-            q, scale, offset = _q4_k(b0, c1, c2, c, z3, j3, z2)
+            q, scale, offset = _q4_k(b0, c1, c2, h3, h2, z3, j3, z2)
         elif TYPE == 8:
-            q, scale, offset = _q5_k(b0, b3, c1, c2, c, z3, j3, z2)
+            q, scale, offset = _q5_k(b0, b3, c1, c2, h3, h2, z3, j3, z2)
         else:
-            q, scale, offset = _q6_k(b0, b1, c2, c3, c, z3, j3, z2)
+            q, scale, offset = _q6_k(b0, b1, c2, c3, h3, h2, z3, j3, z2)
         return q, scale, offset

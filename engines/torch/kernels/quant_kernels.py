@@ -31,38 +31,51 @@ if triton is not None:
         return (p0 + r3 * s0, p1 + r3 * s1, p2 + r3 * s2, p3 + r3 * s3,
                 p0 + r2 * s0, p1 + r2 * s1, p2 + r2 * s2, p3 + r2 * s3)
 
+    @triton.jit
+    def _chunk_tiles(first, nchunks, S: tl.constexpr, L: tl.constexpr, T: tl.constexpr):
+        """Sub-block tiles of chunks first .. first + T/S - 1: chunk (clamped to the last one, so
+        loads stay in bounds; x is masked there) and place within the chunk, 3-D and 2-D."""
+        t3 = tl.arange(0, T)[None, :, None]
+        t2 = tl.arange(0, T)[None, :]
+        h3 = tl.minimum(first + t3 // S, nchunks - 1)
+        h2 = tl.minimum(first + t2 // S, nchunks - 1)
+        return h3, h2, t3 % S, t2 % S, t3
+
     # sizes vary per weight and per call: one compiled kernel serves them (strides stay
     # specialized: their divisibility by 16 lets the loads vectorize)
     @triton.jit(do_not_specialize=["M", "N", "K", "stride_os", "stride_om", "chunks_per_split"])
     def _qmv_kernel(x_ptr, out_ptr, bias_ptr, p0, p1, p2, p3, s0, s1, s2, s3,
                     M, N, K, stride_xm, stride_os, stride_om, chunks_per_split,
-                    TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr,
+                    TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr, CPI: tl.constexpr,
                     BN: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr):
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         rows = pid_n * BN + tl.arange(0, BN)
         # clamp, not mask: the tail's loads stay unconditional and vectorized; its stores are masked
         b0, b1, b2, b3, c0, c1, c2, c3 = _row_pointers(p0, p1, p2, p3, s0, s1, s2, s3, tl.minimum(rows, N - 1))
-        z3 = tl.arange(0, S)[None, :, None]
         j3 = tl.arange(0, L)[None, None, :]
-        z2 = tl.arange(0, S)[None, :]
-        mids = tl.arange(0, BM)[:, None]
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        mids = tl.arange(0, BM)[:, None, None]
+        nchunks = tl.cdiv(K, S * L)
         first = pid_k * chunks_per_split
-        last = tl.minimum(first + chunks_per_split, tl.cdiv(K, S * L))
-        for c in range(first, last):
-            k0 = c * S * L
-            m3 = (k0 + z3 * L) < K
-            q, scale, offset = decode_chunk(TYPE, b0, b1, b2, b3, c0, c1, c2, c3, c, z3, j3, z2,
-                                            m3, (k0 + z2 * L) < K)
+        last = tl.minimum(first + chunks_per_split, nchunks)
+        # [BM, BN, T] partial sums per sub-block; reduced once after the loop, not per step
+        acc = tl.zeros([BM, BN, CPI * S], dtype=tl.float32)
+        for c in range(first, last, CPI):
+            h3, h2, z3, z2, t3 = _chunk_tiles(c, nchunks, S, L, CPI * S)
+            kx = c * S * L + t3 * L                      # [1, T, 1] first weight of each sub-block
+            m3 = (kx < K) & ((c + t3 // S) < last)       # past the split's last chunk: x reads 0
+            q, scale, offset = decode_chunk(TYPE, b0, b1, b2, b3, c0, c1, c2, c3, h3, h2, z3, j3, z2,
+                                            m3, (c * S * L + tl.arange(0, CPI * S)[None, :] * L) < K)
             for m in tl.static_range(BM):
-                xv = tl.load(x_ptr + m * stride_xm + k0 + z3 * L + j3, mask=m3 & ((j3 * 0 + m) < M), other=0.0)
+                xv = tl.load(x_ptr + m * stride_xm + kx + j3, mask=m3 & ((j3 * 0 + m) < M), other=0.0)
                 xv = xv.to(tl.float32)
-                part = tl.sum(scale * tl.sum(q * xv, axis=2) + offset * tl.sum(xv, axis=2), axis=1)
-                acc = tl.where(mids == m, acc + part[None, :], acc)
+                part = scale * tl.sum(q * xv, axis=2) + offset * tl.sum(xv, axis=2)   # [BN, T]
+                acc = tl.where(mids == m, acc + part[None, :, :], acc)
+        total = tl.sum(acc, axis=2)                      # [BM, BN]
+        mids2 = tl.arange(0, BM)[:, None]
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + tl.minimum(rows, N - 1)).to(tl.float32)[None, :]
-        out = out_ptr + pid_k * stride_os + mids * stride_om + rows[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(mids < M) & (rows[None, :] < N))
+            total += tl.load(bias_ptr + tl.minimum(rows, N - 1)).to(tl.float32)[None, :]
+        out = out_ptr + pid_k * stride_os + mids2 * stride_om + rows[None, :]
+        tl.store(out, total.to(out_ptr.dtype.element_ty), mask=(mids2 < M) & (rows[None, :] < N))
 
     @triton.jit(do_not_specialize=["N", "K"])
     def _dequant_kernel(out_ptr, p0, p1, p2, p3, s0, s1, s2, s3, N, K, stride_on,
@@ -75,7 +88,7 @@ if triton is not None:
         z2 = tl.arange(0, S)[None, :]
         k0 = c * S * L
         m3 = (k0 + z3 * L) < K
-        q, scale, offset = decode_chunk(TYPE, b0, b1, b2, b3, c0, c1, c2, c3, c, z3, j3, z2,
+        q, scale, offset = decode_chunk(TYPE, b0, b1, b2, b3, c0, c1, c2, c3, c, c, z3, j3, z2,
                                         m3, (k0 + z2 * L) < K)
         w = q * scale[:, :, None] + offset[:, :, None]
         out = out_ptr + rows[:, None, None].to(tl.int64) * stride_on + k0 + z3 * L + j3
@@ -83,8 +96,14 @@ if triton is not None:
 
 
 MAX_DECODE_ROWS = 8     # qmatvec serves M up to this; beyond it the prefill path
-BLOCK_N = 16            # rows per program (see benchmarks/quant_matvec.py)
-PROGRAMS_PER_SM = 4     # split K until the grid has this many programs per SM
+# Launch shape of qmatvec (benchmarks/quant_matvec.py sweeps them on the 8B shapes). A program
+# reads BLOCK_N rows x CHUNKS_PER_STEP chunks per loop step, all loads issued at once:
+# few rows and a long stretch of K, as llama.cpp's mmvq, so many programs sit on each SM
+# with their loads in flight (bytes in flight, not instructions, bound a matvec).
+BLOCK_N = 2
+CHUNKS_PER_STEP = 8
+NUM_WARPS = 4
+PROGRAMS_PER_SM = 2     # below this many row programs per SM, split K across programs
 
 
 def kernel_ready(w: QuantWeight) -> bool:
@@ -108,17 +127,19 @@ def _sm_count(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def split_for(n: int, k: int, device: torch.device, block_n: int = BLOCK_N) -> int:
-    """How many programs share a row's K: enough for PROGRAMS_PER_SM programs per SM."""
-    chunks = triton.cdiv(k, CHUNK)
+def split_for(n: int, k: int, device: torch.device, block_n: int = BLOCK_N,
+              chunks_per_step: int = CHUNKS_PER_STEP) -> int:
+    """How many programs share a row's K: 1 unless the row programs alone leave SMs idle."""
+    steps = triton.cdiv(triton.cdiv(k, CHUNK), chunks_per_step)
     row_programs = triton.cdiv(n, block_n)
     want = PROGRAMS_PER_SM * _sm_count(device.index if device.type == "cuda" else None)
-    split = max(1, min(chunks, triton.cdiv(want, row_programs)))
-    return triton.cdiv(chunks, triton.cdiv(chunks, split))
+    split = max(1, min(steps, triton.cdiv(want, row_programs)))
+    return triton.cdiv(steps, triton.cdiv(steps, split))
 
 
-def qmatvec(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None,
-            block_n: int = BLOCK_N, split: int | None = None, num_warps: int = 4) -> torch.Tensor:
+def qmatvec(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None, block_n: int = BLOCK_N,
+            split: int | None = None, chunks_per_step: int = CHUNKS_PER_STEP,
+            num_warps: int = NUM_WARPS) -> torch.Tensor:
     """x [M, K] (M <= 8) -> [M, N] in x's dtype."""
     m, k = x.shape
     n = w.shape[0]
@@ -126,20 +147,21 @@ def qmatvec(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None,
     x = x.contiguous()
     type_id, s, l = TILES[w.type_name]
     planes, strides = _planes(w)
-    split = split or split_for(n, k, x.device, block_n)
-    chunks_per_split = triton.cdiv(triton.cdiv(k, CHUNK), split)
-    bm = triton.next_power_of_2(m)
+    split = split or split_for(n, k, x.device, block_n, chunks_per_step)
+    steps = triton.cdiv(triton.cdiv(k, CHUNK), chunks_per_step)
+    chunks_per_split = triton.cdiv(steps, split) * chunks_per_step
+    split = triton.cdiv(triton.cdiv(k, CHUNK), chunks_per_split)
+    meta = dict(TYPE=type_id, S=s, L=l, CPI=chunks_per_step, BN=block_n, BM=triton.next_power_of_2(m),
+                num_warps=num_warps)
+    grid = (triton.cdiv(n, block_n), split)
     if split == 1:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-        _qmv_kernel[(triton.cdiv(n, block_n), 1)](
-            x, out, bias if bias is not None else out, *planes, *strides, m, n, k, x.stride(0), 0, n,
-            chunks_per_split, TYPE=type_id, S=s, L=l, BN=block_n, BM=bm, HAS_BIAS=bias is not None,
-            num_warps=num_warps)
+        _qmv_kernel[grid](x, out, bias if bias is not None else out, *planes, *strides, m, n, k,
+                          x.stride(0), 0, n, chunks_per_split, HAS_BIAS=bias is not None, **meta)
         return out
     partial = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-    _qmv_kernel[(triton.cdiv(n, block_n), split)](
-        x, partial, partial, *planes, *strides, m, n, k, x.stride(0), m * n, n,
-        chunks_per_split, TYPE=type_id, S=s, L=l, BN=block_n, BM=bm, HAS_BIAS=False, num_warps=num_warps)
+    _qmv_kernel[grid](x, partial, partial, *planes, *strides, m, n, k, x.stride(0), m * n, n,
+                      chunks_per_split, HAS_BIAS=False, **meta)
     out = partial.sum(0)
     if bias is not None:
         out += bias.float()
@@ -175,7 +197,7 @@ if triton is not None:
         for c in range(0, tl.cdiv(K, S * L)):
             k0 = c * S * L
             m3 = (k0 + z3 * L) < K
-            q, scale, offset = decode_chunk(TYPE, b0, b1, b2, b3, c0, c1, c2, c3, c, z3, j3, z2,
+            q, scale, offset = decode_chunk(TYPE, b0, b1, b2, b3, c0, c1, c2, c3, c, c, z3, j3, z2,
                                             m3, (k0 + z2 * L) < K)
             w = tl.reshape(q * scale[:, :, None] + offset[:, :, None], [BN, S * L])
             xt = tl.load(x_ptr + tok.to(tl.int64) * stride_xm + k0 + kk, mask=(tok < M) & (k0 + kk < K), other=0.0)
