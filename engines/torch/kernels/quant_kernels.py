@@ -53,29 +53,42 @@ if triton is not None:
         # clamp, not mask: the tail's loads stay unconditional and vectorized; its stores are masked
         b0, b1, b2, b3, c0, c1, c2, c3 = _row_pointers(p0, p1, p2, p3, s0, s1, s2, s3, tl.minimum(rows, N - 1))
         j3 = tl.arange(0, L)[None, None, :]
-        mids = tl.arange(0, BM)[:, None, None]
+        mids = tl.arange(0, BM)[None, None, :]
         nchunks = tl.cdiv(K, S * L)
         first = pid_k * chunks_per_split
         last = tl.minimum(first + chunks_per_split, nchunks)
-        # [BM, BN, T] partial sums per sub-block; reduced once after the loop, not per step
-        acc = tl.zeros([BM, BN, CPI * S], dtype=tl.float32)
-        for c in range(first, last, CPI):
-            h3, h2, z3, z2, t3 = _chunk_tiles(c, nchunks, S, L, CPI * S)
-            kx = c * S * L + t3 * L                      # [1, T, 1] first weight of each sub-block
-            m3 = (kx < K) & ((c + t3 // S) < last)       # past the split's last chunk: x reads 0
-            q, scale, offset = decode_chunk(TYPE, b0, b1, b2, b3, c0, c1, c2, c3, h3, h2, z3, j3, z2,
-                                            m3, (c * S * L + tl.arange(0, CPI * S)[None, :] * L) < K)
-            for m in tl.static_range(BM):
-                xv = tl.load(x_ptr + m * stride_xm + kx + j3, mask=m3 & ((j3 * 0 + m) < M), other=0.0)
-                xv = xv.to(tl.float32)
-                part = scale * tl.sum(q * xv, axis=2) + offset * tl.sum(xv, axis=2)   # [BN, T]
-                acc = tl.where(mids == m, acc + part[None, :, :], acc)
-        total = tl.sum(acc, axis=2)                      # [BM, BN]
-        mids2 = tl.arange(0, BM)[:, None]
+        # Per-sub-block values are [BN, T, 1] tiles of the quants' own layout (scales read
+        # through the 3-D row pointers): no layout conversion, no barrier inside the loop.
+        if BM == 1:
+            # one row of x: accumulate w * x elementwise (two FMAs a weight), reduce once at the end
+            acc1 = tl.zeros([BN, CPI * S, L], dtype=tl.float32)
+            for c in range(first, last, CPI):
+                h3, h2, z3, z2, t3 = _chunk_tiles(c, nchunks, S, L, CPI * S)
+                kx = c * S * L + t3 * L                  # [1, T, 1] first weight of each sub-block
+                m3 = (kx < K) & ((c + t3 // S) < last)   # past the split's last chunk: x reads 0
+                q, scale, offset = decode_chunk(TYPE, b0, b1, b2, b3, b0, b1, b2, b3, h3, h3, z3, j3, z3, m3, m3)
+                xv = tl.load(x_ptr + kx + j3, mask=m3, other=0.0).to(tl.float32)
+                acc1 += (q * scale + offset) * xv
+            total = tl.sum(tl.sum(acc1, axis=2), axis=1)[:, None]      # [BN, 1]
+        else:
+            # [BN, T, BM] partial sums per sub-block: q*x summed per sub-block, then scaled once
+            acc = tl.zeros([BN, CPI * S, BM], dtype=tl.float32)
+            for c in range(first, last, CPI):
+                h3, h2, z3, z2, t3 = _chunk_tiles(c, nchunks, S, L, CPI * S)
+                kx = c * S * L + t3 * L
+                m3 = (kx < K) & ((c + t3 // S) < last)
+                q, scale, offset = decode_chunk(TYPE, b0, b1, b2, b3, b0, b1, b2, b3, h3, h3, z3, j3, z3, m3, m3)
+                for m in tl.static_range(BM):
+                    xv = tl.load(x_ptr + m * stride_xm + kx + j3, mask=m3 & ((j3 * 0 + m) < M), other=0.0)
+                    xv = xv.to(tl.float32)
+                    part = scale * tl.sum(q * xv, axis=2, keep_dims=True) + offset * tl.sum(xv, axis=2, keep_dims=True)
+                    acc = tl.where(mids == m, acc + part, acc)
+            total = tl.sum(acc, axis=1)                  # [BN, BM]
+        mids2 = tl.arange(0, BM)[None, :]
         if HAS_BIAS:
-            total += tl.load(bias_ptr + tl.minimum(rows, N - 1)).to(tl.float32)[None, :]
-        out = out_ptr + pid_k * stride_os + mids2 * stride_om + rows[None, :]
-        tl.store(out, total.to(out_ptr.dtype.element_ty), mask=(mids2 < M) & (rows[None, :] < N))
+            total += tl.load(bias_ptr + tl.minimum(rows, N - 1)).to(tl.float32)[:, None]
+        out = out_ptr + pid_k * stride_os + mids2 * stride_om + rows[:, None]
+        tl.store(out, total.to(out_ptr.dtype.element_ty), mask=(mids2 < M) & (rows[:, None] < N))
 
     @triton.jit(do_not_specialize=["N", "K"])
     def _dequant_kernel(out_ptr, p0, p1, p2, p3, s0, s1, s2, s3, N, K, stride_on,
