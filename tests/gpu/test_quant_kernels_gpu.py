@@ -65,6 +65,7 @@ def test_qlinear_paths(type_name: str, rows: int):
         bias = torch.randn(OUT, device=CUDA).bfloat16()
         got = quant_kernels.qmatvec(x, w, bias, split=3, chunks_per_step=1) - bias
         _assert_within(got, x, ref, 2 * MATVEC_BOUND)
+        _assert_within(quant_kernels.qmatvec(x, w, paired=False), x, ref, MATVEC_BOUND)
 
 
 @pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K", "Q8_0"])

@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from engines.torch.kernels.quant_decode import CHUNK, TILES, decode_chunk, triton
+from engines.torch.kernels.quant_decode import CHUNK, PAIR_TILES, TILES, decode_chunk, decode_pair, triton
 from engines.torch.kernels.quant_weight import PLANES, QuantWeight
 
 if triton is not None:
@@ -47,7 +47,8 @@ if triton is not None:
     def _qmv_kernel(x_ptr, out_ptr, bias_ptr, p0, p1, p2, p3, s0, s1, s2, s3,
                     M, N, K, stride_xm, stride_os, stride_om, chunks_per_split,
                     TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr, CPI: tl.constexpr,
-                    BN: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr):
+                    BN: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    PAIRED: tl.constexpr, S2: tl.constexpr, L2: tl.constexpr):
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         rows = pid_n * BN + tl.arange(0, BN)
         # clamp, not mask: the tail's loads stay unconditional and vectorized; its stores are masked
@@ -59,7 +60,21 @@ if triton is not None:
         last = tl.minimum(first + chunks_per_split, nchunks)
         # Per-sub-block values are [BN, T, 1] tiles of the quants' own layout (scales read
         # through the 3-D row pointers): no layout conversion, no barrier inside the loop.
-        if BM == 1:
+        if PAIRED:
+            # one row of x, nibble types: each byte read once, both nibbles used (decode_pair)
+            j2 = tl.arange(0, L2)[None, None, :]
+            acc2 = tl.zeros([BN, CPI * S2, L2], dtype=tl.float32)
+            for c in range(first, last, CPI):
+                h3, h2, z3, z2, t3 = _chunk_tiles(c, nchunks, S2, L2, CPI * S2)
+                start = (c + t3 // S2) * (S * L)         # [1, T2, 1] each tile row's chunk, unclamped
+                m3 = ((start + z3 * 32) < K) & ((c + t3 // S2) < last)
+                qa, sa, oa, xa, qb, sb, ob, xb = decode_pair(TYPE, b0, b1, b2, b3, h3, z3, j2, m3)
+                x_a = tl.load(x_ptr + start + xa, mask=m3, other=0.0).to(tl.float32)
+                x_b = tl.load(x_ptr + start + xb, mask=m3, other=0.0).to(tl.float32)
+                acc2 += (qa * sa + oa) * x_a
+                acc2 += (qb * sb + ob) * x_b
+            total = tl.sum(tl.sum(acc2, axis=2), axis=1)[:, None]      # [BN, 1]
+        elif BM == 1:
             # one row of x: accumulate w * x elementwise (two FMAs a weight), reduce once at the end
             acc1 = tl.zeros([BN, CPI * S, L], dtype=tl.float32)
             for c in range(first, last, CPI):
@@ -109,13 +124,12 @@ if triton is not None:
 
 
 MAX_DECODE_ROWS = 8     # qmatvec serves M up to this; beyond it the prefill path
-# Launch shape of qmatvec (benchmarks/quant_matvec.py sweeps them on the 8B shapes). A program
-# reads BLOCK_N rows x CHUNKS_PER_STEP chunks per loop step, all loads issued at once:
-# few rows and a long stretch of K, as llama.cpp's mmvq, so many programs sit on each SM
-# with their loads in flight (bytes in flight, not instructions, bound a matvec).
-BLOCK_N = 2
-CHUNKS_PER_STEP = 8
-NUM_WARPS = 4
+# Launch shape of qmatvec at M=1: type -> (rows per program, chunks per loop step, warps),
+# from the sweep of benchmarks/quant_matvec.py on the 8B shapes (H200). A program reads a
+# few rows by a long stretch of K per step, all loads issued at once, as llama.cpp's mmvq:
+# many programs sit on each SM with their loads in flight.
+LAUNCH: dict[str, tuple[int, int, int]] = {}
+DEFAULT_LAUNCH = (1, 8, 4)
 PROGRAMS_PER_SM = 2     # below this many row programs per SM, split K across programs
 
 
@@ -140,8 +154,7 @@ def _sm_count(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def split_for(n: int, k: int, device: torch.device, block_n: int = BLOCK_N,
-              chunks_per_step: int = CHUNKS_PER_STEP) -> int:
+def split_for(n: int, k: int, device: torch.device, block_n: int, chunks_per_step: int) -> int:
     """How many programs share a row's K: 1 unless the row programs alone leave SMs idle."""
     steps = triton.cdiv(triton.cdiv(k, CHUNK), chunks_per_step)
     row_programs = triton.cdiv(n, block_n)
@@ -150,10 +163,14 @@ def split_for(n: int, k: int, device: torch.device, block_n: int = BLOCK_N,
     return triton.cdiv(steps, triton.cdiv(steps, split))
 
 
-def qmatvec(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None, block_n: int = BLOCK_N,
-            split: int | None = None, chunks_per_step: int = CHUNKS_PER_STEP,
-            num_warps: int = NUM_WARPS) -> torch.Tensor:
-    """x [M, K] (M <= 8) -> [M, N] in x's dtype."""
+def qmatvec(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None, block_n: int | None = None,
+            split: int | None = None, chunks_per_step: int | None = None,
+            num_warps: int | None = None, paired: bool = True) -> torch.Tensor:
+    """x [M, K] (M <= 8) -> [M, N] in x's dtype. Launch arguments left None come from LAUNCH."""
+    launch = LAUNCH.get(w.type_name, DEFAULT_LAUNCH)
+    block_n = block_n or launch[0]
+    chunks_per_step = chunks_per_step or launch[1]
+    num_warps = num_warps or launch[2]
     m, k = x.shape
     n = w.shape[0]
     assert m <= MAX_DECODE_ROWS and k == w.shape[1], "qmatvec: M <= 8 rows of in_features"
@@ -164,8 +181,10 @@ def qmatvec(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None, b
     steps = triton.cdiv(triton.cdiv(k, CHUNK), chunks_per_step)
     chunks_per_split = triton.cdiv(steps, split) * chunks_per_step
     split = triton.cdiv(triton.cdiv(k, CHUNK), chunks_per_split)
-    meta = dict(TYPE=type_id, S=s, L=l, CPI=chunks_per_step, BN=block_n, BM=triton.next_power_of_2(m),
-                num_warps=num_warps)
+    bm = triton.next_power_of_2(m)
+    s2, l2 = PAIR_TILES.get(w.type_name, (1, 1))
+    meta = dict(TYPE=type_id, S=s, L=l, CPI=chunks_per_step, BN=block_n, BM=bm, num_warps=num_warps,
+                PAIRED=bm == 1 and paired and w.type_name in PAIR_TILES, S2=s2, L2=l2)
     grid = (triton.cdiv(n, block_n), split)
     if split == 1:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
