@@ -1,16 +1,29 @@
-"""The two Triton kernels over `QuantWeight` planes, and their launchers.
+"""The Triton kernels over `QuantWeight` planes, and their launchers.
 
-`qmatvec`: y[M, N] = x[M, K] @ W^T for M <= 8 (decode). Memory-bound: each
-program owns BN output rows and a run of 256-weight chunks along K, reads every
-quantized byte once (16-byte vectors along a row's plane), and multiplies the
-integer quants by x per sub-block before it applies the sub-block's scale
-(sum(q*x)*scale + offset*sum(x)), so a weight costs a shift, a mask, a convert
-and an FMA per row of x. Where the rows alone give too few programs to fill
-the GPU (the 1,024-row K/V projections of an 8B model), K is split across
-programs that write float32 partials, summed by one torch op.
+`qmatvec`: y[M, N] = x[M, K] @ W^T for decode (M <= 8; qlinear sends M <= 4).
+Memory-bound in principle, instruction-bound in practice: on the H100 every type
+decodes at 1.1-1.9e12 weights/s whatever its bytes, so Q8_0 reaches 0.9 of the
+copy bandwidth and 4-bit types ~0.4 (benchmarks/results/quant_matvec.json). What
+the sm_90 SASS of the loop showed, and what was done about it:
+- I2F ran once a weight at a quarter of the FP32 rate: quants become floats
+  through the exponent bits instead (`quant_decode._quants`, an OR and an FADD);
+- the per-sub-block scales, loaded as [BN, T] tiles, took a different layout
+  from the quants and a shared-memory round trip with barriers every step: they
+  are [BN, T, 1] tiles of the quants' own layout now;
+- a generic tile reads a byte once per nibble: at M=1 the nibble types run
+  byte-pair decoders (`decode_pair`) that use both nibbles of one read;
+- at M=1 the loop accumulates w * x elementwise (two FMAs a weight) and
+  reduces once after it.
+About 10 SASS instructions a weight remain for Q4_K (x's bf16 unpack, nibble
+extraction, the FADD and two FMAs). A program owns a few rows and walks K in
+steps of several chunks, all loads of a step in flight; K is split across
+programs (float32 partials summed by one torch op) only where the rows alone
+leave SMs idle.
 
 `dequantize`: W -> [N, K] in a float dtype, one program per (BN rows, chunk),
-for the prefill path of `quant_ops` and the GPU tests.
+for the prefill path of `quant_ops` and the tests. `qmatmul_fused`: the
+dequantize-tile matmul that prefill measured against (quant_ops says why it is
+not used).
 """
 from __future__ import annotations
 
@@ -123,14 +136,30 @@ if triton is not None:
         tl.store(out, w.to(out_ptr.dtype.element_ty), mask=(rows[:, None, None] < N) & m3)
 
 
-MAX_DECODE_ROWS = 8     # qmatvec serves M up to this; beyond it the prefill path
-# Launch shape of qmatvec at M=1: type -> (rows per program, chunks per loop step, warps),
-# from the sweep of benchmarks/quant_matvec.py on the 8B shapes (H200). A program reads a
-# few rows by a long stretch of K per step, all loads issued at once, as llama.cpp's mmvq:
-# many programs sit on each SM with their loads in flight.
-LAUNCH: dict[str, tuple[int, int, int]] = {}
+MAX_DECODE_ROWS = 8     # qmatvec serves M up to this at most
+# M above which dequantize + cuBLAS beats qmatvec (H100, 8B shapes, benchmarks/quant_matvec.py):
+# qmatvec's cost grows with M (x converted and multiplied per row: ALU-bound past M=4),
+# the dequantize pass does not. Q4_K 14336x4096 at M=4: 72 us against 104; at M=8: 119
+# against 104. Q8_0 decodes cheapest and stays ahead at M=8 (100 against 116).
+MATVEC_MAX_ROWS: dict[str, int] = {"Q8_0": 8}
+DEFAULT_MATVEC_MAX_ROWS = 4
+# Launch shape of qmatvec: type -> (rows per program, chunks per loop step, warps). A program
+# reads a few rows by a long stretch of K per step, all loads issued at once, as llama.cpp's
+# mmvq: many programs sit on each SM with their loads in flight. Swept on the 8B layer shapes
+# (H100, benchmarks/results/quant_matvec.json "sweep", one layer's matvecs at M=1):
+# Q4_K 118 us at (1, 8, 2) against 146 at (1, 8, 4); Q6_K 155 against 175; Q4_0 96 against
+# 114; Q8_0 best at (1, 8, 4), 109 against 219 at 2 warps. Q5_K and Q4_1/Q5_0/Q5_1 run the
+# same byte-pair decoders as Q4_K/Q4_0 and take their shape; Q2_K/Q3_K the default.
+PAIR_LAUNCH = (1, 8, 2)
+LAUNCH: dict[str, tuple[int, int, int]] = {
+    name: PAIR_LAUNCH for name in ("Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1")}
 DEFAULT_LAUNCH = (1, 8, 4)
 PROGRAMS_PER_SM = 2     # below this many row programs per SM, split K across programs
+
+
+def matvec_max_rows(type_name: str) -> int:
+    """Rows of x up to which qlinear takes qmatvec for this type."""
+    return MATVEC_MAX_ROWS.get(type_name, DEFAULT_MATVEC_MAX_ROWS)
 
 
 def kernel_ready(w: QuantWeight) -> bool:

@@ -1,26 +1,32 @@
 """`qlinear`: y = x @ W^T (+ bias) with W a `QuantWeight` kept in GGUF block form.
 
 Dispatch, on the rows M of x (all leading dims flattened):
-- CUDA with Triton, a block type, M <= 8 (decode): `quant_kernels.qmatvec`,
-  the memory-bound matrix-vector kernel that reads each quantized byte once.
-- CUDA with Triton, M > 8 (prefill): dequantize W into a scratch buffer of x's
-  dtype with the Triton dequantize kernel, then cuBLAS (`F.linear`). Measured
-  against the Triton dequantize-tile matmul (`qmatmul_fused`) by
-  benchmarks/quant_matvec.py: at prefill sizes the matmul is compute-bound, the
-  dequantize pass costs one read of the quantized bytes and one write + read of
-  bf16 (~0.1 ms for a 4096x14336 layer on an H100 against ~0.8 ms of matmul at
-  M=4096), and cuBLAS's pipelined, warp-specialized Hopper kernels run well ahead
-  of a Triton tile loop whose B operand goes through registers, not TMA.
-  Big weights (the output head) are dequantized in row slices so the scratch
-  stays under SCRATCH_WEIGHTS.
+- CUDA with Triton, a block type, M <= `quant_kernels.matvec_max_rows` (4; 8 for
+  Q8_0) (decode): `quant_kernels.qmatvec`, the memory-bound matrix-vector kernel
+  that reads each quantized byte once. Its cost grows with M, so past that many
+  rows the prefill path wins (benchmarks/results/quant_matvec.json, M=4 and 8).
+- CUDA with Triton, more rows (prefill, batch > 4): dequantize W into a scratch
+  buffer of x's dtype with the Triton dequantize kernel, then cuBLAS (`F.linear`).
+  Measured against the Triton dequantize-tile matmul (`qmatmul_fused`) and bf16
+  cuBLAS on the H200 (benchmarks/quant_matvec.py, "earlier_run_h200"): Q4_K
+  4096x14336 at M=4096, 608 us against 7,220 us fused and 614 us for bf16
+  cuBLAS on a plain bf16 weight; at M=512, 118 against 882 and 81. At prefill
+  sizes the matmul is compute-bound: the dequantize pass costs a read of the
+  quantized bytes and a write + read of bf16 (~30 us for 58M weights), while
+  cuBLAS's pipelined, warp-specialized Hopper kernels (TMA, wgmma) run far ahead
+  of a Triton loop whose B operand is decoded in registers and staged through
+  shared memory by hand, unpipelined. Big weights (the output head) are
+  dequantized in row slices so the scratch stays under SCRATCH_WEIGHTS.
 - F16/BF16/F32 weights: `F.linear` on the plain tensor.
-- Elsewhere (CPU, no Triton, rows that are not whole 256-weight super-blocks):
-  the reference path, the torch decoders of engines.torch.load.dequant and an
-  fp32 matmul.
+- Elsewhere (CPU, no Triton, K-quant rows that are not whole 256-weight
+  super-blocks): the reference path, the torch decoders of
+  engines.torch.load.dequant and an fp32 matmul.
 
 No path syncs with the host or sizes anything from device data, so all of them
-run inside CUDA graphs; scratch comes from the caching allocator (the graph's
-private pool during capture).
+run inside CUDA graphs (tests/gpu/test_quant_kernels_gpu.py captures and replays
+each); scratch comes from the caching allocator (the graph's private pool during
+capture). torch.compile need not see these calls: they are Triton launches and
+cuBLAS, nothing for Inductor to fuse.
 """
 from __future__ import annotations
 
@@ -70,7 +76,7 @@ def qlinear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -
     if not (x.is_cuda and quant_kernels.kernel_ready(w)):
         return qlinear_reference(x, w, bias)
     x2 = x.reshape(-1, w.shape[1])
-    if x2.shape[0] <= quant_kernels.MAX_DECODE_ROWS:
+    if x2.shape[0] <= quant_kernels.matvec_max_rows(w.type_name):
         y = quant_kernels.qmatvec(x2, w, bias)
     else:
         y = qmatmul_dequant(x2, w, bias)
