@@ -118,3 +118,16 @@ def test_triton_dequantize_tile_matmul(type_name: str):
     got = quant_kernels.qmatmul_fused(x, w, block_m=16, block_n=16)
     # fp16 tiles: each weight rounds to fp16 (2^-11) before the tensor-core dot
     _assert_within(got, x, ref, 2e-3)
+
+
+def test_qlinear_is_one_op_under_torch_compile():
+    """fullgraph: a graph break (Dynamo tracing the launchers) would raise."""
+    w, ref = _weight("Q6_K", seed=3)
+    f16 = QuantWeight.from_gguf(torch.randn(OUT, OUT).half().view(torch.uint8), "F16", (OUT, OUT), "cpu")
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return qlinear(torch.relu(qlinear(x, w)), f16) * 2
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, IN)
+    torch.testing.assert_close(compiled(x), step(x))

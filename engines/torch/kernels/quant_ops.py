@@ -25,8 +25,8 @@ Dispatch, on the rows M of x (all leading dims flattened):
 No path syncs with the host or sizes anything from device data, so all of them
 run inside CUDA graphs (tests/gpu/test_quant_kernels_gpu.py captures and replays
 each); scratch comes from the caching allocator (the graph's private pool during
-capture). torch.compile need not see these calls: they are Triton launches and
-cuBLAS, nothing for Inductor to fuse.
+capture). Under torch.compile qlinear is one custom op, `ebbtide::qlinear`, with a
+fake for shapes: the compiled decode step stays one graph around it.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from engines.torch.kernels import quant_kernels
-from engines.torch.kernels.quant_weight import FLOAT_TYPES, QuantWeight
+from engines.torch.kernels.quant_weight import FLOAT_TYPES, PLANES, QuantWeight
 
 SCRATCH_WEIGHTS = 64 * 1024 * 1024   # 128 MiB of bf16: every layer of an 8B model in one piece
 
@@ -67,8 +67,7 @@ def qmatmul_dequant(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None =
     return out
 
 
-def qlinear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in] -> [..., out] in x's dtype."""
+def _qlinear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor:
     if w.type_name in FLOAT_TYPES:
         weight = w.planes["w"]
         return F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype),
@@ -81,3 +80,28 @@ def qlinear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -
     else:
         y = qmatmul_dequant(x2, w, bias)
     return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+# Under torch.compile the call is one opaque op (as kv_access's slot_attend): Dynamo does not
+# trace the launchers' Python (lru_cache, device queries), and the compiled decode step keeps
+# one graph. A QuantWeight is no op argument; its planes, type and shape are.
+@torch.library.custom_op("ebbtide::qlinear", mutates_args=())
+def _qlinear_op(x: torch.Tensor, planes: list[torch.Tensor], type_name: str, out_features: int,
+                in_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    names = [name for name, *_ in PLANES[type_name]] if type_name in PLANES else ["w"]
+    w = QuantWeight(type_name, (out_features, in_features), dict(zip(names, planes)))
+    return _qlinear(x, w, bias)
+
+
+@_qlinear_op.register_fake
+def _qlinear_fake(x: torch.Tensor, planes: list[torch.Tensor], type_name: str, out_features: int,
+                  in_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def qlinear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] -> [..., out] in x's dtype."""
+    if torch.compiler.is_compiling():
+        names = [name for name, *_ in PLANES[w.type_name]] if w.type_name in PLANES else ["w"]
+        return _qlinear_op(x, [w.planes[name] for name in names], w.type_name, *w.shape, bias)
+    return _qlinear(x, w, bias)
