@@ -131,3 +131,14 @@ def test_qlinear_is_one_op_under_torch_compile():
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     x = torch.randn(2, IN)
     torch.testing.assert_close(compiled(x), step(x))
+
+
+def test_concat_and_row_slice():
+    a, ref_a = _weight("Q4_K", seed=5)
+    b, ref_b = _weight("Q4_K", 8, IN, seed=6)
+    both = QuantWeight.concat([a, b])
+    assert both.shape == (OUT + 8, IN) and both.nbytes() == a.nbytes() + b.nbytes()
+    assert torch.equal(both.dequantize(), torch.cat([ref_a, ref_b]))
+    assert torch.equal(both.row_slice(OUT, OUT + 8).dequantize(), ref_b)
+    with pytest.raises(ValueError):
+        QuantWeight.concat([a, _weight("Q6_K")[0]])

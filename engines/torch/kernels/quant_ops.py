@@ -47,10 +47,6 @@ def qlinear_reference(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None
     return y.to(x.dtype)
 
 
-def _row_slice(w: QuantWeight, start: int, stop: int) -> QuantWeight:
-    return QuantWeight(w.type_name, (stop - start, w.shape[1]), {k: p[start:stop] for k, p in w.planes.items()})
-
-
 def qmatmul_dequant(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] -> [M, N]: Triton dequantize into scratch of x's dtype, then a cuBLAS matmul, in row slices."""
     dtype = x.dtype
@@ -62,7 +58,7 @@ def qmatmul_dequant(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None =
     out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
     for start in range(0, n, step):
         stop = min(n, start + step)
-        part = quant_kernels.dequantize(_row_slice(w, start, stop), dtype)
+        part = quant_kernels.dequantize(w.row_slice(start, stop), dtype)
         out[:, start:stop] = F.linear(x, part, None if bias is None else bias[start:stop])
     return out
 

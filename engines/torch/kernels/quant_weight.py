@@ -85,6 +85,21 @@ class QuantWeight:
                   for name, start, nbytes, dtype in PLANES[type_name]}
         return cls(type_name, (out_features, in_features), planes)
 
+    @classmethod
+    def concat(cls, weights: list[QuantWeight]) -> QuantWeight:
+        """Stack weights of one type and in_features along out_features (fused QKV or gate/up
+        projections: one matvec launch reads them all). Copies the planes once."""
+        first = weights[0]
+        if any(w.type_name != first.type_name or w.shape[1] != first.shape[1] for w in weights):
+            raise ValueError("concat needs one ggml type and one in_features")
+        planes = {name: torch.cat([w.planes[name] for w in weights]) for name in first.planes}
+        return cls(first.type_name, (sum(w.shape[0] for w in weights), first.shape[1]), planes)
+
+    def row_slice(self, start: int, stop: int) -> QuantWeight:
+        """Rows start..stop-1 as a view of the same planes (no copy)."""
+        return QuantWeight(self.type_name, (stop - start, self.shape[1]),
+                           {name: p[start:stop] for name, p in self.planes.items()})
+
     @property
     def device(self) -> torch.device:
         return next(iter(self.planes.values())).device
