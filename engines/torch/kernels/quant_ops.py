@@ -71,6 +71,8 @@ def _qlinear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> torc
     if not (x.is_cuda and quant_kernels.kernel_ready(w)):
         return qlinear_reference(x, w, bias)
     x2 = x.reshape(-1, w.shape[1])
+    if x2.shape[0] == 0:
+        return x.new_empty((*x.shape[:-1], w.shape[0]))
     if x2.shape[0] <= quant_kernels.matvec_max_rows(w.type_name):
         y = quant_kernels.qmatvec(x2, w, bias)
     else:
