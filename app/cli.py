@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--path", action="store_true", help="print only the file's path")
     autostart = sub.add_parser("autostart", help="start the tray at login: enable, disable or status")
     autostart.add_argument("action", choices=("enable", "disable", "status"))
+    desktop = sub.add_parser("desktop", help="the Linux menu entry and icon: install, uninstall or status")
+    desktop.add_argument("action", choices=("install", "uninstall", "status"))
     tray = sub.add_parser("tray", help="start the tray icon (the same as no command)")
     tray.add_argument("--headless", action="store_true", help="no icon: supervise the daemon only")
     return parser
@@ -186,6 +188,25 @@ def cmd_autostart(args: argparse.Namespace, paths: AppPaths, loaded: LoadedSetti
     return EXIT_OK
 
 
+def cmd_desktop(args: argparse.Namespace, paths: AppPaths, loaded: LoadedSettings) -> int:
+    from app import desktop_entry
+    from app.login_item import tray_command
+
+    if not sys.platform.startswith("linux"):
+        print("ebbtide: the desktop entry is for Linux; use `ebbtide autostart` elsewhere", file=sys.stderr)
+        return EXIT_USAGE
+    if args.action == "install":
+        for path in desktop_entry.install(tray_command()):
+            print(f"wrote {path}")
+    elif args.action == "uninstall":
+        removed = desktop_entry.uninstall()
+        print("\n".join(f"removed {p}" for p in removed) if removed else "The desktop entry was not installed.")
+    else:
+        print(f"The desktop entry is {'installed' if desktop_entry.is_installed() else 'not installed'} "
+              f"({desktop_entry.entry_path()}).")
+    return EXIT_OK
+
+
 def cmd_tray(args: argparse.Namespace, paths: AppPaths, loaded: LoadedSettings) -> int:
     from app.tray.app import run_tray
 
@@ -196,7 +217,7 @@ COMMANDS: dict[str | None, Callable[[argparse.Namespace, AppPaths, LoadedSetting
     None: cmd_tray, "tray": cmd_tray, "serve": cmd_serve, "ps": cmd_ps, "models": cmd_models,
     "pause": cmd_model_action, "resume": cmd_model_action, "unload": cmd_model_action,
     "reclaim": cmd_reclaim, "status": cmd_status, "dashboard": cmd_dashboard, "config": cmd_config,
-    "autostart": cmd_autostart,
+    "autostart": cmd_autostart, "desktop": cmd_desktop,
 }
 
 
