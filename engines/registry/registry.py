@@ -29,6 +29,7 @@ from engines.registry.gguf_meta import GgufMeta, read_gguf_meta
 from engines.registry.hf_cache import scan_hf_cache
 from engines.registry.lmstudio import scan_lmstudio_roots
 from engines.registry.ollama import scan_ollama_roots
+from engines.registry.quant_tags import files_for_tag
 
 log = logging.getLogger(__name__)
 
@@ -185,4 +186,9 @@ class ModelRegistry:
             tagged = [info for n, info in lowered.items() if n.split(":", 1)[0] == wanted]
             if len(tagged) == 1:
                 return tagged[0]
-        return None
+            return None
+        # hf.co/OWNER/REPO:Q4_K_M, as Ollama names a pull: the one file of the repo with that quant.
+        repo, _, tag = wanted.partition(":")
+        stems = [n.split(":", 1)[1] for n in lowered if ":" in n and n.split(":", 1)[0] == repo]
+        hits = files_for_tag(stems, tag) if repo.startswith("hf.co/") else []
+        return lowered[f"{repo}:{hits[0]}"] if len(hits) == 1 else None
