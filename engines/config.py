@@ -39,6 +39,7 @@ class EngineConfig:
     scan_lmstudio: bool = True
     scan_hf_cache: bool = True
     max_scan_depth: int = 4                     # folders below a models folder that are searched
+    remotes: tuple = ()                         # engines.remote.config.RemoteConfig, one per remote server
 
     # --- engine choice -----------------------------------------------------------
     default_engine: str = "auto"                # "auto": torch on a CUDA GPU, llama.cpp on the CPU
@@ -146,6 +147,14 @@ class EngineConfig:
         return self.engine_overrides.get(model_name, self.default_engine)
 
 
+def _remotes(tables: dict) -> tuple:
+    """[remotes.NAME] settings (read by attribute) as RemoteConfigs."""
+    from engines.remote.config import RemoteConfig
+
+    return tuple(RemoteConfig(name=name, **{k: getattr(r, k) for k in (
+        "url", "kind", "prefix", "api_key", "timeout_s")}) for name, r in tables.items())
+
+
 def config_from_settings(settings: object, **overrides: object) -> EngineConfig:
     """EngineConfig from the app's Settings (app.settings.Settings, read by attribute:
     engines never imports app). Per-model `engine` and `context_length` become the
@@ -165,6 +174,7 @@ def config_from_settings(settings: object, **overrides: object) -> EngineConfig:
                              if getattr(m, "engine", "auto") != "auto"},
         "context_overrides": {name: m.context_length for name, m in models.items()
                               if getattr(m, "context_length", None)},
+        "remotes": _remotes(getattr(settings, "remotes", None) or {}),
     }
     values.update(overrides)
     return EngineConfig(**values)  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse
 
 from app.pull import errors as pull_errors
 from engines import errors as engine_errors
+from engines.remote.errors import RemoteUnavailable
 from kvcached import errors as kv_errors
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
     (pull_errors.PullCancelled, 499, "cancelled"),
     (engine_errors.InvalidRequest, 400, "invalid_request_error"),
     (engine_errors.EngineBusy, 503, "unavailable_error"),
+    (RemoteUnavailable, 502, "upstream_error"),
     (engine_errors.ModelLoadError, 500, "server_error"),
     (kv_errors.TemporaryError, 503, "unavailable_error"),
     (kv_errors.ConfigError, 500, "server_error"),

@@ -94,6 +94,11 @@ class ModelRegistry:
                 info = self._describe(item, seen_keys)
                 if info is not None and info.name not in models:
                     models[info.name] = info
+        if self.config.remotes:
+            from engines.remote.listing import scan_remotes
+
+            for info in scan_remotes(self.config.remotes):
+                models.setdefault(info.name, info)
         if self.config.include_synthetic:
             from engines.registry.synthetic import scan_synthetic
 
