@@ -2,8 +2,8 @@
 for the HTTP stream and to the event hub for the dashboard and tray ("pull" events).
 
 A pull whose client goes away is cancelled (as Ollama cancels one): the download
-stops at its next chunk and leaves no partial file. When a pull ends the registry
-is scanned again, so the model is listed at once.
+stops at its next chunk and leaves no partial file. The registry is scanned again
+before "success" is told, so the model is listed by then.
 """
 from __future__ import annotations
 
@@ -28,13 +28,14 @@ class PullJob:
         threading.Thread(target=self._run, name=f"pull-{ref.repo_id}", daemon=True).start()
 
     def _sink(self, progress: PullProgress) -> None:
+        if progress.status == "success":  # listed before anyone hears of it
+            self.registry.refresh()
         self.hub.publish("pull", model=self.ref.name, **progress.to_json())
         self._loop.call_soon_threadsafe(self._queue.put_nowait, progress)
 
     def _run(self) -> None:
         try:
             self.result = pull(self.ref, self.config, self._sink, self.cancel_event)
-            self.registry.refresh()
         except BaseException as exc:  # handed to the loop, raised where the stream is read
             self.hub.publish("pull", model=self.ref.name, status="failed", error=str(exc))
             self._loop.call_soon_threadsafe(self._queue.put_nowait, exc)

@@ -77,6 +77,11 @@ class ModelRegistry:
         self._models: dict[str, ModelInfo] | None = None
         self._meta_cache: dict[_MetaKey, GgufMeta] = {}
         self._scanned_at = -float("inf")
+        self._remotes = None
+        if self.config.remotes:
+            from engines.remote.listing import RemoteCatalog
+
+            self._remotes = RemoteCatalog(self.config.remotes)
 
     def refresh(self) -> list[ModelInfo]:
         """Scan every source again; returns the new listing."""
@@ -94,10 +99,8 @@ class ModelRegistry:
                 info = self._describe(item, seen_keys)
                 if info is not None and info.name not in models:
                     models[info.name] = info
-        if self.config.remotes:
-            from engines.remote.listing import scan_remotes
-
-            for info in scan_remotes(self.config.remotes):
+        if self._remotes is not None:
+            for info in self._remotes.infos():
                 models.setdefault(info.name, info)
         if self.config.include_synthetic:
             from engines.registry.synthetic import scan_synthetic

@@ -154,3 +154,18 @@ def start_hub(hub: Hub) -> tuple[ThreadingHTTPServer, Hub]:
     hub.url = f"http://127.0.0.1:{server.server_address[1]}"
     threading.Thread(target=server.serve_forever, name="fake-hub", daemon=True).start()
     return server, hub
+
+
+BUNDLED_REPO, BUNDLED_FILE = "smol/SmolLM2-GGUF", "SmolLM2-135M-Instruct-Q4_1.gguf"
+
+
+def hub_for_daemons(monkeypatch, cache_dir) -> tuple[ThreadingHTTPServer, Hub]:
+    """A hub serving the bundled SmolLM2 as BUNDLED_REPO, and the environment that points
+    huggingface_hub at it (plain HTTP, cache_dir as the HF cache) for daemons started after."""
+    from engines.registry.bundled import bundled_path
+
+    server, hub = start_hub(Hub(repos={BUNDLED_REPO: {BUNDLED_FILE: HubFile(bundled_path().read_bytes())}}))
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache_dir))
+    return server, hub

@@ -10,19 +10,14 @@ import ollama
 import pytest
 
 from engines.registry.bundled import bundled_path
-from hub_server import Hub, HubFile, start_hub
-
-FILE = "SmolLM2-135M-Instruct-Q4_1.gguf"
+from hub_server import BUNDLED_FILE as FILE
+from hub_server import Hub, hub_for_daemons
 
 
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    data = bundled_path().read_bytes()
-    server, hub = start_hub(Hub(repos={"smol/SmolLM2-GGUF": {FILE: HubFile(data)}}))
-    # The daemon (started after this) and huggingface_hub in it read these from the environment.
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    # The daemon (started after this) and huggingface_hub in it read the hub from the environment.
+    server, hub = hub_for_daemons(monkeypatch, tmp_path / "hf-cache")
     yield hub
     server.shutdown()
     server.server_close()

@@ -144,3 +144,14 @@ def test_loaded_settings_feed_the_dispatcher_path(tmp_path: Path) -> None:
     path = tmp_path / "settings.toml"
     save_setting(path, "auto_yield", False)
     assert load_settings(path, environ={}).settings.auto_yield is False
+
+
+def test_remote_models_are_marked_in_the_menu() -> None:
+    remote = {"name": "lan/qwen-32b", "state": "loaded", "busy": False, "engine": "remote", "source": "remote",
+              "remote": "lan", "memory": {"weights": 0, "kv_held": 0, "kv_live": 0, "paused_host": 0, "total": 0}}
+    listed = {"name": "lan/llama-70b", "state": "unloaded", "busy": False, "engine": None, "source": "remote",
+              "remote": "lan", "memory": None}
+    entries = build_entries(view_from([*MODELS, remote, listed], MEMORY))
+    assert find(entries, "lan/qwen-32b (idle, on lan)") is not None  # no memory figure: none is held here
+    assert find(entries, "lan/llama-70b (unloaded, on lan)") is not None
+    assert find(entries, "small (idle - 100.0 MiB)") is not None
