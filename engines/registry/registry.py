@@ -77,7 +77,7 @@ class ModelRegistry:
         self._models: dict[str, ModelInfo] | None = None
         self._meta_cache: dict[_MetaKey, GgufMeta] = {}
         self._scanned_at = -float("inf")
-        self._remotes = None
+        self._remotes = None  # engines.remote.listing.RemoteCatalog where remotes are set
         if self.config.remotes:
             from engines.remote.listing import RemoteCatalog
 
@@ -99,9 +99,6 @@ class ModelRegistry:
                 info = self._describe(item, seen_keys)
                 if info is not None and info.name not in models:
                     models[info.name] = info
-        if self._remotes is not None:
-            for info in self._remotes.infos():
-                models.setdefault(info.name, info)
         if self.config.include_synthetic:
             from engines.registry.synthetic import scan_synthetic
 
@@ -138,7 +135,13 @@ class ModelRegistry:
             with self._lock:
                 models = self._models
         assert models is not None
-        return models
+        if self._remotes is None:
+            return models
+        # Remote servers' models join on every read, from the catalog's last lists (it never
+        # waits on a remote once it has listed it), so they come and go as the remote does;
+        # a local model keeps its name.
+        remote = {info.name: info for info in self._remotes.infos() if info.name not in models}
+        return {**models, **remote}
 
     def list(self) -> list[ModelInfo]:
         """Every model, in source priority order."""

@@ -18,6 +18,7 @@ class RemoteConfig:
     timeout_s: float = 600.0        # longest wait for the next byte of an answer
     connect_timeout_s: float = 5.0
     list_timeout_s: float = 3.0     # listing must not stall /api/tags when the remote is away
+    list_every_s: float = 10.0      # a list older than this is fetched again (in the background)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -6,7 +6,7 @@ remote's last list and fetches on its own threads: the registry rescans often
 (after a miss, on routes that run on the event loop), and a remote that hangs must
 not stall it. Lists are fetched when the catalog is made (daemon start); only the
 very first read waits for that, at most list_timeout_s; later reads answer from the
-last list and refresh it in the background once it is older than max_age_s. A
+last list and refresh it in the background once it is older than list_every_s. A
 listing under way is never started twice, so a remote that lists through this
 daemon (one pointing back at us) costs one timed-out listing, not a loop.
 """
@@ -53,9 +53,8 @@ def remote_infos(remote: RemoteConfig) -> list[ModelInfo]:
 class RemoteCatalog:
     """Each remote's last model list (see the module's docstring)."""
 
-    def __init__(self, remotes: tuple[RemoteConfig, ...], max_age_s: float = 10.0) -> None:
+    def __init__(self, remotes: tuple[RemoteConfig, ...]) -> None:
         self.remotes = remotes
-        self.max_age_s = max_age_s
         self._lists: dict[str, tuple[float, list[ModelInfo]]] = {}
         self._fetching: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
@@ -73,7 +72,7 @@ class RemoteCatalog:
             first.wait(remote.list_timeout_s + 1)
             with self._lock:
                 cached = self._lists.get(remote.name)
-        if cached is None or time.monotonic() - cached[0] >= self.max_age_s:
+        if cached is None or time.monotonic() - cached[0] >= remote.list_every_s:
             self._start_fetch(remote)
         return cached[1] if cached else []
 

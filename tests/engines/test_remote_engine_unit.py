@@ -4,6 +4,7 @@ remotes become RemoteConfigs. (The whole path against a real second daemon:
 tests/app/test_remote_engine.py.)"""
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -17,13 +18,17 @@ from engines.errors import EngineBusy, ModelNotFound
 from engines.remote.config import RemoteConfig
 from engines.remote.engine import RemoteEngine
 from engines.remote.errors import RemoteUnavailable
+from engines.registry import ModelRegistry
 from engines.remote.listing import RemoteCatalog
 from engines.types import ChatMessage, GenerateRequest, RequestKind, SamplingParams
 from kvcached.errors import ConfigError
 
 
+LISTED = ["slow", "busy"]  # what GET /v1/models answers; a test adds a model
+
+
 class _Remote(BaseHTTPRequestHandler):
-    """GET /v1/models lists "slow" and "busy"; POST stalls (slow) or answers 503 (busy) or 404."""
+    """GET /v1/models lists LISTED; POST stalls (slow) or answers 503 (busy) or 404."""
     protocol_version = "HTTP/1.1"
 
     def log_message(self, *args: object) -> None:
@@ -38,7 +43,7 @@ class _Remote(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self) -> None:
-        self._json(200, {"data": [{"id": "slow"}, {"id": "busy"}]})
+        self._json(200, {"data": [{"id": name} for name in LISTED]})
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -90,6 +95,21 @@ def test_remote_statuses_map_to_typed_errors(remote: RemoteConfig) -> None:
                           EngineConfig(remotes=(closed,)))
     with pytest.raises(RemoteUnavailable, match="went away"):
         list(engine.generate(_chat()))
+
+
+def test_a_remote_model_added_later_is_listed_without_a_restart(remote: RemoteConfig) -> None:
+    often = dataclasses.replace(remote, list_every_s=0.1)
+    registry = ModelRegistry(EngineConfig(remotes=(often,), include_bundled=False, scan_ollama=False,
+                                          scan_lmstudio=False, scan_hf_cache=False, models_dir="/nonexistent"))
+    assert [m.name for m in registry.list()] == ["lab/slow", "lab/busy"]
+    LISTED.append("new")
+    try:
+        deadline = time.monotonic() + 10
+        while "lab/new" not in [m.name for m in registry.list()] and time.monotonic() < deadline:
+            time.sleep(0.05)  # each read past the period refreshes the list in the background
+        assert registry.get("lab/new").metadata["remote_model"] == "new"
+    finally:
+        LISTED.remove("new")
 
 
 def test_remote_settings_become_configs() -> None:
