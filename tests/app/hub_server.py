@@ -8,7 +8,8 @@ Serves what `HfApi.model_info(files_metadata=True)` and `hf_hub_download` ask of
 and misbehaves on purpose, per file: `drop_after` closes the connection after that many
 bytes of the first full GET (huggingface_hub must resume with Range), `corrupt` serves
 bytes whose sha256 is not the advertised one, `listed_size` advertises a size other than
-the real one (a file too large for the disk). Every request is recorded.
+the real one (a file too large for the disk), `chunk_delay_s` makes a slow link (time
+to cancel). Every request is recorded.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -29,6 +31,7 @@ class HubFile:
     drop_after: int | None = None     # close the connection after this many bytes, once
     corrupt: bool = False             # flip one byte of what is served
     listed_size: int | None = None    # size the listing advertises instead of the real one
+    chunk_delay_s: float = 0.0        # a slow link: this long between 1 MiB chunks
     sha256: str = ""
 
     def __post_init__(self) -> None:
@@ -140,7 +143,11 @@ class _Handler(BaseHTTPRequestHandler):
         if f.drop_after is not None and not rng:
             stop, f.drop_after = f.drop_after, None  # once: the resumed GET gets the rest
         for offset in range(start, stop, CHUNK):
-            self.wfile.write(data[offset:min(offset + CHUNK, stop)])
+            try:
+                self.wfile.write(data[offset:min(offset + CHUNK, stop)])
+            except OSError:  # the client went away (a cancelled pull)
+                return
+            time.sleep(f.chunk_delay_s)
         if stop < len(data):
             self.wfile.flush()
             self.close_connection = True
@@ -159,12 +166,18 @@ def start_hub(hub: Hub) -> tuple[ThreadingHTTPServer, Hub]:
 BUNDLED_REPO, BUNDLED_FILE = "smol/SmolLM2-GGUF", "SmolLM2-135M-Instruct-Q4_1.gguf"
 
 
+SLOW_REPO = "smol/Slow-GGUF"
+
+
 def hub_for_daemons(monkeypatch, cache_dir) -> tuple[ThreadingHTTPServer, Hub]:
-    """A hub serving the bundled SmolLM2 as BUNDLED_REPO, and the environment that points
-    huggingface_hub at it (plain HTTP, cache_dir as the HF cache) for daemons started after."""
+    """A hub serving the bundled SmolLM2 as BUNDLED_REPO (and over a slow link as SLOW_REPO), and
+    the environment that points huggingface_hub at it (plain HTTP, cache_dir as the HF cache)
+    for daemons started after."""
     from engines.registry.bundled import bundled_path
 
-    server, hub = start_hub(Hub(repos={BUNDLED_REPO: {BUNDLED_FILE: HubFile(bundled_path().read_bytes())}}))
+    data = bundled_path().read_bytes()
+    server, hub = start_hub(Hub(repos={BUNDLED_REPO: {BUNDLED_FILE: HubFile(data)},
+                                       SLOW_REPO: {BUNDLED_FILE: HubFile(data, chunk_delay_s=0.05)}}))
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache_dir))

@@ -2,8 +2,10 @@
 hub on loopback (hub_server.py) serving the bundled SmolLM2; and `ebbtide pull` with its bar."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import ollama
@@ -11,7 +13,7 @@ import pytest
 
 from engines.registry.bundled import bundled_path
 from hub_server import BUNDLED_FILE as FILE
-from hub_server import Hub, hub_for_daemons
+from hub_server import SLOW_REPO, Hub, hub_for_daemons
 
 
 @pytest.fixture
@@ -51,6 +53,31 @@ def test_ollama_client_pulls_copies_and_deletes(hub: Hub, start_daemon, tmp_path
     with pytest.raises(ollama.ResponseError) as bad:
         client.pull("llama3.2")
     assert bad.value.status_code == 400 and "Hugging Face" in str(bad.value)
+
+
+def test_a_client_that_hangs_up_cancels_the_pull(hub: Hub, start_daemon, tmp_path: Path) -> None:
+    import httpx
+
+    daemon = start_daemon("scan_hf_cache = true")
+    cache = tmp_path / "hf-cache"
+
+    def files(match) -> list[Path]:
+        return [p for p in cache.rglob("*") if p.is_file() and match(p)]
+
+    with httpx.Client(base_url=daemon.url, timeout=60, trust_env=False) as http:
+        with http.stream("POST", "/api/pull", json={"model": f"hf.co/{SLOW_REPO}"}) as response:
+            for line in response.iter_lines():
+                if '"completed"' in line:
+                    break  # bytes are flowing (over a 5 s link): hang up
+        step = json.loads(line)
+        assert 0 < step["completed"] < step["total"]  # the download was under way
+        deadline = time.monotonic() + 30
+        while files(lambda p: p.name.endswith(".incomplete")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # It stopped without finishing: no partial file, no blob, nothing listed.
+        assert files(lambda p: p.name.endswith(".incomplete") or "blobs" in p.parts or "snapshots" in p.parts) == []
+        assert not any(SLOW_REPO in m["name"] for m in http.get("/api/tags").json()["models"])
+    assert len(hub.gets(FILE)) == 1  # one GET, abandoned: the pull was not retried behind our back
 
 
 def test_cli_pull_without_a_daemon(hub: Hub, tmp_path: Path) -> None:
