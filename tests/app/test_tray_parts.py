@@ -155,3 +155,30 @@ def test_remote_models_are_marked_in_the_menu() -> None:
     assert find(entries, "lan/qwen-32b (idle, on lan)") is not None  # no memory figure: none is held here
     assert find(entries, "lan/llama-70b (unloaded, on lan)") is not None
     assert find(entries, "small (idle - 100.0 MiB)") is not None
+
+
+def test_tray_and_metrics_read_reclaims_in_the_one_vocabulary() -> None:
+    """The tray's "memory given back" and the daemon's /metrics counters read the hub's
+    events through app.models.events.event_kind (kvcached's EventKind)."""
+    from app.daemon import _count_reclaim
+    from app.models.events import EventHub
+    from app.server.metrics import Metrics
+    from app.tray.app import is_reclaim
+
+    assert is_reclaim({"kind": "broker", "step": "trim", "bytes_returned": 4096})
+    assert is_reclaim({"kind": "reclaim", "model": "m", "bytes_returned": 0})   # the user asked: show it
+    assert is_reclaim({"kind": "model", "state": "paused", "bytes_returned": 1})
+    assert not is_reclaim({"kind": "broker", "step": "admit", "bytes_returned": 0})
+    assert not is_reclaim({"kind": "broker", "step": "trim", "bytes_returned": 0})
+    assert not is_reclaim({"kind": "model", "state": "loaded"})
+    assert not is_reclaim({"kind": "progress", "fraction": 0.5})
+    metrics, hub = Metrics(dict), EventHub()
+    hub.listen(lambda event: _count_reclaim(metrics, event))
+    hub.publish("broker", step="drop_prefixes", client="m", bytes_returned=8192)
+    hub.publish("broker", step="auto_yield", client="", bytes_returned=0)
+    hub.publish("reclaim", model="m", bytes_returned=4096, reason="manual")
+    hub.publish("model", model="m", state="paused", bytes_returned=1, reason="broker")  # announced: counted once
+    text = metrics.render()
+    assert 'ebbtide_reclaim_events_total{step="drop_prefixes",model="m"} 1' in text
+    assert 'ebbtide_reclaim_events_total{step="reclaim",model="m"} 1' in text
+    assert "auto_yield" not in text and 'step="pause"' not in text

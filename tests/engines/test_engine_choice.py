@@ -25,14 +25,14 @@ REMOTE = ModelInfo(name="lan/qwen3-32b", path="", family="remote", source="remot
     (REMOTE, True, "remote"), (REMOTE, False, "remote"),  # served elsewhere, on any device
 ])
 def test_auto_choice_by_device_and_family(info, has_cuda, expected) -> None:
-    assert choose_engine(info, EngineConfig(), lambda: has_cuda).engine == expected
+    assert choose_engine(info, EngineConfig(), has_cuda).engine == expected
 
 
 def test_per_model_override_wins_then_the_default() -> None:
     config = EngineConfig(default_engine="torch", engine_overrides={"smollm2:135m": "llamacpp"})
-    assert choose_engine(LLAMA, config, lambda: True).engine == "llamacpp"
-    assert choose_engine(GEMMA, config, lambda: False).engine == "torch"
-    assert "set for smollm2:135m" in choose_engine(LLAMA, config, lambda: True).reason
+    assert choose_engine(LLAMA, config, True).engine == "llamacpp"
+    assert choose_engine(GEMMA, config, False).engine == "torch"
+    assert "set for smollm2:135m" in choose_engine(LLAMA, config, True).reason
 
 
 @pytest.mark.parametrize("values", [dict(default_engine="gpu"), dict(engine_overrides={"m": "vllm"}),
@@ -44,7 +44,7 @@ def test_bad_config_values_name_the_key(values) -> None:
 
 
 def test_factory_builds_the_chosen_engine_unloaded() -> None:
-    engine = create_engine(default_info(), EngineConfig(llama_n_threads=1), has_cuda=lambda: False)
+    engine = create_engine(default_info(), EngineConfig(llama_n_threads=1))   # no pool: a CPU machine
     assert engine.kind == "llamacpp" and engine.memory().weights_bytes == 0
     assert engine_class("llamacpp") is type(engine)
 
@@ -88,5 +88,5 @@ def test_roots_follow_the_tools_environment(monkeypatch, tmp_path) -> None:
 
 
 def test_a_remote_model_goes_to_the_remote_engine_whatever_the_default() -> None:
-    choice = choose_engine(REMOTE, EngineConfig(default_engine="torch"), lambda: True)
+    choice = choose_engine(REMOTE, EngineConfig(default_engine="torch"), True)
     assert choice.engine == "remote" and "remote models run only there" in choice.reason
