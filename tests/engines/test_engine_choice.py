@@ -15,12 +15,14 @@ from llamacpp_support import default_info
 LLAMA = ModelInfo(name="smollm2:135m", path="/m.gguf", family="llama")
 GEMMA = ModelInfo(name="gemma3n:e2b", path="/g.gguf", family="gemma3n")
 SYNTH = ModelInfo(name="llama-8b-random", path="", source="synthetic")
+REMOTE = ModelInfo(name="lan/qwen3-32b", path="", family="remote", source="remote")
 
 
 @pytest.mark.parametrize("info, has_cuda, expected", [
     (LLAMA, True, "torch"), (LLAMA, False, "llamacpp"),
     (GEMMA, True, "llamacpp"),            # a family the torch engine does not implement
     (SYNTH, False, "torch"),              # random weights exist only for torch
+    (REMOTE, True, "remote"), (REMOTE, False, "remote"),  # served elsewhere, on any device
 ])
 def test_auto_choice_by_device_and_family(info, has_cuda, expected) -> None:
     assert choose_engine(info, EngineConfig(), has_cuda).engine == expected
@@ -98,3 +100,8 @@ def test_each_shared_setting_has_one_default() -> None:
         assert getattr(settings, setting) == getattr(EngineConfig(), field_name) == getattr(config, field_name)
     assert config_from_settings(object()) == EngineConfig()   # nothing given: EngineConfig's own defaults
     assert kv_config(settings) == KvcachedConfig()            # the daemon's kvcached config, by default
+
+
+def test_a_remote_model_goes_to_the_remote_engine_whatever_the_default() -> None:
+    choice = choose_engine(REMOTE, EngineConfig(default_engine="torch"), True)
+    assert choice.engine == "remote" and "remote models run only there" in choice.reason
