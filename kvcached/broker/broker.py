@@ -24,9 +24,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from kvcached.broker.client import STEP_ORDER, STEP_VERBS, ClientSpec, ReclaimVerbs, Step
+from kvcached.broker.client import STEP_ORDER, ClientSpec, ReclaimVerbs, Step, StepFn, step_functions
 from kvcached.broker.events import Event, EventLog, Subscription
-from kvcached.broker.monitor import MemorySample, Monitor, open_monitor
+from kvcached.broker.monitor import Monitor, open_monitor
+from kvcached.broker.sample import MemorySample
 from kvcached.broker.policy import (Action, ClientView, admission_need, admission_plan,
                                     admission_reclaimable, eligible, plan, pressure_need)
 from kvcached.config import KvcachedConfig
@@ -44,6 +45,10 @@ class ClientHandle:
         self.broker = broker
         self.spec = spec
         self.verbs = verbs
+        self.steps: dict[Step, StepFn] = step_functions(verbs)   # what each step calls
+        # Optional verbs (client.py): resolved once here, not looked up per view.
+        self._cached = getattr(verbs, "cached_bytes", None)
+        self._booked = getattr(verbs, "booked_bytes", None)
 
     @property
     def name(self) -> str:
@@ -61,13 +66,11 @@ class ClientHandle:
         self.broker.unregister(self)
 
     def view(self) -> ClientView:
-        cached = getattr(self.verbs, "cached_bytes", None)     # optional verbs (client.py)
-        booked = getattr(self.verbs, "booked_bytes", None)
         return ClientView(self.name, self.spec.priority, self.spec.min_bytes,
                           int(self.verbs.held_bytes()), bool(self.verbs.is_busy()),
                           float(self.verbs.idle_since()),
-                          _optional_int(cached),
-                          0 if booked is None else int(booked()))
+                          _optional_int(self._cached),
+                          0 if self._booked is None else int(self._booked()))
 
 
 class Broker:
@@ -92,14 +95,13 @@ class Broker:
 
     # --- clients ---------------------------------------------------------------
     def register(self, spec: ClientSpec, verbs: ReclaimVerbs) -> ClientHandle:
-        missing = [v for v in ("held_bytes", "is_busy", "idle_since", *STEP_VERBS.values())
-                   if not callable(getattr(verbs, v, None))]
-        if missing:
-            raise ConfigError(f"client {spec.name}: verbs lack {', '.join(missing)}")
+        try:
+            handle = ClientHandle(self, spec, verbs)
+        except ConfigError as exc:
+            raise ConfigError(f"client {spec.name}: {exc}") from exc
         with self._lock:
             if spec.name in self._clients:
                 raise ConfigError(f"client {spec.name!r} is already registered")
-            handle = ClientHandle(self, spec, verbs)
             self._clients[spec.name] = handle
         log.info("broker: client %s registered (priority %d)", spec.name, spec.priority)
         return handle
@@ -293,7 +295,7 @@ class Broker:
                 # earlier step (trim) may have left nothing for this one to take.
                 if handle is None or not eligible(handle.view(), action.step):
                     return 0
-                returned = int(getattr(handle.verbs, STEP_VERBS[action.step])())
+                returned = int(handle.steps[action.step]())
         except Exception as exc:  # a client's failure must not stop the rest of the reclaim
             log.warning("broker: %s of %s failed: %s", action.step.value, action.client, exc)
             returned, detail = 0, f"{type(exc).__name__}: {exc}"
