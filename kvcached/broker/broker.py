@@ -12,9 +12,16 @@ Event in a bounded log that the control API and dashboard follow.
 
 The monitor and the clients' verbs are passed in (CONVENTIONS 10), so unit
 tests drive the broker with scripted memory and integration tests with a real
-second process. Reclaim runs one at a time (one lock); verbs are called
-without the registry lock held, so a client may register or read the
-snapshot while another is being trimmed.
+second process.
+
+Locks: decisions (which steps, from whom) and admissions' commits are taken
+under one lock; the clients' verbs run with NO broker lock held. A verb may
+wait for its model's step or its requests in flight, and that model's worker
+may be waiting in admit() for the broker meanwhile: holding the lock across
+the verb deadlocked the daemon on the GPU (issue 15,
+tests/engines/test_broker_deadlock.py). So two reclaims may act at once (the
+pressure thread and an admission); each re-checks its step just before acting
+and an admission re-reads what is free before it commits.
 """
 from __future__ import annotations
 
@@ -82,7 +89,7 @@ class Broker:
         self.events = EventLog(config.event_log_size)
         self._clients: dict[str, ClientHandle] = {}
         self._lock = threading.RLock()            # the registry
-        self._reclaim_lock = threading.Lock()     # one reclaim at a time
+        self._reclaim_lock = threading.Lock()     # decisions and commits; never held across a verb
         self._auto_yield = config.auto_yield
         self._last_sample: MemorySample | None = None
         self._is_short = False   # reclaim under pressure started and has not met its target yet
@@ -129,10 +136,11 @@ class Broker:
 
     @contextlib.contextmanager
     def between_reclaims(self) -> Iterator[None]:
-        """Hold off admissions and reclaims meanwhile. Each moves bytes between two
-        clients (one gives back, the other is granted), so a sum over clients read
-        while one is halfway can count the same bytes twice; read inside this, it
-        cannot. Never call the broker's own verbs (admit, reclaim) inside it."""
+        """Hold off admissions' commits and reclaim decisions meanwhile. An admission
+        moves bytes between two clients (one gives back, then the other is granted):
+        read inside this, a sum over clients never counts those bytes twice (a verb
+        may be halfway, which only counts them once). Never call the broker's own
+        verbs (admit, reclaim) inside it."""
         with self._reclaim_lock:
             yield
 
@@ -185,7 +193,7 @@ class Broker:
                 return got
             with self._reclaim_lock:
                 actions = plan(self._views(), need.steps, has_pool=self.pool is not None)
-                returned = self._run(actions, need.bytes, "pressure")
+            returned = self._run(actions, need.bytes, "pressure")   # no lock: see the docstring
             got += returned
             if returned == 0:
                 # Nothing left to give: wait for the next interval, and start again only
@@ -213,7 +221,7 @@ class Broker:
                 actions = plan([handle.view()], steps, has_pool=False)
             else:
                 actions = plan(self._views(), steps, has_pool=self.pool is not None)
-            return self._run(actions, need, "manual")
+        return self._run(actions, need, "manual")
 
     def admit(self, client: ClientHandle | str, nbytes: int,
               commit: Callable[[int], None] | None = None) -> int:
@@ -227,27 +235,33 @@ class Broker:
         if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
             raise InvalidArgument(f"nbytes: {nbytes!r} must be an int >= 0")
         spec = handle.spec
-        with self._reclaim_lock:
-            held = int(handle.verbs.held_bytes())
-            if spec.max_bytes is not None and held + nbytes > spec.max_bytes:
-                raise AdmissionDenied(f"client {spec.name}: {_mib(held)} held + {_mib(nbytes)} asked "
-                                      f"exceeds its maximum of {_mib(spec.max_bytes)}")
-            start = time.perf_counter()
-            got = self._make_room(handle, nbytes)
-            if commit is not None:
-                commit(nbytes)
-            if got:  # an admission that took nothing is no news (one per request would flood the log)
-                self.events.append(Event(spec.name, "admit", 0, time.perf_counter() - start, "admission",
-                                         f"{_mib(nbytes)} admitted after {_mib(got)} reclaimed"))
-            return got
+        start = time.perf_counter()
+        got = 0
+        for attempt in range(2):   # decide; act with no lock held; decide again and commit
+            with self._reclaim_lock:
+                held = int(handle.verbs.held_bytes())
+                if spec.max_bytes is not None and held + nbytes > spec.max_bytes:
+                    raise AdmissionDenied(f"client {spec.name}: {_mib(held)} held + {_mib(nbytes)} "
+                                          f"asked exceeds its maximum of {_mib(spec.max_bytes)}")
+                need = self._admission_need(nbytes)
+                if need == 0:
+                    if commit is not None:
+                        commit(nbytes)
+                    break
+                if attempt:
+                    raise AdmissionDenied(f"client {spec.name}: reclaimed {_mib(got)} but "
+                                          f"{_mib(need)} more are needed for {_mib(nbytes)}")
+                actions = self._room_plan(handle, nbytes, need)
+            got += self._run(actions, need, "admission")
+        if got:  # an admission that took nothing is no news (one per request would flood the log)
+            self.events.append(Event(spec.name, "admit", 0, time.perf_counter() - start, "admission",
+                                     f"{_mib(nbytes)} admitted after {_mib(got)} reclaimed"))
+        return got
 
-    def _make_room(self, handle: ClientHandle, nbytes: int) -> int:
-        """Reclaim what admitting nbytes needs; AdmissionDenied, before taking
-        anything, when the other clients cannot give enough."""
+    def _room_plan(self, handle: ClientHandle, nbytes: int, need: int) -> list[Action]:
+        """The steps that can make `need` bytes of room for an admission; AdmissionDenied,
+        before taking anything, when the other clients cannot give enough."""
         spec = handle.spec
-        need = self._admission_need(nbytes)
-        if need == 0:
-            return 0
         views = self._views()
         pool_bytes = self.pool.reserved() if self.pool is not None else 0
         can = admission_reclaimable(views, spec.priority, spec.name) + pool_bytes
@@ -256,13 +270,7 @@ class Broker:
                 f"client {spec.name}: {_mib(nbytes)} asked needs {_mib(need)} reclaimed, but the "
                 f"others' cached KV and idle clients of lower priority than {spec.priority} "
                 f"can give at most {_mib(can)}")
-        actions = admission_plan(views, spec.priority, spec.name, has_pool=self.pool is not None)
-        got = self._run(actions, need, "admission")
-        still = self._admission_need(nbytes)
-        if still > 0:
-            raise AdmissionDenied(f"client {spec.name}: reclaimed {_mib(got)} but "
-                                  f"{_mib(still)} more are needed for {_mib(nbytes)}")
-        return got
+        return admission_plan(views, spec.priority, spec.name, has_pool=self.pool is not None)
 
     def _admission_need(self, nbytes: int) -> int:
         views = self._views()
