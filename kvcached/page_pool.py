@@ -54,7 +54,7 @@ class PagePool:
 
     def __init__(self, backend: VmmBackend, config: KvcachedConfig) -> None:
         self.backend = backend
-        self.page_size = config.page_size
+        self.page_size = config.page_size_for(backend.name)
         unit = max(backend.granularity, backend.zero_page_size)
         if self.page_size % unit:
             raise ConfigError(f"page_size: {self.page_size} is not a multiple of the "

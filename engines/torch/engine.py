@@ -28,6 +28,7 @@ from engines.torch.serve.admission import MemoryAdmission
 from engines.torch.model.attention import ContiguousKV
 from engines.torch.serve.kv_access import KVStore, KvcachedStore, StaticStore
 from engines.torch.serve.kv_ledger import KVLedger
+from engines.torch.serve.oom import as_temporary
 from engines.torch.serve.prefix_cache import PrefixCache
 from engines.torch.serve.runner import Runner
 from engines.torch.serve.scheduler import Scheduler, Sequence
@@ -84,10 +85,13 @@ class TorchEngine(Engine):
             self._state = ModelState.LOADING
             try:
                 self._load(progress)
-            except BaseException:
+            except BaseException as exc:
                 self._state = ModelState.UNLOADED
-                self._drop()
-                raise
+                self._drop()      # everything the failed load took goes back
+                typed = as_temporary(exc, f"loading {self.info.name}")
+                if typed is exc:
+                    raise
+                raise typed from exc
             self._state = ModelState.LOADED
 
     def _load(self, progress: ProgressCallback | None) -> None:
@@ -113,7 +117,8 @@ class TorchEngine(Engine):
                            prefill_tokens=self.config.torch_prefill_chunk)
         self.admission = self._make_admission()
         self.loop = ServingLoop(scheduler, runner, self.config.max_queue, before_step=self._resume_if_paused,
-                                 name=self.info.name, memory=self.admission)
+                                 name=self.info.name, memory=self.admission,
+                                 on_memory_error=self._give_back_failed)
         report(1.0, "ready")
 
     def _make_admission(self) -> MemoryAdmission | None:
@@ -172,7 +177,8 @@ class TorchEngine(Engine):
         slots = self.config.torch_num_slots
         if self._static_kv:
             layout = kv_layout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype,
-                               slots, self.max_ctx, self.kv_config.page_size)
+                               slots, self.max_ctx,
+                               self.kv_config.page_size_for("cuda" if device.type == "cuda" else "host"))
             return StaticStore(layout, kv_dtype, device)
         from kvcached.kv_cache.manager import KVCache
         from kvcached.vmm import open_backend
@@ -313,6 +319,19 @@ class TorchEngine(Engine):
             freed = self.store.trim()
             self._after_reclaim()
             return freed
+
+    def _give_back_failed(self, slots: list[int]) -> None:
+        """After a step that failed for want of memory: the failed sequences' slots hold
+        nothing worth keeping; their pages go back (the worker calls this between steps)."""
+        loop = self.loop
+        if loop is None:
+            return
+        with loop.between_steps():
+            for slot in slots:
+                self.store.release(slot)
+            if self._state is ModelState.LOADED:
+                self.store.trim()
+                self._after_reclaim()
 
     def _after_reclaim(self) -> None:
         if self.admission is not None and self._state is not ModelState.PAUSED:

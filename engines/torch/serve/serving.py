@@ -27,12 +27,14 @@ import torch
 
 from engines.errors import EngineBusy
 from engines.torch.serve.admission import MemoryAdmission
+from engines.torch.serve.oom import as_temporary, give_back_cached_blocks, is_out_of_memory
 from engines.torch.serve.runner import Runner
 from engines.torch.serve.sampling import make_generator, sample
 from engines.torch.serve.scheduler import Scheduler, Sequence, SeqStatus
 from engines.torch.serve.step_stats import StepStats
 from engines.torch.serve.stops import StopMatcher
 from engines.types import FinishReason, GenerateRequest, StreamChunk, Usage
+from kvcached.errors import TemporaryError
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +60,12 @@ class Job:
 class ServingLoop:
     def __init__(self, scheduler: Scheduler, runner: Runner, max_queue: int,
                  before_step: Callable[[], None] = lambda: None, name: str = "torch",
-                 memory: MemoryAdmission | None = None) -> None:
+                 memory: MemoryAdmission | None = None,
+                 on_memory_error: Callable[[list[int]], None] = lambda slots: None) -> None:
+        """on_memory_error(slots): after a step failed for want of memory, the slots its
+        failed sequences held; the engine gives back what they mapped."""
         self.scheduler = scheduler
+        self.on_memory_error = on_memory_error
         self.memory = memory
         if memory is not None:
             scheduler.gate = memory.gate
@@ -142,9 +148,26 @@ class ServingLoop:
                     continue
                 self.step()
             except Exception as exc:  # a failed step fails its requests, never the worker
-                log.exception("torch engine step failed")
-                self._fail_all(exc)
+                self._step_failed(exc)
         self._fail_all(EngineBusy("the model was unloaded while this request waited"))
+
+    def _step_failed(self, exc: Exception) -> None:
+        """Its requests get the error (an out-of-memory as a temporary one: HTTP 503);
+        the scheduler forgets their slots, so the next request starts clean."""
+        typed = as_temporary(exc, f"model {self.stats.name}: a step")
+        if isinstance(typed, TemporaryError):
+            log.warning("torch engine step failed, temporarily: %s", typed)
+        else:
+            log.exception("torch engine step failed")
+        slots = self._fail_all(typed)
+        if isinstance(typed, TemporaryError):
+            # What the failed sequences mapped goes back now: the next request (and the
+            # application that took the memory) must find it, not a forgotten slot's pages.
+            give_back_cached_blocks()
+            try:
+                self.on_memory_error(slots)
+            except Exception:  # noqa: BLE001 - the requests have their error; log and go on
+                log.exception("giving back memory after a failed step failed")
 
     def _needs_memory(self) -> bool:
         """Anything to ask the broker for (a request waits, or the KV must come back)?
@@ -270,22 +293,27 @@ class ServingLoop:
                                 finish_reason=reason, usage=usage))
         self._jobs.pop(seq.seq_id, None)
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def _fail_all(self, exc: BaseException) -> list[int]:
+        """Every waiting and running request gets `exc`; returns the slots forgotten."""
         with self._wake:
             pending, self._inbox = self._inbox, []
         for job in pending:
             job.out.put(exc)
+        forgotten = []
         for job in self._jobs.values():
             if job.seq.status is not SeqStatus.FINISHED:
+                slot = job.seq.slot
                 self.scheduler.finish(job.seq, FinishReason.CANCELLED)
-                if job.seq.slot >= 0:  # the failed step may have left its KV half-written
-                    self.scheduler.prefix_cache.forget(job.seq.slot)
+                if slot >= 0:  # the failed step may have left its KV half-written
+                    self.scheduler.prefix_cache.forget(slot)
+                    forgotten.append(slot)
             job.out.put(exc)
         self._jobs.clear()
         self._note_idle()
         if self.memory is not None:
             with self.step_lock:
                 self.memory.settle(self.scheduler)
+        return forgotten
 
     def _note_idle(self) -> None:
         if not self._jobs and not self._inbox:
