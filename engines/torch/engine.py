@@ -13,6 +13,7 @@ KV it may need fits the broker's budget (engines/torch/serve/admission.py).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import threading
 import time
@@ -74,6 +75,7 @@ class TorchEngine(Engine):
         self.text: TextSide | None = None
         self.store: KVStore | None = None
         self.loop: ServingLoop | None = None
+        self.runner: Runner | None = None
         self.max_ctx = 0
         self.admission: MemoryAdmission | None = None
         self._broker_handle = None    # kvcached.broker.ClientHandle, set by attach_broker
@@ -115,8 +117,8 @@ class TorchEngine(Engine):
         scheduler = Scheduler(PrefixCache(num_slots), self.max_ctx, self.config.torch_prefill_chunk,
                               self.config.max_queue)
         with phases.phase("runner"):
-            runner = Runner(self.model, self.store,
-                            use_graphs=device.type == "cuda" and self.config.torch_cuda_graphs)
+            runner = self.runner = Runner(self.model, self.store,
+                                          use_graphs=device.type == "cuda" and self.config.torch_cuda_graphs)
         if runner.use_graphs or runner.is_compiled:
             # Compile and capture the first bucket here, not in the middle of serving; the
             # serving loop captures the rest while idle (runner.warm_up says why).
@@ -208,12 +210,18 @@ class TorchEngine(Engine):
             return freed
 
     def _drop(self) -> None:
+        """Give back everything the model took (after a load, or a load that failed
+        halfway): the worker, the runner's graphs, compiled step and weights
+        (Runner.close says what each held), the KV pages, then the allocator's cache."""
         if self.loop is not None:
             self.loop.close()   # waits for the step in flight; fails what still waits
+        if self.runner is not None:
+            self.runner.close()
         if self.store is not None:
             self.store.close()
-        self.loop = self.store = self.model = self.text = self.admission = None
-        if torch.cuda.is_available():
+        self.loop = self.runner = self.store = self.model = self.text = self.admission = None
+        gc.collect()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
 
     @property

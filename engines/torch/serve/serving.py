@@ -137,7 +137,7 @@ class ServingLoop:
     # --- the worker ----------------------------------------------------------
     def _run(self) -> None:
         while True:
-            if self._is_idle() and self._capture_while_idle():
+            if self._is_idle() and self._capture_idle_safely():
                 continue
             with self._wake:
                 while not (self._stop or self._inbox or self._jobs):
@@ -174,6 +174,18 @@ class ServingLoop:
     def _is_idle(self) -> bool:
         with self._wake:
             return not (self._stop or self._inbox or self._jobs)
+
+    def _capture_idle_safely(self) -> bool:
+        """_capture_while_idle, where a failure (out of memory while another application
+        holds the GPU) leaves the rest to be captured on demand, never ends the worker."""
+        try:
+            return self._capture_while_idle()
+        except Exception as exc:  # noqa: BLE001 - a dead worker hangs every request
+            log.warning("capturing a pending decode graph failed (%s); the rest are captured "
+                        "when first needed", as_temporary(exc, f"model {self.stats.name}"))
+            self.runner.pending.clear()
+            give_back_cached_blocks()
+            return False
 
     def _capture_while_idle(self) -> bool:
         """One decode graph the load left pending (runner.warm_up), on a slot that holds
