@@ -19,6 +19,7 @@ import sys
 import uvicorn
 
 from app import env
+from app.diagnostics import install_stack_dump_signal
 from app.models.manager import ModelManager
 from app.paths import app_paths
 from app.server import auth
@@ -142,6 +143,7 @@ def serve(settings: Settings) -> int:
     if problem:
         print(f"ebbtide: {problem}", file=sys.stderr)
         return EXIT_CONFIG
+    install_stack_dump_signal()   # kill -USR1 <pid>: every thread's stack into the log
     ctx = build_context(settings)
     config = uvicorn.Config(create_app(ctx), host=settings.host, port=settings.port, log_level="warning",
                             timeout_graceful_shutdown=GRACE_S, lifespan="on", access_log=False)

@@ -382,6 +382,10 @@ class TorchEngine(Engine):
     def busy(self) -> bool:
         return self.loop is not None and self.loop.busy
 
+    def stalled_s(self) -> float | None:
+        loop = self.loop
+        return None if loop is None else loop.stalled_s()
+
     @property
     def idle_since(self) -> float:
         if self.loop is None:

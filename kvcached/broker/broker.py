@@ -35,6 +35,7 @@ from kvcached.broker.client import STEP_ORDER, ClientSpec, ReclaimVerbs, Step, S
 from kvcached.broker.events import Event, EventLog, Subscription
 from kvcached.broker.monitor import Monitor, open_monitor
 from kvcached.broker.sample import MemorySample
+from kvcached.broker.watchdog import Probe
 from kvcached.broker.policy import (Action, ClientView, admission_need, admission_plan,
                                     admission_reclaimable, eligible, plan, pressure_need)
 from kvcached.config import KvcachedConfig
@@ -95,6 +96,7 @@ class Broker:
         self._is_short = False   # reclaim under pressure started and has not met its target yet
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._generation = 0     # of the sampling thread; a replaced one ends when it sees it
         if monitor is None:
             backend = pool.backend.name if pool is not None else _default_backend(config)
             monitor = open_monitor(backend, config.device, self.held_bytes)
@@ -148,15 +150,46 @@ class Broker:
     def start(self) -> "Broker":
         if self._thread is None:
             self._stop.clear()
-            self._thread = threading.Thread(target=self._loop, name="kvcached-broker", daemon=True)
-            self._thread.start()
+            self._start_thread()
         return self
+
+    def restart_sampling(self) -> None:
+        """A new sampling thread in place of one that stopped (the watchdog's recovery:
+        a thread stuck in a client's verb); the old one ends once it comes back."""
+        with self._lock:
+            if self._thread is None or self._stop.is_set():
+                return
+            log.warning("broker: restarting the sampling thread (last sample %.1f s ago)",
+                        self.sample_age_s() or 0.0)
+            self._start_thread()
+
+    def _start_thread(self) -> None:
+        self._generation += 1
+        self._thread = threading.Thread(target=self._loop, args=(self._generation,),
+                                        name=f"kvcached-broker-{self._generation}", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout=10)   # a thread stuck in a verb must not hang shutdown
+            if self._thread.is_alive():
+                log.warning("broker: the sampling thread did not stop in 10 s; leaving it")
             self._thread = None
+
+    def sample_age_s(self) -> float | None:
+        """Seconds since the monitor's last sample (None before the first): a sampling
+        thread that stopped shows here first."""
+        sample = self._last_sample
+        return None if sample is None else sample.age_s()
+
+    def watchdog_probe(self, limit_s: float | None = None) -> Probe:
+        """The sampling thread's heartbeat for a Watchdog: its sample age, restarted past
+        `limit_s` (default: 20 intervals, at least 5 s)."""
+        limit = limit_s if limit_s is not None else max(5.0, 20 * self.config.monitor_interval_s)
+        return Probe("broker sampling thread",
+                     lambda: self.sample_age_s() if self._thread is not None else None,
+                     limit, self.restart_sampling)
 
     def close(self) -> None:
         self.stop()
@@ -168,8 +201,10 @@ class Broker:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _loop(self) -> None:
+    def _loop(self, generation: int) -> None:
         while not self._stop.wait(self.config.monitor_interval_s):
+            if generation != self._generation:
+                return   # replaced by restart_sampling while this one was stuck
             try:
                 self.tick()
             except Exception:   # a broken verb or monitor must not end the thread
@@ -338,6 +373,7 @@ class Broker:
                             "cached_bytes": v.cached_bytes, "booked_bytes": v.booked_bytes,
                             "is_busy": v.is_busy, "idle_s": 0.0 if v.is_busy else now - v.idle_since})
         return {"device": {**sample.to_dict(), "monitor": self.monitor.name},
+                "sample_age_s": round(sample.age_s(), 3),
                 "headroom_bytes": self.config.headroom_bytes,
                 "budget_bytes": self.config.budget_bytes,
                 "auto_yield": self.auto_yield,

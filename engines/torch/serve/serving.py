@@ -83,6 +83,7 @@ class ServingLoop:
         self._stop = False
         self._closing = False
         self.idle_since = time.monotonic()
+        self.last_progress = time.monotonic()   # the worker's heartbeat (stalled_s)
         self._thread = threading.Thread(target=self._run, name="torch-engine", daemon=True)
         self._thread.start()
 
@@ -135,8 +136,16 @@ class ServingLoop:
         self._thread.join()
 
     # --- the worker ----------------------------------------------------------
+    def stalled_s(self) -> float | None:
+        """Seconds the worker has had work and shown no progress (None while idle): the
+        daemon's watchdog reads it, never waiting on the worker's locks."""
+        if not self.busy:
+            return None
+        return time.monotonic() - self.last_progress
+
     def _run(self) -> None:
         while True:
+            self.last_progress = time.monotonic()
             if self._is_idle() and self._capture_idle_safely():
                 continue
             with self._wake:
@@ -144,6 +153,7 @@ class ServingLoop:
                     self._wake.wait()
                 if self._stop:
                     break
+            self.last_progress = time.monotonic()   # woke for new work
             self._let_callers_in()
             try:
                 if self._needs_memory() and not self._reserve_memory():
