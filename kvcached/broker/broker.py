@@ -91,6 +91,7 @@ class Broker:
         self._clients: dict[str, ClientHandle] = {}
         self._lock = threading.RLock()            # the registry
         self._reclaim_lock = threading.Lock()     # decisions and commits; never held across a verb
+        self._pressure_acting = threading.Lock()  # a pressure reclaim's verbs are running (try-lock only)
         self._auto_yield = config.auto_yield
         self._last_sample: MemorySample | None = None
         self._is_short = False   # reclaim under pressure started and has not met its target yet
@@ -226,9 +227,16 @@ class Broker:
             self._is_short = need.is_needed and need.steps == STEP_ORDER
             if not need.is_needed:
                 return got
-            with self._reclaim_lock:
-                actions = plan(self._views(), need.steps, has_pool=self.pool is not None)
-            returned = self._run(actions, need.bytes, "pressure")   # no lock: see the docstring
+            # One pressure reclaim acts at a time: a sampling thread that replaced one
+            # stuck in a verb (restart_sampling) samples on, and leaves the acting to it.
+            if not self._pressure_acting.acquire(blocking=False):
+                return got
+            try:
+                with self._reclaim_lock:
+                    actions = plan(self._views(), need.steps, has_pool=self.pool is not None)
+                returned = self._run(actions, need.bytes, "pressure")   # no lock: see the docstring
+            finally:
+                self._pressure_acting.release()
             got += returned
             if returned == 0:
                 # Nothing left to give: wait for the next interval, and start again only
