@@ -78,6 +78,7 @@ class TorchEngine(Engine):
         self.store: KVStore | None = None
         self.loop: ServingLoop | None = None
         self.runner: Runner | None = None
+        self._own_backend = None      # a VMM backend this engine opened (no pool passed in)
         self.max_ctx = 0
         self.admission: MemoryAdmission | None = None
         self._broker_handle = None    # kvcached.broker.ClientHandle, set by attach_broker
@@ -216,7 +217,10 @@ class TorchEngine(Engine):
             return KvcachedStore(KVCache(self._kv_pool, shape, slots, self.max_ctx, self.kv_config))
         # The KV lives where the weights do: device pages on CUDA, host pages on the CPU.
         kv_config = dataclasses.replace(self.kv_config, backend="cuda" if device.type == "cuda" else "host")
-        return KvcachedStore(KVCache(open_backend(kv_config), shape, slots, self.max_ctx, kv_config))
+        # Opened here, closed by _drop: each backend holds a zero page (32 MiB on the GPU)
+        # and a reference on the CUDA context, which reloads would otherwise pile up.
+        self._own_backend = open_backend(kv_config)
+        return KvcachedStore(KVCache(self._own_backend, shape, slots, self.max_ctx, kv_config))
 
     def unload(self) -> int:
         with self._lock:
@@ -239,6 +243,9 @@ class TorchEngine(Engine):
             self.runner.close()
         if self.store is not None:
             self.store.close()
+        if self._own_backend is not None:
+            self._own_backend.close()
+            self._own_backend = None
         self.loop = self.runner = self.store = self.model = self.text = self.admission = None
         gc.collect()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
