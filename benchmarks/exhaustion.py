@@ -41,6 +41,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 MEMORY_SLACK = 64 * MiB        # after an unload, within this of the level before the first load
 AFTER_LIMIT_S = {"cuda": 5.0, "host": 60.0}   # a request after the pressure succeeds this fast
+LOAD_S = 600.0                 # a request that loads its model may take this much longer
 
 
 @dataclass
@@ -130,7 +131,7 @@ def run_cycle(daemon, cycle: int, models: list[str], args, records: list[Record]
     busy, idle = models[cycle % 2], models[1 - cycle % 2]
     if args.unload_each_cycle or cycle == 0:
         for model in (idle, busy):              # both loaded before the pressure
-            records.append(send(daemon.base_url, model, args.load_timeout_s + 60,
+            records.append(send(daemon.base_url, model, args.request_timeout_s + LOAD_S,
                                 Record(cycle, "before", model)))
     hog = Hog(args.backend, args.free_target, args.hold_s, args.max_take)
     try:
@@ -184,10 +185,11 @@ def passed(summary: dict, backend: str) -> bool:
 
 
 def settings_for(args) -> dict:
-    settings = common.base_settings(backend=args.backend, num_slots=4, headroom=args.headroom,
+    settings = common.base_settings(backend=args.backend, num_slots=8, headroom=args.headroom,
                                     model_dir=None, synthetic=True)
-    settings.update({"admission_timeout_s": args.admission_timeout_s,
-                     "load_timeout_s": args.load_timeout_s})
+    for key in ("admission_timeout_s", "load_timeout_s"):   # default: the daemon's own
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
     if args.page_size:   # default: the daemon's own (kvcached/config.py)
         settings["page_size"] = args.page_size
     return settings
@@ -226,9 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-take", type=parse_size, default=None,
                         help="most the hog may take (default: no limit on the GPU, 4 GiB on the host)")
     parser.add_argument("--config", default="smollm2-135m", help="synthetic config of both models")
-    parser.add_argument("--request-timeout-s", type=float, default=120.0, help="past this: a hang")
-    parser.add_argument("--admission-timeout-s", type=float, default=10.0)
-    parser.add_argument("--load-timeout-s", type=float, default=60.0)
+    parser.add_argument("--request-timeout-s", type=float, default=180.0,
+                        help="past this a request counts as a hang (more than the daemon's 120 s "
+                             "admission wait)")
+    parser.add_argument("--admission-timeout-s", type=float, default=None,
+                        help="the daemon's admission_timeout_s (default: its own, 120 s)")
+    parser.add_argument("--load-timeout-s", type=float, default=None,
+                        help="the daemon's load_timeout_s (default: its own, 600 s)")
     parser.add_argument("--page-size", type=parse_size, default=0)
     parser.add_argument("--settle-s", type=float, default=1.0)
     parser.add_argument("--out-name", default="exhaustion")
