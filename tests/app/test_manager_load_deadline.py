@@ -25,6 +25,8 @@ from engines.config import EngineConfig  # noqa: E402
 from engines.errors import LoadTimeout  # noqa: E402
 from engines.torch.engine import TorchEngine  # noqa: E402
 from engines.types import ModelState  # noqa: E402
+from kvcached.config import KvcachedConfig  # noqa: E402
+from kvcached.standalone import standalone_pool  # noqa: E402
 
 INFO = ModelInfo(name="slow", path="", source="synthetic",
                  metadata={"config": TINY.replace(max_context=128)})
@@ -54,7 +56,8 @@ class HeldUpLoad(TorchEngine):
 @pytest.mark.timeout(120)
 def test_waiting_for_a_load_is_bounded_and_the_load_runs_once():
     config = EngineConfig(torch_num_slots=1, torch_max_context=128, torch_prefill_chunk=64)
-    manager = ModelManager(OneModel(), lambda info: HeldUpLoad(info, config),
+    pool = standalone_pool(KvcachedConfig(backend="host", page_size=64 << 10, reserve_pages=0))
+    manager = ModelManager(OneModel(), lambda info: HeldUpLoad(info, config, pool),
                            Settings(load_timeout_s=0.3), EventHub())
 
     async def scenario() -> None:
@@ -73,5 +76,8 @@ def test_waiting_for_a_load_is_bounded_and_the_load_runs_once():
         lease.release()
         await manager.close()
 
-    asyncio.run(scenario())
+    try:
+        asyncio.run(scenario())
+    finally:
+        pool.close()
     assert HeldUpLoad.loads == 1                    # one load, however many waited

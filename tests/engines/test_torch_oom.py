@@ -21,6 +21,7 @@ from engines.torch.engine import TorchEngine  # noqa: E402
 from engines.torch.serve.oom import as_temporary  # noqa: E402
 from engines.types import FinishReason  # noqa: E402
 from kvcached.config import KvcachedConfig  # noqa: E402
+from kvcached.standalone import standalone_pool  # noqa: E402
 from kvcached.errors import DeviceOutOfMemory, PoolExhausted, TemporaryError  # noqa: E402
 
 
@@ -43,8 +44,8 @@ def test_a_step_out_of_kv_pages_fails_only_its_request_temporarily_and_the_next_
     engine = TorchEngine(ModelInfo(name="tight", path="", source="synthetic", metadata={"config": CFG}),
                          EngineConfig(torch_num_slots=1, torch_max_context=128, torch_prefill_chunk=64,
                                       max_queue=4),
-                         KvcachedConfig(backend="host", page_size=PAGE, budget_bytes=PAGE,
-                                        reserve_pages=0))
+                         standalone_pool(KvcachedConfig(backend="host", page_size=PAGE,
+                                                        budget_bytes=PAGE, reserve_pages=0)))
     engine.load()
     try:
         with pytest.raises(TemporaryError) as info:     # 12 + 60 tokens: 3 pages of 32; 1 exists

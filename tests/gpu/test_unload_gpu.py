@@ -19,6 +19,7 @@ from engines.config import EngineConfig
 from engines.torch.engine import TorchEngine
 from engines.types import FinishReason, GenerateRequest, RequestKind, SamplingParams
 from kvcached.config import KvcachedConfig
+from kvcached.standalone import standalone_pool
 
 MiB = 1 << 20
 SLACK = 64 * MiB
@@ -37,15 +38,16 @@ def nvml_used_by_me() -> int:
 
 def test_unload_returns_the_process_to_its_level_before_the_load():
     torch.cuda.init()
-    torch.zeros(1, device="cuda")                  # the context, as the daemon's broker makes it
+    # The daemon's one backend and pool, at its defaults (32 MiB pages), before any load.
+    pool = standalone_pool(KvcachedConfig(backend="cuda"))
+    torch.zeros(1, device="cuda")
     torch.cuda.synchronize()
     base = nvml_used_by_me()
     levels, loaded = [], []
     for cycle in range(3):
         engine = TorchEngine(ModelInfo(name="smollm2", path="", source="synthetic",
                                        metadata={"config": "smollm2-135m"}),
-                             EngineConfig(torch_num_slots=8, torch_max_context=2048),
-                             KvcachedConfig(backend="cuda"))
+                             EngineConfig(torch_num_slots=8, torch_max_context=2048), pool)
         engine.load()
         request = GenerateRequest(kind=RequestKind.COMPLETION, prompt="the tide " * 20,
                                   sampling=SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
@@ -54,8 +56,10 @@ def test_unload_returns_the_process_to_its_level_before_the_load():
         assert engine.unload() > 0
         del engine
         gc.collect()
+        pool.shrink()                              # the broker's first step: the reserve
         levels.append(nvml_used_by_me())
         print(f"cycle {cycle}: before load {base / MiB:.0f} MiB, loaded {loaded[-1] / MiB:.0f} MiB, "
               f"after unload {levels[-1] / MiB:.0f} MiB")
+    pool.close()
     assert all(level - base <= SLACK for level in levels), (base, loaded, levels)
     assert levels[-1] - levels[0] <= SLACK, levels   # no growth over the cycles
