@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from app import env, exit_codes
+from app.diagnostics import install_stack_dump_signal
 from app.models.broker_link import BrokerLink
 from app.models.events import EventHub, event_kind
 from app.models.manager import ModelManager
@@ -213,6 +214,7 @@ def serve(settings: Settings) -> int:
     if problem:
         print(f"ebbtide: {problem}", file=sys.stderr)
         return EXIT_CONFIG
+    install_stack_dump_signal()   # kill -USR1 <pid>: every thread's stack into the log
     ctx = build_context(settings)
     config = uvicorn.Config(create_app(ctx), host=settings.host, port=settings.port, log_level="warning",
                             timeout_graceful_shutdown=GRACE_S, lifespan="on", access_log=False)

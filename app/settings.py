@@ -72,6 +72,7 @@ class Settings:
     budget_bytes: int = 0                  # all models together (weights and KV); 0: what the device allows
     synthetic_models: bool = EngineConfig.include_synthetic  # list random-weight "synthetic/<config>" models (benchmarks)
     admission_timeout_s: float = EngineConfig.admission_timeout_s  # a request waiting this long for GPU memory answers 503
+    load_timeout_s: float = 600.0          # a request waiting this long for its model's load answers 503
     torch_llamacpp_numerics: bool = EngineConfig.torch_llamacpp_numerics  # torch engine on the CPU: llama.cpp's exact tokens, slower
     kv_disk_max_bytes: int = EngineConfig.kv_disk_max_bytes  # the KV disk tier's bound (models with keep_kv_on_disk)
 
@@ -207,6 +208,7 @@ FIELDS: dict[str, Callable[[object], object]] = {
     "budget_bytes": parse_bytes,
     "synthetic_models": parse_bool,
     "admission_timeout_s": lambda v: positive_seconds(parse_duration(v)),
+    "load_timeout_s": lambda v: positive_seconds(parse_duration(v)),
     "torch_llamacpp_numerics": parse_bool,
     "kv_disk_max_bytes": parse_bytes,
 }

@@ -112,6 +112,11 @@ class Engine(abc.ABC):
     def idle_since(self) -> float:
         """time.monotonic() when the last request finished (now, while busy)."""
 
+    def stalled_s(self) -> float | None:
+        """Seconds this engine's worker has had work without progress, for the daemon's
+        watchdog; None while idle, or where the engine has no worker of its own."""
+        return None
+
     def attach_broker(self, handle: object | None) -> None:
         """The broker registered this engine (a kvcached ClientHandle; None: it left).
         Engines that admit work against the broker's budget keep it; others ignore it."""

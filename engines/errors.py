@@ -37,3 +37,14 @@ class EmbeddingsUnsupported(InvalidRequest):
 
 class EngineBusy(EngineError, TemporaryError):
     """The model's request queue is full; retry later (HTTP 503)."""
+
+
+class OutOfMemory(EngineError, TemporaryError):
+    """A load or a step found no device memory (torch's allocator, a CUDA graph pool,
+    a KV page): another application holds it. Nothing is left half-done; retry once
+    the memory is back (HTTP 503 with Retry-After)."""
+
+
+class LoadTimeout(EngineError, TemporaryError):
+    """The model's load has not finished within its deadline; it goes on in the
+    background, and a later request uses it once it is ready (HTTP 503)."""

@@ -21,6 +21,7 @@ from engines.base import Engine, ModelInfo, ProgressCallback
 from engines.choice import choose_engine
 from engines.config import EngineConfig
 from engines.errors import ModelLoadError
+from kvcached.errors import TemporaryError
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,9 @@ def load_with_fallback(engine: Engine, progress: ProgressCallback | None = None)
         return engine
     except Exception as exc:
         info = engine.info
-        if engine.kind != "torch" or not info.path.endswith(".gguf"):
+        # Out of memory now (another application holds it) is no reason to hand the
+        # model to another engine for good: the caller retries the same one later.
+        if engine.kind != "torch" or not info.path.endswith(".gguf") or isinstance(exc, TemporaryError):
             raise
         note = f"the torch engine failed to load it ({type(exc).__name__}: {exc}); served by llama.cpp"
         log.warning("%s: %s", info.name, note, exc_info=not isinstance(exc, ModelLoadError))

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from kvcached.config import KvcachedConfig
 from kvcached.errors import ClosedError, ConfigError, KvcachedError, PoolExhausted
 from kvcached.vmm.backend import Handle, VmmBackend
-from kvcached.zero_worker import ZeroWorker
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ class PagePool:
 
     def __init__(self, backend: VmmBackend, config: KvcachedConfig) -> None:
         self.backend = backend
-        self.page_size = config.page_size
+        self.page_size = config.page_size_for(backend.name)
         unit = max(backend.granularity, backend.zero_page_size)
         if self.page_size % unit:
             raise ConfigError(f"page_size: {self.page_size} is not a multiple of the "
@@ -70,8 +69,6 @@ class PagePool:
         self._closed = False
         self._lock = threading.Lock()  # `with` on a Lock is C; on a Condition, Python
         self._cond = threading.Condition(self._lock)
-        # Deferred zero-page restores of the virtual tensors over this pool.
-        self.zero_worker = ZeroWorker(backend.map_zero)
         self._thread = threading.Thread(target=self._refill_loop, name="kvcached-pool-refill",
                                         daemon=True)
         self._thread.start()
@@ -142,8 +139,6 @@ class PagePool:
             self._reserve.extend(pages[:keep])
             if self._creating:  # only then can an acquire() be waiting
                 self._cond.notify_all()
-        if keep < len(pages):
-            self.zero_worker.touch()
         for page in pages[keep:]:
             self.backend.release_page(page.handle)
 
@@ -154,7 +149,6 @@ class PagePool:
         with self._lock:
             pages, self._reserve = self._reserve, []
             self._refill_wanted = False
-        self.zero_worker.touch()
         for page in pages:
             self.backend.release_page(page.handle)
         return len(pages) * self.page_size
@@ -218,7 +212,6 @@ class PagePool:
             self._closed = True
             self._cond.notify_all()
         self._thread.join()
-        self.zero_worker.close()
         self.shrink()
 
     def __enter__(self) -> "PagePool":

@@ -6,7 +6,7 @@
 #   bash scripts/gpu_check.sh                  # everything
 #   bash scripts/gpu_check.sh tests vmm yield  # only these parts
 # Benchmarks run as modules (python3 -m benchmarks.decode), with the repository root
-# on sys.path. The end-to-end parts (pressure, colocate) take most of a call each.
+# on sys.path. The end-to-end parts (pressure, colocate, exhaustion) take most of a call each.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
@@ -35,6 +35,8 @@ declare -A PARTS=(
   [pressure]="560 -m benchmarks.desktop_pressure"
   [colocate]="590 -m benchmarks.colocate"
   [cold_start]="420 -m benchmarks.cold_start"
+  [unload]="300 -m pytest -q -s -p no:cacheprovider --timeout 280 tests/gpu/test_unload_gpu.py"
+  [exhaustion]="590 -m benchmarks.exhaustion --backend cuda --cycles 10 --hold-s 20"
   [quant_matvec]="240 -m benchmarks.quant_matvec"
 )
 ORDER=(tests vmm vmm2 yield decode engines)  # pressure and colocate: one call each

@@ -29,12 +29,15 @@ from app.models.broker_link import BrokerLink
 from app.models.events import EventHub
 from app.settings import Settings
 from engines.base import Engine, ModelInfo
-from engines.errors import ModelNotFound
+from engines.errors import LoadTimeout, ModelNotFound
 from engines.types import GenerateRequest, LoadProgress, ModelState
 
 log = logging.getLogger(__name__)
 
 REAP_INTERVAL_S = 1.0
+# A worker with work and no progress this long is reported with every thread's stack
+# (a long prompt on the CPU takes seconds a step, never a minute).
+WORKER_STALL_S = 60.0
 EngineFactory = Callable[[ModelInfo], Engine]
 
 
@@ -92,7 +95,9 @@ class ModelManager:
         self.broker = broker or BrokerLink(None)
         self._loaded: dict[str, Loaded] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._loading: dict[str, asyncio.Task] = {}   # loads under way, shared by their waiters
         self._reaper: asyncio.Task | None = None
+        self._watchdog = None     # kvcached.broker.watchdog.Watchdog, from start()
         self._closing = False
 
     # --- looking up -------------------------------------------------------------
@@ -144,6 +149,25 @@ class ModelManager:
                 asyncio.get_running_loop().create_task(self._unload_if_idle(loaded))
 
     async def _ensure_loaded(self, info: ModelInfo) -> Loaded:
+        """The loaded model, loading it once however many requests wait for it. Each
+        waits at most load_timeout_s (LoadTimeout: HTTP 503, retry); the load goes on
+        in the background and a later request finds it done, or waits for it again."""
+        loaded = self._loaded.get(info.name)
+        if loaded is not None and loaded.engine.state is not ModelState.UNLOADED:
+            return loaded
+        task = self._loading.get(info.name)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._load_once(info))
+            self._loading[info.name] = task
+            task.add_done_callback(lambda t: self._loading.pop(info.name, None))
+        timeout = self.settings.load_timeout_s
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), timeout)
+        except asyncio.TimeoutError:
+            raise LoadTimeout(f"model {info.name} is still loading after {timeout:.0f} s (the GPU "
+                              "may be short of memory); it goes on loading: retry later") from None
+
+    async def _load_once(self, info: ModelInfo) -> Loaded:
         lock = self._locks.setdefault(info.name, asyncio.Lock())
         async with lock:  # one load per model, however many requests wait for it
             loaded = self._loaded.get(info.name)
@@ -248,7 +272,21 @@ class ModelManager:
 
     # --- the reaper and shutdown -------------------------------------------------
     def start(self) -> None:
+        from kvcached.broker.watchdog import Watchdog
+
         self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
+        self._watchdog = Watchdog(self.watchdog_probes).start()
+
+    def watchdog_probes(self) -> list:
+        """The heartbeats the watchdog reads: the broker's sampling thread (restarted
+        when it stops) and each loaded model's worker (reported with every stack)."""
+        from kvcached.broker.watchdog import Probe
+
+        broker = self.broker.broker
+        probes = [broker.watchdog_probe()] if broker is not None else []
+        for loaded in self.loaded():
+            probes.append(Probe(f"model {loaded.name}'s worker", loaded.engine.stalled_s, WORKER_STALL_S))
+        return probes
 
     async def _reap_forever(self) -> None:
         while True:
@@ -271,6 +309,8 @@ class ModelManager:
         self._closing = True
         if self._reaper is not None:
             self._reaper.cancel()
+        if self._watchdog is not None:
+            self._watchdog.stop()
         self.cancel_all()
         for loaded in self.loaded():
             try:

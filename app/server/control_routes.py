@@ -90,7 +90,10 @@ def memory_report(ctx: ServerContext) -> dict:
     per_model = {l.name: _memory_json(l.engine.memory()) for l in ctx.manager.loaded()}
     snapshot = ctx.broker.snapshot()
     device = (snapshot or {}).get("device") or _host_sample(sum(m["total"] for m in per_model.values()))
-    return {"backend": ctx.backend, "device": device, "models": per_model,
+    # How old the device figures are: a stopped monitor shows here (the watchdog restarts
+    # it); 0 where they were read just now (no broker).
+    age = (snapshot or {}).get("sample_age_s", 0.0)
+    return {"backend": ctx.backend, "device": device, "sample_age_s": age, "models": per_model,
             "auto_yield": (snapshot or {}).get("auto_yield", ctx.settings.auto_yield),
             "headroom_bytes": (snapshot or {}).get("headroom_bytes", ctx.settings.headroom_bytes),
             "broker": snapshot}

@@ -54,6 +54,10 @@ STATUS_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
     (pull_errors.PullCancelled, 499, "cancelled"),
     (engine_errors.InvalidRequest, 400, "invalid_request_error"),
     (engine_errors.EngineBusy, 503, "unavailable_error"),
+    # Out of GPU memory in a load or a step, a load past its deadline: temporary,
+    # so 503 with Retry-After, never a 500 (issue 15).
+    (engine_errors.OutOfMemory, 503, "unavailable_error"),
+    (engine_errors.LoadTimeout, 503, "unavailable_error"),
     (RemoteUnavailable, 502, "upstream_error"),
     (engine_errors.ModelLoadError, 500, "server_error"),
     (kv_errors.TemporaryError, 503, "unavailable_error"),

@@ -14,6 +14,7 @@ KV it may need fits the broker's budget (engines/torch/serve/admission.py).
 """
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -30,6 +31,7 @@ from engines.torch.serve.admission import MemoryAdmission
 from engines.torch.model.attention import ContiguousKV
 from engines.torch.serve.kv_access import KvcachedStore
 from engines.torch.serve.kv_ledger import KVLedger
+from engines.torch.serve.oom import as_temporary
 from engines.torch.serve import kv_persist
 from engines.torch.serve.prefix_cache import PrefixCache
 from engines.torch.serve.runner import Runner
@@ -69,6 +71,7 @@ class TorchEngine(Engine):
         self.text: TextSide | None = None
         self.store: KvcachedStore | None = None
         self.loop: ServingLoop | None = None
+        self.runner: Runner | None = None
         self.max_ctx = 0
         self.admission: MemoryAdmission | None = None
         self._broker_handle = None    # kvcached.broker.ClientHandle, set by attach_broker
@@ -81,10 +84,13 @@ class TorchEngine(Engine):
             self._state = ModelState.LOADING
             try:
                 self._load(progress)
-            except BaseException:
+            except BaseException as exc:
                 self._state = ModelState.UNLOADED
-                self._drop()
-                raise
+                self._drop()      # everything the failed load took goes back
+                typed = as_temporary(exc, f"loading {self.info.name}")
+                if typed is exc:
+                    raise
+                raise typed from exc
             self._state = ModelState.LOADED
 
     def _load(self, progress: ProgressCallback | None) -> None:
@@ -108,8 +114,8 @@ class TorchEngine(Engine):
         scheduler = Scheduler(PrefixCache(num_slots), self.max_ctx, self.config.torch_prefill_chunk,
                               self.config.max_queue)
         with phases.phase("runner"):
-            runner = Runner(self.model, self.store,
-                            use_graphs=device.type == "cuda" and self.config.torch_cuda_graphs)
+            runner = self.runner = Runner(self.model, self.store,
+                                          use_graphs=device.type == "cuda" and self.config.torch_cuda_graphs)
         if runner.use_graphs or runner.is_compiled:
             # Compile and capture the first bucket here, not in the middle of serving; the
             # serving loop captures the rest while idle (runner.warm_up says why).
@@ -122,7 +128,8 @@ class TorchEngine(Engine):
             self.store, scheduler.prefix_cache, tier, ident))
         self.admission = self._make_admission()
         self.loop = ServingLoop(scheduler, runner, self.config.max_queue, before_step=self._resume_if_paused,
-                                 name=self.info.name, memory=self.admission)
+                                 name=self.info.name, memory=self.admission,
+                                 on_memory_error=self._give_back_failed)
         report(1.0, "ready")
 
     def _keep_conversations(self, act) -> None:
@@ -206,13 +213,19 @@ class TorchEngine(Engine):
             return freed
 
     def _drop(self) -> None:
+        """Give back everything the model took (after a load, or a load that failed
+        halfway): the worker, the runner's graphs, compiled step and weights
+        (Runner.close says what each held), the KV pages, then the allocator's cache."""
         if self.loop is not None:
             self.loop.close()   # waits for the step in flight; fails what still waits
             self._keep_conversations(lambda tier, ident: kv_persist.save(
                 self.store, self.loop.scheduler.prefix_cache, tier, ident))
+        if self.runner is not None:
+            self.runner.close()
         if self.store is not None:
             self.store.close()
-        self.loop = self.store = self.model = self.text = self.admission = None
+        self.loop = self.runner = self.store = self.model = self.text = self.admission = None
+        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -333,6 +346,19 @@ class TorchEngine(Engine):
             self._after_reclaim()
             return freed
 
+    def _give_back_failed(self, slots: list[int]) -> None:
+        """After a step that failed for want of memory: the failed sequences' slots hold
+        nothing worth keeping; their pages go back (the worker calls this between steps)."""
+        loop = self.loop
+        if loop is None:
+            return
+        with loop.between_steps():
+            for slot in slots:
+                self.store.release(slot)
+            if self._state is ModelState.LOADED:
+                self.store.trim()
+                self._after_reclaim()
+
     def _after_reclaim(self) -> None:
         if self.admission is not None and self._state is not ModelState.PAUSED:
             self.admission.after_reclaim()
@@ -364,6 +390,10 @@ class TorchEngine(Engine):
     @property
     def busy(self) -> bool:
         return self.loop is not None and self.loop.busy
+
+    def stalled_s(self) -> float | None:
+        loop = self.loop
+        return None if loop is None else loop.stalled_s()
 
     @property
     def idle_since(self) -> float:

@@ -12,9 +12,16 @@ Event in a bounded log that the control API and dashboard follow.
 
 The monitor and the clients' verbs are passed in (CONVENTIONS 10), so unit
 tests drive the broker with scripted memory and integration tests with a real
-second process. Reclaim runs one at a time (one lock); verbs are called
-without the registry lock held, so a client may register or read the
-snapshot while another is being trimmed.
+second process.
+
+Locks: decisions (which steps, from whom) and admissions' commits are taken
+under one lock; the clients' verbs run with NO broker lock held. A verb may
+wait for its model's step or its requests in flight, and that model's worker
+may be waiting in admit() for the broker meanwhile: holding the lock across
+the verb deadlocked the daemon on the GPU (issue 15,
+tests/engines/test_broker_deadlock.py). So two reclaims may act at once (the
+pressure thread and an admission); each re-checks its step just before acting
+and an admission re-reads what is free before it commits.
 """
 from __future__ import annotations
 
@@ -24,9 +31,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from kvcached.broker.client import STEP_ORDER, STEP_VERBS, ClientSpec, ReclaimVerbs, Step
+from kvcached.broker.client import STEP_ORDER, ClientSpec, ReclaimVerbs, Step, StepFn, step_functions
 from kvcached.broker.events import Event, EventKind, EventLog, Subscription
-from kvcached.broker.monitor import MemorySample, Monitor, open_monitor
+from kvcached.broker.monitor import Monitor, open_monitor
+from kvcached.broker.sample import MemorySample
+from kvcached.broker.watchdog import Probe
 from kvcached.broker.policy import (Action, ClientView, admission_need, admission_plan,
                                     admission_reclaimable, eligible, plan, pressure_need)
 from kvcached.config import KvcachedConfig
@@ -44,6 +53,10 @@ class ClientHandle:
         self.broker = broker
         self.spec = spec
         self.verbs = verbs
+        self.steps: dict[Step, StepFn] = step_functions(verbs)   # what each step calls
+        # Optional verbs (client.py): resolved once here, not looked up per view.
+        self._cached = getattr(verbs, "cached_bytes", None)
+        self._booked = getattr(verbs, "booked_bytes", None)
 
     @property
     def name(self) -> str:
@@ -61,13 +74,11 @@ class ClientHandle:
         self.broker.unregister(self)
 
     def view(self) -> ClientView:
-        cached = getattr(self.verbs, "cached_bytes", None)     # optional verbs (client.py)
-        booked = getattr(self.verbs, "booked_bytes", None)
         return ClientView(self.name, self.spec.priority, self.spec.min_bytes,
                           int(self.verbs.held_bytes()), bool(self.verbs.is_busy()),
                           float(self.verbs.idle_since()),
-                          _optional_int(cached),
-                          0 if booked is None else int(booked()))
+                          _optional_int(self._cached),
+                          0 if self._booked is None else int(self._booked()))
 
 
 class Broker:
@@ -79,12 +90,14 @@ class Broker:
         self.events = EventLog(config.event_log_size)
         self._clients: dict[str, ClientHandle] = {}
         self._lock = threading.RLock()            # the registry
-        self._reclaim_lock = threading.Lock()     # one reclaim at a time
+        self._reclaim_lock = threading.Lock()     # decisions and commits; never held across a verb
+        self._pressure_acting = threading.Lock()  # a pressure reclaim's verbs are running (try-lock only)
         self._auto_yield = config.auto_yield
         self._last_sample: MemorySample | None = None
         self._is_short = False   # reclaim under pressure started and has not met its target yet
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._generation = 0     # of the sampling thread; a replaced one ends when it sees it
         if monitor is None:
             # With a pool (the daemon's), the backend it was opened on; else the same
             # one decision open_backend makes.
@@ -94,14 +107,13 @@ class Broker:
 
     # --- clients ---------------------------------------------------------------
     def register(self, spec: ClientSpec, verbs: ReclaimVerbs) -> ClientHandle:
-        missing = [v for v in ("held_bytes", "is_busy", "idle_since", *STEP_VERBS.values())
-                   if not callable(getattr(verbs, v, None))]
-        if missing:
-            raise ConfigError(f"client {spec.name}: verbs lack {', '.join(missing)}")
+        try:
+            handle = ClientHandle(self, spec, verbs)
+        except ConfigError as exc:
+            raise ConfigError(f"client {spec.name}: {exc}") from exc
         with self._lock:
             if spec.name in self._clients:
                 raise ConfigError(f"client {spec.name!r} is already registered")
-            handle = ClientHandle(self, spec, verbs)
             self._clients[spec.name] = handle
         log.info("broker: client %s registered (priority %d)", spec.name, spec.priority)
         return handle
@@ -129,10 +141,11 @@ class Broker:
 
     @contextlib.contextmanager
     def between_reclaims(self) -> Iterator[None]:
-        """Hold off admissions and reclaims meanwhile. Each moves bytes between two
-        clients (one gives back, the other is granted), so a sum over clients read
-        while one is halfway can count the same bytes twice; read inside this, it
-        cannot. Never call the broker's own verbs (admit, reclaim) inside it."""
+        """Hold off admissions' commits and reclaim decisions meanwhile. An admission
+        moves bytes between two clients (one gives back, then the other is granted):
+        read inside this, a sum over clients never counts those bytes twice (a verb
+        may be halfway, which only counts them once). Never call the broker's own
+        verbs (admit, reclaim) inside it."""
         with self._reclaim_lock:
             yield
 
@@ -140,15 +153,46 @@ class Broker:
     def start(self) -> "Broker":
         if self._thread is None:
             self._stop.clear()
-            self._thread = threading.Thread(target=self._loop, name="kvcached-broker", daemon=True)
-            self._thread.start()
+            self._start_thread()
         return self
+
+    def restart_sampling(self) -> None:
+        """A new sampling thread in place of one that stopped (the watchdog's recovery:
+        a thread stuck in a client's verb); the old one ends once it comes back."""
+        with self._lock:
+            if self._thread is None or self._stop.is_set():
+                return
+            log.warning("broker: restarting the sampling thread (last sample %.1f s ago)",
+                        self.sample_age_s() or 0.0)
+            self._start_thread()
+
+    def _start_thread(self) -> None:
+        self._generation += 1
+        self._thread = threading.Thread(target=self._loop, args=(self._generation,),
+                                        name=f"kvcached-broker-{self._generation}", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout=10)   # a thread stuck in a verb must not hang shutdown
+            if self._thread.is_alive():
+                log.warning("broker: the sampling thread did not stop in 10 s; leaving it")
             self._thread = None
+
+    def sample_age_s(self) -> float | None:
+        """Seconds since the monitor's last sample (None before the first): a sampling
+        thread that stopped shows here first."""
+        sample = self._last_sample
+        return None if sample is None else sample.age_s()
+
+    def watchdog_probe(self, limit_s: float | None = None) -> Probe:
+        """The sampling thread's heartbeat for a Watchdog: its sample age, restarted past
+        `limit_s` (default: 20 intervals, at least 5 s)."""
+        limit = limit_s if limit_s is not None else max(5.0, 20 * self.config.monitor_interval_s)
+        return Probe("broker sampling thread",
+                     lambda: self.sample_age_s() if self._thread is not None else None,
+                     limit, self.restart_sampling)
 
     def close(self) -> None:
         self.stop()
@@ -160,8 +204,10 @@ class Broker:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _loop(self) -> None:
+    def _loop(self, generation: int) -> None:
         while not self._stop.wait(self.config.monitor_interval_s):
+            if generation != self._generation:
+                return   # replaced by restart_sampling while this one was stuck
             try:
                 self.tick()
             except Exception:   # a broken verb or monitor must not end the thread
@@ -183,9 +229,16 @@ class Broker:
             self._is_short = need.is_needed and need.steps == STEP_ORDER
             if not need.is_needed:
                 return got
-            with self._reclaim_lock:
-                actions = plan(self._views(), need.steps, has_pool=self.pool is not None)
-                returned = self._run(actions, need.bytes, "pressure")
+            # One pressure reclaim acts at a time: a sampling thread that replaced one
+            # stuck in a verb (restart_sampling) samples on, and leaves the acting to it.
+            if not self._pressure_acting.acquire(blocking=False):
+                return got
+            try:
+                with self._reclaim_lock:
+                    actions = plan(self._views(), need.steps, has_pool=self.pool is not None)
+                returned = self._run(actions, need.bytes, "pressure")   # no lock: see the docstring
+            finally:
+                self._pressure_acting.release()
             got += returned
             if returned == 0:
                 # Nothing left to give: wait for the next interval, and start again only
@@ -213,7 +266,7 @@ class Broker:
                 actions = plan([handle.view()], steps, has_pool=False)
             else:
                 actions = plan(self._views(), steps, has_pool=self.pool is not None)
-            return self._run(actions, need, "manual")
+        return self._run(actions, need, "manual")
 
     def admit(self, client: ClientHandle | str, nbytes: int,
               commit: Callable[[int], None] | None = None) -> int:
@@ -227,27 +280,33 @@ class Broker:
         if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
             raise InvalidArgument(f"nbytes: {nbytes!r} must be an int >= 0")
         spec = handle.spec
-        with self._reclaim_lock:
-            held = int(handle.verbs.held_bytes())
-            if spec.max_bytes is not None and held + nbytes > spec.max_bytes:
-                raise AdmissionDenied(f"client {spec.name}: {_mib(held)} held + {_mib(nbytes)} asked "
-                                      f"exceeds its maximum of {_mib(spec.max_bytes)}")
-            start = time.perf_counter()
-            got = self._make_room(handle, nbytes)
-            if commit is not None:
-                commit(nbytes)
-            if got:  # an admission that took nothing is no news (one per request would flood the log)
-                self.events.append(Event(spec.name, EventKind.ADMIT, 0, time.perf_counter() - start, "admission",
-                                         f"{_mib(nbytes)} admitted after {_mib(got)} reclaimed"))
-            return got
+        start = time.perf_counter()
+        got = 0
+        for attempt in range(2):   # decide; act with no lock held; decide again and commit
+            with self._reclaim_lock:
+                held = int(handle.verbs.held_bytes())
+                if spec.max_bytes is not None and held + nbytes > spec.max_bytes:
+                    raise AdmissionDenied(f"client {spec.name}: {_mib(held)} held + {_mib(nbytes)} "
+                                          f"asked exceeds its maximum of {_mib(spec.max_bytes)}")
+                need = self._admission_need(nbytes)
+                if need == 0:
+                    if commit is not None:
+                        commit(nbytes)
+                    break
+                if attempt:
+                    raise AdmissionDenied(f"client {spec.name}: reclaimed {_mib(got)} but "
+                                          f"{_mib(need)} more are needed for {_mib(nbytes)}")
+                actions = self._room_plan(handle, nbytes, need)
+            got += self._run(actions, need, "admission")
+        if got:  # an admission that took nothing is no news (one per request would flood the log)
+            self.events.append(Event(spec.name, EventKind.ADMIT, 0, time.perf_counter() - start, "admission",
+                                     f"{_mib(nbytes)} admitted after {_mib(got)} reclaimed"))
+        return got
 
-    def _make_room(self, handle: ClientHandle, nbytes: int) -> int:
-        """Reclaim what admitting nbytes needs; AdmissionDenied, before taking
-        anything, when the other clients cannot give enough."""
+    def _room_plan(self, handle: ClientHandle, nbytes: int, need: int) -> list[Action]:
+        """The steps that can make `need` bytes of room for an admission; AdmissionDenied,
+        before taking anything, when the other clients cannot give enough."""
         spec = handle.spec
-        need = self._admission_need(nbytes)
-        if need == 0:
-            return 0
         views = self._views()
         pool_bytes = self.pool.reserved() if self.pool is not None else 0
         can = admission_reclaimable(views, spec.priority, spec.name) + pool_bytes
@@ -256,13 +315,7 @@ class Broker:
                 f"client {spec.name}: {_mib(nbytes)} asked needs {_mib(need)} reclaimed, but the "
                 f"others' cached KV and idle clients of lower priority than {spec.priority} "
                 f"can give at most {_mib(can)}")
-        actions = admission_plan(views, spec.priority, spec.name, has_pool=self.pool is not None)
-        got = self._run(actions, need, "admission")
-        still = self._admission_need(nbytes)
-        if still > 0:
-            raise AdmissionDenied(f"client {spec.name}: reclaimed {_mib(got)} but "
-                                  f"{_mib(still)} more are needed for {_mib(nbytes)}")
-        return got
+        return admission_plan(views, spec.priority, spec.name, has_pool=self.pool is not None)
 
     def _admission_need(self, nbytes: int) -> int:
         views = self._views()
@@ -295,7 +348,7 @@ class Broker:
                 # earlier step (trim) may have left nothing for this one to take.
                 if handle is None or not eligible(handle.view(), action.step):
                     return 0
-                returned = int(getattr(handle.verbs, STEP_VERBS[action.step])())
+                returned = int(handle.steps[action.step]())
         except Exception as exc:  # a client's failure must not stop the rest of the reclaim
             log.warning("broker: %s of %s failed: %s", action.step.value, action.client, exc)
             returned, detail = 0, f"{type(exc).__name__}: {exc}"
@@ -330,6 +383,7 @@ class Broker:
                             "cached_bytes": v.cached_bytes, "booked_bytes": v.booked_bytes,
                             "is_busy": v.is_busy, "idle_s": 0.0 if v.is_busy else now - v.idle_since})
         return {"device": {**sample.to_dict(), "monitor": self.monitor.name},
+                "sample_age_s": round(sample.age_s(), 3),
                 "headroom_bytes": self.config.headroom_bytes,
                 "budget_bytes": self.config.budget_bytes,
                 "auto_yield": self.auto_yield,

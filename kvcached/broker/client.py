@@ -10,6 +10,7 @@ caller holds would deadlock.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -33,13 +34,24 @@ WHOLE_STEPS = frozenset({Step.PAUSE, Step.UNLOAD})
 CHEAP_STEPS = frozenset({Step.POOL, Step.TRIM, Step.DROP_PREFIXES})
 # Steps that would disturb a running request: never on a busy client.
 IDLE_ONLY_STEPS = frozenset({Step.PAUSE, Step.UNLOAD})
-# The verb each client step calls.
-STEP_VERBS: dict[Step, str] = {
-    Step.TRIM: "trim",
-    Step.DROP_PREFIXES: "drop_prefixes",
-    Step.PAUSE: "pause",
-    Step.UNLOAD: "unload",
-}
+StepFn = Callable[[], int]   # a client's reclaim verb: bytes given back
+
+
+def step_functions(verbs: "ReclaimVerbs") -> dict[Step, StepFn]:
+    """The callable each client step runs, taken from the verbs once, at registration
+    (ConfigError naming what is missing)."""
+    try:
+        table = {Step.TRIM: verbs.trim, Step.DROP_PREFIXES: verbs.drop_prefixes,
+                 Step.PAUSE: verbs.pause, Step.UNLOAD: verbs.unload}
+        for query in (verbs.held_bytes, verbs.is_busy, verbs.idle_since):
+            if not callable(query):
+                raise AttributeError(query)
+    except AttributeError as exc:
+        raise ConfigError(f"client verbs lack {exc}") from exc
+    missing = [step.value for step, fn in table.items() if not callable(fn)]
+    if missing:
+        raise ConfigError(f"client verbs lack callables for {', '.join(missing)}")
+    return table
 
 
 @runtime_checkable

@@ -1,36 +1,15 @@
-"""What the broker watches: one memory sample of the device, and the monitor
-that takes it.
+"""What the broker watches: the monitor that takes a memory sample (sample.py).
 
-A sample says how much memory the device has, how much is free, how much
-this process holds and how much everyone else does. The broker takes its
-monitor as a parameter (CONVENTIONS 10): NVML on a GPU (monitor_nvml), /proc
-on the host backend (monitor_host), a scripted source in unit tests.
+The broker takes its monitor as a parameter (CONVENTIONS 10): NVML on a GPU
+(monitor_nvml), /proc on the host backend (monitor_host), a scripted source in
+unit tests. open_monitor() chooses one by the VMM backend's name.
 """
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Protocol
 
+from kvcached.broker.sample import MemorySample, OursFn
 from kvcached.errors import BackendUnavailable
-
-OursFn = Callable[[], int]   # bytes this process's clients hold, as the broker counts them
-
-
-@dataclass(frozen=True)
-class MemorySample:
-    total_bytes: int
-    free_bytes: int
-    ours_bytes: int             # this process
-    others_bytes: int           # everyone else (total - free - ours, never below 0)
-    pressure: float | None = None   # host: /proc/pressure/memory "some avg10" (%); None where unknown
-    monotonic: float = field(default_factory=time.monotonic)
-
-    def to_dict(self) -> dict:
-        return {"total_bytes": self.total_bytes, "free_bytes": self.free_bytes,
-                "ours_bytes": self.ours_bytes, "others_bytes": self.others_bytes,
-                "pressure": self.pressure}
 
 
 class Monitor(Protocol):
@@ -41,10 +20,6 @@ class Monitor(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def others_from(total: int, free: int, ours: int) -> int:
-    return max(0, total - free - ours)
 
 
 def open_monitor(backend_name: str, device: int, ours: OursFn) -> Monitor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvcached.broker.monitor import MemorySample, OursFn, others_from
+from kvcached.broker.sample import MemorySample, OursFn, others_from
 from kvcached.rss import meminfo_bytes
 
 PSI_PATH = Path("/proc/pressure/memory")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 
-from kvcached.broker.monitor import MemorySample, OursFn, others_from
+from kvcached.broker.sample import MemorySample, OursFn, others_from
 from kvcached.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)

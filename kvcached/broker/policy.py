@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from kvcached.broker.client import (CHEAP_STEPS, CLIENT_STEPS, IDLE_ONLY_STEPS, STEP_ORDER,
                                     WHOLE_STEPS, Step)
-from kvcached.broker.monitor import MemorySample
+from kvcached.broker.sample import MemorySample
 
 # /proc/pressure/memory "some avg10" (%) from which the host is short of memory
 # even while MemAvailable looks fine: then the cheap steps run.

@@ -218,14 +218,13 @@ class KVCache:
     def trim(self) -> int:
         """Unmap every page that holds no live token; returns bytes given back."""
         with self._exclusive():
-            freed = 0
             trimmable = self._table.trimmable(self.layout.pages_for_tokens)
-            if trimmable:
-                # step_guard ends when a step's kernels are queued, not done: a batched
-                # decode may still be reading these pages (as zeros or stale KV).
-                self.pool.backend.synchronize()
-            for slot, first, count in trimmable:
-                freed += self._vt.unmap_pages(self.layout.first_page(slot) + first, count)
+            # step_guard ends when a step's kernels are queued, not done: a batched
+            # decode may still read these pages. The virtual tensor synchronizes once
+            # for all the spans (one cuCtxSynchronize a trim, not one a slot).
+            freed = self._vt.unmap_spans([(self.layout.first_page(slot) + first, count)
+                                          for slot, first, count in trimmable])
+            for slot, first, _ in trimmable:
                 self._table.slots[slot].mapped_pages = first
             self._shrink_own_pool()
             return freed
@@ -250,10 +249,11 @@ class KVCache:
             # Whole pages a chunk: unmapping a chunk must never take bytes of the next.
             chunk = max(1, PAUSE_CHUNK // page) * page
             paused, freed = offload.save_unmapping(self._bytes, ranges, self._staging, unmap, chunk)
-            for i, s in enumerate(self._table.slots):   # pages past the live tokens
-                if s.mapped_pages:
-                    freed += self._vt.unmap_pages(self.layout.first_page(i), s.mapped_pages)
-                    s.mapped_pages = 0
+            rest = [(self.layout.first_page(i), s.mapped_pages)   # pages past the live tokens
+                    for i, s in enumerate(self._table.slots) if s.mapped_pages]
+            freed += self._vt.unmap_spans(rest)
+            for s in self._table.slots:
+                s.mapped_pages = 0
             self._paused = paused
             self._shrink_own_pool()
             log.debug("KV paused: %d live bytes to host, %d bytes unmapped", paused.nbytes, freed)

@@ -96,10 +96,11 @@ class CudaBackend(VmmBackend):
         self._ro = [access_desc(config.device, READ_ONLY)]
         self.granularity = check("cuMemGetAllocationGranularity", cu.cuMemGetAllocationGranularity(
             self._prop, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM))
-        if config.page_size % self.granularity:
-            raise BackendUnavailable(f"page_size {config.page_size} is not a multiple of the "
+        page_size = config.page_size_for("cuda")
+        if page_size % self.granularity:
+            raise BackendUnavailable(f"page_size {page_size} is not a multiple of the "
                                      f"device granularity {self.granularity}")
-        self.zero_page_size = config.page_size
+        self.zero_page_size = page_size
         self._closed = False
         self._zero = self._make_zero_page()
 

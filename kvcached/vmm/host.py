@@ -69,7 +69,7 @@ class HostBackend(VmmBackend):
             raise BackendUnavailable("host backend needs Linux memfd_create")
         self._libc = _load_libc()
         self.granularity = mmap.PAGESIZE
-        self.zero_page_size = config.page_size
+        self.zero_page_size = config.page_size_for("host")
         self.device = torch.device("cpu")
         self._lock = threading.Lock()
         self._free_slots: dict[int, list[int]] = {}   # size -> offsets free for reuse

@@ -21,7 +21,7 @@ from engines.torch.engine import TorchEngine
 from engines.torch.load.gguf_loader import bundled_model_path
 from engines.types import GenerateRequest, RequestKind, SamplingParams
 from kvcached.broker import Broker
-from kvcached.broker.monitor import MemorySample
+from kvcached.broker.sample import MemorySample
 from kvcached.config import KvcachedConfig
 from kvcached.rss import rss_shmem_bytes
 from kvcached.standalone import standalone_pool

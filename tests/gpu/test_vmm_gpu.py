@@ -64,8 +64,12 @@ def test_map_write_read_unmap_zero_reads(pool, dtype):
         assert vt.tensor.data_ptr() == vt.addr  # the address never moves
 
 
-def test_prepared_pages_and_deferred_zero(pool):
-    with VirtualTensor(pool, (8, PAGE), torch.uint8) as vt:  # one row per page
+def test_prepared_pages_and_deferred_zero(backend):
+    """The benchmark-only staged tensor (benchmarks/staged_vmm.py) on the device."""
+    from benchmarks.staged_vmm import StagedPool, StagedVirtualTensor
+
+    with StagedPool(backend, _config()) as pool, \
+            StagedVirtualTensor(pool, (8, PAGE), torch.uint8) as vt:  # one row per page
         vt.map_pages(0, 2)
         vt.tensor[:2] = 5
         assert vt.prepare_pages(2, 3) == 3 and pool.held() == 2 * PAGE

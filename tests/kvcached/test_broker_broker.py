@@ -8,7 +8,7 @@ import time
 import pytest
 
 from kvcached.broker import Broker, ClientSpec, Step
-from kvcached.broker.monitor import MemorySample
+from kvcached.broker.sample import MemorySample
 from kvcached.config import KvcachedConfig
 from kvcached.errors import AdmissionDenied, ConfigError, InvalidArgument
 

@@ -9,7 +9,7 @@ mapped. Driven by scripted memory (CONVENTIONS 10), as test_broker_broker.py.
 from __future__ import annotations
 
 from kvcached.broker import Broker, ClientSpec
-from kvcached.broker.monitor import MemorySample
+from kvcached.broker.sample import MemorySample
 from kvcached.broker.policy import pressure_need
 from kvcached.config import KvcachedConfig
 

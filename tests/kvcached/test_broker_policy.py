@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvcached.broker.client import Step
-from kvcached.broker.monitor import MemorySample
+from kvcached.broker.sample import MemorySample
 from kvcached.broker.policy import (PRESSURE_THRESHOLD, Action, ClientView, admission_need,
                                     admission_plan, admission_reclaimable, eligible,
                                     eligible_for_admission, plan, pressure_need, reclaimable_bytes)

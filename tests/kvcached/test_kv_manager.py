@@ -259,3 +259,37 @@ def test_shrinking_a_slot_while_paused_stays_paused(kv):
     kv.resume()
     assert kv.held_bytes() == 2 * PAGE and checksum(kv, a, 40) == crc
     assert kv.ensure(a, 41) == 0 and kv.ensure(b, 1) == PAGE
+
+
+class CountingSyncs:
+    """The real host backend, counting synchronize() calls (the one owner of
+    "synchronize before unmap" is the virtual tensor, once per give-back)."""
+
+    def __init__(self, backend) -> None:
+        self._backend = backend
+        self.syncs = 0
+
+    def synchronize(self) -> None:
+        self.syncs += 1
+        self._backend.synchronize()
+
+    def __getattr__(self, name: str):
+        return getattr(self._backend, name)
+
+
+def test_a_trim_over_many_slots_synchronizes_once(backend):
+    counting = CountingSyncs(backend)
+    with KVCache(counting, SHAPE, max_slots=3, max_context=200, config=CONFIG) as kv:
+        slots = [kv.acquire_slot() for _ in range(3)]
+        for slot in slots:
+            kv.ensure(slot, 100)                      # 4 pages each
+        kv.tail_readers = False
+        for slot in slots:
+            kv.ensure(slot, 10)                       # 3 pages each to trim
+        before = counting.syncs
+        assert kv.trim() == 3 * 3 * PAGE
+        assert counting.syncs - before == 1           # was 1 + one per slot
+        before = counting.syncs
+        assert kv.trim() == 0
+        assert counting.syncs == before               # nothing to give back: no sync
+        assert [kv.num_tokens(s) for s in slots] == [10] * 3

@@ -134,21 +134,24 @@ def test_threads_acquire_and_release_concurrently(backend):
 
 
 class MapUnmapMachine(RuleBasedStateMachine):
-    """Random map/prepare/unmap (eager or deferred zero page)/settle/shrink over two
-    tensors sharing one pool. After each step the pool is made quiescent
-    (fill_reserve), then: pages held = pages mapped + pages in reserve,
-    measured against the memory really committed in the backend; data written to a
-    mapped page reads back until it is unmapped; every other page reads zeros."""
+    """Random map/unmap/shrink over two tensors sharing one pool (the staged variant,
+    with prepare and a deferred zero page, is tests/benchmarks/test_staged_vmm.py).
+    After each step the pool is made quiescent (fill_reserve), then: pages held =
+    pages mapped + pages in reserve, measured against the memory really committed in
+    the backend; data written to a mapped page reads back until it is unmapped; every
+    other page reads zeros."""
 
     NUM_PAGES = 6
     spans = st.tuples(st.integers(0, 1), st.integers(0, NUM_PAGES - 1), st.integers(0, 3))
+    pool_class = PagePool
+    tensor_class = VirtualTensor
 
     def __init__(self) -> None:
         super().__init__()
         self.config = _config(budget_bytes=9 * PAGE, reserve_pages=2)
         self.backend = open_backend(self.config)
-        self.pool = PagePool(self.backend, self.config)
-        self.tensors = [VirtualTensor(self.pool, (self.NUM_PAGES, PAGE), torch.uint8)
+        self.pool = self.pool_class(self.backend, self.config)
+        self.tensors = [self.tensor_class(self.pool, (self.NUM_PAGES, PAGE), torch.uint8)
                         for _ in range(2)]
         self.stamps: list[dict[int, int]] = [{}, {}]  # tensor -> page -> byte written
         self.prepared: list[set[int]] = [set(), set()]
@@ -174,32 +177,26 @@ class MapUnmapMachine(RuleBasedStateMachine):
                 vt.tensor[page] = self.counter
                 self.stamps[t][page] = self.counter
 
-    @rule(span=spans)
-    def prepare(self, span) -> None:
-        vt, t, first, count = self._span(span)
-        pending = set(vt.pending_zero_pages())
-        vt.prepare_pages(first, count)
-        self.prepared[t].update(p for p in range(first, first + count)
-                                if p not in self.stamps[t] and p not in pending)
-
-    @rule(span=spans, defer=st.booleans())
-    def unmap(self, span, defer: bool) -> None:
+    def _unmap(self, span, **how) -> None:
         vt, t, first, count = self._span(span)
         expected = sum(1 for p in range(first, first + count) if p in self.stamps[t])
-        assert vt.unmap_pages(first, count, defer_zero=defer) == expected * PAGE
+        assert vt.unmap_pages(first, count, **how) == expected * PAGE
         for page in range(first, first + count):
             self.stamps[t].pop(page, None)
             self.prepared[t].discard(page)
 
-    @rule(t=st.integers(0, 1))
-    def settle(self, t: int) -> None:
-        self.tensors[t].settle()
-        assert self.tensors[t].pending_zero_pages() == []
+    @rule(span=spans)
+    def unmap(self, span) -> None:
+        self._unmap(span)
 
     @rule()
     def shrink(self) -> None:
         reserved = self.pool.reserved()
         assert self.pool.shrink() == reserved
+
+    def _bare(self, vt, prepared: set[int]) -> set[int]:
+        """Pages with no mapping at all (reads would fault): none in kvcached's tensor."""
+        return set()
 
     @invariant()
     def accounting_and_data(self) -> None:
@@ -211,9 +208,7 @@ class MapUnmapMachine(RuleBasedStateMachine):
         assert stats.held_pages <= stats.budget_pages
         for vt, stamps, prepared in zip(self.tensors, self.stamps, self.prepared):
             assert sorted(stamps) == vt.mapped_pages()
-            assert sorted(prepared) == vt.prepared_pages()
-            bare = set(vt.pending_zero_pages()) | prepared  # no mapping: reads would fault
-            for page in set(range(self.NUM_PAGES)) - bare:
+            for page in set(range(self.NUM_PAGES)) - self._bare(vt, prepared):
                 expected = stamps.get(page, 0)
                 row = vt.tensor[page]
                 assert int(row[0]) == expected and int(row[-1]) == expected
@@ -226,7 +221,7 @@ class MapUnmapMachine(RuleBasedStateMachine):
         self.backend.close()
 
 
-MapUnmapMachine.TestCase.settings = settings(
-    max_examples=50, stateful_step_count=30, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow])
+MACHINE_SETTINGS = settings(max_examples=50, stateful_step_count=30, deadline=None,
+                            suppress_health_check=[HealthCheck.too_slow])
+MapUnmapMachine.TestCase.settings = MACHINE_SETTINGS
 test_map_unmap_state_machine = MapUnmapMachine.TestCase

@@ -27,12 +27,14 @@ import torch
 
 from engines.errors import EngineBusy
 from engines.torch.serve.admission import MemoryAdmission
+from engines.torch.serve.oom import as_temporary, give_back_cached_blocks, is_out_of_memory
 from engines.torch.serve.runner import Runner
 from engines.torch.serve.sampling import make_generator, sample
 from engines.torch.serve.scheduler import Scheduler, Sequence, SeqStatus
 from engines.torch.serve.step_stats import StepStats
 from engines.torch.serve.stops import StopMatcher
 from engines.types import FinishReason, GenerateRequest, StreamChunk, Usage
+from kvcached.errors import TemporaryError
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +60,12 @@ class Job:
 class ServingLoop:
     def __init__(self, scheduler: Scheduler, runner: Runner, max_queue: int,
                  before_step: Callable[[], None] = lambda: None, name: str = "torch",
-                 memory: MemoryAdmission | None = None) -> None:
+                 memory: MemoryAdmission | None = None,
+                 on_memory_error: Callable[[list[int]], None] = lambda slots: None) -> None:
+        """on_memory_error(slots): after a step failed for want of memory, the slots its
+        failed sequences held; the engine gives back what they mapped."""
         self.scheduler = scheduler
+        self.on_memory_error = on_memory_error
         self.memory = memory
         if memory is not None:
             scheduler.gate = memory.gate
@@ -77,6 +83,7 @@ class ServingLoop:
         self._stop = False
         self._closing = False
         self.idle_since = time.monotonic()
+        self.last_progress = time.monotonic()   # the worker's heartbeat (stalled_s)
         self._thread = threading.Thread(target=self._run, name="torch-engine", daemon=True)
         self._thread.start()
 
@@ -129,28 +136,66 @@ class ServingLoop:
         self._thread.join()
 
     # --- the worker ----------------------------------------------------------
+    def stalled_s(self) -> float | None:
+        """Seconds the worker has had work and shown no progress (None while idle): the
+        daemon's watchdog reads it, never waiting on the worker's locks."""
+        if not self.busy:
+            return None
+        return time.monotonic() - self.last_progress
+
     def _run(self) -> None:
         while True:
-            if self._is_idle() and self._capture_while_idle():
+            self.last_progress = time.monotonic()
+            if self._is_idle() and self._capture_idle_safely():
                 continue
             with self._wake:
                 while not (self._stop or self._inbox or self._jobs):
                     self._wake.wait()
                 if self._stop:
                     break
+            self.last_progress = time.monotonic()   # woke for new work
             self._let_callers_in()
             try:
                 if self._needs_memory() and not self._reserve_memory():
                     continue
                 self.step()
             except Exception as exc:  # a failed step fails its requests, never the worker
-                log.exception("torch engine step failed")
-                self._fail_all(exc)
+                self._step_failed(exc)
         self._fail_all(EngineBusy("the model was unloaded while this request waited"))
+
+    def _step_failed(self, exc: Exception) -> None:
+        """Its requests get the error (an out-of-memory as a temporary one: HTTP 503);
+        the scheduler forgets their slots, so the next request starts clean."""
+        typed = as_temporary(exc, f"model {self.stats.name}: a step")
+        if isinstance(typed, TemporaryError):
+            log.warning("torch engine step failed, temporarily: %s", typed)
+        else:
+            log.exception("torch engine step failed")
+        slots = self._fail_all(typed)
+        if isinstance(typed, TemporaryError):
+            # What the failed sequences mapped goes back now: the next request (and the
+            # application that took the memory) must find it, not a forgotten slot's pages.
+            give_back_cached_blocks()
+            try:
+                self.on_memory_error(slots)
+            except Exception:  # noqa: BLE001 - the requests have their error; log and go on
+                log.exception("giving back memory after a failed step failed")
 
     def _is_idle(self) -> bool:
         with self._wake:
             return not (self._stop or self._inbox or self._jobs)
+
+    def _capture_idle_safely(self) -> bool:
+        """_capture_while_idle, where a failure (out of memory while another application
+        holds the GPU) leaves the rest to be captured on demand, never ends the worker."""
+        try:
+            return self._capture_while_idle()
+        except Exception as exc:  # noqa: BLE001 - a dead worker hangs every request
+            log.warning("capturing a pending decode graph failed (%s); the rest are captured "
+                        "when first needed", as_temporary(exc, f"model {self.stats.name}"))
+            self.runner.pending.clear()
+            give_back_cached_blocks()
+            return False
 
     def _capture_while_idle(self) -> bool:
         """One decode graph the load left pending (runner.warm_up), on a slot that holds
@@ -288,22 +333,27 @@ class ServingLoop:
                                 finish_reason=reason, usage=usage))
         self._jobs.pop(seq.seq_id, None)
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def _fail_all(self, exc: BaseException) -> list[int]:
+        """Every waiting and running request gets `exc`; returns the slots forgotten."""
         with self._wake:
             pending, self._inbox = self._inbox, []
         for job in pending:
             job.out.put(exc)
+        forgotten = []
         for job in self._jobs.values():
             if job.seq.status is not SeqStatus.FINISHED:
+                slot = job.seq.slot
                 self.scheduler.finish(job.seq, FinishReason.CANCELLED)
-                if job.seq.slot >= 0:  # the failed step may have left its KV half-written
-                    self.scheduler.prefix_cache.forget(job.seq.slot)
+                if slot >= 0:  # the failed step may have left its KV half-written
+                    self.scheduler.prefix_cache.forget(slot)
+                    forgotten.append(slot)
             job.out.put(exc)
         self._jobs.clear()
         self._note_idle()
         if self.memory is not None:
             with self.step_lock:
                 self.memory.settle(self.scheduler)
+        return forgotten
 
     def _note_idle(self) -> None:
         if not self._jobs and not self._inbox:

@@ -3,8 +3,8 @@
 Giving a page back costs cuMemUnmap + cuMemRelease; putting the zero page back
 costs another cuMemMap + cuMemSetAccess (~30 us per page on an H100, as much
 as the give-back itself: benchmarks/vmm_driver_costs.py). A caller that will
-launch no work reading those pages until it calls `settle()` (pause, unload,
-a trim between engine steps) may leave that work to this thread, so memory
+launch no work reading those pages until it calls `settle()` (benchmarks/staged_vmm.py;
+kvcached itself does not use it) may leave that work to this thread, so memory
 goes back at the raw driver rate. Until a task has run, its page has no
 mapping at all: a kernel reading it would fault, hence the settle() rule.
 
