@@ -49,7 +49,7 @@ def _route(ctx: ServerContext, info) -> dict:
     """The engine that would serve it, and why (engines.choice's routing table)."""
     from engines.choice import choose_engine
 
-    choice = choose_engine(info, ctx.manager.registry.config)
+    choice = choose_engine(info, ctx.manager.registry.config, ctx.on_cuda())
     return {"engine": choice.engine, "reason": choice.reason}
 
 
@@ -68,7 +68,7 @@ def model_rows(ctx: ServerContext) -> list[dict]:
                                 if engine.fallback_note else {}),
                              "priority": ctx.settings.model(loaded.name).priority,
                              "expires_at": None if loaded.expires_at == float("inf") else loaded.expires_at,
-                             "requests_active": loaded.active}
+                             "requests_active": loaded.active, "load_phases_s": dict(engine.load_phases)}
     return list(rows.values())
 
 

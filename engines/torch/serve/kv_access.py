@@ -167,6 +167,15 @@ class KvcachedStore(KVStore):
     def live_tokens(self, slot: int) -> int:
         return self.cache.num_tokens(slot)
 
+    def export_slot(self, slot: int, n_tokens: int) -> torch.Tensor:
+        """A host copy of the slot's first n_tokens of KV (live or paused)."""
+        return self.cache.export_slot(slot, n_tokens)
+
+    def import_slot(self, slot: int, kv: torch.Tensor) -> None:
+        """The slot holds exactly this KV's tokens (read back from the disk tier)."""
+        self.cache.import_slot(slot, kv)
+        self._asked[slot] = self._ensured[slot] = kv.shape[0]
+
     def step_guard(self):
         return self.cache.step_guard()
 
@@ -249,6 +258,8 @@ class SlotKV(KVAccess):
             v_cache = self.v[layer][self._slot:self._slot + 1]
             write_kv(k_cache, v_cache, k, v, positions)
             return cache_attention(q, k_cache, v_cache, self._mask, self._read_len, spec, positions)
+        if spec.attention is not None:   # a layer's own attention (llama.cpp's, CPU): never compiled
+            return self.attend_batch(layer, q, k, v, positions, self._slots, self._mask, spec=spec)
         return self._attend_op(layer, q, k, v, positions, None, None, spec)
 
     def attend_rotary(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

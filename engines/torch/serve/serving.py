@@ -55,14 +55,11 @@ class Job:
 
 
 class ServingLoop:
-    def __init__(self, scheduler: Scheduler, runner: Runner, max_queue: int,
-                 before_step: Callable[[], None] = lambda: None, name: str = "torch",
-                 budget: KVBudget | None = None) -> None:
-        """budget: the KV budget over kvcached pages (None: a static KV, nothing to admit)."""
+    def __init__(self, scheduler: Scheduler, runner: Runner, budget: KVBudget, max_queue: int,
+                 before_step: Callable[[], None] = lambda: None, name: str = "torch") -> None:
         self.scheduler = scheduler
         self.budget = budget
-        if budget is not None:
-            scheduler.gate, scheduler.grow = budget.admit, budget.grow
+        scheduler.gate, scheduler.grow = budget.admit, budget.grow
         self.stats = StepStats(name)
         self.runner = runner
         self.max_queue = max_queue
@@ -135,7 +132,7 @@ class ServingLoop:
             try:
                 with self.step_lock:
                     self._intake()
-                if self.budget is None or self.budget.before_step(self.scheduler, self.step_lock):
+                if self.budget.before_step(self.scheduler, self.step_lock):
                     self.step()
                 else:
                     self._wait(ADMISSION_WAIT_S)   # refused, nothing can run: never spin
@@ -145,10 +142,30 @@ class ServingLoop:
         self._fail_all(EngineBusy("the model was unloaded while this request waited"))
 
     def _wait_for_work(self) -> bool:
+        """Until a request comes (capturing a decode graph the load left pending
+        meanwhile); False once stopped."""
+        while self._is_idle() and self._capture_while_idle():
+            pass
         with self._wake:
             while not (self._stop or self._inbox or self._jobs):
                 self._wake.wait()
             return not self._stop
+
+    def _is_idle(self) -> bool:
+        with self._wake:
+            return not (self._stop or self._inbox or self._jobs)
+
+    def _capture_while_idle(self) -> bool:
+        """One decode graph the load left pending (runner.warm_up), on a slot that holds
+        nothing; False when none is pending or no slot is empty. A request arriving
+        meanwhile waits for this one capture (~1 s on the H100), not for all of them."""
+        if not self.runner.pending:
+            return False
+        slot = self.scheduler.prefix_cache.empty_slot()
+        if slot is None:
+            return False
+        with self.step_lock:
+            return self.runner.capture_pending(slot)
 
     def _wait(self, seconds: float) -> None:
         with self._wake:
@@ -160,8 +177,7 @@ class ServingLoop:
             try:
                 self._step()
             finally:
-                if self.budget is not None:
-                    self.budget.settle(self.scheduler)
+                self.budget.settle(self.scheduler)
 
     def _step(self) -> None:
         self.before_step()                                  # a paused KV comes back first
@@ -197,11 +213,9 @@ class ServingLoop:
         """Once a loop, under the step lock: new requests in, cancelled ones and those
         that waited too long for memory out."""
         self._admit()
-        ended = self._reap_cancelled()
-        if self.budget is not None:
-            ended += self._expire_memory_waits()
-            if ended:   # their bookings end before the budget weighs what waits
-                self.budget.settle(self.scheduler)
+        ended = self._reap_cancelled() + self._expire_memory_waits()
+        if ended:   # their bookings end before the budget weighs what waits
+            self.budget.settle(self.scheduler)
 
     def _expire_memory_waits(self) -> int:
         expired = self.budget.expired(self.scheduler, time.monotonic())
@@ -291,9 +305,8 @@ class ServingLoop:
             job.out.put(exc)
         self._jobs.clear()
         self._note_idle()
-        if self.budget is not None:
-            with self.step_lock:
-                self.budget.settle(self.scheduler)
+        with self.step_lock:
+            self.budget.settle(self.scheduler)
 
     def _note_idle(self) -> None:
         if not self._jobs and not self._inbox:
