@@ -42,7 +42,8 @@ with max_tokens books all of it at entry and never pauses.
 Threads: the worker (before_step, admit, grow, settle, and `_grant` under the
 broker's lock), the engine's verbs (after_reclaim/pause/resume, between steps,
 on the broker's or a control thread), memory reads (any thread). One lock
-here serializes them over the ledger; no step takes it more than twice.
+here serializes them over the ledger; a steady decode step takes it once
+(settle), and the check before it takes no lock at all.
 Without a broker handle everything is admitted and grows freely (tests,
 benchmarks).
 """
@@ -238,7 +239,7 @@ class KVBudget:
         mapped = self._store.held_bytes
         with self._lock:
             self._ended += self.ledger.settle(mapped, running, self._store.live_tokens)
-            if self.ledger.credit and not (scheduler.waiting or self._is_paused or _paused(scheduler.running)):
+            if self.ledger.credit and not (scheduler.waiting or self._is_paused or _stalled(scheduler.running)):
                 self.ledger.clear_credit()
 
     # --- the engine's verbs (between steps) ------------------------------------------
@@ -282,7 +283,7 @@ def _due(running: list[Sequence]) -> bool:
     return False
 
 
-def _paused(running: list[Sequence]) -> bool:
+def _stalled(running: list[Sequence]) -> bool:
     """Is a running answer sitting steps out for memory?"""
     for seq in running:
         if seq.memory_wait_since is not None:
