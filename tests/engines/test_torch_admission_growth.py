@@ -29,6 +29,7 @@ from engines.torch.engine import TorchEngine  # noqa: E402
 from engines.types import FinishReason, GenerateRequest, RequestKind, SamplingParams  # noqa: E402
 from kvcached.broker import Broker  # noqa: E402
 from kvcached.config import KvcachedConfig  # noqa: E402
+from kvcached.standalone import standalone_pool  # noqa: E402
 
 PAGE = 64 << 10            # 16 tokens of this model's float32 KV (4 KiB a token)
 TOKENS_PER_PAGE = 16
@@ -43,7 +44,7 @@ def make_engine(timeout_s: float) -> TorchEngine:
                                    metadata={"config": MODEL}),
                          EngineConfig(torch_num_slots=2, torch_max_context=CTX, torch_prefill_chunk=64,
                                       max_queue=16, admission_timeout_s=timeout_s),
-                         KvcachedConfig(page_size=PAGE, reserve_pages=0))
+                         standalone_pool(KvcachedConfig(page_size=PAGE, reserve_pages=0)))
     engine.load()
     assert len(engine.tokenize(prompt(0))) == PROMPT
     engine.budget.grow_tokens = GROW
