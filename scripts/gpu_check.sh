@@ -35,6 +35,7 @@ declare -A PARTS=(
   [pressure]="560 -m benchmarks.desktop_pressure"
   [colocate]="590 -m benchmarks.colocate"
   [cold_start]="420 -m benchmarks.cold_start"
+  [quant_matvec]="240 -m benchmarks.quant_matvec"
 )
 ORDER=(tests vmm vmm2 yield decode engines)  # pressure and colocate: one call each
 [ $# -gt 0 ] && ORDER=("$@")
