@@ -39,6 +39,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # The client set no max_tokens: answer until a stop or the context is full
+    # (max_tokens then holds that limit). The torch engine books its KV as it
+    # grows instead of the whole context up front (engines/torch/serve/kv_budget.py).
+    open_ended: bool = False
 
     def __post_init__(self) -> None:
         # Values come from clients through the HTTP layer, which validates them

@@ -34,8 +34,9 @@ def make_sampling(*, max_tokens: int | None, temperature: float | None = None, t
                   presence_penalty: float | None = None, frequency_penalty: float | None = None,
                   repeat_last_n: int | None = None) -> SamplingParams:
     """SamplingParams from what a client sent; None keeps the default. Raises BadRequest."""
-    values: dict[str, object] = {"max_tokens": UNBOUNDED if max_tokens is None or max_tokens < 0 else max_tokens,
-                                 "stop": normalize_stop(stop)}
+    open_ended = max_tokens is None or max_tokens < 0
+    values: dict[str, object] = {"max_tokens": UNBOUNDED if open_ended else max_tokens,
+                                 "open_ended": open_ended, "stop": normalize_stop(stop)}
     checks = {
         "temperature": (temperature, lambda v: v >= 0, "must be >= 0"),
         "top_p": (top_p, lambda v: 0 <= v <= 1, "must be in [0, 1]"),

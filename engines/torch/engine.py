@@ -10,7 +10,7 @@ CUDA, load() compiles and captures every decode bucket ("compiling"), so no
 request waits for it. The broker's verbs run between steps (the loop's
 between_steps(), which lets them in at the next step boundary). Once the
 broker hands it a client handle (attach_broker), a sequence runs only when the
-KV it may need fits the broker's budget (engines/torch/serve/admission.py).
+KV it may need fits the broker's budget (engines/torch/serve/kv_budget.py).
 """
 from __future__ import annotations
 
@@ -27,10 +27,9 @@ from engines.base import Engine, ModelInfo, ProgressCallback
 from engines.config import EngineConfig
 from engines.phases import LoadPhases
 from engines.errors import ContextOverflow, EmbeddingsUnsupported, InvalidRequest, ModelLoadError
-from engines.torch.serve.admission import MemoryAdmission
 from engines.torch.model.attention import ContiguousKV
 from engines.torch.serve.kv_access import KvcachedStore
-from engines.torch.serve.kv_ledger import KVLedger
+from engines.torch.serve.kv_budget import KVBudget
 from engines.torch.serve.oom import as_temporary
 from engines.torch.serve import kv_persist
 from engines.torch.serve.prefix_cache import PrefixCache
@@ -73,7 +72,7 @@ class TorchEngine(Engine):
         self.loop: ServingLoop | None = None
         self.runner: Runner | None = None
         self.max_ctx = 0
-        self.admission: MemoryAdmission | None = None
+        self.budget: KVBudget | None = None
         self._broker_handle = None    # kvcached.broker.ClientHandle, set by attach_broker
 
     # --- lifecycle -------------------------------------------------------------
@@ -126,10 +125,10 @@ class TorchEngine(Engine):
         # After the warm-up, which writes slot 0: restored conversations must stay as saved.
         self._keep_conversations(lambda tier, ident: kv_persist.restore(
             self.store, scheduler.prefix_cache, tier, ident))
-        self.admission = self._make_admission()
-        self.loop = ServingLoop(scheduler, runner, self.config.max_queue, before_step=self._resume_if_paused,
-                                 name=self.info.name, memory=self.admission,
-                                 on_memory_error=self._give_back_failed)
+        self.budget = self._make_budget()
+        self.loop = ServingLoop(scheduler, runner, self.budget, self.config.max_queue,
+                                before_step=self._resume_if_paused, name=self.info.name,
+                                on_memory_error=self._give_back_failed)
         report(1.0, "ready")
 
     def _keep_conversations(self, act) -> None:
@@ -144,24 +143,21 @@ class TorchEngine(Engine):
         except Exception:
             log.exception("%s: cached conversations on disk: skipped", self.info.name)
 
-    def _make_admission(self) -> MemoryAdmission:
-        """The KV book and the broker's admission, over kvcached pages."""
+    def _make_budget(self) -> KVBudget:
+        """The KV budget over kvcached pages (engines/torch/serve/kv_budget.py)."""
         store = self.store
-        ledger = KVLedger(store.layout, KvcachedStore.ENSURE_AHEAD)
-        admission = MemoryAdmission(self.info.name, ledger, self.config.admission_timeout_s,
-                                    mapped_bytes=lambda: store.held_bytes, live_tokens=store.cache.num_tokens,
-                                    is_paused=lambda: self._state is ModelState.PAUSED,
-                                    drop_own=self.drop_prefixes)
-        admission.handle = self._broker_handle
+        budget = KVBudget(self.info.name, store, self.config.admission_timeout_s,
+                          drop_own=self.drop_prefixes, ensure_ahead=KvcachedStore.ENSURE_AHEAD)
+        budget.handle = self._broker_handle
         store.trim()                # a warm-up's released pages: not counted against the budget
-        admission.after_reclaim()
-        return admission
+        budget.after_reclaim()
+        return budget
 
     def attach_broker(self, handle: object | None) -> None:
         """Admit sequences through this broker client handle from now on (None: stop)."""
         self._broker_handle = handle
-        if self.admission is not None:
-            self.admission.handle = handle
+        if self.budget is not None:
+            self.budget.handle = handle
 
     def _read_model(self, device: torch.device, dtype: torch.dtype | None, progress) -> tuple:
         info = self.info
@@ -224,7 +220,7 @@ class TorchEngine(Engine):
             self.runner.close()
         if self.store is not None:
             self.store.close()
-        self.loop = self.runner = self.store = self.model = self.text = self.admission = None
+        self.loop = self.runner = self.store = self.model = self.text = self.budget = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -244,7 +240,8 @@ class TorchEngine(Engine):
                                   f"holds {self.max_ctx} and one more is needed to answer")
         params = request.sampling
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(text.eog_ids))
-        job = Job(request, Sequence(prompt, params.max_tokens), text.decoder(), frozenset(stop_ids))
+        seq = Sequence(prompt, params.max_tokens, open_ended=params.open_ended)
+        job = Job(request, seq, text.decoder(), frozenset(stop_ids))
         self.loop.submit(job)
         return self._stream(job)
 
@@ -319,12 +316,12 @@ class TorchEngine(Engine):
         model, store = self.model, self.store
         if model is None or store is None:
             return MemoryReport()
-        held, admission = store.held_bytes, self.admission
+        held, budget = store.held_bytes, self.budget
         return MemoryReport(weights_bytes=model.weight_bytes(), kv_held_bytes=held,
                             kv_live_bytes=store.live_bytes, paused_host_bytes=store.paused_bytes,
                             on_gpu=model.device.type == "cuda",
-                            kv_booked_bytes=admission.ledger.booked_bytes(held) if admission else 0,
-                            kv_cached_bytes=admission.ledger.cached_bytes() if admission else None)
+                            kv_booked_bytes=budget.booked_bytes(held) if budget else 0,
+                            kv_cached_bytes=budget.cached_bytes() if budget else None)
 
     def trim(self) -> int:
         loop = self.loop
@@ -360,8 +357,7 @@ class TorchEngine(Engine):
                 self._after_reclaim()
 
     def _after_reclaim(self) -> None:
-        if self.admission is not None and self._state is not ModelState.PAUSED:
-            self.admission.after_reclaim()
+        self.budget.after_reclaim()   # paused, it keeps what the pause left (after_pause)
 
     def pause(self) -> int:
         with self._lock:
@@ -370,8 +366,7 @@ class TorchEngine(Engine):
             with self.loop.between_steps():
                 freed = self.store.pause()
                 self._state = ModelState.PAUSED
-                if self.admission is not None:
-                    self.admission.after_pause()
+                self.budget.after_pause()
                 return freed
 
     def resume(self) -> None:
@@ -381,11 +376,10 @@ class TorchEngine(Engine):
     def _resume_if_paused(self) -> None:
         if self._state is ModelState.PAUSED:
             with self.loop.step_lock:
-                need = self.admission.resume_need() if self.admission is not None else 0
+                need = self.budget.resume_need()
                 self.store.resume()
                 self._state = ModelState.LOADED
-                if self.admission is not None:   # the worker asked for `need` before this step
-                    self.admission.after_resume(need)
+                self.budget.after_resume(need)   # the worker asked for `need` before this step
 
     @property
     def busy(self) -> bool:

@@ -28,10 +28,10 @@ def test_registered_engines_admit_through_the_broker_and_stop_when_unregistered(
     link = BrokerLink(broker)
     try:
         link.register("tiny", engine, ModelSettings(max_bytes=1 << 30))
-        assert engine.admission.handle is not None and engine.admission.timeout_s == 7.5
+        assert engine.budget.handle is not None and engine.budget.timeout_s == 7.5
         assert broker.snapshot()["clients"][0]["max_bytes"] == 1 << 30
         link.unregister("tiny", engine)
-        assert engine.admission.handle is None and broker.clients() == []
+        assert engine.budget.handle is None and broker.clients() == []
     finally:
         link.close()
         engine.unload()

@@ -70,6 +70,10 @@ class KVStore(abc.ABC):
     def resume(self) -> None:
         """Bring paused KV back where it was, bit-exact."""
 
+    @abc.abstractmethod
+    def live_tokens(self, slot: int) -> int:
+        """Tokens of the slot whose K and V are kept (its live length)."""
+
     @property
     def held_bytes(self) -> int:
         return self.layout.total_bytes
@@ -106,6 +110,9 @@ class StaticStore(KVStore):
 
     def release(self, slot: int) -> None:
         self._live[slot] = 0
+
+    def live_tokens(self, slot: int) -> int:
+        return self._live[slot]
 
     @property
     def live_bytes(self) -> int:
@@ -156,6 +163,9 @@ class KvcachedStore(KVStore):
 
     def release(self, slot: int) -> None:
         self.ensure(slot, 0)   # no live token: trim may take every page
+
+    def live_tokens(self, slot: int) -> int:
+        return self.cache.num_tokens(slot)
 
     def export_slot(self, slot: int, n_tokens: int) -> torch.Tensor:
         """A host copy of the slot's first n_tokens of KV (live or paused)."""

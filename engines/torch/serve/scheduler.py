@@ -8,10 +8,13 @@ budget so a long prompt never stalls the decodes running beside it, and
 decodes every sequence whose prompt is done. The runner computes; complete()
 records what it sampled.
 
-Memory: a `gate(seq, slot)` passed in (the engine's KV admission, see
-engines/torch/serve/admission.py) may refuse the head of the queue its slot until
-memory frees; it then stays first in line (FIFO: a large request is not
-starved by smaller ones behind it). Without a gate everything is admitted.
+Memory: two hooks passed in (the engine's KVBudget, see
+engines/torch/serve/kv_budget.py). `gate(seq, slot)` may refuse the head of the
+queue its slot until memory frees; it then stays first in line (FIFO: a large
+request is not starved by smaller ones behind it). `grow(seq)` is asked before
+a running sequence decodes past the tokens its KV booking covers
+(`booked_tokens`, set by the gate): refused, the sequence sits this step out
+while the others decode. Without hooks everything is admitted.
 
 Invariants (checked in tests): a slot runs at most one sequence; a running
 sequence's computed tokens never exceed its tokens; a decoding sequence has
@@ -51,7 +54,9 @@ class Sequence:
     num_cached: int = 0        # prompt tokens reused from a held prefix, not computed
     output: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
-    memory_wait_since: float | None = None   # time.monotonic() its memory was first refused
+    open_ended: bool = False   # no max_tokens from the client: its KV is booked as it grows
+    booked_tokens: int = 0     # tokens its KV booking covers (the budget's gate and grow set it)
+    memory_wait_since: float | None = None   # time.monotonic() its memory (entry or growth) was refused
 
     @property
     def final_tokens(self) -> int:
@@ -93,14 +98,16 @@ class StepPlan:
 
 
 Gate = Callable[[Sequence, int], bool]   # (head of the queue, its slot) -> admitted
+Grow = Callable[[Sequence], bool]        # (a running sequence past its booking) -> may decode
 
 
 class Scheduler:
     def __init__(self, prefix_cache: PrefixCache, max_ctx: int, prefill_chunk: int = 512,
-                 max_queue: int = 16, gate: Gate | None = None) -> None:
+                 max_queue: int = 16, gate: Gate | None = None, grow: Grow | None = None) -> None:
         assert max_ctx >= 2 and prefill_chunk >= 1 and max_queue >= 0
         self.prefix_cache = prefix_cache
         self.gate = gate
+        self.grow = grow
         self.max_ctx = max_ctx
         self.prefill_chunk = prefill_chunk
         self.max_queue = max_queue
@@ -129,7 +136,9 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         self._admit()
-        decodes = tuple(s for s in self.running if not s.is_prefilling)
+        grow = self.grow   # a sequence past its booking decodes only if the booking grows
+        decodes = tuple(s for s in self.running if not s.is_prefilling and
+                        (grow is None or s.num_computed < s.booked_tokens or grow(s)))
         prefills, budget = [], self.prefill_chunk
         for seq in self.running:
             if seq.is_prefilling and budget > 0:

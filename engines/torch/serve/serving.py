@@ -4,14 +4,13 @@ runner and the KV, and streams each request's chunks to its caller.
 Callers (HTTP threads) submit a Job and read its chunks from a queue; the
 broker's verbs enter `between_steps()`, so they run between steps (at the next
 boundary: the worker waits for them) and never unmap a page a running step touches (the illegal-address crash seen in vLLM and
-kvcached). A step is schedule -> run -> sample -> postprocess.
-
-With a MemoryAdmission (engines/torch/serve/admission.py), the worker asks the
-broker for the KV its waiting sequences need *before* taking the step lock
-(the broker may be reclaiming from another model, whose verbs wait for that
-model's step boundary: asking under our lock could deadlock two models), and
-the step admits only what that credit covers. Refused with nothing running,
-it waits on its condition (ADMISSION_WAIT_S, or a new request), never spins.
+kvcached). A loop is intake (new requests in, cancelled and timed-out ones out),
+the KV budget's `before_step` (engines/torch/serve/kv_budget.py: it asks the
+broker for what the waiting sequences need holding no lock, since the broker
+may be reclaiming from another model whose verbs wait for that model's step
+boundary), then the step: schedule -> run -> sample -> postprocess, and the
+budget's `settle`. Refused with nothing able to run, the worker waits on its
+condition (ADMISSION_WAIT_S, or a new request), never spins.
 """
 from __future__ import annotations
 
@@ -26,11 +25,11 @@ from dataclasses import dataclass, field
 import torch
 
 from engines.errors import EngineBusy
-from engines.torch.serve.admission import MemoryAdmission
-from engines.torch.serve.oom import as_temporary, give_back_cached_blocks, is_out_of_memory
+from engines.torch.serve.kv_budget import KVBudget
+from engines.torch.serve.oom import as_temporary, give_back_cached_blocks
 from engines.torch.serve.runner import Runner
 from engines.torch.serve.sampling import make_generator, sample
-from engines.torch.serve.scheduler import Scheduler, Sequence, SeqStatus
+from engines.torch.serve.scheduler import Scheduler, Sequence, SeqStatus, StepPlan
 from engines.torch.serve.step_stats import StepStats
 from engines.torch.serve.stops import StopMatcher
 from engines.types import FinishReason, GenerateRequest, StreamChunk, Usage
@@ -58,17 +57,15 @@ class Job:
 
 
 class ServingLoop:
-    def __init__(self, scheduler: Scheduler, runner: Runner, max_queue: int,
+    def __init__(self, scheduler: Scheduler, runner: Runner, budget: KVBudget, max_queue: int,
                  before_step: Callable[[], None] = lambda: None, name: str = "torch",
-                 memory: MemoryAdmission | None = None,
                  on_memory_error: Callable[[list[int]], None] = lambda slots: None) -> None:
         """on_memory_error(slots): after a step failed for want of memory, the slots its
         failed sequences held; the engine gives back what they mapped."""
         self.scheduler = scheduler
         self.on_memory_error = on_memory_error
-        self.memory = memory
-        if memory is not None:
-            scheduler.gate = memory.gate
+        self.budget = budget
+        scheduler.gate, scheduler.grow = budget.admit, budget.grow
         self.stats = StepStats(name)
         self.runner = runner
         self.max_queue = max_queue
@@ -144,21 +141,16 @@ class ServingLoop:
         return time.monotonic() - self.last_progress
 
     def _run(self) -> None:
-        while True:
-            self.last_progress = time.monotonic()
-            if self._is_idle() and self._capture_idle_safely():
-                continue
-            with self._wake:
-                while not (self._stop or self._inbox or self._jobs):
-                    self._wake.wait()
-                if self._stop:
-                    break
+        while self._wait_for_work():
             self.last_progress = time.monotonic()   # woke for new work
             self._let_callers_in()
             try:
-                if self._needs_memory() and not self._reserve_memory():
-                    continue
-                self.step()
+                with self.step_lock:
+                    self._intake()
+                if self.budget.before_step(self.scheduler, self.step_lock):
+                    self.step()
+                else:
+                    self._wait(ADMISSION_WAIT_S)   # refused, nothing can run: never spin
             except Exception as exc:  # a failed step fails its requests, never the worker
                 self._step_failed(exc)
         self._fail_all(EngineBusy("the model was unloaded while this request waited"))
@@ -181,21 +173,19 @@ class ServingLoop:
             except Exception:  # noqa: BLE001 - the requests have their error; log and go on
                 log.exception("giving back memory after a failed step failed")
 
+    def _wait_for_work(self) -> bool:
+        """Until a request comes (capturing a decode graph the load left pending
+        meanwhile); False once stopped."""
+        while self._is_idle() and self._capture_idle_safely():
+            self.last_progress = time.monotonic()
+        with self._wake:
+            while not (self._stop or self._inbox or self._jobs):
+                self._wake.wait()
+            return not self._stop
+
     def _is_idle(self) -> bool:
         with self._wake:
             return not (self._stop or self._inbox or self._jobs)
-
-    def _capture_idle_safely(self) -> bool:
-        """_capture_while_idle, where a failure (out of memory while another application
-        holds the GPU) leaves the rest to be captured on demand, never ends the worker."""
-        try:
-            return self._capture_while_idle()
-        except Exception as exc:  # noqa: BLE001 - a dead worker hangs every request
-            log.warning("capturing a pending decode graph failed (%s); the rest are captured "
-                        "when first needed", as_temporary(exc, f"model {self.stats.name}"))
-            self.runner.pending.clear()
-            give_back_cached_blocks()
-            return False
 
     def _capture_while_idle(self) -> bool:
         """One decode graph the load left pending (runner.warm_up), on a slot that holds
@@ -209,78 +199,90 @@ class ServingLoop:
         with self.step_lock:
             return self.runner.capture_pending(slot)
 
-    def _needs_memory(self) -> bool:
-        """Anything to ask the broker for (a request waits, or the KV must come back)?
-        Read without the lock: only this thread adds to the queue's waiting side."""
-        memory = self.memory
-        return memory is not None and memory.enforced and \
-            bool(self._inbox or self.scheduler.waiting or memory.is_paused())
+    def _capture_idle_safely(self) -> bool:
+        """_capture_while_idle, where a failure (out of memory while another application
+        holds the GPU) leaves the rest to be captured on demand, never ends the worker."""
+        try:
+            return self._capture_while_idle()
+        except Exception as exc:  # noqa: BLE001 - a dead worker hangs every request
+            log.warning("capturing a pending decode graph failed (%s); the rest are captured "
+                        "when first needed", as_temporary(exc, f"model {self.stats.name}"))
+            self.runner.pending.clear()
+            give_back_cached_blocks()
+            return False
 
-    def _reserve_memory(self) -> bool:
-        """Credit from the broker for what waits (no lock held while asking). False:
-        refused and nothing can run, after waiting a little (the caller loops)."""
-        with self.step_lock:
-            self._admit()
-            self._reap_cancelled()
-            self._expire_memory_waits()
-            self.memory.settle(self.scheduler)   # what the reaping ended gives its booking back
-            asks = self.memory.shortfall(self.scheduler)
-            can_run = bool(self.scheduler.running) and not self.memory.is_paused()
-            head = self.scheduler.waiting[0] if self.scheduler.waiting else None
-        if not asks or self.memory.request(asks):
-            return True
-        if head is not None and head.memory_wait_since is None:
-            head.memory_wait_since = time.monotonic()   # its clock towards the timeout starts
-        if can_run:
-            return True
+    def _wait(self, seconds: float) -> None:
         with self._wake:
             if not (self._stop or self._inbox):
-                self._wake.wait(ADMISSION_WAIT_S)
-        return False
-
-    def _expire_memory_waits(self) -> None:
-        for seq, error in self.memory.expired(self.scheduler, time.monotonic()):
-            log.warning("%s", error)
-            self.scheduler.finish(seq, FinishReason.CANCELLED)
-            job = self._jobs.pop(seq.seq_id, None)
-            if job is not None:
-                job.out.put(error)
-        self._note_idle()
+                self._wake.wait(seconds)
 
     def step(self) -> None:
         with self.step_lock:
             try:
                 self._step()
             finally:
-                if self.memory is not None:
-                    self.memory.settle(self.scheduler)
+                self.budget.settle(self.scheduler)
 
     def _step(self) -> None:
-        self.before_step()
-        self._admit()
-        self._reap_cancelled()
-        t0 = time.perf_counter()
-        plan = self.scheduler.schedule()
+        self.before_step()                                  # a paused KV comes back first
+        stats = self.stats
+        with stats.phase("schedule"):
+            plan = self.scheduler.schedule()                # admits what the budget paid for
         if plan.is_empty:
             return
-        t1 = time.perf_counter()
-        logits = self.runner.run(plan)
+        with stats.phase("run"):
+            logits = self.runner.run(plan)
+        with stats.phase("sample"):
+            tokens = self._sample(plan, logits)
+        with stats.phase("post"):
+            self._postprocess_step(plan, tokens)
+        stats.record(len(plan.decodes), sum(c.end - c.start for c in plan.prefills))
+        stats.maybe_log(len(self.scheduler.waiting), len(self.scheduler.running))
+
+    def _sample(self, plan: StepPlan, logits: torch.Tensor) -> list[int]:
+        """The next token of every sequence that samples this step, in the logits' order."""
         seqs = plan.sampling_sequences()
+        if not seqs:
+            return []
         jobs = [self._jobs[s.seq_id] for s in seqs]
-        t2 = time.perf_counter()
-        tokens = [] if not seqs else sample(logits, [j.request.sampling for j in jobs], [s.tokens for s in seqs],
-                        [j.generator for j in jobs])
-        t3 = time.perf_counter()
+        return sample(logits, [j.request.sampling for j in jobs], [s.tokens for s in seqs],
+                      [j.generator for j in jobs])
+
+    def _postprocess_step(self, plan: StepPlan, tokens: list[int]) -> None:
         for seq in self.scheduler.complete(plan, tokens):
             self._postprocess(self._jobs[seq.seq_id], seq.output[-1])
         self._note_idle()
-        self.stats.record(len(plan.decodes), sum(c.end - c.start for c in plan.prefills),
-                          {"schedule": t1 - t0, "run": t2 - t1, "sample": t3 - t2,
-                           "post": time.perf_counter() - t3})
-        self.stats.maybe_log(len(self.scheduler.waiting), len(self.scheduler.running))
+
+    def _intake(self) -> None:
+        """Once a loop, under the step lock: new requests in, cancelled ones and those
+        that waited too long for memory out."""
+        self._admit()
+        ended = self._reap_cancelled() + self._expire_memory_waits()
+        if ended:   # their bookings end before the budget weighs what waits
+            self.budget.settle(self.scheduler)
+
+    def _expire_memory_waits(self) -> int:
+        expired = self.budget.expired(self.scheduler, time.monotonic())
+        for seq, error in expired:
+            job = self._jobs.get(seq.seq_id)
+            if error is None:   # an answer that could not grow: it ends as if its context were full
+                self.scheduler.finish(seq, FinishReason.LENGTH)
+                if job is not None:
+                    self._send_final(job, FinishReason.LENGTH)
+                continue
+            log.warning("%s", error)
+            self.scheduler.finish(seq, FinishReason.CANCELLED)
+            self._jobs.pop(seq.seq_id, None)
+            if job is not None:
+                job.out.put(error)
+        if expired:
+            self._note_idle()
+        return len(expired)
 
     def _admit(self) -> None:
         with self._wake:
+            if not self._inbox:
+                return
             inbox, self._inbox = self._inbox, []
         for job in inbox:
             try:
@@ -295,11 +297,12 @@ class ServingLoop:
                 if not job.request.sampling.is_greedy else None
             self._jobs[job.seq.seq_id] = job
 
-    def _reap_cancelled(self) -> None:
-        for job in list(self._jobs.values()):
-            if job.request.cancelled.is_set():
-                self.scheduler.cancel(job.seq)
-                self._send_final(job, FinishReason.CANCELLED)
+    def _reap_cancelled(self) -> int:
+        reaped = [job for job in self._jobs.values() if job.request.cancelled.is_set()]
+        for job in reaped:
+            self.scheduler.cancel(job.seq)
+            self._send_final(job, FinishReason.CANCELLED)
+        return len(reaped)
 
     def _postprocess(self, job: Job, token: int) -> None:
         if job.first_token_ns == 0:
@@ -350,9 +353,8 @@ class ServingLoop:
             job.out.put(exc)
         self._jobs.clear()
         self._note_idle()
-        if self.memory is not None:
-            with self.step_lock:
-                self.memory.settle(self.scheduler)
+        with self.step_lock:
+            self.budget.settle(self.scheduler)
         return forgotten
 
     def _note_idle(self) -> None:
