@@ -59,6 +59,7 @@ class Settings:
     synthetic_models: bool = False         # list random-weight "synthetic/<config>" models (benchmarks)
     admission_timeout_s: float = 120.0     # a request waiting this long for GPU memory answers 503
     torch_llamacpp_numerics: bool = True   # torch engine on the CPU: llama.cpp's exact tokens, slower
+    max_context: int = 32768               # default context: the trained length, at most this (engines/context.py)
 
     @property
     def endpoint_url(self) -> str:
@@ -193,6 +194,7 @@ FIELDS: dict[str, Callable[[object], object]] = {
     "synthetic_models": parse_bool,
     "admission_timeout_s": lambda v: positive_seconds(parse_duration(v)),
     "torch_llamacpp_numerics": parse_bool,
+    "max_context": lambda v: parse_int(v, 256, 1 << 24),
 }
 
 # Names people write in the file that mean a field above (Ollama calls it keep_alive).

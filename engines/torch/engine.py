@@ -23,6 +23,7 @@ import torch
 
 from engines.base import Engine, ModelInfo, ProgressCallback
 from engines.config import EngineConfig
+from engines.context import served_context
 from engines.errors import ContextOverflow, EmbeddingsUnsupported, InvalidRequest, ModelLoadError
 from engines.torch.serve.admission import MemoryAdmission
 from engines.torch.model.attention import ContiguousKV
@@ -61,7 +62,7 @@ class TorchEngine(Engine):
         if self.config.torch_dtype not in ("auto", *DTYPES):
             raise ConfigError(f"torch_dtype: {self.config.torch_dtype!r} is not one of auto, {', '.join(DTYPES)}")
         for key in ("torch_max_context", "torch_prefill_chunk"):
-            if getattr(self.config, key) < 2:
+            if getattr(self.config, key) is not None and getattr(self.config, key) < 2:
                 raise ConfigError(f"{key}: {getattr(self.config, key)} must be >= 2")
         self.kv_config = kv_config or KvcachedConfig()
         self._kv_pool = kv_pool
@@ -98,6 +99,9 @@ class TorchEngine(Engine):
         self.model, self.text = self._read_model(device, dtype, lambda f: report(0.9 * f, "reading"))
         cfg = self.model.cfg
         wanted = self.config.context_overrides.get(self.info.name, self.config.torch_max_context)
+        if wanted is None:   # the trained length, bounded (engines/context.py)
+            wanted = served_context(cfg.max_context, self.config.max_context,
+                                    cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2, self.config.kv_budget_bytes)
         self.max_ctx = min(wanted, cfg.max_context)
         self.model.fit_context(self.max_ctx)    # LongRoPE (Phi-3) picks its factors by the context served
         report(0.92, "allocating")

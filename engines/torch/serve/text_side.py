@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from engines.errors import InvalidRequest
-from engines.text.chat_template import ChatTemplate
+from engines.text.chat_template import ChatTemplate, template_variables
 from engines.text.fim import build_infill_ids, find_fim_tokens
 from engines.text.tokenizer import TOKEN_TYPE_CONTROL, StreamDecoder, Tokenizer, load_tokenizer
 from engines.types import GenerateRequest, RequestKind
@@ -63,7 +63,8 @@ class TextSide:
     def _chat_ids(self, request: GenerateRequest) -> list[int]:
         if not request.messages:
             raise InvalidRequest("a chat request needs at least one message")
-        text = self.template.render(request.messages, add_generation_prompt=request.add_generation_prompt)
+        text = self.template.render(request.messages, add_generation_prompt=request.add_generation_prompt,
+                                    **template_variables(request.tools, request.think))
         # Templates that write the BOS token themselves must not get a second one.
         has_bos = bool(self.template.bos_token) and text.startswith(self.template.bos_token)
         return self.tokenize(text, add_special=not has_bos)
