@@ -215,14 +215,26 @@ class TorchEngine(Engine):
         self.load()
         text = self._need_text()
         prompt = text.prompt_ids(request)
-        if len(prompt) >= self.max_ctx:
+        n_ctx = min(request.num_ctx or self.max_ctx, self.max_ctx)   # a num_ctx above ours: what we hold
+        if len(prompt) >= n_ctx:
             raise ContextOverflow(f"the prompt has {len(prompt)} tokens; this model's context here "
-                                  f"holds {self.max_ctx} and one more is needed to answer")
+                                  f"holds {n_ctx} and one more is needed to answer")
         params = request.sampling
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(text.eog_ids))
-        job = Job(request, Sequence(prompt, params.max_tokens), text.decoder(), frozenset(stop_ids))
+        max_tokens = min(params.max_tokens, n_ctx - len(prompt))
+        job = Job(request, Sequence(prompt, max_tokens), text.decoder(), frozenset(stop_ids),
+                  guide=self._guide(request, text), token_text=lambda t: text.token_text(t))
         self.loop.submit(job)
         return self._stream(job)
+
+    def _guide(self, request: GenerateRequest, text: TextSide):
+        if request.constraint is None:
+            return None
+        from engines.torch.serve.guide import Guide, GuideTokenizer
+
+        if text.guide_tokenizer is None:
+            text.guide_tokenizer = GuideTokenizer(text.tokenizer, text.eog_ids, self.model.cfg.vocab_size)
+        return Guide(text.guide_tokenizer, request.constraint)
 
     @staticmethod
     def _stream(job: Job) -> Iterator[StreamChunk]:

@@ -35,6 +35,7 @@ class TextSide:
         eog |= {i for i, tok in enumerate(vocab)
                 if tok in EOG_SPELLINGS and tokenizer.token_types[i] == TOKEN_TYPE_CONTROL}
         self.eog_ids = frozenset(eog | set(extra_eog))
+        self.guide_tokenizer = None   # engines/torch/serve/guide.GuideTokenizer, made on first use
 
     @classmethod
     def from_gguf(cls, meta: dict[str, Any], path: str, extra_eog: Sequence[int] = ()) -> TextSide:
@@ -53,6 +54,9 @@ class TextSide:
         if bad:
             raise InvalidRequest(f"token ids {bad[:5]} are not in this model's vocabulary of {vocab_size}")
         return self.tokenizer.decode(list(ids))
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.token_bytes(token_id, skip_special=False).decode("utf-8", "replace")
 
     def decoder(self) -> StreamDecoder:
         return StreamDecoder(self.tokenizer)
