@@ -14,7 +14,8 @@ from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse,
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from app.server import auth, control_routes, errors, llamacpp_routes, ollama_info_routes, ollama_routes, openai_routes
+from app.server import (auth, control_routes, errors, llamacpp_routes, ollama_info_routes, ollama_routes, openai_chat,
+                        openai_routes)
 from app.server.context import VERSION, ServerContext, ctx_of
 from app.server.json_body import JsonBodyMiddleware
 from app.server.metrics import MetricsMiddleware
@@ -42,7 +43,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
                               "with a control API that gives GPU memory back.")
     app.state.ctx = ctx
     errors.install(app)
-    for module in (openai_routes, ollama_routes, ollama_info_routes, llamacpp_routes, control_routes):
+    for module in (openai_chat, openai_routes, ollama_routes, ollama_info_routes, llamacpp_routes, control_routes):
         app.include_router(module.router)
     _add_metrics_and_dashboard(app)
     policy = SecurityPolicy(port=ctx.settings.port, token=ctx.token,
