@@ -109,6 +109,7 @@ class GenerateRequest:
     top_logprobs: int = -1                    # -1: no logprobs; n >= 0: the token's and n alternatives
     num_ctx: int | None = None                # the context this request may use (Ollama num_ctx)
     deadline_s: float | None = None           # stop generating after this long (llama.vscode t_max_predict_ms)
+    prompt_deadline_s: float | None = None    # a prompt not evaluated in this long ends empty (t_max_prompt_ms)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 

@@ -52,7 +52,7 @@ class Embedder:
         self.kv_bytes = self.n_ctx * kv_bytes_per_token(model)
         self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(model.vocab))
 
-    def embed(self, texts: list[str]) -> EmbeddingResult:
+    def embed(self, texts: list[str], truncate: bool = False) -> EmbeddingResult:
         if not texts:
             raise InvalidRequest("no input to embed")
         vectors, num_tokens = [], 0
@@ -60,6 +60,8 @@ class Embedder:
             tokens = self.model.tokenize(text.encode("utf-8"), self._add_bos, False)
             if not tokens:
                 raise InvalidRequest(f"input {index} is empty; every input must have some text")
+            if len(tokens) > self.n_ctx and truncate:
+                tokens = tokens[:self.n_ctx]
             if len(tokens) > self.n_ctx:
                 raise ContextOverflow(f"input {index} is {len(tokens)} tokens; {self.name} embeds at most "
                                       f"{self.n_ctx} (llama_embedding_n_ctx)")

@@ -195,18 +195,18 @@ class LlamaCppEngine(Engine):
             self._state = ModelState.LOADED
         return self._session
 
-    def embed(self, texts: list[str]) -> EmbeddingResult:
+    def embed(self, texts: list[str], truncate: bool = False) -> EmbeddingResult:
         self.load()
 
         def job() -> EmbeddingResult:
             assert self._model is not None
             if self._embedder is None:
                 self._embedder = embedding.Embedder(self._model, self.config, self.info.name, self.n_ctx)
-            return self._embedder.embed(texts)
+            return self._embedder.embed(texts, truncate)
 
         with self._load_lock:
             if self._worker is None:   # unloaded since load() above
-                return self.embed(texts)
+                return self.embed(texts, truncate)
             future = self._worker.submit(job, is_request=True)
         return future.result()
 

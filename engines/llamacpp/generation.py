@@ -56,6 +56,16 @@ class _Output:
                               logprobs=tuple(self.pending_logprobs)))
 
 
+@dataclass
+class _Until:
+    """What Session.decode polls between batches: cancelled, or past the prompt deadline."""
+    request: GenerateRequest
+    deadline: float | None
+
+    def is_set(self) -> bool:
+        return self.request.cancelled.is_set() or (self.deadline is not None and time.monotonic() > self.deadline)
+
+
 def _stop_reason(session: Session, token: int, request: GenerateRequest) -> FinishReason | None:
     params = request.sampling
     if not params.ignore_eos and llama_cpp.llama_vocab_is_eog(session.model.vocab, token):
@@ -73,10 +83,15 @@ def run_generation(session: Session, request: GenerateRequest, prompt: list[int]
     out = _Output(emit=emit, matcher=StopMatcher(tuple(params.stop)))
     started = time.perf_counter_ns()
     prepared = session.prepare(prompt)
-    session.decode(prepared.to_eval, request.cancelled)
+    until = _Until(request, time.monotonic() + request.prompt_deadline_s if request.prompt_deadline_s else None)
+    done = session.decode(prepared.to_eval, until)
     prefilled = time.perf_counter_ns()
-    reason, num_generated = _sample_loop(session, request, out) if not request.cancelled.is_set() \
-        else (FinishReason.CANCELLED, 0)
+    if request.cancelled.is_set():
+        reason, num_generated = FinishReason.CANCELLED, 0
+    elif done < len(prepared.to_eval):   # the prompt deadline passed: nothing to answer from
+        reason, num_generated = FinishReason.LENGTH, 0
+    else:
+        reason, num_generated = _sample_loop(session, request, out)
     usage = Usage(prompt_tokens=len(prompt), completion_tokens=num_generated, cached_tokens=prepared.cached,
                   prompt_eval_ns=prefilled - started, eval_ns=time.perf_counter_ns() - prefilled,
                   load_ns=load_ns)

@@ -253,7 +253,7 @@ class TorchEngine(Engine):
             if not finished:   # the caller went away: free the slot now
                 job.request.cancel()
 
-    def embed(self, texts: list[str]) -> EmbeddingResult:
+    def embed(self, texts: list[str], truncate: bool = False) -> EmbeddingResult:
         """Mean of the last hidden state over each text's tokens, L2-normalized."""
         self.load()
         text = self._need_text()
@@ -262,6 +262,8 @@ class TorchEngine(Engine):
             ids = text.tokenize(item, add_special=True)
             if not ids:
                 raise InvalidRequest("cannot embed an empty text")
+            if len(ids) > self.max_ctx and truncate:
+                ids = ids[:self.max_ctx]
             if len(ids) > self.max_ctx:
                 raise ContextOverflow(f"a text to embed has {len(ids)} tokens; the context holds {self.max_ctx}")
             total += len(ids)

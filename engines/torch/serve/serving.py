@@ -249,6 +249,11 @@ class ServingLoop:
     def _postprocess(self, job: Job, token: int) -> None:
         if job.first_token_ns == 0:
             job.first_token_ns = time.perf_counter_ns()
+            limit = job.request.prompt_deadline_s   # llama.vscode's t_max_prompt_ms: too late, answer nothing
+            if limit and job.first_token_ns - job.started_ns > limit * 1e9:
+                self.scheduler.finish(job.seq, FinishReason.LENGTH)
+                self._send_final(job, FinishReason.LENGTH, drop_last=True)
+                return
         if job.guide is not None:
             job.guide.accept(token)
         logprobs, job.logprob = ((job.logprob,) if job.logprob is not None else ()), None
