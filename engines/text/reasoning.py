@@ -25,11 +25,17 @@ class ReasoningSplitter:
         self.inside = inside
         self._seen_any = False     # an opening tag counts only at the start of the answer
         self._held = ""
+        self._trim = inside        # newlines right after a tag belong to neither side
 
     def feed(self, text: str) -> tuple[str, str]:
         self._held += text
         thinking, content = [], []
         while self._held:
+            if self._trim:
+                self._held = self._held.lstrip("\n")
+                if not self._held:
+                    break
+                self._trim = False
             if self.inside:
                 cut = self._held.find(CLOSE)
                 if cut < 0:
@@ -38,13 +44,13 @@ class ReasoningSplitter:
                     self._held = self._held[len(self._held) - keep:]
                     break
                 thinking.append(self._held[:cut])
-                self._held = self._held[cut + len(CLOSE):].lstrip("\n")
-                self.inside, self._seen_any = False, True
+                self._held = self._held[cut + len(CLOSE):]
+                self.inside, self._seen_any, self._trim = False, True, True
                 continue
             if not self._seen_any:
                 head = self._held.lstrip()
                 if head.startswith(OPEN):
-                    self._held, self.inside, self._seen_any = head[len(OPEN):].lstrip("\n"), True, True
+                    self._held, self.inside, self._seen_any, self._trim = head[len(OPEN):], True, True, True
                     continue
                 if OPEN.startswith(head):   # maybe the opening tag, still arriving
                     break
