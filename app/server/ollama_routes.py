@@ -122,8 +122,9 @@ def _sampling(options: Options | None):
 def _request(body: _Common, info, kind: RequestKind, **fields) -> GenerateRequest:
     if body.options is not None:
         body.options.warn_unapplied(info.name)
-    think = check_think(body.think, info) if kind is RequestKind.CHAT else None
-    return GenerateRequest(kind, _sampling(body.options), think=think, constraint=ollama_format(body.format),
+    constraint = ollama_format(body.format)
+    think = check_think(body.think, info, constraint is not None) if kind is RequestKind.CHAT else None
+    return GenerateRequest(kind, _sampling(body.options), think=think, constraint=constraint,
                            top_logprobs=body.top_n(), num_ctx=body.options.num_ctx if body.options else None,
                            **fields)
 

@@ -64,9 +64,9 @@ class ChatCompletionBody(OpenAICommon):
 async def chat_completions(body: ChatCompletionBody, request: Request):
     ctx = ctx_of(request)
     info = await ctx.manager.resolve(body.model)
-    think = check_think(body.think(), info)
     plan = tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls)
     constraint = plan.constraint or openai_response_format(body.response_format)
+    think = check_think(body.think(), info, constraint is not None)
     if plan.constraint is not None and body.response_format and body.response_format.get("type") != "text":
         raise BadRequest("response_format: cannot be combined with tool_choice required or named")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

@@ -140,8 +140,16 @@ def capabilities(info: ModelInfo) -> list[str]:
     return caps
 
 
-def check_think(think: bool | str | None, info: ModelInfo) -> bool | str | None:
-    """The thinking switch as the template gets it; 400 where the model cannot think."""
+def check_think(think: bool | str | None, info: ModelInfo, constrained: bool = False) -> bool | str | None:
+    """The thinking switch as the template gets it; 400 where the model cannot think.
+    A constrained answer (a JSON schema, a forced tool call) is the schema from its first
+    token, so a thinking template is told not to think (Qwen3's enable_thinking false);
+    asking for both answers 400."""
+    if constrained and think not in (None, False):
+        raise BadRequest("think: cannot be combined with a forced format (format, response_format, "
+                         "tool_choice required or named) on this server")
+    if constrained and template_of(info).supports_thinking:
+        return False
     if think is None or think is False:
         return think
     if isinstance(think, str) and think not in THINK_LEVELS:
