@@ -18,7 +18,6 @@ from __future__ import annotations
 import threading
 
 import llguidance
-import numpy as np
 import torch
 
 from engines.errors import InvalidRequest
@@ -80,18 +79,21 @@ class Guide:
             raise InvalidRequest(f"{constraint.kind}: {self.matcher.get_error()}")
         self.vocab_size = tokenizer.vocab_size
 
-    def allowed(self) -> torch.Tensor:
-        """Bool [V]: the tokens the grammar allows next."""
-        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
-        return torch.from_numpy(np.unpackbits(bits, bitorder="little")[:self.vocab_size].astype(bool))
+    def allowed(self, device: torch.device) -> torch.Tensor:
+        """Bool [V]: the tokens the grammar allows next. The packed mask (V/8 bytes) crosses
+        to the device and is unpacked there: one small copy instead of a V-sized one."""
+        words = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)   # [V/32]
+        words = words.to(device, non_blocking=True)
+        shifts = torch.arange(32, dtype=torch.int32, device=device)
+        return ((words.unsqueeze(1) >> shifts) & 1).flatten().bool()                              # [32*ceil(V/32)]
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [V] with what the grammar forbids at -inf (a copy)."""
-        allowed = self.allowed().to(logits.device)
-        n = min(allowed.shape[0], logits.shape[0])
-        out = torch.full_like(logits, float("-inf"))
-        out[:n] = torch.where(allowed[:n], logits[:n], out[:n])
-        return out
+        allowed = self.allowed(logits.device)
+        n = logits.shape[0]
+        if allowed.shape[0] < n:   # the model's vocabulary is padded past the tokenizer's
+            allowed = torch.cat([allowed, allowed.new_zeros(n - allowed.shape[0])])
+        return logits.masked_fill(~allowed[:n], float("-inf"))
 
     def accept(self, token: int) -> None:
         self.matcher.consume_token(token)
