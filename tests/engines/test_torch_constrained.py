@@ -39,7 +39,7 @@ def engine(tmp_path_factory):
 
 
 def run(engine, **fields) -> tuple[str, list]:
-    sampling = fields.pop("sampling", SamplingParams(max_tokens=300, temperature=0))
+    sampling = fields.pop("sampling", SamplingParams(max_tokens=600, temperature=0))
     chunks = list(engine.generate(GenerateRequest(RequestKind.COMPLETION, sampling, prompt="Weather:", **fields)))
     return "".join(c.text for c in chunks), chunks
 
@@ -56,7 +56,7 @@ def test_json_schema_output_validates(engine) -> None:
 def test_sampled_constrained_output_validates_too(engine) -> None:
     for seed in range(3):
         text, _ = run(engine, constraint=Constraint("json_schema", json.dumps(SCHEMA)),
-                      sampling=SamplingParams(max_tokens=300, temperature=1.0, top_k=0, top_p=1.0, min_p=0, seed=seed))
+                      sampling=SamplingParams(max_tokens=600, temperature=1.0, top_k=0, top_p=1.0, min_p=0, seed=seed))
         jsonschema.validate(json.loads(text), SCHEMA)
 
 

@@ -60,10 +60,17 @@ class GuideTokenizer:
             return self._ll
 
 
+# Whitespace between JSON tokens as llama.cpp's converter allows it (a space, or one or two
+# newlines and an indent of up to 20): llguidance's default is unbounded, and a model that
+# likes whitespace (a small or random one) then fills max_tokens with it and never closes.
+JSON_WHITESPACE = r"( |\n\n?[ \t]{0,20})?"
+
+
 def llguidance_grammar(constraint: Constraint) -> str:
     if constraint.kind == "gbnf":
         return llguidance.grammar_from("gbnf", constraint.text)
-    return llguidance.LLMatcher.grammar_from_json_schema(constraint.text)
+    return llguidance.LLMatcher.grammar_from_json_schema(constraint.text,
+                                                         defaults={"whitespace_pattern": JSON_WHITESPACE})
 
 
 class Guide:
