@@ -82,7 +82,8 @@ def test_openai_json_schema_validates(oai, model) -> None:
         model=model, messages=[{"role": "user", "content": "Describe a person."}], temperature=0, max_tokens=150,
         response_format={"type": "json_schema", "json_schema": {"name": "person", "strict": True, "schema": PERSON}})
     jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON)
-    loose = oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "Any JSON"}],
+    ask = 'Reply with a JSON object with one key, "greeting", whose value says hello.'
+    loose = oai.chat.completions.create(model=model, messages=[{"role": "user", "content": ask}],
                                         temperature=0, max_completion_tokens=120,
                                         response_format={"type": "json_object"})
     assert isinstance(json.loads(loose.choices[0].message.content), dict)
