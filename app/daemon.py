@@ -29,6 +29,7 @@ from app.models.events import EventHub
 from app.server.metrics import Metrics
 from app.server.security import is_loopback_host
 from app.settings import Settings
+from engines import compile_cache
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ def build_context(settings: Settings) -> ServerContext:
     from engines.registry import ModelRegistry
 
     paths = app_paths().ensure()
+    compile_cache.use(paths.cache_dir)  # before any model compiles: kernels outlive the process
     token = auth.ensure_token(paths.token_file)
     hub = EventHub()
     link = BrokerLink(None, hub)

@@ -34,6 +34,7 @@ declare -A PARTS=(
   [pressure]="560 -m benchmarks.desktop_pressure"
   [colocate]="590 -m benchmarks.colocate"
   [constrained]="300 -m benchmarks.constrained --rounds 3"
+  [cold_start]="420 -m benchmarks.cold_start"
 )
 ORDER=(tests vmm vmm2 yield decode engines)  # pressure and colocate: one call each
 [ $# -gt 0 ] && ORDER=("$@")

@@ -24,6 +24,7 @@ import torch
 from engines.base import Engine, ModelInfo, ProgressCallback
 from engines.config import EngineConfig
 from engines.context import served_context
+from engines.phases import LoadPhases
 from engines.errors import ContextOverflow, EmbeddingsUnsupported, InvalidRequest, ModelLoadError
 from engines.torch.serve.admission import MemoryAdmission
 from engines.torch.model.attention import ContiguousKV
@@ -96,7 +97,10 @@ class TorchEngine(Engine):
             (lambda f, stage: None)
         device = pick_device(self.config.torch_device)
         dtype = DTYPES.get(self.config.torch_dtype)
-        self.model, self.text = self._read_model(device, dtype, lambda f: report(0.9 * f, "reading"))
+        phases = LoadPhases()
+        self.load_phases = phases.seconds     # filled as the load goes: /api/ps shows a load in progress too
+        with phases.phase("read"):
+            self.model, self.text = self._read_model(device, dtype, lambda f: report(0.9 * f, "reading"))
         cfg = self.model.cfg
         wanted = self.config.context_overrides.get(self.info.name, self.config.torch_max_context)
         if wanted is None:   # the trained length, bounded (engines/context.py)
@@ -105,16 +109,21 @@ class TorchEngine(Engine):
         self.max_ctx = min(wanted, cfg.max_context)
         self.model.fit_context(self.max_ctx)    # LongRoPE (Phi-3) picks its factors by the context served
         report(0.92, "allocating")
-        self.store = self._make_store(cfg, device)
+        with phases.phase("kv"):
+            self.store = self._make_store(cfg, device)
         num_slots = self.store.layout.max_slots
         scheduler = Scheduler(PrefixCache(num_slots), self.max_ctx, self.config.torch_prefill_chunk,
                               self.config.max_queue)
-        runner = Runner(self.model, self.store, use_graphs=device.type == "cuda" and self.config.torch_cuda_graphs)
+        with phases.phase("runner"):
+            runner = Runner(self.model, self.store,
+                            use_graphs=device.type == "cuda" and self.config.torch_cuda_graphs)
         if runner.use_graphs or runner.is_compiled:
-            # Compile and capture here, not in the middle of serving (runner.warm_up says why).
+            # Compile and capture the first bucket here, not in the middle of serving; the
+            # serving loop captures the rest while idle (runner.warm_up says why).
             report(0.93, "compiling")
-            runner.warm_up(lambda f: report(0.93 + 0.06 * f, "compiling"),
-                           prefill_tokens=self.config.torch_prefill_chunk)
+            with phases.phase("compile_capture"):
+                runner.warm_up(lambda f: report(0.93 + 0.06 * f, "compiling"),
+                               prefill_tokens=self.config.torch_prefill_chunk, first=1)
         self.admission = self._make_admission()
         self.loop = ServingLoop(scheduler, runner, self.config.max_queue, before_step=self._resume_if_paused,
                                  name=self.info.name, memory=self.admission)

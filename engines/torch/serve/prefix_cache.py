@@ -89,6 +89,10 @@ class PrefixCache:
             self.slots[i].tokens = []
         return dropped
 
+    def empty_slot(self) -> int | None:
+        """A slot neither running nor holding a prefix (free to scribble on), or None."""
+        return next((i for i, s in enumerate(self.slots) if not s.is_running and not s.tokens), None)
+
     def held_tokens(self, slot: int) -> int:
         return len(self.slots[slot].tokens)
 
