@@ -16,9 +16,6 @@ StopField = str | list[str] | None
 class StreamOptions(Strict):
     WHERE: ClassVar[str] = "stream_options"
     include_usage: bool = False
-    include_obfuscation: bool | None = None   # OpenAI's padding against side channels: nothing to pad here
-
-    IGNORED: ClassVar[frozenset[str]] = frozenset()
 
 
 class OpenAICommon(Strict):

@@ -263,7 +263,8 @@ class TorchEngine(Engine):
                 job.request.cancel()
 
     def embed(self, texts: list[str], truncate: bool = False) -> EmbeddingResult:
-        """Mean of the last hidden state over each text's tokens, L2-normalized."""
+        """The last hidden state pooled as the GGUF declares (mean where it declares none:
+        CLS takes the first token, last the last), L2-normalized."""
         self.load()
         text = self._need_text()
         vectors, total = [], 0
@@ -292,7 +293,9 @@ class TorchEngine(Engine):
         cos, sin = model.rotary(positions)
         for layer in model.model.layers:
             x = layer(x, cos, sin, positions, kv)
-        pooled = model.model.norm(x).float().mean(dim=1)[0]                  # [dim]
+        hidden = model.model.norm(x).float()[0]                              # [T, dim]
+        pooling = self.text.pooling if self.text is not None else 1
+        pooled = {2: hidden[0], 3: hidden[-1]}.get(pooling, hidden.mean(dim=0))   # the GGUF's pooling
         return torch.nn.functional.normalize(pooled, dim=0).cpu()
 
     def tokenize(self, text: str, add_special: bool = False) -> list[int]:

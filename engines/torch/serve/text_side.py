@@ -36,6 +36,9 @@ class TextSide:
                 if tok in EOG_SPELLINGS and tokenizer.token_types[i] == TOKEN_TYPE_CONTROL}
         self.eog_ids = frozenset(eog | set(extra_eog))
         self.guide_tokenizer = None   # engines/torch/serve/guide.GuideTokenizer, made on first use
+        arch = meta.get("general.architecture", "")
+        # llama.cpp's pooling enum as the GGUF declares it (1 mean, 2 CLS, 3 last); none: mean.
+        self.pooling = int(meta.get(f"{arch}.pooling_type") or 1)
 
     @classmethod
     def from_gguf(cls, meta: dict[str, Any], path: str, extra_eog: Sequence[int] = ()) -> TextSide:
