@@ -115,7 +115,8 @@ def tool_plan(tools: list[dict] | None, tool_choice: str | dict | None, parallel
     if choice == "required":
         return ToolPlan(checked, Constraint("json_schema", json.dumps(call_schema(checked))), parallel is not False)
     if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name")
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
         if name not in {function_of(t)["name"] for t in checked}:
             raise BadRequest(f"tool_choice.function.name: {name!r} is not one of the tools")
         return ToolPlan(checked, Constraint("json_schema", json.dumps(call_schema(checked, name))), False)

@@ -24,6 +24,7 @@ from llama_cpp import _internals as internals
 
 from engines.base import Engine, ModelInfo, ProgressCallback
 from engines.config import EngineConfig
+from engines.context import served_context
 from engines.errors import ContextOverflow, EngineError, ModelLoadError
 from engines.llamacpp import embedding, options
 from engines.llamacpp.generation import run_generation
@@ -178,8 +179,9 @@ class LlamaCppEngine(Engine):
         if asked is None:
             return self.n_ctx
         trained = self.info.context_length or asked
-        if asked > self.n_ctx:
-            self.n_ctx = max(self.n_ctx, min(asked, trained))
+        if asked > self.n_ctx:   # at most the trained length and what the KV budget holds
+            grown = served_context(trained, asked, self._kv_per_token, self.config.kv_budget_bytes)
+            self.n_ctx = max(self.n_ctx, grown)
             log.info("%s: context grows to %d tokens (num_ctx %d)", self.info.name, self.n_ctx, asked)
         return min(asked, self.n_ctx)
 

@@ -79,7 +79,7 @@ class Guide:
     def __init__(self, tokenizer: GuideTokenizer, constraint: Constraint) -> None:
         try:
             grammar = llguidance_grammar(constraint)
-        except (ValueError, TypeError) as exc:
+        except Exception as exc:   # llguidance's compilers raise ValueError and others on odd input
             raise InvalidRequest(f"{constraint.kind}: not a grammar this server can follow: {exc}") from None
         self.matcher = llguidance.LLMatcher(tokenizer.get(), grammar, log_level=0)
         if self.matcher.is_error():
