@@ -28,7 +28,7 @@ from app.server.ollama_format import now_rfc3339, parse_keep_alive
 from app.server.sampling import make_sampling
 from app.server.shaping import OutputShaper, make_shaper
 from app.server.streaming import NDJSON_MEDIA, STREAM_HEADERS, guarded, ndjson
-from app.server.structured import ToolPlan, check_think, ollama_format, tool_plan
+from app.server.structured import ToolPlan, check_think, ollama_format, tool_plan, with_generic_tools
 from engines.errors import ContextOverflow
 from engines.types import ChatMessage, FinishReason, GenerateRequest, RequestKind
 
@@ -158,10 +158,10 @@ async def chat(body: ChatBody, request: Request):
     ctx = ctx_of(request)
     keep_alive = parse_keep_alive(body.keep_alive)
     info = await ctx.manager.resolve(body.model)
-    messages = to_messages(body.messages or [])
     plan = tool_plan(body.tools, None, True)
+    messages = with_generic_tools(to_messages(body.messages or []), plan, info)
     gen_request = _request(body, info, RequestKind.CHAT, messages=messages, tools=plan.tools)
-    if not messages:
+    if not body.messages:
         return await _load_only(ctx, body.model, keep_alive, {"message": {"role": "assistant", "content": ""}})
     shaper = make_shaper(info, plan, messages, gen_request.think)
     gen = await _start_truncating(ctx, info.name, gen_request, keep_alive, body.truncate is not False)

@@ -25,7 +25,7 @@ from app.server.openai_common import OpenAICommon, logprobs_json, sampling_of, u
 from app.server.sampling import FINISH_NAMES
 from app.server.shaping import OutputShaper, make_shaper
 from app.server.streaming import SSE_MEDIA, STREAM_HEADERS, guarded, sse
-from app.server.structured import check_think, openai_response_format, tool_plan
+from app.server.structured import check_think, openai_response_format, tool_plan, with_generic_tools
 from engines.types import GenerateRequest, RequestKind
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -70,7 +70,7 @@ async def chat_completions(body: ChatCompletionBody, request: Request):
     if plan.constraint is not None and body.response_format and body.response_format.get("type") != "text":
         raise BadRequest("response_format: cannot be combined with tool_choice required or named")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    messages = to_messages(body.messages)
+    messages = with_generic_tools(to_messages(body.messages), plan, info)
     gen_request = GenerateRequest(RequestKind.CHAT, sampling_of(body, max_tokens), messages=messages,
                                   tools=plan.tools, think=think, constraint=constraint,
                                   top_logprobs=(body.top_logprobs or 0) if body.logprobs else -1)

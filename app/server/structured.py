@@ -158,3 +158,22 @@ def check_think(think: bool | str | None, info: ModelInfo, constrained: bool = F
     if not template_of(info).supports_thinking:
         raise BadRequest(f"\"{info.name}\" does not support thinking")
     return think
+
+
+GENERIC_TOOLS_PROMPT = ("You can call these tools. To call one, answer with only a JSON object "
+                        '{{"name": <tool name>, "arguments": <arguments object>}}.\n\n{tools}')
+
+
+def with_generic_tools(messages: tuple, plan: ToolPlan, info: ModelInfo) -> tuple:
+    """Where the model's template does not render tools, they go in the system message with the
+    generic JSON call format the parser reads (llama.cpp's --jinja does the same for such templates)."""
+    if not plan.tools or template_of(info).supports_tools:
+        return messages
+    from engines.types import ChatMessage
+
+    listing = "\n".join(json.dumps(function_of(t), ensure_ascii=False) for t in plan.tools)
+    note = GENERIC_TOOLS_PROMPT.format(tools=listing)
+    if messages and messages[0].role == "system":
+        first = messages[0]
+        return (ChatMessage("system", f"{first.content}\n\n{note}"),) + tuple(messages[1:])
+    return (ChatMessage("system", note),) + tuple(messages)
