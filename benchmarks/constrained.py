@@ -73,18 +73,11 @@ def per_token_ms(engine: TorchEngine, request: GenerateRequest) -> tuple[float, 
     return usage.eval_ns / 1e6 / max(1, usage.completion_tokens - 1), usage.completion_tokens, text
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default=str(bundled_model_path()))
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--max-tokens", type=int, default=256)
-    args = parser.parse_args()
-    engine = TorchEngine(ModelInfo(name="bench", path=args.model),
-                         EngineConfig(torch_num_slots=1, torch_max_context=2048, torch_llamacpp_numerics=False))
-    engine.load()
+def measure(engine: TorchEngine, rounds: int, max_tokens: int) -> list[dict]:
+    """One row per round: tokens, free and constrained ms per token, overhead, grammar ms per token."""
     rows = []
-    for _ in range(args.rounds):
-        constrained = GenerateRequest(RequestKind.COMPLETION, SamplingParams(max_tokens=args.max_tokens, temperature=0),
+    for _ in range(rounds):
+        constrained = GenerateRequest(RequestKind.COMPLETION, SamplingParams(max_tokens=max_tokens, temperature=0),
                                       prompt=PROMPT, constraint=Constraint("json_schema", json.dumps(SCHEMA)))
         with MaskClock() as clock:
             c_ms, n, text = per_token_ms(engine, constrained)
@@ -95,6 +88,19 @@ def main() -> None:
         rows.append({"tokens": n, "free_ms_per_token": f_ms, "constrained_ms_per_token": c_ms,
                      "overhead_pct": 100 * (c_ms - f_ms) / f_ms,
                      "grammar_ms_per_token": 1e3 * clock.seconds / max(1, clock.calls)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=str(bundled_model_path()))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    args = parser.parse_args()
+    engine = TorchEngine(ModelInfo(name="bench", path=args.model),
+                         EngineConfig(torch_num_slots=1, torch_max_context=2048, torch_llamacpp_numerics=False))
+    engine.load()
+    rows = measure(engine, args.rounds, args.max_tokens)
     engine.unload()
     summary = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     print_table(list(summary), [list(r.values()) for r in rows] + [list(summary.values())])
