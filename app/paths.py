@@ -34,6 +34,11 @@ class AppPaths:
         return self.data_dir / "models"
 
     @property
+    def kv_dir(self) -> Path:
+        """Cached conversations kept on disk (models with keep_kv_on_disk)."""
+        return self.data_dir / "kv"
+
+    @property
     def token_file(self) -> Path:
         return self.runtime_dir / "control-token"
 

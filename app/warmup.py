@@ -27,7 +27,7 @@ def warm_up(model: str | None, settings: Settings, paths: AppPaths, progress) ->
     from engines.registry import ModelRegistry
 
     compile_cache.use(Path(paths.cache_dir))
-    config = engine_config(settings, str(paths.models_dir))
+    config = engine_config(settings, paths)
     registry = ModelRegistry(config)
     info = registry.get(model or "")     # "": the default model; ModelNotFound names near ones
     start = time.perf_counter()

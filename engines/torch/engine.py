@@ -30,6 +30,7 @@ from engines.torch.serve.admission import MemoryAdmission
 from engines.torch.model.attention import ContiguousKV
 from engines.torch.serve.kv_access import KVStore, KvcachedStore, StaticStore
 from engines.torch.serve.kv_ledger import KVLedger
+from engines.torch.serve import kv_persist
 from engines.torch.serve.prefix_cache import PrefixCache
 from engines.torch.serve.runner import Runner
 from engines.torch.serve.scheduler import Scheduler, Sequence
@@ -37,6 +38,7 @@ from engines.torch.serve.serving import Job, ServingLoop
 from engines.torch.serve.text_side import TextSide
 from engines.types import EmbeddingResult, GenerateRequest, LoadProgress, MemoryReport, ModelState, StreamChunk
 from kvcached.config import KvcachedConfig
+from kvcached.kv_cache.disk_tier import DiskTier
 from kvcached.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -124,10 +126,26 @@ class TorchEngine(Engine):
             with phases.phase("compile_capture"):
                 runner.warm_up(lambda f: report(0.93 + 0.06 * f, "compiling"),
                                prefill_tokens=self.config.torch_prefill_chunk, first=1)
+        # After the warm-up, which writes slot 0: restored conversations must stay as saved.
+        self._keep_conversations(lambda tier, ident: kv_persist.restore(
+            self.store, scheduler.prefix_cache, tier, ident))
         self.admission = self._make_admission()
         self.loop = ServingLoop(scheduler, runner, self.config.max_queue, before_step=self._resume_if_paused,
                                  name=self.info.name, memory=self.admission)
         report(1.0, "ready")
+
+    def _keep_conversations(self, act) -> None:
+        """act(tier, identity) where this model keeps its cached conversations on disk
+        (engines/torch/serve/kv_persist.py); a failure there is logged, never raised:
+        losing a cache must not fail a load or an unload."""
+        config, path = self.config, self.info.path
+        if not (config.kv_disk_dir and self.info.name in config.kv_disk_models and path
+                and isinstance(self.store, KvcachedStore)):
+            return
+        try:
+            act(DiskTier(Path(config.kv_disk_dir), config.kv_disk_max_bytes), kv_persist.identity(path, self.store))
+        except Exception:
+            log.exception("%s: cached conversations on disk: skipped", self.info.name)
 
     def _make_admission(self) -> MemoryAdmission | None:
         """The KV book and the broker's admission, over kvcached pages (a static KV
@@ -208,6 +226,8 @@ class TorchEngine(Engine):
     def _drop(self) -> None:
         if self.loop is not None:
             self.loop.close()   # waits for the step in flight; fails what still waits
+            self._keep_conversations(lambda tier, ident: kv_persist.save(
+                self.store, self.loop.scheduler.prefix_cache, tier, ident))
         if self.store is not None:
             self.store.close()
         self.loop = self.store = self.model = self.text = self.admission = None

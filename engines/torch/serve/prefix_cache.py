@@ -78,6 +78,13 @@ class PrefixCache:
         state.tokens = list(tokens)
         state.last_used = next(self._clock)
 
+    def hold(self, slot: int, tokens: list[int]) -> None:
+        """An idle slot holds these tokens' KV (restored from disk): reusable as a prefix."""
+        state = self.slots[slot]
+        assert not state.is_running, f"slot {slot} is running"
+        state.tokens = list(tokens)
+        state.last_used = next(self._clock)
+
     def forget(self, slot: int) -> None:
         """The slot's KV was lost or freed: hold no prefix there."""
         self.slots[slot].tokens = []
