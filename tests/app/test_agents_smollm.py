@@ -153,3 +153,20 @@ def test_ollama_logprobs_and_embed_dimensions(oll, model) -> None:
     vectors = oll.embed(model=model, input=["one", "two"], dimensions=32).embeddings
     assert [len(v) for v in vectors] == [32, 32]
     assert all(abs(sum(x * x for x in v) - 1) < 1e-4 for v in vectors)
+
+
+def test_llamacpp_dialect_grammar_schema_probs_and_deadlines(live_server) -> None:
+    with live_server.client(timeout=300) as http:
+        yes_no = http.post("/completion", json={"prompt": "Is the sky blue? Answer:", "n_predict": 8,
+                                                "temperature": 0, "grammar": 'root ::= " " ("yes" | "no")'}).json()
+        assert yes_no["content"] in (" yes", " no")
+        person = http.post("/completion", json={"prompt": "A person as JSON:", "n_predict": 150, "temperature": 0,
+                                                "json_schema": PERSON, "n_probs": 3}).json()
+        jsonschema.validate(json.loads(person["content"]), PERSON)
+        probs = person["completion_probabilities"]
+        assert probs and all(sum(math.exp(t["logprob"]) for t in p["top_logprobs"]) <= 1 + 1e-6 for p in probs)
+        quick = http.post("/completion", json={"prompt": "Once upon a time", "n_predict": 60, "temperature": 0,
+                                               "t_max_predict_ms": 1}).json()
+        assert quick["stop_type"] == "limit" and quick["tokens_predicted"] <= 2
+        bad = http.post("/completion", json={"prompt": "x", "grammar": "root ::= (", "n_predict": 2})
+        assert bad.status_code == 400
