@@ -90,13 +90,17 @@ class Generation:
         finally:
             self.close()
 
-    async def collect(self, client: Request | None = None) -> Totals:
+    async def collect(self, client: Request | None = None, stop_after=None) -> Totals:
         """The whole generation (stream: false). With the client's request, a client that
-        hangs up (an editor's autocomplete after the next keystroke) cancels it at once."""
+        hangs up (an editor's autocomplete after the next keystroke) cancels it at once.
+        stop_after(chunk) -> True ends it early: the engine is told to stop, and the
+        finish reason stays what the caller sets."""
         watcher = asyncio.create_task(_cancel_on_disconnect(client, self.request)) if client else None
         try:
-            async for _ in self.chunks():
-                pass
+            async for chunk in self.chunks():
+                if stop_after is not None and stop_after(chunk):
+                    self.request.cancel()
+                    break
         finally:
             if watcher is not None:
                 watcher.cancel()

@@ -193,13 +193,16 @@ def _probs_json(items) -> list[dict]:
 async def _respond(gen: Generation, stream: bool, client: Request, guard: IndentGuard):
     with_probs = gen.request.top_logprobs >= 0
     if not stream:
-        watcher_text = []
-        async for chunk in gen.chunks():
-            watcher_text.append(guard.feed(chunk.text))
-            if guard.stopped:
-                _stop_at_indent(gen)
-                break
-        final = _final(gen, "".join(watcher_text) + guard.flush())
+        pieces: list[str] = []
+
+        def feed(chunk) -> bool:
+            pieces.append(guard.feed(chunk.text))
+            return guard.stopped
+
+        await gen.collect(client, feed)
+        if guard.stopped:
+            _stop_at_indent(gen)
+        final = _final(gen, "".join(pieces) + guard.flush())
         if with_probs:
             final["completion_probabilities"] = _probs_json(gen.logprobs)
         return JSONResponse(final)
