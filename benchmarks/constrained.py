@@ -21,6 +21,7 @@ from benchmarks.results_io import print_table, write_result
 from engines.base import ModelInfo
 from engines.config import EngineConfig
 from engines.torch.engine import TorchEngine
+from kvcached.standalone import standalone_pool
 from engines.torch.load.gguf_loader import bundled_model_path
 from engines.torch.serve import guide as guide_module
 from engines.types import Constraint, GenerateRequest, RequestKind, SamplingParams
@@ -98,7 +99,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     args = parser.parse_args()
     engine = TorchEngine(ModelInfo(name="bench", path=args.model),
-                         EngineConfig(torch_num_slots=1, torch_max_context=2048, torch_llamacpp_numerics=False))
+                         EngineConfig(torch_num_slots=1, torch_max_context=2048, torch_llamacpp_numerics=False), standalone_pool())
     engine.load()
     rows = measure(engine, args.rounds, args.max_tokens)
     engine.unload()

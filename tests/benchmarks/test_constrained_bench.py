@@ -14,7 +14,8 @@ from tiny_families import FAMILY_CASES, random_state, write_family_gguf  # noqa:
 from benchmarks import constrained  # noqa: E402
 from engines.base import ModelInfo  # noqa: E402
 from engines.config import EngineConfig  # noqa: E402
-from engines.torch.engine import TorchEngine  # noqa: E402
+from engines.torch.engine import TorchEngine  # noqa: E402  # noqa: E402
+from kvcached.standalone import standalone_pool  # noqa: E402
 from engines.types import Constraint, GenerateRequest, RequestKind, SamplingParams  # noqa: E402
 
 
@@ -23,7 +24,7 @@ def test_one_round_on_a_tiny_model(tmp_path) -> None:
     cfg = cfg.replace(max_context=4096)   # a random model fills every whitespace the schema allows
     path = write_family_gguf(tmp_path / "tiny.gguf", cfg, extra, random_state(cfg))
     engine = TorchEngine(ModelInfo(name="tiny", path=str(path), context_length=cfg.max_context),
-                         EngineConfig(torch_num_slots=1, torch_llamacpp_numerics=False))
+                         EngineConfig(torch_num_slots=1, torch_llamacpp_numerics=False), standalone_pool())
     engine.load()
     try:
         [row] = constrained.measure(engine, rounds=1, max_tokens=2000)

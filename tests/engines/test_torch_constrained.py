@@ -17,7 +17,8 @@ from tiny_families import FAMILY_CASES, random_state, write_family_gguf  # noqa:
 from engines.base import ModelInfo  # noqa: E402
 from engines.config import EngineConfig  # noqa: E402
 from engines.errors import ContextOverflow, InvalidRequest  # noqa: E402
-from engines.torch.engine import TorchEngine  # noqa: E402
+from engines.torch.engine import TorchEngine  # noqa: E402  # noqa: E402
+from kvcached.standalone import standalone_pool  # noqa: E402
 from engines.types import Constraint, GenerateRequest, RequestKind, SamplingParams  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {
@@ -32,7 +33,7 @@ def engine(tmp_path_factory):
     path = write_family_gguf(tmp_path_factory.mktemp("tiny") / "tiny-qwen2.gguf", cfg, extra, random_state(cfg))
     eng = TorchEngine(ModelInfo(name="tiny-qwen2", path=str(path), family="qwen2", context_length=cfg.max_context),
                       EngineConfig(torch_num_slots=2, torch_prefill_chunk=64, max_queue=4,
-                                   torch_llamacpp_numerics=False))
+                                   torch_llamacpp_numerics=False), standalone_pool())
     eng.load()
     yield eng
     eng.unload()
