@@ -64,6 +64,12 @@ class RemoteEngine(Engine):
         return httpx.Timeout(self.remote.timeout_s, connect=self.remote.connect_timeout_s)
 
     def generate(self, request: GenerateRequest) -> Iterator[StreamChunk]:
+        unsent = [name for name, asked in (("tools", request.tools), ("a constrained format", request.constraint),
+                                           ("logprobs", request.top_logprobs >= 0), ("think", request.think))
+                  if asked not in ((), None, False)]
+        if unsent:   # not forwarded to remotes yet: a clear 400, never a silent drop
+            raise InvalidRequest(f"{self.info.name} is served remotely; {', '.join(unsent)} "
+                                 "cannot be forwarded to it yet")
         make_body, parse = DIALECTS[self.remote.kind]
         path, body = make_body(request, self.remote_model)
         with self._lock:
