@@ -75,6 +75,7 @@ class Settings:
     load_timeout_s: float = 600.0          # a request waiting this long for its model's load answers 503
     torch_llamacpp_numerics: bool = EngineConfig.torch_llamacpp_numerics  # torch engine on the CPU: llama.cpp's exact tokens, slower
     kv_disk_max_bytes: int = EngineConfig.kv_disk_max_bytes  # the KV disk tier's bound (models with keep_kv_on_disk)
+    max_context: int = EngineConfig.max_context  # default context: the trained length, at most this (engines/context.py)
 
     @property
     def endpoint_url(self) -> str:
@@ -210,6 +211,7 @@ FIELDS: dict[str, Callable[[object], object]] = {
     "admission_timeout_s": lambda v: positive_seconds(parse_duration(v)),
     "load_timeout_s": lambda v: positive_seconds(parse_duration(v)),
     "torch_llamacpp_numerics": parse_bool,
+    "max_context": lambda v: parse_int(v, 256, 1 << 24),
     "kv_disk_max_bytes": parse_bytes,
 }
 

@@ -73,7 +73,9 @@ class Engine(abc.ABC):
         on a model without FIM tokens. request.cancel() stops it early."""
 
     @abc.abstractmethod
-    def embed(self, texts: list[str]) -> EmbeddingResult: ...
+    def embed(self, texts: list[str], truncate: bool = False) -> EmbeddingResult:
+        """One pooled, L2-normalized vector per text. A text over the context raises
+        ContextOverflow, or with truncate keeps the tokens that fit (Ollama's truncate)."""
 
     @abc.abstractmethod
     def tokenize(self, text: str, add_special: bool = False) -> list[int]: ...

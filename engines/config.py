@@ -47,19 +47,23 @@ class EngineConfig:
     context_overrides: dict[str, int] = field(default_factory=dict)  # model name -> n_ctx
 
     # --- llama.cpp ---------------------------------------------------------------
-    llama_n_ctx: int = 4096                     # capped by the model's own context length
+    llama_n_ctx: int | None = None              # None: engines/context.py decides; capped by the model's own
     llama_n_batch: int = 512
     llama_n_threads: int | None = None          # None: half the cores this process may use
     llama_n_gpu_layers: int = -1                # when llama.cpp has GPU offload: -1 = all
-    llama_embedding_n_ctx: int = 512            # the separate embedding context, made on first use
+    llama_embedding_n_ctx: int = 2048           # the embedding context (at most the served one), made on first use
 
     # --- both engines ------------------------------------------------------------
+    # The default context: the model's trained length, at most this and what kv_budget_bytes
+    # holds (engines/context.py); kv_budget_bytes None: a quarter of this machine's RAM.
+    max_context: int = 32768
+    kv_budget_bytes: int | None = None
     max_queue: int = 512                        # requests waiting per model (as Ollama); more answers busy
     torch_num_slots: int = 8                    # torch engine: continuous-batching slots
     # The torch engine's device is not set here: its page pool's backend decided it
     # (kvcached.vmm.resolve_backend, once, in app/daemon.py).
     torch_dtype: str = "auto"                   # torch engine: "auto" (bf16 on CUDA), "bfloat16", "float16", "float32"
-    torch_max_context: int = 4096               # torch engine: tokens per slot (capped by the model's)
+    torch_max_context: int | None = None        # torch engine: tokens per slot; None: engines/context.py
     torch_prefill_chunk: int = 512              # torch engine: prompt tokens computed per step
     torch_cuda_graphs: bool = True              # torch engine: decode in captured CUDA graphs on GPU
     # torch engine on the CPU, GGUF with quantized weights: compute bit for bit as llama.cpp
@@ -79,11 +83,13 @@ class EngineConfig:
         for key, kind in kinds.items():
             if kind not in ENGINE_KINDS:
                 raise ConfigError(f"{key}: {kind!r} is not one of {', '.join(ENGINE_KINDS)}")
-        positive = {"llama_n_ctx": self.llama_n_ctx, "llama_n_batch": self.llama_n_batch,
+        positive = {"llama_n_batch": self.llama_n_batch, "max_context": self.max_context,
                     "llama_embedding_n_ctx": self.llama_embedding_n_ctx,
                     "max_queue": self.max_queue, "torch_num_slots": self.torch_num_slots,
-                    "torch_max_context": self.torch_max_context,
                     "torch_prefill_chunk": self.torch_prefill_chunk}
+        for key in ("llama_n_ctx", "torch_max_context"):
+            if getattr(self, key) is not None:
+                positive[key] = getattr(self, key)
         positive.update({f"context_overrides[{k!r}]": v for k, v in self.context_overrides.items()})
         if self.llama_n_threads is not None:
             positive["llama_n_threads"] = self.llama_n_threads
@@ -170,6 +176,7 @@ SETTINGS_FIELDS: dict[str, str] = {
     "scan_lmstudio": "scan_lmstudio",
     "scan_hf_cache": "scan_hf_cache",
     "kv_disk_max_bytes": "kv_disk_max_bytes",
+    "max_context": "max_context",
 }
 
 
@@ -183,6 +190,8 @@ def config_from_settings(settings: object, **overrides: object) -> EngineConfig:
         target: getattr(settings, name) for name, target in SETTINGS_FIELDS.items() if hasattr(settings, name)}
     values.update({
         "model_dirs": tuple(getattr(settings, "model_dirs", ()) or ()),
+        # What the broker can ever grant: the budget of all models together, where one is set.
+        "kv_budget_bytes": int(getattr(settings, "budget_bytes", 0) or 0) or None,
         "engine_overrides": {name: m.engine for name, m in models.items()
                              if getattr(m, "engine", "auto") != "auto"},
         "context_overrides": {name: m.context_length for name, m in models.items()

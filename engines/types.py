@@ -61,6 +61,41 @@ class SamplingParams:
 class ChatMessage:
     role: str       # "system" | "user" | "assistant" | "tool"
     content: str
+    # Assistant turns that called tools: [{"id", "type": "function", "function": {"name",
+    # "arguments": dict}}], arguments parsed as chat templates expect (llama.cpp --jinja too).
+    tool_calls: tuple[dict, ...] = ()
+    tool_call_id: str = ""     # tool turns: the call answered (OpenAI)
+    name: str = ""             # tool turns: the tool's name (Ollama tool_name)
+    thinking: str = ""         # assistant turns: the reasoning given back (Ollama message.thinking)
+
+    def template_dict(self) -> dict:
+        """The message as chat templates read it: only the keys that are set."""
+        out: dict = {"role": self.role, "content": self.content}
+        for key in ("tool_calls", "tool_call_id", "name"):
+            if getattr(self, key):
+                out[key] = list(self.tool_calls) if key == "tool_calls" else getattr(self, key)
+        if self.thinking:
+            out["reasoning_content"] = self.thinking
+        return out
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Constrained decoding: every token sampled keeps the output a prefix of the grammar.
+    kind "json_schema": text is a JSON schema (serialized); "gbnf": a llama.cpp GBNF grammar."""
+    kind: str
+    text: str
+
+    def __post_init__(self) -> None:
+        assert self.kind in ("json_schema", "gbnf"), self.kind
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model, and the likeliest alternatives."""
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass
@@ -72,6 +107,13 @@ class GenerateRequest:
     suffix: str = ""                          # INFILL
     extra_context: tuple[str, ...] = ()       # INFILL: other files (llama.cpp input_extra)
     add_generation_prompt: bool = True
+    tools: tuple[dict, ...] = ()              # CHAT: OpenAI-shaped tool definitions, for the template
+    think: bool | str | None = None           # CHAT: None = the template's default; True/False/"low".."high"
+    constraint: Constraint | None = None      # constrained decoding (JSON schema or GBNF)
+    top_logprobs: int = -1                    # -1: no logprobs; n >= 0: the token's and n alternatives
+    num_ctx: int | None = None                # the context this request may use (Ollama num_ctx)
+    deadline_s: float | None = None           # stop generating after this long (llama.vscode t_max_predict_ms)
+    prompt_deadline_s: float | None = None    # a prompt not evaluated in this long ends empty (t_max_prompt_ms)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -97,6 +139,7 @@ class StreamChunk:
     token_ids: tuple[int, ...] = ()
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()   # one per token in token_ids, where asked for
 
 
 @dataclass(frozen=True)

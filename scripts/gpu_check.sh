@@ -34,6 +34,7 @@ declare -A PARTS=(
   [engines]="180 -m benchmarks.engine_compare --model synthetic/smollm2-135m --engines torch"
   [pressure]="560 -m benchmarks.desktop_pressure"
   [colocate]="590 -m benchmarks.colocate"
+  [constrained]="300 -m benchmarks.constrained --rounds 3"
   [cold_start]="420 -m benchmarks.cold_start"
   [unload]="300 -m pytest -q -s -p no:cacheprovider --timeout 280 tests/gpu/test_unload_gpu.py"
   [exhaustion]="590 -m benchmarks.exhaustion --backend cuda --cycles 10 --hold-s 20"

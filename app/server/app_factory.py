@@ -14,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from app.resources import assets_dir
-from app.server import (auth, control_routes, errors, llamacpp_routes, ollama_info_routes, ollama_routes,
+from app.server import (auth, control_routes, errors, llamacpp_routes, ollama_info_routes, ollama_routes, openai_chat,
                         openai_routes, pull_routes)
 from app.server.context import VERSION, ServerContext, ctx_of
 from app.server.json_body import JsonBodyMiddleware
@@ -38,7 +38,8 @@ def create_app(ctx: ServerContext) -> FastAPI:
                               "with a control API that gives GPU memory back.")
     app.state.ctx = ctx
     errors.install(app)
-    for module in (openai_routes, ollama_routes, ollama_info_routes, pull_routes, llamacpp_routes, control_routes):
+    for module in (openai_chat, openai_routes, ollama_routes, ollama_info_routes, pull_routes, llamacpp_routes,
+                   control_routes):
         app.include_router(module.router)
     _add_metrics_and_dashboard(app)
     policy = SecurityPolicy(port=ctx.settings.port, token=ctx.token,

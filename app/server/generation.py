@@ -11,7 +11,7 @@ import asyncio
 import time
 from dataclasses import replace
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from anyio import to_thread
 from starlette.requests import Request
@@ -31,6 +31,7 @@ class Totals:
     usage: Usage | None = None
     completion_tokens: int = 0
     first_token_ns: int | None = None
+    logprobs: list = field(default_factory=list)   # engines.types.TokenLogprob, where asked for
 
 
 class Generation:
@@ -47,6 +48,10 @@ class Generation:
     @property
     def model(self) -> str:
         return self.lease.loaded.name
+
+    @property
+    def logprobs(self) -> list:
+        return self.totals.logprobs
 
     @property
     def load_ns(self) -> int:
@@ -68,6 +73,7 @@ class Generation:
                 totals.first_token_ns = time.perf_counter_ns() - self.started_ns
             totals.text += chunk.text
             totals.completion_tokens += len(chunk.token_ids) or 1
+        totals.logprobs.extend(chunk.logprobs)
         if chunk.finish_reason is not None:
             totals.finish_reason = chunk.finish_reason
         if chunk.usage is not None:
@@ -84,13 +90,17 @@ class Generation:
         finally:
             self.close()
 
-    async def collect(self, client: Request | None = None) -> Totals:
+    async def collect(self, client: Request | None = None, stop_after=None) -> Totals:
         """The whole generation (stream: false). With the client's request, a client that
-        hangs up (an editor's autocomplete after the next keystroke) cancels it at once."""
+        hangs up (an editor's autocomplete after the next keystroke) cancels it at once.
+        stop_after(chunk) -> True ends it early: the engine is told to stop, and the
+        finish reason stays what the caller sets."""
         watcher = asyncio.create_task(_cancel_on_disconnect(client, self.request)) if client else None
         try:
-            async for _ in self.chunks():
-                pass
+            async for chunk in self.chunks():
+                if stop_after is not None and stop_after(chunk):
+                    self.request.cancel()
+                    break
         finally:
             if watcher is not None:
                 watcher.cancel()

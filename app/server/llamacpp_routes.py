@@ -15,10 +15,15 @@ from dataclasses import replace
 from anyio import to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from typing import ClassVar
+
+from pydantic import Field
 
 from app.server.context import ctx_of
 from app.server.errors import Dialect
+from app.server.fields import FIELDS, Strict
+from app.server.indent import IndentGuard
+from app.server.structured import llamacpp_constraint
 from app.server.generation import Generation, start_generation
 from app.server.generation import detokenize as detokenize_ids
 from app.server.sampling import make_sampling
@@ -30,8 +35,14 @@ router = APIRouter(tags=["llama.cpp"])
 STOP_TYPES = {FinishReason.STOP: "eos", FinishReason.LENGTH: "limit", FinishReason.CANCELLED: "none", None: "none"}
 
 
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")
+def _table(endpoint: str) -> tuple[frozenset[str], dict[str, str]]:
+    table = FIELDS[endpoint]
+    return (frozenset(k for k, (st, _) in table.items() if st == "ignored"),
+            {k: n for k, (st, n) in table.items() if st == "400"})
+
+
+class _Sampling(Strict):
+    IGNORED, REFUSED = _table("POST /completion")
     model: str = Field("", max_length=512)
     n_predict: int | None = -1
     temperature: float | None = Field(None, ge=0)
@@ -46,35 +57,47 @@ class _Sampling(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     stream: bool | None = False
     ignore_eos: bool | None = False
+    n_probs: int | None = Field(None, ge=0, le=20)
+    json_schema: dict | None = None
+    grammar: str | None = None
+    t_max_predict_ms: float | None = Field(None, ge=0)
+    t_max_prompt_ms: float | None = Field(None, ge=0)
+    n_indent: int | None = Field(None, ge=0)
+
+    def request_fields(self) -> dict:
+        """The GenerateRequest fields these knobs set (the prompt aside)."""
+        ms = {"deadline_s": self.t_max_predict_ms, "prompt_deadline_s": self.t_max_prompt_ms}
+        return {"constraint": llamacpp_constraint(self.json_schema, self.grammar),
+                "top_logprobs": self.n_probs if self.n_probs else -1,
+                **{k: v / 1000 for k, v in ms.items() if v}}
 
 
 class CompletionBody(_Sampling):
     prompt: str | list[int] = ""
 
 
-class ExtraChunk(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ExtraChunk(Strict):
+    WHERE: ClassVar[str] = "input_extra[]"
     filename: str = ""
     text: str = ""
 
 
 class InfillBody(_Sampling):
+    IGNORED, REFUSED = _table("POST /infill")
     input_prefix: str = ""
     input_suffix: str = ""
     input_extra: list[ExtraChunk] = Field(default_factory=list, max_length=1024)
     prompt: str = ""
 
 
-class TokenizeBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class TokenizeBody(Strict):
     model: str = Field("", max_length=512)
     content: str = ""
     add_special: bool = False
     with_pieces: bool = False
 
 
-class DetokenizeBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class DetokenizeBody(Strict):
     model: str = Field("", max_length=512)
     tokens: list[int] = Field(default_factory=list)
 
@@ -101,9 +124,9 @@ async def completion(body: CompletionBody, request: Request):
     prompt = body.prompt
     if isinstance(prompt, list):
         prompt = await detokenize_ids(ctx.manager, body.model, prompt)
-    gen_request = GenerateRequest(RequestKind.COMPLETION, sampling, prompt=prompt)
+    gen_request = GenerateRequest(RequestKind.COMPLETION, sampling, prompt=prompt, **body.request_fields())
     gen = await start_generation(ctx.manager, ctx.metrics, body.model, gen_request)
-    return await _respond(gen, bool(body.stream), request)
+    return await _respond(gen, bool(body.stream), request, IndentGuard(body.n_indent or 0))
 
 
 @router.post("/infill")
@@ -116,9 +139,9 @@ async def infill(body: InfillBody, request: Request):
         return JSONResponse(_empty_result(lease.loaded.name))
     extra = tuple(_extra_text(chunk) for chunk in body.input_extra)
     gen_request = GenerateRequest(RequestKind.INFILL, sampling, prompt=body.input_prefix + body.prompt,
-                                  suffix=body.input_suffix, extra_context=extra)
+                                  suffix=body.input_suffix, extra_context=extra, **body.request_fields())
     gen = await start_generation(ctx.manager, ctx.metrics, body.model, gen_request)
-    return await _respond(gen, bool(body.stream), request)
+    return await _respond(gen, bool(body.stream), request, IndentGuard(body.n_indent or 0))
 
 
 def _extra_text(chunk: ExtraChunk) -> str:
@@ -154,16 +177,52 @@ def _empty_result(model: str) -> dict:
             "stopping_word": "", "truncated": False, "has_new_line": False, "timings": {}}
 
 
-async def _respond(gen: Generation, stream: bool, client: Request):
+def _stop_at_indent(gen: Generation) -> None:
+    """The engine stops now (its sequence freed); llama.cpp reports the indent stop as a limit."""
+    gen.request.cancel()
+    gen.totals.finish_reason = FinishReason.LENGTH
+
+
+def _probs_json(items) -> list[dict]:
+    """llama.cpp's completion_probabilities (post-sampling shape: token, logprob, top_logprobs)."""
+    return [{"id": -1, "token": lp.token, "logprob": lp.logprob, "bytes": list(lp.token.encode()),
+             "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in lp.top]}
+            for lp in items]
+
+
+async def _respond(gen: Generation, stream: bool, client: Request, guard: IndentGuard):
+    with_probs = gen.request.top_logprobs >= 0
     if not stream:
-        totals = await gen.collect(client)
-        return JSONResponse(_final(gen, totals.text))
+        pieces: list[str] = []
+
+        def feed(chunk) -> bool:
+            pieces.append(guard.feed(chunk.text))
+            return guard.stopped
+
+        await gen.collect(client, feed)
+        if guard.stopped:
+            _stop_at_indent(gen)
+        final = _final(gen, "".join(pieces) + guard.flush())
+        if with_probs:
+            final["completion_probabilities"] = _probs_json(gen.logprobs)
+        return JSONResponse(final)
 
     async def events():
         async for chunk in gen.chunks():
-            if chunk.text:
-                yield sse({"index": 0, "content": chunk.text, "tokens": list(chunk.token_ids), "stop": False,
-                           "id_slot": 0, "tokens_predicted": gen.totals.completion_tokens})
+            text = guard.feed(chunk.text)
+            if text or (with_probs and chunk.logprobs):
+                event = {"index": 0, "content": text, "tokens": list(chunk.token_ids), "stop": False,
+                         "id_slot": 0, "tokens_predicted": gen.totals.completion_tokens}
+                if with_probs:
+                    event["completion_probabilities"] = _probs_json(chunk.logprobs)
+                yield sse(event)
+            if guard.stopped:
+                _stop_at_indent(gen)
+                break
+        tail = guard.flush()
+        if tail:
+            yield sse({"index": 0, "content": tail, "tokens": [], "stop": False, "id_slot": 0,
+                       "tokens_predicted": gen.totals.completion_tokens})
         yield sse(_final(gen, ""))
 
     return StreamingResponse(guarded(events(), gen.close, Dialect.LLAMACPP), media_type=SSE_MEDIA,

@@ -1,4 +1,4 @@
-"""OpenAI dialect: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings.
+"""OpenAI dialect: /v1/models, /v1/completions, /v1/embeddings (chat: openai_chat.py).
 
 A thin adapter: JSON -> GenerateRequest, chunks -> OpenAI JSON. Streaming is
 SSE ending in `data: [DONE]`; with stream_options.include_usage every chunk
@@ -11,102 +11,71 @@ import array
 import base64
 import time
 import uuid
-from typing import Literal
+from typing import ClassVar, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from app.server.context import ctx_of
+from app.server.embedding_sizes import shorten
 from app.server.errors import BadRequest, Dialect
+from app.server.fields import FIELDS, Strict
 from app.server.generation import Generation, check_token_ids, start_generation
 from app.server.generation import detokenize as detokenize_ids
-from app.server.messages import ChatMessageIn, to_messages
-from app.server.sampling import FINISH_NAMES, make_sampling
+from app.server.model_context import served_context_of, served_ctx_of
+from app.server.openai_common import OpenAICommon, legacy_logprobs_json, sampling_of, usage_json
+from app.server.sampling import FINISH_NAMES
 from app.server.streaming import SSE_MEDIA, STREAM_HEADERS, guarded, sse
+from app.server.structured import capabilities
 from engines.types import GenerateRequest, RequestKind
 
 router = APIRouter(prefix="/v1", tags=["openai"])
-
-StopField = str | list[str] | None
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    include_usage: bool = False
+_COMPLETIONS = FIELDS["POST /v1/completions"]
+_EMBEDDINGS = FIELDS["POST /v1/embeddings"]
 
 
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str = Field("", max_length=512)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    n: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    stop: StopField = None
-    seed: int | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    user: str | None = None
-
-
-class ChatCompletionBody(_Common):
-    messages: list[ChatMessageIn] = Field(..., min_length=1, max_length=4096)
-    max_tokens: int | None = Field(None, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0)
-
-
-class CompletionBody(_Common):
+class CompletionBody(OpenAICommon):
+    IGNORED: ClassVar[frozenset[str]] = frozenset(k for k, (s, _) in _COMPLETIONS.items() if s == "ignored")
+    REFUSED: ClassVar[dict[str, str]] = {k: n for k, (s, n) in _COMPLETIONS.items() if s == "400"}
     prompt: str | list[str] | list[int] | list[list[int]] = ""
     suffix: str | None = None
     max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for legacy completions
     echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=20)
 
 
-class EmbeddingBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class EmbeddingBody(Strict):
+    IGNORED: ClassVar[frozenset[str]] = frozenset(k for k, (s, _) in _EMBEDDINGS.items() if s == "ignored")
     model: str = Field("", max_length=512)
     input: str | list[str] | list[int] | list[list[int]]
     # The openai library asks for base64 (little-endian float32) by default: it is smaller.
     encoding_format: Literal["float", "base64"] | None = "float"
     dimensions: int | None = Field(None, ge=1)
+    ttl: float | None = None
 
 
-def _sampling(body: _Common, max_tokens: int | None):
-    return make_sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                         stop=body.stop, presence_penalty=body.presence_penalty,
-                         frequency_penalty=body.frequency_penalty)
-
-
-def _usage_json(gen: Generation) -> dict:
-    usage = gen.usage()
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+def model_entry(info, served_ctx: int | None = None) -> dict:
+    """A /v1/models entry with what LM Studio's (/api/v0/models) and llama.cpp's (meta) lists carry:
+    the context the server gives and the model's capabilities."""
+    ctx = served_ctx or served_context_of(info)
+    return {"id": info.name, "object": "model", "created": int(info.modified_at), "owned_by": info.source,
+            "max_context_length": info.context_length, "loaded_context_length": ctx,
+            "context_length": ctx, "capabilities": capabilities(info),
+            "meta": {"n_ctx_train": info.context_length, "n_ctx": ctx}}
 
 
 @router.get("/models")
 async def list_models(request: Request) -> dict:
     ctx = ctx_of(request)
-    models = ctx.manager.registry.list()
-    return {"object": "list", "data": [
-        {"id": m.name, "object": "model", "created": int(m.modified_at), "owned_by": m.source} for m in models]}
+    return {"object": "list", "data": [model_entry(m, served_ctx_of(ctx, m)) for m in ctx.manager.registry.list()]}
 
 
 @router.get("/models/{model:path}")
 async def get_model(model: str, request: Request) -> dict:
-    info = await ctx_of(request).manager.resolve(model)
-    return {"id": info.name, "object": "model", "created": int(info.modified_at), "owned_by": info.source}
-
-
-@router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionBody, request: Request):
     ctx = ctx_of(request)
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    gen_request = GenerateRequest(RequestKind.CHAT, _sampling(body, max_tokens), messages=to_messages(body.messages))
-    gen = await start_generation(ctx.manager, ctx.metrics, body.model, gen_request)
-    return await _respond(gen, body, "chat.completion", _chat_choice, _chat_delta, request)
+    info = await ctx.manager.resolve(model)
+    return model_entry(info, served_ctx_of(ctx, info))
 
 
 @router.post("/completions")
@@ -114,10 +83,11 @@ async def completions(body: CompletionBody, request: Request):
     ctx = ctx_of(request)
     prompt = await _prompt_text(body.prompt, body.model, request)
     kind = RequestKind.INFILL if body.suffix is not None else RequestKind.COMPLETION
-    gen_request = GenerateRequest(kind, _sampling(body, body.max_tokens), prompt=prompt, suffix=body.suffix or "")
-    gen = await start_generation(ctx.manager, ctx.metrics, body.model, gen_request)
+    gen_request = GenerateRequest(kind, sampling_of(body, body.max_tokens), prompt=prompt, suffix=body.suffix or "",
+                                  top_logprobs=body.logprobs if body.logprobs is not None else -1)
+    gen = await start_generation(ctx.manager, ctx.metrics, body.model, gen_request, body.ttl)
     echo = prompt if body.echo else ""
-    return await _respond(gen, body, "text_completion", lambda g: _text_choice(g, echo), _text_delta, request)
+    return await _respond(gen, body, echo, request)
 
 
 async def _prompt_text(prompt, model: str, request: Request) -> str:
@@ -134,39 +104,24 @@ async def _prompt_text(prompt, model: str, request: Request) -> str:
     return await detokenize_ids(ctx_of(request).manager, model, list(first))
 
 
-def _chat_choice(gen: Generation) -> dict:
-    return {"index": 0, "message": {"role": "assistant", "content": gen.totals.text},
-            "logprobs": None, "finish_reason": FINISH_NAMES[gen.totals.finish_reason]}
-
-
 def _text_choice(gen: Generation, echo: str) -> dict:
-    return {"index": 0, "text": echo + gen.totals.text, "logprobs": None,
+    logprobs = legacy_logprobs_json(gen.logprobs, len(echo)) if gen.request.top_logprobs >= 0 else None
+    return {"index": 0, "text": echo + gen.totals.text, "logprobs": logprobs,
             "finish_reason": FINISH_NAMES[gen.totals.finish_reason]}
 
 
-def _chat_delta(text: str, first: bool, finish) -> dict:
-    delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-    return {"index": 0, "delta": delta, "logprobs": None,
-            "finish_reason": FINISH_NAMES[finish] if finish is not None else None}
-
-
-def _text_delta(text: str, first: bool, finish) -> dict:
-    return {"index": 0, "text": text, "logprobs": None,
-            "finish_reason": FINISH_NAMES[finish] if finish is not None else None}
-
-
-async def _respond(gen: Generation, body: _Common, obj: str, choice, delta, client: Request):
-    ident = ("chatcmpl-" if obj == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
-    created = int(time.time())
+async def _respond(gen: Generation, body: CompletionBody, echo: str, client: Request):
+    ident, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
     if not body.stream:
         await gen.collect(client)
-        return JSONResponse({"id": ident, "object": obj, "created": created, "model": gen.model,
-                             "system_fingerprint": "ebbtide", "choices": [choice(gen)], "usage": _usage_json(gen)})
+        return JSONResponse({"id": ident, "object": "text_completion", "created": created, "model": gen.model,
+                             "system_fingerprint": "ebbtide", "choices": [_text_choice(gen, echo)],
+                             "usage": usage_json(gen)})
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    chunk_obj = obj + ".chunk" if obj == "chat.completion" else obj
+    with_logprobs = gen.request.top_logprobs >= 0
 
     def frame(choices: list, usage: dict | None = None) -> bytes:
-        payload = {"id": ident, "object": chunk_obj, "created": created, "model": gen.model,
+        payload = {"id": ident, "object": "text_completion", "created": created, "model": gen.model,
                    "system_fingerprint": "ebbtide", "choices": choices}
         if include_usage:
             payload["usage"] = usage
@@ -176,10 +131,13 @@ async def _respond(gen: Generation, body: _Common, obj: str, choice, delta, clie
         first = True
         async for chunk in gen.chunks():
             if chunk.text or first or chunk.finish_reason is not None:
-                yield frame([delta(chunk.text, first, chunk.finish_reason)])
+                finish = FINISH_NAMES[chunk.finish_reason] if chunk.finish_reason is not None else None
+                lp = legacy_logprobs_json(list(chunk.logprobs)) if with_logprobs else None
+                yield frame([{"index": 0, "text": (echo if first else "") + chunk.text, "logprobs": lp,
+                              "finish_reason": finish}])
                 first = False
         if include_usage:
-            yield frame([], _usage_json(gen))
+            yield frame([], usage_json(gen))
         yield sse("[DONE]")
 
     return StreamingResponse(guarded(events(), gen.close, Dialect.OPENAI), media_type=SSE_MEDIA, headers=STREAM_HEADERS)
@@ -188,14 +146,15 @@ async def _respond(gen: Generation, body: _Common, obj: str, choice, delta, clie
 @router.post("/embeddings")
 async def embeddings(body: EmbeddingBody, request: Request) -> dict:
     ctx = ctx_of(request)
-    lease = await ctx.manager.lease(body.model)
+    lease = await ctx.manager.lease(body.model, body.ttl)
     try:
         texts = _embedding_texts(body.input, lease)
         result = await _run(lease.engine.embed, texts)
     finally:
         lease.release()
     encode = _base64_floats if body.encoding_format == "base64" else list
-    data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(result.vectors)]
+    vectors = [shorten(v, body.dimensions) for v in result.vectors]
+    data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]
     return {"object": "list", "data": data, "model": lease.loaded.name,
             "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}}
 

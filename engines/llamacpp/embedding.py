@@ -3,9 +3,12 @@
 The generation context keeps logits only; llama.cpp computes pooled embeddings
 only in a context made with `embeddings = true`. This one shares the loaded
 weights (no second copy), is made on the first embedding request, and is freed
-by pause, drop and unload. Each text is mean-pooled over its tokens (what
+by pause, drop and unload. Each text is pooled as the GGUF declares
+(`<arch>.pooling_type`: mean, CLS, last...; mean where it declares none, what
 llama.cpp's server and Ollama do for generative models) and L2-normalised, as
-the OpenAI and Ollama APIs return them. Runs on the engine's worker thread.
+the OpenAI and Ollama APIs return them. Its context is the model's served one,
+up to `llama_embedding_n_ctx` (a pooled text must fit one micro-batch, whose
+compute buffer grows with its square). Runs on the engine's worker thread.
 """
 from __future__ import annotations
 
@@ -21,12 +24,25 @@ from engines.llamacpp.session import kv_bytes_per_token
 from engines.types import EmbeddingResult
 
 
+def declared_pooling(model: internals.LlamaModel) -> int:
+    """The pooling the GGUF declares (llama.cpp's enum), mean where it declares none."""
+    meta = model.metadata()
+    arch = meta.get("general.architecture", "")
+    declared = meta.get(f"{arch}.pooling_type")
+    try:
+        value = int(declared) if declared is not None else llama_cpp.LLAMA_POOLING_TYPE_NONE
+    except ValueError:
+        value = llama_cpp.LLAMA_POOLING_TYPE_NONE
+    return value if value > llama_cpp.LLAMA_POOLING_TYPE_NONE else llama_cpp.LLAMA_POOLING_TYPE_MEAN
+
+
 class Embedder:
-    def __init__(self, model: internals.LlamaModel, config: EngineConfig, name: str) -> None:
+    def __init__(self, model: internals.LlamaModel, config: EngineConfig, name: str, served_ctx: int) -> None:
         self.model = model
         self.name = name
-        n_ctx = min(config.llama_embedding_n_ctx, max(16, model.n_ctx_train()))
+        n_ctx = min(config.llama_embedding_n_ctx, max(16, served_ctx))
         params = options.context_params(config, n_ctx, embeddings=True)
+        params.pooling_type = declared_pooling(model)
         # A pooled embedding needs the whole text in one micro-batch.
         params.n_batch = params.n_ubatch = n_ctx
         self.ctx = internals.LlamaContext(model=model, params=params, verbose=False)
@@ -36,7 +52,7 @@ class Embedder:
         self.kv_bytes = self.n_ctx * kv_bytes_per_token(model)
         self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(model.vocab))
 
-    def embed(self, texts: list[str]) -> EmbeddingResult:
+    def embed(self, texts: list[str], truncate: bool = False) -> EmbeddingResult:
         if not texts:
             raise InvalidRequest("no input to embed")
         vectors, num_tokens = [], 0
@@ -44,6 +60,8 @@ class Embedder:
             tokens = self.model.tokenize(text.encode("utf-8"), self._add_bos, False)
             if not tokens:
                 raise InvalidRequest(f"input {index} is empty; every input must have some text")
+            if len(tokens) > self.n_ctx and truncate:
+                tokens = tokens[:self.n_ctx]
             if len(tokens) > self.n_ctx:
                 raise ContextOverflow(f"input {index} is {len(tokens)} tokens; {self.name} embeds at most "
                                       f"{self.n_ctx} (llama_embedding_n_ctx)")

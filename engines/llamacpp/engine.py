@@ -24,6 +24,7 @@ from llama_cpp import _internals as internals
 
 from engines.base import Engine, ModelInfo, ProgressCallback
 from engines.config import EngineConfig
+from engines.context import served_context
 from engines.errors import ContextOverflow, EngineError, ModelLoadError
 from engines.llamacpp import embedding, options
 from engines.llamacpp.generation import run_generation
@@ -163,33 +164,51 @@ class LlamaCppEngine(Engine):
             if self._prompts is None or self._worker is None:   # unloaded since load() above
                 return self.generate(request)
             prompt = self._prompts.build(request)
-            if len(prompt) >= self.n_ctx:
+            n_ctx = self._context_for(request)
+            if len(prompt) >= n_ctx:
                 raise ContextOverflow(f"the prompt is {len(prompt)} tokens; {self.info.name} is served with "
-                                      f"a context of {self.n_ctx} (one token must stay free to generate)")
+                                      f"a context of {n_ctx} (one token must stay free to generate)")
             self._worker.submit(job, is_request=True)
         return TokenStream(request, out)
 
+    def _context_for(self, request: GenerateRequest) -> int:
+        """The context this request gets. A num_ctx above the served one grows the context
+        (up to the trained length), as Ollama reloads for it: the next job recreates the
+        session at the new size, cached conversation dropped. A smaller one bounds this request."""
+        asked = request.num_ctx
+        if asked is None:
+            return self.n_ctx
+        trained = self.info.context_length or asked
+        if asked > self.n_ctx:   # at most the trained length and what the KV budget holds
+            grown = served_context(trained, asked, self._kv_per_token, self.config.kv_budget_bytes)
+            self.n_ctx = max(self.n_ctx, grown)
+            log.info("%s: context grows to %d tokens (num_ctx %d)", self.info.name, self.n_ctx, asked)
+        return min(asked, self.n_ctx)
+
     def _ready_session(self) -> Session:
-        """The context to serve on: resumed if paused, recreated if dropped. Worker thread."""
+        """The context to serve on: resumed if paused, recreated if dropped or grown. Worker thread."""
         assert self._model is not None
+        if self._session is not None and self._session.n_ctx < self.n_ctx:
+            self._session.close()
+            self._session = None
         if self._session is None:
             paused, self._paused = self._paused, None
             self._session = resume_session(self._model, self._context_params(), paused or PausedState(b"", ()))
             self._state = ModelState.LOADED
         return self._session
 
-    def embed(self, texts: list[str]) -> EmbeddingResult:
+    def embed(self, texts: list[str], truncate: bool = False) -> EmbeddingResult:
         self.load()
 
         def job() -> EmbeddingResult:
             assert self._model is not None
             if self._embedder is None:
-                self._embedder = embedding.Embedder(self._model, self.config, self.info.name)
-            return self._embedder.embed(texts)
+                self._embedder = embedding.Embedder(self._model, self.config, self.info.name, self.n_ctx)
+            return self._embedder.embed(texts, truncate)
 
         with self._load_lock:
             if self._worker is None:   # unloaded since load() above
-                return self.embed(texts)
+                return self.embed(texts, truncate)
             future = self._worker.submit(job, is_request=True)
         return future.result()
 

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import llama_cpp
 
 from engines.base import ModelInfo
+from engines.broker_client import load_estimate
 from engines.config import EngineConfig
+from engines.context import served_context
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +63,12 @@ def model_params(config: EngineConfig, progress: Callable[[float], None] | None 
 
 
 def context_n_ctx(config: EngineConfig, info: ModelInfo) -> int:
-    """The context length: the per-model override, else the configured one, never more
-    than the model was trained for."""
+    """The context length: the per-model override, else the configured one, else the trained
+    length bounded as engines/context.py says; never more than the model was trained for."""
     wanted = config.context_overrides.get(info.name, config.llama_n_ctx)
+    if wanted is None:
+        wanted = served_context(info.context_length, config.max_context, load_estimate(info, 1) - info.size_bytes,
+                                config.kv_budget_bytes)
     trained = info.context_length if info.context_length > 0 else wanted
     return max(16, min(wanted, trained))
 

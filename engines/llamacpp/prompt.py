@@ -13,7 +13,7 @@ import llama_cpp
 from llama_cpp import _internals as internals
 
 from engines.errors import InvalidRequest
-from engines.text.chat_template import ChatTemplate
+from engines.text.chat_template import ChatTemplate, template_variables
 from engines.text.fim import FimTokens, build_infill_ids
 from engines.types import GenerateRequest, RequestKind
 
@@ -62,7 +62,8 @@ class PromptBuilder:
     def _chat(self, request: GenerateRequest) -> list[int]:
         if not request.messages:
             raise InvalidRequest("a chat request needs at least one message")
-        text = self.template.render(request.messages, add_generation_prompt=request.add_generation_prompt)
+        text = self.template.render(request.messages, add_generation_prompt=request.add_generation_prompt,
+                                    **template_variables(request.tools, request.think))
         # Templates that write the BOS text themselves must not get a second one.
         add_bos = self.add_bos and not (self.bos_text and text.startswith(self.bos_text))
         return self.tokenize(text, add_bos=add_bos, special=True)

@@ -19,7 +19,7 @@ def _has_penalties(p: SamplingParams) -> bool:
                                      or p.frequency_penalty != 0.0)
 
 
-def _add_penalties(sampler: internals.LlamaSampler, p: SamplingParams) -> None:
+def _add_penalties(sampler: internals.LlamaSampler, p: SamplingParams, prompt: list[int]) -> None:
     last_n = p.repeat_last_n if p.repeat_last_n > 0 else 64
     # The binding declares (n_vocab, last_n, repeat, freq, present) while llama.cpp's
     # current header takes (last_n, repeat, freq, present). Ints and floats travel in
@@ -27,13 +27,21 @@ def _add_penalties(sampler: internals.LlamaSampler, p: SamplingParams) -> None:
     # right under either signature.
     native = llama_cpp.llama_sampler_init_penalties(last_n, last_n, p.repeat_penalty,
                                                     p.frequency_penalty, p.presence_penalty)
+    # Penalties see the prompt too, as in llama.cpp's server; fed to this sampler alone
+    # (a grammar earlier in the chain must not read the prompt).
+    for token in prompt[-last_n:]:
+        llama_cpp.llama_sampler_accept(native, token)
     llama_cpp.llama_sampler_chain_add(sampler.sampler, native)
 
 
-def build_sampler(p: SamplingParams, prompt: list[int]) -> internals.LlamaSampler:
+def build_sampler(p: SamplingParams, prompt: list[int], grammar=None) -> internals.LlamaSampler:
+    """grammar: a native grammar sampler (grammar.py), first in the chain: it masks what the
+    grammar forbids before anything else looks at the logits."""
     sampler = internals.LlamaSampler()
+    if grammar is not None:
+        llama_cpp.llama_sampler_chain_add(sampler.sampler, grammar)
     if _has_penalties(p):
-        _add_penalties(sampler, p)
+        _add_penalties(sampler, p, prompt)
     if p.is_greedy:
         sampler.add_greedy()
     else:
@@ -44,8 +52,4 @@ def build_sampler(p: SamplingParams, prompt: list[int]) -> internals.LlamaSample
             sampler.add_min_p(p.min_p, 1)
         sampler.add_temp(p.temperature)
         sampler.add_dist(p.seed if p.seed is not None else random.getrandbits(32))
-    if _has_penalties(p):
-        # Penalties see the prompt too, as in llama.cpp's server.
-        for token in prompt[-(p.repeat_last_n if p.repeat_last_n > 0 else 64):]:
-            sampler.accept(token)
     return sampler

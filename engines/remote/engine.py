@@ -64,6 +64,12 @@ class RemoteEngine(Engine):
         return httpx.Timeout(self.remote.timeout_s, connect=self.remote.connect_timeout_s)
 
     def generate(self, request: GenerateRequest) -> Iterator[StreamChunk]:
+        unsent = [name for name, asked in (("tools", request.tools), ("a constrained format", request.constraint),
+                                           ("logprobs", request.top_logprobs >= 0), ("think", request.think))
+                  if asked not in ((), None, False)]
+        if unsent:   # not forwarded to remotes yet: a clear 400, never a silent drop
+            raise InvalidRequest(f"{self.info.name} is served remotely; {', '.join(unsent)} "
+                                 "cannot be forwarded to it yet")
         make_body, parse = DIALECTS[self.remote.kind]
         path, body = make_body(request, self.remote_model)
         with self._lock:
@@ -105,12 +111,15 @@ class RemoteEngine(Engine):
             raise RemoteUnavailable(f"remote {where} ended the answer without finishing it")
         yield StreamChunk(finish_reason=finish, usage=usage)
 
-    def embed(self, texts: list[str]) -> EmbeddingResult:
+    def embed(self, texts: list[str], truncate: bool = False) -> EmbeddingResult:
+        """truncate goes to an Ollama remote as its own `truncate`; an OpenAI remote has none
+        (it refuses a text over its context, as truncate false does here)."""
         path, read = {"openai": ("/v1/embeddings", lambda b: [d["embedding"] for d in b["data"]]),
                       "ollama": ("/api/embed", lambda b: b["embeddings"])}[self.remote.kind]
         where = f"{self.remote.name} ({self.remote.base_url})"
         try:
-            response = httpx.post(self.remote.base_url + path, json={"model": self.remote_model, "input": texts},
+            response = httpx.post(self.remote.base_url + path, json={"model": self.remote_model, "input": texts,
+                                  **({"truncate": truncate} if self.remote.kind == "ollama" else {})},
                                   headers=self.remote.headers(), timeout=self._timeout(), trust_env=False)
         except httpx.HTTPError as exc:
             raise RemoteUnavailable(f"remote {where} went away: {exc}") from exc

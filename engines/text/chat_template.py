@@ -9,6 +9,13 @@ what HF transformers offers templates (`raise_exception`, `strftime_now`,
 non-ASCII), since templates are written against that. A file without a
 template gets ChatML, the most common format among small instruct models.
 A template that raises (e.g. "roles must alternate") becomes InvalidRequest.
+
+Tools and thinking are template variables, as llama.cpp's `--jinja` passes
+them: `tools` (OpenAI-shaped function definitions, only when the request has
+some) and `enable_thinking` (Qwen3's switch; `reasoning_effort` for levels).
+What a template can do is read from its source: it renders tools when it
+reads `tools`, and it thinks when it knows `<think>`, `enable_thinking` or
+`reasoning_content`.
 """
 from __future__ import annotations
 
@@ -28,6 +35,9 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+THINKING_MARKS = ("<think>", "enable_thinking", "reasoning_content")
 
 
 class TemplateError(InvalidRequest):
@@ -71,6 +81,14 @@ class ChatTemplate:
         except jinja2.TemplateSyntaxError as exc:
             raise ModelLoadError(f"chat template does not compile: {exc} (line {exc.lineno})") from None
 
+    @property
+    def supports_tools(self) -> bool:
+        return not self.is_fallback and "tools" in self.source
+
+    @property
+    def supports_thinking(self) -> bool:
+        return any(mark in self.source for mark in THINKING_MARKS)
+
     @classmethod
     def from_gguf(cls, meta: Mapping[str, Any], name: str | None = None) -> ChatTemplate:
         """From GGUF metadata; `name` picks a named template (tokenizer.chat_template.NAME)."""
@@ -106,7 +124,22 @@ def _as_dict(message: Mapping[str, Any] | Any) -> dict[str, Any]:
         if "role" not in message:
             raise InvalidRequest("chat message lacks 'role'")
         return dict(message)
+    if hasattr(message, "template_dict"):
+        return message.template_dict()
     try:
         return {"role": message.role, "content": message.content}
     except AttributeError:
         raise InvalidRequest(f"chat message of type {type(message).__name__} has no role/content") from None
+
+
+def template_variables(tools: tuple[dict, ...], think: bool | str | None) -> dict[str, Any]:
+    """What a request adds to a render: tools only when there are some (templates test
+    `if tools`), the thinking switch only when the client chose (else the template's default)."""
+    extra: dict[str, Any] = {}
+    if tools:
+        extra["tools"] = list(tools)
+    if think is not None:
+        extra["enable_thinking"] = think is not False
+        if isinstance(think, str):
+            extra["reasoning_effort"] = think
+    return extra

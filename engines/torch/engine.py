@@ -25,6 +25,7 @@ import torch
 
 from engines.base import Engine, ModelInfo, ProgressCallback
 from engines.config import EngineConfig
+from engines.context import served_context
 from engines.phases import LoadPhases
 from engines.errors import ContextOverflow, EmbeddingsUnsupported, InvalidRequest, ModelLoadError
 from engines.torch.model.attention import ContiguousKV
@@ -60,7 +61,7 @@ class TorchEngine(Engine):
         if self.config.torch_dtype not in ("auto", *DTYPES):
             raise ConfigError(f"torch_dtype: {self.config.torch_dtype!r} is not one of auto, {', '.join(DTYPES)}")
         for key in ("torch_max_context", "torch_prefill_chunk"):
-            if getattr(self.config, key) < 2:
+            if getattr(self.config, key) is not None and getattr(self.config, key) < 2:
                 raise ConfigError(f"{key}: {getattr(self.config, key)} must be >= 2")
         self.kv_pool = kv_pool
         self.device: torch.device = kv_pool.backend.device
@@ -104,6 +105,9 @@ class TorchEngine(Engine):
             self.model, self.text = self._read_model(device, dtype, lambda f: report(0.9 * f, "reading"))
         cfg = self.model.cfg
         wanted = self.config.context_overrides.get(self.info.name, self.config.torch_max_context)
+        if wanted is None:   # the trained length, bounded (engines/context.py)
+            wanted = served_context(cfg.max_context, self.config.max_context,
+                                    cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2, self.config.kv_budget_bytes)
         self.max_ctx = min(wanted, cfg.max_context)
         self.model.fit_context(self.max_ctx)    # LongRoPE (Phi-3) picks its factors by the context served
         report(0.92, "allocating")
@@ -235,15 +239,27 @@ class TorchEngine(Engine):
         self.load()
         text = self._need_text()
         prompt = text.prompt_ids(request)
-        if len(prompt) >= self.max_ctx:
+        n_ctx = min(request.num_ctx or self.max_ctx, self.max_ctx)   # a num_ctx above ours: what we hold
+        if len(prompt) >= n_ctx:
             raise ContextOverflow(f"the prompt has {len(prompt)} tokens; this model's context here "
-                                  f"holds {self.max_ctx} and one more is needed to answer")
+                                  f"holds {n_ctx} and one more is needed to answer")
         params = request.sampling
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(text.eog_ids))
-        seq = Sequence(prompt, params.max_tokens, open_ended=params.open_ended)
-        job = Job(request, seq, text.decoder(), frozenset(stop_ids))
+        max_tokens = min(params.max_tokens, n_ctx - len(prompt))
+        seq = Sequence(prompt, max_tokens, open_ended=params.open_ended)
+        job = Job(request, seq, text.decoder(), frozenset(stop_ids),
+                  guide=self._guide(request, text), token_text=lambda t: text.token_text(t))
         self.loop.submit(job)
         return self._stream(job)
+
+    def _guide(self, request: GenerateRequest, text: TextSide):
+        if request.constraint is None:
+            return None
+        from engines.torch.serve.guide import Guide, GuideTokenizer
+
+        if text.guide_tokenizer is None:
+            text.guide_tokenizer = GuideTokenizer(text.tokenizer, text.eog_ids, self.model.cfg.vocab_size)
+        return Guide(text.guide_tokenizer, request.constraint)
 
     @staticmethod
     def _stream(job: Job) -> Iterator[StreamChunk]:
@@ -262,8 +278,9 @@ class TorchEngine(Engine):
             if not finished:   # the caller went away: free the slot now
                 job.request.cancel()
 
-    def embed(self, texts: list[str]) -> EmbeddingResult:
-        """Mean of the last hidden state over each text's tokens, L2-normalized."""
+    def embed(self, texts: list[str], truncate: bool = False) -> EmbeddingResult:
+        """The last hidden state pooled as the GGUF declares (mean where it declares none:
+        CLS takes the first token, last the last), L2-normalized."""
         self.load()
         text = self._need_text()
         vectors, total = [], 0
@@ -271,6 +288,8 @@ class TorchEngine(Engine):
             ids = text.tokenize(item, add_special=True)
             if not ids:
                 raise InvalidRequest("cannot embed an empty text")
+            if len(ids) > self.max_ctx and truncate:
+                ids = ids[:self.max_ctx]
             if len(ids) > self.max_ctx:
                 raise ContextOverflow(f"a text to embed has {len(ids)} tokens; the context holds {self.max_ctx}")
             total += len(ids)
@@ -294,7 +313,9 @@ class TorchEngine(Engine):
         cos, sin = model.rotary(positions)
         for layer in model.model.layers:
             x = layer(x, cos, sin, positions, kv)
-        pooled = model.model.norm(x).float().mean(dim=1)[0]                  # [dim]
+        hidden = model.model.norm(x).float()[0]                              # [T, dim]
+        pooling = self.text.pooling if self.text is not None else 1
+        pooled = {2: hidden[0], 3: hidden[-1]}.get(pooling, hidden.mean(dim=0))   # the GGUF's pooling
         return torch.nn.functional.normalize(pooled, dim=0).cpu()
 
     def tokenize(self, text: str, add_special: bool = False) -> list[int]:

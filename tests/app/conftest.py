@@ -129,3 +129,10 @@ def start_daemon(tmp_path) -> Iterator[Callable[..., Daemon]]:
     yield start
     for daemon in started:
         daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def spawn_daemon() -> Callable[..., Daemon]:
+    """_spawn(home, settings_toml) for module-scoped daemons (tests that share one with odd
+    settings or their own models); the module's fixture stops it."""
+    return _spawn

@@ -130,10 +130,14 @@ def _write_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, extra: dict[str, Any])
 
 
 def write_family_gguf(path: Path, cfg: ModelConfig, extra: dict[str, Any], state: dict[str, torch.Tensor],
-                      dtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32) -> Path:
-    """cfg/state as a GGUF of cfg.arch; 2-D and 3-D weights as `dtype` (F32 or F16)."""
+                      dtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
+                      chat_template: str = "") -> Path:
+    """cfg/state as a GGUF of cfg.arch; 2-D and 3-D weights as `dtype` (F32 or F16);
+    chat_template: the family's Jinja template (tests/app/family_templates.py), as its files carry."""
     w = gguf.GGUFWriter(str(path), cfg.arch)
     _write_metadata(w, cfg, extra)
+    if chat_template:
+        w.add_chat_template(chat_template)
     if cfg.rope_scaling.kind == "longrope":
         w.add_tensor("rope_factors_long.weight", np.array(cfg.rope_scaling.long_factors, dtype=np.float32))
         w.add_tensor("rope_factors_short.weight", np.array(cfg.rope_scaling.short_factors, dtype=np.float32))

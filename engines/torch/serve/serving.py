@@ -30,6 +30,7 @@ from engines.torch.serve.oom import as_temporary, give_back_cached_blocks
 from engines.torch.serve.runner import Runner
 from engines.torch.serve.sampling import make_generator, sample
 from engines.torch.serve.scheduler import Scheduler, Sequence, SeqStatus, StepPlan
+from engines.torch.serve.shaping import shape_logits, token_logprob
 from engines.torch.serve.step_stats import StepStats
 from engines.torch.serve.stops import StopMatcher
 from engines.types import FinishReason, GenerateRequest, StreamChunk, Usage
@@ -51,6 +52,9 @@ class Job:
     generator: torch.Generator | None = None
     started_ns: int = field(default_factory=time.perf_counter_ns)
     first_token_ns: int = 0
+    guide: object | None = None          # engines/torch/serve/guide.Guide: constrained decoding
+    token_text: Callable[[int], str] = str   # one token's text, for logprobs
+    logprob: object | None = None        # this step's TokenLogprob, where the request asks
 
     def __post_init__(self) -> None:
         self.matcher = StopMatcher(self.request.sampling.stop)
@@ -245,8 +249,13 @@ class ServingLoop:
         if not seqs:
             return []
         jobs = [self._jobs[s.seq_id] for s in seqs]
-        return sample(logits, [j.request.sampling for j in jobs], [s.tokens for s in seqs],
-                      [j.generator for j in jobs])
+        logits, logprobs = shape_logits(logits, jobs)
+        tokens = sample(logits, [j.request.sampling for j in jobs], [s.tokens for s in seqs],
+                        [j.generator for j in jobs])
+        for job, row, token in zip(jobs, logprobs, tokens):
+            if row is not None:
+                job.logprob = token_logprob(row, token, job.request.top_logprobs, job.token_text)
+        return tokens
 
     def _postprocess_step(self, plan: StepPlan, tokens: list[int]) -> None:
         for seq in self.scheduler.complete(plan, tokens):
@@ -307,6 +316,14 @@ class ServingLoop:
     def _postprocess(self, job: Job, token: int) -> None:
         if job.first_token_ns == 0:
             job.first_token_ns = time.perf_counter_ns()
+            limit = job.request.prompt_deadline_s   # llama.vscode's t_max_prompt_ms: too late, answer nothing
+            if limit and job.first_token_ns - job.started_ns > limit * 1e9:
+                self.scheduler.finish(job.seq, FinishReason.LENGTH)
+                self._send_final(job, FinishReason.LENGTH, drop_last=True)
+                return
+        if job.guide is not None:
+            job.guide.accept(token)
+        logprobs, job.logprob = ((job.logprob,) if job.logprob is not None else ()), None
         if token in job.stop_token_ids:
             self.scheduler.finish(job.seq, FinishReason.STOP)
             self._send_final(job, FinishReason.STOP, drop_last=True)
@@ -316,13 +333,18 @@ class ServingLoop:
             self.scheduler.finish(job.seq, FinishReason.STOP)
             self._send_final(job, FinishReason.STOP, text=text)
             return
+        deadline = job.request.deadline_s
+        if deadline and time.perf_counter_ns() - job.started_ns > deadline * 1e9 \
+                and job.seq.status is not SeqStatus.FINISHED:   # llama.vscode's t_max_predict_ms
+            self.scheduler.finish(job.seq, FinishReason.LENGTH)
         if job.seq.status is SeqStatus.FINISHED:               # max_tokens reached
-            self._send_final(job, job.seq.finish_reason or FinishReason.LENGTH, text=text, token=token)
+            self._send_final(job, job.seq.finish_reason or FinishReason.LENGTH, text=text, token=token,
+                             logprobs=logprobs)
             return
-        job.out.put(StreamChunk(text=text, token_ids=(token,)))
+        job.out.put(StreamChunk(text=text, token_ids=(token,), logprobs=logprobs))
 
     def _send_final(self, job: Job, reason: FinishReason, text: str = "", token: int | None = None,
-                    drop_last: bool = False) -> None:
+                    drop_last: bool = False, logprobs: tuple = ()) -> None:
         if reason is not FinishReason.STOP or not job.matcher.is_stopped:
             text += job.matcher.feed(job.decoder.flush()) + job.matcher.flush()
         now = time.perf_counter_ns()
@@ -333,7 +355,7 @@ class ServingLoop:
                       cached_tokens=seq.num_cached,
                       prompt_eval_ns=first - job.started_ns, eval_ns=now - first)
         job.out.put(StreamChunk(text=text, token_ids=() if token is None else (token,),
-                                finish_reason=reason, usage=usage))
+                                finish_reason=reason, usage=usage, logprobs=logprobs))
         self._jobs.pop(seq.seq_id, None)
 
     def _fail_all(self, exc: BaseException) -> list[int]:

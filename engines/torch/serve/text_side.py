@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from engines.errors import InvalidRequest
-from engines.text.chat_template import ChatTemplate
+from engines.text.chat_template import ChatTemplate, template_variables
 from engines.text.fim import build_infill_ids, find_fim_tokens
 from engines.text.tokenizer import TOKEN_TYPE_CONTROL, StreamDecoder, Tokenizer, load_tokenizer
 from engines.types import GenerateRequest, RequestKind
@@ -35,6 +35,10 @@ class TextSide:
         eog |= {i for i, tok in enumerate(vocab)
                 if tok in EOG_SPELLINGS and tokenizer.token_types[i] == TOKEN_TYPE_CONTROL}
         self.eog_ids = frozenset(eog | set(extra_eog))
+        self.guide_tokenizer = None   # engines/torch/serve/guide.GuideTokenizer, made on first use
+        arch = meta.get("general.architecture", "")
+        # llama.cpp's pooling enum as the GGUF declares it (1 mean, 2 CLS, 3 last); none: mean.
+        self.pooling = int(meta.get(f"{arch}.pooling_type") or 1)
 
     @classmethod
     def from_gguf(cls, meta: dict[str, Any], path: str, extra_eog: Sequence[int] = ()) -> TextSide:
@@ -54,6 +58,9 @@ class TextSide:
             raise InvalidRequest(f"token ids {bad[:5]} are not in this model's vocabulary of {vocab_size}")
         return self.tokenizer.decode(list(ids))
 
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.token_bytes(token_id, skip_special=False).decode("utf-8", "replace")
+
     def decoder(self) -> StreamDecoder:
         return StreamDecoder(self.tokenizer)
 
@@ -63,7 +70,8 @@ class TextSide:
     def _chat_ids(self, request: GenerateRequest) -> list[int]:
         if not request.messages:
             raise InvalidRequest("a chat request needs at least one message")
-        text = self.template.render(request.messages, add_generation_prompt=request.add_generation_prompt)
+        text = self.template.render(request.messages, add_generation_prompt=request.add_generation_prompt,
+                                    **template_variables(request.tools, request.think))
         # Templates that write the BOS token themselves must not get a second one.
         has_bos = bool(self.template.bos_token) and text.startswith(self.template.bos_token)
         return self.tokenize(text, add_special=not has_bos)

@@ -1,0 +1,113 @@
+"""Constrained decoding's cost per token at batch 1 on the torch engine.
+
+Decodes the same model twice per round: free (ignore_eos, as many tokens as the
+constrained answer took) and constrained to a typical JSON schema (a tool
+call's arguments: strings, an enum, bounded integers, a short list), greedy.
+Reports milliseconds per generated token for both (the engine's own eval time
+over the tokens after the first), the overhead in percent, and the time spent
+in llguidance's mask and commit alone (wrapped around Guide.mask/accept).
+The goal on the GPU: overhead at most 5% of decode.
+
+  python -m benchmarks.constrained [--model PATH.gguf] [--rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+from benchmarks.results_io import print_table, write_result
+from engines.base import ModelInfo
+from engines.config import EngineConfig
+from engines.torch.engine import TorchEngine
+from kvcached.standalone import standalone_pool
+from engines.torch.load.gguf_loader import bundled_model_path
+from engines.torch.serve import guide as guide_module
+from engines.types import Constraint, GenerateRequest, RequestKind, SamplingParams
+
+SCHEMA = {"type": "object", "properties": {
+    "title": {"type": "string", "maxLength": 48},
+    "priority": {"enum": ["low", "medium", "high", "urgent"]},
+    "estimate_hours": {"type": "integer", "minimum": 1, "maximum": 400},
+    "assignees": {"type": "array", "items": {"type": "string", "maxLength": 16}, "minItems": 2, "maxItems": 4},
+    "description": {"type": "string", "minLength": 60, "maxLength": 200}},
+    "required": ["title", "priority", "estimate_hours", "assignees", "description"], "additionalProperties": False}
+PROMPT = "File a ticket for the flaky login test in the payments service, as JSON."
+
+
+class MaskClock:
+    """Time spent in the grammar (mask + commit), summed over a run."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+        self._mask, self._accept = guide_module.Guide.mask, guide_module.Guide.accept
+
+    def __enter__(self) -> MaskClock:
+        clock = self
+
+        def mask(guide, logits):
+            t = time.perf_counter()
+            out = clock._mask(guide, logits)
+            out.max().item()    # the mask's kernels finish inside the measured time
+            clock.seconds += time.perf_counter() - t
+            clock.calls += 1
+            return out
+
+        def accept(guide, token):
+            t = time.perf_counter()
+            clock._accept(guide, token)
+            clock.seconds += time.perf_counter() - t
+
+        guide_module.Guide.mask, guide_module.Guide.accept = mask, accept
+        return self
+
+    def __exit__(self, *exc) -> None:
+        guide_module.Guide.mask, guide_module.Guide.accept = self._mask, self._accept
+
+
+def per_token_ms(engine: TorchEngine, request: GenerateRequest) -> tuple[float, int, str]:
+    chunks = list(engine.generate(request))
+    usage = chunks[-1].usage
+    text = "".join(c.text for c in chunks)
+    return usage.eval_ns / 1e6 / max(1, usage.completion_tokens - 1), usage.completion_tokens, text
+
+
+def measure(engine: TorchEngine, rounds: int, max_tokens: int) -> list[dict]:
+    """One row per round: tokens, free and constrained ms per token, overhead, grammar ms per token."""
+    rows = []
+    for _ in range(rounds):
+        constrained = GenerateRequest(RequestKind.COMPLETION, SamplingParams(max_tokens=max_tokens, temperature=0),
+                                      prompt=PROMPT, constraint=Constraint("json_schema", json.dumps(SCHEMA)))
+        with MaskClock() as clock:
+            c_ms, n, text = per_token_ms(engine, constrained)
+        json.loads(text)   # the answer parses (the tests validate it; here it only must be JSON)
+        free = GenerateRequest(RequestKind.COMPLETION, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True),
+                               prompt=PROMPT)
+        f_ms, _, _ = per_token_ms(engine, free)
+        rows.append({"tokens": n, "free_ms_per_token": f_ms, "constrained_ms_per_token": c_ms,
+                     "overhead_pct": 100 * (c_ms - f_ms) / f_ms,
+                     "grammar_ms_per_token": 1e3 * clock.seconds / max(1, clock.calls)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=str(bundled_model_path()))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    args = parser.parse_args()
+    engine = TorchEngine(ModelInfo(name="bench", path=args.model),
+                         EngineConfig(torch_num_slots=1, torch_max_context=2048, torch_llamacpp_numerics=False), standalone_pool())
+    engine.load()
+    rows = measure(engine, args.rounds, args.max_tokens)
+    engine.unload()
+    summary = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    print_table(list(summary), [list(r.values()) for r in rows] + [list(summary.values())])
+    write_result("constrained", {"model": args.model, "batch": 1, "schema": SCHEMA, "rounds": rows,
+                                 "median": summary, "goal": "overhead_pct <= 5 on the GPU"})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Constrained decoding on the torch engine, through llguidance.
+
+Why llguidance (over xgrammar, the other well-kept grammar engine on PyPI):
+it installs here as one abi3 wheel with no dependencies (xgrammar's wheels
+pull a pinned torch and triton stack and its CPU path is second-class); it
+takes JSON schemas and llama.cpp's GBNF (through its Lark frontend), so the
+torch engine honours exactly what the llama.cpp engine does; and its mask is
+computed on the CPU in Rust from a tokenizer we describe ourselves (token
+bytes from the GGUF vocabulary), with no Hugging Face `transformers`. Masks
+are computed per request before sampling and applied as -inf on that row; an
+end-of-generation token is let through only where the grammar may end.
+
+The tokenizer it needs is built once per model (`GuideTokenizer`, ~a second for
+a 150k vocabulary) on the first constrained request.
+"""
+from __future__ import annotations
+
+import threading
+
+import llguidance
+import torch
+
+from engines.errors import InvalidRequest
+from engines.types import Constraint
+
+
+class _Wrapper:
+    """What llguidance.TokenizerWrapper reads: token bytes, eos/bos, and an encode call."""
+
+    def __init__(self, tokenizer, eos_id: int) -> None:
+        n = len(tokenizer.vocab)
+        self.eos_token_id = eos_id
+        self.bos_token_id = tokenizer.bos_id
+        # Control tokens are marked with a 0xff prefix, llguidance's convention for specials.
+        self.tokens = [b"\xff" + tokenizer.vocab[i].encode() if tokenizer.is_control(i)
+                       else tokenizer.token_bytes(i, skip_special=False) for i in range(n)]
+        self.special_token_ids = [i for i in range(n) if tokenizer.is_control(i)]
+        self._tokenizer = tokenizer
+
+    def __call__(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special=False, parse_special=False)
+
+
+class GuideTokenizer:
+    """The llguidance tokenizer of one model, made on first use."""
+
+    def __init__(self, tokenizer, eog_ids: frozenset[int], vocab_size: int) -> None:
+        self._tokenizer = tokenizer
+        self._eog = sorted(eog_ids)
+        self.vocab_size = vocab_size
+        self._lock = threading.Lock()
+        self._ll: llguidance.LLTokenizer | None = None
+
+    def get(self) -> llguidance.LLTokenizer:
+        with self._lock:
+            if self._ll is None:
+                wrapper = _Wrapper(self._tokenizer, self._eog[0] if self._eog else 0)
+                self._ll = llguidance.LLTokenizer(llguidance.TokenizerWrapper(wrapper), n_vocab=self.vocab_size,
+                                                  eos_token=self._eog or None)
+            return self._ll
+
+
+# Whitespace between JSON tokens as llama.cpp's converter allows it (a space, or one or two
+# newlines and an indent of up to 20): llguidance's default is unbounded, and a model that
+# likes whitespace (a small or random one) then fills max_tokens with it and never closes.
+JSON_WHITESPACE = r"( |\n\n?[ \t]{0,20})?"
+
+
+def llguidance_grammar(constraint: Constraint) -> str:
+    if constraint.kind == "gbnf":
+        return llguidance.grammar_from("gbnf", constraint.text)
+    return llguidance.LLMatcher.grammar_from_json_schema(constraint.text,
+                                                         defaults={"whitespace_pattern": JSON_WHITESPACE})
+
+
+class Guide:
+    """One request's matcher: mask() before sampling, accept() after."""
+
+    def __init__(self, tokenizer: GuideTokenizer, constraint: Constraint) -> None:
+        try:
+            grammar = llguidance_grammar(constraint)
+        except Exception as exc:   # llguidance's compilers raise ValueError and others on odd input
+            raise InvalidRequest(f"{constraint.kind}: not a grammar this server can follow: {exc}") from None
+        self.matcher = llguidance.LLMatcher(tokenizer.get(), grammar, log_level=0)
+        if self.matcher.is_error():
+            raise InvalidRequest(f"{constraint.kind}: {self.matcher.get_error()}")
+        self.vocab_size = tokenizer.vocab_size
+
+    def allowed(self, device: torch.device) -> torch.Tensor:
+        """Bool [V]: the tokens the grammar allows next. The packed mask (V/8 bytes) crosses
+        to the device and is unpacked there: one small copy instead of a V-sized one."""
+        words = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)   # [V/32]
+        words = words.to(device, non_blocking=True)
+        shifts = torch.arange(32, dtype=torch.int32, device=device)
+        return ((words.unsqueeze(1) >> shifts) & 1).flatten().bool()                              # [32*ceil(V/32)]
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [V] with what the grammar forbids at -inf (a copy)."""
+        allowed = self.allowed(logits.device)
+        n = logits.shape[0]
+        if allowed.shape[0] < n:   # the model's vocabulary is padded past the tokenizer's
+            allowed = torch.cat([allowed, allowed.new_zeros(n - allowed.shape[0])])
+        return logits.masked_fill(~allowed[:n], float("-inf"))
+
+    def accept(self, token: int) -> None:
+        self.matcher.consume_token(token)
