@@ -5,6 +5,8 @@ CPU never imports torch, and a machine without llama-cpp-python can still run
 the torch engine. Extra keyword arguments go to the engine's constructor (the
 torch engine takes the broker's page pool, for instance).
 
+A model the routing table sends away from the device's own engine (a GGUF
+with IQ weights on a GPU) is created with `engine.fallback_note` saying why.
 `load_with_fallback` loads an engine and, where the torch engine fails on a
 GGUF file for any reason, loads the llama.cpp engine on the same file instead:
 a log line and `engine.fallback_note` (shown in /api/ps and `ebbtide ps`),
@@ -47,8 +49,15 @@ def create_engine(info: ModelInfo, config: EngineConfig | None = None,
     """An unloaded engine for info; call load() on it (the app does, with progress)."""
     config = config or EngineConfig()
     choice = choose_engine(info, config, has_cuda)
-    log.info("%s: %s engine (%s)", info.name, choice.engine, choice.reason)
-    return engine_class(choice.engine)(info, config, **engine_kwargs)
+    if not choice.is_detour:
+        log.info("%s: %s engine (%s)", info.name, choice.engine, choice.reason)
+        return engine_class(choice.engine)(info, config, **engine_kwargs)
+    # Not the device's own engine: a warning, and the reason where the user reads it (/api/ps).
+    note = f"{choice.reason}; served by {choice.engine}"
+    log.warning("%s: %s", info.name, note)
+    engine = engine_class(choice.engine)(info, config, **engine_kwargs)
+    engine.fallback_note = note
+    return engine
 
 
 def load_with_fallback(engine: Engine, progress: ProgressCallback | None = None) -> Engine:
