@@ -34,6 +34,7 @@ declare -A PARTS=(
   [engines]="180 -m benchmarks.engine_compare --model synthetic/smollm2-135m --engines torch"
   [pressure]="560 -m benchmarks.desktop_pressure"
   [colocate]="590 -m benchmarks.colocate"
+  [cold_start]="420 -m benchmarks.cold_start"
   # Quantized GGUFs vs llama.cpp's CUDA build (carry .gpu: scripts/fetch_llama_src.sh makes it).
   # One call each; the build and the shape files stay under build/quant for the next part.
   [quant]="590 -m benchmarks.quant_decode --budget-s 540"
