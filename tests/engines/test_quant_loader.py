@@ -89,15 +89,22 @@ def llamacpp_logits(path: Path, ids=IDS) -> np.ndarray:
     return np.array(llm.scores[:len(ids)])
 
 
-@pytest.mark.parametrize("ftype,fused_qkv", [(7, True), (15, False)], ids=["Q8_0", "Q4_K_M"])
-def test_llama_blocks_stay_blocks_in_the_models_row_order(tmp_path, ftype, fused_qkv):
-    source = write_tiny_gguf(tmp_path / "f32.gguf", TINY, random_state(TINY))
+@pytest.mark.parametrize("ftype", [7, 15], ids=["Q8_0", "Q4_K_M"])
+def test_llama_blocks_stay_blocks_in_the_models_row_order(tmp_path, ftype):
+    cfg = TINY.replace(num_layers=4)      # Q4_K_M keeps layer 2's attn_v in Q6_K (llama.cpp's use_more_bits)
+    source = write_tiny_gguf(tmp_path / "f32.gguf", cfg, random_state(cfg))
     path = requantize(source, tmp_path / f"q{ftype}.gguf", ftype)
     model, _ = load_gguf(path, "cpu", torch.float32, llamacpp_numerics=False)
-    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     assert isinstance(model.model.embed_tokens, QuantEmbedding) and isinstance(model.lm_head, QuantLinear)
-    assert (attn.qkv_proj is not None) == fused_qkv and isinstance(mlp.gate_up_proj, QuantLinear)
-    for name, (type_name, ref) in expected_rows(path, model.cfg).items():
+    expected = expected_rows(path, model.cfg)
+    fused = []
+    for i, layer in enumerate(model.model.layers):
+        types = {expected[f"model.layers.{i}.self_attn.{p}_proj.weight"][0] for p in "qkv"}
+        fused.append(layer.self_attn.qkv_proj is not None)
+        assert fused[-1] == (len(types) == 1), (i, types)
+        assert isinstance(layer.mlp.gate_up_proj, QuantLinear)
+    assert all(fused) if ftype == 7 else (any(fused) and not all(fused)), fused
+    for name, (type_name, ref) in expected.items():
         if type_name in ("F32", "F16"):
             continue
         assert torch.equal(model_weight(model, name), ref), name
