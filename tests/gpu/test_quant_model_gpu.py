@@ -85,3 +85,26 @@ def test_runner_decodes_quantized_weights_in_cuda_graphs(tmp_path):
         finally:
             store.close()
     assert tokens["cuda"] == tokens["cpu"]
+
+
+def test_engine_serves_a_quantized_file_with_its_defaults(tmp_path):
+    """The torch engine as the daemon builds it on CUDA (torch.compile, CUDA graphs,
+    Triton attention): a quantized file loads with no fallback and answers, and its
+    memory report counts the blocks."""
+    from engines.base import ModelInfo
+    from engines.config import EngineConfig
+    from engines.torch.engine import TorchEngine
+    from engines.types import GenerateRequest, RequestKind, SamplingParams
+
+    path = write_tiny_gguf(tmp_path / "q4.gguf", CFG, random_state(CFG), qtype=gguf.GGMLQuantizationType.Q4_0)
+    file_bytes = sum(int(t.n_bytes) for t in open_reader(path).tensors if hf_name(t.name) is not None)
+    engine = TorchEngine(ModelInfo(name="tiny-q4", path=str(path), family="llama"),
+                         EngineConfig(torch_max_context=256, torch_num_slots=2))
+    engine.load()
+    try:
+        request = GenerateRequest(RequestKind.COMPLETION, SamplingParams(max_tokens=8, temperature=0.0),
+                                  prompt="hello")
+        assert list(engine.generate(request))[-1].finish_reason
+        assert engine.memory().weights_bytes <= 1.03 * file_bytes
+    finally:
+        engine.unload()
