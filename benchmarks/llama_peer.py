@@ -79,12 +79,13 @@ def start_build(source_tar: Path, work: Path, jobs: int = 16) -> Build:
     return build
 
 
-def _run(cmd: list[str], timeout_s: float) -> str:
+def _run(cmd: list[str], timeout_s: float, with_stderr: bool = False) -> str:
     log.info("running %s", " ".join(cmd))
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     if done.returncode:
         raise RuntimeError(f"{cmd[0]} rc={done.returncode}: {done.stderr[-1500:]}")
-    return done.stdout
+    # batched-bench prints its rows through llama.cpp's log, which may go to either stream
+    return done.stdout + (done.stderr if with_stderr else "")
 
 
 def llama_bench(build: Build, path: Path, prompts: tuple[int, ...], gen: int, timeout_s: float) -> dict:
@@ -93,7 +94,7 @@ def llama_bench(build: Build, path: Path, prompts: tuple[int, ...], gen: int, ti
                 "-p", ",".join(map(str, prompts)), "-n", str(gen), "-o", "json"], timeout_s)
     result: dict = {}
     for rec in json.loads(out):
-        key = f"prefill_{rec['n_prompt']}_tok_s" if rec.get("n_prompt") else f"decode_b1_tok_s"
+        key = f"prefill_{rec['n_prompt']}_tok_s" if rec.get("n_prompt") else "decode_b1_tok_s"
         result[key] = float(rec["avg_ts"])
     return result
 
@@ -102,7 +103,7 @@ def batched_bench(build: Build, path: Path, batches: tuple[int, ...], gen: int, 
     """Total decode tok/s with `b` sequences decoding together (llama-batched-bench's S_TG)."""
     out = _run([build.binary("llama-batched-bench"), "-m", str(path), "-ngl", "99", "-fa", "1",
                 "-c", str(max(batches) * (gen + 64)), "-npp", "32", "-ntg", str(gen),
-                "-npl", ",".join(map(str, batches)), "--output-format", "jsonl"], timeout_s)
+                "-npl", ",".join(map(str, batches)), "--output-format", "jsonl"], timeout_s, with_stderr=True)
     result: dict = {}
     for line in out.splitlines():
         line = line.strip()
