@@ -104,7 +104,11 @@ def bench_engine(kind: str, info: ModelInfo, config: EngineConfig, args: argpars
     from engines.factory import engine_class
 
     try:
-        engine = engine_class(kind)(info, config)
+        if kind == "torch":   # its KV pages: a pool of its own (the daemon would pass its one pool)
+            from kvcached.standalone import standalone_pool
+            engine = engine_class(kind)(info, config, standalone_pool())
+        else:
+            engine = engine_class(kind)(info, config)
         started = time.perf_counter()
         engine.load()
     except Exception as exc:  # recorded, not fatal: the other engine is still measured
@@ -139,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     config = EngineConfig(llama_n_ctx=2048, llama_n_threads=args.threads, torch_max_context=2048,
                           torch_num_slots=1, max_queue=4)
     results = [bench_engine(kind.strip(), info, config, args) for kind in args.engines.split(",") if kind.strip()]
-    from engines.choice import cuda_available
+    from kvcached.vmm import cuda_available
 
     name = args.name or ("engines_gpu" if cuda_available() else "engines")
     path = write_result(name, {"model": info.name, "model_bytes": info.size_bytes,

@@ -90,7 +90,7 @@ def bench_types(types: list[str], bandwidth: float) -> dict:
         for shape in SHAPES:
             w = random_weight(type_name, shape)
             row = {}
-            for m in (1, 8):
+            for m in (1, 4, 8):
                 x = torch.randn(m, shape[1], device="cuda", dtype=torch.bfloat16)
                 t_mv = graph_time(lambda: quant_kernels.qmatvec(x, w))
                 t_dq = graph_time(lambda: qmatmul_dequant(x, w))
@@ -118,24 +118,27 @@ def token_estimate(per_type: dict, bandwidth: float, mix: dict[str, str], head: 
             "limit_ms": nbytes / bandwidth * 1e3, "of_limit": nbytes / bandwidth / seconds}
 
 
+SWEEP = ((1, 8, 2, True), (1, 8, 4, True), (1, 16, 4, True), (2, 8, 4, True), (1, 8, 4, False))
+
+
 def sweep(types: list[str]) -> list[dict]:
-    """Launch shapes at M=1 over the 8B layer shapes: one layer's matvec time per config."""
+    """Launch shapes at M=1 over the 8B layer shapes: one layer's matvec time per config
+    (rows per program, chunks per step, warps, byte-pair decoders or the generic tile)."""
     rows = []
     device = torch.device("cuda", torch.cuda.current_device())
     for type_name in types:
         weights = {shape: random_weight(type_name, shape) for shape in set(LAYER.values())}
         x = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k in (4096, 14336)}
-        for block_n in (1, 2, 4):
-            for cpi in (4, 8):
-                for warps in (2, 4):
-                    total = 0.0
-                    for shape in LAYER.values():
-                        w = weights[shape]
-                        split = quant_kernels.split_for(shape[0], shape[1], device, block_n, cpi)
-                        total += graph_time(lambda: quant_kernels.qmatvec(
-                            x[shape[1]], w, block_n=block_n, split=split, chunks_per_step=cpi, num_warps=warps))
-                    rows.append({"type": type_name, "block_n": block_n, "chunks_per_step": cpi,
-                                 "num_warps": warps, "layer_us": total * 1e6})
+        for block_n, cpi, warps, paired in SWEEP:
+            total = 0.0
+            for shape in LAYER.values():
+                w = weights[shape]
+                split = quant_kernels.split_for(shape[0], shape[1], device, block_n, cpi)
+                total += graph_time(lambda: quant_kernels.qmatvec(
+                    x[shape[1]], w, block_n=block_n, split=split, chunks_per_step=cpi, num_warps=warps,
+                    paired=paired))
+            rows.append({"type": type_name, "block_n": block_n, "chunks_per_step": cpi,
+                         "num_warps": warps, "paired": paired, "layer_us": total * 1e6})
     return rows
 
 
@@ -167,9 +170,9 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
     per_type = bench_types(types, bandwidth)
-    print_table(["type", "shape", "M=1 us", "M=1 GB/s", "of copy", "M=8 us", "M=8 GB/s", "deq+mm M=1 us"],
-                [[t, s, c[1]["matvec_us"], c[1]["matvec_gbs"], c[1]["of_copy_bw"], c[8]["matvec_us"],
-                  c[8]["matvec_gbs"], c[1]["dequant_matmul_us"]] for t, shapes in per_type.items()
+    print_table(["type", "shape", "M=1 us", "M=1 GB/s", "of copy", "M=4 us", "M=8 us", "M=8 GB/s", "deq+mm M=8 us"],
+                [[t, s, c[1]["matvec_us"], c[1]["matvec_gbs"], c[1]["of_copy_bw"], c[4]["matvec_us"],
+                  c[8]["matvec_us"], c[8]["matvec_gbs"], c[8]["dequant_matmul_us"]] for t, shapes in per_type.items()
                  for s, c in shapes.items()])
     tokens = {t: token_estimate(per_type, bandwidth, dict.fromkeys(LAYER, t), t) for t in types}
     if {"Q4_K", "Q6_K"} <= set(types):
@@ -181,14 +184,15 @@ def main() -> None:
                  for t, e in tokens.items()])
     result = {"copy_bandwidth_gbs": bandwidth / 1e9, "iters_per_graph": ITERS, "per_type": per_type,
               "token_estimate_8b": tokens,
-              "defaults": {"block_n": quant_kernels.BLOCK_N, "chunks_per_step": quant_kernels.CHUNKS_PER_STEP,
-                           "num_warps": quant_kernels.NUM_WARPS, "programs_per_sm": quant_kernels.PROGRAMS_PER_SM}}
+              "launch": {"per_type": quant_kernels.LAUNCH, "default": quant_kernels.DEFAULT_LAUNCH,
+                         "programs_per_sm": quant_kernels.PROGRAMS_PER_SM}}
     write_result("quant_matvec", result)
     if not args.no_sweep:
-        result["sweep"] = sweep([t for t in ("Q4_K", "Q6_K") if t in types])
+        result["sweep"] = sweep([t for t in ("Q4_K", "Q6_K", "Q8_0", "Q4_0") if t in types])
         best = sorted(result["sweep"], key=lambda r: (r["type"], r["layer_us"]))
-        print_table(["type", "BN", "chunks/step", "warps", "layer us"],
-                    [[r["type"], r["block_n"], r["chunks_per_step"], r["num_warps"], r["layer_us"]] for r in best])
+        print_table(["type", "BN", "chunks/step", "warps", "paired", "layer us"],
+                    [[r["type"], r["block_n"], r["chunks_per_step"], r["num_warps"], r["paired"], r["layer_us"]]
+                     for r in best])
         write_result("quant_matvec", result)
     if not args.no_prefill:
         result["prefill"] = prefill([t for t in ("Q4_K", "Q6_K", "Q8_0") if t in types])

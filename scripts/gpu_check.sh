@@ -27,6 +27,7 @@ declare -A PARTS=(
   [vmm2]="150 -m benchmarks.vmm"
   [yield]="240 -m benchmarks.yield"
   [decode]="420 -m benchmarks.decode"
+  [decode_check]="330 -m benchmarks.decode --models smollm2-135m,llama-3.1-8b --kv static,virtual"
   [families]="240 -m pytest -q -p no:cacheprovider --timeout 200 tests/gpu/test_families_gpu.py"
   [decode_families]="580 -m benchmarks.decode --models qwen3-8b,phi-4-mini,gemma-3-12b,qwen3-30b-a3b --kv static,virtual --steps 64"
   [profile]="300 -m benchmarks.decode_profile"
@@ -35,6 +36,7 @@ declare -A PARTS=(
   [pressure]="560 -m benchmarks.desktop_pressure"
   [colocate]="590 -m benchmarks.colocate"
   [cold_start]="420 -m benchmarks.cold_start"
+  [quant_matvec]="240 -m benchmarks.quant_matvec"
   # Quantized GGUFs vs llama.cpp's CUDA build (carry .gpu: scripts/fetch_llama_src.sh makes it).
   # One call each; the build and the shape files stay under build/quant for the next part.
   [quant]="590 -m benchmarks.quant_decode --budget-s 540"

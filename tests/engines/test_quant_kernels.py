@@ -96,15 +96,17 @@ def test_triton_dequantize_is_exact(type_name: str):
 
 @pytest.mark.parametrize("type_name", sorted(BLOCK_TYPES))
 def test_triton_matvec(type_name: str):
-    """M = 1 and 3 rows (padded to 4 in the kernel), 20 outputs (a ragged last program), the
-    default launch (8 chunks a step: past the row's end the chunk is clamped and x masked),
-    4 rows by 1 chunk, and K split in two with a bias."""
+    """M = 1 and 3 rows (padded to 4 in the kernel), 6 outputs (ragged for 4 rows a program), the
+    default launch (byte-pair decoders where the type has them; 8 chunks a step: past the
+    row's end the chunk is clamped and x masked), the generic tile at 4 rows by 1 chunk, and
+    K split in two with a bias."""
     k = _in_features(type_name)
-    w, ref = _weight(type_name, 20, k, seed=1)
+    w, ref = _weight(type_name, 6, k, seed=1)
     x = torch.randn(3, k)
     _assert_within(quant_kernels.qmatvec(x[:1], w, split=1), x[:1], ref, BOUND[type_name])
-    _assert_within(quant_kernels.qmatvec(x[:1], w, block_n=4, chunks_per_step=1), x[:1], ref, BOUND[type_name])
-    bias = torch.randn(20)
+    _assert_within(quant_kernels.qmatvec(x[:1], w, block_n=4, chunks_per_step=1, paired=False), x[:1], ref,
+                   BOUND[type_name])
+    bias = torch.randn(6)
     _assert_within(quant_kernels.qmatvec(x, w, bias, split=2, chunks_per_step=1), x, ref, BOUND[type_name], bias)
 
 
@@ -116,3 +118,27 @@ def test_triton_dequantize_tile_matmul(type_name: str):
     got = quant_kernels.qmatmul_fused(x, w, block_m=16, block_n=16)
     # fp16 tiles: each weight rounds to fp16 (2^-11) before the tensor-core dot
     _assert_within(got, x, ref, 2e-3)
+
+
+def test_qlinear_is_one_op_under_torch_compile():
+    """fullgraph: a graph break (Dynamo tracing the launchers) would raise."""
+    w, ref = _weight("Q6_K", seed=3)
+    f16 = QuantWeight.from_gguf(torch.randn(OUT, OUT).half().view(torch.uint8), "F16", (OUT, OUT), "cpu")
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return qlinear(torch.relu(qlinear(x, w)), f16) * 2
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, IN)
+    torch.testing.assert_close(compiled(x), step(x))
+
+
+def test_concat_and_row_slice():
+    a, ref_a = _weight("Q4_K", seed=5)
+    b, ref_b = _weight("Q4_K", 8, IN, seed=6)
+    both = QuantWeight.concat([a, b])
+    assert both.shape == (OUT + 8, IN) and both.nbytes() == a.nbytes() + b.nbytes()
+    assert torch.equal(both.dequantize(), torch.cat([ref_a, ref_b]))
+    assert torch.equal(both.row_slice(OUT, OUT + 8).dequantize(), ref_b)
+    with pytest.raises(ValueError):
+        QuantWeight.concat([a, _weight("Q6_K")[0]])

@@ -47,8 +47,7 @@ def write_typed_header(path: Path, types: dict[str, str]) -> Path:
 
 
 def choose(path: Path, has_cuda: bool = True):
-    return choose_engine(ModelInfo(name=path.stem, path=str(path), family="llama"), EngineConfig(),
-                         lambda: has_cuda)
+    return choose_engine(ModelInfo(name=path.stem, path=str(path), family="llama"), EngineConfig(), has_cuda)
 
 
 def _names(type_name: str) -> dict[str, str]:
@@ -92,14 +91,14 @@ def iq4_nl_file(tmp_path_factory) -> Path:
 
 
 def test_iq_file_is_served_by_llamacpp_with_a_note(iq4_nl_file, caplog):
-    """On a (declared) GPU machine the factory creates the llama.cpp engine for it,
+    """Routed as on a GPU machine, the factory makes the llama.cpp engine for it,
     warns once, and the engine carries the reason /api/ps shows; it then serves."""
-    from engines.factory import create_engine, load_with_fallback
+    from engines.factory import engine_for, load_with_fallback
 
     info = ModelInfo(name="tiny-iq4", path=str(iq4_nl_file), family="llama")
     config = EngineConfig(llama_n_threads=1, llama_n_ctx=128)
     with caplog.at_level(logging.WARNING, logger="engines.factory"):
-        engine = create_engine(info, config, has_cuda=lambda: True)
+        engine = engine_for(info, config, choose_engine(info, config, True))
     assert engine.kind == "llamacpp" and "no kernel for IQ4_NL" in engine.fallback_note
     assert any("IQ4_NL" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     engine = load_with_fallback(engine)

@@ -55,16 +55,17 @@ def test_dequantize_exact_and_rows(type_name: str):
 
 
 @pytest.mark.parametrize("type_name", sorted(BLOCK_TYPES))
-@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("rows", [1, 3, 8, 40])
 def test_qlinear_paths(type_name: str, rows: int):
     w, ref = _weight(type_name, seed=rows)
     x = torch.randn(rows, w.shape[1], device=CUDA).bfloat16()
-    bound = MATVEC_BOUND if rows <= quant_kernels.MAX_DECODE_ROWS else PREFILL_BOUND
+    bound = MATVEC_BOUND if rows <= quant_kernels.matvec_max_rows(type_name) else PREFILL_BOUND
     _assert_within(qlinear(x, w), x, ref, bound)
     if rows == 1:   # the same through split K with a bias
         bias = torch.randn(OUT, device=CUDA).bfloat16()
         got = quant_kernels.qmatvec(x, w, bias, split=3, chunks_per_step=1) - bias
         _assert_within(got, x, ref, 2 * MATVEC_BOUND)
+        _assert_within(quant_kernels.qmatvec(x, w, paired=False), x, ref, MATVEC_BOUND)
 
 
 @pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K", "Q8_0"])
@@ -75,21 +76,29 @@ def test_fused_prefill_kernel(type_name: str):
 
 
 def test_cuda_graph_capture_and_replay():
-    """Decode (whole rows and split K), batch 8 and prefill shapes, captured once, replayed
-    on new inputs: the same results as eager calls."""
+    """Decode, batch and prefill shapes and embedding rows, captured once, replayed on new
+    inputs and ids: the same results as eager calls."""
     weights = [_weight("Q4_K")[0], _weight("Q6_K", 1)[0], _weight("Q4_0", 2)[0]]
     xs = [torch.randn(m, w.shape[1], device=CUDA).bfloat16() for w in weights for m in (1, 8, 24)]
     pairs = [(x, w) for x, w in zip(xs, [w for w in weights for _ in range(3)])]
+    ids = torch.tensor([[5, 299]], device=CUDA)
+    embed = [_weight(name, 4)[0] for name in ("Q4_K", "Q6_K", "Q2_K", "Q8_0")]   # rows() of each decoder family
     for x, w in pairs:   # warm up: compile outside capture
         qlinear(x, w)
+    for w in embed:
+        w.rows(ids, torch.bfloat16)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         outs = [qlinear(x, w) for x, w in pairs]
-    for _ in range(2):
+        looked_up = [w.rows(ids, torch.bfloat16) for w in embed]
+    for step in range(2):
         for x, _ in pairs:
             x.copy_(torch.randn_like(x))
+        ids.copy_(torch.tensor([[step, 298 - step]], device=CUDA))
         graph.replay()
         torch.cuda.synchronize()
         for (x, w), out in zip(pairs, outs):
             assert torch.equal(out, qlinear(x, w))
+        for w, rows in zip(embed, looked_up):
+            assert torch.equal(rows, w.rows(ids, torch.bfloat16))

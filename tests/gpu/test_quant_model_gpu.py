@@ -95,11 +95,14 @@ def test_engine_serves_a_quantized_file_with_its_defaults(tmp_path):
     from engines.config import EngineConfig
     from engines.torch.engine import TorchEngine
     from engines.types import GenerateRequest, RequestKind, SamplingParams
+    from kvcached.config import KvcachedConfig
+    from kvcached.standalone import standalone_pool
 
     path = write_tiny_gguf(tmp_path / "q4.gguf", CFG, random_state(CFG), qtype=gguf.GGMLQuantizationType.Q4_0)
     file_bytes = sum(int(t.n_bytes) for t in open_reader(path).tensors if hf_name(t.name) is not None)
+    pool = standalone_pool(KvcachedConfig(backend="cuda"))
     engine = TorchEngine(ModelInfo(name="tiny-q4", path=str(path), family="llama"),
-                         EngineConfig(torch_max_context=256, torch_num_slots=2))
+                         EngineConfig(torch_max_context=256, torch_num_slots=2), pool)
     engine.load()
     try:
         request = GenerateRequest(RequestKind.COMPLETION, SamplingParams(max_tokens=8, temperature=0.0),
@@ -108,3 +111,4 @@ def test_engine_serves_a_quantized_file_with_its_defaults(tmp_path):
         assert engine.memory().weights_bytes <= 1.03 * file_bytes
     finally:
         engine.unload()
+        pool.close()

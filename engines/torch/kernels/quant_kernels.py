@@ -1,16 +1,29 @@
-"""The two Triton kernels over `QuantWeight` planes, and their launchers.
+"""The Triton kernels over `QuantWeight` planes, and their launchers.
 
-`qmatvec`: y[M, N] = x[M, K] @ W^T for M <= 8 (decode). Memory-bound: each
-program owns BN output rows and a run of 256-weight chunks along K, reads every
-quantized byte once (16-byte vectors along a row's plane), and multiplies the
-integer quants by x per sub-block before it applies the sub-block's scale
-(sum(q*x)*scale + offset*sum(x)), so a weight costs a shift, a mask, a convert
-and an FMA per row of x. Where the rows alone give too few programs to fill
-the GPU (the 1,024-row K/V projections of an 8B model), K is split across
-programs that write float32 partials, summed by one torch op.
+`qmatvec`: y[M, N] = x[M, K] @ W^T for decode (M <= 8; qlinear sends M <= 4).
+Memory-bound in principle, instruction-bound in practice: on the H100 every type
+decodes at 1.1-1.9e12 weights/s whatever its bytes, so Q8_0 reaches 0.9 of the
+copy bandwidth and 4-bit types ~0.4 (benchmarks/results/quant_matvec.json). What
+the sm_90 SASS of the loop showed, and what was done about it:
+- I2F ran once a weight at a quarter of the FP32 rate: quants become floats
+  through the exponent bits instead (`quant_decode._quants`, an OR and an FADD);
+- the per-sub-block scales, loaded as [BN, T] tiles, took a different layout
+  from the quants and a shared-memory round trip with barriers every step: they
+  are [BN, T, 1] tiles of the quants' own layout now;
+- a generic tile reads a byte once per nibble: at M=1 the nibble types run
+  byte-pair decoders (`decode_pair`) that use both nibbles of one read;
+- at M=1 the loop accumulates w * x elementwise (two FMAs a weight) and
+  reduces once after it.
+About 10 SASS instructions a weight remain for Q4_K (x's bf16 unpack, nibble
+extraction, the FADD and two FMAs). A program owns a few rows and walks K in
+steps of several chunks, all loads of a step in flight; K is split across
+programs (float32 partials summed by one torch op) only where the rows alone
+leave SMs idle.
 
 `dequantize`: W -> [N, K] in a float dtype, one program per (BN rows, chunk),
-for the prefill path of `quant_ops` and the GPU tests.
+for the prefill path of `quant_ops` and the tests. `qmatmul_fused`: the
+dequantize-tile matmul that prefill measured against (quant_ops says why it is
+not used).
 """
 from __future__ import annotations
 
@@ -18,7 +31,7 @@ import functools
 
 import torch
 
-from engines.torch.kernels.quant_decode import CHUNK, TILES, decode_chunk, triton
+from engines.torch.kernels.quant_decode import CHUNK, PAIR_TILES, TILES, decode_chunk, decode_pair, triton
 from engines.torch.kernels.quant_weight import PLANES, QuantWeight
 
 if triton is not None:
@@ -47,7 +60,8 @@ if triton is not None:
     def _qmv_kernel(x_ptr, out_ptr, bias_ptr, p0, p1, p2, p3, s0, s1, s2, s3,
                     M, N, K, stride_xm, stride_os, stride_om, chunks_per_split,
                     TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr, CPI: tl.constexpr,
-                    BN: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr):
+                    BN: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    PAIRED: tl.constexpr, S2: tl.constexpr, L2: tl.constexpr):
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         rows = pid_n * BN + tl.arange(0, BN)
         # clamp, not mask: the tail's loads stay unconditional and vectorized; its stores are masked
@@ -59,7 +73,21 @@ if triton is not None:
         last = tl.minimum(first + chunks_per_split, nchunks)
         # Per-sub-block values are [BN, T, 1] tiles of the quants' own layout (scales read
         # through the 3-D row pointers): no layout conversion, no barrier inside the loop.
-        if BM == 1:
+        if PAIRED:
+            # one row of x, nibble types: each byte read once, both nibbles used (decode_pair)
+            j2 = tl.arange(0, L2)[None, None, :]
+            acc2 = tl.zeros([BN, CPI * S2, L2], dtype=tl.float32)
+            for c in range(first, last, CPI):
+                h3, h2, z3, z2, t3 = _chunk_tiles(c, nchunks, S2, L2, CPI * S2)
+                start = (c + t3 // S2) * (S * L)         # [1, T2, 1] each tile row's chunk, unclamped
+                m3 = ((start + z3 * 32) < K) & ((c + t3 // S2) < last)
+                qa, sa, oa, xa, qb, sb, ob, xb = decode_pair(TYPE, b0, b1, b2, b3, h3, z3, j2, m3)
+                x_a = tl.load(x_ptr + start + xa, mask=m3, other=0.0).to(tl.float32)
+                x_b = tl.load(x_ptr + start + xb, mask=m3, other=0.0).to(tl.float32)
+                acc2 += (qa * sa + oa) * x_a
+                acc2 += (qb * sb + ob) * x_b
+            total = tl.sum(tl.sum(acc2, axis=2), axis=1)[:, None]      # [BN, 1]
+        elif BM == 1:
             # one row of x: accumulate w * x elementwise (two FMAs a weight), reduce once at the end
             acc1 = tl.zeros([BN, CPI * S, L], dtype=tl.float32)
             for c in range(first, last, CPI):
@@ -108,15 +136,30 @@ if triton is not None:
         tl.store(out, w.to(out_ptr.dtype.element_ty), mask=(rows[:, None, None] < N) & m3)
 
 
-MAX_DECODE_ROWS = 8     # qmatvec serves M up to this; beyond it the prefill path
-# Launch shape of qmatvec (benchmarks/quant_matvec.py sweeps them on the 8B shapes). A program
-# reads BLOCK_N rows x CHUNKS_PER_STEP chunks per loop step, all loads issued at once:
-# few rows and a long stretch of K, as llama.cpp's mmvq, so many programs sit on each SM
-# with their loads in flight (bytes in flight, not instructions, bound a matvec).
-BLOCK_N = 2
-CHUNKS_PER_STEP = 8
-NUM_WARPS = 4
+MAX_DECODE_ROWS = 8     # qmatvec serves M up to this at most
+# M above which dequantize + cuBLAS beats qmatvec (H100, 8B shapes, benchmarks/quant_matvec.py):
+# qmatvec's cost grows with M (x converted and multiplied per row: ALU-bound past M=4),
+# the dequantize pass does not. Q4_K 14336x4096 at M=4: 72 us against 104; at M=8: 119
+# against 104. Q8_0 decodes cheapest and stays ahead at M=8 (100 against 116).
+MATVEC_MAX_ROWS: dict[str, int] = {"Q8_0": 8}
+DEFAULT_MATVEC_MAX_ROWS = 4
+# Launch shape of qmatvec: type -> (rows per program, chunks per loop step, warps). A program
+# reads a few rows by a long stretch of K per step, all loads issued at once, as llama.cpp's
+# mmvq: many programs sit on each SM with their loads in flight. Swept on the 8B layer shapes
+# (H100, benchmarks/results/quant_matvec.json "sweep", one layer's matvecs at M=1):
+# Q4_K 118 us at (1, 8, 2) against 146 at (1, 8, 4); Q6_K 155 against 175; Q4_0 96 against
+# 114; Q8_0 best at (1, 8, 4), 109 against 219 at 2 warps. Q5_K and Q4_1/Q5_0/Q5_1 run the
+# same byte-pair decoders as Q4_K/Q4_0 and take their shape; Q2_K/Q3_K the default.
+PAIR_LAUNCH = (1, 8, 2)
+LAUNCH: dict[str, tuple[int, int, int]] = {
+    name: PAIR_LAUNCH for name in ("Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1")}
+DEFAULT_LAUNCH = (1, 8, 4)
 PROGRAMS_PER_SM = 2     # below this many row programs per SM, split K across programs
+
+
+def matvec_max_rows(type_name: str) -> int:
+    """Rows of x up to which qlinear takes qmatvec for this type."""
+    return MATVEC_MAX_ROWS.get(type_name, DEFAULT_MATVEC_MAX_ROWS)
 
 
 def kernel_ready(w: QuantWeight) -> bool:
@@ -140,8 +183,7 @@ def _sm_count(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def split_for(n: int, k: int, device: torch.device, block_n: int = BLOCK_N,
-              chunks_per_step: int = CHUNKS_PER_STEP) -> int:
+def split_for(n: int, k: int, device: torch.device, block_n: int, chunks_per_step: int) -> int:
     """How many programs share a row's K: 1 unless the row programs alone leave SMs idle."""
     steps = triton.cdiv(triton.cdiv(k, CHUNK), chunks_per_step)
     row_programs = triton.cdiv(n, block_n)
@@ -150,10 +192,14 @@ def split_for(n: int, k: int, device: torch.device, block_n: int = BLOCK_N,
     return triton.cdiv(steps, triton.cdiv(steps, split))
 
 
-def qmatvec(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None, block_n: int = BLOCK_N,
-            split: int | None = None, chunks_per_step: int = CHUNKS_PER_STEP,
-            num_warps: int = NUM_WARPS) -> torch.Tensor:
-    """x [M, K] (M <= 8) -> [M, N] in x's dtype."""
+def qmatvec(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None, block_n: int | None = None,
+            split: int | None = None, chunks_per_step: int | None = None,
+            num_warps: int | None = None, paired: bool = True) -> torch.Tensor:
+    """x [M, K] (M <= 8) -> [M, N] in x's dtype. Launch arguments left None come from LAUNCH."""
+    launch = LAUNCH.get(w.type_name, DEFAULT_LAUNCH)
+    block_n = block_n or launch[0]
+    chunks_per_step = chunks_per_step or launch[1]
+    num_warps = num_warps or launch[2]
     m, k = x.shape
     n = w.shape[0]
     assert m <= MAX_DECODE_ROWS and k == w.shape[1], "qmatvec: M <= 8 rows of in_features"
@@ -164,8 +210,10 @@ def qmatvec(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None, b
     steps = triton.cdiv(triton.cdiv(k, CHUNK), chunks_per_step)
     chunks_per_split = triton.cdiv(steps, split) * chunks_per_step
     split = triton.cdiv(triton.cdiv(k, CHUNK), chunks_per_split)
-    meta = dict(TYPE=type_id, S=s, L=l, CPI=chunks_per_step, BN=block_n, BM=triton.next_power_of_2(m),
-                num_warps=num_warps)
+    bm = triton.next_power_of_2(m)
+    s2, l2 = PAIR_TILES.get(w.type_name, (1, 1))
+    meta = dict(TYPE=type_id, S=s, L=l, CPI=chunks_per_step, BN=block_n, BM=bm, num_warps=num_warps,
+                PAIRED=bm == 1 and paired and w.type_name in PAIR_TILES, S2=s2, L2=l2)
     grid = (triton.cdiv(n, block_n), split)
     if split == 1:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)

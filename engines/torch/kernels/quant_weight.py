@@ -85,6 +85,21 @@ class QuantWeight:
                   for name, start, nbytes, dtype in PLANES[type_name]}
         return cls(type_name, (out_features, in_features), planes)
 
+    @classmethod
+    def concat(cls, weights: list[QuantWeight]) -> QuantWeight:
+        """Stack weights of one type and in_features along out_features (fused QKV or gate/up
+        projections: one matvec launch reads them all). Copies the planes once."""
+        first = weights[0]
+        if any(w.type_name != first.type_name or w.shape[1] != first.shape[1] for w in weights):
+            raise ValueError("concat needs one ggml type and one in_features")
+        planes = {name: torch.cat([w.planes[name] for w in weights]) for name in first.planes}
+        return cls(first.type_name, (sum(w.shape[0] for w in weights), first.shape[1]), planes)
+
+    def row_slice(self, start: int, stop: int) -> QuantWeight:
+        """Rows start..stop-1 as a view of the same planes (no copy)."""
+        return QuantWeight(self.type_name, (stop - start, self.shape[1]),
+                           {name: p[start:stop] for name, p in self.planes.items()})
+
     @property
     def device(self) -> torch.device:
         return next(iter(self.planes.values())).device
@@ -103,16 +118,23 @@ class QuantWeight:
         return torch.cat([f for _, f in sorted(fields, key=lambda sf: sf[0])], dim=2).reshape(out_features, -1)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """[out, in] in `dtype`, through the torch reference decoders."""
+        """[out, in] in `dtype`: the Triton kernel on CUDA, the torch decoders elsewhere (same bits)."""
         if self.type_name in FLOAT_TYPES:
             return self.planes["w"].to(dtype)
+        from engines.torch.kernels import quant_kernels   # it imports this module
+
+        if self.device.type == "cuda" and quant_kernels.kernel_ready(self):
+            return quant_kernels.dequantize(self, dtype)
         return dequantize_raw(self.raw_rows(), self.type_name, self.shape).to(dtype)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Dequantized rows `ids` (any shape) -> [*ids.shape, in]: reads only those rows' blocks."""
+        """Dequantized rows `ids` (any shape) -> [*ids.shape, in]: reads only those rows' blocks
+        (an embedding lookup; no host sync, so it runs inside a captured decode step)."""
         flat = ids.reshape(-1).to(self.device)
         if self.type_name in FLOAT_TYPES:
             picked = self.planes["w"].index_select(0, flat).to(dtype)
         else:
-            picked = dequantize_raw(self.raw_rows(flat), self.type_name, (flat.numel(), self.shape[1])).to(dtype)
+            chosen = QuantWeight(self.type_name, (flat.numel(), self.shape[1]),
+                                 {name: p.index_select(0, flat) for name, p in self.planes.items()})
+            picked = chosen.dequantize(dtype)
         return picked.reshape(*ids.shape, self.shape[1])

@@ -21,6 +21,12 @@ def _f16(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).float()
 
 
+def _shifts(start: int, stop: int, step: int, device: torch.device) -> torch.Tensor:
+    """Bit shifts as a uint8 tensor made on the device (a kernel, not a host copy: these
+    decoders run inside captured CUDA graphs, for embedding rows)."""
+    return torch.arange(start, stop, step, dtype=torch.uint8, device=device)
+
+
 def _nibbles(qs: torch.Tensor, group: int) -> torch.Tensor:
     """Low nibbles of each `group` bytes, then high nibbles: [n, -1, 2, group]."""
     q = qs.reshape(qs.shape[0], -1, 1, group)
@@ -65,7 +71,7 @@ def _q2_k(b: torch.Tensor) -> torch.Tensor:
     d, dmin = _f16(b[:, -4:-2]), _f16(b[:, -2:])
     dl = (d * (scales & 0xF).float()).reshape(n, QK_K // 16, 1)
     ml = (dmin * (scales >> 4).float()).reshape(n, QK_K // 16, 1)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).reshape(1, 1, 4, 1)
+    shifts = _shifts(0, 8, 2, b.device).reshape(1, 1, 4, 1)
     q = ((qs.reshape(n, -1, 1, 32) >> shifts) & 3).reshape(n, QK_K // 16, 16).float()
     return (dl * q - ml).reshape(n, QK_K)
 
@@ -75,8 +81,8 @@ def _q3_k(b: torch.Tensor) -> torch.Tensor:
     hmask, qs = b[:, :QK_K // 8], b[:, QK_K // 8:QK_K // 8 + QK_K // 4]
     scales, d = b[:, 3 * QK_K // 8:3 * QK_K // 8 + 12], _f16(b[:, -2:])
     dev = b.device
-    low = (scales[:, :8].reshape(n, 1, 8) >> torch.tensor([0, 4], dtype=torch.uint8, device=dev).reshape(1, 2, 1))
-    shifts4 = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=dev)
+    low = (scales[:, :8].reshape(n, 1, 8) >> _shifts(0, 8, 4, dev).reshape(1, 2, 1))
+    shifts4 = _shifts(0, 8, 2, dev)
     high = (scales[:, 8:].reshape(n, 1, 4) >> shifts4.reshape(1, 4, 1))
     sc = ((low.reshape(n, 16) & 0x0F) | ((high.reshape(n, 16) & 0x03) << 4)).to(torch.int8) - 32
     dl = (d * sc.float()).reshape(n, 16, 1)
@@ -127,7 +133,7 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     scales = b[:, 3 * QK_K // 4:3 * QK_K // 4 + QK_K // 16].contiguous().view(torch.int8).float()
     d = (_f16(b[:, -2:]) * scales).reshape(n, QK_K // 16, 1)
     low = _nibbles(ql, 64).reshape(n, -1, 32)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).reshape(1, 1, 4, 1)
+    shifts = _shifts(0, 8, 2, b.device).reshape(1, 1, 4, 1)
     high = ((qh.reshape(n, -1, 1, 32) >> shifts) & 0x03).reshape(n, -1, 32)
     q = ((low | (high << 4)).to(torch.int8) - 32).reshape(n, QK_K // 16, -1).float()
     return (d * q).reshape(n, QK_K)
