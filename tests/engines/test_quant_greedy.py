@@ -19,8 +19,10 @@ divergence is a near tie in our own logits (llama.cpp's token within NEAR_TIE
 of our top logit, teacher-forced on its path): a wrong weight (a row order, a
 scale, a block type decoded wrong) would part early and by whole logits. The
 bit-exact CPU path (engines.torch.ggml, numerics on) is what matches llama.cpp
-token for token (tests/engines/test_model_greedy.py: 10/10); the GPU
-comparison the issue asks for runs in benchmarks/quant_decode.py's files.
+token for token (tests/engines/test_model_greedy.py: 10/10). A greedy
+comparison on the GPU against llama.cpp's CUDA build is not here yet (the GPU
+machine has no llama-cpp-python; tests/gpu/test_quant_model_gpu.py compares
+CUDA against this CPU float path instead).
 """
 from __future__ import annotations
 
