@@ -86,6 +86,8 @@ def load_measured(path: Path) -> tuple[torch.nn.Module, dict]:
     from engines.torch.load.gguf_loader import load_gguf
 
     gc.collect()
+    torch.zeros(1, device="cuda")            # the CUDA context exists before NVML's first reading
+    torch.cuda.synchronize()
     torch.cuda.empty_cache()
     nvml0, alloc0 = device_used_bytes(), torch.cuda.memory_allocated()
     t = time.perf_counter()
