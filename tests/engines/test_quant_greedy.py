@@ -48,7 +48,8 @@ PROMPTS = (RAW, CHAT + HARD_CHAT, HARD_RAW + EXTRA_RAW)
 # llama.cpp ftype -> (the file's name, prompts of 20 whose 32 greedy tokens must all match).
 # Measured 2026-12-05 (float path against llama.cpp 0.3.36 on the CPU): Q4_K_M 3/20, first
 # divergences [7, 14, 20, 32, 32, 15, 2, 7, 18, 32, 1, 2, 0, 0, 1, 0, 4, 18, 19, 5], every one
-# a near tie (largest gap 0.54 logits). Not a majority: see the module docstring.
+# a near tie (largest gap 0.54 logits); Q6_K 5/20 (largest gap 0.38); Q8_0 9/20 (0.26).
+# Not a majority: see the module docstring.
 FILES = {15: ("Q4_K_M", 2), 18: ("Q6_K", 2), 7: ("Q8_0", 2)}
 # The first divergence must be a near tie: our logit of our token minus our logit of
 # llama.cpp's token, at the step where they part.
