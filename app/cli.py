@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--path", action="store_true", help="print only the file's path")
     autostart = sub.add_parser("autostart", help="start the tray at login: enable, disable or status")
     autostart.add_argument("action", choices=("enable", "disable", "status"))
+    pull = sub.add_parser("pull", help="fetch a GGUF model from Hugging Face: hf.co/OWNER/REPO[:QUANT] or OWNER/REPO")
+    pull.add_argument("model", help="e.g. hf.co/bartowski/Qwen2.5-Coder-1.5B-Instruct-GGUF:Q4_K_M")
+    desktop = sub.add_parser("desktop", help="the Linux menu entry and icon: install, uninstall or status")
+    desktop.add_argument("action", choices=("install", "uninstall", "status"))
     tray = sub.add_parser("tray", help="start the tray icon (the same as no command)")
     tray.add_argument("--headless", action="store_true", help="no icon: supervise the daemon only")
     return parser
@@ -208,6 +212,40 @@ def cmd_autostart(args: argparse.Namespace, paths: AppPaths, loaded: LoadedSetti
     return EXIT_OK
 
 
+def cmd_pull(args: argparse.Namespace, paths: AppPaths, loaded: LoadedSettings) -> int:
+    """Through the daemon when one runs (the dashboard shows the bar too), else here."""
+    from app.pull.cli import run_pull
+    from engines.config import config_from_settings
+
+    try:
+        with _client(paths, loaded) as client:
+            client.status()
+            base_url: str | None = client.base_url
+    except DaemonNotRunning:
+        base_url = None
+    cache_dir = config_from_settings(loaded.settings, models_dir=str(paths.models_dir)).resolved_hf_cache_dir()
+    return run_pull(args.model, base_url, cache_dir)
+
+
+def cmd_desktop(args: argparse.Namespace, paths: AppPaths, loaded: LoadedSettings) -> int:
+    from app import desktop_entry
+    from app.login_item import tray_command
+
+    if not sys.platform.startswith("linux"):
+        print("ebbtide: the desktop entry is for Linux; use `ebbtide autostart` elsewhere", file=sys.stderr)
+        return EXIT_USAGE
+    if args.action == "install":
+        for path in desktop_entry.install(tray_command()):
+            print(f"wrote {path}")
+    elif args.action == "uninstall":
+        removed = desktop_entry.uninstall()
+        print("\n".join(f"removed {p}" for p in removed) if removed else "The desktop entry was not installed.")
+    else:
+        print(f"The desktop entry is {'installed' if desktop_entry.is_installed() else 'not installed'} "
+              f"({desktop_entry.entry_path()}).")
+    return EXIT_OK
+
+
 def cmd_tray(args: argparse.Namespace, paths: AppPaths, loaded: LoadedSettings) -> int:
     from app.tray.app import run_tray
 
@@ -218,7 +256,7 @@ COMMANDS: dict[str | None, Callable[[argparse.Namespace, AppPaths, LoadedSetting
     None: cmd_tray, "tray": cmd_tray, "serve": cmd_serve, "ps": cmd_ps, "models": cmd_models,
     "pause": cmd_model_action, "resume": cmd_model_action, "unload": cmd_model_action,
     "reclaim": cmd_reclaim, "status": cmd_status, "dashboard": cmd_dashboard, "config": cmd_config,
-    "autostart": cmd_autostart, "warmup": cmd_warmup,
+    "autostart": cmd_autostart, "warmup": cmd_warmup, "desktop": cmd_desktop, "pull": cmd_pull,
 }
 
 

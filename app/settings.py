@@ -38,6 +38,16 @@ class ModelSettings:
 
 
 @dataclass(frozen=True)
+class RemoteSettings:
+    """A server elsewhere whose models are listed here, in [remotes."name"] (engines/remote/)."""
+    url: str = ""                     # http://gpu-box:8000 (OpenAI-compatible) or http://lan-box:11434 (Ollama)
+    kind: str = "openai"              # "openai" | "ollama"
+    prefix: str = ""                  # listed as prefix + the remote's name; "" means "<name>/"
+    api_key: str = ""                 # the settings file is kept 0600 while it holds one
+    timeout_s: float = 600.0          # longest wait for the next byte of an answer
+
+
+@dataclass(frozen=True)
 class Settings:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
@@ -57,6 +67,7 @@ class Settings:
     scan_lmstudio: bool = EngineConfig.scan_lmstudio
     scan_hf_cache: bool = EngineConfig.scan_hf_cache
     models: dict[str, ModelSettings] = field(default_factory=dict)
+    remotes: dict[str, RemoteSettings] = field(default_factory=dict)
     log_level: str = "INFO"
     budget_bytes: int = 0                  # all models together (weights and KV); 0: what the device allows
     synthetic_models: bool = EngineConfig.include_synthetic  # list random-weight "synthetic/<config>" models (benchmarks)
@@ -213,5 +224,21 @@ MODEL_FIELDS: dict[str, Callable[[object], object]] = {
     "keep_alive_s": optional(parse_duration),
     "keep_kv_on_disk": parse_bool,
 }
+def parse_url(value: object) -> str:
+    text = parse_str(value).strip()
+    if not re.match(r"^https?://[^\s/]+", text):
+        raise SettingValueError(f"expected an http:// or https:// URL, got {value!r}")
+    return text
+
+
+REMOTE_FIELDS: dict[str, Callable[[object], object]] = {
+    "url": parse_url,
+    "kind": one_of(("openai", "ollama")),
+    "prefix": parse_str,
+    "api_key": parse_str,
+    "timeout_s": lambda v: positive_seconds(parse_duration(v)),
+}
+REMOTE_ALIASES: dict[str, str] = {"timeout": "timeout_s", "key": "api_key"}
+
 MODEL_ALIASES: dict[str, str] = {"min": "min_bytes", "max": "max_bytes", "pinned": "min_bytes",
                                  "keep_alive": "keep_alive_s"}

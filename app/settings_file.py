@@ -22,7 +22,8 @@ import tomli_w
 from app import env
 from app.paths import app_paths
 from app.settings import (
-    ALIASES, FIELDS, MODEL_ALIASES, MODEL_FIELDS, ModelSettings, Settings, SettingValueError,
+    ALIASES, FIELDS, MODEL_ALIASES, MODEL_FIELDS, REMOTE_ALIASES, REMOTE_FIELDS, ModelSettings, RemoteSettings,
+    Settings, SettingValueError,
 )
 
 log = logging.getLogger(__name__)
@@ -91,20 +92,49 @@ def parse_table(raw: Mapping[str, object], fields: Mapping[str, Callable[[object
     return values, problems
 
 
-def parse_models(raw: object, source: str) -> tuple[dict[str, ModelSettings], list[SettingsProblem]]:
-    """[models."name"] tables; a bad value falls back to that model key's default."""
+# Sections of named tables: [models."name"], [remotes."name"] -> (fields, aliases, dataclass, required keys).
+TABLES: dict[str, tuple[Mapping, Mapping, type, tuple[str, ...]]] = {
+    "models": (MODEL_FIELDS, MODEL_ALIASES, ModelSettings, ()),
+    "remotes": (REMOTE_FIELDS, REMOTE_ALIASES, RemoteSettings, ("url",)),
+}
+
+
+def parse_tables(section: str, raw: object, source: str) -> tuple[dict[str, object], list[SettingsProblem]]:
+    """[section."name"] tables; a bad value falls back to that key's default; a table missing a
+    required key is left out."""
+    fields, aliases, cls, required = TABLES[section]
     if not isinstance(raw, dict):
-        return {}, [SettingsProblem(source, "models", "expected tables such as [models.\"name\"]")]
-    models: dict[str, ModelSettings] = {}
+        return {}, [SettingsProblem(source, section, f"expected tables such as [{section}.\"name\"]")]
+    tables: dict[str, object] = {}
     problems: list[SettingsProblem] = []
     for name, table in raw.items():
         if not isinstance(table, dict):
-            problems.append(SettingsProblem(source, f"models.{name}", "expected a table"))
+            problems.append(SettingsProblem(source, f"{section}.{name}", "expected a table"))
             continue
-        values, found = parse_table(table, MODEL_FIELDS, MODEL_ALIASES, source, f"models.{name}.")
+        values, found = parse_table(table, fields, aliases, source, f"{section}.{name}.")
         problems += found
-        models[name] = ModelSettings(**values)
-    return models, problems
+        missing = [key for key in required if key not in values]
+        if missing:
+            problems.append(SettingsProblem(source, f"{section}.{name}", f"needs {', '.join(missing)}; left out"))
+            continue
+        tables[name] = cls(**values)
+    return tables, problems
+
+
+def parse_models(raw: object, source: str) -> tuple[dict[str, ModelSettings], list[SettingsProblem]]:
+    return parse_tables("models", raw, source)  # type: ignore[return-value]
+
+
+def keep_secrets_private(path: Path, remotes: Mapping[str, RemoteSettings]) -> None:
+    """A settings file that holds a remote's API key is readable by its owner only (0600)."""
+    if not any(r.api_key for r in remotes.values()) or os.name != "posix":
+        return
+    try:
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+            log.warning("%s holds an API key: made it readable by you only (0600)", path)
+    except OSError as exc:
+        log.warning("cannot make %s private (it holds an API key): %s", path, exc)
 
 
 def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None,
@@ -115,15 +145,17 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
     values: dict[str, object] = {}
     sources: dict[str, str] = {}
     raw, problems = read_file(path)
-    top = {k: v for k, v in raw.items() if k != "models"}
+    top = {k: v for k, v in raw.items() if k not in TABLES}
     found, file_problems = parse_table(top, FIELDS, ALIASES, str(path))
     problems += file_problems
     values.update(found)
     sources.update(dict.fromkeys(found, "file"))
-    if "models" in raw:
-        values["models"], model_problems = parse_models(raw["models"], str(path))
-        problems += model_problems
-        sources["models"] = "file"
+    for section in TABLES:
+        if section in raw:
+            values[section], table_problems = parse_tables(section, raw[section], str(path))
+            problems += table_problems
+            sources[section] = "file"
+    keep_secrets_private(path, values.get("remotes") or {})
     for name, key in ENV_FIELDS.items():
         if environ.get(name) is None:
             continue
@@ -144,6 +176,8 @@ def to_toml_value(value: object) -> object:
     """Settings values in the shape TOML can write (no None, tuples as lists)."""
     if isinstance(value, tuple):
         return list(value)
+    if isinstance(value, RemoteSettings):  # what is printed never shows the key
+        return {k: ("(set)" if k == "api_key" and v else v) for k, v in dataclasses.asdict(value).items()}
     if isinstance(value, ModelSettings):
         return {k: v for k, v in dataclasses.asdict(value).items() if v is not None}
     if isinstance(value, dict):
@@ -154,8 +188,9 @@ def to_toml_value(value: object) -> object:
 def effective_toml(settings: Settings) -> str:
     """The effective values as a TOML document (what `ebbtide config` prints)."""
     table = {f.name: to_toml_value(getattr(settings, f.name)) for f in dataclasses.fields(settings)}
-    if not table["models"]:
-        del table["models"]  # an empty table reads as noise
+    for section in TABLES:
+        if not table[section]:
+            del table[section]  # an empty table reads as noise
     return tomli_w.dumps(table)
 
 
@@ -174,5 +209,10 @@ def save_setting(path: Path, key: str, value: object) -> None:
     raw[key] = to_toml_value(value)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(tomli_w.dumps(raw), encoding="utf-8")
+    # The same mode as the file it replaces: a file kept 0600 for an API key stays 0600.
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(tomli_w.dumps(raw))
+    os.chmod(tmp, mode)
     tmp.replace(path)  # atomic: a crash mid-write never leaves half a file

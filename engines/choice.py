@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 # The engine each device runs best (measured: benchmarks/engine_compare.py).
 ENGINE_BY_DEVICE: dict[str, str] = {"cuda": "torch", "cpu": "llamacpp"}
 # Sources only one engine can load.
-ENGINE_BY_SOURCE: dict[str, str] = {"synthetic": "torch"}
+ENGINE_BY_SOURCE: dict[str, str] = {"synthetic": "torch", "remote": "remote"}
 TORCH_FAMILIES = tuple(FAMILIES)
 
 
@@ -168,12 +168,12 @@ def torch_can_serve(info: ModelInfo) -> bool:
 
 def choose_engine(info: ModelInfo, config: EngineConfig, on_cuda: bool) -> Choice:
     """on_cuda: the models run on a CUDA GPU (the daemon's page pool is on one)."""
+    if info.source in ENGINE_BY_SOURCE:  # before any override: no other engine can load these
+        return Choice(ENGINE_BY_SOURCE[info.source], f"{info.source} models run only there")
     asked = config.engine_for(info.name)
     if asked != "auto":
         return Choice(asked, f"set for {info.name}" if info.name in config.engine_overrides
                       else "default_engine in settings")
-    if info.source in ENGINE_BY_SOURCE:
-        return Choice(ENGINE_BY_SOURCE[info.source], f"{info.source} models run only there")
     device = "cuda" if on_cuda else "cpu"
     engine = ENGINE_BY_DEVICE[device]
     if engine == "torch":

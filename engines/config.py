@@ -39,6 +39,7 @@ class EngineConfig:
     scan_lmstudio: bool = True
     scan_hf_cache: bool = True
     max_scan_depth: int = 4                     # folders below a models folder that are searched
+    remotes: tuple = ()                         # engines.remote.config.RemoteConfig, one per remote server
 
     # --- engine choice -----------------------------------------------------------
     default_engine: str = "auto"                # "auto": torch on a CUDA GPU, llama.cpp on the CPU
@@ -149,6 +150,14 @@ class EngineConfig:
         return self.engine_overrides.get(model_name, self.default_engine)
 
 
+def _remotes(tables: dict) -> tuple:
+    """[remotes.NAME] settings (read by attribute) as RemoteConfigs."""
+    from engines.remote.config import RemoteConfig
+
+    return tuple(RemoteConfig(name=name, **{k: getattr(r, k) for k in (
+        "url", "kind", "prefix", "api_key", "timeout_s")}) for name, r in tables.items())
+
+
 # Settings field -> EngineConfig field, for the settings the two share. Each keeps one
 # default, here (app.settings.Settings takes its defaults from EngineConfig).
 SETTINGS_FIELDS: dict[str, str] = {
@@ -178,6 +187,7 @@ def config_from_settings(settings: object, **overrides: object) -> EngineConfig:
                              if getattr(m, "engine", "auto") != "auto"},
         "context_overrides": {name: m.context_length for name, m in models.items()
                               if getattr(m, "context_length", None)},
+        "remotes": _remotes(getattr(settings, "remotes", None) or {}),
         "kv_disk_models": tuple(name for name, m in models.items() if getattr(m, "keep_kv_on_disk", False)),
     })
     values.update(overrides)

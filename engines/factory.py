@@ -30,9 +30,10 @@ log = logging.getLogger(__name__)
 ENGINE_CLASSES: dict[str, str] = {
     "torch": "engines.torch.engine:TorchEngine",
     "llamacpp": "engines.llamacpp.engine:LlamaCppEngine",
+    "remote": "engines.remote.engine:RemoteEngine",
 }
 # What to install when an engine's module is missing.
-ENGINE_PACKAGES: dict[str, str] = {"torch": "torch", "llamacpp": "llama-cpp-python"}
+ENGINE_PACKAGES: dict[str, str] = {"torch": "torch", "llamacpp": "llama-cpp-python", "remote": "httpx"}
 
 
 def engine_class(kind: str) -> type[Engine]:

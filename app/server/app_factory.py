@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -14,18 +13,15 @@ from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse,
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from app.server import auth, control_routes, errors, llamacpp_routes, ollama_info_routes, ollama_routes, openai_routes
+from app.resources import assets_dir
+from app.server import (auth, control_routes, errors, llamacpp_routes, ollama_info_routes, ollama_routes,
+                        openai_routes, pull_routes)
 from app.server.context import VERSION, ServerContext, ctx_of
 from app.server.json_body import JsonBodyMiddleware
 from app.server.metrics import MetricsMiddleware
 from app.server.security import SecurityMiddleware, SecurityPolicy
 
 log = logging.getLogger(__name__)
-
-
-def assets_dir() -> Path:
-    """assets/ next to the packages (a source checkout or an editable install)."""
-    return Path(__file__).resolve().parents[2] / "assets"
 
 
 def create_app(ctx: ServerContext) -> FastAPI:
@@ -42,7 +38,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
                               "with a control API that gives GPU memory back.")
     app.state.ctx = ctx
     errors.install(app)
-    for module in (openai_routes, ollama_routes, ollama_info_routes, llamacpp_routes, control_routes):
+    for module in (openai_routes, ollama_routes, ollama_info_routes, pull_routes, llamacpp_routes, control_routes):
         app.include_router(module.router)
     _add_metrics_and_dashboard(app)
     policy = SecurityPolicy(port=ctx.settings.port, token=ctx.token,
@@ -79,7 +75,7 @@ def _add_metrics_and_dashboard(app: FastAPI) -> None:
             return response
         index = assets_dir() / "dashboard" / "index.html"
         if not index.is_file():
-            return PlainTextResponse("the dashboard is not installed (assets/dashboard/index.html)", 404)
+            return PlainTextResponse("the dashboard is not installed (app/assets/dashboard/index.html)", 404)
         return FileResponse(index, headers={"Cache-Control": "no-store"})
 
     # StaticFiles resolves paths inside the folder only: no request reaches files outside it.

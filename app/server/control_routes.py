@@ -59,6 +59,7 @@ def model_rows(ctx: ServerContext) -> list[dict]:
         rows[info.name] = {"name": info.name, "state": ModelState.UNLOADED.value, "busy": False, "engine": None,
                            "memory": None, "priority": ctx.settings.model(info.name).priority,
                            "size": info.size_bytes, "source": info.source, "context_length": info.context_length,
+                           "remote": info.metadata.get("remote"),
                            "can_infill": info.can_infill, "expires_at": None, "route": _route(ctx, info)}
     for loaded in ctx.manager.loaded():
         engine = loaded.engine

@@ -18,7 +18,9 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
+from app.pull import errors as pull_errors
 from engines import errors as engine_errors
+from engines.remote.errors import RemoteUnavailable
 from kvcached import errors as kv_errors
 
 log = logging.getLogger(__name__)
@@ -43,8 +45,16 @@ STATUS_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
     (Unauthorized, 401, "authentication_error"),
     (BadRequest, 400, "invalid_request_error"),
     (engine_errors.ModelNotFound, 404, "not_found_error"),
+    (pull_errors.BadModelName, 400, "invalid_request_error"),
+    (pull_errors.NothingToPull, 404, "not_found_error"),
+    (pull_errors.NotOurs, 403, "permission_error"),
+    (pull_errors.NotEnoughDisk, 507, "insufficient_storage"),
+    (pull_errors.ChecksumMismatch, 502, "upstream_error"),
+    (pull_errors.HubUnavailable, 502, "upstream_error"),
+    (pull_errors.PullCancelled, 499, "cancelled"),
     (engine_errors.InvalidRequest, 400, "invalid_request_error"),
     (engine_errors.EngineBusy, 503, "unavailable_error"),
+    (RemoteUnavailable, 502, "upstream_error"),
     (engine_errors.ModelLoadError, 500, "server_error"),
     (kv_errors.TemporaryError, 503, "unavailable_error"),
     (kv_errors.ConfigError, 500, "server_error"),

@@ -49,8 +49,9 @@ def model_entry(row: ModelRow) -> Entry:
         Entry("Give back its memory", "reclaim", row.name, enabled=in_memory),
         Entry("Unload", "unload", row.name, enabled=in_memory),
     )
-    held = f" - {format_bytes(row.held_bytes)}" if in_memory else ""
-    return Entry(f"{row.name} ({row.shown_state}{held})", children=children)
+    held = f" - {format_bytes(row.held_bytes)}" if in_memory and not row.remote else ""
+    where = f", on {row.remote}" if row.remote else ""  # served elsewhere: holds no memory here
+    return Entry(f"{row.name} ({row.shown_state}{held}{where})", children=children)
 
 
 def heading(view: TrayView) -> str:

@@ -29,6 +29,7 @@ class ModelRow:
     busy: bool
     held_bytes: int
     engine: str = ""
+    remote: str = ""    # the remote server that serves it ([remotes.NAME]); "" for a local model
 
     @property
     def shown_state(self) -> str:
@@ -93,7 +94,8 @@ def view_from(models: list[dict], memory: dict, *, last_reclaim_at: float = 0.0,
     """The view for a daemon that answered: /control/models and /control/memory bodies."""
     now = time.time() if now is None else now
     rows = tuple(ModelRow(str(m.get("name", "?")), str(m.get("state", "unloaded")), bool(m.get("busy")),
-                          model_held_bytes(m), str(m.get("engine", ""))) for m in models)
+                          model_held_bytes(m), str(m.get("engine") or ""), str(m.get("remote") or ""))
+                 for m in models)
     in_memory = [r for r in rows if r.state not in ("unloaded",)]
     mode = TrayMode.NORMAL
     if in_memory and all(r.state == "paused" for r in in_memory):

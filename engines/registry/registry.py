@@ -29,6 +29,7 @@ from engines.registry.gguf_meta import GgufMeta, read_gguf_meta
 from engines.registry.hf_cache import scan_hf_cache
 from engines.registry.lmstudio import scan_lmstudio_roots
 from engines.registry.ollama import scan_ollama_roots
+from engines.registry.quant_tags import files_for_tag
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,11 @@ class ModelRegistry:
         self._models: dict[str, ModelInfo] | None = None
         self._meta_cache: dict[_MetaKey, GgufMeta] = {}
         self._scanned_at = -float("inf")
+        self._remotes = None  # engines.remote.listing.RemoteCatalog where remotes are set
+        if self.config.remotes:
+            from engines.remote.listing import RemoteCatalog
+
+            self._remotes = RemoteCatalog(self.config.remotes)
 
     def refresh(self) -> list[ModelInfo]:
         """Scan every source again; returns the new listing."""
@@ -129,7 +135,13 @@ class ModelRegistry:
             with self._lock:
                 models = self._models
         assert models is not None
-        return models
+        if self._remotes is None:
+            return models
+        # Remote servers' models join on every read, from the catalog's last lists (it never
+        # waits on a remote once it has listed it), so they come and go as the remote does;
+        # a local model keeps its name.
+        remote = {info.name: info for info in self._remotes.infos() if info.name not in models}
+        return {**models, **remote}
 
     def list(self) -> list[ModelInfo]:
         """Every model, in source priority order."""
@@ -185,4 +197,9 @@ class ModelRegistry:
             tagged = [info for n, info in lowered.items() if n.split(":", 1)[0] == wanted]
             if len(tagged) == 1:
                 return tagged[0]
-        return None
+            return None
+        # hf.co/OWNER/REPO:Q4_K_M, as Ollama names a pull: the one file of the repo with that quant.
+        repo, _, tag = wanted.partition(":")
+        stems = [n.split(":", 1)[1] for n in lowered if ":" in n and n.split(":", 1)[0] == repo]
+        hits = files_for_tag(stems, tag) if repo.startswith("hf.co/") else []
+        return lowered[f"{repo}:{hits[0]}"] if len(hits) == 1 else None

@@ -13,7 +13,7 @@ from app.control_client import ControlClient
 from desktop_support import ROOT, daemon_env, free_port, wait_until
 
 COMMANDS = ["serve", "ps", "models", "pause", "resume", "reclaim", "unload", "config", "autostart", "status",
-            "dashboard", "tray"]
+            "dashboard", "tray", "desktop", "pull"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,20 @@ def test_endpoint_url() -> None:
     assert Settings(port=1).endpoint_url == "http://127.0.0.1:1"
     assert Settings(host="0.0.0.0", port=2).endpoint_url == "http://127.0.0.1:2"
     assert Settings(host="::1", port=3).endpoint_url == "http://[::1]:3"
+
+
+def test_remotes_are_read_kept_private_and_never_printed(tmp_path: Path) -> None:
+    path = write(tmp_path / "s.toml", '[remotes.lan]\nurl = "http://gpu-box:8000"\napi_key = "sk-secret"\n'
+                                      'timeout = "2m"\n[remotes.box]\nurl = "http://lan-box:11434"\nkind = "ollama"\n'
+                                      'prefix = "box:"\n[remotes.broken]\nkind = "openai"\n')
+    os.chmod(path, 0o644)
+    loaded = load_settings(path, environ={})
+    lan, box = loaded.settings.remotes["lan"], loaded.settings.remotes["box"]
+    assert (lan.url, lan.kind, lan.api_key, lan.timeout_s) == ("http://gpu-box:8000", "openai", "sk-secret", 120.0)
+    assert (box.kind, box.prefix, box.api_key) == ("ollama", "box:", "")
+    assert "broken" not in loaded.settings.remotes and any("needs url" in str(p) for p in loaded.problems)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # it holds an API key
+    printed = effective_toml(loaded.settings)
+    assert "sk-secret" not in printed and "(set)" in printed
+    save_setting(path, "auto_yield", False)  # a tray toggle keeps the file private
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and "sk-secret" in path.read_text()

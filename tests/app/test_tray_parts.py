@@ -146,6 +146,17 @@ def test_loaded_settings_feed_the_dispatcher_path(tmp_path: Path) -> None:
     assert load_settings(path, environ={}).settings.auto_yield is False
 
 
+def test_remote_models_are_marked_in_the_menu() -> None:
+    remote = {"name": "lan/qwen-32b", "state": "loaded", "busy": False, "engine": "remote", "source": "remote",
+              "remote": "lan", "memory": {"weights": 0, "kv_held": 0, "kv_live": 0, "paused_host": 0, "total": 0}}
+    listed = {"name": "lan/llama-70b", "state": "unloaded", "busy": False, "engine": None, "source": "remote",
+              "remote": "lan", "memory": None}
+    entries = build_entries(view_from([*MODELS, remote, listed], MEMORY))
+    assert find(entries, "lan/qwen-32b (idle, on lan)") is not None  # no memory figure: none is held here
+    assert find(entries, "lan/llama-70b (unloaded, on lan)") is not None
+    assert find(entries, "small (idle - 100.0 MiB)") is not None
+
+
 def test_tray_and_metrics_read_reclaims_in_the_one_vocabulary() -> None:
     """The tray's "memory given back" and the daemon's /metrics counters read the hub's
     events through app.models.events.event_kind (kvcached's EventKind)."""

@@ -15,12 +15,14 @@ from llamacpp_support import default_info
 LLAMA = ModelInfo(name="smollm2:135m", path="/m.gguf", family="llama")
 GEMMA = ModelInfo(name="gemma3n:e2b", path="/g.gguf", family="gemma3n")
 SYNTH = ModelInfo(name="llama-8b-random", path="", source="synthetic")
+REMOTE = ModelInfo(name="lan/qwen3-32b", path="", family="remote", source="remote")
 
 
 @pytest.mark.parametrize("info, has_cuda, expected", [
     (LLAMA, True, "torch"), (LLAMA, False, "llamacpp"),
     (GEMMA, True, "llamacpp"),            # a family the torch engine does not implement
     (SYNTH, False, "torch"),              # random weights exist only for torch
+    (REMOTE, True, "remote"), (REMOTE, False, "remote"),  # served elsewhere, on any device
 ])
 def test_auto_choice_by_device_and_family(info, has_cuda, expected) -> None:
     assert choose_engine(info, EngineConfig(), has_cuda).engine == expected
@@ -83,3 +85,8 @@ def test_roots_follow_the_tools_environment(monkeypatch, tmp_path) -> None:
     assert config.resolved_hf_cache_dir() == tmp_path / "h" / "hub"
     assert EngineConfig(ollama_dir=str(tmp_path / "x")).resolved_ollama_dirs() == (tmp_path / "x",)
     assert config.resolved_models_dir().name == "models"
+
+
+def test_a_remote_model_goes_to_the_remote_engine_whatever_the_default() -> None:
+    choice = choose_engine(REMOTE, EngineConfig(default_engine="torch"), True)
+    assert choice.engine == "remote" and "remote models run only there" in choice.reason

@@ -3,13 +3,15 @@
  * Everything goes through the control API on this page's own origin; the token rides in
  * the HttpOnly cookie the daemon set when the page was opened from the tray or
  * `ebbtide dashboard` (app/server/auth.py). Memory is sampled every second; the event
- * stream (/control/events) marks reclaims on the timeline and refreshes model states.
+ * stream (/control/events) marks reclaims on the timeline and refreshes model states, and
+ * "pull" events draw a progress bar per model being fetched (from here, the CLI or any
+ * Ollama client). Models of remote servers are marked with the remote's name.
  */
 "use strict";
 
 const WINDOW_S = 300, SAMPLE_MS = 1000;
 const SCALES = ["auto", "device", "models"];
-const state = { samples: [], markers: [], names: [], models: [], autoYield: true, scale: "auto" };
+const state = { samples: [], markers: [], names: [], models: [], autoYield: true, scale: "auto", pulls: {} };
 const $ = id => document.getElementById(id);
 
 async function api(method, path, body) {
@@ -55,7 +57,13 @@ function renderModels() {
                    String(m.priority ?? 0)];
     cells.forEach((text, i) => {
       const td = document.createElement("td");
-      if (i === 1) {
+      if (i === 0 && m.source === "remote") {
+        td.textContent = text;
+        const where = document.createElement("span");
+        where.className = "remote";
+        where.textContent = `remote${m.remote ? ": " + m.remote : ""}`;
+        td.appendChild(where);
+      } else if (i === 1) {
         const badge = document.createElement("span");
         badge.className = `state state-${st}`;
         badge.textContent = st;
@@ -148,7 +156,49 @@ function isReclaim(event) {
                                       (event.bytes_returned || 0) > 0);
 }
 
+function renderPulls() {
+  const box = $("pulls");
+  box.textContent = "";
+  for (const [model, p] of Object.entries(state.pulls)) {
+    const row = document.createElement("div");
+    row.className = "pull";
+    row.dataset.model = model;
+    const name = document.createElement("span");
+    name.textContent = model;
+    const bar = document.createElement("progress");
+    bar.max = p.total || 1;
+    bar.value = p.total ? (p.completed || 0) : (p.status === "success" ? 1 : 0);
+    const text = document.createElement("span");
+    text.className = p.status === "failed" ? "failed" : "";
+    text.textContent = p.status === "failed" ? p.error :
+      p.total ? `${p.status} ${Timeline.formatBytes(p.completed || 0)} / ${Timeline.formatBytes(p.total)}` : p.status;
+    row.append(name, bar, text);
+    box.appendChild(row);
+  }
+}
+
+function onPull(event) {
+  const p = state.pulls[event.model] || {};
+  // Byte counts stay on the bar while the digest is verified and after success.
+  state.pulls[event.model] = { ...p, status: event.status, error: event.error || "",
+                               ...(event.total ? { total: event.total, completed: event.completed } : {}) };
+  renderPulls();
+  if (event.status === "success") refreshModels().catch(e => problem(e.message));
+}
+
+async function startPull(name) {
+  // The pull runs while this request is open (closing the page cancels it, as in Ollama);
+  // its progress arrives through the event stream, as any client's pull does.
+  const response = await fetch("/api/pull", { method: "POST", headers: { "Content-Type": "application/json" },
+                                              body: JSON.stringify({ model: name }) });
+  const text = await response.text();
+  const last = text.trim().split("\n").pop() || "{}";
+  const error = JSON.parse(last).error;
+  if (!response.ok || error) problem(`pull ${name}: ${error || response.statusText}`);
+}
+
 function onEvent(event) {
+  if (event.kind === "pull") { onPull(event); return; }
   logEvent(event);
   if (isReclaim(event)) {
     Timeline.addMarker(state.markers, { t: event.time || Date.now() / 1000, bytes: event.bytes_returned || 0,
@@ -159,7 +209,7 @@ function onEvent(event) {
   if (event.kind === "model" || event.kind === "reclaim") refreshModels().catch(e => problem(e.message));
 }
 
-const EVENT_KINDS = ["reclaim", "model", "broker", "progress", "settings", "shutdown", "message"];
+const EVENT_KINDS = ["reclaim", "model", "broker", "progress", "settings", "shutdown", "message", "pull"];
 
 function follow() {
   const source = new EventSource("/control/events");
@@ -179,6 +229,11 @@ async function tick() {
 
 function start() {
   $("reclaim-all").onclick = () => act("/control/reclaim");
+  $("pull-form").onsubmit = e => {
+    e.preventDefault();
+    const name = $("pull-name").value.trim();
+    if (name) startPull(name).catch(err => problem(err.message));
+  };
   $("auto-yield").onchange = e => act("/control/auto-yield", { enabled: e.target.checked });
   $("timeline").addEventListener("dblclick", () => {
     state.scale = SCALES[(SCALES.indexOf(state.scale) + 1) % SCALES.length];
