@@ -45,7 +45,7 @@ class Engine(abc.ABC):
     """One model, served. Subclasses: engines.torch.TorchEngine, engines.llamacpp.LlamaCppEngine."""
 
     kind: str = "abstract"
-    fallback_note: str = ""        # set where this engine serves a model another engine failed to load
+    fallback_note: str = ""        # why another engine than the device's own serves it (a routing detour or failed load)
     load_phases: dict = {}         # {phase: seconds} of the last load (engines/phases.py); read-only here
 
     def __init__(self, info: ModelInfo) -> None:

@@ -10,7 +10,14 @@ tensor list, tensor types) without loading a byte of weights:
 - an architecture it does not implement (engines.torch.model.families);
 - tensors no module of that family takes (an old per-expert Mixtral file, a
   vision tower, a layout a converter changed): the loader would refuse them;
-- tensor types its loader cannot read.
+- tensor types it has no kernel for: its GGUF weights stay in their blocks
+  on the GPU (engines.torch.load.gguf_quant), so a type without a kernel
+  (IQ*, TQ*, MXFP4...) or experts stacked in blocks goes to llama.cpp, never
+  to a silent dequantization that would take four times the memory.
+
+A model the device's default engine cannot serve is a detour (`Choice.is_detour`):
+engines.factory logs it as a warning and puts the reason in the engine's note
+(/api/ps, /control/models, `ebbtide ps`).
 
 A Mixtral GGUF declares `llama`; its experts (ffn_gate_inp + ffn_*_exps) are
 implemented, so it goes to torch on a GPU like any Llama. Whatever this table
@@ -48,6 +55,7 @@ TORCH_FAMILIES = tuple(FAMILIES)
 class Choice:
     engine: str     # "torch" | "llamacpp"
     reason: str     # for logs and `ebbtide models`: why this engine
+    is_detour: bool = False   # the device's own engine cannot serve it: say so where the user looks
 
 
 @dataclass(frozen=True)
@@ -74,16 +82,17 @@ def file_facts(info: ModelInfo) -> FileFacts | None:
     return _gguf_facts(str(path), stat.st_mtime, stat.st_size)
 
 
-@functools.lru_cache(maxsize=1)
-def torch_readable_types() -> frozenset[str]:
-    """GGML types the torch loader reads: those gguf-py dequantizes."""
-    from gguf import GGMLQuantizationType, quants
+# Types whose weights the torch engine can hold unquantized: never an obstacle.
+_FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
 
-    readable = {"F32", "F16", "BF16"}
-    for qtype in GGMLQuantizationType:
-        if getattr(quants, qtype.name, None) is not None:
-            readable.add(qtype.name)
-    return frozenset(readable)
+
+@functools.lru_cache(maxsize=1)
+def torch_kernel_types() -> frozenset[str]:
+    """GGML types the torch engine has kernels for. Imported here, lazily: the
+    check runs only where the torch engine is the candidate (CUDA, so torch is there)."""
+    from engines.torch.kernels.quant_weight import SUPPORTED_TYPES
+
+    return frozenset(SUPPORTED_TYPES)
 
 
 def _type_name(code: int) -> str:
@@ -114,15 +123,30 @@ def _tensor_gap(info: ModelInfo, facts: FileFacts | None) -> str | None:
 def _type_gap(info: ModelInfo, facts: FileFacts | None) -> str | None:
     if facts is None:
         return None
-    names = sorted({_type_name(code) for code in facts.tensors.values()} - torch_readable_types())
+    types = [_type_name(code) for code in facts.tensors.values()]
+    names = sorted(set(types) - torch_kernel_types())
     if names:
-        return f"the torch loader cannot read {', '.join(names)} tensors"
+        count = sum(t in names for t in types)
+        return (f"the torch engine has no kernel for {', '.join(names)} weights "
+                f"({count} of {len(types)} tensors)")
+    return None
+
+
+def _experts_gap(info: ModelInfo, facts: FileFacts | None) -> str | None:
+    """Stacked experts in blocks: the torch engine's experts path multiplies dense
+    [E, out, in] weights only (engines.torch.model.moe); a grouped quantized kernel is to come."""
+    if facts is None:
+        return None
+    quantized = sorted({_type_name(code) for name, code in facts.tensors.items()
+                        if "_exps." in name and _type_name(code) not in _FLOAT_TYPES})
+    if quantized:
+        return f"the torch engine has no kernel for experts stacked in {', '.join(quantized)} blocks"
     return None
 
 
 # What keeps the torch engine from a model, checked in order: the first gap is the reason.
 TORCH_CHECKS: tuple[Callable[[ModelInfo, FileFacts | None], str | None], ...] = (
-    _family_gap, _tensor_gap, _type_gap)
+    _family_gap, _tensor_gap, _type_gap, _experts_gap)
 
 
 def torch_gap(info: ModelInfo) -> str | None:
@@ -155,5 +179,5 @@ def choose_engine(info: ModelInfo, config: EngineConfig, on_cuda: bool) -> Choic
     if engine == "torch":
         gap = torch_gap(info)
         if gap:
-            return Choice("llamacpp", gap)
+            return Choice("llamacpp", gap, is_detour=True)
     return Choice(engine, f"the default on {'a CUDA GPU' if device == 'cuda' else 'the CPU'}")

@@ -7,6 +7,8 @@ daemon's one kvcached PagePool (tests and benchmarks: kvcached.standalone);
 the pool's backend is the device decision, made once where the pool was
 opened, and the choice of engine follows it.
 
+A model the routing table sends away from the device's own engine (a GGUF
+with IQ weights on a GPU) is created with `engine.fallback_note` saying why.
 `load_with_fallback` loads an engine and, where the torch engine fails on a
 GGUF file for any reason, loads the llama.cpp engine on the same file instead:
 a log line and `engine.fallback_note` (shown in /api/ps and `ebbtide ps`),
@@ -18,7 +20,7 @@ import importlib
 import logging
 
 from engines.base import Engine, ModelInfo, ProgressCallback
-from engines.choice import choose_engine
+from engines.choice import Choice, choose_engine
 from engines.config import EngineConfig
 from engines.errors import ModelLoadError
 from kvcached.errors import TemporaryError
@@ -55,10 +57,21 @@ def create_engine(info: ModelInfo, config: EngineConfig | None = None, kv_pool: 
     kv_pool: the kvcached PagePool torch engines take their KV pages from; without
     one the machine counts as CPU-only and a torch engine cannot be made."""
     config = config or EngineConfig()
-    choice = choose_engine(info, config, pool_on_cuda(kv_pool))
-    log.info("%s: %s engine (%s)", info.name, choice.engine, choice.reason)
+    return engine_for(info, config, choose_engine(info, config, pool_on_cuda(kv_pool)), kv_pool)
+
+
+def engine_for(info: ModelInfo, config: EngineConfig, choice: Choice, kv_pool: object | None = None) -> Engine:
+    """The unloaded engine a routing choice names. A detour (the device's own engine
+    cannot serve the model) is a warning and the reason in `fallback_note` (/api/ps)."""
+    note = f"{choice.reason}; served by {choice.engine}" if choice.is_detour else ""
+    if note:
+        log.warning("%s: %s", info.name, note)
+    else:
+        log.info("%s: %s engine (%s)", info.name, choice.engine, choice.reason)
     if choice.engine != "torch":
-        return engine_class(choice.engine)(info, config)
+        engine = engine_class(choice.engine)(info, config)
+        engine.fallback_note = note
+        return engine
     if kv_pool is None:
         raise ModelLoadError(f"{info.name}: the torch engine needs kvcached's page pool, "
                              f"which is not open (see the log for why)")

@@ -5,6 +5,7 @@
 # 10 minutes:
 #   bash scripts/gpu_check.sh                  # everything
 #   bash scripts/gpu_check.sh tests vmm yield  # only these parts
+#   bash scripts/gpu_check.sh quant            # issue 16: carry .gpu (llama.cpp sources) and .whl (gguf)
 # Benchmarks run as modules (python3 -m benchmarks.decode), with the repository root
 # on sys.path. The end-to-end parts (pressure, colocate, exhaustion) take most of a call each.
 set -uo pipefail
@@ -39,6 +40,11 @@ declare -A PARTS=(
   [unload]="300 -m pytest -q -s -p no:cacheprovider --timeout 280 tests/gpu/test_unload_gpu.py"
   [exhaustion]="590 -m benchmarks.exhaustion --backend cuda --cycles 10 --hold-s 20"
   [quant_matvec]="240 -m benchmarks.quant_matvec"
+  # Quantized GGUFs vs llama.cpp's CUDA build (carry .gpu: scripts/fetch_llama_src.sh makes it).
+  # One call each; the build and the shape files stay under build/quant for the next part.
+  [quant]="590 -m benchmarks.quant_decode --budget-s 540"
+  [quant_more]="590 -m benchmarks.quant_decode --types Q8_0,Q4_0 --name quant_decode_more --budget-s 540"
+  [quant_budget]="590 -m benchmarks.quant_decode --part budget --budget-s 540"
 )
 ORDER=(tests vmm vmm2 yield decode engines)  # pressure and colocate: one call each
 [ $# -gt 0 ] && ORDER=("$@")

@@ -1,5 +1,5 @@
 """Tiny random-weight GGUFs of every family the torch engine serves, written as
-convert_hf_to_gguf.py writes them: the family's llama.cpp tensor names (every
+convert_hf_to_gguf.py writes them (engines.torch.load.gguf_writer): the family's llama.cpp tensor names (every
 special tensor: q/k norms, post-norms, fused qkv and gate_up, LongRoPE factors,
 router and stacked experts, norm and projection biases), its metadata keys and
 shapes, a few layers, small dims. llama.cpp runs the very same file as the
@@ -16,14 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-import numpy as np
 import torch
 
-from engines.torch.load.gguf_names import _BASE_LAYER, FAMILY_LAYER_NAMES, GLOBAL_NAMES
+from engines.torch.load.gguf_writer import gguf_tensor_name, write_gguf
 from engines.torch.model.configs import ModelConfig, sliding_pattern
 from engines.torch.model.model import LlamaModel
 from engines.torch.model.rope import RopeScaling
-from tiny_gguf import _vocab, permute
 
 BASE = ModelConfig(vocab_size=320, dim=128, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=32,
                    ffn_dim=192, rope_theta=10000.0, rms_eps=1e-5, max_context=512, bos_id=256, eos_ids=(257,))
@@ -82,51 +80,7 @@ def random_state(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def gguf_name(hf: str, arch: str) -> str:
-    inverse_globals = {v: k for k, v in GLOBAL_NAMES.items()}
-    if hf in inverse_globals:
-        return inverse_globals[hf]
-    parts = hf.split(".")                                # model.layers.N.<module...>.<suffix>
-    module = ".".join(parts[3:-1])
-    table = {**{v: k for k, v in _BASE_LAYER.items()},
-             **{v: k for k, v in FAMILY_LAYER_NAMES.get(arch, {}).items()}}
-    return f"blk.{parts[2]}.{table[module]}.{parts[-1]}"
-
-
-def _write_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, extra: dict[str, Any]) -> None:
-    arch = cfg.arch
-    w.add_block_count(cfg.num_layers)
-    w.add_context_length(cfg.max_context)
-    w.add_embedding_length(cfg.dim)
-    w.add_feed_forward_length(cfg.ffn_dim)
-    w.add_head_count(cfg.num_heads)
-    w.add_head_count_kv(cfg.num_kv_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_rope_dimension_count(cfg.rotary_dim)
-    if cfg.norm == "layer":
-        w.add_layer_norm_eps(cfg.rms_eps)
-    else:
-        w.add_layer_norm_rms_eps(cfg.rms_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(0)
-    for key, value in extra.items():
-        full = f"{arch}.{key}"
-        if isinstance(value, str):
-            w.add_string(full, value)
-        elif isinstance(value, float):
-            w.add_float32(full, value)
-        else:
-            w.add_uint32(full, value)
-    tokens, types = _vocab(cfg)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(["Ġ t"])
-    w.add_bos_token_id(256)
-    w.add_eos_token_id(257)
-    w.add_add_bos_token(False)
+    return gguf_tensor_name(hf, arch)
 
 
 def write_family_gguf(path: Path, cfg: ModelConfig, extra: dict[str, Any], state: dict[str, torch.Tensor],
@@ -134,23 +88,6 @@ def write_family_gguf(path: Path, cfg: ModelConfig, extra: dict[str, Any], state
                       chat_template: str = "") -> Path:
     """cfg/state as a GGUF of cfg.arch; 2-D and 3-D weights as `dtype` (F32 or F16);
     chat_template: the family's Jinja template (tests/app/family_templates.py), as its files carry."""
-    w = gguf.GGUFWriter(str(path), cfg.arch)
-    _write_metadata(w, cfg, extra)
-    if chat_template:
-        w.add_chat_template(chat_template)
-    if cfg.rope_scaling.kind == "longrope":
-        w.add_tensor("rope_factors_long.weight", np.array(cfg.rope_scaling.long_factors, dtype=np.float32))
-        w.add_tensor("rope_factors_short.weight", np.array(cfg.rope_scaling.short_factors, dtype=np.float32))
-    heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
-    for name, tensor in state.items():
-        array = tensor.float().numpy()
-        if cfg.arch == "llama" and name.split(".")[-2] in heads:
-            array = permute(array, heads[name.split(".")[-2]])
-        if array.ndim >= 2 and dtype == gguf.GGMLQuantizationType.F16:
-            array = array.astype(np.float16)
-        w.add_tensor(gguf_name(name, cfg.arch), np.ascontiguousarray(array))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    shapes = {name: tuple(t.shape) for name, t in state.items()}
+    return write_gguf(path, cfg, extra, shapes, lambda name, _: state[name].float().numpy(),
+                      float16=dtype == gguf.GGMLQuantizationType.F16, chat_template=chat_template)

@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 import torch
 
-from engines.text.tokenizer import _byte_decoder
+from engines.torch.load.gguf_writer import byte_vocab, permute_qk
 from engines.torch.model.configs import ModelConfig
 from engines.torch.model.model import LlamaModel
 
@@ -50,10 +50,7 @@ def random_state(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
-def permute(w: np.ndarray, num_heads: int) -> np.ndarray:
-    """convert_hf_to_gguf.py's LlamaModel.permute, verbatim in effect."""
-    return (w.reshape(num_heads, 2, w.shape[0] // num_heads // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+permute = permute_qk     # convert_hf_to_gguf.py's LlamaModel.permute
 
 
 def gguf_name(hf: str) -> str:
@@ -62,15 +59,6 @@ def gguf_name(hf: str) -> str:
     parts = hf.split(".")               # model.layers.N.<module...>.weight
     module = ".".join(parts[3:-1])
     return f"blk.{parts[2]}.{_TO_GGUF[module]}.{parts[-1]}"
-
-
-def _vocab(cfg: ModelConfig) -> tuple[list[str], list[int]]:
-    byte_chars = sorted(_byte_decoder(), key=lambda c: _byte_decoder()[c])
-    # llama.cpp refuses a BPE vocabulary without merges: one merge, "Ġ" + "t".
-    tokens = byte_chars + ["<|bos|>", "<|eos|>", "Ġt"]
-    tokens += [f"<|unused{i}|>" for i in range(cfg.vocab_size - len(tokens))]
-    types = [1] * 256 + [3, 3, 1] + [3] * (len(tokens) - 259)
-    return tokens, types
 
 
 def write_tiny_gguf(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], arch: str = "llama",
@@ -90,7 +78,7 @@ def write_tiny_gguf(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor]
     w.add_rope_dimension_count(cfg.head_dim)
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(0)
-    tokens, types = _vocab(cfg)
+    tokens, types = byte_vocab(cfg.vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)

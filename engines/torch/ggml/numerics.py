@@ -19,7 +19,7 @@ model (model.py stays one class for every path):
 Cost: several times slower than the float32 path (Python-level loops emulate
 ggml's fma chains). On by default only where it applies: float32 on the CPU
 with quantized weights (EngineConfig.torch_llamacpp_numerics turns it off);
-never on the GPU, where weights stay bf16/fp16 dequantized.
+never on the GPU, where weights stay in their GGUF blocks (engines.torch.quant).
 """
 from __future__ import annotations
 

@@ -1,6 +1,10 @@
 """Load a GGUF file into the torch Llama model.
 
-Reads through the `gguf` package's GGUFReader (memory-mapped), dequantizes each
+Block-quantized 2-D weights stay in their blocks on the device
+(engines.torch.load.gguf_quant: QuantWeight inside QuantLinear and
+QuantEmbedding), except on the llama.cpp-numerics CPU path below. What is
+dense (norms, biases, F16/BF16/F32 weights, or everything on that path):
+reads through the `gguf` package's GGUFReader (memory-mapped), dequantizes each
 tensor with `gguf.quants.dequantize` (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K,
 Q5_K, Q6_K and the rest it knows; on a GPU the common quant types decode there
 instead, through engines.torch.load.dequant), maps llama.cpp tensor names onto the
@@ -133,13 +137,15 @@ def dequantize_tensor(tensor: Any) -> np.ndarray:
 
 def load_gguf_state(reader: Any, cfg: ModelConfig, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32,
-                    progress: Callable[[float], None] | None = None
+                    progress: Callable[[float], None] | None = None, skip: frozenset[str] = frozenset()
                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """All model tensors (HF names) on device/dtype, plus the llama3 rope
-    frequency factors (float32, CPU) where the file has them."""
+    """All model tensors (HF names) but those named in `skip` (GGUF names) on
+    device/dtype, plus the llama3 rope frequency factors (float32, CPU) where
+    the file has them."""
     permute = family(cfg.arch).permuted_qk
     heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
-    tensors = [t for t in reader.tensors if t.name == _ROPE_FREQS or hf_name(t.name, cfg.arch) is not None]
+    tensors = [t for t in reader.tensors if t.name not in skip
+               and (t.name == _ROPE_FREQS or hf_name(t.name, cfg.arch) is not None)]
 
     on_gpu = torch.device(device).type == "cuda"
 
@@ -222,25 +228,39 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu",
               llamacpp_numerics: bool = True) -> tuple[LlamaModel, dict[str, Any]]:
     """Load a GGUF model; returns (model in eval mode, GGUF metadata).
 
-    llamacpp_numerics: where it applies (float32 on the CPU, quantized weights),
-    compute as llama.cpp's CPU backend does (engines.torch.ggml.numerics); then
+    Block-quantized weights stay in their blocks (engines.torch.load.gguf_quant),
+    except on the llama.cpp-numerics path: llamacpp_numerics, where it applies
+    (float32 on the CPU, quantized weights), computes as llama.cpp's CPU backend
+    does (engines.torch.ggml.numerics) from dequantized float32 weights; then
     give the model a KV cache of `ggml_numerics.kv_cache_dtype(model)`."""
     from engines.torch.ggml import numerics as ggml_numerics
+    from engines.torch.load.gguf_quant import fuse_biases, read_quant_weights
 
     reader = open_reader(path)
     meta = read_metadata(reader)
     cfg = read_config(reader, meta)
     dtype = dtype or default_dtype(device)
-    state, rope_factors = load_gguf_state(reader, cfg, device, dtype, progress)
-    model = build_model(cfg, state, device, dtype)
     types = {t.tensor_type.name for t in reader.tensors
              if (hf_name(t.name, cfg.arch) or "").endswith("proj.weight")
              or t.name in ("output.weight", "token_embd.weight")}
     numerics_fit = family(cfg.arch).ggml_numerics and not cfg.num_experts
-    if llamacpp_numerics and numerics_fit and ggml_numerics.is_applicable(types, device, model.dtype):
+    numerics = llamacpp_numerics and numerics_fit and ggml_numerics.is_applicable(types, device, dtype)
+    quant, fused, taken = {}, {}, frozenset()
+    if not numerics:
+        # The quantized bytes go first: a load that cannot fit fails before dense copies exist.
+        quant, fused, taken = read_quant_weights(reader, cfg, device,
+                                                 progress and (lambda f: progress(0.8 * f)))
+    done = 0.8 if quant else 0.0
+    state, rope_factors = load_gguf_state(reader, cfg, device, dtype,
+                                          progress and (lambda f: progress(done + (1 - done) * f)),
+                                          skip=frozenset(taken))
+    fuse_biases(state, fused)
+    model = build_model(cfg, state, device, dtype, quant)
+    if numerics:
         ggml_numerics.install(model, ggml_linears(reader, cfg), family(cfg.arch).permuted_qk)
     if rope_factors is not None:
         model.rotary.set_freq_factors(rope_factors)
-    log.info("loaded %s: %d layers, dim %d, %s on %s", Path(path).name, cfg.num_layers,
-             cfg.dim, model.dtype, device)
+    log.info("loaded %s: %d layers, dim %d, %s on %s, %d weights in blocks (%d fused), %.0f MiB of weights",
+             Path(path).name, cfg.num_layers, cfg.dim, model.dtype, device, len(quant), len(fused),
+             model.weight_bytes() / 2**20)
     return model, meta

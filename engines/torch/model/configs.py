@@ -160,6 +160,14 @@ NAMED_CONFIGS: dict[str, ModelConfig] = {
         vocab_size=151936, dim=896, num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64,
         ffn_dim=4864, rope_theta=1000000.0, rms_eps=1e-6, tie_embeddings=True, qkv_bias=True,
         max_context=32768, bos_id=None, eos_ids=(151645, 151643), arch="qwen2"),
+    "qwen2.5-coder-1.5b": ModelConfig(
+        vocab_size=151936, dim=1536, num_layers=28, num_heads=12, num_kv_heads=2, head_dim=128,
+        ffn_dim=8960, rope_theta=1000000.0, rms_eps=1e-6, tie_embeddings=True, qkv_bias=True,
+        max_context=32768, bos_id=None, eos_ids=(151645, 151643), arch="qwen2"),
+    "qwen2.5-7b": ModelConfig(
+        vocab_size=152064, dim=3584, num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128,
+        ffn_dim=18944, rope_theta=1000000.0, rms_eps=1e-6, tie_embeddings=False, qkv_bias=True,
+        max_context=32768, bos_id=None, eos_ids=(151645, 151643), arch="qwen2"),
     "qwen3-8b": ModelConfig(
         vocab_size=151936, dim=4096, num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
         ffn_dim=12288, rope_theta=1000000.0, rms_eps=1e-6, qk_norm=True, max_context=40960,

@@ -17,6 +17,12 @@ from engines.torch.model.configs import ModelConfig
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
+def can_fuse(*parts: nn.Module) -> bool:
+    """Dense Linears only: quantized ones are fused by the loader, on raw rows of one
+    type (engines.torch.load.gguf_quant), or stay apart where their types differ."""
+    return all(type(p) is nn.Linear for p in parts)
+
+
 def fused_linear(*parts: nn.Linear) -> nn.Linear:
     """One Linear whose output is the parts' outputs side by side."""
     weight = torch.cat([p.weight for p in parts], dim=0)
@@ -44,7 +50,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=bias)
 
     def fuse(self) -> None:
-        if self.gate_up_proj is None:
+        if self.gate_up_proj is None and can_fuse(self.gate_proj, self.up_proj):
             self.gate_up_proj = fused_linear(self.gate_proj, self.up_proj)
             del self.gate_proj, self.up_proj
 

@@ -43,6 +43,8 @@ GEMM each for GPU decode; the math and the interface stay the same.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -123,13 +125,15 @@ class LlamaModel(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    # The final norm's weight: always a dense tensor of the compute dtype, where the
+    # embedding may be a QuantEmbedding (engines.torch.quant).
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     def fit_context(self, max_context: int) -> None:
         """The context this model will serve: LongRoPE picks its factors by it."""
@@ -156,37 +160,51 @@ class LlamaModel(nn.Module):
     def fuse_projections(self) -> LlamaModel:
         """Merge q/k/v and gate/up into one GEMM each (7 -> 4 per layer): fewer,
         larger kernels for decode on GPU. Same math; parameter names change, so
-        call it after loading, never before. Returns self."""
+        call it after loading, never before. Quantized projections were fused by the
+        loader where their types match (engines.torch.load.gguf_quant); the rest
+        stay apart. Returns self."""
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
         return self
 
     def weight_bytes(self) -> int:
+        """Bytes the weights hold where they live: dense parameters, quantized blocks
+        (QuantWeight.nbytes), and on the CPU the dequantized copies QuantLinear keeps."""
+        from engines.torch.quant.modules import quant_cache_bytes, quant_weights
+
         seen: set[int] = set()
         total = 0
         for p in self.parameters():
             if p.data_ptr() not in seen:
                 seen.add(p.data_ptr())
                 total += p.numel() * p.element_size()
-        return total
+        return total + sum(w.nbytes() for w in quant_weights(self)) + quant_cache_bytes(self)
 
 
 def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.device | str,
-                dtype: torch.dtype) -> LlamaModel:
-    """A model whose parameters are exactly `state` (HF names), on device/dtype.
-    Built on `meta` first so no memory is spent on throwaway initial weights.
-    A tensor missing, left over or of the wrong shape is a ModelLoadError: a
-    tensor the model does not take means it would compute something else."""
+                dtype: torch.dtype, quant: dict[str, Any] | None = None) -> LlamaModel:
+    """A model whose parameters are exactly `state` (HF names), on device/dtype,
+    and whose weights named in `quant` (name -> QuantWeight, on device already)
+    stay quantized (engines.torch.quant.adopt). Built on `meta` first so no
+    memory is spent on throwaway initial weights. A tensor missing, left over or
+    of the wrong shape is a ModelLoadError: a tensor the model does not take
+    means it would compute something else."""
     from engines.errors import ModelLoadError
+    from engines.torch.quant.adopt import adopt
 
     with torch.device("meta"):
         model = LlamaModel(cfg)
-    expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    try:
+        quantized = adopt(model, quant or {}, dtype)
+    except (ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"quantized weights do not fit the {cfg.arch} model: {exc}") from None
+    tied_dense = cfg.tie_embeddings and "lm_head.weight" not in quantized
+    expected = {k for k in model.state_dict() if not (tied_dense and k == "lm_head.weight")} - quantized
     missing = sorted(expected - state.keys())
     if missing:
         raise ModelLoadError(f"weights lack {len(missing)} tensors, e.g. {missing[:3]}")
-    extra = sorted(state.keys() - expected - {"lm_head.weight"})
+    extra = sorted(state.keys() - expected - quantized - {"lm_head.weight"})
     if extra:
         raise ModelLoadError(f"{len(extra)} tensors that the {cfg.arch} model does not take, e.g. {extra[:3]}")
     params = {k: nn.Parameter(state[k].to(device=device, dtype=dtype), requires_grad=False)
@@ -198,7 +216,7 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.
         if param.shape != shape:
             raise ModelLoadError(f"tensor {name}: shape {tuple(param.shape)}, expected {tuple(shape)}")
         setattr(module, attr, param)
-    if cfg.tie_embeddings:
+    if tied_dense:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rotary, model.rotary_local = (None if r is None else r.to(device) for r in make_rotaries(cfg))
     return model.eval()

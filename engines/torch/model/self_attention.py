@@ -14,7 +14,7 @@ from torch import nn
 
 from engines.torch.model.attention import AttnSpec, KVAccess
 from engines.torch.model.configs import ModelConfig
-from engines.torch.model.mlp import fused_linear
+from engines.torch.model.mlp import can_fuse, fused_linear
 from engines.torch.model.norms import RMSNorm
 
 
@@ -42,7 +42,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_eps) if cfg.qk_norm else None
 
     def fuse(self) -> None:
-        if self.qkv_proj is None:
+        if self.qkv_proj is None and can_fuse(self.q_proj, self.k_proj, self.v_proj):
             self.qkv_proj = fused_linear(self.q_proj, self.k_proj, self.v_proj)
             del self.q_proj, self.k_proj, self.v_proj
 

@@ -1,0 +1,136 @@
+"""Random-weight GGUFs of real shapes, quantized by llama.cpp's own quantizer (issue 16).
+
+No weights can be downloaded here or on the GPU machine, and speed depends on
+shapes and bytes, not values. This writes a named config
+(engines.torch.model.configs: llama-3.1-8b, qwen2.5-7b, qwen2.5-coder-1.5b,
+smollm2-135m) as an F16 GGUF with the `gguf` writer (engines.torch.load.
+gguf_writer: llama.cpp's names, metadata and row order), then quantizes it with
+llama.cpp to Q4_K_M, Q8_0, Q4_0, so the torch engine and llama.cpp read the very
+same file. The quantizer is either llama-cpp-python's `llama_model_quantize`
+(here) or a `llama-quantize` binary (the GPU machine, where
+benchmarks/quant_decode.py builds llama.cpp): `--quantize-bin`.
+
+Weights are N(0, 0.02) (norms 1, biases N(0, 0.002)), drawn on the GPU where
+there is one (an 8B model's 8 G values in seconds, not minutes of numpy). Files
+already there are kept (a rerun on a warm machine costs nothing).
+
+    python -m benchmarks.shape_gguf --models smollm2-135m --types Q4_K_M,Q8_0 --out build/shapes
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import numpy as np  # noqa: E402
+
+from engines.torch.load.gguf_writer import model_shapes, write_gguf  # noqa: E402
+from engines.torch.model.configs import ModelConfig, named_config  # noqa: E402
+
+log = logging.getLogger("benchmarks.shape_gguf")
+# llama.cpp's llama_ftype numbers, and the names llama-quantize takes
+FTYPES: dict[str, int] = {"Q4_K_M": 15, "Q8_0": 7, "Q4_0": 2, "Q6_K": 18, "Q5_K_M": 17}
+DEFAULT_MODELS = ("llama-3.1-8b", "qwen2.5-7b", "qwen2.5-coder-1.5b", "smollm2-135m")
+DEFAULT_TYPES = ("Q4_K_M", "Q8_0", "Q4_0")
+
+
+def _sampler(seed: int):
+    """make(name, shape) -> float32 array: torch on CUDA when present, else numpy."""
+    try:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        gen = torch.Generator(device=device).manual_seed(seed)
+
+        def draw(shape: tuple[int, ...], std: float) -> np.ndarray:
+            return (torch.randn(shape, generator=gen, device=device) * std).cpu().numpy()
+    except ImportError:
+        rng = np.random.default_rng(seed)
+
+        def draw(shape: tuple[int, ...], std: float) -> np.ndarray:
+            return (rng.standard_normal(shape, dtype=np.float32) * std)
+
+    def make(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name.endswith("norm.weight"):
+            return np.ones(shape, dtype=np.float32)
+        return draw(shape, 0.002 if name.endswith(".bias") else 0.02)
+
+    return make
+
+
+def write_shape(cfg: ModelConfig, path: Path, seed: int = 0) -> Path:
+    """cfg as an F16 GGUF with random weights (kept if path exists)."""
+    if path.exists():
+        log.info("%s exists: kept", path)
+        return path
+    t = time.perf_counter()
+    partial = path.with_suffix(".partial")
+    write_gguf(partial, cfg, {}, model_shapes(cfg), _sampler(seed), float16=True)
+    partial.rename(path)
+    log.info("wrote %s (%.2f GB) in %.0f s", path, path.stat().st_size / 1e9, time.perf_counter() - t)
+    return path
+
+
+def quantize(source: Path, dest: Path, type_name: str, quantize_bin: str | None = None,
+             threads: int = 0, allow_requantize: bool = False) -> Path:
+    """llama.cpp's quantizer: the binary where given, else llama-cpp-python (kept if dest exists)."""
+    if dest.exists():
+        log.info("%s exists: kept", dest)
+        return dest
+    partial = dest.with_suffix(".partial")
+    t = time.perf_counter()
+    if quantize_bin:
+        cmd = [quantize_bin] + (["--allow-requantize"] if allow_requantize else []) + \
+              [str(source), str(partial), type_name] + ([str(threads)] if threads else [])
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr[-2000:]}")
+    else:
+        import llama_cpp
+
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize = FTYPES[type_name], allow_requantize
+        if threads:
+            params.nthread = threads
+        if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params)):
+            raise RuntimeError(f"llama_model_quantize {source} -> {type_name} failed")
+    partial.rename(dest)
+    log.info("quantized %s -> %s (%.2f GB) in %.0f s", source.name, dest.name, dest.stat().st_size / 1e9,
+             time.perf_counter() - t)
+    return dest
+
+
+def shape_paths(out: Path, model: str, types: list[str]) -> tuple[Path, dict[str, Path]]:
+    """Where the F16 file and each quantized file of `model` go."""
+    return out / f"{model}.F16.gguf", {t: out / f"{model}.{t}.gguf" for t in types}
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    parser.add_argument("--types", default=",".join(DEFAULT_TYPES), help=f"of {', '.join(FTYPES)}")
+    parser.add_argument("--out", type=Path, default=_ROOT / "build" / "shapes")
+    parser.add_argument("--quantize-bin", default=None, help="a llama-quantize binary (else llama-cpp-python)")
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    types = args.types.split(",")
+    for model in args.models.split(","):
+        source, quantized = shape_paths(args.out, model, types)
+        write_shape(named_config(model), source)
+        for type_name, dest in quantized.items():
+            quantize(source, dest, type_name, args.quantize_bin, args.threads)
+            print(dest)
+
+
+if __name__ == "__main__":
+    main()

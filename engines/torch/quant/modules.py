@@ -1,0 +1,78 @@
+"""`QuantLinear` and `QuantEmbedding`: nn.Modules whose weight is a `QuantWeight`.
+
+They replace nn.Linear / nn.Embedding by name (engines.torch.quant.adopt), so
+the model's forward is the same code for dense and quantized weights. A
+`QuantWeight` is not a Parameter: `LlamaModel.weight_bytes()` counts it through
+`quant_weights()`, once per object (a tied output head shares the embedding's).
+
+On the CPU a `QuantLinear` dequantizes its weight once, at its first forward,
+and keeps the float copy (`dense`): the reference `qlinear` dequantizes the
+whole matrix on every call, which on the 2-core build machine took ~0.2 s per
+SmolLM2 MLP matrix, ~25 s a forward (measured 2026-12-05, under load). The CPU
+is not where VRAM is scarce, and the copy is counted in `weight_bytes()`.
+On CUDA nothing is cached: the kernels read the blocks.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engines.torch.kernels.quant_ops import qlinear
+from engines.torch.kernels.quant_weight import QuantWeight
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W^T (+ bias), W in GGUF blocks. `dtype`: the model's compute dtype."""
+
+    def __init__(self, qweight: QuantWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.qweight = qweight
+        self.out_features, self.in_features = qweight.shape
+        self.dtype = dtype
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.dense: torch.Tensor | None = None      # CPU only: see the module docstring
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:                  # [..., in] -> [..., out]
+        if self.qweight.device.type != "cpu":
+            return qlinear(x, self.qweight, self.bias)
+        if self.dense is None:
+            self.dense = self.qweight.dequantize(self.dtype)
+        return nn.functional.linear(x, self.dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def cache_bytes(self) -> int:
+        return 0 if self.dense is None else self.dense.numel() * self.dense.element_size()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, ggml={self.qweight.type_name}")
+
+
+class QuantEmbedding(nn.Module):
+    """Token embedding over a QuantWeight [vocab, dim]: dequantizes the looked-up rows only."""
+
+    def __init__(self, qweight: QuantWeight, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.qweight = qweight
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:                # [B, T] -> [B, T, dim]
+        return self.qweight.rows(ids, self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, ggml={self.qweight.type_name}"
+
+
+def quant_weights(model: nn.Module) -> list[QuantWeight]:
+    """Every QuantWeight a model holds, each once."""
+    seen: dict[int, QuantWeight] = {}
+    for module in model.modules():
+        qweight = getattr(module, "qweight", None)
+        if isinstance(qweight, QuantWeight):
+            seen.setdefault(id(qweight), qweight)
+    return list(seen.values())
+
+
+def quant_cache_bytes(model: nn.Module) -> int:
+    """Bytes of the CPU's dequantized copies (QuantLinear.dense)."""
+    return sum(m.cache_bytes() for m in model.modules() if isinstance(m, QuantLinear))
