@@ -61,6 +61,10 @@ class Batcher:
             return len(self._queue)
 
     @property
+    def num_running(self) -> int:
+        return len(self._active)
+
+    @property
     def has_work(self) -> bool:
         with self._lock:
             return bool(self._queue or self._active)

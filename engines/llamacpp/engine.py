@@ -14,6 +14,7 @@ with embeddings on, over the same weights, made on first use.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -288,6 +289,32 @@ class LlamaCppEngine(Engine):
         return worker.idle_since if worker is not None else self._idle_since
 
     # --- for tests and benchmarks ----------------------------------------------------
+    @contextlib.contextmanager
+    def admitted_together(self) -> Iterator[None]:
+        """Requests submitted inside the block join the batch in one step (the worker
+        waits for the block to end): identical batches, so sampled outputs compare."""
+        self.load()
+        gate = threading.Event()
+        assert self._worker is not None
+        done = self._worker.submit(gate.wait, is_request=False)
+        try:
+            yield
+        finally:
+            gate.set()
+            done.result()
+
+    @property
+    def num_running(self) -> int:
+        """Requests holding a slot (reading their prompt or generating)."""
+        batcher = self._batcher
+        return batcher.num_running if batcher is not None else 0
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued for a slot."""
+        batcher = self._batcher
+        return batcher.num_waiting if batcher is not None else 0
+
     @property
     def num_evaluated(self) -> int:
         """Tokens the current context has decoded since it was made or restored."""
