@@ -20,7 +20,8 @@ import uvicorn
 
 from app import env
 from app.models.manager import ModelManager
-from app.paths import app_paths
+from app.paths import app_paths, runtime_dir_note
+from app.port_check import port_problem
 from app.server import auth
 from app.server.app_factory import create_app
 from app.models.broker_link import BrokerLink
@@ -140,6 +141,14 @@ def serve(settings: Settings) -> int:
     if problem:
         print(f"ebbtide: {problem}", file=sys.stderr)
         return EXIT_CONFIG
+    paths = app_paths()
+    busy = port_problem(settings.host, settings.port, settings.endpoint_url, paths.settings_file)
+    if busy:
+        print(f"ebbtide: {busy}", file=sys.stderr)
+        return EXIT_BIND
+    note = runtime_dir_note(paths)
+    if note:
+        log.info("%s", note)
     ctx = build_context(settings)
     config = uvicorn.Config(create_app(ctx), host=settings.host, port=settings.port, log_level="warning",
                             timeout_graceful_shutdown=GRACE_S, lifespan="on", access_log=False)

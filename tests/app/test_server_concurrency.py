@@ -42,7 +42,7 @@ def test_32_concurrent_streams_all_complete(live_server) -> None:
 async def _timed_stream(client: httpx.AsyncClient, model: str, i: int) -> tuple[float, float, int]:
     """(time of the first token, time of the end, tokens) of one streamed completion."""
     body = {"model": model, "prompt": f"Story {i}: once upon a time", "max_tokens": 24,
-            "temperature": 0, "ignore_eos": True, "stream": True}
+            "temperature": 0, "stream": True}
     first, tokens = None, 0
     async with client.stream("POST", "/v1/completions", json=body) as response:
         assert response.status_code == 200, await response.aread()
