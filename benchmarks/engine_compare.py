@@ -27,6 +27,7 @@ the reason instead of numbers. Results: benchmarks/results/engines[_gpu].json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import statistics
@@ -144,14 +145,17 @@ def compare_llamacpp(info: ModelInfo, args: argparse.Namespace) -> dict:
     config = EngineConfig(llama_n_ctx=2048, llama_n_threads=args.threads, max_queue=64)
     threads = config.resolved_threads()
     settings = {"default_model": "", "scan_ollama": False, "scan_lmstudio": False, "scan_hf_cache": False,
-                "num_slots": args.streams, "llama_threads": args.threads or 0,
-                "models": {}, "keep_alive_s": -1}
+                "num_slots": args.streams, "models": {}, "keep_alive_s": -1}
     engine = LlamaCppEngine(info, config)
     engine.load()
     subjects = [RawLlama(info.path, t, 2048, config.llama_n_batch) for t in args.raw_threads]
     subjects.append(InProcess(engine, threads))
-    with Daemon(settings, name="engine-compare") as daemon:
-        subjects.append(OverHttp(daemon.base_url, threads))
+    # A daemon per thread count: HTTP against raw at each, the default one also for the streams.
+    with contextlib.ExitStack() as stack:
+        daemons = {t: stack.enter_context(Daemon({**settings, "llama_threads": t}, name=f"engine-compare-{t}"))
+                   for t in dict.fromkeys([*args.raw_threads, threads])}
+        daemon = daemons[threads]
+        subjects += [OverHttp(d.base_url, t) for t, d in daemons.items()]
         words = max(1, args.prompt_tokens // max(1, len(engine.tokenize(FILLER))))
         work = Workload(prompt_words=words, decode_tokens=args.decode_tokens)
         for subject in subjects:   # warm-up: the daemon loads its model, caches fill
@@ -174,14 +178,14 @@ def compare_llamacpp(info: ModelInfo, args: argparse.Namespace) -> dict:
     for subject in subjects:
         subject.close()
     rows = _median_rows(samples)
-    raw = next((s.name for s in subjects if isinstance(s, RawLlama) and s.threads == threads), None)
-    http = next(s.name for s in subjects if isinstance(s, OverHttp))
+    ratios = {}
+    for t in args.raw_threads:
+        raw = next(s.name for s in subjects if isinstance(s, RawLlama) and s.threads == t)
+        http = next(s.name for s in subjects if isinstance(s, OverHttp) and s.threads == t)
+        ratios[f"http_vs_raw_{t}t"] = {"decode": rows[http]["decode_tok_s"] / rows[raw]["decode_tok_s"],
+                                       "prefill": rows[http]["prefill_tok_s"] / rows[raw]["prefill_tok_s"]}
     one = statistics.median(r["total_tok_s"] for r in streams["1"])
     many = statistics.median(r["total_tok_s"] for r in streams[str(args.streams)])
-    ratios = {}
-    if raw is not None:
-        ratios = {"http_vs_raw_decode": rows[http]["decode_tok_s"] / rows[raw]["decode_tok_s"],
-                  "http_vs_raw_prefill": rows[http]["prefill_tok_s"] / rows[raw]["prefill_tok_s"]}
     return {"default_threads": threads, "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens,
             "rounds": args.runs, "interleaved": True, "columns": rows, "samples": samples, **ratios,
             "streams": {"num_streams": args.streams, "tokens_each": args.stream_tokens,
@@ -195,8 +199,10 @@ def print_llamacpp(result: dict) -> None:
                 [[name, row["prefill_tok_s"], row["ttft_ms"], row["decode_tok_s"]]
                  for name, row in result["columns"].items()])
     streams = result["streams"]
-    print(f"HTTP over raw at {result['default_threads']} threads: decode {result.get('http_vs_raw_decode', 0):.2f}x, "
-          f"prefill {result.get('http_vs_raw_prefill', 0):.2f}x")
+    for key, ratio in result.items():
+        if key.startswith("http_vs_raw_"):
+            print(f"HTTP over raw at {key.rsplit('_', 1)[1].rstrip('t')} threads: decode {ratio['decode']:.2f}x, "
+                  f"prefill {ratio['prefill']:.2f}x (default threads: {result['default_threads']})")
     print(f"{streams['num_streams']} streams: {streams['many_streams_total_tok_s']:.1f} tok/s total vs "
           f"{streams['one_stream_tok_s']:.1f} for one ({streams['speedup']:.2f}x), "
           f"overlapped: {streams['all_overlapped']}")
