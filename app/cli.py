@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("model", help="model name, as `ebbtide models` lists it")
     reclaim = sub.add_parser("reclaim", help="give GPU memory back now: one model's, or everything")
     reclaim.add_argument("model", nargs="?", help="only this model (default: everything)")
+    warmup = sub.add_parser("warmup", help="compile a model's kernels into the cache now, not at its first request")
+    warmup.add_argument("model", nargs="?", help="model name (default: the default model)")
     sub.add_parser("status", help="say whether the daemon runs, where, and what it holds")
     sub.add_parser("dashboard", help="print the dashboard's address (with its access token)")
     config = sub.add_parser("config", help="print the settings file's path and the effective values")
@@ -141,6 +143,26 @@ def cmd_reclaim(args: argparse.Namespace, paths: AppPaths, loaded: LoadedSetting
     return EXIT_OK
 
 
+def cmd_warmup(args: argparse.Namespace, paths: AppPaths, loaded: LoadedSettings) -> int:
+    from app.warmup import warm_up
+    from engines.errors import ModelNotFound
+    from engines.progress import ProgressBar
+
+    try:
+        name, kind, phases = warm_up(args.model, loaded.settings, paths, ProgressBar())
+    except ModelNotFound as exc:
+        print(f"ebbtide: {exc}. `ebbtide models` lists them.", file=sys.stderr)
+        return EXIT_ERROR
+    took = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in phases.items())
+    if kind != "torch":
+        print(f"{name}: served by the {kind} engine, which compiles nothing ({took})")
+    elif "compile_capture" not in phases:
+        print(f"{name}: the torch engine compiles nothing on this device ({took})")
+    else:
+        print(f"{name}: kernels compiled and cached ({took})")
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace, paths: AppPaths, loaded: LoadedSettings) -> int:
     with _client(paths, loaded) as client:
         status = client.status()
@@ -196,7 +218,7 @@ COMMANDS: dict[str | None, Callable[[argparse.Namespace, AppPaths, LoadedSetting
     None: cmd_tray, "tray": cmd_tray, "serve": cmd_serve, "ps": cmd_ps, "models": cmd_models,
     "pause": cmd_model_action, "resume": cmd_model_action, "unload": cmd_model_action,
     "reclaim": cmd_reclaim, "status": cmd_status, "dashboard": cmd_dashboard, "config": cmd_config,
-    "autostart": cmd_autostart,
+    "autostart": cmd_autostart, "warmup": cmd_warmup,
 }
 
 

@@ -20,7 +20,7 @@ import uvicorn
 
 from app import env
 from app.models.manager import ModelManager
-from app.paths import app_paths, runtime_dir_note
+from app.paths import AppPaths, app_paths, runtime_dir_note
 from app.port_check import port_problem
 from app.server import auth
 from app.server.app_factory import create_app
@@ -30,6 +30,7 @@ from app.models.events import EventHub
 from app.server.metrics import Metrics
 from app.server.security import is_loopback_host
 from app.settings import Settings
+from engines import compile_cache
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,11 @@ class _Server(uvicorn.Server):
                   f"dashboard: {self.ctx.endpoint_url}/dashboard", flush=True)
 
 
-def engine_config(settings: Settings, models_dir: str):
+def engine_config(settings: Settings, paths: AppPaths):
     """EngineConfig from the app's Settings (the one place the two are joined)."""
     from engines.config import config_from_settings
 
-    return config_from_settings(settings, models_dir=models_dir)
+    return config_from_settings(settings, models_dir=str(paths.models_dir), kv_disk_dir=str(paths.kv_dir))
 
 
 def open_broker(settings: Settings):
@@ -100,11 +101,12 @@ def build_context(settings: Settings) -> ServerContext:
     from engines.registry import ModelRegistry
 
     paths = app_paths().ensure()
+    compile_cache.use(paths.cache_dir)  # before any model compiles: kernels outlive the process
     token = auth.ensure_token(paths.token_file)
     hub = EventHub()
     link = BrokerLink(None, hub)
     link.open_in_background(lambda: open_broker(settings))  # imports torch: not on the startup path
-    config = engine_config(settings, str(paths.models_dir))
+    config = engine_config(settings, paths)
     manager = ModelManager(ModelRegistry(config), make_engine_factory(config), settings, hub, link)
     metrics = Metrics(lambda: {l.name: _memory_gauges(l.engine) for l in manager.loaded()})
     hub.listen(lambda event: _count_reclaim(metrics, event))

@@ -24,6 +24,7 @@ class AppPaths:
     data_dir: Path
     log_dir: Path
     runtime_dir: Path
+    cache_dir: Path      # compiled kernels (engines/compile_cache.py): safe to delete, rebuilt on demand
 
     @property
     def settings_file(self) -> Path:
@@ -34,6 +35,11 @@ class AppPaths:
         return self.data_dir / "models"
 
     @property
+    def kv_dir(self) -> Path:
+        """Cached conversations kept on disk (models with keep_kv_on_disk)."""
+        return self.data_dir / "kv"
+
+    @property
     def token_file(self) -> Path:
         return self.runtime_dir / "control-token"
 
@@ -42,7 +48,7 @@ class AppPaths:
         return self.runtime_dir / "ebbtide.lock"
 
     def ensure(self) -> "AppPaths":
-        for folder in (self.config_dir, self.data_dir, self.log_dir):
+        for folder in (self.config_dir, self.data_dir, self.log_dir, self.cache_dir):
             folder.mkdir(parents=True, exist_ok=True)
         # The runtime dir holds the control token: only this user may enter it.
         self.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -55,7 +61,7 @@ def app_paths() -> AppPaths:
     home = os.environ.get(env.HOME)
     if home:
         root = Path(home)
-        return AppPaths(root / "config", root / "data", root / "logs", root / "run")
+        return AppPaths(root / "config", root / "data", root / "logs", root / "run", root / "cache")
     with warnings.catch_warnings():
         # platformdirs warns on every call when XDG_RUNTIME_DIR is unset (containers, ssh,
         # su) and falls back to /tmp/runtime-$UID: a fine place for the token and lock, so
@@ -67,6 +73,7 @@ def app_paths() -> AppPaths:
         Path(platformdirs.user_data_dir(APP_NAME)),
         Path(platformdirs.user_log_dir(APP_NAME)),
         Path(runtime),
+        Path(platformdirs.user_cache_dir(APP_NAME)),
     )
 
 

@@ -32,6 +32,7 @@ class ModelSettings:
     engine: str = "auto"              # "auto" | "torch" | "llamacpp"
     context_length: int | None = None
     keep_alive_s: float | None = None  # None: the global keep_alive_s
+    keep_kv_on_disk: bool = False     # torch engine: cached conversations survive unloads and restarts
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Settings:
     synthetic_models: bool = False         # list random-weight "synthetic/<config>" models (benchmarks)
     admission_timeout_s: float = 120.0     # a request waiting this long for GPU memory answers 503
     torch_llamacpp_numerics: bool = True   # torch engine on the CPU: llama.cpp's exact tokens, slower
+    kv_disk_max_bytes: int = 4 << 30       # the KV disk tier's bound (models with keep_kv_on_disk)
 
     @property
     def endpoint_url(self) -> str:
@@ -195,6 +197,7 @@ FIELDS: dict[str, Callable[[object], object]] = {
     "synthetic_models": parse_bool,
     "admission_timeout_s": lambda v: positive_seconds(parse_duration(v)),
     "torch_llamacpp_numerics": parse_bool,
+    "kv_disk_max_bytes": parse_bytes,
 }
 
 # Names people write in the file that mean a field above (Ollama calls it keep_alive).
@@ -208,6 +211,7 @@ MODEL_FIELDS: dict[str, Callable[[object], object]] = {
     "engine": one_of(ENGINES),
     "context_length": optional(lambda v: parse_int(v, 16, 1 << 24)),
     "keep_alive_s": optional(parse_duration),
+    "keep_kv_on_disk": parse_bool,
 }
 MODEL_ALIASES: dict[str, str] = {"min": "min_bytes", "max": "max_bytes", "pinned": "min_bytes",
                                  "keep_alive": "keep_alive_s"}

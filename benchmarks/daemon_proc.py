@@ -65,13 +65,14 @@ class Daemon:
     """One `python -m app.cli serve` with its own home. Use as a context manager."""
 
     def __init__(self, settings: dict, name: str = "daemon", extra_env: dict[str, str] | None = None,
-                 keep_home: bool = False) -> None:
+                 keep_home: bool = False, home: Path | None = None) -> None:
+        """home: run in this EBBTIDE_HOME and keep it (a restart that must find its caches)."""
         self.port = int(settings.get("port") or free_port())
         self.settings = {**settings, "host": "127.0.0.1", "port": self.port}
         self.name = name
         self.extra_env = extra_env or {}
-        self._tmp = tempfile.TemporaryDirectory(prefix=f"ebbtide-{name}-") if not keep_home else None
-        self.home = Path(self._tmp.name) if self._tmp else Path(tempfile.mkdtemp(prefix=f"ebbtide-{name}-"))
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"ebbtide-{name}-") if not (keep_home or home) else None
+        self.home = home or (Path(self._tmp.name) if self._tmp else Path(tempfile.mkdtemp(prefix=f"ebbtide-{name}-")))
         self.paths = paths_under(self.home)
         self.log_file = self.home / "daemon.log"
         self.proc: subprocess.Popen | None = None

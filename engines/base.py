@@ -46,6 +46,7 @@ class Engine(abc.ABC):
 
     kind: str = "abstract"
     fallback_note: str = ""        # set where this engine serves a model another engine failed to load
+    load_phases: dict = {}         # {phase: seconds} of the last load (engines/phases.py); read-only here
 
     def __init__(self, info: ModelInfo) -> None:
         self.info = info

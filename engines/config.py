@@ -67,6 +67,10 @@ class EngineConfig:
     # torch engine under the broker: a request whose KV has not fitted the budget for this
     # long fails with EngineBusy (503) instead of waiting on (memory held by others).
     admission_timeout_s: float = 120.0
+    # --- torch engine: cached conversations kept on disk across restarts (opt-in per model) ---
+    kv_disk_dir: str | None = None              # None: nowhere; the daemon sets <data dir>/kv
+    kv_disk_models: tuple[str, ...] = ()        # models whose cached conversations are kept
+    kv_disk_max_bytes: int = 4 << 30            # the folder's bound; oldest files evicted first
 
     def __post_init__(self) -> None:
         kinds = {"default_engine": self.default_engine, **{
@@ -167,6 +171,8 @@ def config_from_settings(settings: object, **overrides: object) -> EngineConfig:
                              if getattr(m, "engine", "auto") != "auto"},
         "context_overrides": {name: m.context_length for name, m in models.items()
                               if getattr(m, "context_length", None)},
+        "kv_disk_models": tuple(name for name, m in models.items() if getattr(m, "keep_kv_on_disk", False)),
+        "kv_disk_max_bytes": int(getattr(settings, "kv_disk_max_bytes", 4 << 30)),
     }
     values.update(overrides)
     return EngineConfig(**values)  # type: ignore[arg-type]

@@ -33,6 +33,7 @@ declare -A PARTS=(
   [engines]="180 -m benchmarks.engine_compare --model synthetic/smollm2-135m --engines torch"
   [pressure]="560 -m benchmarks.desktop_pressure"
   [colocate]="590 -m benchmarks.colocate"
+  [cold_start]="420 -m benchmarks.cold_start"
 )
 ORDER=(tests vmm vmm2 yield decode engines)  # pressure and colocate: one call each
 [ $# -gt 0 ] && ORDER=("$@")

@@ -68,7 +68,7 @@ def model_rows(ctx: ServerContext) -> list[dict]:
                                 if engine.fallback_note else {}),
                              "priority": ctx.settings.model(loaded.name).priority,
                              "expires_at": None if loaded.expires_at == float("inf") else loaded.expires_at,
-                             "requests_active": loaded.active}
+                             "requests_active": loaded.active, "load_phases_s": dict(engine.load_phases)}
     return list(rows.values())
 
 

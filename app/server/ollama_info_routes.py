@@ -110,5 +110,7 @@ def _running_models(ctx: ServerContext) -> dict:
             # Which engine serves it, and why another one does not (a torch load that fell back).
             "engine": loaded.engine.kind,
             **({"note": loaded.engine.fallback_note} if loaded.engine.fallback_note else {}),
+            # Ebbtide's own: what the load took, by phase (engines/phases.py).
+            **({"load_phases_s": dict(loaded.engine.load_phases)} if loaded.engine.load_phases else {}),
         })
     return {"models": models}

@@ -23,11 +23,13 @@ import torch
 
 from engines.base import Engine, ModelInfo, ProgressCallback
 from engines.config import EngineConfig
+from engines.phases import LoadPhases
 from engines.errors import ContextOverflow, EmbeddingsUnsupported, InvalidRequest, ModelLoadError
 from engines.torch.serve.admission import MemoryAdmission
 from engines.torch.model.attention import ContiguousKV
 from engines.torch.serve.kv_access import KVStore, KvcachedStore, StaticStore
 from engines.torch.serve.kv_ledger import KVLedger
+from engines.torch.serve import kv_persist
 from engines.torch.serve.prefix_cache import PrefixCache
 from engines.torch.serve.runner import Runner
 from engines.torch.serve.scheduler import Scheduler, Sequence
@@ -35,6 +37,7 @@ from engines.torch.serve.serving import Job, ServingLoop
 from engines.torch.serve.text_side import TextSide
 from engines.types import EmbeddingResult, GenerateRequest, LoadProgress, MemoryReport, ModelState, StreamChunk
 from kvcached.config import KvcachedConfig
+from kvcached.kv_cache.disk_tier import DiskTier
 from kvcached.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -95,26 +98,50 @@ class TorchEngine(Engine):
             (lambda f, stage: None)
         device = pick_device(self.config.torch_device)
         dtype = DTYPES.get(self.config.torch_dtype)
-        self.model, self.text = self._read_model(device, dtype, lambda f: report(0.9 * f, "reading"))
+        phases = LoadPhases()
+        self.load_phases = phases.seconds     # filled as the load goes: /api/ps shows a load in progress too
+        with phases.phase("read"):
+            self.model, self.text = self._read_model(device, dtype, lambda f: report(0.9 * f, "reading"))
         cfg = self.model.cfg
         wanted = self.config.context_overrides.get(self.info.name, self.config.torch_max_context)
         self.max_ctx = min(wanted, cfg.max_context)
         self.model.fit_context(self.max_ctx)    # LongRoPE (Phi-3) picks its factors by the context served
         report(0.92, "allocating")
-        self.store = self._make_store(cfg, device)
+        with phases.phase("kv"):
+            self.store = self._make_store(cfg, device)
         num_slots = self.store.layout.max_slots
         scheduler = Scheduler(PrefixCache(num_slots), self.max_ctx, self.config.torch_prefill_chunk,
                               self.config.max_queue)
-        runner = Runner(self.model, self.store, use_graphs=device.type == "cuda" and self.config.torch_cuda_graphs)
+        with phases.phase("runner"):
+            runner = Runner(self.model, self.store,
+                            use_graphs=device.type == "cuda" and self.config.torch_cuda_graphs)
         if runner.use_graphs or runner.is_compiled:
-            # Compile and capture here, not in the middle of serving (runner.warm_up says why).
+            # Compile and capture the first bucket here, not in the middle of serving; the
+            # serving loop captures the rest while idle (runner.warm_up says why).
             report(0.93, "compiling")
-            runner.warm_up(lambda f: report(0.93 + 0.06 * f, "compiling"),
-                           prefill_tokens=self.config.torch_prefill_chunk)
+            with phases.phase("compile_capture"):
+                runner.warm_up(lambda f: report(0.93 + 0.06 * f, "compiling"),
+                               prefill_tokens=self.config.torch_prefill_chunk, first=1)
+        # After the warm-up, which writes slot 0: restored conversations must stay as saved.
+        self._keep_conversations(lambda tier, ident: kv_persist.restore(
+            self.store, scheduler.prefix_cache, tier, ident))
         self.admission = self._make_admission()
         self.loop = ServingLoop(scheduler, runner, self.config.max_queue, before_step=self._resume_if_paused,
                                  name=self.info.name, memory=self.admission)
         report(1.0, "ready")
+
+    def _keep_conversations(self, act) -> None:
+        """act(tier, identity) where this model keeps its cached conversations on disk
+        (engines/torch/serve/kv_persist.py); a failure there is logged, never raised:
+        losing a cache must not fail a load or an unload."""
+        config, path = self.config, self.info.path
+        if not (config.kv_disk_dir and self.info.name in config.kv_disk_models and path
+                and isinstance(self.store, KvcachedStore)):
+            return
+        try:
+            act(DiskTier(Path(config.kv_disk_dir), config.kv_disk_max_bytes), kv_persist.identity(path, self.store))
+        except Exception:
+            log.exception("%s: cached conversations on disk: skipped", self.info.name)
 
     def _make_admission(self) -> MemoryAdmission | None:
         """The KV book and the broker's admission, over kvcached pages (a static KV
@@ -195,6 +222,8 @@ class TorchEngine(Engine):
     def _drop(self) -> None:
         if self.loop is not None:
             self.loop.close()   # waits for the step in flight; fails what still waits
+            self._keep_conversations(lambda tier, ident: kv_persist.save(
+                self.store, self.loop.scheduler.prefix_cache, tier, ident))
         if self.store is not None:
             self.store.close()
         self.loop = self.store = self.model = self.text = self.admission = None

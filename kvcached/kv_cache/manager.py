@@ -146,6 +146,34 @@ class KVCache:
         """A slot's first n_tokens, all layers, as one contiguous [T, L, 2, H, D] view."""
         return self._view(self.layout.slot_view(slot, n_tokens))
 
+    def export_slot(self, slot: int, n_tokens: int) -> torch.Tensor:
+        """A host copy of a slot's first n_tokens ([T, L, 2, H, D]), live or paused: the
+        disk tier's input. A paused slot's bytes come from the host copy the pause made."""
+        with self._cond:
+            if n_tokens > self._table.live(slot).num_tokens:
+                raise ValueError(f"slot {slot} holds {self._table.live(slot).num_tokens} tokens, not {n_tokens}")
+            view = self.layout.slot_view(slot, n_tokens)
+            if self._paused is None:
+                return self._view(view).to("cpu", copy=True)
+            start = self.layout.first_page(slot) * self.layout.page_size
+            extent = next(e for e in self._paused.extents if e.offset == start)
+            nbytes = n_tokens * self.shape.token_bytes
+            host = self._staging.get(self._paused.nbytes)[extent.at:extent.at + nbytes]
+            return host.clone().view(self.dtype).reshape(view.size)
+
+    def import_slot(self, slot: int, kv: torch.Tensor) -> None:
+        """Make a slot hold this KV ([T, L, 2, H, D], as export_slot gave it): pages mapped
+        for its T tokens, bytes copied in. Resumes a paused cache (ensure does)."""
+        n_tokens = kv.shape[0]
+        with self._cond:
+            self.ensure(slot, n_tokens)
+            target = self._view(self.layout.slot_view(slot, n_tokens))
+            if tuple(target.shape) != tuple(kv.shape) or kv.dtype != self.dtype:
+                raise ValueError(f"KV {tuple(kv.shape)} {kv.dtype} does not fit slots of "
+                                 f"{tuple(target.shape)} {self.dtype}")
+            target.copy_(kv)
+            self.pool.backend.synchronize()
+
     def batched_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's K and V over every slot: [S, H, max_context, D] at fixed addresses
         (pages not mapped read zeros), for batched decode and CUDA graphs."""

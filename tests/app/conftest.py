@@ -122,8 +122,9 @@ def start_daemon(tmp_path) -> Iterator[Callable[..., Daemon]]:
     """Start private daemons (settings_toml overrides the hermetic settings); all stop at the end."""
     started: list[Daemon] = []
 
-    def start(settings_toml: str = "") -> Daemon:
-        daemon = _spawn(tmp_path / f"home{len(started)}", settings_toml)
+    def start(settings_toml: str = "", home: Path | None = None) -> Daemon:
+        """home: an earlier daemon's home, to start it again (a restart)."""
+        daemon = _spawn(home or tmp_path / f"home{len(started)}", settings_toml)
         started.append(daemon)
         return daemon
 

@@ -157,6 +157,15 @@ class KvcachedStore(KVStore):
     def release(self, slot: int) -> None:
         self.ensure(slot, 0)   # no live token: trim may take every page
 
+    def export_slot(self, slot: int, n_tokens: int) -> torch.Tensor:
+        """A host copy of the slot's first n_tokens of KV (live or paused)."""
+        return self.cache.export_slot(slot, n_tokens)
+
+    def import_slot(self, slot: int, kv: torch.Tensor) -> None:
+        """The slot holds exactly this KV's tokens (read back from the disk tier)."""
+        self.cache.import_slot(slot, kv)
+        self._asked[slot] = self._ensured[slot] = kv.shape[0]
+
     def step_guard(self):
         return self.cache.step_guard()
 

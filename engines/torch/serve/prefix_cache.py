@@ -78,6 +78,13 @@ class PrefixCache:
         state.tokens = list(tokens)
         state.last_used = next(self._clock)
 
+    def hold(self, slot: int, tokens: list[int]) -> None:
+        """An idle slot holds these tokens' KV (restored from disk): reusable as a prefix."""
+        state = self.slots[slot]
+        assert not state.is_running, f"slot {slot} is running"
+        state.tokens = list(tokens)
+        state.last_used = next(self._clock)
+
     def forget(self, slot: int) -> None:
         """The slot's KV was lost or freed: hold no prefix there."""
         self.slots[slot].tokens = []
@@ -88,6 +95,10 @@ class PrefixCache:
         for i in dropped:
             self.slots[i].tokens = []
         return dropped
+
+    def empty_slot(self) -> int | None:
+        """A slot neither running nor holding a prefix (free to scribble on), or None."""
+        return next((i for i, s in enumerate(self.slots) if not s.is_running and not s.tokens), None)
 
     def held_tokens(self, slot: int) -> int:
         return len(self.slots[slot].tokens)

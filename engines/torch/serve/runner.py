@@ -155,6 +155,7 @@ class Runner:
         self.read_buckets = [self.max_ctx] if self.kv.use_triton else \
             pow2_buckets(min(MIN_READ_BUCKET, self.max_ctx), self.max_ctx)
         self.graphs: dict[tuple[int, int], DecodeGraph] = {}
+        self.pending: list[tuple[int, int]] = []   # buckets warm_up left for capture_pending
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     def warm_keys(self) -> list[tuple[int, int]]:
@@ -162,36 +163,61 @@ class Runner:
         return [(b, r) for b in self.batch_buckets for r in self.read_buckets]
 
     @torch.inference_mode()
-    def warm_up(self, progress: Callable[[float], None] = lambda f: None, prefill_tokens: int = 0) -> None:
-        """Compile and capture every decode bucket now (at load), not on the first
+    def warm_up(self, progress: Callable[[float], None] = lambda f: None, prefill_tokens: int = 0,
+                first: int | None = None) -> None:
+        """Compile and capture decode buckets now (at load), not on the first
         steps of serving: on the H100 the first decode of a synthetic Llama-3.1-8B
         compiled for ~56 s and each later bucket captured in ~1 s, all under the
         serving loop's step lock, so requests waited 20-50 s for a first token and a
         broker trim waited 41 s for the lock while another app's allocation failed.
+        `first`: capture only that many buckets now (the compile happens with the
+        first: one compiled step serves every bucket); the rest wait in `pending`
+        for `capture_pending()`, which the serving loop calls when it is idle, so a
+        cold model's first request waits for one graph, not all of them.
         Runs on slot 0, position 0 (mapped for it, released after): padding repeats
         that row, and reads past it see unmapped pages, which read zeros. A no-op
         where nothing is compiled or captured (the CPU)."""
         if not (self.use_graphs or self.is_compiled):
             return
         keys = self.warm_keys() if self.use_graphs else [(b, 0) for b in self.batch_buckets]
+        now, self.pending = (keys, []) if first is None else (keys[:first], keys[first:])
         prefill_tokens = min(prefill_tokens, self.max_ctx - 1)
         self.store.ensure(0, max(1, prefill_tokens))
         try:
             with self.store.step_guard():
                 if prefill_tokens > 1:
                     self._warm_prefill(prefill_tokens)
-                for i, (batch, read_len) in enumerate(keys):
-                    if self.use_graphs:
-                        if (batch, read_len) not in self.graphs:
-                            log.info("capturing decode graph: batch %d, read length %d", batch, read_len)
-                            self.graphs[batch, read_len] = DecodeGraph(self, batch, read_len, [0], [0], [0])
-                    else:
-                        self._decode_eager([0] * batch, [0] * batch, [0] * batch)
-                    progress((i + 1) / len(keys))
+                for i, key in enumerate(now):
+                    self._capture(key, slot=0)
+                    progress((i + 1) / len(now))
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         finally:
             self.store.release(0)
+
+    @torch.inference_mode()
+    def capture_pending(self, slot: int) -> bool:
+        """Capture the next bucket warm_up left pending, on `slot`, which must hold no
+        tokens anyone needs (its position 0 is written, then released). False when
+        none is pending. The caller holds the step lock: this is a step of its own."""
+        if not self.pending:
+            return False
+        key = self.pending.pop(0)
+        self.store.ensure(slot, 1)
+        try:
+            with self.store.step_guard():
+                self._capture(key, slot)
+        finally:
+            self.store.release(slot)
+        return True
+
+    def _capture(self, key: tuple[int, int], slot: int) -> None:
+        batch, read_len = key
+        if not self.use_graphs:
+            self._decode_eager([0] * batch, [0] * batch, [slot] * batch)   # compiles
+        elif key not in self.graphs:
+            log.info("capturing decode graph: batch %d, read length %d", batch, read_len)
+            self.graphs[key] = DecodeGraph(self, batch, read_len, [0], [0], [slot])
 
     def _warm_prefill(self, n: int) -> None:
         """One prefill chunk of the largest size: the caching allocator keeps its blocks, so

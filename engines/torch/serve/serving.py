@@ -131,6 +131,8 @@ class ServingLoop:
     # --- the worker ----------------------------------------------------------
     def _run(self) -> None:
         while True:
+            if self._is_idle() and self._capture_while_idle():
+                continue
             with self._wake:
                 while not (self._stop or self._inbox or self._jobs):
                     self._wake.wait()
@@ -145,6 +147,22 @@ class ServingLoop:
                 log.exception("torch engine step failed")
                 self._fail_all(exc)
         self._fail_all(EngineBusy("the model was unloaded while this request waited"))
+
+    def _is_idle(self) -> bool:
+        with self._wake:
+            return not (self._stop or self._inbox or self._jobs)
+
+    def _capture_while_idle(self) -> bool:
+        """One decode graph the load left pending (runner.warm_up), on a slot that holds
+        nothing; False when none is pending or no slot is empty. A request arriving
+        meanwhile waits for this one capture (~1 s on the H100), not for all of them."""
+        if not self.runner.pending:
+            return False
+        slot = self.scheduler.prefix_cache.empty_slot()
+        if slot is None:
+            return False
+        with self.step_lock:
+            return self.runner.capture_pending(slot)
 
     def _needs_memory(self) -> bool:
         """Anything to ask the broker for (a request waits, or the KV must come back)?

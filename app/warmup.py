@@ -1,0 +1,38 @@
+"""`ebbtide warmup [MODEL]`: compile a model's kernels into the cache before the first request.
+
+The torch engine's load compiles the decode step (torch.compile, Triton kernels);
+with the compiled-kernel cache under Ebbtide's cache dir (engines/compile_cache.py)
+that work is kept on disk, so a load here, once after install or after `pull`,
+makes the daemon's first load of the model read compiled kernels instead of
+compiling them. CUDA graphs cannot be kept across processes: the daemon captures
+its first one at load and the others while idle.
+
+It loads the model in this process (beside a running daemon, that takes the
+model's memory twice for the duration), then unloads it.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from app.paths import AppPaths
+from app.settings import Settings
+from engines import compile_cache
+
+
+def warm_up(model: str | None, settings: Settings, paths: AppPaths, progress) -> tuple[str, str, dict]:
+    """(model name, engine kind, load phases in seconds) after loading and unloading it once."""
+    from app.daemon import engine_config
+    from engines.factory import create_engine, load_with_fallback
+    from engines.registry import ModelRegistry
+
+    compile_cache.use(Path(paths.cache_dir))
+    config = engine_config(settings, paths)
+    registry = ModelRegistry(config)
+    info = registry.get(model or "")     # "": the default model; ModelNotFound names near ones
+    start = time.perf_counter()
+    engine = load_with_fallback(create_engine(info, config), progress=progress)
+    try:
+        return info.name, engine.kind, dict(engine.load_phases) or {"load": time.perf_counter() - start}
+    finally:
+        engine.unload()

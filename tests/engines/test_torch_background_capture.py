@@ -1,0 +1,70 @@
+"""Decode graphs the load leaves pending are captured while the serving loop is idle,
+on a slot that holds no cached prefix, without changing what the model answers.
+
+On CUDA, TorchEngine.load captures one bucket and leaves the rest in
+runner.pending (tests/gpu/test_torch_warmup_gpu.py checks that on the GPU). On
+this CPU nothing is captured, so the test hands the runner pending buckets
+itself; the capture runs the real decode step (eager here) on the chosen slot.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_gguf import TINY  # noqa: E402
+
+from engines.base import ModelInfo  # noqa: E402
+from engines.config import EngineConfig  # noqa: E402
+from engines.torch.engine import TorchEngine  # noqa: E402
+from engines.types import GenerateRequest, RequestKind, SamplingParams  # noqa: E402
+from kvcached.config import KvcachedConfig  # noqa: E402
+
+
+def generate(engine: TorchEngine, text: str) -> str:
+    request = GenerateRequest(kind=RequestKind.COMPLETION, prompt=text,
+                              sampling=SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    return "".join(chunk.text for chunk in engine.generate(request))
+
+
+def test_pending_graphs_are_captured_when_idle_on_an_empty_slot() -> None:
+    engine = TorchEngine(ModelInfo(name="tiny", path="", source="synthetic",
+                                   metadata={"config": TINY.replace(max_context=128)}),
+                         EngineConfig(torch_num_slots=3, torch_max_context=128, torch_prefill_chunk=64),
+                         KvcachedConfig(page_size=64 << 10, reserve_pages=0))
+    engine.load()
+    try:
+        runner = engine.loop.runner
+        assert runner.pending == []                      # nothing is captured on the CPU
+        assert list(engine.load_phases) == ["read", "kv", "runner"]   # no compile or capture here
+        assert all(s > 0 for s in engine.load_phases.values())
+        first = generate(engine, "abc abc abc")          # leaves its prefix cached in a slot
+        cache = engine.loop.scheduler.prefix_cache
+        cached = {i for i, s in enumerate(cache.slots) if s.tokens}
+        assert cached
+        used: list[tuple[tuple[int, int], int]] = []
+        capture = runner._capture
+        runner._capture = lambda key, slot: (used.append((key, slot)), capture(key, slot))[1]
+        runner.pending = [(1, 0), (2, 0)]                # what a CUDA load leaves
+        assert generate(engine, "xyz") is not None       # the loop turns idle after this one
+        deadline = time.monotonic() + 30
+        while runner.pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert runner.pending == [] and [key for key, _ in used] == [(1, 0), (2, 0)]
+        cached_now = {i for i, s in enumerate(cache.slots) if s.tokens}
+        assert all(slot not in cached_now for _, slot in used)   # never on a slot holding a prefix
+        assert generate(engine, "abc abc abc") == first  # the cached prefix still answers the same
+    finally:
+        engine.unload()
+
+
+def test_no_capture_without_an_empty_slot() -> None:
+    from engines.torch.serve.prefix_cache import PrefixCache
+
+    cache = PrefixCache(2)
+    cache.take(0, [1, 2, 3], 0)
+    cache.release(0, [1, 2, 3])
+    assert cache.empty_slot() == 1
+    cache.take(1, [4], 0)
+    assert cache.empty_slot() is None
