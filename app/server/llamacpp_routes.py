@@ -31,7 +31,7 @@ STOP_TYPES = {FinishReason.STOP: "eos", FinishReason.LENGTH: "limit", FinishReas
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str = Field("", max_length=512)
     n_predict: int | None = -1
     temperature: float | None = Field(None, ge=0)
@@ -53,7 +53,7 @@ class CompletionBody(_Sampling):
 
 
 class ExtraChunk(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     filename: str = ""
     text: str = ""
 
@@ -66,7 +66,7 @@ class InfillBody(_Sampling):
 
 
 class TokenizeBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str = Field("", max_length=512)
     content: str = ""
     add_special: bool = False
@@ -74,7 +74,7 @@ class TokenizeBody(BaseModel):
 
 
 class DetokenizeBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str = Field("", max_length=512)
     tokens: list[int] = Field(default_factory=list)
 

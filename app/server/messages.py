@@ -15,16 +15,17 @@ from engines.types import ChatMessage
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 # OpenAI's newer "developer" role is what "system" was; chat templates know only "system".
 ROLE_ALIASES = {"developer": "system", "function": "tool"}
+IMAGES_REFUSED = "images: this model takes text only (no engine here has a vision encoder)"
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str = "text"
     text: str | None = None
 
 
 class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: str = Field(..., max_length=32)
     content: str | list[ContentPart] | None = None
     images: list[str] | None = None  # Ollama
@@ -32,7 +33,7 @@ class ChatMessageIn(BaseModel):
 
 def _text_of(message: ChatMessageIn) -> str:
     if message.images:
-        raise BadRequest("images: this model takes text only")
+        raise BadRequest(IMAGES_REFUSED)
     content = message.content
     if content is None:
         return ""

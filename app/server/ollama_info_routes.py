@@ -20,7 +20,7 @@ router = APIRouter(tags=["ollama"])
 
 
 class ShowBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str | None = Field(None, max_length=512)
     name: str | None = Field(None, max_length=512)  # what older clients (Continue) send
     verbose: bool | None = False

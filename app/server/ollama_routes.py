@@ -17,9 +17,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.server.context import ServerContext, ctx_of
-from app.server.errors import Dialect
+from app.server.errors import BadRequest, Dialect
 from app.server.generation import Generation, start_generation
-from app.server.messages import ChatMessageIn, to_messages
+from app.server.messages import IMAGES_REFUSED, ChatMessageIn, to_messages
 from app.server.ollama_format import now_rfc3339, parse_keep_alive
 from app.server.sampling import make_sampling
 from app.server.streaming import NDJSON_MEDIA, STREAM_HEADERS, guarded, ndjson
@@ -32,7 +32,7 @@ DONE_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", Finish
 
 
 class Options(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     num_ctx: int | None = Field(None, ge=1)
     num_predict: int | None = None
     temperature: float | None = Field(None, ge=0)
@@ -48,7 +48,7 @@ class Options(BaseModel):
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str = Field(..., max_length=512)
     stream: bool | None = True
     options: Options | None = None
@@ -61,6 +61,7 @@ class GenerateBody(_Common):
     suffix: str | None = None
     system: str | None = None
     raw: bool | None = False
+    images: list[str] | None = None
 
 
 class ChatBody(_Common):
@@ -68,7 +69,7 @@ class ChatBody(_Common):
 
 
 class EmbedBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str = Field(..., max_length=512)
     input: str | list[str] = ""
     truncate: bool | None = True
@@ -77,7 +78,7 @@ class EmbedBody(BaseModel):
 
 
 class LegacyEmbeddingBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str = Field(..., max_length=512)
     prompt: str = ""
     keep_alive: KeepAlive = None
@@ -92,6 +93,8 @@ def _sampling(options: Options | None):
 
 
 def _generate_request(body: GenerateBody) -> GenerateRequest:
+    if body.images:   # as the OpenAI route and /api/chat answer: no engine here sees images
+        raise BadRequest(IMAGES_REFUSED)
     sampling = _sampling(body.options)
     prompt = body.prompt or ""
     if body.suffix:
@@ -137,7 +140,8 @@ async def _load_only(ctx: ServerContext, model: str, keep_alive: float | None, e
     lease = await ctx.manager.lease(model, keep_alive)
     lease.release()
     return JSONResponse({"model": lease.loaded.name, "created_at": now_rfc3339(), **empty,
-                         "done": True, "done_reason": "load", "load_duration": lease.load_ns})
+                         "done": True, "done_reason": "load", "load_duration": lease.load_ns},
+                        headers=_keep_alive_headers(lease))
 
 
 def _final(gen: Generation, piece: dict) -> dict:
@@ -150,10 +154,18 @@ def _final(gen: Generation, piece: dict) -> dict:
             "eval_duration": usage.eval_ns}
 
 
+KEEP_ALIVE_HEADER = "X-Ebbtide-Keep-Alive"
+
+
+def _keep_alive_headers(lease) -> dict[str, str]:
+    """Says so when the client's keep_alive was cut to the keep_alive setting."""
+    return {KEEP_ALIVE_HEADER: lease.keep_alive_cut} if lease.keep_alive_cut else {}
+
+
 async def _respond(gen: Generation, stream: bool, piece, client: Request):
     if not stream:
         totals = await gen.collect(client)
-        return JSONResponse(_final(gen, piece(totals.text)))
+        return JSONResponse(_final(gen, piece(totals.text)), headers=_keep_alive_headers(gen.lease))
 
     async def lines():
         async for chunk in gen.chunks():
@@ -162,7 +174,7 @@ async def _respond(gen: Generation, stream: bool, piece, client: Request):
         yield ndjson(_final(gen, piece("")))
 
     return StreamingResponse(guarded(lines(), gen.close, Dialect.OLLAMA), media_type=NDJSON_MEDIA,
-                             headers=STREAM_HEADERS)
+                             headers={**STREAM_HEADERS, **_keep_alive_headers(gen.lease)})
 
 
 async def _embed(ctx: ServerContext, model: str, texts: list[str], keep_alive: float | None):

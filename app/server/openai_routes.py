@@ -32,12 +32,12 @@ StopField = str | list[str] | None
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     include_usage: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str = Field("", max_length=512)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
@@ -65,7 +65,7 @@ class CompletionBody(_Common):
 
 
 class EmbeddingBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str = Field("", max_length=512)
     input: str | list[str] | list[int] | list[list[int]]
     # The openai library asks for base64 (little-endian float32) by default: it is smaller.

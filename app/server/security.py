@@ -91,6 +91,8 @@ class SecurityPolicy:
     def origin_allowed(self, origin: str | None) -> bool:
         if origin is None:
             return True  # not a browser's cross-origin request
+        if origin_matches(origin, self.origin_patterns):   # as sent: "file://" stays itself
+            return True
         origin = origin.rstrip("/")
         if origin_matches(origin, self.origin_patterns):
             return True
