@@ -1,5 +1,14 @@
-"""The daemon: `serve(settings) -> int` builds the broker, registry, model manager and HTTP
-app, and runs uvicorn on settings.host:settings.port until SIGTERM or SIGINT.
+"""The daemon, and the one composition root: `serve(settings) -> int` builds everything
+from Settings and runs uvicorn on settings.host:settings.port until SIGTERM or SIGINT.
+
+What is built here, once, and passed down (nothing below builds its own):
+- the KvcachedConfig (kv_config), from Settings;
+- kvcached: one VMM backend, which decides the device (kvcached.vmm.resolve_backend),
+  one PagePool over it with the settings' budget, and the Broker over that pool
+  (open_kv), so the broker's pool step, the budget and the backend reach every model;
+- the EngineConfig (engine_config), and the engine factory that hands each torch
+  engine that one pool (make_engine_factory);
+- the registry, model manager, event hub, metrics and the HTTP app (build_context).
 
 It starts fast: no model loads before the first request, and torch is imported
 only when an engine that needs it is made. SIGTERM stops accepting, lets
@@ -11,22 +20,25 @@ Run it as `ebbtide serve` (app/cli.py) or `python -m app.daemon` (tests).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import uvicorn
 
-from app import env
+from app import env, exit_codes
+from app.models.broker_link import BrokerLink
+from app.models.events import EventHub, event_kind
 from app.models.manager import ModelManager
 from app.paths import AppPaths, app_paths, runtime_dir_note
 from app.port_check import port_problem
 from app.server import auth
 from app.server.app_factory import create_app
-from app.models.broker_link import BrokerLink
 from app.server.context import ServerContext
-from app.models.events import EventHub
 from app.server.metrics import Metrics
 from app.server.security import is_loopback_host
 from app.settings import Settings
@@ -36,8 +48,7 @@ log = logging.getLogger(__name__)
 
 FINISH_S = 3  # seconds in-flight requests get to finish after SIGTERM before they are cancelled
 GRACE_S = 6   # uvicorn's own limit, a backstop: by then every request has ended
-EXIT_OK, EXIT_CONFIG, EXIT_BIND = 0, 2, 3
-NOT_RECLAIM_STEPS = frozenset({"auto_yield", "resume", "admit"})  # broker events that return nothing
+EXIT_OK, EXIT_CONFIG, EXIT_BIND = exit_codes.OK, exit_codes.CONFIG, exit_codes.BIND
 
 
 class _Server(uvicorn.Server):
@@ -72,29 +83,86 @@ def engine_config(settings: Settings, paths: AppPaths):
     return config_from_settings(settings, models_dir=str(paths.models_dir), kv_disk_dir=str(paths.kv_dir))
 
 
-def open_broker(settings: Settings):
-    """The kvcached broker for this process, started; None (logged) where it cannot run."""
+def kv_config(settings: Settings):
+    """KvcachedConfig from the app's Settings: the only one the daemon makes."""
+    from kvcached.config import KvcachedConfig
+
+    return KvcachedConfig(backend=settings.backend, headroom_bytes=settings.headroom_bytes,
+                          budget_bytes=settings.budget_bytes or None,
+                          monitor_interval_s=settings.monitor_interval_s, auto_yield=settings.auto_yield)
+
+
+@dataclass
+class KvRuntime:
+    """kvcached for the whole daemon: one backend (the device), one pool, the broker over it.
+    pool is None where no backend opened; broker is None where it could not start."""
+    pool: object | None = None
+    broker: object | None = None
+    monitor: str = "none"
+
+    def on_cuda(self) -> bool:
+        from engines.factory import pool_on_cuda
+
+        return pool_on_cuda(self.pool)
+
+    def close(self) -> None:
+        """After the broker (BrokerLink.close) and every engine let go of their pages."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.backend.close()
+
+
+def open_kv(settings: Settings) -> KvRuntime:
+    """Open the backend, the pool and the broker; what fails is logged and left out
+    (serving without memory brokering beats not serving)."""
+    from kvcached.vmm import open_backend
+    from kvcached.page_pool import PagePool
+
+    config = kv_config(settings)
+    try:
+        backend = open_backend(config)
+        pool = PagePool(backend, config)
+    except Exception as exc:
+        log.warning("kvcached unavailable, serving with llama.cpp only: %s", exc)
+        return KvRuntime()
     try:
         from kvcached.broker import Broker
-        from kvcached.config import KvcachedConfig
 
-        config = KvcachedConfig(backend=settings.backend, headroom_bytes=settings.headroom_bytes,
-                                budget_bytes=settings.budget_bytes or None,
-                                monitor_interval_s=settings.monitor_interval_s, auto_yield=settings.auto_yield)
-        broker = Broker(config)
-        return broker.start(), broker.monitor.name
-    except Exception as exc:  # serving without memory brokering beats not serving
+        broker = Broker(config, pool=pool).start()
+        return KvRuntime(pool, broker, broker.monitor.name)
+    except Exception as exc:
         log.warning("memory broker unavailable, serving without it: %s", exc)
-        return None, "none"
+        return KvRuntime(pool)
 
 
-def make_engine_factory(config):
+def make_engine_factory(config, runtime: Callable[[], KvRuntime]):
+    """The manager's engine factory: every engine gets the daemon's one pool (waiting,
+    on the loading thread, for it to open)."""
     def make_engine(info):
         from engines.factory import create_engine  # imports torch only when needed
 
-        return create_engine(info, config)
+        return create_engine(info, config, kv_pool=runtime().pool)
 
     return make_engine
+
+
+def open_kv_in_background(settings: Settings, link: BrokerLink) -> concurrent.futures.Future:
+    """open_kv on a thread (it imports torch: seconds on a small CPU; /health must answer at
+    once); the broker goes to the link when it is there. Returns the KvRuntime's future."""
+    opened: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> tuple[object | None, str]:
+        try:
+            runtime = open_kv(settings)
+        except BaseException as exc:
+            opened.set_exception(exc)
+            raise
+        opened.set_result(runtime)
+        link.on_close(runtime.close)
+        return runtime.broker, runtime.monitor
+
+    link.open_in_background(run)
+    return opened
 
 
 def build_context(settings: Settings) -> ServerContext:
@@ -105,20 +173,23 @@ def build_context(settings: Settings) -> ServerContext:
     token = auth.ensure_token(paths.token_file)
     hub = EventHub()
     link = BrokerLink(None, hub)
-    link.open_in_background(lambda: open_broker(settings))  # imports torch: not on the startup path
+    runtime = open_kv_in_background(settings, link)
     config = engine_config(settings, paths)
-    manager = ModelManager(ModelRegistry(config), make_engine_factory(config), settings, hub, link)
+    manager = ModelManager(ModelRegistry(config), make_engine_factory(config, runtime.result), settings, hub, link)
     metrics = Metrics(lambda: {l.name: _memory_gauges(l.engine) for l in manager.loaded()})
     hub.listen(lambda event: _count_reclaim(metrics, event))
-    return ServerContext(settings, manager, metrics, hub, link, token)
+    on_cuda = lambda: runtime.done() and not runtime.exception() and runtime.result().on_cuda()  # noqa: E731
+    return ServerContext(settings, manager, metrics, hub, link, token, on_cuda)
 
 
 def _count_reclaim(metrics: Metrics, event) -> None:
-    """Broker steps and manual reclaims become the /metrics reclaim counters."""
-    if event.kind not in ("broker", "reclaim") or event.data.get("step") in NOT_RECLAIM_STEPS:
+    """The broker's reclaim steps and manual reclaims become the /metrics reclaim counters
+    (a model's state change only announces a step that is counted already)."""
+    step = event_kind(event.kind, event.data)
+    if step is None or not step.is_reclaim() or event.kind == "model":
         return
     data = event.data
-    metrics.record_reclaim(str(data.get("step", event.kind)), str(data.get("client") or data.get("model", "")),
+    metrics.record_reclaim(step.value, str(data.get("client") or data.get("model", "")),
                            int(data.get("bytes_returned", 0)))
 
 

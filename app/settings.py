@@ -13,9 +13,11 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from engines.config import ENGINE_KINDS, EngineConfig
+from kvcached.config import BACKENDS, KvcachedConfig
+
 DEFAULT_PORT = 11480  # clashes with neither Ollama (11434), LM Studio (1234) nor llama.cpp (8080)
-ENGINES = ("auto", "torch", "llamacpp")
-BACKENDS = ("auto", "cuda", "host")
+ENGINES = ENGINE_KINDS
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -43,25 +45,25 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()  # browser origins besides the dashboard's own
     default_model: str = ""                # "" = the bundled SmolLM2
     keep_alive_s: float = 300.0            # idle unload, as Ollama's default 5 minutes; <0 never
-    max_queue: int = 512                   # per model, as Ollama; a full queue answers busy
+    max_queue: int = EngineConfig.max_queue  # per model, as Ollama; a full queue answers busy
     max_body_bytes: int = 8 << 20
-    num_slots: int = 8                     # requests decoded together per model (both engines)
+    num_slots: int = EngineConfig.torch_num_slots  # requests decoded together per model (both engines)
     llama_threads: int = 0                 # llama.cpp threads; 0: one per physical core
-    backend: str = "auto"                  # kvcached backend
-    headroom_bytes: int = 1 << 30
-    monitor_interval_s: float = 0.05
-    auto_yield: bool = True
+    backend: str = KvcachedConfig.backend  # kvcached backend: decides the device, once (app/daemon.py)
+    headroom_bytes: int = KvcachedConfig.headroom_bytes
+    monitor_interval_s: float = KvcachedConfig.monitor_interval_s
+    auto_yield: bool = KvcachedConfig.auto_yield
     model_dirs: tuple[str, ...] = ()
-    scan_ollama: bool = True
-    scan_lmstudio: bool = True
-    scan_hf_cache: bool = True
+    scan_ollama: bool = EngineConfig.scan_ollama
+    scan_lmstudio: bool = EngineConfig.scan_lmstudio
+    scan_hf_cache: bool = EngineConfig.scan_hf_cache
     models: dict[str, ModelSettings] = field(default_factory=dict)
     log_level: str = "INFO"
     budget_bytes: int = 0                  # all models together (weights and KV); 0: what the device allows
-    synthetic_models: bool = False         # list random-weight "synthetic/<config>" models (benchmarks)
-    admission_timeout_s: float = 120.0     # a request waiting this long for GPU memory answers 503
-    torch_llamacpp_numerics: bool = True   # torch engine on the CPU: llama.cpp's exact tokens, slower
-    kv_disk_max_bytes: int = 4 << 30       # the KV disk tier's bound (models with keep_kv_on_disk)
+    synthetic_models: bool = EngineConfig.include_synthetic  # list random-weight "synthetic/<config>" models (benchmarks)
+    admission_timeout_s: float = EngineConfig.admission_timeout_s  # a request waiting this long for GPU memory answers 503
+    torch_llamacpp_numerics: bool = EngineConfig.torch_llamacpp_numerics  # torch engine on the CPU: llama.cpp's exact tokens, slower
+    kv_disk_max_bytes: int = EngineConfig.kv_disk_max_bytes  # the KV disk tier's bound (models with keep_kv_on_disk)
 
     @property
     def endpoint_url(self) -> str:

@@ -22,17 +22,20 @@ from engines import compile_cache
 
 def warm_up(model: str | None, settings: Settings, paths: AppPaths, progress) -> tuple[str, str, dict]:
     """(model name, engine kind, load phases in seconds) after loading and unloading it once."""
-    from app.daemon import engine_config
+    from app.daemon import engine_config, kv_config
     from engines.factory import create_engine, load_with_fallback
     from engines.registry import ModelRegistry
+    from kvcached.standalone import standalone_pool
 
     compile_cache.use(Path(paths.cache_dir))
     config = engine_config(settings, paths)
     registry = ModelRegistry(config)
     info = registry.get(model or "")     # "": the default model; ModelNotFound names near ones
     start = time.perf_counter()
-    engine = load_with_fallback(create_engine(info, config), progress=progress)
-    try:
-        return info.name, engine.kind, dict(engine.load_phases) or {"load": time.perf_counter() - start}
-    finally:
-        engine.unload()
+    # The daemon's kvcached settings (so the daemon's device), in a pool of this process's own.
+    with standalone_pool(kv_config(settings)) as pool:
+        engine = load_with_fallback(create_engine(info, config, kv_pool=pool), progress=progress)
+        try:
+            return info.name, engine.kind, dict(engine.load_phases) or {"load": time.perf_counter() - start}
+        finally:
+            engine.unload()

@@ -112,7 +112,11 @@ def bench_engine(kind: str, info: ModelInfo, config: EngineConfig, args: argpars
     from engines.factory import engine_class
 
     try:
-        engine = engine_class(kind)(info, config)
+        if kind == "torch":   # its KV pages: a pool of its own (the daemon would pass its one pool)
+            from kvcached.standalone import standalone_pool
+            engine = engine_class(kind)(info, config, standalone_pool())
+        else:
+            engine = engine_class(kind)(info, config)
         started = time.perf_counter()
         engine.load()
     except Exception as exc:  # recorded, not fatal: the other engine is still measured
@@ -237,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         row = next(v for k, v in llamacpp["columns"].items() if k.startswith("Ebbtide engine"))
         results.insert(0, {"engine": "llamacpp", "on_gpu": False, **row, "runs": args.runs,
                            "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens})
-    from engines.choice import cuda_available
+    from kvcached.vmm import cuda_available
 
     name = args.name or ("engines_gpu" if cuda_available() else "engines")
     path = write_result(name, {"model": info.name, "model_bytes": info.size_bytes,

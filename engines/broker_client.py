@@ -55,11 +55,13 @@ class EngineVerbs:
 
 
 def register_engine(broker: Broker, engine: Engine, priority: int = 0, min_bytes: int = 0,
-                    max_bytes: int | None = None) -> ClientHandle:
-    """Register engine with the broker; keep the handle, and unregister() it when the
-    model is removed. Raises kvcached ConfigError when the name is taken."""
+                    max_bytes: int | None = None, verbs: EngineVerbs | None = None) -> ClientHandle:
+    """Register engine with the broker: the one way an engine becomes a broker client
+    (the daemon's BrokerLink comes here too, with verbs that also announce). Keep the
+    handle, and unregister() it when the model is removed. Raises kvcached ConfigError
+    when the name is taken."""
     spec = ClientSpec(name=engine.info.name, priority=priority, min_bytes=min_bytes, max_bytes=max_bytes)
-    handle = broker.register(spec, EngineVerbs(engine))
+    handle = broker.register(spec, verbs if verbs is not None else EngineVerbs(engine))
     engine.attach_broker(handle)   # from now on its sequences are admitted against the budget
     return handle
 

@@ -17,13 +17,13 @@ implemented, so it goes to torch on a GPU like any Llama. Whatever this table
 lets through and the torch engine still fails to load is loaded by llama.cpp
 instead (engines.factory.load_with_fallback): never an error for the user.
 Synthetic models (random weights, benchmarks) exist only for torch. Whether
-CUDA is present is passed in, so tests choose for either machine; no torch is
-imported here.
+the device is a CUDA GPU is passed in (the daemon decided it once, opening its
+kvcached backend), so tests choose for either machine; no torch is imported
+here.
 """
 from __future__ import annotations
 
 import functools
-import importlib.util
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,14 +48,6 @@ TORCH_FAMILIES = tuple(FAMILIES)
 class Choice:
     engine: str     # "torch" | "llamacpp"
     reason: str     # for logs and `ebbtide models`: why this engine
-
-
-def cuda_available() -> bool:
-    if importlib.util.find_spec("torch") is None:
-        return False
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 @dataclass(frozen=True)
@@ -150,15 +142,15 @@ def torch_can_serve(info: ModelInfo) -> bool:
     return torch_gap(info) is None
 
 
-def choose_engine(info: ModelInfo, config: EngineConfig,
-                  has_cuda: Callable[[], bool] = cuda_available) -> Choice:
+def choose_engine(info: ModelInfo, config: EngineConfig, on_cuda: bool) -> Choice:
+    """on_cuda: the models run on a CUDA GPU (the daemon's page pool is on one)."""
     asked = config.engine_for(info.name)
     if asked != "auto":
         return Choice(asked, f"set for {info.name}" if info.name in config.engine_overrides
                       else "default_engine in settings")
     if info.source in ENGINE_BY_SOURCE:
         return Choice(ENGINE_BY_SOURCE[info.source], f"{info.source} models run only there")
-    device = "cuda" if has_cuda() else "cpu"
+    device = "cuda" if on_cuda else "cpu"
     engine = ENGINE_BY_DEVICE[device]
     if engine == "torch":
         gap = torch_gap(info)

@@ -54,9 +54,10 @@ class EngineConfig:
     llama_embedding_n_ctx: int = 512            # the separate embedding context, made on first use
 
     # --- both engines ------------------------------------------------------------
-    max_queue: int = 16                         # requests waiting per model; more answers busy
+    max_queue: int = 512                        # requests waiting per model (as Ollama); more answers busy
     torch_num_slots: int = 8                    # torch engine: continuous-batching slots
-    torch_device: str = "auto"                  # torch engine: "auto", "cuda", "cpu"
+    # The torch engine's device is not set here: its page pool's backend decided it
+    # (kvcached.vmm.resolve_backend, once, in app/daemon.py).
     torch_dtype: str = "auto"                   # torch engine: "auto" (bf16 on CUDA), "bfloat16", "float16", "float32"
     torch_max_context: int = 4096               # torch engine: tokens per slot (capped by the model's)
     torch_prefill_chunk: int = 512              # torch engine: prompt tokens computed per step
@@ -97,8 +98,6 @@ class EngineConfig:
         if isinstance(self.admission_timeout_s, bool) or not isinstance(self.admission_timeout_s, (int, float)) \
                 or not self.admission_timeout_s > 0:
             raise ConfigError(f"admission_timeout_s: {self.admission_timeout_s!r} must be a number of seconds > 0")
-        if self.torch_device not in ("auto", "cuda", "cpu"):
-            raise ConfigError(f"torch_device: {self.torch_device!r} is not one of auto, cuda, cpu")
         if self.torch_dtype not in TORCH_DTYPES:
             raise ConfigError(f"torch_dtype: {self.torch_dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
 
@@ -150,29 +149,38 @@ class EngineConfig:
         return self.engine_overrides.get(model_name, self.default_engine)
 
 
+# Settings field -> EngineConfig field, for the settings the two share. Each keeps one
+# default, here (app.settings.Settings takes its defaults from EngineConfig).
+SETTINGS_FIELDS: dict[str, str] = {
+    "max_queue": "max_queue",
+    "num_slots": "torch_num_slots",
+    "admission_timeout_s": "admission_timeout_s",
+    "torch_llamacpp_numerics": "torch_llamacpp_numerics",
+    "synthetic_models": "include_synthetic",
+    "scan_ollama": "scan_ollama",
+    "scan_lmstudio": "scan_lmstudio",
+    "scan_hf_cache": "scan_hf_cache",
+    "kv_disk_max_bytes": "kv_disk_max_bytes",
+}
+
+
 def config_from_settings(settings: object, **overrides: object) -> EngineConfig:
     """EngineConfig from the app's Settings (app.settings.Settings, read by attribute:
     engines never imports app). Per-model `engine` and `context_length` become the
-    overrides; `overrides` sets any other field (tests, the CLI)."""
+    overrides; `overrides` sets any other field (tests, the CLI). A setting the object
+    lacks keeps EngineConfig's default: no default is declared twice."""
     models = getattr(settings, "models", None) or {}
     values: dict[str, object] = {
+        target: getattr(settings, name) for name, target in SETTINGS_FIELDS.items() if hasattr(settings, name)}
+    values.update({
         "model_dirs": tuple(getattr(settings, "model_dirs", ()) or ()),
-        "scan_ollama": bool(getattr(settings, "scan_ollama", True)),
-        "scan_lmstudio": bool(getattr(settings, "scan_lmstudio", True)),
-        "scan_hf_cache": bool(getattr(settings, "scan_hf_cache", True)),
-        "max_queue": int(getattr(settings, "max_queue", 16)),
-        "torch_num_slots": int(getattr(settings, "num_slots", 8)),
-        "llama_num_slots": int(getattr(settings, "num_slots", 8)),
-        "llama_n_threads": getattr(settings, "llama_threads", None) or None,
-        "admission_timeout_s": float(getattr(settings, "admission_timeout_s", 120.0)),
-        "torch_llamacpp_numerics": bool(getattr(settings, "torch_llamacpp_numerics", True)),
-        "include_synthetic": bool(getattr(settings, "synthetic_models", False)),
+        "llama_num_slots": getattr(settings, "num_slots", EngineConfig.llama_num_slots),
+        "llama_n_threads": getattr(settings, "llama_threads", 0) or None,   # 0: one per physical core
         "engine_overrides": {name: m.engine for name, m in models.items()
                              if getattr(m, "engine", "auto") != "auto"},
         "context_overrides": {name: m.context_length for name, m in models.items()
                               if getattr(m, "context_length", None)},
         "kv_disk_models": tuple(name for name, m in models.items() if getattr(m, "keep_kv_on_disk", False)),
-        "kv_disk_max_bytes": int(getattr(settings, "kv_disk_max_bytes", 4 << 30)),
-    }
+    })
     values.update(overrides)
     return EngineConfig(**values)  # type: ignore[arg-type]

@@ -2,8 +2,10 @@
 
 Engine classes are imported only when chosen, so serving a GGUF model on the
 CPU never imports torch, and a machine without llama-cpp-python can still run
-the torch engine. Extra keyword arguments go to the engine's constructor (the
-torch engine takes the broker's page pool, for instance).
+the torch engine. The torch engine takes its KV pages from `kv_pool`, the
+daemon's one kvcached PagePool (tests and benchmarks: kvcached.standalone);
+the pool's backend is the device decision, made once where the pool was
+opened, and the choice of engine follows it.
 
 `load_with_fallback` loads an engine and, where the torch engine fails on a
 GGUF file for any reason, loads the llama.cpp engine on the same file instead:
@@ -14,10 +16,9 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable
 
 from engines.base import Engine, ModelInfo, ProgressCallback
-from engines.choice import choose_engine, cuda_available
+from engines.choice import choose_engine
 from engines.config import EngineConfig
 from engines.errors import ModelLoadError
 
@@ -42,13 +43,24 @@ def engine_class(kind: str) -> type[Engine]:
     return getattr(module, class_name)
 
 
-def create_engine(info: ModelInfo, config: EngineConfig | None = None,
-                  has_cuda: Callable[[], bool] = cuda_available, **engine_kwargs: object) -> Engine:
-    """An unloaded engine for info; call load() on it (the app does, with progress)."""
+def pool_on_cuda(kv_pool: object | None) -> bool:
+    """Whether the models run on a CUDA GPU: the pool's backend decided it (kvcached.vmm)."""
+    return kv_pool is not None and kv_pool.backend.name == "cuda"
+
+
+def create_engine(info: ModelInfo, config: EngineConfig | None = None, kv_pool: object | None = None) -> Engine:
+    """An unloaded engine for info; call load() on it (the app does, with progress).
+    kv_pool: the kvcached PagePool torch engines take their KV pages from; without
+    one the machine counts as CPU-only and a torch engine cannot be made."""
     config = config or EngineConfig()
-    choice = choose_engine(info, config, has_cuda)
+    choice = choose_engine(info, config, pool_on_cuda(kv_pool))
     log.info("%s: %s engine (%s)", info.name, choice.engine, choice.reason)
-    return engine_class(choice.engine)(info, config, **engine_kwargs)
+    if choice.engine != "torch":
+        return engine_class(choice.engine)(info, config)
+    if kv_pool is None:
+        raise ModelLoadError(f"{info.name}: the torch engine needs kvcached's page pool, "
+                             f"which is not open (see the log for why)")
+    return engine_class("torch")(info, config, kv_pool)
 
 
 def load_with_fallback(engine: Engine, progress: ProgressCallback | None = None) -> Engine:

@@ -205,10 +205,6 @@ class PagePool:
         """Bytes in the reserve: created, unused, freed first by shrink()."""
         return self.stats().reserved_pages * self.page_size
 
-    def in_use(self) -> int:
-        """Bytes of pages handed out and not yet released."""
-        return self.stats().in_use_pages * self.page_size
-
     def budget(self) -> int:
         return self.stats().budget_pages * self.page_size
 

@@ -26,6 +26,7 @@ declare -A PARTS=(
   [vmm2]="150 -m benchmarks.vmm"
   [yield]="240 -m benchmarks.yield"
   [decode]="420 -m benchmarks.decode"
+  [decode_check]="330 -m benchmarks.decode --models smollm2-135m,llama-3.1-8b --kv static,virtual"
   [families]="240 -m pytest -q -p no:cacheprovider --timeout 200 tests/gpu/test_families_gpu.py"
   [decode_families]="580 -m benchmarks.decode --models qwen3-8b,phi-4-mini,gemma-3-12b,qwen3-30b-a3b --kv static,virtual --steps 64"
   [profile]="300 -m benchmarks.decode_profile"
@@ -34,6 +35,7 @@ declare -A PARTS=(
   [pressure]="560 -m benchmarks.desktop_pressure"
   [colocate]="590 -m benchmarks.colocate"
   [cold_start]="420 -m benchmarks.cold_start"
+  [quant_matvec]="240 -m benchmarks.quant_matvec"
 )
 ORDER=(tests vmm vmm2 yield decode engines)  # pressure and colocate: one call each
 [ $# -gt 0 ] && ORDER=("$@")

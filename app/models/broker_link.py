@@ -66,6 +66,7 @@ class BrokerLink:
         self._pending: dict[str, tuple[Engine, ModelSettings | None]] = {}
         self._stop = threading.Event()
         self._pump: threading.Thread | None = None
+        self._closers: list[Callable[[], None]] = []
         self.ready = threading.Event()
         if broker is not None:
             self.attach(broker, backend)
@@ -104,16 +105,14 @@ class BrokerLink:
         self._register_now(name, engine, model)
 
     def _register_now(self, name: str, engine: Engine, model: ModelSettings | None) -> None:
-        from kvcached.broker import ClientSpec
+        from engines.broker_client import register_engine
 
         model = model or ModelSettings()
-        spec = ClientSpec(name, priority=model.priority, min_bytes=model.min_bytes, max_bytes=model.max_bytes)
-        try:
-            handle = self.broker.register(spec, _verbs_class()(engine, self.hub))
+        try:   # attaches the handle: its requests are admitted against the budget from now on
+            register_engine(self.broker, engine, model.priority, model.min_bytes, model.max_bytes,
+                            verbs=_verbs_class()(engine, self.hub))
         except Exception:  # serving without the broker's protection beats not serving
             log.exception("could not register %s with the broker", name)
-            return
-        engine.attach_broker(handle)   # its requests are admitted against the budget from now on
 
     def unregister(self, name: str, engine: Engine | None = None) -> None:
         with self._lock:
@@ -149,6 +148,10 @@ class BrokerLink:
         finally:
             subscription.close()
 
+    def on_close(self, closer: Callable[[], None]) -> None:
+        """Run closer after the broker closes (the daemon's page pool, its backend)."""
+        self._closers.append(closer)
+
     def close(self) -> None:
         self._stop.set()
         if self.broker is not None:
@@ -158,3 +161,8 @@ class BrokerLink:
                 log.exception("broker close failed")
         if self._pump is not None:
             self._pump.join(timeout=1.0)
+        for closer in self._closers:
+            try:
+                closer()
+            except Exception:
+                log.exception("close after the broker failed")

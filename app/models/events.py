@@ -15,7 +15,10 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from kvcached.broker.events import EventKind
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,23 @@ class HubEvent:
 
     def to_dict(self) -> dict:
         return {**self.data, "kind": self.kind, "seq": self.seq, "time": self.time}
+
+
+# A model's state change announces the step that caused it (the broker's, or the control API's).
+STATE_KINDS: dict[str, EventKind] = {"paused": EventKind.PAUSE, "unloaded": EventKind.UNLOAD}
+
+
+def event_kind(kind: str, data: Mapping) -> EventKind | None:
+    """What moved memory in a hub event, in the broker's one vocabulary: the step of a
+    "broker" event, RECLAIM for the manager's own "reclaim", the verb behind a "model"
+    state change; None for events that move none (progress, settings...)."""
+    if kind == "broker":
+        return EventKind.parse(data.get("step"))
+    if kind == "reclaim":
+        return EventKind.RECLAIM
+    if kind == "model":
+        return STATE_KINDS.get(str(data.get("state")))
+    return None
 
 
 class _Subscriber:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -27,6 +28,9 @@ class ServerContext:
     hub: EventHub
     broker: BrokerLink
     token: str
+    # Whether models run on a CUDA GPU: the daemon's kvcached backend decided it (False
+    # until it has opened). Routing shown to users asks this, as the engine factory does.
+    on_cuda: Callable[[], bool] = lambda: False
     started_at: float = field(default_factory=time.time)
     pid: int = field(default_factory=os.getpid)
 

@@ -49,7 +49,7 @@ def _route(ctx: ServerContext, info) -> dict:
     """The engine that would serve it, and why (engines.choice's routing table)."""
     from engines.choice import choose_engine
 
-    choice = choose_engine(info, ctx.manager.registry.config)
+    choice = choose_engine(info, ctx.manager.registry.config, ctx.on_cuda())
     return {"engine": choice.engine, "reason": choice.reason}
 
 

@@ -22,6 +22,7 @@ from app import exit_codes
 from app.control_client import ControlClient, ControlError, DaemonNotRunning
 from app.instance_lock import AlreadyRunning, InstanceLock
 from app.login_item import for_platform, tray_command
+from app.models.events import event_kind
 from app.paths import AppPaths
 from app.settings_file import LoadedSettings
 from app.tray.dispatcher import Dispatcher, TrayHooks
@@ -31,18 +32,19 @@ from app.tray.popup import TkPopup
 from app.tray.supervisor import DaemonState, DaemonSupervisor, daemon_command, daemon_env
 from app.tray.view import TrayMode, TrayView, down_view, view_from
 from app.tray.xorg_clicks import enable_clicks
+from kvcached.broker.events import EventKind
 
 log = logging.getLogger(__name__)
 
 POLL_S = 2.0
-# Event kinds (or model states) that mean memory was just given back.
-RECLAIM_KINDS = ("reclaim",)
 
 
 def is_reclaim(event: dict) -> bool:
-    if event.get("kind") in RECLAIM_KINDS:
-        return True
-    return event.get("kind") in ("broker", "model") and int(event.get("bytes_returned", 0) or 0) > 0
+    """Memory was just given back: a reclaim step that returned bytes, or a manual reclaim."""
+    step = event_kind(str(event.get("kind", "")), event)
+    if step is None or not step.is_reclaim():
+        return False
+    return step is EventKind.RECLAIM or int(event.get("bytes_returned", 0) or 0) > 0
 
 
 class TrayApp:

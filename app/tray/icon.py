@@ -90,11 +90,3 @@ def draw_icon(view: TrayView, size: int = 64) -> Image.Image:
     if mark is not None:
         mark(draw, s)
     return image.resize((size, size), Image.LANCZOS)
-
-
-def app_icon(size: int = 256) -> Image.Image:
-    """The application's own icon (desktop entry, dashboard): the vessel, a little under half full."""
-    from app.tray.view import ModelRow
-
-    return draw_icon(TrayView(mode=TrayMode.NORMAL, models=(ModelRow("", "loaded", False, 45),),
-                              device_total=100, others_bytes=20), size)

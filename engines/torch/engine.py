@@ -1,8 +1,10 @@
 """TorchEngine: a Llama-family model served with its KV cache in kvcached virtual tensors.
 
 Loads a GGUF file, a safetensors folder, or random weights from a named config
-(ModelInfo.source "synthetic": benchmarks); builds the KV cache over kvcached
-(one virtual tensor, pages mapped as sequences grow), and runs a ServingLoop
+(ModelInfo.source "synthetic": benchmarks); builds the KV cache over the kvcached
+page pool it is handed (one virtual tensor, pages mapped as sequences grow; the
+daemon hands every engine its one pool, whose backend decided the device), and
+runs a ServingLoop
 (continuous batching, chunked prefill, prefix reuse, CUDA-graph decode). On
 CUDA, load() compiles and captures every decode bucket ("compiling"), so no
 request waits for it. The broker's verbs run between steps (the loop's
@@ -12,7 +14,6 @@ KV it may need fits the broker's budget (engines/torch/serve/admission.py).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -27,7 +28,7 @@ from engines.phases import LoadPhases
 from engines.errors import ContextOverflow, EmbeddingsUnsupported, InvalidRequest, ModelLoadError
 from engines.torch.serve.admission import MemoryAdmission
 from engines.torch.model.attention import ContiguousKV
-from engines.torch.serve.kv_access import KVStore, KvcachedStore, StaticStore
+from engines.torch.serve.kv_access import KvcachedStore
 from engines.torch.serve.kv_ledger import KVLedger
 from engines.torch.serve import kv_persist
 from engines.torch.serve.prefix_cache import PrefixCache
@@ -36,29 +37,23 @@ from engines.torch.serve.scheduler import Scheduler, Sequence
 from engines.torch.serve.serving import Job, ServingLoop
 from engines.torch.serve.text_side import TextSide
 from engines.types import EmbeddingResult, GenerateRequest, LoadProgress, MemoryReport, ModelState, StreamChunk
-from kvcached.config import KvcachedConfig
 from kvcached.kv_cache.disk_tier import DiskTier
 from kvcached.errors import ConfigError
+from kvcached.page_pool import PagePool
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+MIN_KV_PAGES = 1   # a budget below one page could never run a sequence: refused at load
 
 
 class TorchEngine(Engine):
     kind = "torch"
 
-    def __init__(self, info: ModelInfo, config: EngineConfig | None = None,
-                 kv_config: KvcachedConfig | None = None, kv_pool: object | None = None,
-                 static_kv: bool = False) -> None:
-        """kv_pool: a kvcached PagePool to take pages from (the broker's); None opens a
-        backend from kv_config. static_kv: one preallocated KV tensor instead (benchmarks)."""
+    def __init__(self, info: ModelInfo, config: EngineConfig | None, kv_pool: PagePool) -> None:
+        """kv_pool: the kvcached PagePool its KV pages come from. The daemon passes its one
+        pool (the broker's); tests and benchmarks pass kvcached.standalone.standalone_pool().
+        The pool's backend decides the device: weights and KV live where its pages do."""
         super().__init__(info)
         self.config = config or EngineConfig()
         if self.config.torch_dtype not in ("auto", *DTYPES):
@@ -66,14 +61,13 @@ class TorchEngine(Engine):
         for key in ("torch_max_context", "torch_prefill_chunk"):
             if getattr(self.config, key) < 2:
                 raise ConfigError(f"{key}: {getattr(self.config, key)} must be >= 2")
-        self.kv_config = kv_config or KvcachedConfig()
-        self._kv_pool = kv_pool
-        self._static_kv = static_kv
+        self.kv_pool = kv_pool
+        self.device: torch.device = kv_pool.backend.device
         self._lock = threading.RLock()          # load/unload/pause against each other
         self._state = ModelState.UNLOADED
         self.model: torch.nn.Module | None = None
         self.text: TextSide | None = None
-        self.store: KVStore | None = None
+        self.store: KvcachedStore | None = None
         self.loop: ServingLoop | None = None
         self.max_ctx = 0
         self.admission: MemoryAdmission | None = None
@@ -96,7 +90,8 @@ class TorchEngine(Engine):
     def _load(self, progress: ProgressCallback | None) -> None:
         report = (lambda f, stage: progress(LoadProgress(self.info.name, f, stage))) if progress else \
             (lambda f, stage: None)
-        device = pick_device(self.config.torch_device)
+        device = self.device
+        self._check_pool()
         dtype = DTYPES.get(self.config.torch_dtype)
         phases = LoadPhases()
         self.load_phases = phases.seconds     # filled as the load goes: /api/ps shows a load in progress too
@@ -135,20 +130,16 @@ class TorchEngine(Engine):
         (engines/torch/serve/kv_persist.py); a failure there is logged, never raised:
         losing a cache must not fail a load or an unload."""
         config, path = self.config, self.info.path
-        if not (config.kv_disk_dir and self.info.name in config.kv_disk_models and path
-                and isinstance(self.store, KvcachedStore)):
+        if not (config.kv_disk_dir and self.info.name in config.kv_disk_models and path):
             return
         try:
             act(DiskTier(Path(config.kv_disk_dir), config.kv_disk_max_bytes), kv_persist.identity(path, self.store))
         except Exception:
             log.exception("%s: cached conversations on disk: skipped", self.info.name)
 
-    def _make_admission(self) -> MemoryAdmission | None:
-        """The KV book and the broker's admission, over kvcached pages (a static KV
-        holds all its memory from the start: nothing to admit)."""
+    def _make_admission(self) -> MemoryAdmission:
+        """The KV book and the broker's admission, over kvcached pages."""
         store = self.store
-        if not isinstance(store, KvcachedStore):
-            return None
         ledger = KVLedger(store.layout, KvcachedStore.ENSURE_AHEAD)
         admission = MemoryAdmission(self.info.name, ledger, self.config.admission_timeout_s,
                                     mapped_bytes=lambda: store.held_bytes, live_tokens=store.cache.num_tokens,
@@ -188,27 +179,22 @@ class TorchEngine(Engine):
                                 llamacpp_numerics=self.config.torch_llamacpp_numerics)
         return model, TextSide.from_gguf(meta, str(path), model.cfg.eos_ids)
 
-    def _make_store(self, cfg, device: torch.device) -> KVStore:
-        from engines.torch.serve.kv_access import kv_layout
-        from kvcached.kv_cache.layout import KVShape
+    def _check_pool(self) -> None:
+        """A pool whose budget holds not one page would fail every request: refuse the load
+        (the factory then hands a GGUF file to llama.cpp, which takes no pages)."""
+        pool = self.kv_pool
+        if pool.budget() < MIN_KV_PAGES * pool.page_size:
+            raise ModelLoadError(f"kvcached's budget of {pool.budget()} bytes holds no KV page of "
+                                 f"{pool.page_size} bytes")
 
+    def _make_store(self, cfg, device: torch.device) -> KvcachedStore:
         from engines.torch.ggml.numerics import kv_cache_dtype
+        from kvcached.kv_cache.layout import KVShape
+        from kvcached.kv_cache.manager import KVCache
 
         kv_dtype = kv_cache_dtype(self.model)   # float16 on the llama.cpp-numerics path, as llama.cpp
         shape = KVShape(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
-        slots = self.config.torch_num_slots
-        if self._static_kv:
-            layout = kv_layout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype,
-                               slots, self.max_ctx, self.kv_config.page_size)
-            return StaticStore(layout, kv_dtype, device)
-        from kvcached.kv_cache.manager import KVCache
-        from kvcached.vmm import open_backend
-
-        if self._kv_pool is not None:
-            return KvcachedStore(KVCache(self._kv_pool, shape, slots, self.max_ctx, self.kv_config))
-        # The KV lives where the weights do: device pages on CUDA, host pages on the CPU.
-        kv_config = dataclasses.replace(self.kv_config, backend="cuda" if device.type == "cuda" else "host")
-        return KvcachedStore(KVCache(open_backend(kv_config), shape, slots, self.max_ctx, kv_config))
+        return KvcachedStore(KVCache(self.kv_pool, shape, self.config.torch_num_slots, self.max_ctx))
 
     def unload(self) -> int:
         with self._lock:

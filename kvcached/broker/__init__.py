@@ -2,8 +2,8 @@
 policy, the event log, and the thread that samples and gives memory back."""
 from kvcached.broker.broker import Broker, ClientHandle
 from kvcached.broker.client import ClientSpec, ReclaimVerbs, Step
-from kvcached.broker.events import Event, EventLog, Subscription
+from kvcached.broker.events import Event, EventKind, EventLog, Subscription
 from kvcached.broker.monitor import MemorySample, Monitor, open_monitor
 
-__all__ = ["Broker", "ClientHandle", "ClientSpec", "ReclaimVerbs", "Step", "Event", "EventLog",
+__all__ = ["Broker", "ClientHandle", "ClientSpec", "ReclaimVerbs", "Step", "Event", "EventKind", "EventLog",
            "Subscription", "MemorySample", "Monitor", "open_monitor"]

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 from kvcached.broker.client import STEP_ORDER, STEP_VERBS, ClientSpec, ReclaimVerbs, Step
-from kvcached.broker.events import Event, EventLog, Subscription
+from kvcached.broker.events import Event, EventKind, EventLog, Subscription
 from kvcached.broker.monitor import MemorySample, Monitor, open_monitor
 from kvcached.broker.policy import (Action, ClientView, admission_need, admission_plan,
                                     admission_reclaimable, eligible, plan, pressure_need)
@@ -52,7 +52,7 @@ class ClientHandle:
     def admit(self, nbytes: int, commit: Callable[[int], None] | None = None) -> int:
         return self.broker.admit(self, nbytes, commit)
 
-    def record(self, step: str, bytes_returned: int = 0, duration_s: float = 0.0,
+    def record(self, step: EventKind | str, bytes_returned: int = 0, duration_s: float = 0.0,
                detail: str = "") -> None:
         """Log something the engine did itself (a resume before a step, a reload)."""
         self.broker.events.append(Event(self.name, step, bytes_returned, duration_s, "engine", detail))
@@ -86,7 +86,9 @@ class Broker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if monitor is None:
-            backend = pool.backend.name if pool is not None else _default_backend(config)
+            # With a pool (the daemon's), the backend it was opened on; else the same
+            # one decision open_backend makes.
+            backend = pool.backend.name if pool is not None else _resolve_backend(config)
             monitor = open_monitor(backend, config.device, self.held_bytes)
         self.monitor = monitor
 
@@ -235,7 +237,7 @@ class Broker:
             if commit is not None:
                 commit(nbytes)
             if got:  # an admission that took nothing is no news (one per request would flood the log)
-                self.events.append(Event(spec.name, "admit", 0, time.perf_counter() - start, "admission",
+                self.events.append(Event(spec.name, EventKind.ADMIT, 0, time.perf_counter() - start, "admission",
                                          f"{_mib(nbytes)} admitted after {_mib(got)} reclaimed"))
             return got
 
@@ -299,7 +301,7 @@ class Broker:
             returned, detail = 0, f"{type(exc).__name__}: {exc}"
         duration = time.perf_counter() - start
         if returned or detail or reason != "pressure":
-            self.events.append(Event(action.client or "", action.step.value, returned, duration,
+            self.events.append(Event(action.client or "", EventKind(action.step.value), returned, duration,
                                      reason, detail))
         return returned
 
@@ -314,7 +316,7 @@ class Broker:
 
     def set_auto_yield(self, enabled: bool) -> None:
         self._auto_yield = bool(enabled)
-        self.events.append(Event("", "auto_yield", 0, 0.0, "manual", "on" if enabled else "off"))
+        self.events.append(Event("", EventKind.AUTO_YIELD, 0, 0.0, "manual", "on" if enabled else "off"))
 
     def snapshot(self) -> dict:
         """Device total/free/this process/others, and what each client holds."""
@@ -335,11 +337,10 @@ class Broker:
                 "clients": clients}
 
 
-def _default_backend(config: KvcachedConfig) -> str:
-    if config.backend != "auto":
-        return config.backend
-    from kvcached.vmm import cuda_available
-    return "cuda" if cuda_available(config.device) else "host"
+def _resolve_backend(config: KvcachedConfig) -> str:
+    from kvcached.vmm import resolve_backend  # imports torch: only for a broker without a pool
+
+    return resolve_backend(config)
 
 
 def _optional_int(verb: Callable[[], object] | None) -> int | None:

@@ -1,14 +1,18 @@
-"""The broker's bounded event log, and subscribers that follow it.
+"""The broker's bounded event log, its one vocabulary of event kinds, and subscribers.
 
 Every reclaim step the broker takes (and every resume or admission an engine
-reports) is one Event: when, which client, which step, how many bytes came
-back and how long it took. The log keeps the last `event_log_size` events;
+reports) is one Event: when, which client, which step (an EventKind), how many
+bytes came back and how long it took. EventKind is the one vocabulary of what
+moved memory: the daemon's /metrics and the tray read it too (through
+app.models.events.event_kind), and `is_reclaim()` is the one answer to "did this
+give memory back". The log keeps the last `event_log_size` events;
 the control API and the dashboard subscribe and stream new ones as they come.
 A slow subscriber loses its oldest unread events, never blocks the broker.
 """
 from __future__ import annotations
 
 import collections
+import enum
 import queue
 import threading
 import time as _time
@@ -18,10 +22,40 @@ from dataclasses import asdict, dataclass, field
 SUBSCRIBER_QUEUE = 1000   # events a subscriber may fall behind before the oldest are dropped
 
 
+class EventKind(enum.StrEnum):
+    """What an event records. The reclaim steps carry client.Step's names."""
+    POOL = "pool"                    # the page pool's reserve freed
+    TRIM = "trim"
+    DROP_PREFIXES = "drop_prefixes"
+    PAUSE = "pause"
+    UNLOAD = "unload"
+    RECLAIM = "reclaim"              # a reclaim the daemon ran itself (the control API's)
+    RESUME = "resume"                # an engine mapped its paused KV back
+    RELOAD = "reload"                # an engine loaded again after an unload
+    ADMIT = "admit"                  # an admission that reclaimed from others first
+    AUTO_YIELD = "auto_yield"        # the switch was turned
+
+    def is_reclaim(self) -> bool:
+        """Did this give memory back (as opposed to take it, or change a setting)?"""
+        return self in RECLAIM_KINDS
+
+    @classmethod
+    def parse(cls, value: object) -> "EventKind | None":
+        """The kind a string names; None for anything else (an older or newer peer's word)."""
+        try:
+            return cls(value)
+        except ValueError:
+            return None
+
+
+RECLAIM_KINDS = frozenset({EventKind.POOL, EventKind.TRIM, EventKind.DROP_PREFIXES, EventKind.PAUSE,
+                           EventKind.UNLOAD, EventKind.RECLAIM})
+
+
 @dataclass(frozen=True)
 class Event:
     client: str               # client name; "" for the page pool / the broker itself
-    step: str                 # "pool", "trim", "drop_prefixes", "pause", "unload", "resume", "admit", ...
+    step: EventKind           # a str: compares and serializes as its name
     bytes_returned: int       # bytes given back (0 for resume/admit)
     duration_s: float
     reason: str = ""          # "pressure", "manual", "admission", "engine"
@@ -29,6 +63,9 @@ class Event:
     time: float = field(default_factory=_time.time)          # wall clock, for people
     monotonic: float = field(default_factory=_time.monotonic)
     seq: int = 0              # position in the log, set by EventLog.append
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "step", EventKind(self.step))   # ValueError on an unknown word
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -132,10 +132,6 @@ class KVCache:
         with self._cond:
             return self._table.live(slot).num_tokens
 
-    def live_slots(self) -> list[int]:
-        with self._cond:
-            return [i for i, s in enumerate(self._table.slots) if s.is_live]
-
     # --- views ---------------------------------------------------------------
     def layer_kv(self, slot: int, layer: int, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One slot's K and V for one layer: two [H, T, D] views, last dim contiguous."""
@@ -317,14 +313,6 @@ class KVCache:
     def paused_host_bytes(self) -> int:
         with self._cond:
             return self._paused.nbytes if self._paused is not None else 0
-
-    def staging_bytes(self) -> int:
-        return self._staging.capacity
-
-    def release_staging(self) -> int:
-        """Free the kept host staging buffer (unless paused KV lives in it)."""
-        with self._cond:
-            return 0 if self._paused is not None else self._staging.release()
 
     # --- life cycle -------------------------------------------------------------
     def close(self) -> None:

@@ -1,8 +1,12 @@
 """VMM backends, chosen in one place.
 
-`open_backend(config)` gives the cuda backend when a CUDA device and driver
-answer, else the host backend; `config.backend` forces one. The cuda module is
-imported only when asked for, so the host path needs no cuda-python.
+`resolve_backend(config)` is the one place the device is decided: the cuda
+backend when a CUDA device and driver answer, else the host backend;
+`config.backend` forces one. `open_backend(config)` opens what it names. The
+daemon opens one backend (app/daemon.py) and every model's KV, the page pool
+and the broker's monitor follow `backend.name` / `backend.device` from there.
+The cuda module is imported only when asked for, so the host path needs no
+cuda-python.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from kvcached.vmm.backend import Handle, VmmBackend
 
 log = logging.getLogger(__name__)
 
-__all__ = ["open_backend", "cuda_available", "VmmBackend", "Handle"]
+__all__ = ["open_backend", "resolve_backend", "cuda_available", "VmmBackend", "Handle"]
 
 
 def _open_cuda(config: KvcachedConfig) -> VmmBackend:
@@ -48,11 +52,15 @@ def cuda_available(device: int = 0) -> bool:
         return False
 
 
+def resolve_backend(config: KvcachedConfig) -> str:
+    """The backend `config.backend` names; "auto": "cuda" if it answers, else "host"."""
+    if config.backend != "auto":
+        return config.backend
+    return "cuda" if cuda_available(config.device) else "host"
+
+
 def open_backend(config: KvcachedConfig) -> VmmBackend:
-    """The backend `config.backend` names; "auto": cuda if it answers, else host."""
-    name = config.backend
-    if name == "auto":
-        name = "cuda" if cuda_available(config.device) else "host"
-    backend = _OPENERS[name](config)
+    """The backend resolve_backend(config) names, opened."""
+    backend = _OPENERS[resolve_backend(config)](config)
     log.info("kvcached VMM backend: %s (granularity %d bytes)", backend.name, backend.granularity)
     return backend

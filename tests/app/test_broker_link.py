@@ -13,6 +13,7 @@ from engines.torch.model.configs import named_config
 from engines.torch.engine import TorchEngine
 from kvcached.broker import Broker
 from kvcached.config import KvcachedConfig
+from kvcached.standalone import standalone_pool
 
 TINY = named_config("smollm2-135m").replace(num_layers=1, dim=64, num_heads=2, num_kv_heads=1, head_dim=32,
                                            ffn_dim=128, vocab_size=300, max_context=64)
@@ -21,7 +22,7 @@ TINY = named_config("smollm2-135m").replace(num_layers=1, dim=64, num_heads=2, n
 def test_registered_engines_admit_through_the_broker_and_stop_when_unregistered():
     engine = TorchEngine(ModelInfo(name="tiny", path="", source="synthetic", metadata={"config": TINY}),
                          config_from_settings(Settings(admission_timeout_s=7.5), torch_num_slots=2),
-                         KvcachedConfig(page_size=64 << 10, reserve_pages=0))
+                         standalone_pool(KvcachedConfig(page_size=64 << 10, reserve_pages=0)))
     engine.load()
     broker = Broker(KvcachedConfig(headroom_bytes=0, budget_bytes=1 << 40))
     link = BrokerLink(broker)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app.daemon import EXIT_BIND
+from app.exit_codes import BIND as EXIT_BIND
 from desktop_support import ROOT, daemon_env, free_port
 
 

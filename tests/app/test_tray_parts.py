@@ -144,3 +144,30 @@ def test_loaded_settings_feed_the_dispatcher_path(tmp_path: Path) -> None:
     path = tmp_path / "settings.toml"
     save_setting(path, "auto_yield", False)
     assert load_settings(path, environ={}).settings.auto_yield is False
+
+
+def test_tray_and_metrics_read_reclaims_in_the_one_vocabulary() -> None:
+    """The tray's "memory given back" and the daemon's /metrics counters read the hub's
+    events through app.models.events.event_kind (kvcached's EventKind)."""
+    from app.daemon import _count_reclaim
+    from app.models.events import EventHub
+    from app.server.metrics import Metrics
+    from app.tray.app import is_reclaim
+
+    assert is_reclaim({"kind": "broker", "step": "trim", "bytes_returned": 4096})
+    assert is_reclaim({"kind": "reclaim", "model": "m", "bytes_returned": 0})   # the user asked: show it
+    assert is_reclaim({"kind": "model", "state": "paused", "bytes_returned": 1})
+    assert not is_reclaim({"kind": "broker", "step": "admit", "bytes_returned": 0})
+    assert not is_reclaim({"kind": "broker", "step": "trim", "bytes_returned": 0})
+    assert not is_reclaim({"kind": "model", "state": "loaded"})
+    assert not is_reclaim({"kind": "progress", "fraction": 0.5})
+    metrics, hub = Metrics(dict), EventHub()
+    hub.listen(lambda event: _count_reclaim(metrics, event))
+    hub.publish("broker", step="drop_prefixes", client="m", bytes_returned=8192)
+    hub.publish("broker", step="auto_yield", client="", bytes_returned=0)
+    hub.publish("reclaim", model="m", bytes_returned=4096, reason="manual")
+    hub.publish("model", model="m", state="paused", bytes_returned=1, reason="broker")  # announced: counted once
+    text = metrics.render()
+    assert 'ebbtide_reclaim_events_total{step="drop_prefixes",model="m"} 1' in text
+    assert 'ebbtide_reclaim_events_total{step="reclaim",model="m"} 1' in text
+    assert "auto_yield" not in text and 'step="pause"' not in text

@@ -23,14 +23,14 @@ SYNTH = ModelInfo(name="llama-8b-random", path="", source="synthetic")
     (SYNTH, False, "torch"),              # random weights exist only for torch
 ])
 def test_auto_choice_by_device_and_family(info, has_cuda, expected) -> None:
-    assert choose_engine(info, EngineConfig(), lambda: has_cuda).engine == expected
+    assert choose_engine(info, EngineConfig(), has_cuda).engine == expected
 
 
 def test_per_model_override_wins_then_the_default() -> None:
     config = EngineConfig(default_engine="torch", engine_overrides={"smollm2:135m": "llamacpp"})
-    assert choose_engine(LLAMA, config, lambda: True).engine == "llamacpp"
-    assert choose_engine(GEMMA, config, lambda: False).engine == "torch"
-    assert "set for smollm2:135m" in choose_engine(LLAMA, config, lambda: True).reason
+    assert choose_engine(LLAMA, config, True).engine == "llamacpp"
+    assert choose_engine(GEMMA, config, False).engine == "torch"
+    assert "set for smollm2:135m" in choose_engine(LLAMA, config, True).reason
 
 
 @pytest.mark.parametrize("values", [dict(default_engine="gpu"), dict(engine_overrides={"m": "vllm"}),
@@ -42,7 +42,7 @@ def test_bad_config_values_name_the_key(values) -> None:
 
 
 def test_factory_builds_the_chosen_engine_unloaded() -> None:
-    engine = create_engine(default_info(), EngineConfig(llama_n_threads=1), has_cuda=lambda: False)
+    engine = create_engine(default_info(), EngineConfig(llama_n_threads=1))   # no pool: a CPU machine
     assert engine.kind == "llamacpp" and engine.memory().weights_bytes == 0
     assert engine_class("llamacpp") is type(engine)
 

@@ -25,9 +25,10 @@ def make_llamacpp() -> Engine:
 
 def make_torch() -> Engine:
     from engines.torch.engine import TorchEngine
+    from kvcached.standalone import standalone_pool
 
     return TorchEngine(default_info(), EngineConfig(torch_num_slots=2, torch_max_context=512,
-                                                    torch_prefill_chunk=64, max_queue=4))
+                                                    torch_prefill_chunk=64, max_queue=4), standalone_pool())
 
 
 ENGINES = {"llamacpp": make_llamacpp}

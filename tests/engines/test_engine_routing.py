@@ -52,7 +52,7 @@ def arch_tensor_names(arch_name: str) -> list[str]:
 
 def choose(path: Path, arch: str, has_cuda: bool = True):
     info = ModelInfo(name=path.stem, path=str(path), family=arch)
-    return choose_engine(info, EngineConfig(), lambda: has_cuda)
+    return choose_engine(info, EngineConfig(), has_cuda)
 
 
 @pytest.mark.parametrize("arch", sorted(gguf.MODEL_ARCH_NAMES.values()))
@@ -86,7 +86,7 @@ def test_unreadable_header_is_a_reason_not_an_error(tmp_path):
 
 
 def test_torch_load_failure_falls_back_to_llamacpp(tmp_path, caplog):
-    """Any failure of the torch engine (here: asked for CUDA on a machine without it)
+    """Any failure of the torch engine (here: a KV budget that holds not one page)
     loads the same file with llama.cpp, with a log line and a note for /api/ps."""
     pytest.importorskip("llama_cpp")
     from engines.factory import load_with_fallback
@@ -95,8 +95,11 @@ def test_torch_load_failure_falls_back_to_llamacpp(tmp_path, caplog):
     cfg, extra = FAMILY_CASES["qwen3"]
     path = write_family_gguf(tmp_path / "qwen3.gguf", cfg, extra, random_state(cfg))
     info = ModelInfo(name="tiny-qwen3", path=str(path), family="qwen3")
-    config = EngineConfig(torch_device="cuda", llama_n_threads=1, llama_n_ctx=128)
-    engine = load_with_fallback(TorchEngine(info, config))
+    from kvcached.config import KvcachedConfig
+    from kvcached.standalone import standalone_pool
+
+    config = EngineConfig(llama_n_threads=1, llama_n_ctx=128)
+    engine = load_with_fallback(TorchEngine(info, config, standalone_pool(KvcachedConfig(budget_bytes=0))))
     try:
         assert engine.kind == "llamacpp" and "torch engine failed" in engine.fallback_note
         assert any("served by llama.cpp" in r.getMessage() for r in caplog.records)

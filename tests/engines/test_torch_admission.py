@@ -26,6 +26,7 @@ from engines.torch.engine import TorchEngine  # noqa: E402
 from engines.types import FinishReason, GenerateRequest, ModelState, RequestKind, SamplingParams  # noqa: E402
 from kvcached.broker import Broker  # noqa: E402
 from kvcached.config import KvcachedConfig  # noqa: E402
+from kvcached.standalone import standalone_pool  # noqa: E402
 
 PAGE = 64 << 10                      # 32 tokens of TINY's float32 KV (2 KiB a token)
 CFG = TINY.replace(max_context=128)
@@ -37,7 +38,7 @@ def make_engine(name: str, timeout_s: float = 60.0, slots: int = 4) -> TorchEngi
     engine = TorchEngine(ModelInfo(name=name, path="", source="synthetic", metadata={"config": CFG}),
                          EngineConfig(torch_num_slots=slots, torch_max_context=128, torch_prefill_chunk=64,
                                       max_queue=16, admission_timeout_s=timeout_s),
-                         KvcachedConfig(page_size=PAGE, reserve_pages=0))
+                         standalone_pool(KvcachedConfig(page_size=PAGE, reserve_pages=0)))
     engine.load()
     return engine
 

@@ -20,6 +20,7 @@ from engines.config import EngineConfig  # noqa: E402
 from engines.torch.engine import TorchEngine  # noqa: E402
 from engines.types import GenerateRequest, RequestKind, SamplingParams  # noqa: E402
 from kvcached.config import KvcachedConfig  # noqa: E402
+from kvcached.standalone import standalone_pool  # noqa: E402
 
 
 def generate(engine: TorchEngine, text: str) -> str:
@@ -32,7 +33,7 @@ def test_pending_graphs_are_captured_when_idle_on_an_empty_slot() -> None:
     engine = TorchEngine(ModelInfo(name="tiny", path="", source="synthetic",
                                    metadata={"config": TINY.replace(max_context=128)}),
                          EngineConfig(torch_num_slots=3, torch_max_context=128, torch_prefill_chunk=64),
-                         KvcachedConfig(page_size=64 << 10, reserve_pages=0))
+                         standalone_pool(KvcachedConfig(page_size=64 << 10, reserve_pages=0)))
     engine.load()
     try:
         runner = engine.loop.runner

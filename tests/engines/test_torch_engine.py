@@ -14,6 +14,7 @@ from engines.errors import ContextOverflow, InfillUnsupported, InvalidRequest
 from engines.torch.engine import TorchEngine
 from engines.torch.load.gguf_loader import bundled_model_path
 from engines.types import ChatMessage, FinishReason, GenerateRequest, ModelState, RequestKind, SamplingParams
+from kvcached.standalone import standalone_pool
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6)
 
@@ -22,7 +23,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=6)
 def engine():
     eng = TorchEngine(ModelInfo(name="smollm2", path=str(bundled_model_path())),
                       EngineConfig(torch_num_slots=4, torch_max_context=256, torch_prefill_chunk=32,
-                                   max_queue=4, torch_llamacpp_numerics=False))
+                                   max_queue=4, torch_llamacpp_numerics=False), standalone_pool())
     eng.load()
     yield eng
     assert eng.unload() > 0 and eng.state is ModelState.UNLOADED

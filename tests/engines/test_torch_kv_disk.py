@@ -19,6 +19,7 @@ from engines.config import EngineConfig  # noqa: E402
 from engines.torch.engine import TorchEngine  # noqa: E402
 from engines.types import GenerateRequest, RequestKind, SamplingParams  # noqa: E402
 from kvcached.config import KvcachedConfig  # noqa: E402
+from kvcached.standalone import standalone_pool  # noqa: E402
 
 PROMPT = "the cat sat on the mat and then"
 
@@ -35,7 +36,7 @@ def make_engine(path: Path, kv_dir: Path, keep: bool = True) -> TorchEngine:
                           torch_llamacpp_numerics=False, kv_disk_dir=str(kv_dir),
                           kv_disk_models=("tiny",) if keep else ())
     engine = TorchEngine(ModelInfo(name="tiny", path=str(path)), config,
-                         KvcachedConfig(page_size=64 << 10, reserve_pages=0))
+                         standalone_pool(KvcachedConfig(page_size=64 << 10, reserve_pages=0)))
     engine.load()
     return engine
 

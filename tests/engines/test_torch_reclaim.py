@@ -24,6 +24,7 @@ from kvcached.broker import Broker
 from kvcached.broker.monitor import MemorySample
 from kvcached.config import KvcachedConfig
 from kvcached.rss import rss_shmem_bytes
+from kvcached.standalone import standalone_pool
 
 MiB = 1 << 20
 TOTAL = 64 << 30
@@ -62,7 +63,7 @@ def engine():
     eng = TorchEngine(ModelInfo(name="smollm2", path=str(bundled_model_path())),
                       EngineConfig(torch_num_slots=4, torch_max_context=768, torch_prefill_chunk=256,
                                    max_queue=4, torch_llamacpp_numerics=False),
-                      KvcachedConfig(reserve_pages=0))
+                      standalone_pool(KvcachedConfig(reserve_pages=0)))
     eng.load()
     yield eng
     eng.unload()

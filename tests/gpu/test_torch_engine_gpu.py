@@ -134,11 +134,14 @@ def test_engine_greedy_on_gpu_matches_cpu():
     from engines.config import EngineConfig
     from engines.torch.engine import TorchEngine
     from engines.torch.load.gguf_loader import bundled_model_path
+    from kvcached.config import KvcachedConfig
+    from kvcached.standalone import standalone_pool
     from engines.types import ChatMessage, GenerateRequest, RequestKind, SamplingParams
 
     def answer(device: str, text: str) -> str:
         eng = TorchEngine(ModelInfo(name="smollm2", path=str(bundled_model_path())),
-                          EngineConfig(torch_device=device, torch_dtype="float32", torch_max_context=512))
+                          EngineConfig(torch_dtype="float32", torch_max_context=512),
+                          standalone_pool(KvcachedConfig(backend="cuda" if device == "cuda" else "host")))
         req = GenerateRequest(kind=RequestKind.CHAT, messages=(ChatMessage("user", text),),
                               sampling=SamplingParams(temperature=0, max_tokens=16))
         out = "".join(c.text for c in eng.generate(req))

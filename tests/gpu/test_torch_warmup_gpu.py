@@ -73,7 +73,10 @@ def test_engine_load_reports_compiling_and_captures_before_serving():
         from engines.types import GenerateRequest, RequestKind, SamplingParams
         info = ModelInfo(name="synthetic/smollm2-135m", path="", source="synthetic",
                          metadata={"config": "smollm2-135m"})
-        engine = TorchEngine(info, EngineConfig(torch_device="cuda", torch_num_slots=4, torch_max_context=512))
+        from kvcached.config import KvcachedConfig
+        from kvcached.standalone import standalone_pool
+        engine = TorchEngine(info, EngineConfig(torch_num_slots=4, torch_max_context=512),
+                             standalone_pool(KvcachedConfig(backend="cuda")))
         stages = []
         engine.load(lambda p: stages.append(p.stage))
     except ImportError as exc:   # the engine's text side needs packages this GPU machine may lack

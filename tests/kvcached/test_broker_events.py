@@ -50,3 +50,17 @@ def test_a_slow_subscriber_loses_its_oldest_events_never_blocks():
             log.append(event(i))
         assert sub.dropped == 5
         assert sub.get(timeout=0).bytes_returned == 5
+
+
+def test_one_event_kind_says_what_gave_memory_back():
+    """The broker's steps, the daemon's own reclaim and the rest share one vocabulary."""
+    from kvcached.broker.client import Step
+    from kvcached.broker.events import EventKind
+
+    assert {EventKind(step.value) for step in Step} <= {k for k in EventKind if k.is_reclaim()}
+    assert EventKind.RECLAIM.is_reclaim()
+    assert not any(k.is_reclaim() for k in (EventKind.RESUME, EventKind.RELOAD, EventKind.ADMIT,
+                                            EventKind.AUTO_YIELD))
+    assert EventKind.parse("trim") is EventKind.TRIM and EventKind.parse("defrag") is None
+    event = Event("m", "trim", 4096, 0.01)            # a plain word becomes the kind
+    assert event.step is EventKind.TRIM and event.to_dict()["step"] == "trim"

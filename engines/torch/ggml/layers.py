@@ -19,6 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import dataclasses
+
+from engines.torch.ggml.attention import ggml_attention
 from engines.torch.model.attention import KVAccess
 from engines.torch.ggml.math import fma, rope_cos_sin, silu
 from engines.torch.model.model import MLP, Attention, RMSNorm, Rotary
@@ -88,7 +91,10 @@ class GgmlAttention(Attention):
                                                                   attn.num_kv, attn.head_dim)
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         self.qkv_proj = None
-        self.spec, self.q_norm, self.k_norm = attn.spec, None, None   # plain families only
+        assert attn.spec.is_plain, "llama.cpp numerics: plain attention only"
+        # ggml's attention over the f16 cache in place of SDPA (model/attention.py runs it).
+        self.spec = dataclasses.replace(attn.spec, attention=ggml_attention)
+        self.q_norm, self.k_norm = None, None
         self.interleaved = interleaved
         self.register_buffer("order", _file_order(self.head_dim), persistent=False)
 
@@ -112,7 +118,7 @@ class GgmlAttention(Attention):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor, positions: torch.Tensor, kv: KVAccess) -> torch.Tensor:
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)        # [B, H, T, D], file order
-        return kv.attend(self.layer, q, k, v, positions)
+        return kv.attend(self.layer, q, k, v, positions, self.spec)
 
 
 class GgmlMLP(MLP):

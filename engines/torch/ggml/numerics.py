@@ -13,8 +13,8 @@ model (model.py stays one class for every path):
   rounding only, so close but not guaranteed the same tokens);
 - RMSNorm, RoPE, attention, SwiGLU -> engines.torch.ggml.layers;
 - the KV cache in float16 (`kv_cache_dtype`), as llama.cpp keeps it;
-  attention.cache_attention takes float32 queries over a float16 cache as
-  ggml's attention (attention.ggml_attention).
+  GgmlAttention hands ggml's attention (ggml/attention.py) to the KV access in
+  its AttnSpec, so model/attention.py runs it in place of SDPA.
 
 Cost: several times slower than the float32 path (Python-level loops emulate
 ggml's fma chains). On by default only where it applies: float32 on the CPU

@@ -21,6 +21,12 @@ def _f16(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).float()
 
 
+def _shifts(start: int, stop: int, step: int, device: torch.device) -> torch.Tensor:
+    """Bit shifts as a uint8 tensor made on the device (a kernel, not a host copy: these
+    decoders run inside captured CUDA graphs, for embedding rows)."""
+    return torch.arange(start, stop, step, dtype=torch.uint8, device=device)
+
+
 def _nibbles(qs: torch.Tensor, group: int) -> torch.Tensor:
     """Low nibbles of each `group` bytes, then high nibbles: [n, -1, 2, group]."""
     q = qs.reshape(qs.shape[0], -1, 1, group)
@@ -39,6 +45,52 @@ def _q4_0(b: torch.Tensor) -> torch.Tensor:
 def _q4_1(b: torch.Tensor) -> torch.Tensor:
     q = _nibbles(b[:, 4:], 16).reshape(b.shape[0], -1).float()
     return _f16(b[:, :2]) * q + _f16(b[:, 2:4])
+
+
+def _bits(qh: torch.Tensor, count: int) -> torch.Tensor:
+    """Little-endian bit fields: [n, count/8] uint8 -> [n, count] of 0/1 (bit i of the word)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=qh.device).reshape(1, 1, 8)
+    return ((qh.reshape(qh.shape[0], -1, 1) >> shifts) & 0x01).reshape(qh.shape[0], count)
+
+
+def _q5_0(b: torch.Tensor) -> torch.Tensor:
+    ql = _nibbles(b[:, 6:], 16).reshape(b.shape[0], -1)
+    q = (ql | (_bits(b[:, 2:6], 32) << 4)).to(torch.int8) - 16
+    return _f16(b[:, :2]) * q.float()
+
+
+def _q5_1(b: torch.Tensor) -> torch.Tensor:
+    ql = _nibbles(b[:, 8:], 16).reshape(b.shape[0], -1)
+    q = (ql | (_bits(b[:, 4:8], 32) << 4)).float()
+    return _f16(b[:, :2]) * q + _f16(b[:, 2:4])
+
+
+def _q2_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    scales, qs = b[:, :QK_K // 16], b[:, QK_K // 16:QK_K // 16 + QK_K // 4]
+    d, dmin = _f16(b[:, -4:-2]), _f16(b[:, -2:])
+    dl = (d * (scales & 0xF).float()).reshape(n, QK_K // 16, 1)
+    ml = (dmin * (scales >> 4).float()).reshape(n, QK_K // 16, 1)
+    shifts = _shifts(0, 8, 2, b.device).reshape(1, 1, 4, 1)
+    q = ((qs.reshape(n, -1, 1, 32) >> shifts) & 3).reshape(n, QK_K // 16, 16).float()
+    return (dl * q - ml).reshape(n, QK_K)
+
+
+def _q3_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    hmask, qs = b[:, :QK_K // 8], b[:, QK_K // 8:QK_K // 8 + QK_K // 4]
+    scales, d = b[:, 3 * QK_K // 8:3 * QK_K // 8 + 12], _f16(b[:, -2:])
+    dev = b.device
+    low = (scales[:, :8].reshape(n, 1, 8) >> _shifts(0, 8, 4, dev).reshape(1, 2, 1))
+    shifts4 = _shifts(0, 8, 2, dev)
+    high = (scales[:, 8:].reshape(n, 1, 4) >> shifts4.reshape(1, 4, 1))
+    sc = ((low.reshape(n, 16) & 0x0F) | ((high.reshape(n, 16) & 0x03) << 4)).to(torch.int8) - 32
+    dl = (d * sc.float()).reshape(n, 16, 1)
+    ql = ((qs.reshape(n, -1, 1, 32) >> shifts4.reshape(1, 1, 4, 1)) & 3).reshape(n, 16, QK_K // 16)
+    shifts8 = torch.arange(8, dtype=torch.uint8, device=dev).reshape(1, 1, 8, 1)
+    qh = ((hmask.reshape(n, -1, 1, 32) >> shifts8) & 1).reshape(n, 16, QK_K // 16) ^ 1
+    q = ql.to(torch.int8) - (qh << 2).to(torch.int8)  # the offset is 4 where the mask bit is 0
+    return (dl * q.float()).reshape(n, QK_K)
 
 
 def _scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +133,7 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     scales = b[:, 3 * QK_K // 4:3 * QK_K // 4 + QK_K // 16].contiguous().view(torch.int8).float()
     d = (_f16(b[:, -2:]) * scales).reshape(n, QK_K // 16, 1)
     low = _nibbles(ql, 64).reshape(n, -1, 32)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).reshape(1, 1, 4, 1)
+    shifts = _shifts(0, 8, 2, b.device).reshape(1, 1, 4, 1)
     high = ((qh.reshape(n, -1, 1, 32) >> shifts) & 0x03).reshape(n, -1, 32)
     q = ((low | (high << 4)).to(torch.int8) - 32).reshape(n, QK_K // 16, -1).float()
     return (d * q).reshape(n, QK_K)
@@ -92,6 +144,10 @@ TORCH_DEQUANT: dict[str, tuple[int, int, Callable[[torch.Tensor], torch.Tensor]]
     "Q8_0": (32, 34, _q8_0),
     "Q4_0": (32, 18, _q4_0),
     "Q4_1": (32, 20, _q4_1),
+    "Q5_0": (32, 22, _q5_0),
+    "Q5_1": (32, 24, _q5_1),
+    "Q2_K": (QK_K, 84, _q2_k),
+    "Q3_K": (QK_K, 110, _q3_k),
     "Q4_K": (QK_K, 144, _q4_k),
     "Q5_K": (QK_K, 176, _q5_k),
     "Q6_K": (QK_K, 210, _q6_k),

@@ -16,9 +16,10 @@ Conventions (the contract with the serving side):
   row's real tokens (e.g. all equal to the row's length, which must be <
   the cache capacity) and ignore their outputs. They write junk past the end
   of the sequence, which the next real token overwrites before anyone reads it.
-- llama.cpp's numerics: float32 queries over a float16 cache (the CPU path of
-  engines.torch.ggml.numerics) are computed as ggml computes its f16 KV, bit
-  for bit (`ggml_attention`).
+- A layer that computes attention its own way says so in its spec
+  (`AttnSpec.attention`): the llama.cpp-numerics layer (engines.torch.ggml)
+  passes ggml's bit-exact attention there. Nothing here looks at dtypes to
+  guess which numerics a model wants.
 - GQA without copying K/V: the Hq/Hkv query heads of one group are folded into
   the query-length axis ([B, Hkv, G*T, D]), so every SDPA backend sees plain
   multi-head attention and the cache is read once (no repeat_interleave).
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,10 +48,14 @@ class AttnSpec:
     softcap: float = 0.0      # 0: none
     window: int = 0           # sliding window in tokens; 0: global
     rope_dim: int = 0         # dims of a head RoPE turns, as pairs (i, i + rope_dim/2); 0: all
+    # The layer's own attention over the cache, in place of SDPA: (q, k_cache, v_cache,
+    # mask, read_len) -> [B, Hq, T, D]. The llama.cpp-numerics layer sets ggml's (exact,
+    # CPU, never compiled); None: cache_attention's.
+    attention: Callable[..., torch.Tensor] | None = None
 
     @property
     def is_plain(self) -> bool:
-        return not (self.scale or self.softcap or self.window or self.rope_dim)
+        return not (self.scale or self.softcap or self.window or self.rope_dim or self.attention)
 
 
 PLAIN = AttnSpec()
@@ -104,10 +110,9 @@ def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     A sliding window narrows the mask (positions [B, T] needed), or without a
     mask reads only the window's last keys.
     """
+    if spec.attention is not None:
+        return spec.attention(q, k_cache, v_cache, mask, read_len)
     bsz, num_heads, t, d = q.shape
-    if q.dtype == torch.float32 and k_cache.dtype == torch.float16:
-        assert not (spec.scale or spec.softcap or spec.window), "llama.cpp numerics: plain attention only"
-        return ggml_attention(q, k_cache, v_cache, mask, read_len)
     num_kv = k_cache.shape[1]
     group = num_heads // num_kv
     first = 0
@@ -137,41 +142,6 @@ def softcapped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return (torch.softmax(scores, dim=-1) @ values.float()).to(q.dtype)
-
-
-def ggml_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   mask: torch.Tensor | None, read_len: int) -> torch.Tensor:
-    """cache_attention as llama.cpp computes it on the CPU without flash attention,
-    bit for bit (engines.torch.ggml.dot says why that matters):
-    kq = mul_mat(K f16, Q rounded to f16), softmax(kq * scale + mask) with
-    ggml_v_expf, kqv = mul_mat(V f16, P rounded to f16). Keys are padded with
-    masked zeros to a multiple of 64, which adds nothing to any sum. The two
-    matmuls sum in the order of the kernel llama.cpp picks (ggml_math.f16_dot):
-    tinyBLAS when a sequence brings 2+ tokens, ggml_vec_dot_f16 for one."""
-    from engines.torch.ggml.math import f16_dot, v_expf, reduce_add16
-
-    bsz, num_heads, t, d = q.shape
-    group = num_heads // k_cache.shape[1]
-    one_token = t == 1
-    width = -(-read_len // 64) * 64
-    keys = _padded(k_cache, read_len, width).repeat_interleave(group, 1)     # [B, Hq, S, D]
-    values = _padded(v_cache, read_len, width).repeat_interleave(group, 1)
-    q16 = q.half().float()
-    scores = f16_dot(q16[:, :, :, None], keys[:, :, None], one_token) * (1.0 / math.sqrt(d))
-    visible = torch.zeros(bsz, 1, t, width, dtype=torch.bool, device=q.device)  # [B, 1, T, S]
-    visible[..., :read_len] = True if mask is None else mask
-    scores = scores.masked_fill(~visible, float("-inf"))
-    e = v_expf(scores - scores.amax(-1, keepdim=True))
-    total = torch.cumsum(reduce_add16(e.unflatten(-1, (-1, 16))).double(), dim=-1)[..., -1:]
-    probs = (e * (torch.ones_like(total) / total).float()).half().float()    # [B, Hq, T, S]
-    return f16_dot(probs[:, :, :, None], values.transpose(-1, -2)[:, :, None], one_token)
-
-
-def _padded(cache: torch.Tensor, read_len: int, width: int) -> torch.Tensor:
-    """cache[:, :, :read_len] as float32, zero rows appended up to width: [B, H, width, D]."""
-    out = torch.zeros(cache.shape[0], cache.shape[1], width, cache.shape[3], device=cache.device)
-    out[:, :, :read_len] = cache[:, :, :read_len].float()
-    return out
 
 
 class KVAccess(abc.ABC):

@@ -248,6 +248,8 @@ class SlotKV(KVAccess):
             v_cache = self.v[layer][self._slot:self._slot + 1]
             write_kv(k_cache, v_cache, k, v, positions)
             return cache_attention(q, k_cache, v_cache, self._mask, self._read_len, spec, positions)
+        if spec.attention is not None:   # a layer's own attention (llama.cpp's, CPU): never compiled
+            return self.attend_batch(layer, q, k, v, positions, self._slots, self._mask, spec=spec)
         return self._attend_op(layer, q, k, v, positions, None, None, spec)
 
     def attend_rotary(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

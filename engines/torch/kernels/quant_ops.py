@@ -1,0 +1,105 @@
+"""`qlinear`: y = x @ W^T (+ bias) with W a `QuantWeight` kept in GGUF block form.
+
+Dispatch, on the rows M of x (all leading dims flattened):
+- CUDA with Triton, a block type, M <= `quant_kernels.matvec_max_rows` (4; 8 for
+  Q8_0) (decode): `quant_kernels.qmatvec`, the memory-bound matrix-vector kernel
+  that reads each quantized byte once. Its cost grows with M, so past that many
+  rows the prefill path wins (benchmarks/results/quant_matvec.json, M=4 and 8).
+- CUDA with Triton, more rows (prefill, batch > 4): dequantize W into a scratch
+  buffer of x's dtype with the Triton dequantize kernel, then cuBLAS (`F.linear`).
+  Measured against the Triton dequantize-tile matmul (`qmatmul_fused`) and bf16
+  cuBLAS on the H200 (benchmarks/quant_matvec.py, "earlier_run_h200"): Q4_K
+  4096x14336 at M=4096, 608 us against 7,220 us fused and 614 us for bf16
+  cuBLAS on a plain bf16 weight; at M=512, 118 against 882 and 81. At prefill
+  sizes the matmul is compute-bound: the dequantize pass costs a read of the
+  quantized bytes and a write + read of bf16 (~30 us for 58M weights), while
+  cuBLAS's pipelined, warp-specialized Hopper kernels (TMA, wgmma) run far ahead
+  of a Triton loop whose B operand is decoded in registers and staged through
+  shared memory by hand, unpipelined. Big weights (the output head) are
+  dequantized in row slices so the scratch stays under SCRATCH_WEIGHTS.
+- F16/BF16/F32 weights: `F.linear` on the plain tensor.
+- Elsewhere (CPU, no Triton, K-quant rows that are not whole 256-weight
+  super-blocks): the reference path, the torch decoders of
+  engines.torch.load.dequant and an fp32 matmul.
+
+No path syncs with the host or sizes anything from device data, so all of them
+run inside CUDA graphs (tests/gpu/test_quant_kernels_gpu.py captures and replays
+each); scratch comes from the caching allocator (the graph's private pool during
+capture). Under torch.compile qlinear is one custom op, `ebbtide::qlinear`, with a
+fake for shapes: the compiled decode step stays one graph around it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engines.torch.kernels import quant_kernels
+from engines.torch.kernels.quant_weight import FLOAT_TYPES, PLANES, QuantWeight
+
+SCRATCH_WEIGHTS = 64 * 1024 * 1024   # 128 MiB of bf16: every layer of an 8B model in one piece
+
+
+def qlinear_reference(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantize the whole weight with the torch decoders and matmul in float32."""
+    y = x.float() @ w.dequantize(torch.float32).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def qmatmul_dequant(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] -> [M, N]: Triton dequantize into scratch of x's dtype, then a cuBLAS matmul, in row slices."""
+    dtype = x.dtype
+    bias = None if bias is None else bias.to(dtype)
+    n, k = w.shape
+    step = max(64, SCRATCH_WEIGHTS // k // 64 * 64)
+    if step >= n:
+        return F.linear(x, quant_kernels.dequantize(w, dtype), bias)
+    out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        part = quant_kernels.dequantize(w.row_slice(start, stop), dtype)
+        out[:, start:stop] = F.linear(x, part, None if bias is None else bias[start:stop])
+    return out
+
+
+def _qlinear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    if w.type_name in FLOAT_TYPES:
+        weight = w.planes["w"]
+        return F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype),
+                        None if bias is None else bias.to(x.dtype))
+    if not (x.is_cuda and quant_kernels.kernel_ready(w)):
+        return qlinear_reference(x, w, bias)
+    x2 = x.reshape(-1, w.shape[1])
+    if x2.shape[0] == 0:
+        return x.new_empty((*x.shape[:-1], w.shape[0]))
+    if x2.shape[0] <= quant_kernels.matvec_max_rows(w.type_name):
+        y = quant_kernels.qmatvec(x2, w, bias)
+    else:
+        y = qmatmul_dequant(x2, w, bias)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+# Under torch.compile the call is one opaque op (as kv_access's slot_attend): Dynamo does not
+# trace the launchers' Python (lru_cache, device queries), and the compiled decode step keeps
+# one graph. A QuantWeight is no op argument; its planes, type and shape are.
+@torch.library.custom_op("ebbtide::qlinear", mutates_args=())
+def _qlinear_op(x: torch.Tensor, planes: list[torch.Tensor], type_name: str, out_features: int,
+                in_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    names = [name for name, *_ in PLANES[type_name]] if type_name in PLANES else ["w"]
+    w = QuantWeight(type_name, (out_features, in_features), dict(zip(names, planes)))
+    return _qlinear(x, w, bias)
+
+
+@_qlinear_op.register_fake
+def _qlinear_fake(x: torch.Tensor, planes: list[torch.Tensor], type_name: str, out_features: int,
+                  in_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def qlinear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] -> [..., out] in x's dtype."""
+    if torch.compiler.is_compiling():
+        names = [name for name, *_ in PLANES[w.type_name]] if w.type_name in PLANES else ["w"]
+        return _qlinear_op(x, [w.planes[name] for name in names], w.type_name, *w.shape, bias)
+    return _qlinear(x, w, bias)
