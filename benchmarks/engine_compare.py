@@ -179,6 +179,8 @@ def compare_llamacpp(info: ModelInfo, args: argparse.Namespace) -> dict:
             for n in ([1, args.streams] if run % 2 == 0 else [args.streams, 1]):
                 streams[str(n)].append(concurrent_streams(daemon.base_url, n, args.stream_tokens, run))
             log.warning("round %d of %d done", run + 1, args.runs)
+            write_result(f"{args.name or 'engines'}_partial", {"rounds_done": run + 1, "samples": samples,
+                                                              "streams": streams})   # a long run loses nothing
     for subject in subjects:
         subject.close()
     rows = _median_rows(samples)
