@@ -27,6 +27,9 @@ system-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq xvfb chromium xauth python3-tk >/dev/null)
 
 run: $(STAMP)
+	@echo "The ebbtide command is $(CURDIR)/$(VENV)/bin/ebbtide. To type just \`ebbtide\`:"
+	@echo "  source $(VENV)/bin/activate    (this shell), or"
+	@echo "  ln -s $(CURDIR)/$(VENV)/bin/ebbtide ~/.local/bin/ebbtide    (every shell; ~/.local/bin on PATH)"
 	$(VENV)/bin/ebbtide serve
 
 test: $(STAMP) system-deps

@@ -35,7 +35,8 @@ from app.diagnostics import install_stack_dump_signal
 from app.models.broker_link import BrokerLink
 from app.models.events import EventHub, event_kind
 from app.models.manager import ModelManager
-from app.paths import AppPaths, app_paths
+from app.paths import AppPaths, app_paths, runtime_dir_note
+from app.port_check import port_problem
 from app.server import auth
 from app.server.app_factory import create_app
 from app.server.context import ServerContext
@@ -214,6 +215,14 @@ def serve(settings: Settings) -> int:
     if problem:
         print(f"ebbtide: {problem}", file=sys.stderr)
         return EXIT_CONFIG
+    paths = app_paths()
+    busy = port_problem(settings.host, settings.port, settings.endpoint_url, paths.settings_file)
+    if busy:
+        print(f"ebbtide: {busy}", file=sys.stderr)
+        return EXIT_BIND
+    note = runtime_dir_note(paths)
+    if note:
+        log.info("%s", note)
     install_stack_dump_signal()   # kill -USR1 <pid>: every thread's stack into the log
     ctx = build_context(settings)
     config = uvicorn.Config(create_app(ctx), host=settings.host, port=settings.port, log_level="warning",

@@ -7,6 +7,7 @@ environment names are declared in app/env.py.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +62,12 @@ def app_paths() -> AppPaths:
     if home:
         root = Path(home)
         return AppPaths(root / "config", root / "data", root / "logs", root / "run", root / "cache")
-    runtime = platformdirs.user_runtime_dir(APP_NAME, ensure_exists=False)
+    with warnings.catch_warnings():
+        # platformdirs warns on every call when XDG_RUNTIME_DIR is unset (containers, ssh,
+        # su) and falls back to /tmp/runtime-$UID: a fine place for the token and lock, so
+        # the CLI stays quiet; the daemon says it once at start (runtime_dir_note).
+        warnings.simplefilter("ignore")
+        runtime = platformdirs.user_runtime_dir(APP_NAME, ensure_exists=False)
     return AppPaths(
         Path(platformdirs.user_config_dir(APP_NAME)),
         Path(platformdirs.user_data_dir(APP_NAME)),
@@ -69,3 +75,11 @@ def app_paths() -> AppPaths:
         Path(runtime),
         Path(platformdirs.user_cache_dir(APP_NAME)),
     )
+
+
+def runtime_dir_note(paths: AppPaths) -> str | None:
+    """A line for the daemon's start when the runtime dir is platformdirs' fallback."""
+    if os.environ.get(env.HOME) or os.name != "posix" or os.environ.get("XDG_RUNTIME_DIR") \
+            or not str(paths.runtime_dir).startswith("/tmp/"):
+        return None
+    return (f"XDG_RUNTIME_DIR is not set: the control token and lock are kept in {paths.runtime_dir}")

@@ -57,7 +57,8 @@ class Settings:
     keep_alive_s: float = 300.0            # idle unload, as Ollama's default 5 minutes; <0 never
     max_queue: int = EngineConfig.max_queue  # per model, as Ollama; a full queue answers busy
     max_body_bytes: int = 8 << 20
-    num_slots: int = EngineConfig.torch_num_slots  # torch engine batch slots
+    num_slots: int = EngineConfig.torch_num_slots  # requests decoded together per model (both engines)
+    llama_threads: int = 0                 # llama.cpp threads; 0: one per physical core
     backend: str = KvcachedConfig.backend  # kvcached backend: decides the device, once (app/daemon.py)
     headroom_bytes: int = KvcachedConfig.headroom_bytes
     monitor_interval_s: float = KvcachedConfig.monitor_interval_s
@@ -197,6 +198,7 @@ FIELDS: dict[str, Callable[[object], object]] = {
     "max_queue": lambda v: parse_int(v, 1, 10_000),
     "max_body_bytes": parse_bytes,
     "num_slots": lambda v: parse_int(v, 1, 1024),
+    "llama_threads": lambda v: parse_int(v, 0, 1024),
     "backend": one_of(BACKENDS),
     "headroom_bytes": parse_bytes,
     "monitor_interval_s": positive_interval,

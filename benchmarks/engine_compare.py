@@ -13,6 +13,13 @@ measurement, median reported:
 - time to first token (ms) of that same request.
 - decode tok/s at batch 1: --decode-tokens generated with ignore_eos, tokens
   after the first over the time after the first.
+The llama.cpp engine is also measured against llama.cpp itself, in the same run
+and on the same file (benchmarks/llamacpp_peers.py): raw llama-cpp-python at
+each of --raw-threads, Ebbtide's engine in-process and the real daemon over
+HTTP at the default thread count, and --streams concurrent streams against one.
+The machine may be shared, so the configurations are interleaved: every round
+measures each of them once, in an order rotated round by round, and the median
+over --runs rounds is reported; noise hits every column alike.
 An engine that cannot be imported or loaded here (torch without CUDA is still
 measured; llama-cpp-python may be missing on the GPU machine) is recorded with
 the reason instead of numbers. Results: benchmarks/results/engines[_gpu].json.
@@ -20,6 +27,7 @@ the reason instead of numbers. Results: benchmarks/results/engines[_gpu].json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import statistics
@@ -126,6 +134,86 @@ def bench_engine(kind: str, info: ModelInfo, config: EngineConfig, args: argpars
     return result
 
 
+def _median_rows(samples: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    return {name: {key: statistics.median(values) for key, values in columns.items()}
+            for name, columns in samples.items()}
+
+
+def compare_llamacpp(info: ModelInfo, args: argparse.Namespace) -> dict:
+    """Interleaved rounds: raw llama-cpp-python at each thread count, the engine in-process,
+    the daemon over HTTP, and N streams vs one over HTTP."""
+    from benchmarks.daemon_proc import Daemon
+    from benchmarks.llamacpp_peers import InProcess, OverHttp, RawLlama, Workload, concurrent_streams
+    from engines.llamacpp.engine import LlamaCppEngine
+
+    config = EngineConfig(llama_n_ctx=2048, llama_n_threads=args.threads, max_queue=64)
+    threads = config.resolved_threads()
+    settings = {"default_model": "", "scan_ollama": False, "scan_lmstudio": False, "scan_hf_cache": False,
+                "num_slots": args.streams, "models": {}, "keep_alive_s": -1}
+    engine = LlamaCppEngine(info, config)
+    engine.load()
+    subjects = [RawLlama(info.path, t, 2048, config.llama_n_batch) for t in args.raw_threads]
+    subjects.append(InProcess(engine, threads))
+    # A daemon per thread count: HTTP against raw at each, the default one also for the streams.
+    with contextlib.ExitStack() as stack:
+        daemons = {t: stack.enter_context(Daemon({**settings, "llama_threads": t}, name=f"engine-compare-{t}"))
+                   for t in dict.fromkeys([*args.raw_threads, threads])}
+        daemon = daemons[threads]
+        subjects += [OverHttp(d.base_url, t) for t, d in daemons.items()]
+        words = max(1, args.prompt_tokens // max(1, len(engine.tokenize(FILLER))))
+        work = Workload(prompt_words=words, decode_tokens=args.decode_tokens)
+        for subject in subjects:   # warm-up: the daemon loads its model, caches fill
+            subject.prefill(work, -1)
+            subject.decode(work, -1)
+        concurrent_streams(daemon.base_url, 1, 4, -1)
+        samples: dict[str, dict[str, list[float]]] = {s.name: {"prefill_tok_s": [], "ttft_ms": [], "decode_tok_s": []}
+                                                      for s in subjects}
+        streams: dict[str, list[dict]] = {"1": [], str(args.streams): []}
+        for run in range(args.runs):
+            order = subjects[run % len(subjects):] + subjects[:run % len(subjects)]
+            for subject in order:
+                prefill, ttft = subject.prefill(work, run)
+                samples[subject.name]["prefill_tok_s"].append(prefill)
+                samples[subject.name]["ttft_ms"].append(ttft)
+                samples[subject.name]["decode_tok_s"].append(subject.decode(work, run))
+            for n in ([1, args.streams] if run % 2 == 0 else [args.streams, 1]):
+                streams[str(n)].append(concurrent_streams(daemon.base_url, n, args.stream_tokens, run))
+            log.warning("round %d of %d done", run + 1, args.runs)
+            write_result(f"{args.name or 'engines'}_partial", {"rounds_done": run + 1, "samples": samples,
+                                                              "streams": streams})   # a long run loses nothing
+    for subject in subjects:
+        subject.close()
+    rows = _median_rows(samples)
+    ratios = {}
+    for t in args.raw_threads:
+        raw = next(s.name for s in subjects if isinstance(s, RawLlama) and s.threads == t)
+        http = next(s.name for s in subjects if isinstance(s, OverHttp) and s.threads == t)
+        ratios[f"http_vs_raw_{t}t"] = {"decode": rows[http]["decode_tok_s"] / rows[raw]["decode_tok_s"],
+                                       "prefill": rows[http]["prefill_tok_s"] / rows[raw]["prefill_tok_s"]}
+    one = statistics.median(r["total_tok_s"] for r in streams["1"])
+    many = statistics.median(r["total_tok_s"] for r in streams[str(args.streams)])
+    return {"default_threads": threads, "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens,
+            "rounds": args.runs, "interleaved": True, "columns": rows, "samples": samples, **ratios,
+            "streams": {"num_streams": args.streams, "tokens_each": args.stream_tokens,
+                        "one_stream_tok_s": one, "many_streams_total_tok_s": many,
+                        "speedup": many / one, "all_overlapped": all(r["overlapped"] for r in streams[str(args.streams)]),
+                        "rounds": streams}}
+
+
+def print_llamacpp(result: dict) -> None:
+    print_table(["configuration", "prefill_tok_s", "ttft_ms", "decode_tok_s"],
+                [[name, row["prefill_tok_s"], row["ttft_ms"], row["decode_tok_s"]]
+                 for name, row in result["columns"].items()])
+    streams = result["streams"]
+    for key, ratio in result.items():
+        if key.startswith("http_vs_raw_"):
+            print(f"HTTP over raw at {key.rsplit('_', 1)[1].rstrip('t')} threads: decode {ratio['decode']:.2f}x, "
+                  f"prefill {ratio['prefill']:.2f}x (default threads: {result['default_threads']})")
+    print(f"{streams['num_streams']} streams: {streams['many_streams_total_tok_s']:.1f} tok/s total vs "
+          f"{streams['one_stream_tok_s']:.1f} for one ({streams['speedup']:.2f}x), "
+          f"overlapped: {streams['all_overlapped']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--engines", default="llamacpp,torch", help="comma-separated: llamacpp, torch")
@@ -134,25 +222,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: half the cores)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="llama.cpp threads (default: the physical cores, as the engine's default)")
+    parser.add_argument("--raw-threads", default="1,2",
+                        help="thread counts of the raw llama-cpp-python columns (llamacpp engine)")
+    parser.add_argument("--streams", type=int, default=8, help="concurrent HTTP streams vs one (llamacpp)")
+    parser.add_argument("--stream-tokens", type=int, default=128, help="tokens each of those streams generates")
     parser.add_argument("--name", default=None, help="result name (default: engines, engines_gpu on CUDA)")
     args = parser.parse_args(argv)
+    args.raw_threads = [int(t) for t in args.raw_threads.split(",") if t.strip()]
     logging.basicConfig(level=logging.WARNING)
     info = model_info(args.model)
     load_before = os.getloadavg()   # a shared CPU skews every number: say how busy it was
     config = EngineConfig(llama_n_ctx=2048, llama_n_threads=args.threads, torch_max_context=2048,
                           torch_num_slots=1, max_queue=4)
-    results = [bench_engine(kind.strip(), info, config, args) for kind in args.engines.split(",") if kind.strip()]
+    kinds = [kind.strip() for kind in args.engines.split(",") if kind.strip()]
+    results = [bench_engine(kind, info, config, args) for kind in kinds if kind != "llamacpp"]
+    llamacpp = compare_llamacpp(info, args) if "llamacpp" in kinds else None
+    if llamacpp is not None:   # the in-process column, in the shape the other engines report
+        row = next(v for k, v in llamacpp["columns"].items() if k.startswith("Ebbtide engine"))
+        results.insert(0, {"engine": "llamacpp", "on_gpu": False, **row, "runs": args.runs,
+                           "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens})
     from kvcached.vmm import cuda_available
 
     name = args.name or ("engines_gpu" if cuda_available() else "engines")
     path = write_result(name, {"model": info.name, "model_bytes": info.size_bytes,
                                "llama_threads": config.resolved_threads(), "cpu_count": os.cpu_count(),
                                "loadavg_1m_before_after": [load_before[0], os.getloadavg()[0]],
-                               "results": results})
+                               "results": results, "llamacpp_vs_llama_cpp": llamacpp})
     print_table(["engine", "on_gpu", "load_s", "ttft_ms", "prefill_tok_s", "decode_tok_s"],
                 [[r["engine"], r.get("on_gpu", "-"), r.get("load_s", "-"), r.get("ttft_ms", "-"),
                   r.get("prefill_tok_s", "-"), r.get("decode_tok_s", "-")] for r in results])
+    if llamacpp is not None:
+        print_llamacpp(llamacpp)
     for r in results:
         if "error" in r:
             print(f"{r['engine']}: {r['error']}")

@@ -48,8 +48,9 @@ class EngineConfig:
 
     # --- llama.cpp ---------------------------------------------------------------
     llama_n_ctx: int | None = None              # None: engines/context.py decides; capped by the model's own
-    llama_n_batch: int = 512
-    llama_n_threads: int | None = None          # None: half the cores this process may use
+    llama_n_batch: int = 512                    # prompt tokens per decode step (and llama.cpp's n_ubatch)
+    llama_n_threads: int | None = None          # None: the physical cores this process may use
+    llama_num_slots: int = 8                    # sequences decoded together in one context
     llama_n_gpu_layers: int = -1                # when llama.cpp has GPU offload: -1 = all
     llama_embedding_n_ctx: int = 2048           # the embedding context (at most the served one), made on first use
 
@@ -84,6 +85,7 @@ class EngineConfig:
             if kind not in ENGINE_KINDS:
                 raise ConfigError(f"{key}: {kind!r} is not one of {', '.join(ENGINE_KINDS)}")
         positive = {"llama_n_batch": self.llama_n_batch, "max_context": self.max_context,
+                    "llama_num_slots": self.llama_num_slots,
                     "llama_embedding_n_ctx": self.llama_embedding_n_ctx,
                     "max_queue": self.max_queue, "torch_num_slots": self.torch_num_slots,
                     "torch_prefill_chunk": self.torch_prefill_chunk}
@@ -140,16 +142,14 @@ class EngineConfig:
         return Path.home() / ".cache" / "huggingface" / "hub"
 
     def resolved_threads(self) -> int:
-        """Half the usable cores (llama-cpp-python's default too): llama.cpp's threads
-        spin while they wait, so oversubscribed cores cost far more than idle ones.
-        Measured on a loaded 2-core VM: 32 tok/s decode on 1 thread, 3 tok/s on 2."""
+        """One thread per physical core, llama.cpp's own default (and what its tools use):
+        hyper-threads add nothing to its matrix kernels. A busy shared machine may do
+        better with fewer: the llama_threads setting overrides."""
         if self.llama_n_threads is not None:
             return self.llama_n_threads
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # macOS and Windows have no affinity call
-            cores = os.cpu_count() or 1
-        return max(1, cores // 2)
+        from engines.cpu_cores import physical_cores
+
+        return physical_cores()
 
     def engine_for(self, model_name: str) -> str:
         """The engine asked for this model: its override, else the default ("auto" allowed)."""
@@ -192,6 +192,8 @@ def config_from_settings(settings: object, **overrides: object) -> EngineConfig:
         "model_dirs": tuple(getattr(settings, "model_dirs", ()) or ()),
         # What the broker can ever grant: the budget of all models together, where one is set.
         "kv_budget_bytes": int(getattr(settings, "budget_bytes", 0) or 0) or None,
+        "llama_num_slots": getattr(settings, "num_slots", EngineConfig.llama_num_slots),
+        "llama_n_threads": getattr(settings, "llama_threads", 0) or None,   # 0: one per physical core
         "engine_overrides": {name: m.engine for name, m in models.items()
                              if getattr(m, "engine", "auto") != "auto"},
         "context_overrides": {name: m.context_length for name, m in models.items()

@@ -65,6 +65,7 @@ class Lease:
         self.manager = manager
         self.loaded = loaded
         self.keep_alive_s = keep_alive_s
+        self.keep_alive_cut: str | None = None   # said to the client when its keep_alive was cut
         self.load_ns = 0
         self._released = False
         self._requests: list[GenerateRequest] = []
@@ -99,6 +100,7 @@ class ModelManager:
         self._reaper: asyncio.Task | None = None
         self._watchdog = None     # kvcached.broker.watchdog.Watchdog, from start()
         self._closing = False
+        self._cut_logged: set[tuple[str, float]] = set()
 
     # --- looking up -------------------------------------------------------------
     async def resolve(self, name: str | None) -> ModelInfo:
@@ -122,6 +124,7 @@ class ModelManager:
         started = time.perf_counter_ns()
         loaded = await self._ensure_loaded(info)
         lease = Lease(self, loaded, keep)
+        lease.keep_alive_cut = self._keep_alive_cut(info.name, keep_alive_s, keep)
         lease.load_ns = time.perf_counter_ns() - started
         loaded.active += 1
         loaded.expires_at = math.inf
@@ -135,6 +138,21 @@ class ModelManager:
         if requested_s is None or requested_s < 0:
             return ceiling
         return min(requested_s, ceiling)
+
+    def _keep_alive_cut(self, name: str, requested_s: float | None, granted_s: float) -> str | None:
+        """A note when the client asked to keep the model longer than the keep_alive setting allows
+        (logged once per model and value: Zed sends -1 on every request)."""
+        if requested_s is None or granted_s == math.inf:
+            return None
+        wanted = math.inf if requested_s < 0 else requested_s
+        if wanted <= granted_s:
+            return None
+        note = (f"{'forever' if wanted == math.inf else f'{wanted:g} s'} asked, {granted_s:g} s granted: "
+                f"the keep_alive setting (settings.toml or EBBTIDE_KEEP_ALIVE) is the ceiling")
+        if (name, wanted) not in self._cut_logged:
+            self._cut_logged.add((name, wanted))
+            log.info("%s: keep_alive %s", name, note)
+        return note
 
     def _release(self, lease: Lease) -> None:
         loaded = lease.loaded

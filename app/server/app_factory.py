@@ -19,7 +19,7 @@ from app.server import (auth, control_routes, errors, llamacpp_routes, ollama_in
 from app.server.context import VERSION, ServerContext, ctx_of
 from app.server.json_body import JsonBodyMiddleware
 from app.server.metrics import MetricsMiddleware
-from app.server.security import SecurityMiddleware, SecurityPolicy
+from app.server.security import SecurityMiddleware, SecurityPolicy, origins_regex
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,14 @@ def create_app(ctx: ServerContext) -> FastAPI:
                             allow_non_loopback=ctx.settings.allow_non_loopback,
                             allowed_origins=tuple(o.rstrip("/") for o in ctx.settings.allowed_origins),
                             max_body_bytes=ctx.settings.max_body_bytes)
-    # Last added runs first: the security check sees every request before anything else.
-    # CORS answers only for origins the user configured (the dashboard is same-origin).
-    if policy.allowed_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(policy.allowed_origins), allow_methods=["*"],
-                           allow_headers=["*"], allow_credentials=False)
+    # Last added runs first: metrics count every request, refused ones too (403, 413, 400),
+    # then the security check sees each before anything else. CORS answers only for the
+    # allowed origins (the defaults and the user's; the dashboard is same-origin).
+    app.add_middleware(CORSMiddleware, allow_origin_regex=origins_regex(policy.origin_patterns),
+                       allow_methods=["*"], allow_headers=["*"], allow_credentials=False)
     app.add_middleware(JsonBodyMiddleware)
-    app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)
     app.add_middleware(SecurityMiddleware, policy=policy)
+    app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)
     return app
 
 

@@ -36,7 +36,7 @@ router = APIRouter(prefix="/control", tags=["control"], dependencies=[Depends(re
 
 
 class AutoYieldBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     enabled: bool
 
 

@@ -116,19 +116,22 @@ def stream_error_line(exc: BaseException, dialect: Dialect) -> bytes:
     return json.dumps(body).encode()
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
+def _validation_message(exc: RequestValidationError) -> str:
     problems = []
-    status = 422
     for err in exc.errors():
         if err.get("type") == "json_invalid":
-            return 400, f"malformed JSON body: {err.get('msg', '')}"
+            return f"malformed JSON body: {err.get('msg', '')}"
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         problems.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
-    return status, "invalid request: " + "; ".join(problems[:5])
+    return "invalid request: " + "; ".join(problems[:5])
 
 
-# Clients of these dialects expect 400 for any invalid body, as their servers answer.
-_VALIDATION_STATUS = {Dialect.OPENAI: 400, Dialect.OLLAMA: 400, Dialect.LLAMACPP: None}
+# Request models are strict (pydantic strict=True): "stream": "yes" or "n_predict": "5" is a
+# field of the wrong type, refused with its name, never coerced into a guess.
+# One status per kind of bad input, on every route: a body that is not what the route takes
+# (malformed JSON, a missing field, a field of the wrong type) is 400, as OpenAI, Ollama and
+# llama.cpp's server all answer; FastAPI's own 422 is never sent.
+VALIDATION_STATUS = 400
 
 
 def install(app: FastAPI) -> None:
@@ -136,9 +139,9 @@ def install(app: FastAPI) -> None:
 
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         dialect = dialect_of(request.url.path)
-        status, message = _validation_message(exc)
-        status = _VALIDATION_STATUS[dialect] or status
-        return JSONResponse(error_body(dialect, status, "invalid_request_error", message), status_code=status)
+        message = _validation_message(exc)
+        return JSONResponse(error_body(dialect, VALIDATION_STATUS, "invalid_request_error", message),
+                            status_code=VALIDATION_STATUS)
 
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         dialect = dialect_of(request.url.path)

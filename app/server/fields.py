@@ -28,7 +28,7 @@ class Strict(BaseModel):
     """A request body (or part of one) that refuses fields it does not know.
     IGNORED: fields the reference server accepts and ignores; accepted, dropped.
     REFUSED: fields named with the reason they answer 400."""
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)   # "stream": "yes" is refused, not coerced
     WHERE: ClassVar[str] = "body"
     IGNORED: ClassVar[frozenset[str]] = frozenset()
     REFUSED: ClassVar[dict[str, str]] = {}
@@ -115,7 +115,8 @@ FIELDS: dict[str, dict[str, tuple[str, str]]] = {
         "grammar": (H, "GBNF, constrained decoding"), "t_max_predict_ms": (H, "generation deadline"),
         "t_max_prompt_ms": (H, "prompt deadline: a prompt not evaluated in time answers empty"),
         "n_indent": (H, "stops a line that comes back to a shallower indent"),
-        "cache_prompt": (I, "always cached"), "id_slot": (I, "one slot per model here"),
+        "cache_prompt": (I, "always cached"),
+        "id_slot": (I, "a request takes the free slot holding the longest cached prefix of its prompt"),
         "samplers": (R, "the sampler order is llama.cpp's default"), "logit_bias": (R, "not supported"),
         "mirostat": (R, "not supported"), "typical_p": (R, "not supported"),
     },

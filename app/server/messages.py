@@ -24,6 +24,7 @@ from engines.types import ChatMessage
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 # OpenAI's newer "developer" role is what "system" was; chat templates know only "system".
 ROLE_ALIASES = {"developer": "system", "function": "tool"}
+IMAGES_REFUSED = "images: this model takes text only (no engine here has a vision encoder)"
 
 
 class ContentPart(Strict):
@@ -52,7 +53,7 @@ class ChatMessageIn(Strict):
 
 def _text_of(message: ChatMessageIn) -> str:
     if message.images:
-        raise BadRequest("images: this model takes text only")
+        raise BadRequest(IMAGES_REFUSED)
     content = message.content
     if content is None:
         return ""

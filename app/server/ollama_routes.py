@@ -20,10 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.server.context import ServerContext, ctx_of
 from app.server.embedding_sizes import shorten
-from app.server.errors import Dialect
+from app.server.errors import BadRequest, Dialect
 from app.server.fields import FIELDS, Strict, warn_unapplied_options
 from app.server.generation import Generation, start_generation
-from app.server.messages import ChatMessageIn, to_messages
+from app.server.messages import IMAGES_REFUSED, ChatMessageIn, to_messages
 from app.server.ollama_format import now_rfc3339, parse_keep_alive
 from app.server.sampling import make_sampling
 from app.server.shaping import OutputShaper, make_shaper
@@ -41,7 +41,7 @@ DONE_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", Finish
 class Options(BaseModel):
     """Ollama's options. Ollama itself warns about keys it does not know and goes on; so do we,
     once per model, naming every key that is not applied (fields.OLLAMA_OPTIONS)."""
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     num_ctx: int | None = Field(None, ge=1)
     num_predict: int | None = None
     temperature: float | None = Field(None, ge=0)
@@ -86,6 +86,7 @@ class GenerateBody(_Common):
     suffix: str | None = None
     system: str | None = None
     raw: bool | None = False
+    images: list[str] | None = None
 
 
 class ChatBody(_Common):
@@ -130,6 +131,8 @@ def _request(body: _Common, info, kind: RequestKind, **fields) -> GenerateReques
 
 
 def _generate_request(body: GenerateBody, info) -> GenerateRequest:
+    if body.images:   # as the OpenAI route and /api/chat answer: no engine here sees images
+        raise BadRequest(IMAGES_REFUSED)
     prompt = body.prompt or ""
     if body.suffix:
         return _request(body, info, RequestKind.INFILL, prompt=prompt, suffix=body.suffix)
@@ -214,7 +217,8 @@ async def _load_only(ctx: ServerContext, model: str, keep_alive: float | None, e
     lease = await ctx.manager.lease(model, keep_alive)
     lease.release()
     return JSONResponse({"model": lease.loaded.name, "created_at": now_rfc3339(), **empty,
-                         "done": True, "done_reason": "load", "load_duration": lease.load_ns})
+                         "done": True, "done_reason": "load", "load_duration": lease.load_ns},
+                        headers=_keep_alive_headers(lease))
 
 
 def _final(gen: Generation, piece: dict) -> dict:
@@ -227,6 +231,14 @@ def _final(gen: Generation, piece: dict) -> dict:
             "eval_duration": usage.eval_ns}
 
 
+KEEP_ALIVE_HEADER = "X-Ebbtide-Keep-Alive"
+
+
+def _keep_alive_headers(lease) -> dict[str, str]:
+    """Says so when the client's keep_alive was cut to the keep_alive setting."""
+    return {KEEP_ALIVE_HEADER: lease.keep_alive_cut} if lease.keep_alive_cut else {}
+
+
 async def _respond(gen: Generation, stream: bool, shaper: OutputShaper, piece, client: Request):
     with_logprobs = gen.request.top_logprobs >= 0
     if not stream:
@@ -236,7 +248,7 @@ async def _respond(gen: Generation, stream: bool, shaper: OutputShaper, piece, c
         final = _final(gen, piece(shaper.thinking, shaper.content, shaper.calls))
         if with_logprobs:
             final["logprobs"] = _logprobs_json(gen.logprobs)
-        return JSONResponse(final)
+        return JSONResponse(final, headers=_keep_alive_headers(gen.lease))
 
     def line(thinking: str, content: str, calls: list, logprobs=()) -> bytes:
         out = {"model": gen.model, "created_at": now_rfc3339(), **piece(thinking, content, calls), "done": False}
@@ -255,7 +267,7 @@ async def _respond(gen: Generation, stream: bool, shaper: OutputShaper, piece, c
         yield ndjson(_final(gen, piece("", "", [])))
 
     return StreamingResponse(guarded(lines(), gen.close, Dialect.OLLAMA), media_type=NDJSON_MEDIA,
-                             headers=STREAM_HEADERS)
+                             headers={**STREAM_HEADERS, **_keep_alive_headers(gen.lease)})
 
 
 async def _embed(ctx: ServerContext, model: str, texts: list[str], keep_alive: float | None, truncate: bool = False):

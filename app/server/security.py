@@ -16,6 +16,7 @@ untouched and the per-token cost stays near zero.
 """
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import json
 import logging
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from urllib.parse import urlsplit
 
+from app import env
 from app.server import auth
 from app.server.errors import dialect_of, error_body
 
@@ -52,6 +54,22 @@ def _strip_port(host: str) -> str:
     return host
 
 
+# Origins of editor webviews and desktop shells, which Ollama allows by default too: pages
+# there are the user's own tools (VS Code extensions, Tauri and Electron apps), not web sites.
+DEFAULT_ORIGINS = ("app://*", "file://*", "tauri://*", "vscode-webview://*")
+ORIGINS_SETTING = "allowed_origins"
+
+
+def origin_matches(origin: str, patterns: tuple[str, ...]) -> bool:
+    """An exact origin, or a pattern with * (\"app://*\", \"http://localhost:*\")."""
+    return any(fnmatch.fnmatchcase(origin, pattern) for pattern in patterns)
+
+
+def origins_regex(patterns: tuple[str, ...]) -> str:
+    """One regular expression for CORS that matches what origin_matches accepts."""
+    return "|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)
+
+
 @dataclass(frozen=True)
 class SecurityPolicy:
     port: int
@@ -59,6 +77,11 @@ class SecurityPolicy:
     allow_non_loopback: bool = False       # the user bound the daemon off loopback on purpose
     allowed_origins: tuple[str, ...] = ()  # extra browser origins, e.g. "http://localhost:5173"
     max_body_bytes: int = 8 << 20
+    default_origins: tuple[str, ...] = DEFAULT_ORIGINS
+
+    @property
+    def origin_patterns(self) -> tuple[str, ...]:
+        return self.default_origins + self.allowed_origins
 
     def host_allowed(self, host: str | None) -> bool:
         if self.allow_non_loopback:
@@ -68,12 +91,14 @@ class SecurityPolicy:
     def origin_allowed(self, origin: str | None) -> bool:
         if origin is None:
             return True  # not a browser's cross-origin request
+        if origin_matches(origin, self.origin_patterns):   # as sent: "file://" stays itself
+            return True
         origin = origin.rstrip("/")
-        if origin in self.allowed_origins or "*" in self.allowed_origins:
+        if origin_matches(origin, self.origin_patterns):
             return True
         parts = urlsplit(origin)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            return False  # "null", file://, extension schemes: not configured, refused
+            return False  # "null", extension schemes: not configured, refused
         # The dashboard's own origin: a loopback name on our own port.
         return is_loopback_host(parts.hostname) and parts.port == self.port
 
@@ -103,7 +128,10 @@ class SecurityMiddleware:
         if not self.policy.host_allowed(headers.get("host")):
             return 403, "Host header must name a loopback host (127.0.0.1 or localhost)"
         if not self.policy.origin_allowed(headers.get("origin")):
-            return 403, f"browser origin {headers.get('origin')!r} is not allowed"
+            origin = headers.get("origin")
+            return 403, (f"browser origin {origin!r} is not allowed. To allow it, add it to {ORIGINS_SETTING} "
+                         f"in settings.toml (allowed_origins = [{json.dumps(origin)}]) or to the "
+                         f"{env.ORIGINS} environment variable, then restart Ebbtide")
         length = headers.get("content-length")
         if length is not None:
             if not length.isdigit():

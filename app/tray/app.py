@@ -77,7 +77,8 @@ class TrayApp:
     def refresh(self) -> TrayView:
         at_login, endpoint = self._start_at_login(), self.client.base_url
         if self.supervisor is not None and self.supervisor.state is DaemonState.FAILED:
-            view = down_view(TrayMode.ERROR, f"the daemon exited with {self.supervisor.last_exit}",
+            view = down_view(TrayMode.ERROR, f"the daemon exited with {self.supervisor.last_exit}; "
+                                             f"its log: {self.supervisor.log_file}",
                              start_at_login=at_login, endpoint=endpoint)
         else:
             try:
@@ -208,8 +209,8 @@ def run_headless(supervisor: DaemonSupervisor, stop: threading.Event) -> int:
     """Supervise the daemon until it fails for good or stop is set (SIGTERM, SIGINT)."""
     while not stop.wait(0.5):
         if supervisor.state is DaemonState.FAILED:
-            print(f"ebbtide: the daemon keeps failing (exit {supervisor.last_exit}); see the daemon log.",
-                  file=sys.stderr)
+            print(f"ebbtide: the daemon keeps failing (exit {supervisor.last_exit}); its log is "
+                  f"{supervisor.log_file}", file=sys.stderr)
             return exit_codes.ERROR
     supervisor.stop()
     return exit_codes.OK

@@ -6,12 +6,15 @@ an idle context and forgets its cached conversation, pause saves the context
 state to host memory and frees the context (weights stay), resume restores
 it, unload frees everything. The weights load through llama_cpp's thin
 wrappers with params from options.py (use_extra_bufts off: the AMX segfault).
-All context work runs on one worker thread (worker.py); requests queue there,
-and a full queue answers EngineBusy. Embeddings use a second, small context
+All context work runs on one worker thread (worker.py): generation as
+continuous batching over the context's slots (batcher.py: many requests
+decode together, each in its own sequence with its own sampler), and the
+broker's verbs between two steps. A full queue answers EngineBusy. Embeddings use a second, small context
 with embeddings on, over the same weights, made on first use.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -25,9 +28,10 @@ from llama_cpp import _internals as internals
 from engines.base import Engine, ModelInfo, ProgressCallback
 from engines.config import EngineConfig
 from engines.context import served_context
-from engines.errors import ContextOverflow, EngineError, ModelLoadError
+from engines.errors import ContextOverflow, ModelLoadError
 from engines.llamacpp import embedding, options
-from engines.llamacpp.generation import run_generation
+from engines.llamacpp.batcher import Batcher
+from engines.llamacpp.generation import Sequence
 from engines.llamacpp.native import route_native_logs, token_piece
 from engines.llamacpp.prompt import PromptBuilder
 from engines.llamacpp.session import Session, kv_bytes_per_token
@@ -53,6 +57,7 @@ class LlamaCppEngine(Engine):
         self._model: internals.LlamaModel | None = None
         self._prompts: PromptBuilder | None = None
         self._worker: Worker | None = None
+        self._batcher: Batcher | None = None
         self._session: Session | None = None        # touched on the worker thread only
         self._paused: PausedState | None = None
         self._embedder: embedding.Embedder | None = None
@@ -95,8 +100,12 @@ class LlamaCppEngine(Engine):
         reporter.report(0.95, "allocating")
         self._session = Session(self._model, self._context_params())
         self._worker = Worker(self.info.name, self.config.max_queue)
-        log.info("loaded %s with llama.cpp: %d MB weights, n_ctx %d, %s", self.info.name,
-                 self._weights_bytes >> 20, self._session.n_ctx, "GPU" if self._on_gpu else "CPU")
+        self._batcher = Batcher(self.info.name, self.config.max_queue, self._ready_session,
+                                self._take_load_ns, self._worker.wake)
+        self._worker.stepper = self._batcher
+        log.info("loaded %s with llama.cpp: %d MB weights, n_ctx %d, %d slots, %d threads, %s", self.info.name,
+                 self._weights_bytes >> 20, self._session.n_ctx, len(self._session.slots),
+                 self.config.resolved_threads(), "GPU" if self._on_gpu else "CPU")
 
     def _context_params(self) -> llama_cpp.llama_context_params:
         return options.context_params(self.config, self.n_ctx)
@@ -108,13 +117,22 @@ class LlamaCppEngine(Engine):
             freed = self.memory().total_bytes
             worker, self._worker = self._worker, None
             if worker is not None:
-                worker.call(self._free_contexts)   # after every queued request has run
+                worker.call(self._finish_then_free)   # after every request in the batch has ended
                 worker.stop()
                 self._idle_since = worker.idle_since
+            self._batcher = None
             self._free_native()
             self._state = ModelState.UNLOADED
             log.info("unloaded %s: %d MB given back", self.info.name, freed >> 20)
             return freed
+
+    def _finish_then_free(self) -> int:
+        """Worker thread: run the batch until every admitted and queued request has ended
+        (no new ones come: generate() submits under the load lock unload holds)."""
+        batcher = self._batcher
+        while batcher is not None and batcher.has_work:
+            batcher.step()
+        return self._free_contexts()
 
     def _free_contexts(self) -> int:
         freed = self._held_kv_bytes()
@@ -142,39 +160,25 @@ class LlamaCppEngine(Engine):
     def generate(self, request: GenerateRequest) -> Iterator[StreamChunk]:
         self.load()
         out: queue.Queue = queue.Queue()
-
-        def job() -> None:
-            try:
-                started, was_ready = time.perf_counter_ns(), self._session is not None
-                session = self._ready_session()
-                load_ns, self._unreported_load_ns = self._unreported_load_ns, 0
-                if not was_ready:   # resumed or recreated: this request waited for it
-                    load_ns += time.perf_counter_ns() - started
-                run_generation(session, request, prompt, out.put, load_ns)
-            except RuntimeError as exc:   # llama.cpp's wrappers raise RuntimeError for native failures
-                out.put(EngineError(f"{self.info.name}: llama.cpp failed: {exc}"))
-            except BaseException as exc:
-                out.put(exc)
-            finally:
-                out.put(TokenStream.END)
-
         # Under the lock, so an unload cannot free the model while the prompt is tokenized
         # nor stop the worker between building the prompt and queueing it.
         with self._load_lock:
-            if self._prompts is None or self._worker is None:   # unloaded since load() above
+            if self._prompts is None or self._batcher is None:   # unloaded since load() above
                 return self.generate(request)
             prompt = self._prompts.build(request)
             n_ctx = self._context_for(request)
             if len(prompt) >= n_ctx:
                 raise ContextOverflow(f"the prompt is {len(prompt)} tokens; {self.info.name} is served with "
                                       f"a context of {n_ctx} (one token must stay free to generate)")
-            self._worker.submit(job, is_request=True)
+            self._batcher.submit(Sequence(request, prompt, out.put, on_end=lambda: out.put(TokenStream.END),
+                                          vocab=self._model.vocab, n_ctx=n_ctx))
         return TokenStream(request, out)
 
     def _context_for(self, request: GenerateRequest) -> int:
         """The context this request gets. A num_ctx above the served one grows the context
-        (up to the trained length), as Ollama reloads for it: the next job recreates the
-        session at the new size, cached conversation dropped. A smaller one bounds this request."""
+        (up to the trained length), as Ollama reloads for it: the next step recreates the
+        session at the new size (running sequences re-read what they held; idle caches are
+        dropped). A smaller one bounds this request."""
         asked = request.num_ctx
         if asked is None:
             return self.n_ctx
@@ -185,6 +189,11 @@ class LlamaCppEngine(Engine):
             log.info("%s: context grows to %d tokens (num_ctx %d)", self.info.name, self.n_ctx, asked)
         return min(asked, self.n_ctx)
 
+    def _take_load_ns(self) -> int:
+        """The load's (or a resume's) time, once: the request that waited for it reports it."""
+        load_ns, self._unreported_load_ns = self._unreported_load_ns, 0
+        return load_ns
+
     def _ready_session(self) -> Session:
         """The context to serve on: resumed if paused, recreated if dropped or grown. Worker thread."""
         assert self._model is not None
@@ -192,9 +201,11 @@ class LlamaCppEngine(Engine):
             self._session.close()
             self._session = None
         if self._session is None:
+            started = time.perf_counter_ns()
             paused, self._paused = self._paused, None
-            self._session = resume_session(self._model, self._context_params(), paused or PausedState(b"", ()))
+            self._session = resume_session(self._model, self._context_params(), paused or PausedState({}))
             self._state = ModelState.LOADED
+            self._unreported_load_ns += time.perf_counter_ns() - started
         return self._session
 
     def embed(self, texts: list[str], truncate: bool = False) -> EmbeddingResult:
@@ -239,7 +250,7 @@ class LlamaCppEngine(Engine):
         return MemoryReport(
             weights_bytes=self._weights_bytes if self._model is not None else 0,
             kv_held_bytes=self._held_kv_bytes(),
-            kv_live_bytes=len(session.tokens) * self._kv_per_token if session is not None else 0,
+            kv_live_bytes=session.num_tokens * self._kv_per_token if session is not None else 0,
             paused_host_bytes=paused.host_bytes if paused is not None else 0,
             on_gpu=self._on_gpu)
 
@@ -262,7 +273,13 @@ class LlamaCppEngine(Engine):
         worker = self._worker
         if worker is None or worker.busy:
             return 0
-        return self._on_worker(lambda: 0 if worker.num_waiting else self._free_contexts(), 0)
+        batcher = self._batcher
+
+        def drop() -> int:   # on the worker: a request may have come while this waited
+            if worker.num_waiting or (batcher is not None and batcher.has_work):
+                return 0
+            return self._free_contexts()
+        return self._on_worker(drop, 0)
 
     def pause(self) -> int:
         return self._on_worker(self._pause_on_worker, 0)
@@ -293,6 +310,32 @@ class LlamaCppEngine(Engine):
         return worker.idle_since if worker is not None else self._idle_since
 
     # --- for tests and benchmarks ----------------------------------------------------
+    @contextlib.contextmanager
+    def admitted_together(self) -> Iterator[None]:
+        """Requests submitted inside the block join the batch in one step (the worker
+        waits for the block to end): identical batches, so sampled outputs compare."""
+        self.load()
+        gate = threading.Event()
+        assert self._worker is not None
+        done = self._worker.submit(gate.wait, is_request=False)
+        try:
+            yield
+        finally:
+            gate.set()
+            done.result()
+
+    @property
+    def num_running(self) -> int:
+        """Requests holding a slot (reading their prompt or generating)."""
+        batcher = self._batcher
+        return batcher.num_running if batcher is not None else 0
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued for a slot."""
+        batcher = self._batcher
+        return batcher.num_waiting if batcher is not None else 0
+
     @property
     def num_evaluated(self) -> int:
         """Tokens the current context has decoded since it was made or restored."""

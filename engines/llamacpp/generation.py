@@ -1,13 +1,17 @@
-"""One generation on a llama.cpp session: prefill what is new, then sample, stream, stop.
+"""One request's generation as a sequence in the shared batch: its prompt still to read,
+its own sampler, and the text it streams.
 
-Runs on the engine's worker thread. Text streams as UTF-8 is completed (a
-token may end mid-character) and with stop strings held back (the client
-never sees a stop string or a piece of one). It ends on an end-of-generation
-token, a stop token or string, max_tokens, a full context (the session's, or
-the smaller one the request asked for: Ollama num_ctx), its deadline
-(llama.vscode's t_max_predict_ms), or cancellation. A constraint (JSON schema
-or GBNF) runs as llama.cpp's grammar sampler; asked-for logprobs ride on the
-chunks.
+The batcher (batcher.py) feeds a sequence's tokens into the context's batches
+and hands it the batch index of its logits; the sequence samples with its own
+sampler chain (its temperature, seed, penalties), decides whether it stops,
+and emits text. Text streams as UTF-8 is completed (a token may end mid-
+character) and with stop strings held back (the client never sees a stop
+string or a piece of one). It ends on an end-of-generation token, a stop token
+or string, max_tokens, a full context (the session's, or the smaller one the
+request asked for: Ollama num_ctx), its deadline (llama.vscode's
+t_max_predict_ms; t_max_prompt_ms ends a prompt still being read with nothing),
+or cancellation. A constraint (JSON schema or GBNF) runs as llama.cpp's grammar
+sampler, first in the sequence's chain; asked-for logprobs ride on the chunks.
 """
 from __future__ import annotations
 
@@ -17,16 +21,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import llama_cpp
+from llama_cpp import _internals as internals
 
 from engines.llamacpp.grammar import grammar_sampler
 from engines.llamacpp.logprobs import token_logprob
 from engines.llamacpp.native import token_piece
 from engines.llamacpp.sampling import build_sampler
-from engines.llamacpp.session import Session
+from engines.llamacpp.session import Session, Slot
 from engines.torch.serve.stops import StopMatcher
 from engines.types import FinishReason, GenerateRequest, StreamChunk, Usage
 
-Emit = Callable[[StreamChunk], None]
+Emit = Callable[[object], None]   # a StreamChunk, or an exception that ends the stream
 
 
 @dataclass
@@ -56,72 +61,144 @@ class _Output:
                               logprobs=tuple(self.pending_logprobs)))
 
 
-@dataclass
-class _Until:
-    """What Session.decode polls between batches: cancelled, or past the prompt deadline."""
-    request: GenerateRequest
-    deadline: float | None
+class Sequence:
+    """A request between admission and its last chunk. Worker thread only, except
+    `request.cancelled`, which the client's side sets."""
 
-    def is_set(self) -> bool:
-        return self.request.cancelled.is_set() or (self.deadline is not None and time.monotonic() > self.deadline)
+    def __init__(self, request: GenerateRequest, prompt: list[int], emit: Emit, on_end: Callable[[], None],
+                 vocab, n_ctx: int) -> None:
+        """vocab: the model's (the grammar and logprobs read it); n_ctx: the context this
+        request may fill (at most the session's)."""
+        self.request = request
+        self.prompt = prompt
+        self.vocab = vocab
+        self.n_ctx = n_ctx
+        now = time.monotonic()
+        self.prompt_deadline = now + request.prompt_deadline_s if request.prompt_deadline_s else None
+        self.deadline = now + request.deadline_s if request.deadline_s else None
+        self.emit = emit
+        self._on_end = on_end
+        self.out = _Output(emit=emit, matcher=StopMatcher(tuple(request.sampling.stop)))
+        # Built here, on the caller's thread: a grammar llama.cpp cannot parse is a 400 at
+        # once. A preempted sequence keeps its sampler (and its grammar's state).
+        grammar = grammar_sampler(vocab, request.constraint) if request.constraint is not None else None
+        self.sampler: internals.LlamaSampler | None = build_sampler(request.sampling, prompt, grammar)
+        self.started = False             # admitted at least once
+        self.slot: Slot | None = None
+        self.to_eval: list[int] = []     # tokens to decode next: the prompt's rest, or the last sampled one
+        self.history: list[int] = []     # what the slot's KV should hold (checked after a resume)
+        self.cached = 0
+        self.num_generated = 0
+        self.load_ns = 0
+        self.admitted_ns = 0
+        self.first_token_ns = 0
+        self.ended = False
 
+    @property
+    def cancelled(self) -> bool:
+        return self.request.cancelled.is_set()
 
-def _stop_reason(session: Session, token: int, request: GenerateRequest) -> FinishReason | None:
-    params = request.sampling
-    if not params.ignore_eos and llama_cpp.llama_vocab_is_eog(session.model.vocab, token):
-        return FinishReason.STOP
-    if token in params.stop_token_ids:
-        return FinishReason.STOP
-    return None
+    @property
+    def prompt_overdue(self) -> bool:
+        """Its prompt is still being read past the prompt deadline: it ends with nothing."""
+        return self.prompt_deadline is not None and not self.first_token_ns \
+            and time.monotonic() > self.prompt_deadline
 
+    def admit(self, slot: Slot, cached: int, load_ns: int) -> None:
+        self.slot, self.load_ns = slot, self.load_ns + load_ns
+        self.admitted_ns = self.admitted_ns or time.perf_counter_ns()
+        if not self.started:         # first admission
+            self.started = True
+            self.cached = cached
+            self.to_eval = self.prompt[cached:]
+            self.history = list(self.prompt[:cached])
+        else:
+            self.to_eval = self.history[cached:] + self.to_eval
+            del self.history[cached:]
 
-def run_generation(session: Session, request: GenerateRequest, prompt: list[int], emit: Emit,
-                   load_ns: int = 0) -> None:
-    """Generate for request on session, emitting chunks; the last carries finish_reason and usage.
-    load_ns: time this request waited for a load or resume, reported as Usage.load_ns."""
-    params = request.sampling
-    out = _Output(emit=emit, matcher=StopMatcher(tuple(params.stop)))
-    started = time.perf_counter_ns()
-    prepared = session.prepare(prompt)
-    until = _Until(request, time.monotonic() + request.prompt_deadline_s if request.prompt_deadline_s else None)
-    done = session.decode(prepared.to_eval, until)
-    prefilled = time.perf_counter_ns()
-    if request.cancelled.is_set():
-        reason, num_generated = FinishReason.CANCELLED, 0
-    elif done < len(prepared.to_eval):   # the prompt deadline passed: nothing to answer from
-        reason, num_generated = FinishReason.LENGTH, 0
-    else:
-        reason, num_generated = _sample_loop(session, request, out)
-    usage = Usage(prompt_tokens=len(prompt), completion_tokens=num_generated, cached_tokens=prepared.cached,
-                  prompt_eval_ns=prefilled - started, eval_ns=time.perf_counter_ns() - prefilled,
-                  load_ns=load_ns)
-    out.finish(reason, usage)
+    def preempt(self) -> None:
+        """Out of the context, back to the queue; on readmission it re-reads what it held."""
+        self.slot = None
 
+    def queue_tokens(self, session: Session, room: int) -> int | None:
+        """Put up to room of this sequence's next tokens in the batch; the batch index of
+        the logits it will sample from when this chunk ends its prompt, else None."""
+        assert self.slot is not None
+        chunk = self.to_eval[:room]
+        last = len(chunk) == len(self.to_eval)
+        index = None
+        for i, token in enumerate(chunk):
+            index = session.add(self.slot, token, logits=last and i == len(chunk) - 1)
+        self.history.extend(chunk)
+        del self.to_eval[:len(chunk)]
+        return index if last else None
 
-def _sample_loop(session: Session, request: GenerateRequest, out: _Output) -> tuple[FinishReason, int]:
-    params = request.sampling
-    vocab = session.model.vocab
-    grammar = grammar_sampler(vocab, request.constraint) if request.constraint is not None else None
-    sampler = build_sampler(params, session.tokens, grammar)
-    n_ctx = min(session.n_ctx, request.num_ctx or session.n_ctx)
-    deadline = time.monotonic() + request.deadline_s if request.deadline_s else None
-    try:
-        for num_generated in range(params.max_tokens):
-            if request.cancelled.is_set():
-                return FinishReason.CANCELLED, num_generated
-            token = sampler.sample(session.ctx, -1)
-            reason = _stop_reason(session, token, request)
-            if reason is not None:
-                return reason, num_generated + 1
-            logprob = token_logprob(session.ctx.ctx, vocab, token, request.top_logprobs) \
-                if request.top_logprobs >= 0 else None
-            out.add(token, token_piece(vocab, token), logprob)
-            if out.matcher.is_stopped:
-                return FinishReason.STOP, num_generated + 1
-            if len(session.tokens) >= n_ctx or (deadline is not None and time.monotonic() > deadline):
-                return FinishReason.LENGTH, num_generated + 1
-            if num_generated + 1 < params.max_tokens:
-                session.decode([token])   # its KV, and the logits of the next step
-        return FinishReason.LENGTH, params.max_tokens
-    finally:
-        sampler.close()
+    def unqueue(self, count: int) -> None:
+        """The batch was not decoded: put its last `count` tokens back."""
+        if count:
+            self.to_eval[:0] = self.history[-count:]
+            del self.history[-count:]
+
+    def sample(self, session: Session, index: int) -> bool:
+        """Sample the next token from the batch's logits at index; False when the sequence ended."""
+        assert self.sampler is not None and self.slot is not None
+        if self.prompt_overdue or self.request.sampling.max_tokens == 0:
+            self.finish(FinishReason.LENGTH)
+            return False
+        if not self.first_token_ns:
+            self.first_token_ns = time.perf_counter_ns()
+        token = self.sampler.sample(session.ctx, index)
+        self.num_generated += 1
+        reason = self._stop_reason(session, token)
+        if reason is None:
+            self.out.add(token, token_piece(self.vocab, token), self._logprob(session, token, index))
+            reason = self._length_reason(session)
+        if reason is not None:
+            self.finish(reason)
+            return False
+        self.to_eval = [token]     # its KV, and the logits of the next step
+        return True
+
+    def _logprob(self, session: Session, token: int, index: int):
+        top_n = self.request.top_logprobs
+        return token_logprob(session.ctx.ctx, self.vocab, token, top_n, index) if top_n >= 0 else None
+
+    def _length_reason(self, session: Session) -> FinishReason | None:
+        if self.out.matcher.is_stopped:
+            return FinishReason.STOP
+        full = len(self.slot.tokens) >= min(session.n_ctx, self.n_ctx)
+        late = self.deadline is not None and time.monotonic() > self.deadline
+        if full or late or self.num_generated >= self.request.sampling.max_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def _stop_reason(self, session: Session, token: int) -> FinishReason | None:
+        params = self.request.sampling
+        if not params.ignore_eos and llama_cpp.llama_vocab_is_eog(session.model.vocab, token):
+            return FinishReason.STOP
+        if token in params.stop_token_ids:
+            return FinishReason.STOP
+        return None
+
+    def finish(self, reason: FinishReason) -> None:
+        if self.ended:
+            return
+        now = time.perf_counter_ns()
+        first = self.first_token_ns or now
+        usage = Usage(prompt_tokens=len(self.prompt), completion_tokens=self.num_generated,
+                      cached_tokens=self.cached, prompt_eval_ns=first - (self.admitted_ns or first),
+                      eval_ns=now - first, load_ns=self.load_ns)
+        self.out.finish(reason, usage)
+        self._end()
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.ended:
+            self.emit(exc)
+            self._end()
+
+    def _end(self) -> None:
+        self.ended = True
+        if self.sampler is not None:
+            self.sampler.close()
+            self.sampler = None
+        self._on_end()

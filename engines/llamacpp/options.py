@@ -77,11 +77,18 @@ def context_params(config: EngineConfig, n_ctx: int, embeddings: bool = False) -
     params = llama_cpp.llama_context_default_params()
     threads = config.resolved_threads()
     params.n_ctx = n_ctx
+    # n_batch is the tokens one step may carry (prompt chunks plus one token of every
+    # running sequence); n_ubatch the tokens one compute graph takes. Equal, as
+    # llama-cpp-python's Llama sets them: prompts read at llama.cpp's own speed.
     params.n_batch = min(config.llama_n_batch, n_ctx)
     params.n_ubatch = params.n_batch
     params.n_threads = threads
     params.n_threads_batch = threads
-    params.n_seq_max = 1              # one request at a time per context (see worker.py)
+    # Generation: one sequence per slot over one shared (unified) KV pool, so any one
+    # sequence may use the whole context and a prefix shared by two slots is one set of
+    # cells (batcher.py). Embeddings: one sequence.
+    params.n_seq_max = 1 if embeddings else config.llama_num_slots
+    params.kv_unified = True
     params.no_perf = False            # keep llama.cpp's own timings (prompt/eval counts)
     params.embeddings = embeddings
     if embeddings:
@@ -97,4 +104,4 @@ def describe(config: EngineConfig, info: ModelInfo) -> dict[str, object]:
     return {"model": info.name, "use_extra_bufts": bool(mp.params.use_extra_bufts),
             "n_gpu_layers": int(mp.params.n_gpu_layers), "on_gpu": mp.on_gpu,
             "n_ctx": context_n_ctx(config, info), "n_batch": min(config.llama_n_batch, context_n_ctx(config, info)),
-            "n_threads": config.resolved_threads()}
+            "n_threads": config.resolved_threads(), "num_slots": config.llama_num_slots}

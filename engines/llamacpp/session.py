@@ -1,28 +1,33 @@
-"""One llama.cpp context over a loaded model, and the tokens its KV cache holds.
+"""One llama.cpp context over a loaded model, shared by several sequences (slots).
 
-The session remembers which tokens sit in the KV cache, so a request whose
-prompt starts with them (the next turn of a conversation) evaluates only what
-is new: `prepare` keeps the common prefix and drops the rest. Every native call
-on the context happens on the engine's single worker thread (worker.py).
+The context has `n_slots` sequence ids over one unified KV cache of `n_ctx`
+cells: any one sequence may grow to the whole context, and together they share
+it. Each slot remembers which tokens its sequence holds in the cache (position
+i = tokens[i]), so a request whose prompt starts with them (the next turn of a
+conversation, the same system prompt) evaluates only what is new: `prepare`
+keeps the longest common prefix, copied from whichever slot has it (a copy in
+a unified cache shares the cells, it moves no data). A batch carries tokens
+of many sequences at once; `add` queues one, `decode` runs them all. Every
+native call happens on the engine's single worker thread (worker.py).
 Counting what is decoded here is what makes "no new prefill after resume"
 measurable.
 """
 from __future__ import annotations
 
 import ctypes
-import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import llama_cpp
 from llama_cpp import _internals as internals
 
 from engines.errors import ModelLoadError
 
+NO_KV_SPACE = 1   # llama_decode's "could not find a KV slot for the batch" (nothing was decoded)
 
-@dataclass(frozen=True)
-class Prepared:
-    cached: int      # prompt tokens whose KV was already there
-    to_eval: list[int]
+
+class KvFull(RuntimeError):
+    """The batch did not fit the KV cache; the cache is unchanged."""
 
 
 def kv_bytes_per_token(model: internals.LlamaModel) -> int:
@@ -34,9 +39,15 @@ def kv_bytes_per_token(model: internals.LlamaModel) -> int:
     return n_layer * 2 * n_head_kv * head_dim * 2
 
 
-class Session:
-    """A context, a batch, and the token list mirroring the KV cache (position i = tokens[i])."""
+@dataclass
+class Slot:
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)   # what the KV cache holds for this sequence
+    busy: bool = False
+    last_used: float = 0.0
 
+
+class Session:
     def __init__(self, model: internals.LlamaModel, params: llama_cpp.llama_context_params) -> None:
         try:
             self.ctx = internals.LlamaContext(model=model, params=params, verbose=False)
@@ -45,60 +56,134 @@ class Session:
         self.model = model
         self.n_ctx = self.ctx.n_ctx()
         self.n_batch = int(params.n_batch)
+        self.slots = [Slot(i) for i in range(int(params.n_seq_max))]
         self.batch = internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
-        self.tokens: list[int] = []
+        self._queued: list[tuple[Slot, int]] = []   # (slot, token) in the batch being built
+        self._pending: dict[int, int] = {}          # seq id -> tokens of it in that batch
         self.num_evaluated = 0       # tokens decoded over this session's life (tests, benchmarks)
 
-    def prepare(self, prompt: list[int]) -> Prepared:
-        """Keep the KV of the longest common prefix; the last prompt token is always
-        evaluated again when everything matched, because sampling needs its logits."""
-        common = 0
-        for a, b in zip(self.tokens, prompt):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(prompt) - 1)
-        if common < len(self.tokens):
-            if not self.ctx.kv_cache_seq_rm(0, common, -1):
-                common = 0
-                self.ctx.kv_cache_clear()
-            del self.tokens[common:]
-        return Prepared(cached=common, to_eval=prompt[common:])
+    # --- the slots ------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        """KV cells in use (a prefix shared by two slots is counted twice: an upper bound)."""
+        return sum(len(s.tokens) for s in self.slots)
 
-    def decode(self, tokens: list[int], cancelled: threading.Event | None = None) -> int:
-        """Append tokens to the KV cache, n_batch at a time; logits for the last one only.
-        Returns how many were decoded (fewer when cancelled between batches)."""
-        done = 0
-        for start in range(0, len(tokens), self.n_batch):
-            if cancelled is not None and cancelled.is_set():
-                break
-            chunk = tokens[start:start + self.n_batch]
-            self.batch.set_batch(batch=chunk, n_past=len(self.tokens), logits_all=False)
-            self.ctx.decode(self.batch)
-            self.tokens.extend(chunk)
-            done += len(chunk)
-        self.num_evaluated += done
-        return done
+    @property
+    def free_cells(self) -> int:
+        return self.n_ctx - self.num_tokens
+
+    def free_slot(self) -> Slot | None:
+        free = [s for s in self.slots if not s.busy]
+        return min(free, key=lambda s: s.last_used) if free else None
+
+    def prepare(self, prompt: list[int]) -> tuple[Slot, int] | None:
+        """Take a free slot for prompt, with the longest cached prefix of it in place.
+        Returns (slot, tokens already cached); None when every slot is busy. The last
+        prompt token is always evaluated again, because sampling needs its logits."""
+        free = [s for s in self.slots if not s.busy]
+        if not free:
+            return None
+        def common(slot: Slot) -> int:
+            n = 0
+            for a, b in zip(slot.tokens, prompt):
+                if a != b:
+                    break
+                n += 1
+            return min(n, len(prompt) - 1)
+        target = max(free, key=lambda s: (common(s), -s.last_used))
+        source = max(self.slots, key=common)
+        cached = common(target)
+        if common(source) > cached:     # another slot (perhaps busy) holds more of it: share its cells
+            self.forget(target)
+            cached = common(source)
+            self.ctx.kv_cache_seq_cp(source.seq_id, target.seq_id, 0, cached)
+            target.tokens = list(prompt[:cached])
+        elif cached < len(target.tokens):
+            if not self.ctx.kv_cache_seq_rm(target.seq_id, cached, -1):
+                self.forget(target)
+                cached = 0
+            del target.tokens[cached:]
+        target.busy = True
+        target.last_used = time.monotonic()
+        return target, cached
+
+    def release(self, slot: Slot) -> None:
+        """The slot's request ended; its tokens stay cached for the next one."""
+        slot.busy = False
+        slot.last_used = time.monotonic()
+
+    def forget(self, slot: Slot) -> None:
+        self.ctx.kv_cache_seq_rm(slot.seq_id, 0, -1)
+        slot.tokens.clear()
+
+    def evict_idle(self) -> bool:
+        """Forget the least recently used idle slot's cache; False when none holds any."""
+        idle = [s for s in self.slots if not s.busy and s.tokens]
+        if not idle:
+            return False
+        self.forget(min(idle, key=lambda s: s.last_used))
+        return True
+
+    # --- batches --------------------------------------------------------------------
+    @property
+    def batch_room(self) -> int:
+        return self.n_batch - len(self._queued)
+
+    def add(self, slot: Slot, token: int, logits: bool) -> int:
+        """Queue one token of slot's sequence; returns its index in the batch (for sampling)."""
+        b = self.batch.batch
+        i = len(self._queued)
+        b.token[i] = token
+        pending = self._pending.get(slot.seq_id, 0)
+        b.pos[i] = len(slot.tokens) + pending
+        self._pending[slot.seq_id] = pending + 1
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = slot.seq_id
+        b.logits[i] = logits
+        self._queued.append((slot, token))
+        return i
+
+    def decode(self) -> int:
+        """Decode every queued token. KvFull when the cache has no room (nothing changed)."""
+        queued, self._queued = self._queued, []
+        self._pending = {}
+        if not queued:
+            return 0
+        self.batch.batch.n_tokens = len(queued)
+        rc = llama_cpp.llama_decode(self.ctx.ctx, self.batch.batch)
+        if rc == NO_KV_SPACE:
+            raise KvFull(f"no room in the KV cache for {len(queued)} tokens")
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        for slot, token in queued:
+            slot.tokens.append(token)
+        self.num_evaluated += len(queued)
+        return len(queued)
+
+    def discard_batch(self) -> None:
+        self._queued, self._pending = [], {}
 
     def clear(self) -> None:
         self.ctx.kv_cache_clear()
-        self.tokens.clear()
+        for slot in self.slots:
+            slot.tokens.clear()
 
-    def save_state(self) -> bytes:
-        """The whole context state (KV cells in use, last logits) as host bytes."""
-        size = llama_cpp.llama_state_get_size(self.ctx.ctx)
+    # --- per-sequence state (pause and resume) --------------------------------------
+    def save_seq(self, slot: Slot) -> bytes:
+        """One sequence's KV cells as host bytes (llama_state_seq_get_data)."""
+        size = llama_cpp.llama_state_seq_get_size(self.ctx.ctx, slot.seq_id)
         buf = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_get_data(self.ctx.ctx, buf, size)
+        written = llama_cpp.llama_state_seq_get_data(self.ctx.ctx, buf, size, slot.seq_id)
         if written <= 0 or written > size:
-            raise RuntimeError(f"llama_state_get_data wrote {written} of {size} bytes")
+            raise RuntimeError(f"llama_state_seq_get_data wrote {written} of {size} bytes")
         return bytes(memoryview(buf)[:written])
 
-    def load_state(self, state: bytes, tokens: list[int]) -> None:
+    def load_seq(self, slot: Slot, state: bytes, tokens: list[int]) -> None:
         buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        read = llama_cpp.llama_state_set_data(self.ctx.ctx, buf, len(state))
+        read = llama_cpp.llama_state_seq_set_data(self.ctx.ctx, buf, len(state), slot.seq_id)
         if read != len(state):
-            raise RuntimeError(f"llama_state_set_data read {read} of {len(state)} bytes")
-        self.tokens = list(tokens)
+            raise RuntimeError(f"llama_state_seq_set_data read {read} of {len(state)} bytes")
+        slot.tokens = list(tokens)
 
     def close(self) -> None:
         self.batch.close()

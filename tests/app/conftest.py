@@ -26,8 +26,10 @@ import tomli_w
 ROOT = Path(__file__).resolve().parents[2]
 # Hermetic: no scanning of the machine's Ollama/LM Studio/HF stores, only the bundled model.
 # max_queue: the 32-concurrent-streams test queues 31 requests behind one on llama.cpp.
+# llama_threads 1: the test machine's 2 cores are shared, and llama.cpp's threads spin at every
+# barrier, so two of them on a busy machine decode tens of times slower than one.
 BASE_SETTINGS = {"scan_ollama": False, "scan_lmstudio": False, "scan_hf_cache": False,
-                 "monitor_interval_s": 0.2, "max_queue": 64}
+                 "monitor_interval_s": 0.2, "max_queue": 64, "llama_threads": 1}
 START_TIMEOUT_S = 90.0
 
 

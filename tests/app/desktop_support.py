@@ -24,7 +24,10 @@ ROOT = Path(__file__).resolve().parents[2]
 # EBBTIDE_UPDATE_SCREENSHOTS=1 refreshes the ones kept in docs/screenshots/.
 SCREENSHOTS = (ROOT / "docs" / "screenshots" if os.environ.get("EBBTIDE_UPDATE_SCREENSHOTS")
                else Path(tempfile.gettempdir()) / "ebbtide-screenshots")
-HERMETIC_SETTINGS = "scan_ollama = false\nscan_lmstudio = false\nscan_hf_cache = false\nmonitor_interval_s = 0.2\n"
+# llama_threads = 1: the test machine's 2 cores are shared, and llama.cpp's threads spin at
+# every barrier: two of them on a busy machine decode tens of times slower than one.
+HERMETIC_SETTINGS = ("scan_ollama = false\nscan_lmstudio = false\nscan_hf_cache = false\nmonitor_interval_s = 0.2\n"
+                     "llama_threads = 1\n")
 
 
 def free_port() -> int:

@@ -39,6 +39,38 @@ def test_32_concurrent_streams_all_complete(live_server) -> None:
     assert len(texts) == NUM_CLIENTS and all(texts)
 
 
+async def _timed_stream(client: httpx.AsyncClient, model: str, i: int) -> tuple[float, float, int]:
+    """(time of the first token, time of the end, tokens) of one streamed completion."""
+    body = {"model": model, "prompt": f"Story {i}: once upon a time", "max_tokens": 24,
+            "temperature": 0, "stream": True}
+    first, tokens = None, 0
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200, await response.aread()
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                first = first or time.monotonic()
+                tokens += 1
+    return first, time.monotonic(), tokens
+
+
+def test_8_concurrent_streams_overlap(live_server) -> None:
+    """Issue 21: on the llama.cpp engine, 8 requests at once decode together: every one has
+    its first token before any of them has finished (not one after another)."""
+    model = live_server.default_model()
+    with live_server.client() as http:   # loaded first, so no request waits for the load
+        assert http.post("/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 1}).status_code == 200
+
+    async def run() -> list[tuple[float, float, int]]:
+        async with httpx.AsyncClient(base_url=live_server.url, timeout=300, trust_env=False,
+                                     limits=httpx.Limits(max_connections=8)) as client:
+            return await asyncio.gather(*(_timed_stream(client, model, i) for i in range(8)))
+
+    results = asyncio.run(run())
+    firsts, ends = [r[0] for r in results], [r[1] for r in results]
+    assert all(r[2] > 1 for r in results)
+    assert max(firsts) < min(ends), f"first tokens {sorted(firsts)} vs ends {sorted(ends)}"
+
+
 def test_client_that_disconnects_mid_stream_is_cancelled(live_server) -> None:
     model = live_server.default_model()
     # A generation that would run for minutes on this CPU; the client reads two chunks and leaves.
@@ -85,7 +117,7 @@ def test_client_that_hangs_up_on_a_non_streamed_request_is_cancelled(live_server
 
 
 def test_a_full_queue_answers_busy_with_retry_after(start_daemon) -> None:
-    daemon = start_daemon("max_queue = 1\n")
+    daemon = start_daemon("max_queue = 1\nnum_slots = 1\n")
     long = {"prompt": "Count to one thousand:", "n_predict": 2000, "ignore_eos": True, "stream": True}
     with daemon.client() as first_client, daemon.client() as http:
         with first_client.stream("POST", "/completion", json=long) as running:

@@ -29,6 +29,11 @@ def test_origin_policy() -> None:
     assert not policy.origin_allowed("http://localhost:3000")  # another local page
     assert not policy.origin_allowed("https://evil.example")
     assert not policy.origin_allowed("null")
+    assert not policy.origin_allowed("chrome-extension://abcdef")  # a browser extension: not by default
+    for shell in ("app://obsidian.md", "file://", "tauri://localhost", "vscode-webview://1a2b3c"):
+        assert policy.origin_allowed(shell), shell                # Ollama's defaults for editors and shells
+    narrowed = SecurityPolicy(port=11480, token="t" * 43, allowed_origins=("http://localhost:*",))
+    assert narrowed.origin_allowed("http://localhost:3000") and not narrowed.origin_allowed("http://evil:3000")
 
 
 @pytest.mark.parametrize("value, seconds", [
@@ -85,8 +90,8 @@ def test_chunked_body_over_the_limit_is_413(http) -> None:
     ("/v1/chat/completions", b"[]", 400),
     ("/v1/chat/completions", b'{"model": 5, "messages": "hi"}', 400),
     ("/api/chat", b'{"model": "x", "messages": [{"role": 7}]}', 400),
-    ("/completion", b'{"prompt": {"a": 1}}', 422),
-    ("/tokenize", b'{"content": 12}', 422),
+    ("/completion", b'{"prompt": {"a": 1}}', 400),
+    ("/tokenize", b'{"content": 12}', 400),
     ("/v1/chat/completions", b'{"model": "", "messages": [{"role": "wizard", "content": "x"}]}', 400),
     ("/v1/chat/completions", b'{"model": "", "messages": [{"role": "user", "content": "x"}], "temperature": -3}', 400),
 ])

@@ -13,7 +13,8 @@ from llama_cpp import _internals as internals
 from engines.config import EngineConfig
 from engines.errors import InfillUnsupported
 from engines.llamacpp import options
-from engines.llamacpp.generation import run_generation
+from engines.llamacpp.batcher import Batcher
+from engines.llamacpp.generation import Sequence
 from engines.llamacpp.prompt import PromptBuilder
 from engines.llamacpp.session import Session
 from engines.types import FinishReason, GenerateRequest, RequestKind, SamplingParams
@@ -69,8 +70,11 @@ def test_infill_generates_after_the_middle_token(fim_model) -> None:
     prompt = builder.build(infill("x = ", "\n"))
     session = Session(fim_model, options.context_params(small_config(), 256))
     chunks: list = []
+    batcher = Batcher("fim", 1, lambda: session, lambda: 0, wake=lambda: None)
     try:
-        run_generation(session, infill("x = ", "\n"), prompt, chunks.append)
+        batcher.submit(Sequence(infill("x = ", "\n"), prompt, chunks.append, on_end=lambda: None))
+        while batcher.has_work:
+            batcher.step()
     finally:
         session.close()
     assert chunks[-1].finish_reason in (FinishReason.STOP, FinishReason.LENGTH)

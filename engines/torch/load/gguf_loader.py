@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from pathlib import Path
