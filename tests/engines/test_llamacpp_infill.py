@@ -72,7 +72,8 @@ def test_infill_generates_after_the_middle_token(fim_model) -> None:
     chunks: list = []
     batcher = Batcher("fim", 1, lambda: session, lambda: 0, wake=lambda: None)
     try:
-        batcher.submit(Sequence(infill("x = ", "\n"), prompt, chunks.append, on_end=lambda: None))
+        batcher.submit(Sequence(infill("x = ", "\n"), prompt, chunks.append, on_end=lambda: None,
+                                vocab=fim_model.vocab, n_ctx=session.n_ctx))
         while batcher.has_work:
             batcher.step()
     finally:
