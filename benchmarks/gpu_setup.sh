@@ -8,10 +8,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ls .whl/*.whl >/dev/null 2>&1 || { echo "gpu_setup: .whl/ is missing: carry it" >&2; exit 1; }
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl
 check='import fastapi, uvicorn, httpx, pydantic, tomli_w, platformdirs, app.cli, app.daemon'
 if ! PYTHONPATH=/tmp/site:. python3 -c "$check" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/extra/*.whl
+  python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/extra/*.whl
 fi
 PYTHONPATH=/tmp/site:. python3 -c "$check"
 echo "gpu_setup: ready on $(python3 -c 'import torch; print(torch.cuda.get_device_name(0))' 2>/dev/null || echo 'no CUDA')"

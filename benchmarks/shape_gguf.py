@@ -72,6 +72,7 @@ def write_shape(cfg: ModelConfig, path: Path, seed: int = 0) -> Path:
         log.info("%s exists: kept", path)
         return path
     t = time.perf_counter()
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     write_gguf(partial, cfg, {}, model_shapes(cfg), _sampler(seed), float16=True)
     partial.rename(path)

@@ -35,7 +35,7 @@ declare -A PARTS=(
   [engines]="180 -m benchmarks.engine_compare --model synthetic/smollm2-135m --engines torch"
   [pressure]="560 -m benchmarks.desktop_pressure"
   [colocate]="590 -m benchmarks.colocate"
-  [constrained]="250 -m benchmarks.constrained --rounds 3"
+  [constrained]="200 -m benchmarks.constrained --model synthetic/smollm2-135m --rounds 3"
   [cold_start]="420 -m benchmarks.cold_start"
   [unload]="300 -m pytest -q -s -p no:cacheprovider --timeout 280 tests/gpu/test_unload_gpu.py"
   [exhaustion]="590 -m benchmarks.exhaustion --backend cuda --cycles 10 --hold-s 20"
@@ -62,7 +62,8 @@ for part in "${ORDER[@]}"; do
   rc=$?
   echo "=== $part: rc=$rc in $((SECONDS - t0)) s"
   [ "$rc" -eq 0 ] || status=1
+  # Packed after every part: a call cut off at its limit still brings back what ran.
+  tar czf "$FINAL_OUT/gpu_results.tgz" -C "$OUT" .
 done
-tar czf "$FINAL_OUT/gpu_results.tgz" -C "$OUT" .
 echo "gpu_check: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
 exit $status

@@ -20,6 +20,7 @@ from engines.errors import ContextOverflow, InvalidRequest  # noqa: E402
 from engines.torch.engine import TorchEngine  # noqa: E402  # noqa: E402
 from kvcached.standalone import standalone_pool  # noqa: E402
 from engines.types import Constraint, GenerateRequest, RequestKind, SamplingParams  # noqa: E402
+from engines.registry.synthetic import synthetic_info  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {
     "city": {"type": "string", "maxLength": 5}, "days": {"type": "integer", "minimum": 2, "maximum": 7},
@@ -52,6 +53,24 @@ def test_json_schema_output_validates(engine) -> None:
     free, _ = run(engine, sampling=SamplingParams(max_tokens=20, temperature=0))
     with pytest.raises(json.JSONDecodeError):          # unconstrained, this model writes no JSON
         json.loads(free)
+
+
+def test_the_grammars_end_ends_the_answer_of_a_model_with_no_end_token() -> None:
+    """Synthetic models have no end-of-generation token: once the grammar is complete the
+    answer ends there, rather than sampling on from a mask that allows nothing."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    eng = TorchEngine(synthetic_info("synthetic/smollm2-135m"),
+                      EngineConfig(torch_num_slots=1, torch_max_context=256, torch_llamacpp_numerics=False),
+                      standalone_pool())
+    eng.load()
+    try:
+        text, chunks = run(eng, constraint=Constraint("json_schema", json.dumps(schema)),
+                           sampling=SamplingParams(max_tokens=200, temperature=0))
+    finally:
+        eng.unload()
+    assert json.loads(text) in ({"ok": True}, {"ok": False})
+    assert chunks[-1].finish_reason.value == "stop" and chunks[-1].usage.completion_tokens < 200
 
 
 def test_sampled_constrained_output_validates_too(engine) -> None:

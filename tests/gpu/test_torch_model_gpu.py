@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engines.torch.model.attention import ContiguousKV, KVAccess, cache_attention, causal_mask, write_kv
+from engines.torch.model.attention import (PLAIN, ContiguousKV, KVAccess, cache_attention, causal_mask,
+                                          write_kv)
 from engines.torch.model.configs import named_config
 from engines.torch.model.model import LlamaModel, build_model
 from engines.torch.model.synthetic import synthetic_state
@@ -84,10 +85,10 @@ class StridedKV(KVAccess):
         self._read_len = int(positions.max()) + 1
         self._mask = None if positions.shape == (1, 1) else causal_mask(positions, self._read_len)
 
-    def attend(self, layer, q, k, v, positions):
+    def attend(self, layer, q, k, v, positions, spec=PLAIN):
         kc, vc = self.view(layer, 0), self.view(layer, 1)
         write_kv(kc, vc, k, v, positions)
-        return cache_attention(q, kc, vc, self._mask, self._read_len)
+        return cache_attention(q, kc, vc, self._mask, self._read_len, spec, positions)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

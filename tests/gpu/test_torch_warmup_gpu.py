@@ -83,13 +83,20 @@ def test_engine_load_reports_compiling_and_captures_before_serving():
         pytest.skip(f"engine imports unavailable here: {exc}")
     try:
         assert "compiling" in stages and stages[-1] == "ready"
-        runner = engine.loop.runner
-        # The load captures the first bucket; the idle loop captures the rest (issue 22).
-        assert len(runner.graphs) == 1 and len(runner.graphs) + len(runner.pending) == len(runner.warm_keys())
+        runner, step_lock = engine.loop.runner, engine.loop.step_lock
+        # The load captures the first bucket; the idle loop captures the rest (issue 22). That
+        # loop pops a bucket from `pending` and captures it under the step lock, and may have
+        # started already: read the two together under that lock.
+        with step_lock:
+            assert runner.graphs and len(runner.graphs) + len(runner.pending) == len(runner.warm_keys())
         deadline = time.monotonic() + 120
-        while runner.pending and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            with step_lock:
+                if not runner.pending:
+                    break
             time.sleep(0.1)
-        assert set(runner.graphs) == set(runner.warm_keys())
+        with step_lock:
+            assert set(runner.graphs) == set(runner.warm_keys())
         captured = dict(runner.graphs)
         request = GenerateRequest(kind=RequestKind.COMPLETION, prompt="hello there",
                                   sampling=SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))

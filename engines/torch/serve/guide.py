@@ -8,13 +8,15 @@ torch engine honours exactly what the llama.cpp engine does; and its mask is
 computed on the CPU in Rust from a tokenizer we describe ourselves (token
 bytes from the GGUF vocabulary), with no Hugging Face `transformers`. Masks
 are computed per request before sampling and applied as -inf on that row; an
-end-of-generation token is let through only where the grammar may end.
+end-of-generation token is let through only where the grammar may end, and
+a complete grammar ends the answer itself (a model may have no such token).
 
 The tokenizer it needs is built once per model (`GuideTokenizer`, ~a second for
 a 150k vocabulary) on the first constrained request.
 """
 from __future__ import annotations
 
+import logging
 import threading
 
 import llguidance
@@ -22,6 +24,8 @@ import torch
 
 from engines.errors import InvalidRequest
 from engines.types import Constraint
+
+log = logging.getLogger(__name__)
 
 
 class _Wrapper:
@@ -103,4 +107,13 @@ class Guide:
         return logits.masked_fill(~allowed[:n], float("-inf"))
 
     def accept(self, token: int) -> None:
-        self.matcher.consume_token(token)
+        # A refused token means the mask and the sampled token disagreed (non-finite logits,
+        # say): the matcher stops there (`done`), and the log says why the answer ended.
+        if not self.matcher.consume_token(token):
+            log.warning("the grammar refused token %d: %s", token, self.matcher.get_error())
+
+    @property
+    def done(self) -> bool:
+        """The grammar is complete: nothing but an end-of-generation token may follow. A model
+        with no such token (the synthetic ones) would otherwise sample from an empty mask."""
+        return self.matcher.is_stopped()

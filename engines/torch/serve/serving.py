@@ -333,6 +333,10 @@ class ServingLoop:
             self.scheduler.finish(job.seq, FinishReason.STOP)
             self._send_final(job, FinishReason.STOP, text=text)
             return
+        if job.guide is not None and job.guide.done:
+            self.scheduler.finish(job.seq, FinishReason.STOP)
+            self._send_final(job, FinishReason.STOP, text=text, token=token, logprobs=logprobs)
+            return
         deadline = job.request.deadline_s
         if deadline and time.perf_counter_ns() - job.started_ns > deadline * 1e9 \
                 and job.seq.status is not SeqStatus.FINISHED:   # llama.vscode's t_max_predict_ms
