@@ -143,7 +143,7 @@ def compare_llamacpp(info: ModelInfo, args: argparse.Namespace) -> dict:
     """Interleaved rounds: raw llama-cpp-python at each thread count, the engine in-process,
     the daemon over HTTP, and N streams vs one over HTTP."""
     from benchmarks.daemon_proc import Daemon
-    from benchmarks.llamacpp_peers import InProcess, OverHttp, RawLlama, Workload, concurrent_streams
+    from benchmarks.llamacpp_peers import InProcess, OverHttp, RawLlamaProcess, Workload, concurrent_streams
     from engines.llamacpp.engine import LlamaCppEngine
 
     config = EngineConfig(llama_n_ctx=2048, llama_n_threads=args.threads, max_queue=64)
@@ -152,7 +152,7 @@ def compare_llamacpp(info: ModelInfo, args: argparse.Namespace) -> dict:
                 "num_slots": args.streams, "models": {}, "keep_alive_s": -1}
     engine = LlamaCppEngine(info, config)
     engine.load()
-    subjects = [RawLlama(info.path, t, 2048, config.llama_n_batch) for t in args.raw_threads]
+    subjects = [RawLlamaProcess(info.path, t, 2048, config.llama_n_batch) for t in args.raw_threads]
     subjects.append(InProcess(engine, threads))
     # A daemon per thread count: HTTP against raw at each, the default one also for the streams.
     with contextlib.ExitStack() as stack:
@@ -186,7 +186,7 @@ def compare_llamacpp(info: ModelInfo, args: argparse.Namespace) -> dict:
     rows = _median_rows(samples)
     ratios = {}
     for t in args.raw_threads:
-        raw = next(s.name for s in subjects if isinstance(s, RawLlama) and s.threads == t)
+        raw = next(s.name for s in subjects if isinstance(s, RawLlamaProcess) and s.threads == t)
         http = next(s.name for s in subjects if isinstance(s, OverHttp) and s.threads == t)
         ratios[f"http_vs_raw_{t}t"] = {"decode": rows[http]["decode_tok_s"] / rows[raw]["decode_tok_s"],
                                        "prefill": rows[http]["prefill_tok_s"] / rows[raw]["prefill_tok_s"]}

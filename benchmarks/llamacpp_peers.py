@@ -1,7 +1,11 @@
 """What engine_compare measures the llama.cpp engine against, each as a `Subject`.
 
 - `RawLlama`: llama-cpp-python itself (`Llama.generate`, greedy) on the same GGUF at a
-  given thread count: llama.cpp's own speed with nothing of Ebbtide in the way.
+  given thread count: llama.cpp's own speed with nothing of Ebbtide in the way. It runs
+  in a process of its own (`RawLlamaProcess`), as the daemon does: two llama.cpp
+  contexts in one process slow each other's multi-threaded decode (seen here, 2 cores:
+  raw 2-thread decode 88-90 tok/s alone, 30-32 with a second, idle, context loaded in
+  the same process), which would measure the process, not llama.cpp.
 - `InProcess`: Ebbtide's LlamaCppEngine called directly (no HTTP).
 - `OverHttp`: the real daemon (`python -m app.cli serve`) on loopback, llama.cpp's
   `/completion` streamed: what an editor gets.
@@ -70,6 +74,43 @@ class RawLlama:
 
     def close(self) -> None:
         self.llm.close()
+
+
+def _serve_raw(connection, model_path: str, threads: int, n_ctx: int, n_batch: int) -> None:
+    """The child process of RawLlamaProcess: one RawLlama, answering (method, work, run)."""
+    raw = RawLlama(model_path, threads, n_ctx, n_batch)
+    connection.send(raw.name)
+    while (message := connection.recv()) is not None:
+        method, work, run = message
+        connection.send(getattr(raw, method)(work, run))
+    raw.close()
+
+
+class RawLlamaProcess:
+    """RawLlama in a spawned child process (why: the module doc), driven over a pipe."""
+
+    def __init__(self, model_path: str, threads: int, n_ctx: int, n_batch: int) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self._connection, child = context.Pipe()
+        self._process = context.Process(target=_serve_raw, args=(child, model_path, threads, n_ctx, n_batch),
+                                        daemon=True)
+        self._process.start()
+        self.threads = threads
+        self.name = self._connection.recv()
+
+    def prefill(self, work: Workload, run: int) -> tuple[float, float]:
+        self._connection.send(("prefill", work, run))
+        return self._connection.recv()
+
+    def decode(self, work: Workload, run: int) -> float:
+        self._connection.send(("decode", work, run))
+        return self._connection.recv()
+
+    def close(self) -> None:
+        self._connection.send(None)
+        self._process.join(timeout=30)
 
 
 class InProcess:

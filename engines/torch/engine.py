@@ -28,7 +28,7 @@ from engines.config import EngineConfig
 from engines.context import served_context
 from engines.phases import LoadPhases
 from engines.errors import ContextOverflow, EmbeddingsUnsupported, InvalidRequest, ModelLoadError
-from engines.torch.model.attention import ContiguousKV
+from engines.torch.embedding import pooled_embedding
 from engines.torch.serve.kv_access import KvcachedStore
 from engines.torch.serve.kv_budget import KVBudget
 from engines.torch.serve.oom import as_temporary
@@ -294,29 +294,8 @@ class TorchEngine(Engine):
                 raise ContextOverflow(f"a text to embed has {len(ids)} tokens; the context holds {self.max_ctx}")
             total += len(ids)
             with self.loop.between_steps():
-                vectors.append(tuple(self._hidden_mean(ids).tolist()))
+                vectors.append(tuple(pooled_embedding(self.model, ids, text.pooling).tolist()))
         return EmbeddingResult(tuple(vectors), total)
-
-    @torch.inference_mode()
-    def _hidden_mean(self, ids: list[int]) -> torch.Tensor:
-        model, cfg = self.model, self.model.cfg
-        from engines.torch.ggml.numerics import kv_cache_dtype
-
-        # Private: the slots' KV is untouched. In the slots' dtype (float16 on the llama.cpp-
-        # numerics path, whose attention is ggml's over an f16 cache, as when generating).
-        kv = ContiguousKV(cfg.num_layers, 1, cfg.num_kv_heads, len(ids), cfg.head_dim,
-                          kv_cache_dtype(model), model.device)
-        input_ids = torch.tensor([ids], device=model.device)
-        positions = torch.arange(len(ids), device=model.device).unsqueeze(0)
-        kv.begin(positions)
-        x = model.model.embed_tokens(input_ids)                              # [1, T, dim]
-        cos, sin = model.rotary(positions)
-        for layer in model.model.layers:
-            x = layer(x, cos, sin, positions, kv)
-        hidden = model.model.norm(x).float()[0]                              # [T, dim]
-        pooling = self.text.pooling if self.text is not None else 1
-        pooled = {2: hidden[0], 3: hidden[-1]}.get(pooling, hidden.mean(dim=0))   # the GGUF's pooling
-        return torch.nn.functional.normalize(pooled, dim=0).cpu()
 
     def tokenize(self, text: str, add_special: bool = False) -> list[int]:
         self.load()
