@@ -88,7 +88,11 @@ def measure(engine: TorchEngine, rounds: int, max_tokens: int) -> list[dict]:
                                       prompt=PROMPT, constraint=Constraint("json_schema", json.dumps(SCHEMA)))
         with MaskClock() as clock:
             c_ms, n, text = per_token_ms(engine, constrained)
-        json.loads(text)   # the answer parses (the tests validate it; here it only must be JSON)
+        try:
+            json.loads(text)   # the answer parses (the tests validate it; here it only must be JSON)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"the constrained answer ({n} tokens) is not JSON ({exc}); raise --max-tokens "
+                             f"if it was cut. Its text: {text[:300]!r} ... {text[-300:]!r}") from None
         free = GenerateRequest(RequestKind.COMPLETION, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True),
                                prompt=PROMPT)
         f_ms, _, _ = per_token_ms(engine, free)
@@ -102,7 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--max-tokens", type=int, default=600)
     args = parser.parse_args()
     args.model = args.model or str(bundled_model_path())
     info = synthetic_info(args.model) if args.model.startswith(PREFIX) else ModelInfo(name="bench", path=args.model)
