@@ -333,17 +333,16 @@ class ServingLoop:
             self.scheduler.finish(job.seq, FinishReason.STOP)
             self._send_final(job, FinishReason.STOP, text=text)
             return
-        if job.guide is not None and job.guide.done:
-            self.scheduler.finish(job.seq, FinishReason.STOP)
-            self._send_final(job, FinishReason.STOP, text=text, token=token, logprobs=logprobs)
-            return
+        reason = job.seq.finish_reason or FinishReason.LENGTH   # max_tokens reached, where it was
         deadline = job.request.deadline_s
-        if deadline and time.perf_counter_ns() - job.started_ns > deadline * 1e9 \
+        if job.guide is not None and job.guide.done:   # a complete grammar: the answer is whole
+            self.scheduler.finish(job.seq, FinishReason.STOP)
+            reason = FinishReason.STOP
+        elif deadline and time.perf_counter_ns() - job.started_ns > deadline * 1e9 \
                 and job.seq.status is not SeqStatus.FINISHED:   # llama.vscode's t_max_predict_ms
             self.scheduler.finish(job.seq, FinishReason.LENGTH)
-        if job.seq.status is SeqStatus.FINISHED:               # max_tokens reached
-            self._send_final(job, job.seq.finish_reason or FinishReason.LENGTH, text=text, token=token,
-                             logprobs=logprobs)
+        if job.seq.status is SeqStatus.FINISHED:
+            self._send_final(job, reason, text=text, token=token, logprobs=logprobs)
             return
         job.out.put(StreamChunk(text=text, token_ids=(token,), logprobs=logprobs))
 
