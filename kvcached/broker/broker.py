@@ -31,8 +31,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from kvcached.broker.client import STEP_ORDER, ClientSpec, ReclaimVerbs, Step, StepFn, step_functions
+from kvcached.broker.client import STEP_ORDER, ClientSpec, ReclaimVerbs, Step
 from kvcached.broker.events import Event, EventKind, EventLog, Subscription
+from kvcached.broker.handle import ClientHandle
 from kvcached.broker.monitor import Monitor, open_monitor
 from kvcached.broker.sample import MemorySample
 from kvcached.broker.watchdog import Probe
@@ -44,41 +45,6 @@ from kvcached.errors import AdmissionDenied, ConfigError, InvalidArgument
 log = logging.getLogger(__name__)
 MiB = 1 << 20
 MAX_ROUNDS_PER_TICK = 8   # reclaim rounds one sample may start before the next interval
-
-
-class ClientHandle:
-    """A registered client: what register() returns and the engine keeps."""
-
-    def __init__(self, broker: "Broker", spec: ClientSpec, verbs: ReclaimVerbs) -> None:
-        self.broker = broker
-        self.spec = spec
-        self.verbs = verbs
-        self.steps: dict[Step, StepFn] = step_functions(verbs)   # what each step calls
-        # Optional verbs (client.py): resolved once here, not looked up per view.
-        self._cached = getattr(verbs, "cached_bytes", None)
-        self._booked = getattr(verbs, "booked_bytes", None)
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    def admit(self, nbytes: int, commit: Callable[[int], None] | None = None) -> int:
-        return self.broker.admit(self, nbytes, commit)
-
-    def record(self, step: EventKind | str, bytes_returned: int = 0, duration_s: float = 0.0,
-               detail: str = "") -> None:
-        """Log something the engine did itself (a resume before a step, a reload)."""
-        self.broker.events.append(Event(self.name, step, bytes_returned, duration_s, "engine", detail))
-
-    def unregister(self) -> None:
-        self.broker.unregister(self)
-
-    def view(self) -> ClientView:
-        return ClientView(self.name, self.spec.priority, self.spec.min_bytes,
-                          int(self.verbs.held_bytes()), bool(self.verbs.is_busy()),
-                          float(self.verbs.idle_since()),
-                          _optional_int(self._cached),
-                          0 if self._booked is None else int(self._booked()))
 
 
 class Broker:
@@ -395,11 +361,6 @@ def _resolve_backend(config: KvcachedConfig) -> str:
     from kvcached.vmm import resolve_backend  # imports torch: only for a broker without a pool
 
     return resolve_backend(config)
-
-
-def _optional_int(verb: Callable[[], object] | None) -> int | None:
-    value = verb() if verb is not None else None
-    return None if value is None else int(value)
 
 
 def _mib(nbytes: float) -> str:
