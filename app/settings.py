@@ -77,6 +77,7 @@ class Settings:
     torch_llamacpp_numerics: bool = EngineConfig.torch_llamacpp_numerics  # torch engine on the CPU: llama.cpp's exact tokens, slower
     kv_disk_max_bytes: int = EngineConfig.kv_disk_max_bytes  # the KV disk tier's bound (models with keep_kv_on_disk)
     max_context: int = EngineConfig.max_context  # default context: the trained length, at most this (engines/context.py)
+    prompt_cache_bytes: int = EngineConfig.llama_prompt_cache_bytes  # llama.cpp engine: idle conversations kept in RAM
 
     @property
     def endpoint_url(self) -> str:
@@ -215,6 +216,7 @@ FIELDS: dict[str, Callable[[object], object]] = {
     "torch_llamacpp_numerics": parse_bool,
     "max_context": lambda v: parse_int(v, 256, 1 << 24),
     "kv_disk_max_bytes": parse_bytes,
+    "prompt_cache_bytes": parse_bytes,
 }
 
 # Names people write in the file that mean a field above (Ollama calls it keep_alive).

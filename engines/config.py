@@ -51,6 +51,7 @@ class EngineConfig:
     llama_n_batch: int = 512                    # prompt tokens per decode step (and llama.cpp's n_ubatch)
     llama_n_threads: int | None = None          # None: the physical cores this process may use
     llama_num_slots: int = 8                    # sequences decoded together in one context
+    llama_prompt_cache_bytes: int = 1 << 30     # idle conversations parked in host memory (prompt_cache.py)
     llama_n_gpu_layers: int = -1                # when llama.cpp has GPU offload: -1 = all
     llama_embedding_n_ctx: int = 2048           # the embedding context (at most the served one), made on first use
 
@@ -177,6 +178,7 @@ SETTINGS_FIELDS: dict[str, str] = {
     "scan_hf_cache": "scan_hf_cache",
     "kv_disk_max_bytes": "kv_disk_max_bytes",
     "max_context": "max_context",
+    "prompt_cache_bytes": "llama_prompt_cache_bytes",
 }
 
 

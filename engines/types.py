@@ -161,6 +161,7 @@ class MemoryReport:
     kv_held_bytes: int = 0      # mapped KV pages (device or host backend)
     kv_live_bytes: int = 0      # of which hold live tokens
     paused_host_bytes: int = 0  # KV moved to host memory by pause()
+    prompt_cache_host_bytes: int = 0  # idle conversations parked in host memory (llama.cpp engine)
     on_gpu: bool = False
     # Admission (the broker's budget): KV promised to running and admitted sequences
     # but not mapped yet; the broker counts it as held so no one else is promised it.

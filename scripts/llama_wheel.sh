@@ -3,7 +3,8 @@
 # and keeps the wheel in $WHEEL_CACHE so later venvs and fresh clones reuse it.
 # LLAMA_CUDA=1 builds with CUDA where nvcc is present.
 # The build is quiet for minutes, so a line every PROGRESS_S seconds says it is working:
-# time so far, the estimate, and the build's own last progress step ("[ 45%] ...").
+# time so far, the estimate, and the build's own last progress step: "[ 45%]" from make,
+# "[135/193]" from ninja (what scikit-build-core uses where ninja is installed).
 set -euo pipefail
 VERSION=0.3.36
 PROGRESS_S=${PROGRESS_S:-10}
@@ -28,11 +29,11 @@ while kill -0 $build 2>/dev/null; do
   for _ in $(seq "$PROGRESS_S"); do kill -0 $build 2>/dev/null && sleep 1; done
   kill -0 $build 2>/dev/null || break
   elapsed=$(( SECONDS - start ))
-  step=$(grep -o '\[ *[0-9]*%\].*' "$log" 2>/dev/null | tail -1 | cut -c1-70 || true)
+  step=$(grep -oE '\[ *[0-9]+(%|/[0-9]+)\]' "$log" 2>/dev/null | tail -1 | tr -d ' ' || true)
   left=$(( estimate_s - elapsed ))
   printf '  building llama-cpp-python: %dm%02ds so far, %s %s\n' $(( elapsed / 60 )) $(( elapsed % 60 )) \
     "$( [ $left -gt 0 ] && echo "about $(( (left + 59) / 60 )) min left;" || echo "taking longer than usual;")" \
-    "${step:-configuring}"
+    "$( [ -n "$step" ] && echo "compiling, step $step" || echo configuring)"
 done
 if ! wait $build; then
   echo "Building llama-cpp-python failed; the last lines of $log:" >&2

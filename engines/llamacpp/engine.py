@@ -34,6 +34,7 @@ from engines.llamacpp.batcher import Batcher
 from engines.llamacpp.generation import Sequence
 from engines.llamacpp.native import route_native_logs, token_piece
 from engines.llamacpp.prompt import PromptBuilder
+from engines.llamacpp.prompt_cache import PromptCache
 from engines.llamacpp.session import Session, kv_bytes_per_token
 from engines.llamacpp.state import PausedState, pause_session, resume_session
 from engines.llamacpp.stream import TokenStream
@@ -60,6 +61,7 @@ class LlamaCppEngine(Engine):
         self._batcher: Batcher | None = None
         self._session: Session | None = None        # touched on the worker thread only
         self._paused: PausedState | None = None
+        self._prompt_cache = PromptCache(self.config.llama_prompt_cache_bytes)   # idle conversations, on the host
         self._embedder: embedding.Embedder | None = None
         self._on_gpu = False
         self._weights_bytes = 0
@@ -98,7 +100,7 @@ class LlamaCppEngine(Engine):
         self._kv_per_token = kv_bytes_per_token(self._model)
         self._prompts = PromptBuilder(self._model, self.info.chat_template)
         reporter.report(0.95, "allocating")
-        self._session = Session(self._model, self._context_params())
+        self._session = Session(self._model, self._context_params(), self._prompt_cache)
         self._worker = Worker(self.info.name, self.config.max_queue)
         self._batcher = Batcher(self.info.name, self.config.max_queue, self._ready_session,
                                 self._take_load_ns, self._worker.wake)
@@ -146,6 +148,7 @@ class LlamaCppEngine(Engine):
 
     def _free_native(self) -> None:
         self._free_contexts()
+        self._prompt_cache.clear()
         self._paused = None
         self._prompts = None
         if self._model is not None:
@@ -203,7 +206,8 @@ class LlamaCppEngine(Engine):
         if self._session is None:
             started = time.perf_counter_ns()
             paused, self._paused = self._paused, None
-            self._session = resume_session(self._model, self._context_params(), paused or PausedState({}))
+            self._session = resume_session(self._model, self._context_params(), paused or PausedState({}),
+                                           self._prompt_cache)
             self._state = ModelState.LOADED
             self._unreported_load_ns += time.perf_counter_ns() - started
         return self._session
@@ -252,6 +256,7 @@ class LlamaCppEngine(Engine):
             kv_held_bytes=self._held_kv_bytes(),
             kv_live_bytes=session.num_tokens * self._kv_per_token if session is not None else 0,
             paused_host_bytes=paused.host_bytes if paused is not None else 0,
+            prompt_cache_host_bytes=self._prompt_cache.host_bytes,
             on_gpu=self._on_gpu)
 
     def trim(self) -> int:
@@ -268,8 +273,9 @@ class LlamaCppEngine(Engine):
             return unloaded
 
     def drop_prefixes(self) -> int:
-        """Free an idle context and forget the conversation it cached (the next request
-        re-evaluates its prompt). A busy model gives nothing: its context is in use."""
+        """Free an idle context and forget the conversations it cached, parked ones too
+        (the next request re-evaluates its prompt). A busy model gives nothing: its
+        context is in use."""
         worker = self._worker
         if worker is None or worker.busy:
             return 0
@@ -278,6 +284,7 @@ class LlamaCppEngine(Engine):
         def drop() -> int:   # on the worker: a request may have come while this waited
             if worker.num_waiting or (batcher is not None and batcher.has_work):
                 return 0
+            self._prompt_cache.clear()   # host memory: not counted in what the context gives back
             return self._free_contexts()
         return self._on_worker(drop, 0)
 

@@ -6,7 +6,9 @@ it. Each slot remembers which tokens its sequence holds in the cache (position
 i = tokens[i]), so a request whose prompt starts with them (the next turn of a
 conversation, the same system prompt) evaluates only what is new: `prepare`
 keeps the longest common prefix, copied from whichever slot has it (a copy in
-a unified cache shares the cells, it moves no data). A batch carries tokens
+a unified cache shares the cells, it moves no data) or restored from the
+conversations parked in host memory (prompt_cache.py: idle slots are parked
+there, so their cells cost the running sequences' attention nothing). A batch carries tokens
 of many sequences at once; `add` queues one, `decode` runs them all. Every
 native call happens on the engine's single worker thread (worker.py).
 Counting what is decoded here is what makes "no new prefill after resume"
@@ -15,6 +17,7 @@ measurable.
 from __future__ import annotations
 
 import ctypes
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -22,7 +25,9 @@ import llama_cpp
 from llama_cpp import _internals as internals
 
 from engines.errors import ModelLoadError
+from engines.llamacpp.prompt_cache import PromptCache, common_prefix
 
+log = logging.getLogger(__name__)
 NO_KV_SPACE = 1   # llama_decode's "could not find a KV slot for the batch" (nothing was decoded)
 
 
@@ -48,12 +53,14 @@ class Slot:
 
 
 class Session:
-    def __init__(self, model: internals.LlamaModel, params: llama_cpp.llama_context_params) -> None:
+    def __init__(self, model: internals.LlamaModel, params: llama_cpp.llama_context_params,
+                 prompt_cache: PromptCache | None = None) -> None:
         try:
             self.ctx = internals.LlamaContext(model=model, params=params, verbose=False)
         except ValueError as exc:  # llama_init_from_model returned NULL (out of memory, bad params)
             raise ModelLoadError(f"llama.cpp could not create a context of {params.n_ctx} tokens: {exc}") from exc
         self.model = model
+        self.prompt_cache = prompt_cache   # the engine's, outliving this context (pause, resume, growth)
         self.n_ctx = self.ctx.n_ctx()
         self.n_batch = int(params.n_batch)
         self.slots = [Slot(i) for i in range(int(params.n_seq_max))]
@@ -77,35 +84,72 @@ class Session:
         return min(free, key=lambda s: s.last_used) if free else None
 
     def prepare(self, prompt: list[int]) -> tuple[Slot, int] | None:
-        """Take a free slot for prompt, with the longest cached prefix of it in place.
+        """Take a free slot for prompt, with the longest cached prefix of it in place:
+        from the slot itself, from another slot (perhaps busy), or from a conversation
+        parked in host memory. Every other idle slot is parked (prompt_cache.py).
         Returns (slot, tokens already cached); None when every slot is busy. The last
         prompt token is always evaluated again, because sampling needs its logits."""
         free = [s for s in self.slots if not s.busy]
         if not free:
             return None
         def common(slot: Slot) -> int:
-            n = 0
-            for a, b in zip(slot.tokens, prompt):
-                if a != b:
-                    break
-                n += 1
-            return min(n, len(prompt) - 1)
+            return min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
         target = max(free, key=lambda s: (common(s), -s.last_used))
         source = max(self.slots, key=common)
-        cached = common(target)
-        if common(source) > cached:     # another slot (perhaps busy) holds more of it: share its cells
-            self.forget(target)
-            cached = common(source)
-            self.ctx.kv_cache_seq_cp(source.seq_id, target.seq_id, 0, cached)
-            target.tokens = list(prompt[:cached])
-        elif cached < len(target.tokens):
-            if not self.ctx.kv_cache_seq_rm(target.seq_id, cached, -1):
-                self.forget(target)
-                cached = 0
-            del target.tokens[cached:]
+        if 2 * common(target) < len(target.tokens):   # a different conversation: keep it aside
+            self._park(target)
+        cached = self._reuse(target, source, common(target), common(source), prompt)
+        for slot in free:
+            if slot is not target and slot.tokens and self._park(slot):
+                self.forget(slot)
+        cached = self._restore(target, prompt, cached)
         target.busy = True
         target.last_used = time.monotonic()
         return target, cached
+
+    def _reuse(self, target: Slot, source: Slot, own: int, best: int, prompt: list[int]) -> int:
+        """Keep the target's own prefix, or share a longer one's cells from source."""
+        if best > own:     # a copy in a unified cache shares the cells, it moves no data
+            self.forget(target)
+            self.ctx.kv_cache_seq_cp(source.seq_id, target.seq_id, 0, best)
+            target.tokens = list(prompt[:best])
+            return best
+        self._cut(target, own)
+        return len(target.tokens)
+
+    def _cut(self, slot: Slot, keep: int) -> None:
+        if keep < len(slot.tokens):
+            if not self.ctx.kv_cache_seq_rm(slot.seq_id, keep, -1):
+                self.forget(slot)
+                return
+            del slot.tokens[keep:]
+
+    def _park(self, slot: Slot) -> bool:
+        """Save an idle slot's conversation to the host cache; True when the cache holds
+        it now (its cells may go). Without a cache, or for one larger than the cache's
+        whole budget, False: it stays in its cells rather than be lost."""
+        cache = self.prompt_cache
+        if cache is None or cache.max_bytes <= 0 or not slot.tokens:
+            return False
+        return cache.covers(slot.tokens) or cache.park(slot.tokens, self.save_seq(slot))
+
+    def _restore(self, target: Slot, prompt: list[int], cached: int) -> int:
+        """Bring back a parked conversation into target when it holds more of prompt."""
+        found = self.prompt_cache.best_for(prompt, cached) if self.prompt_cache is not None else None
+        if found is None:
+            return cached
+        entry, keep = found
+        self.forget(target)
+        try:
+            self.load_seq(target, entry.state, list(entry.tokens))
+        except RuntimeError:   # no room for it: the prompt is evaluated instead
+            log.warning("restoring a parked conversation of %d tokens failed; its prompt is re-read",
+                        len(entry.tokens))
+            self.forget(target)
+            return 0
+        self.prompt_cache.take(entry)
+        self._cut(target, keep)
+        return len(target.tokens)
 
     def release(self, slot: Slot) -> None:
         """The slot's request ended; its tokens stay cached for the next one."""
@@ -117,11 +161,14 @@ class Session:
         slot.tokens.clear()
 
     def evict_idle(self) -> bool:
-        """Forget the least recently used idle slot's cache; False when none holds any."""
+        """Free the least recently used idle slot's cells (its conversation parked in host
+        memory first); False when none holds any."""
         idle = [s for s in self.slots if not s.busy and s.tokens]
         if not idle:
             return False
-        self.forget(min(idle, key=lambda s: s.last_used))
+        oldest = min(idle, key=lambda s: s.last_used)
+        self._park(oldest)   # kept in host memory where it can be; freed either way
+        self.forget(oldest)
         return True
 
     # --- batches --------------------------------------------------------------------

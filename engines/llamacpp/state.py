@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import llama_cpp
 from llama_cpp import _internals as internals
 
+from engines.llamacpp.prompt_cache import PromptCache
 from engines.llamacpp.session import Session
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,11 @@ def pause_session(session: Session) -> PausedState:
 
 
 def resume_session(model: internals.LlamaModel, params: llama_cpp.llama_context_params,
-                   paused: PausedState) -> Session:
+                   paused: PausedState, prompt_cache: PromptCache | None = None) -> Session:
     """A new context with every paused sequence restored into its own slot (the batcher
     marks the slots of requests still running busy again)."""
     started = time.perf_counter()
-    session = Session(model, params)
+    session = Session(model, params, prompt_cache)
     for seq_id, seq in paused.seqs.items():
         slot = session.slots[seq_id]
         try:

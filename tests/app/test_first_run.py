@@ -45,3 +45,30 @@ def test_cli_calls_are_silent_about_a_missing_runtime_dir(tmp_path: Path) -> Non
     assert done.returncode == 0, done.stderr
     assert "RuntimeDirWarning" not in done.stderr and "XDG_RUNTIME_DIR" not in done.stderr
     assert str(tmp_path) in done.stdout
+
+
+FAKE_PIP = """#!/usr/bin/env bash
+# Stands in for "python -m pip wheel -v ... -w DIR": ninja's progress lines, then a wheel.
+dir=""; prev=""
+for a in "$@"; do [ "$prev" = "-w" ] && dir="$a"; prev="$a"; done
+echo "-- Configuring done"
+sleep 1.5
+for i in 1 2 3; do echo "  [$i/193] /usr/bin/g++ -O3 -c ggml-cpu.c"; sleep 1; done
+touch "$dir/llama_cpp_python-0.3.36-cp311-cp311-linux_x86_64.whl"
+"""
+
+
+def test_the_one_time_build_says_which_step_it_is_on(tmp_path: Path) -> None:
+    """The llama-cpp-python build prints its progress every few seconds (issue 21):
+    ninja's "[n/N]" steps, which the first version of the script never matched."""
+    fake = tmp_path / "fake-python"
+    fake.write_text(FAKE_PIP)
+    fake.chmod(0o755)
+    env = {**os.environ, "WHEEL_CACHE": str(tmp_path / "wheels"), "PY": str(fake), "PROGRESS_S": "1"}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "llama_wheel.sh")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    progress = [line for line in done.stdout.splitlines() if "so far" in line]
+    assert progress and "configuring" in progress[0]
+    assert any("compiling, step [" in line and "/193]" in line for line in progress), done.stdout
+    assert "Built llama-cpp-python" in done.stdout
