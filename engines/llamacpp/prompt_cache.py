@@ -35,7 +35,7 @@ MIN_GAIN_FRACTION = 1 / 16
 @dataclass
 class ParkedPrompt:
     tokens: tuple[int, ...]
-    state: bytes
+    state: bytes | memoryview   # a sequence's cells, as Session.save_seq returns them
     parked_at: float = field(default_factory=time.monotonic)
 
 
@@ -69,7 +69,7 @@ class PromptCache:
         """A parked conversation already holds these tokens (a longer one restores them)."""
         return any(common_prefix(e.tokens, tokens) == len(tokens) for e in self._entries)
 
-    def park(self, tokens: list[int], state: bytes) -> bool:
+    def park(self, tokens: list[int], state: bytes | memoryview) -> bool:
         """Keep a conversation (False: it is larger than the whole budget); one it extends
         is dropped, the oldest go while over budget."""
         if len(state) > self.max_bytes:

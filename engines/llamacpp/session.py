@@ -216,17 +216,19 @@ class Session:
             slot.tokens.clear()
 
     # --- per-sequence state (pause and resume) --------------------------------------
-    def save_seq(self, slot: Slot) -> bytes:
-        """One sequence's KV cells as host bytes (llama_state_seq_get_data)."""
+    def save_seq(self, slot: Slot) -> memoryview:
+        """One sequence's KV cells in host memory (llama_state_seq_get_data), written once:
+        the view keeps llama.cpp's copy, with no second one into bytes."""
         size = llama_cpp.llama_state_seq_get_size(self.ctx.ctx, slot.seq_id)
         buf = (ctypes.c_uint8 * size)()
         written = llama_cpp.llama_state_seq_get_data(self.ctx.ctx, buf, size, slot.seq_id)
         if written <= 0 or written > size:
             raise RuntimeError(f"llama_state_seq_get_data wrote {written} of {size} bytes")
-        return bytes(memoryview(buf)[:written])
+        return memoryview(buf).cast("B")[:written]
 
-    def load_seq(self, slot: Slot, state: bytes, tokens: list[int]) -> None:
-        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+    def load_seq(self, slot: Slot, state: bytes | memoryview, tokens: list[int]) -> None:
+        array = ctypes.c_uint8 * len(state)
+        buf = array.from_buffer(state) if isinstance(state, memoryview) else array.from_buffer_copy(state)
         read = llama_cpp.llama_state_seq_set_data(self.ctx.ctx, buf, len(state), slot.seq_id)
         if read != len(state):
             raise RuntimeError(f"llama_state_seq_set_data read {read} of {len(state)} bytes")

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PausedSeq:
-    state: bytes
+    state: bytes | memoryview   # a sequence's cells, as Session.save_seq returns them
     tokens: tuple[int, ...]
 
 
