@@ -87,6 +87,12 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def memory(self) -> MemoryReport: ...
 
+    def load_estimate(self) -> int:
+        """Bytes a load will hold before its first request (weights, and KV allocated
+        whole at load), read from the metadata without loading: what the broker admits
+        before the load starts. Engines whose weights change size in memory say so."""
+        return self.info.size_bytes
+
     @abc.abstractmethod
     def trim(self) -> int:
         """Give back KV pages that hold no live token; returns bytes."""

@@ -20,23 +20,30 @@ F16_BYTES = 2
 
 
 class EngineVerbs:
-    """kvcached.broker.ReclaimVerbs over an Engine."""
+    """kvcached.broker.ReclaimVerbs over an Engine. While a load admitted by the broker
+    runs (`loading`), the model counts what the load will hold (its estimate) or what it
+    holds so far, whichever is more, the part not allocated yet as booked, and it is
+    busy: nothing reclaims from a model halfway through its load."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.loading_bytes = 0
 
     def held_bytes(self) -> int:
         report = self.engine.memory()
-        return report.weights_bytes + report.kv_held_bytes + report.kv_booked_bytes
+        held = report.weights_bytes + report.kv_held_bytes
+        return max(held, self.loading_bytes) + report.kv_booked_bytes
 
     def cached_bytes(self) -> int | None:
         return self.engine.memory().kv_cached_bytes
 
     def booked_bytes(self) -> int:
-        return self.engine.memory().kv_booked_bytes
+        report = self.engine.memory()
+        not_yet = max(0, self.loading_bytes - report.weights_bytes - report.kv_held_bytes)
+        return report.kv_booked_bytes + not_yet
 
     def is_busy(self) -> bool:
-        return self.engine.busy
+        return self.engine.busy or self.loading_bytes > 0
 
     def idle_since(self) -> float:
         return self.engine.idle_since
@@ -70,6 +77,23 @@ def unregister_engine(handle: ClientHandle, engine: Engine) -> None:
     """The reverse of register_engine: admission stops, the broker forgets it."""
     engine.attach_broker(None)
     handle.unregister()
+
+
+def admitted_load(handle: ClientHandle, verbs: EngineVerbs, progress=None) -> None:
+    """Load verbs.engine once the broker made room for what the load will hold
+    (Broker.admit with load=True: pause, then unload, idle models of no higher priority;
+    AdmissionDenied when what is in the way is busy, DoesNotFit when nothing could make
+    room). The booking ends when the load does: from then on the model counts what it holds."""
+    engine = verbs.engine
+    estimate = engine.load_estimate()
+
+    def book(nbytes: int) -> None:
+        verbs.loading_bytes = nbytes
+    try:
+        handle.broker.admit(handle, estimate, commit=book, load=True)
+        engine.load(progress)
+    finally:
+        verbs.loading_bytes = 0
 
 
 def load_estimate(info: ModelInfo, n_ctx: int) -> int:

@@ -17,6 +17,7 @@ never an error the user sees for a model llama.cpp can serve.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 import logging
 
 from engines.base import Engine, ModelInfo, ProgressCallback
@@ -78,10 +79,14 @@ def engine_for(info: ModelInfo, config: EngineConfig, choice: Choice, kv_pool: o
     return engine_class("torch")(info, config, kv_pool)
 
 
-def load_with_fallback(engine: Engine, progress: ProgressCallback | None = None) -> Engine:
-    """engine.load(progress); a torch engine that fails on a GGUF file hands it to llama.cpp."""
+def load_with_fallback(engine: Engine, progress: ProgressCallback | None = None,
+                       load: Callable[[Engine, ProgressCallback | None], None] | None = None) -> Engine:
+    """load(engine, progress) (engine.load by default; the daemon's admits it through the
+    broker first); a torch engine that fails on a GGUF file hands it to llama.cpp, whose
+    load goes through `load` too (a model too large as torch floats may fit as blocks)."""
+    load = load or (lambda e, p: e.load(progress=p))
     try:
-        engine.load(progress=progress)
+        load(engine, progress)
         return engine
     except Exception as exc:
         info = engine.info
@@ -92,6 +97,6 @@ def load_with_fallback(engine: Engine, progress: ProgressCallback | None = None)
         note = f"the torch engine failed to load it ({type(exc).__name__}: {exc}); served by llama.cpp"
         log.warning("%s: %s", info.name, note, exc_info=not isinstance(exc, ModelLoadError))
     fallback = engine_class("llamacpp")(info, getattr(engine, "config", None) or EngineConfig())
-    fallback.load(progress=progress)
+    load(fallback, progress)
     fallback.fallback_note = note
     return fallback

@@ -31,6 +31,11 @@ class AdmissionDenied(TemporaryError):
     """The broker could not make room for a client's request within the budget."""
 
 
+class DoesNotFit(FatalError):
+    """A load can never fit: more than the budget (or the device, less the headroom)
+    holds, even with every other client given back to its pinned minimum."""
+
+
 class VmmError(FatalError):
     """A virtual-memory driver call failed. `code` names the driver error
     (for example "CUDA_ERROR_INVALID_VALUE" or "EINVAL")."""

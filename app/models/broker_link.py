@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from app.models.events import EventHub
@@ -25,6 +26,7 @@ from engines.base import Engine
 from engines.types import ModelState
 
 log = logging.getLogger(__name__)
+LOAD_RETRY_S = 0.25   # a load waiting for busy models to give memory back asks again this often
 
 
 def _verbs_class():
@@ -64,6 +66,7 @@ class BrokerLink:
         self.backend = backend
         self._lock = threading.Lock()
         self._pending: dict[str, tuple[Engine, ModelSettings | None]] = {}
+        self._clients: dict[str, tuple[Engine, object, object]] = {}   # name -> (engine, handle, verbs)
         self._stop = threading.Event()
         self._pump: threading.Thread | None = None
         self._closers: list[Callable[[], None]] = []
@@ -104,19 +107,63 @@ class BrokerLink:
                 return
         self._register_now(name, engine, model)
 
-    def _register_now(self, name: str, engine: Engine, model: ModelSettings | None) -> None:
+    def _register_now(self, name: str, engine: Engine, model: ModelSettings | None) -> tuple | None:
+        """(handle, verbs) of engine as the client `name`, registering it unless it is already."""
         from engines.broker_client import register_engine
 
+        with self._lock:
+            known = self._clients.get(name)
+        if known is not None and known[0] is engine:
+            return known[1:]
+        if known is not None:
+            self.unregister(name, known[0])
         model = model or ModelSettings()
+        verbs = _verbs_class()(engine, self.hub)
         try:   # attaches the handle: its requests are admitted against the budget from now on
-            register_engine(self.broker, engine, model.priority, model.min_bytes, model.max_bytes,
-                            verbs=_verbs_class()(engine, self.hub))
+            handle = register_engine(self.broker, engine, model.priority, model.min_bytes, model.max_bytes,
+                                     verbs=verbs)
         except Exception:  # serving without the broker's protection beats not serving
             log.exception("could not register %s with the broker", name)
+            return None
+        with self._lock:
+            self._clients[name] = (engine, handle, verbs)
+        return handle, verbs
+
+    def load(self, name: str, engine: Engine, model: ModelSettings | None, progress=None,
+             wait_s: float = 0.0) -> None:
+        """Load engine as the client `name`, once the broker has made room for what the
+        load will hold (engines.broker_client.admitted_load). While what is in the way is
+        busy the load waits, up to wait_s, then AdmissionDenied names it (HTTP 503);
+        DoesNotFit when no reclaim could ever make room. Without a broker (not open yet,
+        or none here) a plain load, registered when the broker comes."""
+        from engines.broker_client import admitted_load
+        from kvcached.errors import AdmissionDenied
+
+        registered = self._register_now(name, engine, model) if self.broker is not None else None
+        if registered is None:
+            engine.load(progress)
+            self.register(name, engine, model)
+            return
+        deadline = time.monotonic() + wait_s
+        try:
+            while True:
+                try:
+                    admitted_load(*registered, progress)
+                    return
+                except AdmissionDenied:
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(LOAD_RETRY_S)
+        except BaseException:
+            self.unregister(name, engine)   # not loaded: nothing of it for the broker to weigh
+            raise
 
     def unregister(self, name: str, engine: Engine | None = None) -> None:
         with self._lock:
             self._pending.pop(name, None)
+            known = self._clients.get(name)
+            if known is not None and (engine is None or known[0] is engine):
+                del self._clients[name]
             broker = self.broker
         if engine is not None:
             engine.attach_broker(None)

@@ -191,8 +191,8 @@ class ModelManager:
             loaded = self._loaded.get(info.name)
             if loaded is not None and loaded.engine.state is not ModelState.UNLOADED:
                 return loaded
-            if loaded is not None:  # the broker unloaded it under pressure: load again
-                await to_thread.run_sync(loaded.engine.load)
+            if loaded is not None:  # the broker unloaded it under pressure: load again, admitted
+                await to_thread.run_sync(self._admitted_load, info.name, loaded.engine, None)
                 self._publish_state(info.name, ModelState.LOADED, reason="reload")
                 return loaded
             self._publish_state(info.name, ModelState.LOADING)
@@ -209,7 +209,6 @@ class ModelManager:
                 raise
             loaded = Loaded(info, engine, self.settings.keep_alive_s)
             self._loaded[info.name] = loaded
-            self.broker.register(info.name, engine, self.settings.models.get(info.name))
             self._publish_state(info.name, ModelState.LOADED)
             log.info("loaded %s (%s engine)", info.name, engine.kind)
             return loaded
@@ -217,7 +216,14 @@ class ModelManager:
     def _load_engine(self, info: ModelInfo, progress) -> Engine:
         from engines.factory import load_with_fallback
 
-        return load_with_fallback(self.make_engine(info), progress)
+        return load_with_fallback(self.make_engine(info), progress,
+                                  load=lambda engine, p: self._admitted_load(info.name, engine, p))
+
+    def _admitted_load(self, name: str, engine: Engine, progress) -> None:
+        """A load the broker makes room for first (pause, then unload, idle models); it
+        waits up to admission_timeout_s for busy ones (BrokerLink.load)."""
+        self.broker.load(name, engine, self.settings.models.get(name), progress,
+                         wait_s=self.settings.admission_timeout_s)
 
     # --- verbs for the control API ---------------------------------------------
     def _require(self, name: str) -> Loaded:

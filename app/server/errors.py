@@ -61,6 +61,9 @@ STATUS_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
     (RemoteUnavailable, 502, "upstream_error"),
     (engine_errors.ModelLoadError, 500, "server_error"),
     (kv_errors.TemporaryError, 503, "unavailable_error"),
+    # A model larger than the memory budget could ever hold (issue 19): refused before
+    # anything is allocated; the message names the budget to raise.
+    (kv_errors.DoesNotFit, 507, "insufficient_storage"),
     (kv_errors.ConfigError, 500, "server_error"),
     (kv_errors.KvcachedError, 500, "server_error"),
 )

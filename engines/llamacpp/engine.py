@@ -26,6 +26,7 @@ import llama_cpp
 from llama_cpp import _internals as internals
 
 from engines.base import Engine, ModelInfo, ProgressCallback
+from engines.broker_client import load_estimate
 from engines.config import EngineConfig
 from engines.context import served_context
 from engines.errors import ContextOverflow, ModelLoadError
@@ -258,6 +259,10 @@ class LlamaCppEngine(Engine):
             paused_host_bytes=paused.host_bytes if paused is not None else 0,
             prompt_cache_host_bytes=self._prompt_cache.host_bytes,
             on_gpu=self._on_gpu)
+
+    def load_estimate(self) -> int:
+        """The file's weights and the context's KV, which llama.cpp allocates whole."""
+        return load_estimate(self.info, self.n_ctx)
 
     def trim(self) -> int:
         return 0   # llama.cpp allocates its KV buffer whole: nothing to give back piecemeal

@@ -186,6 +186,17 @@ class TorchEngine(Engine):
                                 llamacpp_numerics=self.config.torch_llamacpp_numerics)
         return model, TextSide.from_gguf(meta, str(path), model.cfg.eos_ids)
 
+    def load_estimate(self) -> int:
+        """Weights as they will sit in memory: a GGUF's blocks stay blocks on the GPU (the
+        file's size); elsewhere (the CPU, safetensors, random weights) every weight is a
+        float of the engine's dtype. KV pages come later, each admitted as tokens arrive."""
+        from engines.torch.load.gguf_loader import default_dtype
+
+        if (self.device.type == "cuda" and self.info.path.endswith(".gguf")) or not self.info.parameter_count:
+            return self.info.size_bytes
+        dtype = DTYPES.get(self.config.torch_dtype) or default_dtype(self.device)
+        return self.info.parameter_count * dtype.itemsize
+
     def _check_pool(self) -> None:
         """A pool whose budget holds not one page would fail every request: refuse the load
         (the factory then hands a GGUF file to llama.cpp, which takes no pages)."""

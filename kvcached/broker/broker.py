@@ -38,9 +38,9 @@ from kvcached.broker.monitor import Monitor, open_monitor
 from kvcached.broker.sample import MemorySample
 from kvcached.broker.watchdog import Probe
 from kvcached.broker.policy import (Action, ClientView, admission_need, admission_plan,
-                                    admission_reclaimable, eligible, plan, pressure_need)
+                                    admission_reclaimable, eligible, never_fits, plan, pressure_need)
 from kvcached.config import KvcachedConfig
-from kvcached.errors import AdmissionDenied, ConfigError, InvalidArgument
+from kvcached.errors import AdmissionDenied, ConfigError, DoesNotFit, InvalidArgument
 
 log = logging.getLogger(__name__)
 MiB = 1 << 20
@@ -235,12 +235,14 @@ class Broker:
         return self._run(actions, need, "manual")
 
     def admit(self, client: ClientHandle | str, nbytes: int,
-              commit: Callable[[int], None] | None = None) -> int:
+              commit: Callable[[int], None] | None = None, load: bool = False) -> int:
         """Make room for `nbytes` more for `client`: within its maximum, the budget and
         the headroom, reclaiming from other clients if needed. Returns bytes reclaimed;
-        AdmissionDenied (nothing taken) when that cannot be enough. `commit(nbytes)`
+        AdmissionDenied (nothing taken) when that cannot be enough now. `commit(nbytes)`
         runs under the broker's lock once admitted: the client counts the bytes in its
         held_bytes there, so the next admission (another client's) already sees them.
+        `load`: the bytes are a model's load (idle clients of equal priority make room
+        too; DoesNotFit, before anything is taken, when no reclaim could ever make it).
         Call it holding none of the engine's own locks (client.py says why)."""
         handle = self._resolve(client)
         if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
@@ -254,6 +256,8 @@ class Broker:
                 if spec.max_bytes is not None and held + nbytes > spec.max_bytes:
                     raise AdmissionDenied(f"client {spec.name}: {_mib(held)} held + {_mib(nbytes)} "
                                           f"asked exceeds its maximum of {_mib(spec.max_bytes)}")
+                if load:
+                    self._check_fits(spec.name, held + nbytes)
                 need = self._admission_need(nbytes)
                 if need == 0:
                     if commit is not None:
@@ -262,26 +266,39 @@ class Broker:
                 if attempt:
                     raise AdmissionDenied(f"client {spec.name}: reclaimed {_mib(got)} but "
                                           f"{_mib(need)} more are needed for {_mib(nbytes)}")
-                actions = self._room_plan(handle, nbytes, need)
+                actions = self._room_plan(handle, nbytes, need, load)
             got += self._run(actions, need, "admission")
         if got:  # an admission that took nothing is no news (one per request would flood the log)
             self.events.append(Event(spec.name, EventKind.ADMIT, 0, time.perf_counter() - start, "admission",
                                      f"{_mib(nbytes)} admitted after {_mib(got)} reclaimed"))
         return got
 
-    def _room_plan(self, handle: ClientHandle, nbytes: int, need: int) -> list[Action]:
+    def _check_fits(self, name: str, nbytes: int) -> None:
+        """DoesNotFit when `nbytes` could never fit beside the others' pinned minimums."""
+        budget = self.config.budget_bytes
+        capacity = budget if budget is not None else self.sample().total_bytes - self.config.headroom_bytes
+        if never_fits(self._views(), capacity, nbytes, name):
+            where = f"the budget of {_mib(budget)} (budget_bytes)" if budget is not None else \
+                f"the device's {_mib(capacity)} less the headroom"
+            raise DoesNotFit(f"{name} needs {_mib(nbytes)}: more than {where} holds, even with every "
+                             "other model given back to its pinned minimum")
+
+    def _room_plan(self, handle: ClientHandle, nbytes: int, need: int, load: bool = False) -> list[Action]:
         """The steps that can make `need` bytes of room for an admission; AdmissionDenied,
-        before taking anything, when the other clients cannot give enough."""
+        before taking anything, when the other clients cannot give enough now (what is
+        in the way named: busy or outranking clients)."""
         spec = handle.spec
         views = self._views()
         pool_bytes = self.pool.reserved() if self.pool is not None else 0
-        can = admission_reclaimable(views, spec.priority, spec.name) + pool_bytes
+        can = admission_reclaimable(views, spec.priority, spec.name, load) + pool_bytes
         if can < need:
+            kept = ", ".join(f"{v.name} ({_mib(v.held_bytes)}, {'busy' if v.is_busy else f'priority {v.priority}'})"
+                             for v in views if v.name != spec.name and v.held_bytes > 0)
             raise AdmissionDenied(
                 f"client {spec.name}: {_mib(nbytes)} asked needs {_mib(need)} reclaimed, but the "
-                f"others' cached KV and idle clients of lower priority than {spec.priority} "
-                f"can give at most {_mib(can)}")
-        return admission_plan(views, spec.priority, spec.name, has_pool=self.pool is not None)
+                f"others' cached KV and idle clients of {'equal or ' if load else ''}lower priority than "
+                f"{spec.priority} can give at most {_mib(can)}; in the way: {kept or 'nothing else'}")
+        return admission_plan(views, spec.priority, spec.name, has_pool=self.pool is not None, load=load)
 
     def _admission_need(self, nbytes: int) -> int:
         views = self._views()

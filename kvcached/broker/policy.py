@@ -11,7 +11,10 @@ already holds no more than its minimum.
 Admission (a client asks for more) may take the cheap steps (pool, trim, drop
 cached prefixes: nothing running is lost) from ANY other client, whatever its
 priority: three equal-priority models must be able to take each other's idle
-prefixes. Pause and unload stay for idle clients of strictly lower priority.
+prefixes. Pause and unload stay for idle clients of strictly lower priority,
+except for a load (a model asked for that is not in memory): then idle
+clients of equal priority also make room, the idlest first, as Ollama evicts
+its least recently used model for the one a request names.
 What admission counts on getting is what the steps can really give: a
 client's `cached_bytes` (held KV that no running sequence needs) from the
 cheap steps, everything it holds from pause/unload.
@@ -104,12 +107,14 @@ def eligible(view: ClientView, step: Step) -> bool:
     return view.held_bytes > view.min_bytes
 
 
-def eligible_for_admission(view: ClientView, step: Step, priority: int) -> bool:
+def eligible_for_admission(view: ClientView, step: Step, priority: int, load: bool = False) -> bool:
     """May an admission at `priority` take `step` from this (other) client? The cheap
-    steps from anyone; pause and unload only from idle clients of lower priority."""
+    steps from anyone; pause and unload only from idle clients of lower priority (of
+    equal priority too, for a load)."""
     if step in CHEAP_STEPS:
         return view.cached_bytes != 0 and eligible(view, step)
-    return view.priority < priority and eligible(view, step)
+    outranked = view.priority <= priority if load else view.priority < priority
+    return outranked and eligible(view, step)
 
 
 def victim_order(views: Iterable[ClientView]) -> list[ClientView]:
@@ -137,23 +142,32 @@ def plan(views: Sequence[ClientView], steps: Sequence[Step] = STEP_ORDER,
 
 
 def admission_plan(views: Sequence[ClientView], priority: int, exclude: str,
-                   has_pool: bool = True) -> list[Action]:
+                   has_pool: bool = True, load: bool = False) -> list[Action]:
     """What an admission for client `exclude` at `priority` may take, cheapest first."""
     victims = [v for v in victim_order(views) if v.name != exclude]
     actions: list[Action] = [Action(Step.POOL, None)] if has_pool else []
     for step in CLIENT_STEPS:
-        actions.extend(Action(step, v.name) for v in victims if eligible_for_admission(v, step, priority))
+        actions.extend(Action(step, v.name) for v in victims
+                       if eligible_for_admission(v, step, priority, load))
     return actions
 
 
-def admission_reclaimable(views: Sequence[ClientView], priority: int, exclude: str) -> int:
+def never_fits(views: Sequence[ClientView], capacity: int, nbytes: int, exclude: str) -> bool:
+    """Could `nbytes` for client `exclude` not fit even with every other client given
+    back down to its pinned minimum? `capacity`: the budget, or the device less the headroom."""
+    pinned = sum(v.min_bytes for v in views if v.name != exclude)
+    return nbytes > capacity - pinned
+
+
+def admission_reclaimable(views: Sequence[ClientView], priority: int, exclude: str,
+                          load: bool = False) -> int:
     """What admission_plan can be counted on to give back: never more than the steps
     really give (a busy client's running KV is not reclaimable; an unknown cache is 0)."""
     total = 0
     for v in views:
         if v.name == exclude:
             continue
-        if eligible_for_admission(v, Step.UNLOAD, priority):
+        if eligible_for_admission(v, Step.UNLOAD, priority, load):
             total += v.held_bytes
         elif v.cached_bytes:
             total += min(v.cached_bytes, max(0, v.held_bytes - v.min_bytes))

@@ -10,7 +10,7 @@ import pytest
 from kvcached.broker import Broker, ClientSpec, Step
 from kvcached.broker.sample import MemorySample
 from kvcached.config import KvcachedConfig
-from kvcached.errors import AdmissionDenied, ConfigError, InvalidArgument
+from kvcached.errors import AdmissionDenied, ConfigError, DoesNotFit, InvalidArgument
 
 GiB = 1 << 30
 TOTAL = 80 * GiB
@@ -286,3 +286,39 @@ def test_one_tick_keeps_reclaiming_while_the_other_app_keeps_growing(device):
     device.others = TOTAL - 6 * GiB - GiB    # 1 GiB short
     assert broker.tick() == 6 * GiB          # three rounds in one tick
     assert [c.calls for c in clients] == [["trim"], ["trim"], ["trim"]]
+
+
+def test_a_load_unloads_idle_models_of_equal_priority_the_idlest_first(device):
+    broker = make(device, budget_bytes=20 * GiB)
+    older = Verbs(device, prefixes=GiB, live=2 * GiB, weights=5 * GiB, idle_since=1.0)
+    newer = Verbs(device, live=2 * GiB, weights=5 * GiB, idle_since=2.0)
+    loading = Verbs(device)
+    broker.register(ClientSpec("older"), older)
+    broker.register(ClientSpec("newer"), newer)
+    me = broker.register(ClientSpec("me"), loading)
+    with pytest.raises(AdmissionDenied, match="in the way: older"):
+        me.admit(10 * GiB)                       # a request's KV: equals are not paused for it
+    assert older.calls == [] and newer.calls == []
+    # 15 held + 10 > 20: the prefixes (1), then pausing both (4), leave 10 + 10 = 20.
+    assert broker.admit(me, 10 * GiB, load=True) == 5 * GiB
+    assert older.calls[-2:] == ["drop_prefixes", "pause"] and newer.calls[-1] == "pause"
+    assert "unload" not in older.calls + newer.calls
+    assert broker.admit(me, 13 * GiB, load=True) == 5 * GiB   # then unload, the idlest first
+    assert older.calls[-1] == "unload" and "unload" not in newer.calls
+
+
+def test_a_load_that_can_never_fit_is_refused_before_anything_is_taken(device):
+    broker = make(device, budget_bytes=20 * GiB)
+    pinned = Verbs(device, weights=6 * GiB)
+    idle = Verbs(device, weights=8 * GiB)
+    busy = Verbs(device, live=4 * GiB, busy=True)
+    broker.register(ClientSpec("pinned", min_bytes=6 * GiB), pinned)
+    broker.register(ClientSpec("idle"), idle)
+    broker.register(ClientSpec("busy"), busy)
+    me = broker.register(ClientSpec("me"), Verbs(device))
+    with pytest.raises(DoesNotFit, match="budget_bytes"):
+        broker.admit(me, 15 * GiB, load=True)    # 15 > 20 - 6 pinned: never
+    assert idle.calls == [] and busy.calls == []
+    with pytest.raises(AdmissionDenied, match=r"in the way: .*busy \(4096 MiB, busy\)"):
+        broker.admit(me, 13 * GiB, load=True)    # 13 <= 14 could fit once "busy" is done: wait
+    assert idle.calls == [] and busy.calls == []
