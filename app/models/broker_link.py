@@ -33,11 +33,17 @@ def _verbs_class():
     from engines.broker_client import EngineVerbs
 
     class AnnouncingVerbs(EngineVerbs):
-        """EngineVerbs that tell the hub when the broker pauses or unloads a model."""
+        """EngineVerbs that tell the hub when the broker pauses or unloads a model, and count
+        a model as busy while a request holds it (leased, not yet submitted: a load waiting
+        for room must not unload the model that has just loaded for that request)."""
 
-        def __init__(self, engine: Engine, hub: EventHub | None) -> None:
+        def __init__(self, engine: Engine, hub: EventHub | None, in_use: Callable[[], bool]) -> None:
             super().__init__(engine)
             self.hub = hub
+            self.in_use = in_use
+
+        def is_busy(self) -> bool:
+            return super().is_busy() or self.in_use()
 
         def pause(self) -> int:
             freed = super().pause()
@@ -67,6 +73,7 @@ class BrokerLink:
         self._lock = threading.Lock()
         self._pending: dict[str, tuple[Engine, ModelSettings | None]] = {}
         self._clients: dict[str, tuple[Engine, object, object]] = {}   # name -> (engine, handle, verbs)
+        self.in_use: Callable[[str], bool] = lambda name: False   # the manager's: a request holds it
         self._stop = threading.Event()
         self._pump: threading.Thread | None = None
         self._closers: list[Callable[[], None]] = []
@@ -118,7 +125,7 @@ class BrokerLink:
         if known is not None:
             self.unregister(name, known[0])
         model = model or ModelSettings()
-        verbs = _verbs_class()(engine, self.hub)
+        verbs = _verbs_class()(engine, self.hub, lambda: self.in_use(name))
         try:   # attaches the handle: its requests are admitted against the budget from now on
             handle = register_engine(self.broker, engine, model.priority, model.min_bytes, model.max_bytes,
                                      verbs=verbs)

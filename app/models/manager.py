@@ -94,6 +94,7 @@ class ModelManager:
         self.settings = settings
         self.hub = hub
         self.broker = broker or BrokerLink(None)
+        self.broker.in_use = self._leased
         self._loaded: dict[str, Loaded] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._loading: dict[str, asyncio.Task] = {}   # loads under way, shared by their waiters
@@ -115,6 +116,11 @@ class ModelManager:
 
     def find_loaded(self, name: str) -> Loaded | None:
         return self._loaded.get(name)
+
+    def _leased(self, name: str) -> bool:
+        """A request holds the model (from its lease, before its engine sees it)."""
+        loaded = self._loaded.get(name)
+        return loaded is not None and loaded.active > 0
 
     # --- leases -----------------------------------------------------------------
     async def lease(self, name: str | None, keep_alive_s: float | None = None) -> Lease:

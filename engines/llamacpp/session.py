@@ -8,8 +8,8 @@ conversation, the same system prompt) evaluates only what is new: `prepare`
 keeps the longest common prefix, copied from whichever slot has it (a copy in
 a unified cache shares the cells, it moves no data) or restored from the
 conversations parked in host memory (prompt_cache.py: idle slots are parked
-there, so their cells cost the running sequences' attention nothing). A batch carries tokens
-of many sequences at once; `add` queues one, `decode` runs them all. Every
+there, so their cells cost the running sequences' attention nothing). A batch
+carries tokens of many sequences at once; `add` queues one, `decode` runs them all. Every
 native call happens on the engine's single worker thread (worker.py).
 Counting what is decoded here is what makes "no new prefill after resume"
 measurable.

@@ -56,3 +56,36 @@ def test_cpu_numerics_is_a_setting_that_reaches_the_engine_config(tmp_path: Path
     loaded = load_settings(path, environ={})
     assert [p.key for p in loaded.problems] == ["torch_llamacpp_numerics"]
     assert config_from_settings(loaded.settings).torch_llamacpp_numerics is True
+
+
+def test_a_model_a_request_holds_is_busy_to_the_broker_and_a_load_waits_for_it():
+    """A load that needs the memory of a model a request has just leased (loaded for it, the
+    request not yet submitted) waits instead of unloading it, and then names it."""
+    from kvcached.errors import AdmissionDenied
+
+    def tiny(name: str) -> TorchEngine:
+        return TorchEngine(ModelInfo(name=name, path="", source="synthetic", metadata={"config": TINY},
+                                     parameter_count=TINY.num_params),
+                           config_from_settings(Settings(), torch_num_slots=2),
+                           standalone_pool(KvcachedConfig(page_size=64 << 10, reserve_pages=0)))
+
+    held, wanted = tiny("held"), tiny("wanted")
+    budget = held.load_estimate() + wanted.load_estimate() // 2      # one of them, not both
+    link = BrokerLink(Broker(KvcachedConfig(headroom_bytes=0, budget_bytes=budget)))
+    leased = {"held"}
+    link.in_use = lambda name: name in leased
+    try:
+        link.load("held", held, None)
+        try:
+            link.load("wanted", wanted, None, wait_s=0.3)
+            raise AssertionError("the load took a leased model's memory")
+        except AdmissionDenied as exc:
+            assert "in the way: held" in str(exc) and "busy" in str(exc)
+        assert held.state.value == "loaded" and wanted.state.value == "unloaded"
+        leased.clear()                                   # the request ended: now it may go
+        link.load("wanted", wanted, None)
+        assert held.state.value == "unloaded" and wanted.state.value == "loaded"
+    finally:
+        link.close()
+        held.unload()
+        wanted.unload()
