@@ -146,10 +146,13 @@ class BrokerLink:
         from engines.broker_client import admitted_load
         from kvcached.errors import AdmissionDenied
 
-        registered = self._register_now(name, engine, model) if self.broker is not None else None
-        if registered is None:
+        if self.broker is None:
             engine.load(progress)
             self.register(name, engine, model)
+            return
+        registered = self._register_now(name, engine, model)
+        if registered is None:   # the broker refused it (logged): serve unprotected
+            engine.load(progress)
             return
         deadline = time.monotonic() + wait_s
         try:

@@ -96,9 +96,10 @@ class Session:
             return min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
         target = max(free, key=lambda s: (common(s), -s.last_used))
         source = max(self.slots, key=common)
-        if 2 * common(target) < len(target.tokens):   # a different conversation: keep it aside
+        own = common(target)
+        if 2 * own < len(target.tokens):   # a different conversation: keep it aside
             self._park(target)
-        cached = self._reuse(target, source, common(target), common(source), prompt)
+        cached = self._reuse(target, source, own, common(source), prompt)
         for slot in free:
             if slot is not target and slot.tokens and self._park(slot):
                 self.forget(slot)

@@ -38,6 +38,7 @@ from engines.torch.serve.runner import Runner
 from engines.torch.serve.scheduler import Scheduler, Sequence
 from engines.torch.serve.serving import Job, ServingLoop
 from engines.torch.serve.text_side import TextSide
+from engines.torch.source import read_model, weights_estimate
 from engines.types import EmbeddingResult, GenerateRequest, LoadProgress, MemoryReport, ModelState, StreamChunk
 from kvcached.kv_cache.disk_tier import DiskTier
 from kvcached.errors import ConfigError
@@ -102,7 +103,8 @@ class TorchEngine(Engine):
         phases = LoadPhases()
         self.load_phases = phases.seconds     # filled as the load goes: /api/ps shows a load in progress too
         with phases.phase("read"):
-            self.model, self.text = self._read_model(device, dtype, lambda f: report(0.9 * f, "reading"))
+            self.model, self.text = read_model(self.info, device, dtype, lambda f: report(0.9 * f, "reading"),
+                                               self.config.torch_llamacpp_numerics)
         cfg = self.model.cfg
         wanted = self.config.context_overrides.get(self.info.name, self.config.torch_max_context)
         if wanted is None:   # the trained length, bounded (engines/context.py)
@@ -163,39 +165,8 @@ class TorchEngine(Engine):
         if self.budget is not None:
             self.budget.handle = handle
 
-    def _read_model(self, device: torch.device, dtype: torch.dtype | None, progress) -> tuple:
-        info = self.info
-        if info.source == "synthetic" or not info.path:
-            from engines.registry.synthetic import tokenizer_meta
-            from engines.torch.model.synthetic import synthetic_model
-
-            model = synthetic_model(info.metadata.get("config", info.name), device, dtype)
-            # A byte-level vocabulary that needs no file: benchmarks send text and read text.
-            meta = tokenizer_meta(model.cfg.vocab_size)
-            return model, TextSide.from_gguf(meta, "")  # no end token: runs the full length
-        path = Path(info.path)
-        if path.is_dir():
-            from engines.torch.load.safetensors_loader import load_safetensors
-
-            return load_safetensors(path, device, dtype, progress), None
-        if not path.is_file():
-            raise ModelLoadError(f"model file not found: {path}")
-        from engines.torch.load.gguf_loader import load_gguf
-
-        model, meta = load_gguf(path, device, dtype, progress,
-                                llamacpp_numerics=self.config.torch_llamacpp_numerics)
-        return model, TextSide.from_gguf(meta, str(path), model.cfg.eos_ids)
-
     def load_estimate(self) -> int:
-        """Weights as they will sit in memory: a GGUF's blocks stay blocks on the GPU (the
-        file's size); elsewhere (the CPU, safetensors, random weights) every weight is a
-        float of the engine's dtype. KV pages come later, each admitted as tokens arrive."""
-        from engines.torch.load.gguf_loader import default_dtype
-
-        if (self.device.type == "cuda" and self.info.path.endswith(".gguf")) or not self.info.parameter_count:
-            return self.info.size_bytes
-        dtype = DTYPES.get(self.config.torch_dtype) or default_dtype(self.device)
-        return self.info.parameter_count * dtype.itemsize
+        return weights_estimate(self.info, self.device, DTYPES.get(self.config.torch_dtype))
 
     def _check_pool(self) -> None:
         """A pool whose budget holds not one page would fail every request: refuse the load

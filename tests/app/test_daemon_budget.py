@@ -14,11 +14,10 @@ both models plus one and a half requests' KV (two requests' KV would not fit).
 """
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 from engines.torch.model.configs import named_config
+from memory_watch import MemoryWatch
 
 FIRST, SECOND = "synthetic/smollm2-135m:a", "synthetic/smollm2-135m:b"
 CFG = named_config("smollm2-135m")
@@ -40,35 +39,6 @@ def settings_toml() -> str:
     # No headroom and no auto-yield: the machine's free RAM never binds, the budget does.
     return (f"synthetic_models = true\nbudget_bytes = {BUDGET}\nheadroom_bytes = 0\nauto_yield = false\n"
             f"keep_alive_s = -1\nnum_slots = 2\n{models}")
-
-
-class MemoryWatch:
-    """Reads /control/memory until stopped; keeps the largest totals it saw."""
-
-    def __init__(self, daemon) -> None:
-        self.daemon = daemon
-        self.samples: list[dict] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def run(self) -> None:
-        with self.daemon.client(timeout=30) as http:
-            while not self.stop.wait(0.2):
-                self.samples.append(http.get("/control/memory", headers=self.daemon.auth).json())
-
-    def __enter__(self) -> "MemoryWatch":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(30)
-
-    def most_held(self) -> int:
-        return max(sum(m["weights"] + m["kv_held"] for m in s["models"].values()) for s in self.samples)
-
-    def most_kv(self) -> int:
-        return max(sum(m["kv_held"] for m in s["models"].values()) for s in self.samples)
 
 
 def generate(http, model: str) -> dict:

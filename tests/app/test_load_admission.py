@@ -13,12 +13,12 @@ dashboard reads them (/control/events), /control/memory while the loads run.
 from __future__ import annotations
 
 import json
-import threading
 
 import httpx
 import pytest
 
 from engines.torch.model.configs import named_config
+from memory_watch import MemoryWatch
 
 FIRST, SECOND = "synthetic/smollm2-135m:a", "synthetic/smollm2-135m:b"
 HUGE = "synthetic/llama-3.1-8b"          # 32 GB as float32: over any budget here
@@ -54,34 +54,12 @@ def broker_steps(daemon) -> list[tuple[str, str, int]]:
     return steps
 
 
-class HeldWatch:
-    """The most every model held together, read from /control/memory until stopped."""
-
-    def __init__(self, daemon) -> None:
-        self.daemon, self.most, self.stop = daemon, 0, threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def run(self) -> None:
-        with self.daemon.client(timeout=30) as http:
-            while not self.stop.wait(0.1):
-                models = http.get("/control/memory", headers=self.daemon.auth).json()["models"]
-                self.most = max(self.most, sum(m["weights"] + m["kv_held"] for m in models.values()))
-
-    def __enter__(self) -> "HeldWatch":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(30)
-
-
 @pytest.mark.timeout(600)
 def test_a_load_that_does_not_fit_unloads_the_idle_model_and_one_that_never_fits_is_refused(
         start_daemon, monkeypatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")   # two spinning torch threads on 2 shared cores crawl
     daemon = start_daemon(settings_toml())
-    with daemon.client(timeout=300) as http, HeldWatch(daemon) as watch:
+    with daemon.client(timeout=300) as http, MemoryWatch(daemon, interval_s=0.1) as watch:
         assert generate(http, FIRST).status_code == 200
         answer = generate(http, SECOND)               # does not fit beside FIRST: FIRST makes room
         assert answer.status_code == 200, answer.text
@@ -95,7 +73,7 @@ def test_a_load_that_does_not_fit_unloads_the_idle_model_and_one_that_never_fits
 
         assert generate(http, FIRST).status_code == 200  # and back: SECOND makes room for FIRST
         assert [m["name"] for m in http.get("/api/ps").json()["models"]] == [FIRST]
-    assert 0 < watch.most <= BUDGET                     # weights plus KV, bounded by the settings' budget
+    assert 0 < watch.most_held() <= BUDGET                     # weights plus KV, bounded by the settings' budget
 
     steps = [(client, step) for client, step, _ in broker_steps(daemon)]
     first = [step for client, step in steps if client == FIRST]
