@@ -110,6 +110,12 @@ class Engine(abc.ABC):
     def resume(self) -> None:
         """Bring paused KV back, bit-exact. Idempotent."""
 
+    def weights_to_host(self) -> int:
+        """The rung after pause: KV and weights to host memory, nothing of the model left on
+        the device, ready again at copy speed on the next request; returns bytes. Engines
+        that cannot give nothing (0), and the broker's next rung unloads them."""
+        return 0
+
     @property
     @abc.abstractmethod
     def busy(self) -> bool:

@@ -5,8 +5,9 @@ pinned minimum and maximum from its settings; the broker then calls the
 engine's verbs from its own thread (every engine's verbs are thread-safe).
 held_bytes is what the model keeps resident, weights plus KV held, plus KV
 promised to admitted sequences and not mapped yet (so the broker never promises
-it to another model): the bytes the broker can win back by pausing (KV) or
-unloading (both). cached_bytes is what trim + drop_prefixes can give.
+it to another model): the bytes the broker can win back by pausing (KV),
+moving the weights to host memory too, or unloading (both). cached_bytes
+is what trim + drop_prefixes can give.
 `load_estimate` is what a load will take, for Broker.admit before loading,
 read from the model's metadata without loading it.
 """
@@ -56,6 +57,9 @@ class EngineVerbs:
 
     def pause(self) -> int:
         return self.engine.pause()
+
+    def weights_to_host(self) -> int:
+        return self.engine.weights_to_host()
 
     def unload(self) -> int:
         return self.engine.unload()

@@ -161,6 +161,7 @@ class MemoryReport:
     kv_held_bytes: int = 0      # mapped KV pages (device or host backend)
     kv_live_bytes: int = 0      # of which hold live tokens
     paused_host_bytes: int = 0  # KV moved to host memory by pause()
+    weights_host_bytes: int = 0  # weights moved to host memory by weights_to_host(), ready at copy speed
     prompt_cache_host_bytes: int = 0  # idle conversations parked in host memory (llama.cpp engine)
     on_gpu: bool = False
     # Admission (the broker's budget): KV promised to running and admitted sequences
@@ -173,6 +174,14 @@ class MemoryReport:
     @property
     def total_bytes(self) -> int:
         return self.weights_bytes + self.kv_held_bytes
+
+    def rung(self, state: "ModelState") -> str:
+        """Where the broker's ladder has this model: "loaded", "kv_on_host" (paused),
+        "weights_on_host" (paused, its weights too: nothing on the GPU, ready at copy speed),
+        or the state itself (unloaded, loading)."""
+        if state is ModelState.PAUSED:
+            return "weights_on_host" if self.weights_host_bytes else "kv_on_host"
+        return state.value
 
 
 @dataclass(frozen=True)

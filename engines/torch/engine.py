@@ -19,7 +19,6 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
@@ -39,8 +38,8 @@ from engines.torch.serve.scheduler import Scheduler, Sequence
 from engines.torch.serve.serving import Job, ServingLoop
 from engines.torch.serve.text_side import TextSide
 from engines.torch.source import read_model, weights_estimate
+from engines.torch.weights_rung import WeightsRung
 from engines.types import EmbeddingResult, GenerateRequest, LoadProgress, MemoryReport, ModelState, StreamChunk
-from kvcached.kv_cache.disk_tier import DiskTier
 from kvcached.errors import ConfigError
 from kvcached.page_pool import PagePool
 
@@ -75,6 +74,7 @@ class TorchEngine(Engine):
         self.runner: Runner | None = None
         self.max_ctx = 0
         self.budget: KVBudget | None = None
+        self.weights: WeightsRung | None = None   # the weights in pool pages (weights_to_host)
         self._broker_handle = None    # kvcached.broker.ClientHandle, set by attach_broker
 
     # --- lifecycle -------------------------------------------------------------
@@ -114,13 +114,18 @@ class TorchEngine(Engine):
         self.model.fit_context(self.max_ctx)    # LongRoPE (Phi-3) picks its factors by the context served
         report(0.92, "allocating")
         with phases.phase("kv"):
-            self.store = self._make_store(cfg, device)
+            self.store = KvcachedStore.over(self.kv_pool, self.model, self.config.torch_num_slots, self.max_ctx)
         num_slots = self.store.layout.max_slots
         scheduler = Scheduler(PrefixCache(num_slots), self.max_ctx, self.config.torch_prefill_chunk,
                               self.config.max_queue)
         with phases.phase("runner"):
             runner = self.runner = Runner(self.model, self.store,
                                           use_graphs=device.type == "cuda" and self.config.torch_cuda_graphs)
+        if self._weights_movable():
+            # After the runner fused its projections, before anything is compiled or captured:
+            # kernels and graphs see the addresses the weights keep while they are away.
+            with phases.phase("weights_to_pages"):
+                self.weights = WeightsRung(self.model, self.kv_pool)
         if runner.use_graphs or runner.is_compiled:
             # Compile and capture the first bucket here, not in the middle of serving; the
             # serving loop captures the rest while idle (runner.warm_up says why).
@@ -137,23 +142,20 @@ class TorchEngine(Engine):
                                 on_memory_error=self._give_back_failed)
         report(1.0, "ready")
 
+    def _weights_movable(self) -> bool:
+        wanted = self.config.torch_weights_to_host
+        return self.device.type == "cuda" if wanted is None else wanted
+
     def _keep_conversations(self, act) -> None:
-        """act(tier, identity) where this model keeps its cached conversations on disk
-        (engines/torch/serve/kv_persist.py); a failure there is logged, never raised:
-        losing a cache must not fail a load or an unload."""
-        config, path = self.config, self.info.path
-        if not (config.kv_disk_dir and self.info.name in config.kv_disk_models and path):
-            return
-        try:
-            act(DiskTier(Path(config.kv_disk_dir), config.kv_disk_max_bytes), kv_persist.identity(path, self.store))
-        except Exception:
-            log.exception("%s: cached conversations on disk: skipped", self.info.name)
+        kv_persist.where_kept(self.config, self.info, act, lambda path: kv_persist.identity(path, self.store))
 
     def _make_budget(self) -> KVBudget:
         """The KV budget over kvcached pages (engines/torch/serve/kv_budget.py)."""
         store = self.store
+        weights = self.weights
         budget = KVBudget(self.info.name, store, self.config.admission_timeout_s,
-                          drop_own=self.drop_prefixes, ensure_ahead=KvcachedStore.ENSURE_AHEAD)
+                          drop_own=self.drop_prefixes, ensure_ahead=KvcachedStore.ENSURE_AHEAD,
+                          away_bytes=(lambda: weights.host_bytes) if weights is not None else None)
         budget.handle = self._broker_handle
         store.trim()                # a warm-up's released pages: not counted against the budget
         budget.after_reclaim()
@@ -176,15 +178,6 @@ class TorchEngine(Engine):
             raise ModelLoadError(f"kvcached's budget of {pool.budget()} bytes holds no KV page of "
                                  f"{pool.page_size} bytes")
 
-    def _make_store(self, cfg, device: torch.device) -> KvcachedStore:
-        from engines.torch.ggml.numerics import kv_cache_dtype
-        from kvcached.kv_cache.layout import KVShape
-        from kvcached.kv_cache.manager import KVCache
-
-        kv_dtype = kv_cache_dtype(self.model)   # float16 on the llama.cpp-numerics path, as llama.cpp
-        shape = KVShape(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
-        return KvcachedStore(KVCache(self.kv_pool, shape, self.config.torch_num_slots, self.max_ctx))
-
     def unload(self) -> int:
         with self._lock:
             if self._state is ModelState.UNLOADED:
@@ -203,10 +196,12 @@ class TorchEngine(Engine):
             self._keep_conversations(lambda tier, ident: kv_persist.save(
                 self.store, self.loop.scheduler.prefix_cache, tier, ident))
         if self.runner is not None:
-            self.runner.close()
+            self.runner.close()   # the model to the meta device: nothing reads the weights' pages
+        if self.weights is not None:
+            self.weights.close()
         if self.store is not None:
             self.store.close()
-        self.loop = self.runner = self.store = self.model = self.text = self.budget = None
+        self.loop = self.runner = self.store = self.model = self.text = self.budget = self.weights = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -276,6 +271,7 @@ class TorchEngine(Engine):
                 raise ContextOverflow(f"a text to embed has {len(ids)} tokens; the context holds {self.max_ctx}")
             total += len(ids)
             with self.loop.between_steps():
+                self._weights_back()
                 vectors.append(tuple(pooled_embedding(self.model, ids, text.pooling).tolist()))
         return EmbeddingResult(tuple(vectors), total)
 
@@ -298,8 +294,10 @@ class TorchEngine(Engine):
         model, store = self.model, self.store
         if model is None or store is None:
             return MemoryReport()
-        held, budget = store.held_bytes, self.budget
-        return MemoryReport(weights_bytes=model.weight_bytes(), kv_held_bytes=held,
+        held, budget, weights = store.held_bytes, self.budget, self.weights
+        away = weights.host_bytes if weights is not None else 0
+        return MemoryReport(weights_bytes=0 if away else model.weight_bytes(), weights_host_bytes=away,
+                            kv_held_bytes=held,
                             kv_live_bytes=store.live_bytes, paused_host_bytes=store.paused_bytes,
                             on_gpu=model.device.type == "cuda",
                             kv_booked_bytes=budget.booked_bytes(held) if budget else 0,
@@ -351,6 +349,23 @@ class TorchEngine(Engine):
                 self.budget.after_pause()
                 return freed
 
+    def weights_to_host(self) -> int:
+        """Pause (KV to host), then the weights too (engines/torch/weights_rung.py); bytes."""
+        with self._lock:
+            if self.weights is None or self._state not in (ModelState.LOADED, ModelState.PAUSED):
+                return 0
+            freed = self.pause()
+            if self._state is not ModelState.PAUSED:
+                return freed
+            with self.loop.between_steps():
+                return freed + self.weights.step_aside()
+
+    def _weights_back(self) -> None:
+        """The weights on the device again (between steps). An embedding needs no KV: it
+        brings back the weights alone, and the next generation the rest."""
+        if self.weights is not None and self.weights.away:
+            self.weights.bring_back()
+
     def resume(self) -> None:
         with self._lock:
             self._resume_if_paused()
@@ -358,7 +373,8 @@ class TorchEngine(Engine):
     def _resume_if_paused(self) -> None:
         if self._state is ModelState.PAUSED:
             with self.loop.step_lock:
-                need = self.budget.resume_need()
+                need = self.budget.resume_need()   # weights away included
+                self._weights_back()
                 self.store.resume()
                 self._state = ModelState.LOADED
                 self.budget.after_resume(need)   # the worker asked for `need` before this step

@@ -23,26 +23,33 @@ class Step(enum.Enum):
     TRIM = "trim"                    # unmap pages that hold no live token
     DROP_PREFIXES = "drop_prefixes"  # forget cached prefixes of finished conversations
     PAUSE = "pause"                  # move live KV to host memory, unmap its pages
+    WEIGHTS_TO_HOST = "weights_to_host"  # then the weights too, their addresses kept (ready at copy speed)
     UNLOAD = "unload"                # free the weights
 
 
 STEP_ORDER: tuple[Step, ...] = tuple(Step)
-CLIENT_STEPS: tuple[Step, ...] = (Step.TRIM, Step.DROP_PREFIXES, Step.PAUSE, Step.UNLOAD)
+CLIENT_STEPS: tuple[Step, ...] = (Step.TRIM, Step.DROP_PREFIXES, Step.PAUSE, Step.WEIGHTS_TO_HOST, Step.UNLOAD)
 # Steps that give back everything a client holds: never on a client with a pinned minimum.
-WHOLE_STEPS = frozenset({Step.PAUSE, Step.UNLOAD})
+WHOLE_STEPS = frozenset({Step.PAUSE, Step.WEIGHTS_TO_HOST, Step.UNLOAD})
 # Steps that lose nothing running: admission may take them from a client of any priority.
 CHEAP_STEPS = frozenset({Step.POOL, Step.TRIM, Step.DROP_PREFIXES})
 # Steps that would disturb a running request: never on a busy client.
-IDLE_ONLY_STEPS = frozenset({Step.PAUSE, Step.UNLOAD})
+IDLE_ONLY_STEPS = frozenset({Step.PAUSE, Step.WEIGHTS_TO_HOST, Step.UNLOAD})
 StepFn = Callable[[], int]   # a client's reclaim verb: bytes given back
+
+
+def _nothing() -> int:
+    return 0
 
 
 def step_functions(verbs: "ReclaimVerbs") -> dict[Step, StepFn]:
     """The callable each client step runs, taken from the verbs once, at registration
-    (ConfigError naming what is missing)."""
+    (ConfigError naming what is missing). weights_to_host is optional: a client without
+    it gives nothing at that rung, and the ladder goes on to unload."""
     try:
         table = {Step.TRIM: verbs.trim, Step.DROP_PREFIXES: verbs.drop_prefixes,
-                 Step.PAUSE: verbs.pause, Step.UNLOAD: verbs.unload}
+                 Step.PAUSE: verbs.pause, Step.WEIGHTS_TO_HOST: getattr(verbs, "weights_to_host", _nothing),
+                 Step.UNLOAD: verbs.unload}
         for query in (verbs.held_bytes, verbs.is_busy, verbs.idle_since):
             if not callable(query):
                 raise AttributeError(query)
@@ -75,6 +82,8 @@ class ReclaimVerbs(Protocol):
     def unload(self) -> int: ...
 
     # Optional (the broker reads them where present, see ClientHandle.view):
+    #   weights_to_host() -> int: after pause, the weights to host memory too (bytes given
+    #   back), ready again at copy speed; absent: that rung gives nothing;
     #   cached_bytes() -> int: held bytes that trim + drop_prefixes give back;
     #   booked_bytes() -> int: bytes admitted (in held_bytes) but not mapped yet.
 

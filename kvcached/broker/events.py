@@ -28,6 +28,7 @@ class EventKind(enum.StrEnum):
     TRIM = "trim"
     DROP_PREFIXES = "drop_prefixes"
     PAUSE = "pause"
+    WEIGHTS_TO_HOST = "weights_to_host"
     UNLOAD = "unload"
     RECLAIM = "reclaim"              # a reclaim the daemon ran itself (the control API's)
     RESUME = "resume"                # an engine mapped its paused KV back
@@ -49,7 +50,7 @@ class EventKind(enum.StrEnum):
 
 
 RECLAIM_KINDS = frozenset({EventKind.POOL, EventKind.TRIM, EventKind.DROP_PREFIXES, EventKind.PAUSE,
-                           EventKind.UNLOAD, EventKind.RECLAIM})
+                           EventKind.WEIGHTS_TO_HOST, EventKind.UNLOAD, EventKind.RECLAIM})
 
 
 @dataclass(frozen=True)

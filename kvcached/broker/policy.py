@@ -3,7 +3,7 @@ in which order. No torch, no threads, no clock: inputs are a memory sample
 and a snapshot of each client, so unit tests drive it with scripted memory.
 
 Order: cheapest step first across all clients (pool, trim, drop prefixes,
-pause, unload); within a step, lowest priority first, then the idlest
+pause, weights to host, unload); within a step, lowest priority first, then the idlest
 (oldest idle_since). Busy clients are never paused or unloaded; a client with
 a pinned minimum is never paused or unloaded, and is not trimmed when it
 already holds no more than its minimum.

@@ -144,6 +144,18 @@ class KvcachedStore(KVStore):
         self._ensured = [0] * self.layout.max_slots   # the slot's live length in the cache
         self._asked = [0] * self.layout.max_slots     # what the runner last asked for
 
+    @classmethod
+    def over(cls, pool, model: torch.nn.Module, num_slots: int, max_ctx: int) -> "KvcachedStore":
+        """The store of `model`'s KV over kvcached `pool` (a PagePool): `num_slots` slots of
+        `max_ctx` tokens, in the dtype the model's numerics want (float16 on the
+        llama.cpp-numerics path, as llama.cpp)."""
+        from engines.torch.ggml.numerics import kv_cache_dtype
+        from kvcached.kv_cache.manager import KVCache
+
+        cfg = model.cfg
+        shape = KVShape(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_cache_dtype(model))
+        return cls(KVCache(pool, shape, num_slots, max_ctx))
+
     def views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.batched_kv(layer)
 

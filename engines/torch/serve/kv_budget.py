@@ -79,8 +79,11 @@ class PageStore(Protocol):
 
 class KVBudget:
     def __init__(self, name: str, store: PageStore, timeout_s: float, drop_own: Callable[[], int],
-                 ensure_ahead: int = 1, grow_tokens: int = GROW_TOKENS) -> None:
-        """drop_own: the engine's drop_prefixes (gives back its own cached prefixes)."""
+                 ensure_ahead: int = 1, grow_tokens: int = GROW_TOKENS,
+                 away_bytes: Callable[[], int] | None = None) -> None:
+        """drop_own: the engine's drop_prefixes (gives back its own cached prefixes).
+        away_bytes: the weights' bytes in host memory (weights_to_host), which a resume
+        maps again: asked of the broker with the paused KV."""
         assert grow_tokens >= 1
         self.name = name
         self.timeout_s = timeout_s
@@ -89,6 +92,7 @@ class KVBudget:
         self.ledger = KVLedger(store.layout, ensure_ahead)
         self._store = store
         self._drop_own = drop_own
+        self._away_bytes = away_bytes or (lambda: 0)
         self._lock = threading.Lock()      # the one lock over the ledger
         self._is_paused = False
         self._retry_at = 0.0
@@ -136,7 +140,7 @@ class KVBudget:
         with self._lock:
             grow = sum(ledger.need(s.slot, self.target(s, s.num_computed + 1)) for s in due)
             needs = [ledger.need(slot, self.target(seq, len(seq.prompt))) for seq, slot in placements]
-            base = ledger.resume_need(self._store.live_tokens) if self._is_paused else 0
+            base = ledger.resume_need(self._store.live_tokens) + self._away_bytes() if self._is_paused else 0
             credit = ledger.credit
         base += grow
         if not needs and not base:
@@ -256,7 +260,7 @@ class KVBudget:
 
     def resume_need(self) -> int:
         with self._lock:
-            return self.ledger.resume_need(self._store.live_tokens)
+            return self.ledger.resume_need(self._store.live_tokens) + self._away_bytes()
 
     def after_resume(self, need: int) -> None:
         """The worker asked for `need` before this step; the KV is back."""

@@ -24,6 +24,18 @@ from kvcached.kv_cache.layout import dtype_name
 log = logging.getLogger(__name__)
 
 
+def where_kept(config, info, act, identity_of) -> None:
+    """act(tier, identity) where this model keeps its cached conversations on disk
+    (config: EngineConfig, info: ModelInfo; opt-in per model); a failure there is logged,
+    never raised: losing a cache must not fail a load or an unload."""
+    if not (config.kv_disk_dir and info.name in config.kv_disk_models and info.path):
+        return
+    try:
+        act(DiskTier(Path(config.kv_disk_dir), config.kv_disk_max_bytes), identity_of(info.path))
+    except Exception:
+        log.exception("%s: cached conversations on disk: skipped", info.name)
+
+
 def identity(model_path: str, store: KvcachedStore) -> dict:
     stat = Path(model_path).stat()
     shape = store.layout.shape

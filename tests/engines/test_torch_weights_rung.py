@@ -1,0 +1,137 @@
+"""The weights rung on the torch engine: a paused model hands back its weights too and
+comes back bit-exact, its conversation's KV reused (no prefill), no reload.
+
+Real parts: a tiny random-weight GGUF file, the torch engine on the CPU with its
+weights and KV in kvcached host-backend pages (torch_weights_to_host on; on CUDA
+it is the default), the real Broker's ladder. On the CPU the rung only copies
+what is already in host memory; what it shows is the mechanics: the pages go
+back to the pool, the weights keep their addresses, the answer is unchanged.
+The speed of the rung is the GPU's (benchmarks/weights_tier.py).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_gguf import TINY, random_state, write_tiny_gguf  # noqa: E402
+
+from engines.base import ModelInfo  # noqa: E402
+from engines.broker_client import register_engine  # noqa: E402
+from engines.config import EngineConfig  # noqa: E402
+from engines.torch.engine import TorchEngine  # noqa: E402
+from engines.torch.weights_rung import model_tensors  # noqa: E402
+from engines.types import GenerateRequest, ModelState, RequestKind, SamplingParams  # noqa: E402
+from kvcached.broker import Broker  # noqa: E402
+from kvcached.config import KvcachedConfig  # noqa: E402
+from kvcached.standalone import standalone_pool  # noqa: E402
+
+PROMPT = "the cat sat on the mat and then the dog"
+PAGE = 64 << 10
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "tiny.gguf"
+    write_tiny_gguf(path, TINY, random_state(TINY))
+    return path
+
+
+def make_engine(path: Path, movable: bool) -> TorchEngine:
+    config = EngineConfig(torch_num_slots=2, torch_max_context=256, torch_prefill_chunk=64,
+                          torch_llamacpp_numerics=False, torch_weights_to_host=movable)
+    engine = TorchEngine(ModelInfo(name="tiny", path=str(path)), config,
+                         standalone_pool(KvcachedConfig(page_size=PAGE, reserve_pages=0)))
+    engine.load()
+    return engine
+
+
+def ask(engine: TorchEngine, prompt: str):
+    request = GenerateRequest(kind=RequestKind.COMPLETION, prompt=prompt,
+                              sampling=SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    chunks = list(engine.generate(request))
+    return "".join(c.text for c in chunks), chunks[-1].usage
+
+
+def weights_of(engine: TorchEngine) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in model_tensors(engine.model)]
+
+
+def test_weights_step_aside_and_come_back_bit_exact_with_the_conversation(gguf_file):
+    reference = make_engine(gguf_file, movable=False)
+    expected, _ = ask(reference, PROMPT)
+    follow_up_expected, _ = ask(reference, PROMPT + expected)
+    reference.unload()
+
+    engine = make_engine(gguf_file, movable=True)
+    try:
+        reply, first = ask(engine, PROMPT)
+        assert reply == expected                       # the arena changes nothing computed
+        before = weights_of(engine)
+        addresses = [t.data_ptr() for t in model_tensors(engine.model)]
+        held = engine.memory()
+
+        freed = engine.weights_to_host()
+        report = engine.memory()
+        assert engine.state is ModelState.PAUSED and report.rung(engine.state) == "weights_on_host"
+        assert freed >= held.weights_bytes + held.kv_live_bytes
+        assert report.weights_bytes == 0 and report.kv_held_bytes == 0
+        assert report.weights_host_bytes >= held.weights_bytes and report.paused_host_bytes > 0
+        assert engine.kv_pool.stats().in_use_pages == 0           # nothing of the model mapped
+        assert not any(t.any() for t in model_tensors(engine.model))   # the zero page
+        assert engine.weights_to_host() == 0                      # idempotent
+
+        follow_up, usage = ask(engine, PROMPT + reply)             # resumes: weights, then KV
+        assert follow_up == follow_up_expected
+        assert usage.cached_tokens >= first.prompt_tokens       # the first turn is not computed again
+        assert engine.state is ModelState.LOADED and engine.memory().rung(engine.state) == "loaded"
+        assert [t.data_ptr() for t in model_tensors(engine.model)] == addresses
+        assert all(torch.equal(a, b) for a, b in zip(weights_of(engine), before))
+    finally:
+        engine.unload()
+    assert engine.kv_pool.stats().in_use_pages == 0
+
+
+def test_an_embedding_after_the_weights_left_brings_them_back(gguf_file):
+    engine = make_engine(gguf_file, movable=True)
+    try:
+        expected = engine.embed(["a cat"]).vectors
+        engine.weights_to_host()
+        assert engine.embed(["a cat"]).vectors == expected
+    finally:
+        engine.unload()
+
+
+def test_the_broker_ladder_takes_the_weights_before_it_unloads(gguf_file):
+    engine = make_engine(gguf_file, movable=True)
+    broker = Broker(KvcachedConfig(backend="host"))
+    register_engine(broker, engine)
+    try:
+        ask(engine, PROMPT)
+        held = engine.memory().total_bytes
+        got = broker.reclaim(target_bytes=held)
+        steps = [e.step for e in broker.events.recent()]
+        assert "weights_to_host" in steps and "unload" not in steps, steps
+        assert got >= held and engine.state is ModelState.PAUSED
+        assert ask(engine, PROMPT)[0]                        # ready: answers with no reload
+    finally:
+        broker.close()
+        engine.unload()
+
+
+def test_an_engine_without_the_rung_is_unloaded_by_the_next_one(gguf_file):
+    engine = make_engine(gguf_file, movable=False)
+    broker = Broker(KvcachedConfig(backend="host"))
+    register_engine(broker, engine)
+    try:
+        ask(engine, PROMPT)
+        assert engine.weights_to_host() == 0 and engine.state is ModelState.LOADED
+        broker.reclaim(target_bytes=engine.memory().total_bytes)
+        steps = [e.step for e in broker.events.recent()]
+        assert steps[-1] == "unload" and engine.state is ModelState.UNLOADED, steps
+    finally:
+        broker.close()
+        engine.unload()
