@@ -114,13 +114,13 @@ def weights_cycle(engine: TorchEngine) -> dict:
 
 
 def measure(path: Path, name: str, prompt_tokens: int) -> dict:
-    config = EngineConfig(torch_num_slots=4, torch_max_context=max(2048, 2 * prompt_tokens),
+    config = EngineConfig(torch_num_slots=4, torch_max_context=max(2048, 4 * prompt_tokens),
                           torch_llamacpp_numerics=False, torch_weights_to_host=True)
     engine = TorchEngine(ModelInfo(name=name, path=str(path)), config, standalone_pool())
     t = time.perf_counter()
     engine.load()
     load_s = time.perf_counter() - t
-    prompt = " ".join(f"w{i % 97}" for i in range(prompt_tokens))
+    prompt = "".join(chr(97 + i % 26) for i in range(prompt_tokens))   # a byte-level vocabulary: a token a letter
     warm_ttft = min(turn(engine, prompt + " x")[0] for _ in range(3))
     arena_bytes = engine.weights.arena.nbytes
     d2h, h2d = raw_pinned_copy_gbps(arena_bytes)

@@ -59,7 +59,8 @@ def test_unload_returns_the_process_to_its_level_before_the_load():
         pool.shrink()                              # the broker's first step: the reserve
         levels.append(nvml_used_by_me())
         print(f"cycle {cycle}: before load {base / MiB:.0f} MiB, loaded {loaded[-1] / MiB:.0f} MiB, "
-              f"after unload {levels[-1] / MiB:.0f} MiB")
+              f"after unload {levels[-1] / MiB:.0f} MiB; pool {pool.stats()}, "
+              f"allocator reserved {torch.cuda.memory_reserved() / MiB:.0f} MiB")
     pool.close()
     assert all(level - base <= SLACK for level in levels), (base, loaded, levels)
     assert levels[-1] - levels[0] <= SLACK, levels   # no growth over the cycles

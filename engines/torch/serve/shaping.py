@@ -18,11 +18,11 @@ def shape_logits(logits: torch.Tensor, jobs: Sequence) -> tuple[torch.Tensor, li
     """(logits with each guided row masked, each row's log-softmax where its request asks). logits: [B, V]."""
     logprobs = [torch.log_softmax(logits[i].float(), dim=-1) if job.request.top_logprobs >= 0 else None
                 for i, job in enumerate(jobs)]
-    if any(job.guide is not None for job in jobs):
-        logits = logits.clone()
-        for i, job in enumerate(jobs):
-            if job.guide is not None:
-                logits[i] = job.guide.mask(logits[i])
+    # Masked in place: the logits are the step's own output (a graph's buffer, rewritten
+    # next step), and the logprobs above were taken before.
+    for i, job in enumerate(jobs):
+        if job.guide is not None:
+            job.guide.mask_(logits[i])
     return logits, logprobs
 
 
