@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     for action in MODEL_ACTIONS:
         cmd = sub.add_parser(action, help=f"{action} one model")
         cmd.add_argument("model", help="model name, as `ebbtide models` lists it")
+        if action == "pause":
+            cmd.add_argument("--weights", action="store_true",
+                             help="its weights too: nothing of it left on the GPU, ready again at copy speed")
     reclaim = sub.add_parser("reclaim", help="give GPU memory back now: one model's, or everything")
     reclaim.add_argument("model", nargs="?", help="only this model (default: everything)")
     warmup = sub.add_parser("warmup", help="compile a model's kernels into the cache now, not at its first request")
@@ -131,11 +134,12 @@ def cmd_models(args: argparse.Namespace, paths: AppPaths, loaded: LoadedSettings
 
 
 def cmd_model_action(args: argparse.Namespace, paths: AppPaths, loaded: LoadedSettings) -> int:
+    action = "weights_to_host" if getattr(args, "weights", False) else args.command
     with _client(paths, loaded) as client:
-        result = client.model_action(args.model, args.command)
+        result = client.model_action(args.model, action)
     freed = result.get("bytes_returned") if isinstance(result, dict) else None
     tail = f", {format_bytes(freed)} given back" if freed else ""
-    print(f"{args.model}: {args.command} done{tail}.")
+    print(f"{args.model}: {action.replace('_', ' ')} done{tail}.")
     return EXIT_OK
 
 

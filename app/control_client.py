@@ -106,7 +106,7 @@ class ControlClient:
         return self.request("GET", "/control/memory")
 
     def model_action(self, name: str, action: str) -> dict:
-        """action: pause | resume | reclaim | unload."""
+        """action: pause | weights_to_host | resume | reclaim | unload."""
         return self.request("POST", f"/control/models/{quote(name, safe='')}/{action}")
 
     def reclaim_all(self) -> dict:

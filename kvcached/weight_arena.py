@@ -85,7 +85,7 @@ class WeightArena:
                                 f"{pool.stats().available_pages} free")
         self._vt = VirtualTensor(pool, (max(total, 1),), torch.uint8)
         self._bytes = self._vt.tensor
-        self._staging = offload.HostStaging(self._bytes.device)
+        self._staging = offload.HostStaging(self._bytes.device, "weights")
         self._away: offload.PausedKV | None = None
         self._closed = False
         try:

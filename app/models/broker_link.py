@@ -50,15 +50,20 @@ def _verbs_class():
             self._announce(ModelState.PAUSED, freed)
             return freed
 
+        def weights_to_host(self) -> int:
+            freed = super().weights_to_host()
+            self._announce(ModelState.PAUSED, freed, rung="weights_on_host")
+            return freed
+
         def unload(self) -> int:
             freed = super().unload()  # the manager loads again on the next request
             self._announce(ModelState.UNLOADED, freed)
             return freed
 
-        def _announce(self, state: ModelState, freed: int) -> None:
+        def _announce(self, state: ModelState, freed: int, **extra: object) -> None:
             if self.hub is not None and freed:
                 self.hub.publish("model", model=self.engine.info.name, state=state.value,
-                                 bytes_returned=freed, reason="broker")
+                                 bytes_returned=freed, reason="broker", **extra)
 
     return AnnouncingVerbs
 

@@ -244,6 +244,15 @@ class ModelManager:
         self._publish_state(name, ModelState.PAUSED, bytes_returned=freed, reason="manual")
         return freed
 
+    async def weights_to_host(self, name: str) -> int:
+        """Nothing of the model left on the GPU, ready again at copy speed (the torch engine's
+        weights rung); an engine without that rung is paused instead (its KV goes)."""
+        engine = self._require(name).engine
+        freed = await to_thread.run_sync(lambda: engine.weights_to_host() or engine.pause())
+        self._publish_state(name, ModelState.PAUSED, bytes_returned=freed, reason="manual",
+                            rung=engine.memory().rung(engine.state))
+        return freed
+
     async def resume(self, name: str) -> None:
         loaded = self._require(name)
         await to_thread.run_sync(loaded.engine.resume)

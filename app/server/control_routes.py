@@ -43,6 +43,7 @@ class AutoYieldBody(BaseModel):
 def _memory_json(report) -> dict:
     return {"weights": report.weights_bytes, "kv_held": report.kv_held_bytes, "kv_live": report.kv_live_bytes,
             "paused_host": report.paused_host_bytes, "prompt_cache_host": report.prompt_cache_host_bytes,
+            "weights_host": report.weights_host_bytes,
             "total": report.total_bytes, "on_gpu": report.on_gpu}
 
 
@@ -57,15 +58,17 @@ def _route(ctx: ServerContext, info) -> dict:
 def model_rows(ctx: ServerContext) -> list[dict]:
     rows = {}
     for info in ctx.manager.registry.list():
-        rows[info.name] = {"name": info.name, "state": ModelState.UNLOADED.value, "busy": False, "engine": None,
+        rows[info.name] = {"name": info.name, "state": ModelState.UNLOADED.value, "rung": ModelState.UNLOADED.value,
+                           "busy": False, "engine": None,
                            "memory": None, "priority": ctx.settings.model(info.name).priority,
                            "size": info.size_bytes, "source": info.source, "context_length": info.context_length,
                            "remote": info.metadata.get("remote"),
                            "can_infill": info.can_infill, "expires_at": None, "route": _route(ctx, info)}
     for loaded in ctx.manager.loaded():
-        engine = loaded.engine
-        rows[loaded.name] = {**rows.get(loaded.name, {"name": loaded.name}), "state": engine.state.value,
-                             "busy": engine.busy, "engine": engine.kind, "memory": _memory_json(engine.memory()),
+        engine, report, state = loaded.engine, loaded.engine.memory(), loaded.engine.state
+        rows[loaded.name] = {**rows.get(loaded.name, {"name": loaded.name}), "state": state.value,
+                             "rung": report.rung(state),
+                             "busy": engine.busy, "engine": engine.kind, "memory": _memory_json(report),
                              **({"route": {"engine": engine.kind, "reason": engine.fallback_note}}
                                 if engine.fallback_note else {}),
                              "priority": ctx.settings.model(loaded.name).priority,
@@ -117,7 +120,8 @@ def _host_sample(ours: int) -> dict:
 
 async def _verb(request: Request, name: str, verb: str) -> dict:
     manager = ctx_of(request).manager
-    verbs = {"pause": manager.pause, "resume": manager.resume, "reclaim": manager.reclaim, "unload": manager.unload}
+    verbs = {"pause": manager.pause, "weights_to_host": manager.weights_to_host, "resume": manager.resume,
+             "reclaim": manager.reclaim, "unload": manager.unload}
     info = await manager.resolve(name)
     freed = await verbs[verb](info.name)
     return {"model": info.name, "action": verb, "bytes_returned": int(freed or 0),
@@ -128,6 +132,12 @@ async def _verb(request: Request, name: str, verb: str) -> dict:
 @router.post("/models/{name:path}/pause")
 async def pause(name: str, request: Request) -> dict:
     return await _verb(request, name, "pause")
+
+
+@router.post("/models/{name:path}/weights_to_host")
+async def weights_to_host(name: str, request: Request) -> dict:
+    """"Free all GPU memory, keep ready": KV and weights to host memory, back at copy speed."""
+    return await _verb(request, name, "weights_to_host")
 
 
 @router.post("/models/{name:path}/resume")

@@ -61,6 +61,7 @@ class Dispatcher:
         self._lock = threading.Lock()  # one command at a time: clicks queue rather than interleave
         self.commands: dict[str, Callable[[str], object]] = {
             "pause": lambda name: self.client.model_action(name, "pause"),
+            "weights_to_host": lambda name: self.client.model_action(name, "weights_to_host"),
             "resume": lambda name: self.client.model_action(name, "resume"),
             "reclaim": lambda name: self.client.model_action(name, "reclaim"),
             "unload": lambda name: self.client.model_action(name, "unload"),

@@ -13,6 +13,7 @@ from app.human import format_bytes
 from app.tray.view import ModelRow, TrayMode, TrayView
 
 GIVE_BACK_ALL = "Give back all GPU memory now"
+FREE_KEEP_READY = "Free all GPU memory, keep ready"
 AUTO_YIELD = "Auto-yield to other apps"
 START_AT_LOGIN = "Start at login"
 COPY_URL = "Copy endpoint URL"
@@ -46,6 +47,7 @@ def model_entry(row: ModelRow) -> Entry:
     label_action, action = FIRST_ACTION.get(row.state, ("Pause", "pause"))
     children = (
         Entry(label_action, action, row.name, enabled=in_memory),
+        Entry(FREE_KEEP_READY, "weights_to_host", row.name, enabled=in_memory and row.rung != "weights_on_host"),
         Entry("Give back its memory", "reclaim", row.name, enabled=in_memory),
         Entry("Unload", "unload", row.name, enabled=in_memory),
     )

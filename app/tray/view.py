@@ -30,12 +30,16 @@ class ModelRow:
     held_bytes: int
     engine: str = ""
     remote: str = ""    # the remote server that serves it ([remotes.NAME]); "" for a local model
+    rung: str = ""      # the broker's ladder: loaded | kv_on_host | weights_on_host | unloaded
 
     @property
     def shown_state(self) -> str:
-        """The words a person reads: a loaded model that serves nothing is idle."""
+        """The words a person reads: a loaded model that serves nothing is idle; a paused one
+        says whether its weights left the GPU too."""
         if self.state == "loaded":
             return "busy" if self.busy else "idle"
+        if self.rung == "weights_on_host":
+            return "paused, off the GPU"
         return self.state
 
 
@@ -94,7 +98,8 @@ def view_from(models: list[dict], memory: dict, *, last_reclaim_at: float = 0.0,
     """The view for a daemon that answered: /control/models and /control/memory bodies."""
     now = time.time() if now is None else now
     rows = tuple(ModelRow(str(m.get("name", "?")), str(m.get("state", "unloaded")), bool(m.get("busy")),
-                          model_held_bytes(m), str(m.get("engine") or ""), str(m.get("remote") or ""))
+                          model_held_bytes(m), str(m.get("engine") or ""), str(m.get("remote") or ""),
+                          str(m.get("rung") or ""))
                  for m in models)
     in_memory = [r for r in rows if r.state not in ("unloaded",)]
     mode = TrayMode.NORMAL

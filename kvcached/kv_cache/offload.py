@@ -58,8 +58,9 @@ def _allocate(nbytes: int, device: torch.device) -> torch.Tensor:
 class HostStaging:
     """The host buffer a cache pauses into; grows when needed, kept otherwise."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, label: str = "KV") -> None:
         self.device = device
+        self.label = label            # what the log line calls it: "KV", "weights"
         self._buffer: torch.Tensor | None = None
 
     @property
@@ -76,7 +77,7 @@ class HostStaging:
             size = -(-nbytes // STAGING_ROUND) * STAGING_ROUND
             self._buffer = None  # free the old one before allocating the new
             self._buffer = _allocate(size, self.device)
-            log.info("KV staging buffer: %d MiB (%s)", size >> 20,
+            log.info("%s staging buffer: %d MiB (%s)", self.label, size >> 20,
                      "pinned" if self._buffer.is_pinned() else "pageable")
         assert self._buffer is not None or nbytes == 0
         return self._buffer if self._buffer is not None else torch.empty(0, dtype=torch.uint8)

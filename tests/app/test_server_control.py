@@ -55,6 +55,13 @@ def test_pause_resume_reclaim_unload(live_server, http) -> None:
     assert http.post(f"/control/models/{model}/pause").status_code == 200
     assert http.post(f"/control/models/{model}/resume").json()["state"] == "loaded"
     assert http.post(f"/control/models/{model}/reclaim").status_code == 200
+    # "Free all GPU memory, keep ready": llama.cpp has no weights rung, so the model is paused.
+    _generate(http, model)
+    away = http.post(f"/control/models/{model}/weights_to_host").json()
+    assert away["state"] == "paused" and away["action"] == "weights_to_host"
+    assert _row(http, model)["rung"] == "kv_on_host"
+    _generate(http, model)
+    assert _row(http, model)["rung"] == "loaded"
     unloaded = http.post(f"/control/models/{model}/unload").json()
     assert unloaded["state"] == "unloaded" and unloaded["bytes_returned"] > 0
     assert _row(http, model)["state"] == "unloaded"

@@ -12,7 +12,7 @@ from app.login_item import for_platform
 from app.settings_file import load_settings
 from app.tray.dispatcher import Dispatcher, TrayHooks
 from app.tray.icon import LOOKS, draw_icon
-from app.tray.menu import AUTO_YIELD, GIVE_BACK_ALL, QUIT, START_AT_LOGIN, build_entries, find
+from app.tray.menu import AUTO_YIELD, FREE_KEEP_READY, GIVE_BACK_ALL, QUIT, START_AT_LOGIN, build_entries, find
 from app.tray.supervisor import DaemonState, DaemonSupervisor
 from app.tray.view import TrayMode, down_view, view_from
 from desktop_support import free_port, start_xvfb, stop, wait_until
@@ -62,8 +62,14 @@ def test_menu_entries() -> None:
     entries = build_entries(view_from(MODELS, MEMORY))
     small = find(entries, "small (idle - 100.0 MiB)")
     assert [(c.label, c.command, c.arg) for c in small.children] == [
-        ("Pause", "pause", "small"), ("Give back its memory", "reclaim", "small"), ("Unload", "unload", "small")]
+        ("Pause", "pause", "small"), (FREE_KEEP_READY, "weights_to_host", "small"),
+        ("Give back its memory", "reclaim", "small"), ("Unload", "unload", "small")]
     assert find(entries, "coder (paused - 200.0 MiB)").children[0].command == "resume"
+    # A model whose weights left the GPU too says so, and cannot be sent there twice.
+    off = dict(MODELS[1], rung="weights_on_host", memory=dict(MODELS[1]["memory"], weights=0))
+    entry = find(build_entries(view_from([off], MEMORY)), "coder (paused, off the GPU - 0 B)")
+    assert entry.children[0].command == "resume"
+    assert [c.enabled for c in entry.children if c.command == "weights_to_host"] == [False]
     assert not any(c.enabled for c in find(entries, "big (unloaded)").children)
     assert find(entries, AUTO_YIELD).checked is True and find(entries, START_AT_LOGIN).checked is False
     down = build_entries(down_view(TrayMode.ERROR, "exited with 1"))

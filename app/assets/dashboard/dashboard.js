@@ -41,6 +41,7 @@ const FIRST_ACTION = { paused: ["Resume", "resume"], loaded: ["Pause", "pause"],
 
 function shownState(m) {
   if (m.state === "loaded") return m.busy ? "busy" : "idle";
+  if (m.rung === "weights_on_host") return "off GPU";   // paused, its weights in host memory too
   return m.state;
 }
 
@@ -65,7 +66,7 @@ function renderModels() {
         td.appendChild(where);
       } else if (i === 1) {
         const badge = document.createElement("span");
-        badge.className = `state state-${st}`;
+        badge.className = `state state-${st.replace(/\s+/g, "-")}`;
         badge.textContent = st;
         td.appendChild(badge);
       } else td.textContent = text;
@@ -75,11 +76,13 @@ function renderModels() {
     actions.className = "actions";
     const inMemory = m.state !== "unloaded";
     const [label, verb] = FIRST_ACTION[m.state] || ["Pause", "pause"];
-    for (const [text, action] of [[label, verb], ["Give back memory", "reclaim"], ["Unload", "unload"]]) {
+    const buttons = [[label, verb], ["Free all GPU memory, keep ready", "weights_to_host"],
+                     ["Give back memory", "reclaim"], ["Unload", "unload"]];
+    for (const [text, action] of buttons) {
       const button = document.createElement("button");
       button.textContent = text;
       button.dataset.action = action;
-      button.disabled = !inMemory;
+      button.disabled = !inMemory || (action === "weights_to_host" && m.rung === "weights_on_host");
       button.onclick = () => act(`/control/models/${encodeURIComponent(m.name)}/${action}`);
       actions.appendChild(button);
     }
