@@ -89,6 +89,7 @@ def kv_config(settings: Settings):
     from kvcached.config import KvcachedConfig
 
     return KvcachedConfig(backend=settings.backend, headroom_bytes=settings.headroom_bytes,
+                          host_low_bytes=settings.host_low_bytes,
                           budget_bytes=settings.budget_bytes or None,
                           monitor_interval_s=settings.monitor_interval_s, auto_yield=settings.auto_yield)
 

@@ -61,6 +61,7 @@ class Settings:
     llama_threads: int = 0                 # llama.cpp threads; 0: one per physical core
     backend: str = KvcachedConfig.backend  # kvcached backend: decides the device, once (app/daemon.py)
     headroom_bytes: int = KvcachedConfig.headroom_bytes
+    host_low_bytes: int = KvcachedConfig.host_low_bytes  # host memory below which paused KV spills to disk
     monitor_interval_s: float = KvcachedConfig.monitor_interval_s
     auto_yield: bool = KvcachedConfig.auto_yield
     model_dirs: tuple[str, ...] = ()
@@ -202,6 +203,7 @@ FIELDS: dict[str, Callable[[object], object]] = {
     "llama_threads": lambda v: parse_int(v, 0, 1024),
     "backend": one_of(BACKENDS),
     "headroom_bytes": parse_bytes,
+    "host_low_bytes": parse_bytes,
     "monitor_interval_s": positive_interval,
     "auto_yield": parse_bool,
     "model_dirs": parse_str_list,

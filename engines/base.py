@@ -110,6 +110,12 @@ class Engine(abc.ABC):
     def resume(self) -> None:
         """Bring paused KV back, bit-exact. Idempotent."""
 
+    def relieve_host(self) -> int:
+        """The host is short of memory (kvcached/broker/host_relief.py): give back host memory
+        this model holds for later (paused KV to disk, kept staging buffers, parked
+        conversations) without losing what a request needs; returns bytes. Default: none."""
+        return 0
+
     def weights_to_host(self) -> int:
         """The rung after pause: KV and weights to host memory, nothing of the model left on
         the device, ready again at copy speed on the next request; returns bytes. Engines

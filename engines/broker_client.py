@@ -61,6 +61,9 @@ class EngineVerbs:
     def weights_to_host(self) -> int:
         return self.engine.weights_to_host()
 
+    def relieve_host(self) -> int:
+        return self.engine.relieve_host()
+
     def unload(self) -> int:
         return self.engine.unload()
 

@@ -161,6 +161,7 @@ class MemoryReport:
     kv_held_bytes: int = 0      # mapped KV pages (device or host backend)
     kv_live_bytes: int = 0      # of which hold live tokens
     paused_host_bytes: int = 0  # KV moved to host memory by pause()
+    paused_disk_bytes: int = 0  # of it, spilled to disk when the host ran short (relieve_host)
     weights_host_bytes: int = 0  # weights moved to host memory by weights_to_host(), ready at copy speed
     prompt_cache_host_bytes: int = 0  # idle conversations parked in host memory (llama.cpp engine)
     on_gpu: bool = False

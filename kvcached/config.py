@@ -44,6 +44,9 @@ class KvcachedConfig:
     monitor_interval_s: float = 0.05    # broker sampling period (<= 100 ms on the GPU)
     auto_yield: bool = True             # reclaim when others grow into the headroom
     event_log_size: int = 1000          # bounded broker event log
+    # Host memory available (MemAvailable) below which idle models give host memory back:
+    # paused KV to disk, kept pinned buffers freed (broker/host_relief.py); 0: never.
+    host_low_bytes: int = 1 * GiB
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -60,6 +63,8 @@ class KvcachedConfig:
             raise ConfigError(f"reclaim_hysteresis_bytes: {self.reclaim_hysteresis_bytes} must be >= 0")
         if not 0.001 <= self.monitor_interval_s <= 10:
             raise ConfigError(f"monitor_interval_s: {self.monitor_interval_s} must be in [0.001, 10]")
+        if self.host_low_bytes < 0:
+            raise ConfigError(f"host_low_bytes: {self.host_low_bytes} must be >= 0")
         if self.event_log_size < 1:
             raise ConfigError(f"event_log_size: {self.event_log_size} must be >= 1")
 

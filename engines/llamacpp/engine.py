@@ -293,6 +293,10 @@ class LlamaCppEngine(Engine):
             return self._free_contexts()
         return self._on_worker(drop, 0)
 
+    def relieve_host(self) -> int:
+        """The conversations parked in host memory go (the next turn re-reads its prompt)."""
+        return self._on_worker(self._prompt_cache.clear, 0)
+
     def pause(self) -> int:
         return self._on_worker(self._pause_on_worker, 0)
 

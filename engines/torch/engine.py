@@ -37,9 +37,10 @@ from engines.torch.serve.runner import Runner
 from engines.torch.serve.scheduler import Scheduler, Sequence
 from engines.torch.serve.serving import Job, ServingLoop
 from engines.torch.serve.text_side import TextSide
+from engines.torch.memory_verbs import MemoryVerbs
 from engines.torch.source import read_model, weights_estimate
 from engines.torch.weights_rung import WeightsRung
-from engines.types import EmbeddingResult, GenerateRequest, LoadProgress, MemoryReport, ModelState, StreamChunk
+from engines.types import EmbeddingResult, GenerateRequest, LoadProgress, ModelState, StreamChunk
 from kvcached.errors import ConfigError
 from kvcached.page_pool import PagePool
 
@@ -49,7 +50,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 MIN_KV_PAGES = 1   # a budget below one page could never run a sequence: refused at load
 
 
-class TorchEngine(Engine):
+class TorchEngine(MemoryVerbs, Engine):
     kind = "torch"
 
     def __init__(self, info: ModelInfo, config: EngineConfig | None, kv_pool: PagePool) -> None:
@@ -288,96 +289,6 @@ class TorchEngine(Engine):
             raise EmbeddingsUnsupported(f"model {self.info.name} has no tokenizer (random weights): "
                                         "it serves benchmarks only")
         return self.text
-
-    # --- memory and the broker's verbs ---------------------------------------------
-    def memory(self) -> MemoryReport:
-        model, store = self.model, self.store
-        if model is None or store is None:
-            return MemoryReport()
-        held, budget, weights = store.held_bytes, self.budget, self.weights
-        away = weights.host_bytes if weights is not None else 0
-        return MemoryReport(weights_bytes=0 if away else model.weight_bytes(), weights_host_bytes=away,
-                            kv_held_bytes=held,
-                            kv_live_bytes=store.live_bytes, paused_host_bytes=store.paused_bytes,
-                            on_gpu=model.device.type == "cuda",
-                            kv_booked_bytes=budget.booked_bytes(held) if budget else 0,
-                            kv_cached_bytes=budget.cached_bytes() if budget else None)
-
-    def trim(self) -> int:
-        loop = self.loop
-        if loop is None:
-            return 0
-        with loop.between_steps():
-            freed = self.store.trim()
-            self._after_reclaim()
-            return freed
-
-    def drop_prefixes(self) -> int:
-        loop = self.loop
-        if loop is None:
-            return 0
-        with loop.between_steps():
-            for slot in loop.scheduler.prefix_cache.drop_all():
-                self.store.release(slot)
-            freed = self.store.trim()
-            self._after_reclaim()
-            return freed
-
-    def _give_back_failed(self, slots: list[int]) -> None:
-        """After a step that failed for want of memory: the failed sequences' slots hold
-        nothing worth keeping; their pages go back (the worker calls this between steps)."""
-        loop = self.loop
-        if loop is None:
-            return
-        with loop.between_steps():
-            for slot in slots:
-                self.store.release(slot)
-            if self._state is ModelState.LOADED:
-                self.store.trim()
-                self._after_reclaim()
-
-    def _after_reclaim(self) -> None:
-        self.budget.after_reclaim()   # paused, it keeps what the pause left (after_pause)
-
-    def pause(self) -> int:
-        with self._lock:
-            if self._state is not ModelState.LOADED:
-                return 0
-            with self.loop.between_steps():
-                freed = self.store.pause()
-                self._state = ModelState.PAUSED
-                self.budget.after_pause()
-                return freed
-
-    def weights_to_host(self) -> int:
-        """Pause (KV to host), then the weights too (engines/torch/weights_rung.py); bytes."""
-        with self._lock:
-            if self.weights is None or self._state not in (ModelState.LOADED, ModelState.PAUSED):
-                return 0
-            freed = self.pause()
-            if self._state is not ModelState.PAUSED:
-                return freed
-            with self.loop.between_steps():
-                return freed + self.weights.step_aside()
-
-    def _weights_back(self) -> None:
-        """The weights on the device again (between steps). An embedding needs no KV: it
-        brings back the weights alone, and the next generation the rest."""
-        if self.weights is not None and self.weights.away:
-            self.weights.bring_back()
-
-    def resume(self) -> None:
-        with self._lock:
-            self._resume_if_paused()
-
-    def _resume_if_paused(self) -> None:
-        if self._state is ModelState.PAUSED:
-            with self.loop.step_lock:
-                need = self.budget.resume_need()   # weights away included
-                self._weights_back()
-                self.store.resume()
-                self._state = ModelState.LOADED
-                self.budget.after_resume(need)   # the worker asked for `need` before this step
 
     @property
     def busy(self) -> bool:

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from kvcached.broker.client import STEP_ORDER, ClientSpec, ReclaimVerbs, Step
 from kvcached.broker.events import Event, EventKind, EventLog, Subscription
 from kvcached.broker.handle import ClientHandle
+from kvcached.broker.host_relief import HostRelief
 from kvcached.broker.monitor import Monitor, open_monitor
 from kvcached.broker.sample import MemorySample
 from kvcached.broker.watchdog import Probe
@@ -70,6 +71,8 @@ class Broker:
             backend = pool.backend.name if pool is not None else _resolve_backend(config)
             monitor = open_monitor(backend, config.device, self.held_bytes)
         self.monitor = monitor
+        # The host's own memory, watched beside the device's (host_relief.py).
+        self.host_relief = HostRelief(self, config.host_low_bytes) if config.host_low_bytes else None
 
     # --- clients ---------------------------------------------------------------
     def register(self, spec: ClientSpec, verbs: ReclaimVerbs) -> ClientHandle:
@@ -120,6 +123,8 @@ class Broker:
         if self._thread is None:
             self._stop.clear()
             self._start_thread()
+            if self.host_relief is not None:
+                self.host_relief.start()
         return self
 
     def restart_sampling(self) -> None:
@@ -140,6 +145,8 @@ class Broker:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.host_relief is not None:
+            self.host_relief.stop()
         if self._thread is not None:
             self._thread.join(timeout=10)   # a thread stuck in a verb must not hang shutdown
             if self._thread.is_alive():

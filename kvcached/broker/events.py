@@ -35,6 +35,7 @@ class EventKind(enum.StrEnum):
     RELOAD = "reload"                # an engine loaded again after an unload
     ADMIT = "admit"                  # an admission that reclaimed from others first
     AUTO_YIELD = "auto_yield"        # the switch was turned
+    HOST_RELIEF = "host_relief"      # host memory given back (paused KV to disk): not the GPU's
 
     def is_reclaim(self) -> bool:
         """Did this give memory back (as opposed to take it, or change a setting)?"""

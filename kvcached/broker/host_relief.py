@@ -52,6 +52,9 @@ class HostRelief:
         self._thread: threading.Thread | None = None
 
     def start(self) -> "HostRelief":
+        if self._thread is not None:
+            return self
+        self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="kvcached-host-relief", daemon=True)
         self._thread.start()
         return self

@@ -22,12 +22,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
 from kvcached.config import KvcachedConfig
-from kvcached.kv_cache import offload
+from kvcached.kv_cache import offload, spill_file
 from kvcached.kv_cache.layout import KVLayout, KVShape, dtype_name
 from kvcached.kv_cache.placement import SlotTable
 from kvcached.page_pool import PagePool
@@ -63,6 +65,8 @@ class KVCache:
         self._reclaiming = 0       # trims/pauses waiting or running: new steps wait
         self._staging = offload.HostStaging(self.device)
         self._paused: offload.PausedKV | None = None
+        self._spilled: Path | None = None   # the paused bytes' file, when the host ran short
+        self._spill_id = uuid.uuid4().hex   # this cache's files are read back by this cache only
         self._closed = False
         # Whether kernels may read a slot past its live tokens (see ensure); the
         # engine that knows its kernels sets it.
@@ -151,6 +155,7 @@ class KVCache:
             view = self.layout.slot_view(slot, n_tokens)
             if self._paused is None:
                 return self._view(view).to("cpu", copy=True)
+            self._unspill_locked()
             start = self.layout.first_page(slot) * self.layout.page_size
             extent = next(e for e in self._paused.extents if e.offset == start)
             nbytes = n_tokens * self.shape.token_bytes
@@ -273,6 +278,7 @@ class KVCache:
                 self._resume_locked()
 
     def _resume_locked(self) -> None:
+        self._unspill_locked()
         paused = self._paused
         assert paused is not None
         page = self.layout.page_size
@@ -312,7 +318,54 @@ class KVCache:
 
     def paused_host_bytes(self) -> int:
         with self._cond:
-            return self._paused.nbytes if self._paused is not None else 0
+            return self._paused.nbytes if self._paused is not None and self._spilled is None else 0
+
+    def paused_disk_bytes(self) -> int:
+        with self._cond:
+            return self._paused.nbytes if self._spilled is not None else 0
+
+    # --- the host short of memory ---------------------------------------------------
+    def spill(self, folder: Path) -> int:
+        """While paused: the host copy to a checksummed file in `folder` and the host buffer
+        freed (kv_cache/spill_file.py); resume reads it back. Returns host bytes freed."""
+        with self._exclusive():
+            if self._paused is None or self._spilled is not None or not self._paused.nbytes:
+                return 0
+            path = Path(folder) / f"{self._spill_id}{spill_file.SUFFIX}"
+            try:
+                spill_file.write(path, self._spill_identity(), self._staging.get(self._paused.nbytes)[:self._paused.nbytes])
+            except OSError as exc:   # a full or read-only disk: the KV stays in host memory
+                log.warning("paused KV not spilled to %s: %s", path, exc)
+                return 0
+            self._spilled = path
+            log.info("paused KV spilled to %s (%d MiB)", path, self._paused.nbytes >> 20)
+            return self._staging.release()
+
+    def release_staging(self) -> int:
+        """Free the host buffer kept between pauses (not while paused); its size."""
+        with self._cond:
+            return 0 if self._paused is not None else self._staging.release()
+
+    def _spill_identity(self) -> dict:
+        return {"cache": self._spill_id, "nbytes": self._paused.nbytes if self._paused else 0}
+
+    def _unspill_locked(self) -> None:
+        """Read the spilled bytes back into the host buffer. A file that is not whole and ours
+        (KVFileRejected) loses the paused KV: every slot is left empty, so nothing reads
+        what was not restored, and the error goes up for the engine to forget its prefixes."""
+        path = self._spilled
+        if path is None:
+            return
+        try:
+            spill_file.read_into(path, self._spill_identity(), self._staging.get(self._paused.nbytes)[:self._paused.nbytes])
+        except spill_file.KVFileRejected:
+            for state in self._table.slots:
+                state.num_tokens = state.mapped_pages = 0
+            self._paused = None
+            raise
+        finally:
+            self._spilled = None
+            path.unlink(missing_ok=True)
 
     # --- life cycle -------------------------------------------------------------
     def close(self) -> None:
@@ -324,6 +377,9 @@ class KVCache:
             self._vt.close()
             self._staging.release()
             self._paused = None
+            if self._spilled is not None:
+                self._spilled.unlink(missing_ok=True)
+                self._spilled = None
             if self._owns_pool:
                 self.pool.close()
 
