@@ -9,11 +9,11 @@ streamed token (the load happens inside it, as a user meets it):
   reload       the model unloaded (control API) and asked for again in the same process
 
 with the engine's load phases (engines/phases.py, from /api/ps) for each. With
---llama-simple, the reference: llama.cpp's own `llama-simple` (CUDA build, all
+--llama-completion, the reference: llama.cpp's own `llama-completion` (CUDA build, all
 layers on the GPU) loading the same file and producing one token, timed as a
 whole process, best of --runs (what Ollama pays when it reloads a model).
 
-  python -m benchmarks.cold_start [--gguf FILE] [--llama-simple PATH]
+  python -m benchmarks.cold_start [--gguf FILE] [--llama-completion PATH]
 Writes benchmarks/results/cold_start[_<name>].json.
 """
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -30,17 +29,23 @@ import httpx
 
 from benchmarks.daemon_proc import Daemon
 from benchmarks.e2e_common import base_settings, bundled_gguf, setup_logging
+from benchmarks.llama_peer import load_and_first_token_s
 from benchmarks.results_io import print_table, write_result
 from benchmarks.stream_client import openai_completion
 
 FIRST_TOKEN_TIMEOUT_S = 600.0
+# Tokens asked for: the first streamed text is timed. A random-weight GGUF of a named shape
+# (byte-level vocabulary) may spend its first tokens on bytes that are not text yet; 16 make
+# text all but certain, and each costs one decode step (milliseconds) before it shows.
+MAX_TOKENS = 16
 
 
 def first_token_s(daemon: Daemon, model: str) -> float:
-    """Seconds from sending a one-token completion to its first streamed token."""
+    """Seconds from sending a completion to its first streamed text (MAX_TOKENS says why not one)."""
     async def once() -> float:
         async with httpx.AsyncClient(timeout=FIRST_TOKEN_TIMEOUT_S, trust_env=False) as client:
-            record = await openai_completion(client, daemon.base_url, model, "Hello", 1, time.monotonic, tag="cold")
+            record = await openai_completion(client, daemon.base_url, model, "Hello", MAX_TOKENS, time.monotonic,
+                                             tag="cold")
         if not record.ok:
             raise RuntimeError(f"first request to {model} failed: {record.error}\n{daemon.log_tail()}")
         return record.ttft
@@ -79,36 +84,24 @@ def measure_daemon(gguf: Path, model: str) -> list[dict]:
     return rows
 
 
-def llama_simple_s(binary: Path, gguf: Path, runs: int) -> dict:
-    """llama.cpp's whole process (CUDA init, load, one token), best of runs."""
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        done = subprocess.run([str(binary), "-m", str(gguf), "-n", "1", "-ngl", "99", "Hello"],
-                              capture_output=True, text=True, timeout=600)
-        times.append(time.perf_counter() - start)
-        if done.returncode != 0:
-            return {"error": done.stderr[-1500:]}
-    return {"best_s": min(times), "all_s": times}
-
-
 def main() -> None:
     setup_logging()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gguf", type=Path, default=None, help="default: the bundled SmolLM2-135M")
     parser.add_argument("--name", default="", help="results file suffix and model name")
-    parser.add_argument("--llama-simple", type=Path, default=None, help="llama.cpp's llama-simple (CUDA build)")
+    parser.add_argument("--llama-completion", type=Path, default=None,
+                        help="llama.cpp's llama-completion (CUDA build: benchmarks/llama_peer.py)")
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     gguf = args.gguf or bundled_gguf()
     model = args.name or "cold-" + gguf.stem.lower().replace(".", "-")
     rows = measure_daemon(gguf, model)
-    reference = llama_simple_s(args.llama_simple, gguf, args.runs) if args.llama_simple else None
+    reference = load_and_first_token_s(args.llama_completion, gguf, args.runs) if args.llama_completion else None
     print_table(["case", "first token s", "phases (s)"],
                 [[r["case"], f"{r['first_token_s']:.2f}",
                   " ".join(f"{k}={v:.2f}" for k, v in r["load_phases_s"].items())] for r in rows])
     if reference:
-        print(f"llama.cpp llama-simple (load + 1 token, whole process): {reference}")
+        print(f"llama.cpp llama-completion (load + 1 token, whole process): {reference}")
     path = write_result("cold_start" + (f"_{args.name}" if args.name else ""),
                         {"gguf": gguf.name, "file_bytes": gguf.stat().st_size, "cases": rows,
                          "llama_cpp_load_and_first_token": reference})

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger("benchmarks.llama_peer")
-TARGETS = ("llama-bench", "llama-quantize", "llama-batched-bench")
+TARGETS = ("llama-bench", "llama-quantize", "llama-batched-bench", "llama-completion")
 CMAKE_FLAGS = ("-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90", "-DCMAKE_BUILD_TYPE=Release",
                "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                "-DLLAMA_BUILD_EXAMPLES=OFF")
@@ -77,6 +77,20 @@ def start_build(source_tar: Path, work: Path, jobs: int = 16) -> Build:
         build.process = subprocess.Popen(["bash", "-c", script], stdout=sink, stderr=subprocess.STDOUT,
                                          env={**os.environ, "CUDAARCHS": "90"})
     return build
+
+
+def load_and_first_token_s(binary: str | Path, gguf: Path, runs: int = 3, timeout_s: float = 600) -> dict:
+    """llama.cpp's whole process (CUDA init, load, one token) with every layer on the GPU,
+    best of `runs`: what Ollama pays when it loads a model again. binary: llama-completion."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        done = subprocess.run([str(binary), "-m", str(gguf), "-n", "1", "-ngl", "99", "-p", "Hello", "-no-cnv"],
+                              capture_output=True, text=True, timeout=timeout_s)
+        times.append(time.perf_counter() - start)
+        if done.returncode != 0:
+            return {"error": done.stderr[-1500:]}
+    return {"best_s": min(times), "all_s": times}
 
 
 def _run(cmd: list[str], timeout_s: float, with_stderr: bool = False) -> str:

@@ -17,6 +17,11 @@ restore rates read as a fraction of what the PCIe link does. The weights rung is
 timed twice: the first step aside allocates the pinned host buffer (~0.5 s/GiB),
 the second reuses it, as every later one does.
 
+With llama.cpp's sources carried (.gpu/llama.cpp-src.tar.xz, scripts/fetch_llama_src.sh),
+its CUDA build is made in the background meanwhile (benchmarks/llama_peer.py) and
+timed loading each file and producing one token (what Ollama pays to bring an
+unloaded model back), beside the weights rung's next token.
+
   python -m benchmarks.weights_tier [--models qwen2.5-coder-1.5b,llama-3.1-8b] [--out build/shapes]
 Goal (issue 19): from weights_to_host, the next token >= 10x sooner than after an
 unload and reload of the same file; weights given back at >= 0.75x raw pinned copy.
@@ -31,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.llama_peer import load_and_first_token_s, start_build
 from benchmarks.results_io import print_table, write_result
 from benchmarks.shape_gguf import write_shape
 from engines.base import ModelInfo
@@ -129,7 +135,8 @@ def measure(path: Path, name: str, prompt_tokens: int) -> dict:
     engine.unload()
     reload_ttft = rows[-1]["next_token_s"]
     host_ttft = statistics.median(r["next_token_s"] for r in rows if r["rung"] == "weights_to_host")
-    return {"model": name, "file_bytes": path.stat().st_size, "weights_bytes": arena_bytes,
+    return {"model": name, "file": str(path), "file_bytes": path.stat().st_size, "weights_bytes": arena_bytes,
+            "weights_rung_next_token_s": host_ttft,
             "first_load_s": load_s, "warm_next_token_s": warm_ttft, "prompt_tokens": prompt_tokens,
             "raw_pinned_d2h_gbps": d2h, "raw_pinned_h2d_gbps": h2d, **cycle,
             "to_host_x_raw": cycle["to_host_gbps"] / d2h, "restore_x_raw": cycle["restore_gbps"] / h2d,
@@ -141,8 +148,11 @@ def main() -> None:
     parser.add_argument("--models", default="qwen2.5-coder-1.5b,llama-3.1-8b")
     parser.add_argument("--out", default="build/shapes")
     parser.add_argument("--prompt-tokens", type=int, default=1000)
+    parser.add_argument("--llama-src", type=Path, default=Path(".gpu/llama.cpp-src.tar.xz"))
+    parser.add_argument("--llama-build-s", type=float, default=360, help="how long to wait for its build")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    build = start_build(args.llama_src, Path("build/quant"), jobs=12) if ON_CUDA and args.llama_src.exists() else None
     results = []
     for model in args.models.split(","):
         path = write_shape(named_config(model), Path(args.out) / f"{model}-F16.gguf")
@@ -154,6 +164,17 @@ def main() -> None:
         print_table(["model", "weights GB", "to host GB/s (x raw)", "restore GB/s (x raw)", "reload / weights rung"],
                     [[model, r["weights_bytes"] / GB, f"{r['to_host_gbps']:.1f} ({r['to_host_x_raw']:.2f}x)",
                       f"{r['restore_gbps']:.1f} ({r['restore_x_raw']:.2f}x)", f"{r['reload_over_weights_rung']:.0f}x"]])
+        write_result("weights_tier", {"models": results,
+                                      "goal": "reload_over_weights_rung >= 10, to_host_x_raw >= 0.75"})
+    if build is not None and build.wait(args.llama_build_s):
+        for r in results:
+            peer = load_and_first_token_s(build.binary("llama-completion"), Path(r["file"]))
+            r["llama_cpp_load_and_first_token"] = peer
+            if "best_s" in peer:
+                r["llama_load_over_weights_rung"] = peer["best_s"] / r["weights_rung_next_token_s"]
+        print_table(["model", "llama.cpp load + 1 token s", "weights rung next token s", "ratio"],
+                    [[r["model"], r["llama_cpp_load_and_first_token"].get("best_s", "error"),
+                      r["weights_rung_next_token_s"], r.get("llama_load_over_weights_rung", "-")] for r in results])
         write_result("weights_tier", {"models": results,
                                       "goal": "reload_over_weights_rung >= 10, to_host_x_raw >= 0.75"})
 

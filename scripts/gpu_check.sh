@@ -38,7 +38,7 @@ declare -A PARTS=(
   [constrained]="200 -m benchmarks.constrained --model synthetic/smollm2-135m --rounds 3"
   [cold_start]="420 -m benchmarks.cold_start"
   [unload]="300 -m pytest -q -s -p no:cacheprovider --timeout 280 tests/gpu/test_unload_gpu.py"
-  [weights_tier]="540 -m benchmarks.weights_tier"
+  [weights_tier]="580 -m benchmarks.weights_tier"   # carry .gpu too: llama.cpp's load of the same files
   [exhaustion]="590 -m benchmarks.exhaustion --backend cuda --cycles 10 --hold-s 20"
   [quant_matvec]="240 -m benchmarks.quant_matvec"
   # Quantized GGUFs vs llama.cpp's CUDA build (carry .gpu: scripts/fetch_llama_src.sh makes it).
