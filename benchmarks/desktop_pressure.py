@@ -15,6 +15,15 @@ Measured: each allocation's wait (Done when: <= 250 ms each), the assistant's
 TTFT before, during and after the call, that no request failed, and the
 broker's steps with their durations.
 
+A user's card, smaller than the lent GPU (issue 19): --budget bounds every model
+together (weights and KV), --second-model loads a second model that answers one
+request and then sits idle (a chat model used a while ago), and --leave-free
+small makes the card full before the call grows, so the call's memory comes from
+the models: the idle one's KV, then its weights (to host memory), as the ladder goes.
+
+  H100, a 12 GiB card:  python3 -m benchmarks.desktop_pressure --budget 12GiB \
+      --model-config qwen2.5-coder-1.5b --second-model llama-3.2-1b --leave-free 512MiB
+
   H100:  PYTHONPATH=/tmp/site:. python3 benchmarks/desktop_pressure.py
   CPU:   .venv/bin/python benchmarks/desktop_pressure.py --smoke
 """
@@ -73,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hold-s", type=float, default=15.0)
     p.add_argument("--call-backend", default="cuda", help="video call: cuda, or host (smoke)")
     p.add_argument("--headroom", type=parse_size, default=parse_size("1GiB"))
+    p.add_argument("--budget", type=parse_size, default=0, help="budget_bytes for all models (0: none)")
+    p.add_argument("--second-model", default=None, help="a second model's config, idle after one request")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--name", default="desktop_pressure")
     return p
@@ -143,10 +154,12 @@ class VideoCall:
         return await self.proc.wait()
 
 
-async def run(args: argparse.Namespace, model: str, model_dir: Path | None) -> dict:
+async def run(args: argparse.Namespace, models: list[str], model_dir: Path | None) -> dict:
+    model = models[0]
     settings = common.base_settings(backend=args.backend, num_slots=args.num_slots, headroom=args.headroom,
-                                    model_dir=model_dir, synthetic=args.model_config != BUNDLED)
-    settings["models"] = {model: {"engine": args.engine, "context_length": args.context}}
+                                    model_dir=model_dir, synthetic=args.model_config != BUNDLED,
+                                    budget=args.budget)
+    settings["models"] = {m: {"engine": args.engine, "context_length": args.context} for m in models}
     with Daemon(settings, name="desktop") as daemon:
         daemon.follow_events()
         async with make_client() as client:
@@ -156,6 +169,8 @@ async def run(args: argparse.Namespace, model: str, model_dir: Path | None) -> d
             kinds = await pick_kinds(client, daemon.base_url, model)
             long_words = await common.words_for(client, daemon.base_url, model, args.pregrow_tokens)
             grown = await pregrow(client, daemon.base_url, model, long_words, args, clock)
+            for other in models[1:]:                      # used once, idle since
+                await common.warm_up(client, daemon.base_url, other, clock)
             memory = {"after_pregrow": common.model_memory(daemon.control_get("/control/memory"))}
             call = VideoCall(args)
             await call.start(clock)                       # baseline taken: the rest of the desktop
@@ -225,9 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="desktop-models-") as tmp:
         bundled = args.model_config == BUNDLED
         model_dir = Path(tmp) if bundled else None
-        model = (common.smoke_models(model_dir, ["assistant"])[0] if bundled
-                 else common.synthetic_models(args.model_config, 1)[0])
-        payload = asyncio.run(run(args, model, model_dir))
+        models = [common.smoke_models(model_dir, ["assistant"])[0] if bundled
+                  else common.synthetic_models(args.model_config, 1)[0]]
+        if args.second_model:
+            models += (common.smoke_models(model_dir, ["chat"]) if args.second_model == BUNDLED
+                       else common.synthetic_models(args.second_model, 1))
+        payload = asyncio.run(run(args, models, model_dir))
     payload["wall_s"] = round(time.time() - started, 1)
     report(args.name, payload)
     return 0

@@ -34,6 +34,8 @@ declare -A PARTS=(
   [host]="300 -m benchmarks.decode_host --models smollm2-135m,llama-3.2-1b,llama-3.1-8b"
   [engines]="180 -m benchmarks.engine_compare --model synthetic/smollm2-135m --engines torch"
   [pressure]="560 -m benchmarks.desktop_pressure"
+  # Issue 19: a 12 GiB card, two models, a video call that wants 6 GiB.
+  [pressure_12gib]="560 -m benchmarks.desktop_pressure --budget 12GiB --model-config qwen2.5-coder-1.5b --second-model llama-3.2-1b --leave-free 512MiB --name desktop_pressure_12gib"
   [colocate]="590 -m benchmarks.colocate"
   [constrained]="200 -m benchmarks.constrained --model synthetic/smollm2-135m --rounds 3"
   [cold_start]="420 -m benchmarks.cold_start"
