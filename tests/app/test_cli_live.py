@@ -31,6 +31,11 @@ def test_client_commands(daemon: LiveDaemon) -> None:
     assert pause.returncode == 0 and "pause done" in pause.stdout
     assert {m["name"]: m for m in daemon.client.models()}[model]["state"] == "paused"
     assert daemon.cli("resume", model).returncode == 0
+    # `pause --weights`: llama.cpp has no weights rung, so the model is paused as it can be.
+    away = daemon.cli("pause", "--weights", model)
+    assert away.returncode == 0 and "weights to host done" in away.stdout
+    assert {m["name"]: m for m in daemon.client.models()}[model]["rung"] == "kv_on_host"
+    assert daemon.cli("resume", model).returncode == 0
     reclaim = daemon.cli("reclaim", model)
     assert reclaim.returncode == 0 and "Gave back" in reclaim.stdout
     assert daemon.cli("unload", model).returncode == 0
