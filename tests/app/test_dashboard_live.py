@@ -70,6 +70,16 @@ def test_dashboard_shows_reclaim_on_timeline(daemon: LiveDaemon, page) -> None:
         f'document.querySelector(\'#models tr[data-model="{model}"]\').innerText.includes("paused")',
         timeout=20_000)
     assert {m["name"]: m for m in daemon.client.models()}[model]["state"] == "paused"
+    # "Free all GPU memory, keep ready" from the row (llama.cpp has no weights rung: paused).
+    daemon.load_default_model()
+    daemon.client.model_action(model, "resume")
+    page.wait_for_selector(f'#models tr[data-model="{model}"] button[data-action="weights_to_host"]:not([disabled])',
+                           timeout=20_000)
+    row.locator('button[data-action="weights_to_host"]').click()
+    page.wait_for_function(
+        f'document.querySelector(\'#models tr[data-model="{model}"]\').innerText.includes("paused")',
+        timeout=20_000)
+    assert {m["name"]: m for m in daemon.client.models()}[model]["rung"] == "kv_on_host"
 
 
 def test_dashboard_without_token_says_how_to_open_it(daemon: LiveDaemon, page) -> None:
