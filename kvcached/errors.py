@@ -62,3 +62,11 @@ class ConfigError(FatalError):
 class InvalidArgument(FatalError, ValueError):
     """A caller passed a value out of range (a slot, a layer, a token count);
     the message names the argument. Also a ValueError for generic callers."""
+
+
+class KVFileRejected(KvcachedError):
+    """A KV file (disk tier or spill) that must not be loaded; the message says why."""
+
+
+class KVFileForeign(KVFileRejected):
+    """A whole file, but another model's (or another KV layout's): not ours to load or remove."""

@@ -19,6 +19,7 @@ import logging
 import queue
 import threading
 import time
+from pathlib import Path
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -37,7 +38,7 @@ from engines.llamacpp.native import route_native_logs, token_piece
 from engines.llamacpp.prompt import PromptBuilder
 from engines.llamacpp.prompt_cache import PromptCache
 from engines.llamacpp.session import Session, kv_bytes_per_token
-from engines.llamacpp.state import PausedState, pause_session, resume_session
+from engines.llamacpp.state import PausedState, discard, pause_session, resume_session, spill
 from engines.llamacpp.stream import TokenStream
 from engines.llamacpp.worker import Worker, WorkerStopped
 from engines.progress import ProgressReporter
@@ -150,6 +151,7 @@ class LlamaCppEngine(Engine):
     def _free_native(self) -> None:
         self._free_contexts()
         self._prompt_cache.clear()
+        discard(self._paused)
         self._paused = None
         self._prompts = None
         if self._model is not None:
@@ -257,6 +259,7 @@ class LlamaCppEngine(Engine):
             kv_held_bytes=self._held_kv_bytes(),
             kv_live_bytes=session.num_tokens * self._kv_per_token if session is not None else 0,
             paused_host_bytes=paused.host_bytes if paused is not None else 0,
+            paused_disk_bytes=paused.disk_bytes if paused is not None else 0,
             prompt_cache_host_bytes=self._prompt_cache.host_bytes,
             on_gpu=self._on_gpu)
 
@@ -294,8 +297,17 @@ class LlamaCppEngine(Engine):
         return self._on_worker(drop, 0)
 
     def relieve_host(self) -> int:
-        """The conversations parked in host memory go (the next turn re-reads its prompt)."""
-        return self._on_worker(self._prompt_cache.clear, 0)
+        """The host is short of memory: the conversations parked in host memory go (the next
+        turn re-reads its prompt), and a paused context's sequences go to files under
+        kv_disk_dir (read back at resume: engines/llamacpp/state.py)."""
+        return self._on_worker(self._relieve_host_on_worker, 0)
+
+    def _relieve_host_on_worker(self) -> int:
+        freed = self._prompt_cache.clear()
+        if self._paused is not None and self.config.kv_disk_dir:
+            self._paused, spilled = spill(self._paused, Path(self.config.kv_disk_dir) / "spill")
+            freed += spilled
+        return freed
 
     def pause(self) -> int:
         return self._on_worker(self._pause_on_worker, 0)

@@ -30,7 +30,9 @@ from pathlib import Path
 
 import torch
 
-from kvcached.errors import KvcachedError
+from kvcached.errors import KVFileForeign, KVFileRejected
+
+__all__ = ["DiskTier", "KVFileForeign", "KVFileRejected", "SavedKV", "read", "write"]
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +40,6 @@ MAGIC = b"EBTKV\x00\x01\x00"
 SUFFIX = ".kv"
 _DIGEST = 32
 _CHUNK = 8 << 20
-
-
-class KVFileRejected(KvcachedError):
-    """A KV file that must not be loaded; the message says why."""
-
-
-class KVFileForeign(KVFileRejected):
-    """A whole file, but another model's (or another KV layout's): not ours to load or remove."""
 
 
 @dataclass(frozen=True)

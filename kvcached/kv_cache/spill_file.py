@@ -19,9 +19,9 @@ import os
 import struct
 from pathlib import Path
 
-import torch
+import numpy as np
 
-from kvcached.kv_cache.disk_tier import KVFileRejected
+from kvcached.errors import KVFileRejected
 
 SPILL_MAGIC = b"EBTSPL\x00\x01"
 SUFFIX = ".kvspill"
@@ -29,9 +29,14 @@ _DIGEST = 32
 _CHUNK = 16 << 20
 
 
-def write(path: Path, identity: dict, payload: torch.Tensor) -> int:
-    """payload: uint8 on the CPU. Returns the file's size."""
-    data = payload.numpy()
+def _bytes(buffer) -> np.ndarray:
+    """A uint8 view of a CPU torch tensor (its .numpy()) or of any bytes-like object."""
+    return buffer.numpy() if hasattr(buffer, "numpy") else np.frombuffer(buffer, dtype=np.uint8)
+
+
+def write(path: Path, identity: dict, payload) -> int:
+    """payload: a uint8 tensor on the CPU, or any bytes-like object. Returns the file's size."""
+    data = _bytes(payload)
     header = json.dumps({"identity": identity, "nbytes": int(data.size)}, sort_keys=True).encode()
     head = SPILL_MAGIC + struct.pack("<Q", len(header)) + header
     digest = hashlib.sha256(head)
@@ -54,8 +59,9 @@ def write(path: Path, identity: dict, payload: torch.Tensor) -> int:
     return len(head) + data.size + _DIGEST
 
 
-def read_into(path: Path, identity: dict, out: torch.Tensor) -> None:
-    """Fill `out` (uint8 on the CPU, the payload's size) from path, or raise KVFileRejected."""
+def read_into(path: Path, identity: dict, out) -> None:
+    """Fill `out` (a uint8 CPU tensor or a writable bytes-like object of the payload's size)
+    from path, or raise KVFileRejected. Torch-free: the llama.cpp engine uses it too."""
     name = path.name
     try:
         size = path.stat().st_size
@@ -66,10 +72,10 @@ def read_into(path: Path, identity: dict, out: torch.Tensor) -> None:
             (header_len,) = struct.unpack("<Q", head[len(SPILL_MAGIC):])
             header = f.read(header_len)
             meta = _meta(name, header, identity)
-            if size != len(head) + header_len + meta["nbytes"] + _DIGEST or meta["nbytes"] != out.numel():
+            data = _bytes(out)
+            if size != len(head) + header_len + meta["nbytes"] + _DIGEST or meta["nbytes"] != data.size:
                 raise KVFileRejected(f"{name}: truncated or of another size ({size} bytes on disk)")
             digest = hashlib.sha256(head + header)
-            data = out.numpy()
             for start in range(0, data.size, _CHUNK):
                 piece = memoryview(data[start:start + _CHUNK])
                 if f.readinto(piece) != len(piece):
