@@ -77,7 +77,7 @@ class DecodeGraph:
         # step's own positions are mapped and free to overwrite (with the same values).
         # The warm-up also compiles, where torch.compile is on.
         self._load(tokens, positions, slots)
-        side = torch.cuda.Stream()
+        side = runner.side_stream
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
@@ -165,6 +165,9 @@ class Runner:
         self.graphs: dict[tuple[int, int], DecodeGraph] = {}
         self.pending: list[tuple[int, int]] = []   # buckets warm_up left for capture_pending
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        # One side stream for every capture's warm-up: cuBLAS keeps a workspace per
+        # (handle, stream) that empty_cache does not free (close() clears them).
+        self.side_stream = torch.cuda.Stream(self.device) if self.use_graphs else None
 
     def warm_keys(self) -> list[tuple[int, int]]:
         """Every (batch bucket, read bucket) a decode step can need."""
@@ -297,14 +300,16 @@ class Runner:
         - the model's tensors (weights, fused projections, RoPE tables): moved to the
           meta device, so whatever may still hold the module holds no memory;
         - SlotKV's views of the KV (the store itself is the engine's to close) and the
-          thread's forward context.
+          thread's forward context;
+        - cuBLAS's workspaces (one per handle and stream it ran on, the captures' side
+          stream among them), which the caching allocator's empty_cache does not free.
         Then gc (graphs and modules hold reference cycles) and, on CUDA, the caching
         allocator's free blocks go back to the driver. Idempotent."""
         for graph in self.graphs.values():
             graph.close()
         self.graphs.clear()
         self.pending = []
-        self.graph_pool = None
+        self.graph_pool = self.side_stream = None
         self.decode_forward = None
         if getattr(_ACTIVE_KV, "kv", None) is self.kv:
             _ACTIVE_KV.kv = None
@@ -319,6 +324,11 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
+            # cuBLAS's workspaces, one per (handle, stream) used, outlive empty_cache; each load's
+            # capture streams added some (issue 14's GPU run: 64 MiB more held after each unload).
+            clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+            if clear_workspaces is not None:
+                clear_workspaces()
 
     def _decode_graphed(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
         key = (bucket(len(tokens), self.batch_buckets), bucket(max(positions) + 1, self.read_buckets))
