@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from engines.types import MemoryReport, ModelState
-from kvcached.kv_cache.disk_tier import KVFileRejected
+from kvcached.errors import KVFileRejected
 
 log = logging.getLogger(__name__)
 

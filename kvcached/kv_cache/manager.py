@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from kvcached.config import KvcachedConfig
+from kvcached.errors import KVFileRejected
 from kvcached.kv_cache import offload, spill_file
 from kvcached.kv_cache.layout import KVLayout, KVShape, dtype_name
 from kvcached.kv_cache.placement import SlotTable
@@ -358,7 +359,7 @@ class KVCache:
             return
         try:
             spill_file.read_into(path, self._spill_identity(), self._staging.get(self._paused.nbytes)[:self._paused.nbytes])
-        except spill_file.KVFileRejected:
+        except KVFileRejected:
             for state in self._table.slots:
                 state.num_tokens = state.mapped_pages = 0
             self._paused = None
