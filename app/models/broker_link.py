@@ -55,6 +55,12 @@ def _verbs_class():
             self._announce(ModelState.PAUSED, freed, rung="weights_on_host")
             return freed
 
+        def relieve_host(self) -> int:
+            freed = super().relieve_host()   # host memory: a model with weights there may unload
+            if self.engine.state is ModelState.UNLOADED:
+                self._announce(ModelState.UNLOADED, freed, reason_detail="host short of memory")
+            return freed
+
         def unload(self) -> int:
             freed = super().unload()  # the manager loads again on the next request
             self._announce(ModelState.UNLOADED, freed)

@@ -80,7 +80,9 @@ class MemoryVerbs:
 
     def relieve_host(self) -> int:
         """The host is short of memory: paused KV to a file under kv_disk_dir (read back at
-        resume), and the host buffers kept for the next pause or step aside freed."""
+        resume), and the host buffers kept for the next pause or step aside freed. A model
+        whose weights wait in host memory (weights_to_host) is unloaded: those are the most
+        host memory it holds, and the file has them (the next request loads it again)."""
         with self._lock:
             if self.loop is None:
                 return 0
@@ -88,7 +90,13 @@ class MemoryVerbs:
                 cache, weights, folder = self.store.cache, self.weights, self.config.kv_disk_dir
                 freed = cache.spill(Path(folder) / "spill") if folder else 0
                 freed += cache.release_staging()
-                return freed + (weights.arena.release_staging() if weights is not None else 0)
+                if weights is None or not weights.away:
+                    return freed + (weights.arena.release_staging() if weights is not None else 0)
+                freed += weights.arena.staging_bytes
+            self.unload()   # outside between_steps: an unload waits for the worker to stop
+            log.info("%s: unloaded, its weights' host copy given back to a host short of memory",
+                     self.info.name)
+            return freed
 
     def weights_to_host(self) -> int:
         """Pause (KV to host), then the weights too (engines/torch/weights_rung.py); bytes."""

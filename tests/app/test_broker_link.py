@@ -89,3 +89,25 @@ def test_a_model_a_request_holds_is_busy_to_the_broker_and_a_load_waits_for_it()
         link.close()
         held.unload()
         wanted.unload()
+
+
+def test_the_hub_hears_of_weights_to_host_and_of_an_unload_for_the_host():
+    from app.models.events import EventHub
+    from engines.config import EngineConfig
+
+    engine = TorchEngine(ModelInfo(name="tiny", path="", source="synthetic", metadata={"config": TINY}),
+                         EngineConfig(torch_num_slots=2, torch_weights_to_host=True),
+                         standalone_pool(KvcachedConfig(page_size=64 << 10, reserve_pages=0)))
+    engine.load()
+    hub = EventHub()
+    link = BrokerLink(Broker(KvcachedConfig(headroom_bytes=0, host_low_bytes=0)), hub)
+    try:
+        link.register("tiny", engine, None)
+        verbs = link._clients["tiny"][2]
+        assert verbs.weights_to_host() > 0
+        assert verbs.relieve_host() > 0            # its weights wait in host memory: it unloads
+        events = [(e.data["state"], e.data.get("rung")) for e in hub.recent() if e.kind == "model"]
+        assert events == [("paused", "weights_on_host"), ("unloaded", None)]
+    finally:
+        link.close()
+        engine.unload()

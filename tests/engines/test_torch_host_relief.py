@@ -111,3 +111,24 @@ def test_a_damaged_spill_is_refused_and_the_conversation_computed_again(gguf_fil
         assert not path.exists()
     finally:
         engine.unload()
+
+
+def test_a_model_whose_weights_wait_in_host_memory_is_unloaded_when_the_host_is_short(gguf_file, tmp_path):
+    config = EngineConfig(torch_num_slots=2, torch_max_context=256, torch_prefill_chunk=64,
+                          torch_llamacpp_numerics=False, kv_disk_dir=str(tmp_path), torch_weights_to_host=True)
+    engine = TorchEngine(ModelInfo(name="tiny", path=str(gguf_file)), config,
+                         standalone_pool(KvcachedConfig(page_size=64 << 10, reserve_pages=0)))
+    engine.load()
+    broker = Broker(KvcachedConfig(backend="host"))
+    register_engine(broker, engine)
+    relief = HostRelief(broker, low_bytes=1 * GiB, read=lambda: (GiB // 2, None))
+    try:
+        expected, _ = ask(engine, PROMPT)
+        engine.weights_to_host()
+        on_host = engine.memory().weights_host_bytes
+        assert on_host > 0
+        assert relief.tick() >= on_host and engine.state is ModelState.UNLOADED
+        assert ask(engine, PROMPT)[0] == expected                     # loaded again from the file
+    finally:
+        broker.close()
+        engine.unload()
