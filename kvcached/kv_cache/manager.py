@@ -67,6 +67,7 @@ class KVCache:
         self._staging = offload.HostStaging(self.device)
         self._paused: offload.PausedKV | None = None
         self._spilled: Path | None = None   # the paused bytes' file, when the host ran short
+        self._spilled_bytes = 0             # how much of the staging buffer that file holds
         self._spill_id = uuid.uuid4().hex   # this cache's files are read back by this cache only
         self._closed = False
         # Whether kernels may read a slot past its live tokens (see ensure); the
@@ -332,13 +333,13 @@ class KVCache:
         with self._exclusive():
             if self._paused is None or self._spilled is not None or not self._paused.nbytes:
                 return 0
-            path = Path(folder) / f"{self._spill_id}{spill_file.SUFFIX}"
+            path, span = Path(folder) / f"{self._spill_id}{spill_file.SUFFIX}", self._paused.span
             try:
-                spill_file.write(path, self._spill_identity(), self._staging.get(self._paused.nbytes)[:self._paused.nbytes])
+                spill_file.write(path, self._spill_identity(span), self._staging.get(span)[:span])
             except OSError as exc:   # a full or read-only disk: the KV stays in host memory
                 log.warning("paused KV not spilled to %s: %s", path, exc)
                 return 0
-            self._spilled = path
+            self._spilled, self._spilled_bytes = path, span
             log.info("paused KV spilled to %s (%d MiB)", path, self._paused.nbytes >> 20)
             return self._staging.release()
 
@@ -347,8 +348,8 @@ class KVCache:
         with self._cond:
             return 0 if self._paused is not None else self._staging.release()
 
-    def _spill_identity(self) -> dict:
-        return {"cache": self._spill_id, "nbytes": self._paused.nbytes if self._paused else 0}
+    def _spill_identity(self, nbytes: int) -> dict:
+        return {"cache": self._spill_id, "nbytes": nbytes}
 
     def _unspill_locked(self) -> None:
         """Read the spilled bytes back into the host buffer. A file that is not whole and ours
@@ -357,8 +358,9 @@ class KVCache:
         path = self._spilled
         if path is None:
             return
+        span = self._spilled_bytes
         try:
-            spill_file.read_into(path, self._spill_identity(), self._staging.get(self._paused.nbytes)[:self._paused.nbytes])
+            spill_file.read_into(path, self._spill_identity(span), self._staging.get(span)[:span])
         except KVFileRejected:
             for state in self._table.slots:
                 state.num_tokens = state.mapped_pages = 0

@@ -48,6 +48,12 @@ class PausedKV:
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self.extents)
 
+    @property
+    def span(self) -> int:
+        """Bytes of staging the extents reach: a slot freed or shrunk while paused keeps its
+        neighbours' `at` offsets, so this can exceed nbytes."""
+        return max((e.at + e.nbytes for e in self.extents), default=0)
+
 
 def _allocate(nbytes: int, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":

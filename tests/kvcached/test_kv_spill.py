@@ -59,6 +59,20 @@ def test_spill_frees_the_host_copy_and_resume_reads_it_back_bit_exact(kv, tmp_pa
     assert [checksum(kv, s, n) for s, n in zip(slots, SIZES)] == crcs
 
 
+def test_slots_freed_or_shrunk_while_spilled_leave_the_others_bit_exact(kv, tmp_path):
+    slots = [kv.acquire_slot() for _ in SIZES]
+    for slot, n, seed in zip(slots, SIZES, range(3)):
+        kv.ensure(slot, n)
+        fill(kv, slot, n, seed)
+    first, last_40 = checksum(kv, slots[0], SIZES[0]), checksum(kv, slots[2], 40)
+    kv.pause()
+    kv.free(slots[1])                      # a slot goes before the spill
+    kv.spill(tmp_path)
+    kv.ensure(slots[2], 40)                # the last one shrinks after it
+    kv.resume()
+    assert checksum(kv, slots[0], SIZES[0]) == first and checksum(kv, slots[2], 40) == last_40
+
+
 def test_a_spill_that_cannot_be_written_keeps_the_kv_in_host_memory(kv, tmp_path):
     slots, crcs = paused_with_data(kv)
     blocked = tmp_path / "not-a-folder"
