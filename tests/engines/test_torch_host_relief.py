@@ -15,18 +15,16 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_gguf import TINY, random_state, write_tiny_gguf  # noqa: E402
+from tiny_torch import tiny_engine, write_tiny  # noqa: E402
+from tiny_torch import ask as ask_tokens  # noqa: E402
 
-from engines.base import ModelInfo  # noqa: E402
 from engines.broker_client import register_engine  # noqa: E402
-from engines.config import EngineConfig  # noqa: E402
 from engines.torch.engine import TorchEngine  # noqa: E402
-from engines.types import GenerateRequest, ModelState, RequestKind, SamplingParams  # noqa: E402
+from engines.types import ModelState  # noqa: E402
 from kvcached.broker import Broker  # noqa: E402
 from kvcached.broker.host_relief import HostRelief  # noqa: E402
 from kvcached.config import KvcachedConfig  # noqa: E402
 from kvcached.kv_cache import spill_file  # noqa: E402
-from kvcached.standalone import standalone_pool  # noqa: E402
 
 PROMPT = "the cat sat on the mat and then the dog ran"
 GiB = 1 << 30
@@ -34,25 +32,15 @@ GiB = 1 << 30
 
 @pytest.fixture(scope="module")
 def gguf_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("relief") / "tiny.gguf"
-    write_tiny_gguf(path, TINY, random_state(TINY))
-    return path
+    return write_tiny(tmp_path_factory.mktemp("relief") / "tiny.gguf")
 
 
-def make_engine(path: Path, data_dir: Path) -> TorchEngine:
-    config = EngineConfig(torch_num_slots=2, torch_max_context=256, torch_prefill_chunk=64,
-                          torch_llamacpp_numerics=False, kv_disk_dir=str(data_dir))
-    engine = TorchEngine(ModelInfo(name="tiny", path=str(path)), config,
-                         standalone_pool(KvcachedConfig(page_size=64 << 10, reserve_pages=0)))
-    engine.load()
-    return engine
+def make_engine(path: Path, data_dir: Path, **config) -> TorchEngine:
+    return tiny_engine(path, kv_disk_dir=str(data_dir), **config)
 
 
 def ask(engine: TorchEngine, prompt: str):
-    request = GenerateRequest(kind=RequestKind.COMPLETION, prompt=prompt,
-                              sampling=SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
-    chunks = list(engine.generate(request))
-    return "".join(c.text for c in chunks), chunks[-1].usage
+    return ask_tokens(engine, prompt, max_tokens=6)
 
 
 def slot_kv(engine: TorchEngine) -> list[torch.Tensor]:
@@ -114,11 +102,7 @@ def test_a_damaged_spill_is_refused_and_the_conversation_computed_again(gguf_fil
 
 
 def test_a_model_whose_weights_wait_in_host_memory_is_unloaded_when_the_host_is_short(gguf_file, tmp_path):
-    config = EngineConfig(torch_num_slots=2, torch_max_context=256, torch_prefill_chunk=64,
-                          torch_llamacpp_numerics=False, kv_disk_dir=str(tmp_path), torch_weights_to_host=True)
-    engine = TorchEngine(ModelInfo(name="tiny", path=str(gguf_file)), config,
-                         standalone_pool(KvcachedConfig(page_size=64 << 10, reserve_pages=0)))
-    engine.load()
+    engine = make_engine(gguf_file, tmp_path, torch_weights_to_host=True)
     broker = Broker(KvcachedConfig(backend="host"))
     register_engine(broker, engine)
     relief = HostRelief(broker, low_bytes=1 * GiB, read=lambda: (GiB // 2, None))

@@ -17,43 +17,25 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_gguf import TINY, random_state, write_tiny_gguf  # noqa: E402
+from tiny_torch import ask, tiny_engine, write_tiny  # noqa: E402
 
-from engines.base import ModelInfo  # noqa: E402
 from engines.broker_client import register_engine  # noqa: E402
-from engines.config import EngineConfig  # noqa: E402
 from engines.torch.engine import TorchEngine  # noqa: E402
 from engines.torch.weights_rung import model_tensors  # noqa: E402
-from engines.types import GenerateRequest, ModelState, RequestKind, SamplingParams  # noqa: E402
+from engines.types import ModelState  # noqa: E402
 from kvcached.broker import Broker  # noqa: E402
 from kvcached.config import KvcachedConfig  # noqa: E402
-from kvcached.standalone import standalone_pool  # noqa: E402
 
 PROMPT = "the cat sat on the mat and then the dog"
-PAGE = 64 << 10
 
 
 @pytest.fixture(scope="module")
 def gguf_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("weights") / "tiny.gguf"
-    write_tiny_gguf(path, TINY, random_state(TINY))
-    return path
+    return write_tiny(tmp_path_factory.mktemp("weights") / "tiny.gguf")
 
 
 def make_engine(path: Path, movable: bool) -> TorchEngine:
-    config = EngineConfig(torch_num_slots=2, torch_max_context=256, torch_prefill_chunk=64,
-                          torch_llamacpp_numerics=False, torch_weights_to_host=movable)
-    engine = TorchEngine(ModelInfo(name="tiny", path=str(path)), config,
-                         standalone_pool(KvcachedConfig(page_size=PAGE, reserve_pages=0)))
-    engine.load()
-    return engine
-
-
-def ask(engine: TorchEngine, prompt: str):
-    request = GenerateRequest(kind=RequestKind.COMPLETION, prompt=prompt,
-                              sampling=SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-    chunks = list(engine.generate(request))
-    return "".join(c.text for c in chunks), chunks[-1].usage
+    return tiny_engine(path, torch_weights_to_host=movable)
 
 
 def weights_of(engine: TorchEngine) -> list[torch.Tensor]:
