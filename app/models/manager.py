@@ -249,7 +249,7 @@ class ModelManager:
         weights rung); an engine without that rung is paused instead (its KV goes)."""
         engine = self._require(name).engine
         freed = await to_thread.run_sync(lambda: engine.weights_to_host() or engine.pause())
-        self._publish_state(name, ModelState.PAUSED, bytes_returned=freed, reason="manual",
+        self._publish_state(name, engine.state, bytes_returned=freed, reason="manual",
                             rung=engine.memory().rung(engine.state))
         return freed
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -32,6 +33,9 @@ from engines.torch.serve.scheduler import PrefillChunk, Sequence, StepPlan
 log = logging.getLogger(__name__)
 
 MIN_READ_BUCKET = 256
+# Runners on CUDA that are not closed: cuBLAS's workspaces are shared by every model of the
+# process (its graphs may have captured one), so they are cleared only when none is left.
+_OPEN_CUDA_RUNNERS: weakref.WeakSet = weakref.WeakSet()
 # Attention backends for the eager paths (prefill, CPU decode). Not cuDNN: it builds an
 # execution plan for every new (query length, key length), ~0.3-1.3 s each on the H100,
 # and prompts come in every length: under 32 users of llama-3.2-1b a step with a prefill
@@ -168,6 +172,8 @@ class Runner:
         # One side stream for every capture's warm-up: cuBLAS keeps a workspace per
         # (handle, stream) that empty_cache does not free (close() clears them).
         self.side_stream = torch.cuda.Stream(self.device) if self.use_graphs else None
+        if on_cuda:
+            _OPEN_CUDA_RUNNERS.add(self)
 
     def warm_keys(self) -> list[tuple[int, int]]:
         """Every (batch bucket, read bucket) a decode step can need."""
@@ -302,7 +308,9 @@ class Runner:
         - SlotKV's views of the KV (the store itself is the engine's to close) and the
           thread's forward context;
         - cuBLAS's workspaces (one per handle and stream it ran on, the captures' side
-          stream among them), which the caching allocator's empty_cache does not free.
+          stream among them), which the caching allocator's empty_cache does not free:
+          cleared when this was the last open runner on CUDA (another model's graphs may
+          have captured one).
         Then gc (graphs and modules hold reference cycles) and, on CUDA, the caching
         allocator's free blocks go back to the driver. Idempotent."""
         for graph in self.graphs.values():
@@ -324,10 +332,11 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
+            _OPEN_CUDA_RUNNERS.discard(self)
             # cuBLAS's workspaces, one per (handle, stream) used, outlive empty_cache; each load's
             # capture streams added some (issue 14's GPU run: 64 MiB more held after each unload).
             clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-            if clear_workspaces is not None:
+            if clear_workspaces is not None and not _OPEN_CUDA_RUNNERS:
                 clear_workspaces()
 
     def _decode_graphed(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
