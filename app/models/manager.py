@@ -99,6 +99,10 @@ class ModelManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._loading: dict[str, asyncio.Task] = {}   # loads under way, shared by their waiters
         self._reaper: asyncio.Task | None = None
+        # Engine unloads running in threads: a model has left `loaded()` before its unload
+        # ends, and cancelling the task that awaits it (the reaper at shutdown) does not stop
+        # the thread, so close() waits for these.
+        self._unloads: set[asyncio.Future] = set()
         self._watchdog = None     # kvcached.broker.watchdog.Watchdog, from start()
         self._closing = False
         self._cut_logged: set[tuple[str, float]] = set()
@@ -300,7 +304,10 @@ class ModelManager:
                 request.cancel()
             del self._loaded[loaded.name]
             self.broker.unregister(loaded.name, loaded.engine)
-            freed = await to_thread.run_sync(loaded.engine.unload)
+            work = asyncio.ensure_future(to_thread.run_sync(loaded.engine.unload))
+            self._unloads.add(work)
+            work.add_done_callback(self._unloads.discard)
+            freed = await asyncio.shield(work)
             self._publish_state(loaded.name, ModelState.UNLOADED, bytes_returned=freed)
             log.info("unloaded %s (%d bytes)", loaded.name, freed)
             return freed
@@ -351,6 +358,7 @@ class ModelManager:
         if self._watchdog is not None:
             self._watchdog.stop()
         self.cancel_all()
+        await asyncio.gather(*self._unloads, return_exceptions=True)
         for loaded in self.loaded():
             try:
                 await self._unload(loaded)
