@@ -127,6 +127,9 @@ def open_kv(settings: Settings) -> KvRuntime:
     except Exception as exc:
         log.warning("kvcached unavailable, serving with llama.cpp only: %s", exc)
         return KvRuntime()
+    from engines.factory import prepare_device
+
+    prepare_device(pool)   # the libraries' share of the context now, not on the first load
     try:
         from kvcached.broker import Broker
 

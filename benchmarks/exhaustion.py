@@ -118,6 +118,12 @@ def daemon_memory(daemon) -> int:
     return int((memory.get("device") or {}).get("ours_bytes") or 0)
 
 
+def pool_memory(daemon) -> int:
+    """Of that, the page pool's pages (in use and reserve): what an unload leaves in the pool."""
+    memory = daemon.control_get("/control/memory") or {}
+    return int((memory.get("broker") or {}).get("pool_held_bytes") or 0)
+
+
 def wait_for_broker(daemon, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -149,7 +155,8 @@ def run_cycle(daemon, cycle: int, models: list[str], args, records: list[Record]
             daemon.control.model_action(model, "unload")
     time.sleep(args.settle_s)                   # a few broker samples after the unload
     return {"cycle": cycle, "busy": busy, "idle": idle, "hog_held_bytes": hog.held,
-            "free_at_hold_bytes": hog.free_at_hold, "daemon_bytes_after_unload": daemon_memory(daemon)}
+            "free_at_hold_bytes": hog.free_at_hold, "daemon_bytes_after_unload": daemon_memory(daemon),
+            "pool_bytes_after_unload": pool_memory(daemon)}
 
 
 def judge(records: list[Record], cycles: list[dict], baseline: int, backend: str) -> dict:

@@ -53,6 +53,21 @@ def pool_on_cuda(kv_pool: object | None) -> bool:
     return kv_pool is not None and kv_pool.backend.name == "cuda"
 
 
+def prepare_device(kv_pool: object | None) -> None:
+    """Once, when the daemon opens the GPU: the CUDA libraries every torch model uses
+    set up (engines/torch/cuda_libraries.py says why). A failure is logged: the first
+    load sets them up then."""
+    if not pool_on_cuda(kv_pool):
+        return
+    try:
+        import torch
+
+        from engines.torch.cuda_libraries import warm_up_libraries
+        warm_up_libraries(torch.device("cuda", torch.cuda.current_device()))
+    except Exception as exc:  # noqa: BLE001 - serving goes on; the first load pays it
+        log.warning("setting up the CUDA libraries failed (the first load will): %s", exc)
+
+
 def create_engine(info: ModelInfo, config: EngineConfig | None = None, kv_pool: object | None = None) -> Engine:
     """An unloaded engine for info; call load() on it (the app does, with progress).
     kv_pool: the kvcached PagePool torch engines take their KV pages from; without

@@ -65,7 +65,9 @@ class PagePool:
         self._reserve: list[Page] = []
         self._in_use = 0
         self._creating = 0          # pages the refill thread is creating now
-        self._refill_wanted = True  # cleared by shrink(): a reclaimed reserve stays empty
+        # Filled from the first acquire on; emptied by shrink() and when the last page in use
+        # comes back: an idle pool holds no device memory.
+        self._refill_wanted = False
         self._closed = False
         self._lock = threading.Lock()  # `with` on a Lock is C; on a Condition, Python
         self._cond = threading.Condition(self._lock)
@@ -126,17 +128,24 @@ class PagePool:
         return pages
 
     def release(self, page: Page) -> None:
-        """Back to the reserve, or freed when the reserve is full (or over budget)."""
+        """Back to the reserve, or freed when the reserve is full (or over budget), or
+        with the whole reserve when it was the last page in use."""
         self.release_many([page])
 
     def release_many(self, pages: list[Page]) -> None:
         """release() for several pages, under one lock."""
         with self._lock:
             self._in_use -= len(pages)
-            room = min(self._reserve_target - len(self._reserve),
-                       self._budget_pages - self._in_use - len(self._reserve))
-            keep = 0 if self._closed else max(0, min(len(pages), room))
-            self._reserve.extend(pages[:keep])
+            if self._in_use == 0:
+                # Nothing uses the pool (every model unloaded or empty): the reserve serves no
+                # one, and the process goes back to what it held before the first page.
+                pages, self._reserve, keep = pages + self._reserve, [], 0
+                self._refill_wanted = False
+            else:
+                room = min(self._reserve_target - len(self._reserve),
+                           self._budget_pages - self._in_use - len(self._reserve))
+                keep = 0 if self._closed else max(0, min(len(pages), room))
+                self._reserve.extend(pages[:keep])
             if self._creating:  # only then can an acquire() be waiting
                 self._cond.notify_all()
         for page in pages[keep:]:
@@ -167,7 +176,7 @@ class PagePool:
                         return added
                     continue
                 self._creating += 1
-            self._add_created_page()
+            self._add_created_page(asked=True)
             added += 1
 
     def set_budget(self, budget_bytes: int) -> None:
@@ -244,8 +253,10 @@ class PagePool:
                 with self._lock:
                     self._refill_wanted = False
 
-    def _add_created_page(self) -> None:
-        """Create one page (counted in _creating by the caller) into the reserve."""
+    def _add_created_page(self, asked: bool = False) -> None:
+        """Create one page (counted in _creating by the caller) into the reserve; freed
+        instead where the reserve stopped being wanted meanwhile (the last page in use
+        came back, or shrink()), unless `asked` for explicitly (fill_reserve)."""
         try:
             handle = self.backend.create_page(self.page_size)
         except BaseException:
@@ -256,7 +267,8 @@ class PagePool:
         with self._lock:
             self._creating -= 1
             self._cond.notify_all()
-            if not self._closed and len(self._reserve) < self._reserve_target:
+            wanted = asked or self._refill_wanted
+            if wanted and not self._closed and len(self._reserve) < self._reserve_target:
                 self._reserve.append(Page(handle, self.page_size))
                 return
         self.backend.release_page(handle)

@@ -127,6 +127,8 @@ class TorchEngine(MemoryVerbs, Engine):
             # kernels and graphs see the addresses the weights keep while they are away.
             with phases.phase("weights_to_pages"):
                 self.weights = WeightsRung(self.model, self.kv_pool)
+            if device.type == "cuda":
+                self.weights.prepare_ahead()
         if runner.use_graphs or runner.is_compiled:
             # Compile and capture the first bucket here, not in the middle of serving; the
             # serving loop captures the rest while idle (runner.warm_up says why).

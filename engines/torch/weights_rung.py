@@ -18,6 +18,7 @@ gives back nothing and the broker's next rung (unload) frees them.
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 
@@ -56,7 +57,26 @@ class WeightsRung:
 
     def __init__(self, model: torch.nn.Module, pool: PagePool) -> None:
         self.arena = WeightArena(pool, model_tensors(model))
+        self._preparing: threading.Thread | None = None
         log.info("weights in pool pages: %d tensors, %d MiB", self.arena.num_tensors, self.arena.nbytes // MiB)
+
+    def prepare_ahead(self) -> None:
+        """Make the host buffer the weights would go to now, on a thread, where the host has
+        room for it and the margin besides: pinning it when another application needs the GPU
+        is most of the step's time (WeightArena.prepare_staging). Host memory short later,
+        relieve_host gives it back and the step pays the allocation again."""
+        if not host_has_room(self.arena.nbytes):
+            log.info("weights' host buffer not made ahead: the host lacks %d MiB (+%d MiB margin)",
+                     self.arena.nbytes // MiB, HOST_MARGIN // MiB)
+            return
+        self._preparing = threading.Thread(target=self._prepare, name="weights-staging", daemon=True)
+        self._preparing.start()
+
+    def _prepare(self) -> None:
+        try:
+            self.arena.prepare_staging()
+        except Exception as exc:  # noqa: BLE001 - the step makes it when it runs
+            log.warning("weights' host buffer not made ahead: %s", exc)
 
     @property
     def away(self) -> bool:
@@ -83,4 +103,6 @@ class WeightsRung:
         return self.arena.restore()
 
     def close(self) -> None:
+        if self._preparing is not None:
+            self._preparing.join()   # its buffer is the arena's to free
         self.arena.close()

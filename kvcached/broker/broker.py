@@ -378,6 +378,7 @@ class Broker:
                 "budget_bytes": self.config.budget_bytes,
                 "auto_yield": self.auto_yield,
                 "pool_reserved_bytes": self.pool.reserved() if self.pool is not None else 0,
+                "pool_held_bytes": self.pool.held() if self.pool is not None else 0,
                 "clients": clients}
 
 

@@ -68,6 +68,8 @@ class HostStaging:
         self.device = device
         self.label = label            # what the log line calls it: "KV", "weights"
         self._buffer: torch.Tensor | None = None
+        # get() may run on a preparing thread (weights' staging made ahead) and a reclaim's.
+        self._lock = threading.Lock()
 
     @property
     def capacity(self) -> int:
@@ -79,6 +81,10 @@ class HostStaging:
 
     def get(self, nbytes: int) -> torch.Tensor:
         """A uint8 host tensor of at least `nbytes` (the kept one when it fits)."""
+        with self._lock:
+            return self._get_locked(nbytes)
+
+    def _get_locked(self, nbytes: int) -> torch.Tensor:
         if nbytes > self.capacity:
             size = -(-nbytes // STAGING_ROUND) * STAGING_ROUND
             self._buffer = None  # free the old one before allocating the new
@@ -90,7 +96,8 @@ class HostStaging:
 
     def release(self) -> int:
         """Free the buffer (on unload or close); returns its size."""
-        size, self._buffer = self.capacity, None
+        with self._lock:
+            size, self._buffer = self.capacity, None
         return size
 
 

@@ -117,3 +117,24 @@ def test_an_engine_without_the_rung_is_unloaded_by_the_next_one(gguf_file):
     finally:
         broker.close()
         engine.unload()
+
+
+def test_the_host_buffer_made_ahead_is_the_one_the_step_copies_into(gguf_file):
+    """On CUDA the engine makes the weights' host buffer right after the load (pinning it
+    when another application waits for the GPU was most of the step: 1.2 s of 1.35 s for
+    2.3 GiB on the H100); the step then allocates nothing, and it comes back bit-exact."""
+    engine = make_engine(gguf_file, movable=True)
+    try:
+        expected, _ = ask(engine, PROMPT)
+        rung = engine.weights
+        assert rung.arena.staging_bytes == 0                  # on the CPU the engine does not
+        rung.prepare_ahead()
+        rung._preparing.join()
+        staged = rung.arena.staging_bytes
+        assert staged >= rung.arena.nbytes
+        buffer = rung.arena._staging.get(0).data_ptr()
+        assert engine.weights_to_host() > 0
+        assert rung.arena.staging_bytes == staged and rung.arena._staging.get(0).data_ptr() == buffer
+        assert ask(engine, PROMPT)[0] == expected
+    finally:
+        engine.unload()

@@ -2,7 +2,8 @@
 15: on the H200 an unload gave back 24 MiB of ~1.4 GiB and reloads grew the process
 1,368 -> 2,024 MiB). A TorchEngine on a synthetic SmolLM2-135M shape with CUDA graphs
 and torch.compile at the daemon's defaults (32 MiB pages), loaded, serving, unloaded,
-three times: after each unload within 64 MiB of the level before the first load,
+three times: after each unload within 64 MiB of the level before the first load
+(the daemon's, with the CUDA libraries set up: engines/torch/cuda_libraries.py),
 and no growth over the cycles. Run: PYTHONPATH=. python3 -m pytest -q tests/gpu/test_unload_gpu.py
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from engines.base import ModelInfo
 from engines.config import EngineConfig
+from engines.factory import prepare_device
 from engines.torch.engine import TorchEngine
 from engines.types import FinishReason, GenerateRequest, RequestKind, SamplingParams
 from kvcached.config import KvcachedConfig
@@ -38,11 +40,15 @@ def nvml_used_by_me() -> int:
 
 def test_unload_returns_the_process_to_its_level_before_the_load():
     torch.cuda.init()
-    # The daemon's one backend and pool, at its defaults (32 MiB pages), before any load.
+    # The daemon's one backend and pool, at its defaults (32 MiB pages), and the CUDA
+    # libraries set up as the daemon does when it opens the GPU: its level before any load.
     pool = standalone_pool(KvcachedConfig(backend="cuda"))
     torch.zeros(1, device="cuda")
     torch.cuda.synchronize()
+    context = nvml_used_by_me()
+    prepare_device(pool)
     base = nvml_used_by_me()
+    print(f"CUDA context {context / MiB:.0f} MiB; with the libraries set up {base / MiB:.0f} MiB")
     levels, loaded = [], []
     for cycle in range(3):
         engine = TorchEngine(ModelInfo(name="smollm2", path="", source="synthetic",

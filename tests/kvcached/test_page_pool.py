@@ -49,13 +49,17 @@ def backend():
 
 def test_reserve_is_filled_and_refilled_in_background(backend):
     with PagePool(backend, _config()) as pool:
-        assert _wait_for(lambda: pool.reserved() == 2 * PAGE)
+        assert pool.held() == 0 == _committed(backend)        # an idle pool holds nothing
+        first = pool.acquire()
+        assert _wait_for(lambda: pool.reserved() == 2 * PAGE)  # filled from the first acquire
         page = pool.acquire()
         assert page.size == PAGE
         assert _wait_for(lambda: pool.reserved() == 2 * PAGE)  # the thread made a new one
-        assert pool.held() == 3 * PAGE == _committed(backend)
+        assert pool.held() == 4 * PAGE == _committed(backend)
         pool.release(page)  # reserve full: really freed
-        assert pool.held() == 2 * PAGE == _committed(backend)
+        assert pool.held() == 3 * PAGE == _committed(backend)
+        pool.release(first)  # the last page in use: the reserve goes with it
+        assert pool.held() == 0 == _committed(backend)
 
 
 def test_budget_is_a_clear_exception(backend):

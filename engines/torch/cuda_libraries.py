@@ -1,0 +1,55 @@
+"""The CUDA libraries every model on the GPU uses, set up once per process.
+
+Why: the first model's load does more than load the model. cuBLAS and cuBLASLt
+create their handles, and CUDA loads the code of each kernel the first time it
+runs (lazy module loading); all of it stays in the CUDA context until the process
+ends, and no unload can give it back (torch cannot tear down and re-create its
+context in a live process). On the H100 that was 80 MiB after the first unload
+of a SmolLM2-135M model, the same after every later one (issue 14's GPU run).
+The daemon pays the library part when it opens the GPU, not on the first load,
+so "before the first load" is the level every unload returns to.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+
+def warm_up_libraries(device: torch.device) -> None:
+    """Run one bf16 GEMM, the GEMV shape decode uses and one attention, then give the
+    allocator's blocks and cuBLAS's workspaces back: what stays is what only the
+    context can hold (handles and kernel code). On a thread that ends: torch's cuBLAS
+    handles are per thread and go back to its pool when the thread ends, for the
+    serving thread of the first model to take."""
+    if device.type != "cuda":
+        return
+    failure: list[BaseException] = []
+    worker = threading.Thread(target=_exercise, args=(device, failure), name="cuda-warm-up")
+    worker.start()
+    worker.join()
+    if failure:
+        raise failure[0]
+
+
+def _exercise(device: torch.device, failure: list[BaseException]) -> None:
+    try:
+        with torch.inference_mode():
+            a = torch.randn(256, 256, dtype=torch.bfloat16, device=device)
+            (a @ a).sum().item()                                   # cuBLAS(Lt) GEMM
+            (a[:2] @ a).sum().item()                               # the decode GEMV path
+            q = torch.randn(1, 4, 16, 64, dtype=torch.bfloat16, device=device)
+            torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().item()
+        torch.cuda.synchronize(device)
+        release_library_blocks()
+    except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
+        failure.append(exc)
+
+
+def release_library_blocks() -> None:
+    """cuBLAS's workspaces (one per handle and stream, which empty_cache does not free),
+    then the caching allocator's free blocks, back to the driver."""
+    clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear_workspaces is not None:
+        clear_workspaces()
+    torch.cuda.empty_cache()
