@@ -201,7 +201,8 @@ def _count_reclaim(metrics: Metrics, event) -> None:
 def _memory_gauges(engine) -> dict[str, int]:
     m = engine.memory()
     return {"weights": m.weights_bytes, "kv_held": m.kv_held_bytes, "kv_live": m.kv_live_bytes,
-            "paused_host": m.paused_host_bytes, "prompt_cache_host": m.prompt_cache_host_bytes}
+            "paused_host": m.paused_host_bytes, "prompt_cache_host": m.prompt_cache_host_bytes,
+            "staging_host": m.staging_host_bytes}
 
 
 def check_bind(settings: Settings) -> str | None:

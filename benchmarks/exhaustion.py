@@ -209,6 +209,8 @@ def run(args: argparse.Namespace) -> dict:
     with running(settings_for(args), name="exhaustion") as daemon:
         wait_for_broker(daemon)
         baseline = daemon_memory(daemon)        # before the first load
+        # Logged, as each cycle is: a run cut off by its time limit still tells its figures.
+        log.info("daemon memory before the first load: %d bytes", baseline)
         for cycle in range(args.cycles):
             cycles.append(run_cycle(daemon, cycle, models, args, records))
             log.info("cycle %d: %s", cycle, cycles[-1])

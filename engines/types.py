@@ -164,6 +164,7 @@ class MemoryReport:
     paused_disk_bytes: int = 0  # of it, spilled to disk when the host ran short (relieve_host)
     weights_host_bytes: int = 0  # weights moved to host memory by weights_to_host(), ready at copy speed
     prompt_cache_host_bytes: int = 0  # idle conversations parked in host memory (llama.cpp engine)
+    staging_host_bytes: int = 0  # host buffers kept for the KV's and weights' copies (pinned on the GPU)
     on_gpu: bool = False
     # Admission (the broker's budget): KV promised to running and admitted sequences
     # but not mapped yet; the broker counts it as held so no one else is promised it.

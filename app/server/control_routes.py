@@ -44,6 +44,7 @@ def _memory_json(report) -> dict:
     return {"weights": report.weights_bytes, "kv_held": report.kv_held_bytes, "kv_live": report.kv_live_bytes,
             "paused_host": report.paused_host_bytes, "prompt_cache_host": report.prompt_cache_host_bytes,
             "weights_host": report.weights_host_bytes, "paused_disk": report.paused_disk_bytes,
+            "staging_host": report.staging_host_bytes,
             "total": report.total_bytes, "on_gpu": report.on_gpu}
 
 

@@ -24,10 +24,11 @@ class MemoryVerbs:
             return MemoryReport()
         held, budget, weights = store.held_bytes, self.budget, self.weights
         away = weights.host_bytes if weights is not None else 0
+        staging = store.cache.staging_bytes() + (weights.arena.staging_bytes if weights is not None else 0)
         return MemoryReport(weights_bytes=0 if away else model.weight_bytes(), weights_host_bytes=away,
                             kv_held_bytes=held,
                             kv_live_bytes=store.live_bytes, paused_host_bytes=store.paused_bytes,
-                            paused_disk_bytes=store.cache.paused_disk_bytes(),
+                            paused_disk_bytes=store.cache.paused_disk_bytes(), staging_host_bytes=staging,
                             on_gpu=model.device.type == "cuda",
                             kv_booked_bytes=budget.booked_bytes(held) if budget else 0,
                             kv_cached_bytes=budget.cached_bytes() if budget else None)

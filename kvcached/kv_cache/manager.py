@@ -326,6 +326,10 @@ class KVCache:
         with self._cond:
             return self._paused.nbytes if self._spilled is not None else 0
 
+    def staging_bytes(self) -> int:
+        """Host memory kept for pause copies (pinned on the GPU), paused or not."""
+        return self._staging.capacity
+
     # --- the host short of memory ---------------------------------------------------
     def spill(self, folder: Path) -> int:
         """While paused: the host copy to a checksummed file in `folder` and the host buffer

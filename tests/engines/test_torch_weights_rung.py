@@ -132,6 +132,7 @@ def test_the_host_buffer_made_ahead_is_the_one_the_step_copies_into(gguf_file):
         rung._preparing.join()
         staged = rung.arena.staging_bytes
         assert staged >= rung.arena.nbytes
+        assert engine.memory().staging_host_bytes >= staged     # reported: host memory it holds
         buffer = rung.arena._staging.get(0).data_ptr()
         assert engine.weights_to_host() > 0
         assert rung.arena.staging_bytes == staged and rung.arena._staging.get(0).data_ptr() == buffer

@@ -47,6 +47,19 @@ function shownState(m) {
 
 function heldBytes(m) { return m.memory ? (m.memory.weights || 0) + (m.memory.kv_held || 0) : 0; }
 
+// Host memory the model holds: paused KV, weights moved off the GPU, parked prompts, and
+// the buffers kept so a pause needs no allocation (pinned on the GPU).
+function hostBytes(m) {
+  const mem = m.memory || {};
+  return (mem.paused_host || 0) + (mem.weights_host || 0) + (mem.prompt_cache_host || 0) + (mem.staging_host || 0);
+}
+
+function memoryText(m) {
+  if (m.state === "unloaded") return "";
+  const host = hostBytes(m);
+  return Timeline.formatBytes(heldBytes(m)) + (host ? ` \u00b7 host ${Timeline.formatBytes(host)}` : "");
+}
+
 function renderModels() {
   const body = $("models").querySelector("tbody");
   body.textContent = "";
@@ -54,7 +67,7 @@ function renderModels() {
     const tr = document.createElement("tr");
     tr.dataset.model = m.name;
     const st = shownState(m);
-    const cells = [m.name, null, m.engine || "", m.state === "unloaded" ? "" : Timeline.formatBytes(heldBytes(m)),
+    const cells = [m.name, null, m.engine || "", memoryText(m),
                    String(m.priority ?? 0)];
     cells.forEach((text, i) => {
       const td = document.createElement("td");
