@@ -41,7 +41,7 @@ declare -A PARTS=(
   [cold_start]="420 -m benchmarks.cold_start"
   [unload]="300 -m pytest -q -s -p no:cacheprovider --timeout 280 tests/gpu/test_unload_gpu.py"
   [weights_tier]="580 -m benchmarks.weights_tier"   # carry .gpu too: llama.cpp's load of the same files
-  [exhaustion]="590 -m benchmarks.exhaustion --backend cuda --cycles 10 --hold-s 20"
+  [exhaustion]="590 -m benchmarks.exhaustion --backend cuda --cycles 10 --hold-s 20 --budget-s 540"
   [quant_matvec]="240 -m benchmarks.quant_matvec"
   # Quantized GGUFs vs llama.cpp's CUDA build (carry .gpu: scripts/fetch_llama_src.sh makes it).
   # One call each; the build and the shape files stay under build/quant for the next part.

@@ -28,3 +28,28 @@ def test_the_daemon_under_memory_exhaustion_never_hangs_and_never_answers_500(mo
     assert summary["status_503_without_retry_after"] == 0
     assert summary["ok"] + summary["status_503"] == summary["requests"]
     assert summary["after_pressure_failed"] == 0    # the next requests after the pressure succeed
+
+
+def test_a_run_stops_before_a_cycle_would_pass_its_budget_and_is_written_as_not_passed(monkeypatch):
+    """--budget-s (gpu_check's limit less a margin): the cycles run so far are judged and
+    written, not lost to the caller's timeout (a cold GPU machine was cut off so at cycle 9)."""
+    import contextlib
+    import itertools
+
+    class Daemon:
+        def control_get(self, path):
+            return {"broker": {"pool_held_bytes": 0}, "device": {"ours_bytes": 100}}
+
+        def log_tail(self, n):
+            return ""
+
+    clock = itertools.count(0.0, 10.0)              # every reading of the clock: 10 s later
+    monkeypatch.setattr(exhaustion.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(exhaustion, "running", lambda *a, **k: contextlib.nullcontext(Daemon()))
+    monkeypatch.setattr(exhaustion, "run_cycle", lambda daemon, cycle, *a: {
+        "cycle": cycle, "daemon_bytes_after_unload": 100, "pool_bytes_after_unload": 0})
+    args = exhaustion.resolve_defaults(exhaustion.build_parser().parse_args(
+        ["--backend", "cuda", "--cycles", "10", "--budget-s", "45"]))
+    result = exhaustion.run(args)
+    assert 0 < result["cycles_run"] < 10
+    assert result["summary"]["hangs"] == 0 and not result["summary"]["passed"]
