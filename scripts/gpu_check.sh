@@ -43,6 +43,8 @@ declare -A PARTS=(
   [weights_tier]="580 -m benchmarks.weights_tier"   # carry .gpu too: llama.cpp's load of the same files
   [exhaustion]="590 -m benchmarks.exhaustion --backend cuda --cycles 10 --hold-s 20 --budget-s 540"
   [quant_matvec]="240 -m benchmarks.quant_matvec"
+  # Q4_K at batch 1 on dp4a (int8 activations, as llama.cpp's mmvq) against the float matvec.
+  [quant_dp4a]="240 -m benchmarks.quant_dp4a"
   # Quantized GGUFs vs llama.cpp's CUDA build (carry .gpu: scripts/fetch_llama_src.sh makes it).
   # One call each; the build and the shape files stay under build/quant for the next part.
   [quant]="590 -m benchmarks.quant_decode --budget-s 540"
