@@ -40,6 +40,8 @@ declare -A PARTS=(
   [constrained]="200 -m benchmarks.constrained --model synthetic/smollm2-135m --rounds 3"
   [cold_start]="420 -m benchmarks.cold_start"
   [unload]="300 -m pytest -q -s -p no:cacheprovider --timeout 280 tests/gpu/test_unload_gpu.py"
+  # What stays after an unload, by part of the engine (a fresh process per variant).
+  [unload_residue]="560 -m benchmarks.unload_residue"
   [weights_tier]="580 -m benchmarks.weights_tier"   # carry .gpu too: llama.cpp's load of the same files
   [exhaustion]="590 -m benchmarks.exhaustion --backend cuda --cycles 10 --hold-s 20 --budget-s 540"
   [quant_matvec]="240 -m benchmarks.quant_matvec"
