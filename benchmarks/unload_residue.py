@@ -34,6 +34,10 @@ VARIANTS = {"full": {}, "no_graphs": {"graphs": False}, "no_compile": {"env": {"
             "eager": {"graphs": False, "env": {"TORCHDYNAMO_DISABLE": "1"}}, "sdpa_warm": {"sdpa_warm": True}}
 
 
+class ProcessNotListed(RuntimeError):
+    """NVML lists no figure for this process (a PID namespace hides it)."""
+
+
 def nvml_used_by_me() -> int:
     import pynvml
     import torch
@@ -43,7 +47,7 @@ def nvml_used_by_me() -> int:
     for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
         if proc.pid == os.getpid():
             return int(proc.usedGpuMemory or 0)
-    raise RuntimeError("NVML does not list this process (PID namespace)")
+    raise ProcessNotListed("NVML does not list this process (PID namespace)")
 
 
 def warm_attention() -> None:
@@ -64,7 +68,8 @@ def warm_attention() -> None:
 
 
 def measure(graphs: bool, sdpa_warm: bool, cycles: int = 2) -> dict:
-    """In this process: the figures of one variant (MiB)."""
+    """In this process: the figures of one variant (MiB); tests/gpu/test_unload_gpu.py
+    asserts on them at the defaults."""
     import torch
 
     from engines.base import ModelInfo
@@ -97,6 +102,8 @@ def measure(graphs: bool, sdpa_warm: bool, cycles: int = 2) -> dict:
         gc.collect()
         pool.shrink()
         figures[f"after_unload_{cycle}"] = nvml_used_by_me()
+    figures["pool_held_after"] = pool.held()
+    figures["allocator_reserved_after"] = torch.cuda.memory_reserved()
     pool.close()
     return {k: v / MiB for k, v in figures.items()}
 

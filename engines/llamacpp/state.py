@@ -27,6 +27,7 @@ from llama_cpp import _internals as internals
 
 from engines.llamacpp.prompt_cache import PromptCache
 from engines.llamacpp.session import Session
+from kvcached.errors import KVFileRejected
 from kvcached.kv_cache import spill_file
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def resume_session(model: internals.LlamaModel, params: llama_cpp.llama_context_
         slot = session.slots[seq_id]
         try:
             session.load_seq(slot, seq.load_state(), list(seq.tokens))
-        except spill_file.KVFileRejected as exc:   # never read into llama.cpp
+        except KVFileRejected as exc:   # never read into llama.cpp
             log.warning("spilled sequence %d refused (%s); it starts afresh", seq_id, exc)
             session.forget(slot)
         except RuntimeError:

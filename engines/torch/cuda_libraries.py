@@ -53,3 +53,19 @@ def release_library_blocks() -> None:
     if clear_workspaces is not None:
         clear_workspaces()
     torch.cuda.empty_cache()
+
+
+_STREAMS: dict[tuple[str, torch.device], torch.cuda.Stream] = {}
+
+
+def process_stream(device: torch.device, role: str) -> torch.cuda.Stream:
+    """One stream per (role, device) for the process's life, made on first use. Why not a
+    new one per user: cuBLAS keeps a workspace per (handle, stream) it ran on, which
+    empty_cache does not free, and torch hands out its pooled streams round-robin, so a
+    stream per model left another workspace pair behind after each load (issue 14's GPU
+    run: 64 MiB more held after every unload)."""
+    key = (role, device)
+    stream = _STREAMS.get(key)
+    if stream is None:
+        stream = _STREAMS[key] = torch.cuda.Stream(device)
+    return stream

@@ -32,8 +32,6 @@ import torch
 
 from kvcached.errors import KVFileForeign, KVFileRejected
 
-__all__ = ["DiskTier", "KVFileForeign", "KVFileRejected", "SavedKV", "read", "write"]
-
 log = logging.getLogger(__name__)
 
 MAGIC = b"EBTKV\x00\x01\x00"

@@ -63,23 +63,23 @@ def test_dashboard_shows_reclaim_on_timeline(daemon: LiveDaemon, page) -> None:
 
     # The same actions as the tray: pause the model from its row, the state follows.
     daemon.load_default_model()  # giving everything back may have unloaded it
-    page.wait_for_selector(f'#models tr[data-model="{model}"] button[data-action="pause"]:not([disabled])',
-                           timeout=20_000)
-    row.locator('button[data-action="pause"]').click()
-    page.wait_for_function(
-        f'document.querySelector(\'#models tr[data-model="{model}"]\').innerText.includes("paused")',
-        timeout=20_000)
+    click_until_paused(page, row, model, "pause")
     assert {m["name"]: m for m in daemon.client.models()}[model]["state"] == "paused"
     # "Free all GPU memory, keep ready" from the row (llama.cpp has no weights rung: paused).
     daemon.load_default_model()
     daemon.client.model_action(model, "resume")
-    page.wait_for_selector(f'#models tr[data-model="{model}"] button[data-action="weights_to_host"]:not([disabled])',
+    click_until_paused(page, row, model, "weights_to_host")
+    assert {m["name"]: m for m in daemon.client.models()}[model]["rung"] == "kv_on_host"
+
+
+def click_until_paused(page, row, model: str, action: str) -> None:
+    """Click the row's `action` button once it is enabled, and wait for the row to say paused."""
+    page.wait_for_selector(f'#models tr[data-model="{model}"] button[data-action="{action}"]:not([disabled])',
                            timeout=20_000)
-    row.locator('button[data-action="weights_to_host"]').click()
+    row.locator(f'button[data-action="{action}"]').click()
     page.wait_for_function(
         f'document.querySelector(\'#models tr[data-model="{model}"]\').innerText.includes("paused")',
         timeout=20_000)
-    assert {m["name"]: m for m in daemon.client.models()}[model]["rung"] == "kv_on_host"
 
 
 def test_dashboard_without_token_says_how_to_open_it(daemon: LiveDaemon, page) -> None:

@@ -10,7 +10,8 @@ import torch
 
 from kvcached.config import KvcachedConfig
 from kvcached.kv_cache import disk_tier
-from kvcached.kv_cache.disk_tier import DiskTier, KVFileForeign, KVFileRejected
+from kvcached.errors import KVFileForeign, KVFileRejected
+from kvcached.kv_cache.disk_tier import DiskTier
 from kvcached.kv_cache.layout import KVShape
 from kvcached.kv_cache.manager import KVCache
 from kvcached.vmm import open_backend

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_kv_manager import CONFIG, SHAPE, checksum, fill  # noqa: E402
 
 from kvcached.kv_cache import spill_file  # noqa: E402
-from kvcached.kv_cache.disk_tier import KVFileRejected  # noqa: E402
+from kvcached.errors import KVFileRejected  # noqa: E402
 from kvcached.kv_cache.manager import KVCache  # noqa: E402
 from kvcached.vmm import open_backend  # noqa: E402
 

@@ -30,7 +30,7 @@ import os
 
 import torch
 
-from engines.torch.kernels.quant_decode import triton
+from engines.torch.kernels.quant_decode import _k_scales, triton
 from engines.torch.kernels.quant_weight import QuantWeight
 
 QK = 32                  # activations per int8 block (ggml's QK8_1)
@@ -72,19 +72,6 @@ if triton is not None:
         tl.store(d_ptr + blk, d, mask=whole)
         tl.store(s_ptr + blk, d * tl.sum(q, axis=1), mask=whole)
 
-    @triton.jit
-    def _scale_min(sc_row, hp, sub):
-        """Q4_K's 6-bit scale and min of sub-block `sub` (0..7) of super-block hp, as int32
-        (ggml's get_scale_min_k4 over the 12 scale bytes)."""
-        base = sc_row + hp * 12
-        lo = sub < 4
-        a = tl.load(base + tl.where(lo, sub, sub + 4)).to(tl.int32)
-        b = tl.load(base + tl.where(lo, sub + 4, sub - 4)).to(tl.int32)
-        e = tl.load(base + sub).to(tl.int32)
-        sc = tl.where(lo, a & 63, (a & 15) | ((b >> 6) << 4))
-        mn = tl.where(lo, b & 63, (a >> 4) | ((e >> 6) << 4))
-        return sc, mn
-
     @triton.jit(do_not_specialize=["N", "NB"])
     def _q4k_dp4a_kernel(out_ptr, qw_ptr, dm_ptr, sc_ptr, s_qw, s_dm, s_sc, xw_ptr, dx_ptr, sx_ptr,
                          N, NB, BN: tl.constexpr, SB: tl.constexpr, EMULATE: tl.constexpr):
@@ -110,18 +97,16 @@ if triton is not None:
             hp = h0 + p // 4
             hpc = tl.minimum(hp, NB - 1)
             group = p % 4
-            sc_lo, mn_lo = _scale_min(sc_ptr + r * s_sc, hpc, 2 * group)
-            sc_hi, mn_hi = _scale_min(sc_ptr + r * s_sc, hpc, 2 * group + 1)
-            d = tl.load(dm_ptr + r * s_dm + hpc * 2).to(tl.float32)
-            dmin = tl.load(dm_ptr + r * s_dm + hpc * 2 + 1).to(tl.float32)
+            # d * scale and -dmin * min of each sub-block, as the float decoders read them
+            scale_lo, offset_lo = _k_scales(dm_ptr + r * s_dm, sc_ptr + r * s_sc, hpc, 2 * group)
+            scale_hi, offset_hi = _k_scales(dm_ptr + r * s_dm, sc_ptr + r * s_sc, hpc, 2 * group + 1)
             live_p = hp < NB
             sub_lo = hpc * 8 + 2 * group
             dx_lo = tl.load(dx_ptr + sub_lo, mask=live_p, other=0.0)
             dx_hi = tl.load(dx_ptr + sub_lo + 1, mask=live_p, other=0.0)
             sx_lo = tl.load(sx_ptr + sub_lo, mask=live_p, other=0.0)
             sx_hi = tl.load(sx_ptr + sub_lo + 1, mask=live_p, other=0.0)
-            part = d * (sc_lo.to(tl.float32) * dx_lo * sum_lo + sc_hi.to(tl.float32) * dx_hi * sum_hi)
-            part -= dmin * (mn_lo.to(tl.float32) * sx_lo + mn_hi.to(tl.float32) * sx_hi)
+            part = scale_lo * dx_lo * sum_lo + scale_hi * dx_hi * sum_hi + offset_lo * sx_lo + offset_hi * sx_hi
             acc += tl.sum(part, axis=1)
         tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=rows < N)
 

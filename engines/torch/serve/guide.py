@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from engines.errors import InvalidRequest
+from engines.torch.cuda_libraries import process_stream
 from engines.types import Constraint
 
 log = logging.getLogger(__name__)
@@ -80,17 +81,6 @@ def llguidance_grammar(constraint: Constraint) -> str:
                                                          defaults=JSON_OPTIONS)
 
 
-_COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _copy_stream(device: torch.device) -> torch.cuda.Stream:
-    """One stream per device for the masks' host-to-device copies, beside the step's."""
-    stream = _COPY_STREAMS.get(device)
-    if stream is None:
-        stream = _COPY_STREAMS[device] = torch.cuda.Stream(device)
-    return stream
-
-
 class Guide:
     """One request's matcher: mask() before sampling, accept() after."""
 
@@ -126,7 +116,7 @@ class Guide:
         if self._on_device is None:
             self._on_device = torch.empty_like(self._forbidden, device=device)
             self._copied = torch.cuda.Event()
-        with torch.cuda.stream(_copy_stream(device)):
+        with torch.cuda.stream(process_stream(device, "grammar masks")):
             self._on_device.copy_(self._forbidden, non_blocking=True)
             self._copied.record()
         torch.cuda.current_stream(device).wait_event(self._copied)

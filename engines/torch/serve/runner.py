@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from engines.torch.cuda_libraries import release_library_blocks
+from engines.torch.cuda_libraries import process_stream, release_library_blocks
 from engines.torch.kernels import decode_attention
 from engines.torch.serve.kv_access import _ACTIVE as _ACTIVE_KV
 from engines.torch.serve.kv_access import KVStore, SlotKV
@@ -37,19 +37,6 @@ MIN_READ_BUCKET = 256
 # Runners on CUDA that are not closed: cuBLAS's workspaces are shared by every model of the
 # process (its graphs may have captured one), so they are cleared only when none is left.
 _OPEN_CUDA_RUNNERS: weakref.WeakSet = weakref.WeakSet()
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The one stream every runner on `device` warms its captures up on, for the
-    process's life. cuBLAS keeps a workspace per (handle, stream) it ran on (32 MiB
-    each on Hopper, and cuBLASLt its own) that empty_cache does not free; torch hands
-    out its pooled streams round-robin, so a stream per runner left another pair
-    behind after each load (issue 14's GPU run: 64 MiB more held after every unload)."""
-    stream = _SIDE_STREAMS.get(device)
-    if stream is None:
-        stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return stream
 # Attention backends for the eager paths (prefill, CPU decode). Not cuDNN: it builds an
 # execution plan for every new (query length, key length), ~0.3-1.3 s each on the H100,
 # and prompts come in every length: under 32 users of llama-3.2-1b a step with a prefill
@@ -183,7 +170,7 @@ class Runner:
         self.graphs: dict[tuple[int, int], DecodeGraph] = {}
         self.pending: list[tuple[int, int]] = []   # buckets warm_up left for capture_pending
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        self.side_stream = side_stream(self.device) if self.use_graphs else None
+        self.side_stream = process_stream(self.device, "capture warm-up") if self.use_graphs else None
         if on_cuda:
             _OPEN_CUDA_RUNNERS.add(self)
 
@@ -344,8 +331,8 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             _OPEN_CUDA_RUNNERS.discard(self)
-            # cuBLAS's workspaces outlive empty_cache (see side_stream); cleared only when no
-            # other runner is open (another model's graphs may have captured one).
+            # cuBLAS's workspaces outlive empty_cache (cuda_libraries.process_stream says why);
+            # cleared only when no other runner is open (another model's graphs may have captured one).
             if _OPEN_CUDA_RUNNERS:
                 torch.cuda.empty_cache()
             else:
