@@ -1,18 +1,19 @@
-"""Q4_K at batch 1: the integer-dot (dp4a) matvec against the float matvec, on 8B shapes (issue 16).
+"""Batch-1 matvec on integer dot products (dp4a) against the float matvec, on 8B shapes (issue 16).
 
 `engines/torch/kernels/quant_dp4a.py` quantizes x to int8 per 32 (q8_1) and
-multiplies four 4-bit weights by four int8 activations per `dp4a`, as llama.cpp's
-mmvq; the float matvec (`quant_kernels.qmatvec`) is instruction-bound on 4-bit
-types. In one run, on Llama-3.1-8B's layer shapes and its head:
-- each shape's time for both kernels, GB/s of quantized weight read and the
-  fraction of the device's copy bandwidth, and how far the two outputs differ
-  (relative to the output's scale: x's int8 rounding, which llama.cpp has too);
-- a sweep of the dp4a launch (rows per program, super-blocks per step, warps),
-  one layer's matvecs per config;
-- the weight-read time of one 8B Q4_K_M token at M=1 (Q4_K layers, Q6_K for
-  attn_v/ffn_down in half the layers and the head) with the float matvec
-  everywhere, and with dp4a for the Q4_K tensors, against the bandwidth limit.
-Every time is a CUDA graph of calls replayed (benchmarks/quant_matvec.graph_time).
+multiplies four weights' quants by four int8 activations per `dp4a`, as llama.cpp's
+mmvq; the float matvec (`quant_kernels.qmatvec`) is instruction-bound on 4- and
+6-bit types. In one run, on Llama-3.1-8B's shapes:
+- per type (Q4_K, Q6_K, Q4_0, Q8_0) and shape, both kernels' time, GB/s of
+  quantized weight read and the fraction of the device's copy bandwidth. Each
+  time is a CUDA graph cycling through enough copies of the weight to pass the
+  L2 cache (50 MB on the H100), so no read is an L2 hit a real step would miss;
+- a sweep of each type's dp4a launch (rows per program, warps, steps unrolled;
+  blocks per step follow: one slot a thread) on one layer's shapes;
+- one whole 8B Q4_K_M token's matvecs at M=1 (32 layers of distinct weights,
+  Q6_K for attn_v/ffn_down in half the layers and the head, as llama.cpp's
+  quantizer mixes them) in one graph, float path and dp4a, against the
+  bandwidth limit: the number decode pays before attention and launches.
 
     python3 -m benchmarks.quant_dp4a [--no-sweep]
 """
@@ -23,55 +24,116 @@ import itertools
 
 import torch
 
-from benchmarks.quant_matvec import HEAD, LAYER, N_LAYERS, _more_bits, copy_bandwidth, graph_time, random_weight
+from benchmarks.quant_matvec import HEAD, LAYER, N_LAYERS, _more_bits, copy_bandwidth, random_weight
 from benchmarks.results_io import print_table, write_result
-from engines.torch.kernels import quant_dp4a, quant_kernels
+from engines.torch.kernels import quant_dp4a, quant_kernels, quant_ops
 
-SHAPES = sorted(set(LAYER.values()) | {HEAD})
-SWEEP = list(itertools.product((1, 2, 4), (1, 2, 4), (1, 2, 4)))   # rows/program, super-blocks/step, warps
-
-
-def compare_shape(shape: tuple[int, int], bandwidth: float, six: bool = False) -> dict:
-    """Float matvec and dp4a at M=1 on one random Q4_K weight (Q6_K: float only, for the mix)."""
-    w = random_weight("Q6_K" if six else "Q4_K", shape)
-    x = torch.randn(1, shape[1], device="cuda", dtype=torch.bfloat16)
-    t_float = graph_time(lambda: quant_kernels.qmatvec(x, w))
-    cell = {"bytes": w.nbytes(), "float_us": t_float * 1e6, "float_of_copy": w.nbytes() / t_float / bandwidth}
-    if not six:
-        t_int = graph_time(lambda: quant_dp4a.qmatvec_q4k_dp4a(x, w))
-        got, want = quant_dp4a.qmatvec_q4k_dp4a(x, w).float(), quant_kernels.qmatvec(x, w).float()
-        cell.update({"dp4a_us": t_int * 1e6, "dp4a_of_copy": w.nbytes() / t_int / bandwidth,
-                     "speedup": t_float / t_int,
-                     "max_diff_of_scale": float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))})
-    return cell
+L2_PASS_BYTES = 256 << 20        # weights cycled per graph: several times the H100's 50 MB L2
+SLOTS = {"Q4_K": 4, "Q6_K": 4, "Q4_0": 1, "Q8_0": 1}
 
 
-def sweep() -> list[dict]:
-    """One 8B layer's Q4_K matvecs (q, k, v, o, gate, up, down) per dp4a launch."""
-    weights = [random_weight("Q4_K", shape) for shape in LAYER.values()]
-    xs = [torch.randn(1, shape[1], device="cuda", dtype=torch.bfloat16) for shape in LAYER.values()]
+def cycled_time(fn, weights: list, x: torch.Tensor, calls: int = 24) -> float:
+    """Seconds per fn(x, w) call, a CUDA graph of `calls` calls cycling through `weights`."""
+    fn(x, weights[0])
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(x, weights[i % len(weights)])
+    best = float("inf")
+    for _ in range(3):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        stop.record()
+        stop.synchronize()
+        best = min(best, start.elapsed_time(stop) / 1e3 / calls)
+    del graph
+    return best
+
+
+def copies(type_name: str, shape: tuple[int, int]) -> list:
+    first = random_weight(type_name, shape)
+    return [first] + [random_weight(type_name, shape) for _ in range(max(0, L2_PASS_BYTES // first.nbytes()))]
+
+
+def float_matvec(x, w):
+    """What qlinear ran before dp4a: the float matvec, or past its rows dequantize + cuBLAS."""
+    if x.shape[0] <= quant_kernels.matvec_max_rows(w.type_name):
+        return quant_kernels.qmatvec(x, w)
+    return quant_ops.qmatmul_dequant(x, w)
+
+
+def dp4a_matvec(x, w):
+    return quant_dp4a.qmatvec_dp4a(x, w)
+
+
+def compare_shape(type_name: str, shape: tuple[int, int], bandwidth: float) -> dict:
+    """M=1: both kernels against the copy bandwidth; M=2 and 8 (decode's batch): times."""
+    weights = copies(type_name, shape)
+    nbytes = weights[0].nbytes()
+    out: dict = {"bytes": nbytes}
+    for m in (1, 2, 8):
+        x = torch.randn(m, shape[1], device="cuda", dtype=torch.bfloat16)
+        t_float, t_int = cycled_time(float_matvec, weights, x), cycled_time(dp4a_matvec, weights, x)
+        key = "" if m == 1 else f"m{m}_"
+        out.update({f"{key}float_us": t_float * 1e6, f"{key}dp4a_us": t_int * 1e6, f"{key}speedup": t_float / t_int})
+    out.update({"float_of_copy": nbytes / (out["float_us"] / 1e6) / bandwidth,
+                "dp4a_of_copy": nbytes / (out["dp4a_us"] / 1e6) / bandwidth})
+    return out
+
+
+def launches(type_name: str) -> list[tuple[int, int, int, int]]:
+    """(rows, blocks per step, unroll, warps) with rows x blocks x slots = the threads."""
+    out = []
+    for rows, warps, unroll in itertools.product((4, 8, 16), (1, 2, 4), (1, 2)):
+        blocks = 32 * warps // (rows * SLOTS[type_name])
+        if blocks >= 1 and blocks * rows * SLOTS[type_name] == 32 * warps:
+            out.append((rows, blocks, unroll, warps))
+    return out
+
+
+def sweep(type_name: str) -> list[dict]:
+    """One 8B layer's shapes in this type, per dp4a launch (weights cycled past L2)."""
+    sets = [(copies(type_name, shape), torch.randn(1, shape[1], device="cuda", dtype=torch.bfloat16))
+            for shape in sorted(set(LAYER.values()))]
     rows = []
-    for block_n, step, warps in SWEEP:
-        total = sum(graph_time(lambda w=w, x=x: quant_dp4a.qmatvec_q4k_dp4a(
-            x, w, block_n=block_n, super_blocks_per_step=step, num_warps=warps)) for w, x in zip(weights, xs))
-        rows.append({"block_n": block_n, "super_blocks_per_step": step, "num_warps": warps,
-                     "layer_us": total * 1e6})
-    return rows
+    for launch in launches(type_name):
+        def call(x, w, launch=launch):
+            return quant_dp4a.qmatvec_dp4a(x, w, *launch)
+        total = sum(cycled_time(call, weights, x) for weights, x in sets)
+        rows.append({"type": type_name, "launch": launch, "layer_shapes_us": total * 1e6})
+        del call
+    return sorted(rows, key=lambda r: r["layer_shapes_us"])
 
 
-def q4_k_m_token(q4: dict, q6: dict, bandwidth: float, use_dp4a: bool) -> dict:
-    """Weight-read time of one 8B Q4_K_M token at M=1 from the per-shape times."""
-    seconds = nbytes = 0.0
+def token_weights() -> list[tuple[object, torch.Tensor]]:
+    """An 8B Q4_K_M token's matvec weights, distinct per layer (4.9 GB), with an x for each."""
+    out = []
     for layer in range(N_LAYERS):
         for name, shape in LAYER.items():
             six = name in ("attn_v", "ffn_down") and _more_bits(layer)
-            cell = (q6 if six else q4)[shape]
-            seconds += (cell["dp4a_us"] if use_dp4a and not six else cell["float_us"]) / 1e6
-            nbytes += cell["bytes"]
-    head = q6[HEAD]
-    seconds, nbytes = seconds + head["float_us"] / 1e6, nbytes + head["bytes"]
-    return {"weight_gb": nbytes / 1e9, "matvec_ms": seconds * 1e3, "limit_ms": nbytes / bandwidth * 1e3,
-            "of_limit": nbytes / bandwidth / seconds}
+            out.append((random_weight("Q6_K" if six else "Q4_K", shape), torch.randn(1, shape[1], device="cuda",
+                                                                                    dtype=torch.bfloat16)))
+    out.append((random_weight("Q6_K", HEAD), torch.randn(1, HEAD[1], device="cuda", dtype=torch.bfloat16)))
+    return out
+
+
+def token_time(weights: list, fn) -> float:
+    def step(_x, _w):
+        for w, x in weights:
+            fn(x, w)
+    return cycled_time(step, [None], None, calls=1)
+
+
+def measure_token(bandwidth: float) -> dict:
+    weights = token_weights()
+    nbytes = sum(w.nbytes() for w, _ in weights)
+    out = {"weight_gb": nbytes / 1e9, "limit_ms": nbytes / bandwidth * 1e3}
+    for name, fn in (("float", float_matvec), ("dp4a", dp4a_matvec)):
+        seconds = token_time(weights, fn)
+        out[name] = {"matvec_ms": seconds * 1e3, "of_limit": nbytes / bandwidth / seconds}
+    return out
 
 
 def main() -> None:
@@ -79,24 +141,26 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true")
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
-    print(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s; dp4a launch {quant_dp4a.LAUNCH}")
-    q4 = {shape: compare_shape(shape, bandwidth) for shape in SHAPES}
-    q6 = {shape: compare_shape(shape, bandwidth, six=True) for shape in (LAYER["attn_v"], LAYER["ffn_down"], HEAD)}
-    print_table(["Q4_K shape", "float us", "of copy", "dp4a us", "of copy", "speedup", "max diff"],
-                [[f"{s[0]}x{s[1]}", c["float_us"], c["float_of_copy"], c["dp4a_us"], c["dp4a_of_copy"],
-                  c["speedup"], c["max_diff_of_scale"]] for s, c in q4.items()])
-    tokens = {"float": q4_k_m_token(q4, q6, bandwidth, False), "dp4a": q4_k_m_token(q4, q6, bandwidth, True)}
-    print_table(["8B Q4_K_M token", "weight GB", "matvec ms", "limit ms", "of limit"],
-                [[k, t["weight_gb"], t["matvec_ms"], t["limit_ms"], t["of_limit"]] for k, t in tokens.items()])
-    result = {"copy_bandwidth_gbs": bandwidth / 1e9, "launch": quant_dp4a.LAUNCH,
-              "q4_k": {f"{s[0]}x{s[1]}": c for s, c in q4.items()},
-              "q6_k_float": {f"{s[0]}x{s[1]}": c for s, c in q6.items()}, "token_estimate_8b_q4_k_m": tokens}
+    print(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s; dp4a launches {quant_dp4a.LAUNCH}")
+    result: dict = {"copy_bandwidth_gbs": bandwidth / 1e9, "launch": quant_dp4a.LAUNCH, "shapes": {}}
+    token = measure_token(bandwidth)
+    result["token_8b_q4_k_m"] = token
+    print_table(["8B Q4_K_M token, M=1", "weight GB", "matvec ms", "limit ms", "of limit"],
+                [[k, token["weight_gb"], token[k]["matvec_ms"], token["limit_ms"], token[k]["of_limit"]]
+                 for k in ("float", "dp4a")])
+    write_result("quant_dp4a", result)
+    for type_name in quant_dp4a.TYPES:
+        for shape in sorted(set(LAYER.values()) | {HEAD}):
+            result["shapes"][f"{type_name} {shape[0]}x{shape[1]}"] = compare_shape(type_name, shape, bandwidth)
+    print_table(["type shape", "MB", "float us", "of copy", "dp4a us", "of copy", "speedup", "M=2 x", "M=8 x"],
+                [[k, c["bytes"] / 1e6, c["float_us"], c["float_of_copy"], c["dp4a_us"], c["dp4a_of_copy"],
+                  c["speedup"], c["m2_speedup"], c["m8_speedup"]] for k, c in result["shapes"].items()])
     write_result("quant_dp4a", result)
     if not args.no_sweep:
-        result["sweep"] = sorted(sweep(), key=lambda r: r["layer_us"])
-        print_table(["BN", "super-blocks/step", "warps", "layer us"],
-                    [[r["block_n"], r["super_blocks_per_step"], r["num_warps"], r["layer_us"]]
-                     for r in result["sweep"][:10]])
+        result["sweep"] = {t: sweep(t) for t in quant_dp4a.TYPES}
+        for t, rows in result["sweep"].items():
+            print_table([f"{t} launch (rows, blocks, unroll, warps)", "layer shapes us"],
+                        [[r["launch"], r["layer_shapes_us"]] for r in rows[:5]])
         write_result("quant_dp4a", result)
 
 

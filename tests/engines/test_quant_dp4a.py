@@ -1,7 +1,8 @@
-"""The Q4_K integer-dot matvec (engines/torch/kernels/quant_dp4a.py) through Triton's
+"""The integer-dot matvec (engines/torch/kernels/quant_dp4a.py) through Triton's
 interpreter, dp4a emulated bytewise: its x quantization is ggml's quantize_row_q8_1
-(round half away from zero, scale amax/127, the block's scaled sum), and its product
-is exactly the float product of the weight with x as quantized, up to float32
+(round half away from zero, scale amax/127, the block's scaled sum) plus the sums
+of each 16, and for every type it serves (Q4_K, Q6_K, Q4_0, Q8_0) its product is
+exactly the float product of the weight with x as quantized, up to float32
 summation order; against the unquantized x it errs by x's int8 rounding only.
 The dp4a instruction itself runs in tests/gpu (test_quant_dp4a_gpu.py)."""
 from __future__ import annotations
@@ -21,10 +22,10 @@ from engines.torch.kernels.quant_weight import QuantWeight  # noqa: E402
 from tests.engines.quant_blocks import random_blocks  # noqa: E402
 
 
-def q4k_weight(rows: int, cols: int, seed: int) -> tuple[QuantWeight, torch.Tensor]:
-    raw = random_blocks("Q4_K", rows, cols, seed)
-    ref = torch.from_numpy(dequantize(raw, GGMLQuantizationType.Q4_K).reshape(rows, cols).copy())
-    return QuantWeight.from_gguf(torch.from_numpy(raw.copy()), "Q4_K", (rows, cols), "cpu"), ref
+def weight(type_name: str, rows: int, cols: int, seed: int) -> tuple[QuantWeight, torch.Tensor]:
+    raw = random_blocks(type_name, rows, cols, seed)
+    ref = torch.from_numpy(dequantize(raw, GGMLQuantizationType[type_name]).reshape(rows, cols).copy())
+    return QuantWeight.from_gguf(torch.from_numpy(raw.copy()), type_name, (rows, cols), "cpu"), ref
 
 
 def q8_1_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,35 +40,48 @@ def q8_1_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def test_x_is_quantized_as_ggml_quantizes_q8_1():
     x = torch.randn(512) * 3
     x[:32] = 0.0                                           # an all-zero block: scale 0, quants 0
-    q, dx, sx = quant_dp4a.quantize_x(x)
+    q, dx, sx, s16 = quant_dp4a.quantize_x(x)
     want_q, want_d = q8_1_reference(x)
     assert torch.equal(q, want_q)
     assert torch.allclose(dx, want_d, rtol=1e-6, atol=0)
     assert torch.allclose(sx, want_d * want_q.reshape(-1, 32).float().sum(dim=1), rtol=1e-5, atol=1e-7)
+    assert torch.equal(s16, want_q.reshape(-1, 16).sum(dim=1).to(torch.int32))
+
+
+# Rows ragged for the block (the tail's loads clamped, its stores masked); blocks ragged
+# for the step (768 = 3 super-blocks by steps of 2: the last step half past the row; 96 =
+# 3 blocks of 32 by steps of 2); an unrolled loop.
+CASES = [("Q4_K", 5, 512, (1, 2, 1)), ("Q4_K", 5, 512, (1, 2, 1), 3), ("Q6_K", 4, 512, (2, 1, 1), 8),
+         ("Q4_0", 5, 96, (1, 2, 1), 2), ("Q8_0", 3, 64, (2, 1, 2), 5), ("Q4_K", 6, 768, (4, 2, 1)), ("Q4_K", 3, 512, (2, 1, 2)),
+         ("Q6_K", 5, 512, (1, 2, 1)), ("Q6_K", 6, 768, (4, 2, 2)),
+         ("Q4_0", 5, 96, (1, 2, 1)), ("Q4_0", 7, 256, (4, 4, 2)),
+         ("Q8_0", 5, 96, (1, 2, 1)), ("Q8_0", 7, 256, (4, 4, 2))]
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("rows,cols,block_n,step", [(5, 512, 1, 2), (6, 768, 4, 2), (3, 256, 2, 1)])
-def test_the_integer_dot_matvec_is_the_weight_times_x_as_quantized(rows, cols, block_n, step):
-    """Rows ragged for the block (the tail's loads clamped, its stores masked), super-blocks
-    ragged for the step (768 = 3 super-blocks by steps of 2: the last step half past the row)."""
-    w, ref = q4k_weight(rows, cols, seed=rows)
-    x = torch.randn(1, cols)
-    got = quant_dp4a.qmatvec_q4k_dp4a(x, w, block_n=block_n, super_blocks_per_step=step)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_the_integer_dot_matvec_is_the_weight_times_x_as_quantized(case):
+    """Up to 8 rows of x (decode's batch; 3 and 5 ragged for the power-of-two tile)."""
+    type_name, rows, cols, launch, xrows = case if len(case) == 5 else (*case, 1)
+    w, ref = weight(type_name, rows, cols, seed=rows)
+    x = torch.randn(xrows, cols)
+    block_n, step, unroll = launch
+    got = quant_dp4a.qmatvec_dp4a(x, w, block_n=block_n, blocks_per_step=step, unroll=unroll)
     q, d = q8_1_reference(x)
-    x_as_quantized = (q.float().reshape(-1, 32) * d[:, None]).reshape(1, cols)
+    x_as_quantized = (q.float().reshape(-1, 32) * d[:, None]).reshape(xrows, cols)
     want = x_as_quantized @ ref.t()
     scale = x_as_quantized.abs() @ ref.abs().t()
-    assert got.shape == (1, rows)
+    assert got.shape == (xrows, rows)
     assert torch.all((got - want).abs() <= 3e-5 * scale + 1e-6), (got - want).abs().max()
     # against x itself: x's rounding (half a step of amax/127 per weight) is the whole error
     exact = x @ ref.t()
-    step_error = (d.repeat_interleave(32)[None, :] / 2) @ ref.abs().t()
+    step_error = (d.repeat_interleave(32).reshape(xrows, cols) / 2) @ ref.abs().t()
     assert torch.all((got - exact).abs() <= step_error * 1.001 + 3e-5 * scale + 1e-6)
 
 
 def test_it_refuses_what_it_does_not_serve():
-    w, _ = q4k_weight(2, 256, seed=0)
-    with pytest.raises(ValueError, match="Q4_K at one row"):
-        quant_dp4a.qmatvec_q4k_dp4a(torch.randn(2, 256), w)
-    assert not quant_dp4a.supports(QuantWeight("Q6_K", (2, 256), {}), 1)
+    w, _ = weight("Q4_K", 2, 256, seed=0)
+    with pytest.raises(ValueError, match="1 to 8 rows of x"):
+        quant_dp4a.qmatvec_dp4a(torch.randn(9, 256), w)
+    assert not quant_dp4a.supports(QuantWeight("Q5_K", (2, 256), {}), 1)
+    assert not quant_dp4a.supports(QuantWeight("Q4_0", (2, 48), {}), 1)

@@ -1,6 +1,9 @@
 """`qlinear`: y = x @ W^T (+ bias) with W a `QuantWeight` kept in GGUF block form.
 
 Dispatch, on the rows M of x (all leading dims flattened):
+- CUDA with Triton, one row (decode at batch 1), Q4_K, Q6_K, Q4_0 or Q8_0:
+  `quant_dp4a.qmatvec_dp4a`, x quantized to int8 and the weights' quants
+  multiplied on integer dot products (as llama.cpp's MMVQ; quant_dp4a says why).
 - CUDA with Triton, a block type, M <= `quant_kernels.matvec_max_rows` (4; 8 for
   Q8_0) (decode): `quant_kernels.qmatvec`, the memory-bound matrix-vector kernel
   that reads each quantized byte once. Its cost grows with M, so past that many
@@ -33,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engines.torch.kernels import quant_kernels
+from engines.torch.kernels import quant_dp4a, quant_kernels
 from engines.torch.kernels.quant_weight import FLOAT_TYPES, PLANES, QuantWeight
 
 SCRATCH_WEIGHTS = 64 * 1024 * 1024   # 128 MiB of bf16: every layer of an 8B model in one piece
@@ -73,7 +76,10 @@ def _qlinear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> torc
     x2 = x.reshape(-1, w.shape[1])
     if x2.shape[0] == 0:
         return x.new_empty((*x.shape[:-1], w.shape[0]))
-    if x2.shape[0] <= quant_kernels.matvec_max_rows(w.type_name):
+    if quant_dp4a.supports(w, x2.shape[0]):
+        y = quant_dp4a.qmatvec_dp4a(x2, w)
+        y = y if bias is None else y + bias.to(y.dtype)
+    elif x2.shape[0] <= quant_kernels.matvec_max_rows(w.type_name):
         y = quant_kernels.qmatvec(x2, w, bias)
     else:
         y = qmatmul_dequant(x2, w, bias)
