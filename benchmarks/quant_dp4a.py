@@ -107,16 +107,20 @@ def sweep(type_name: str) -> list[dict]:
     return sorted(rows, key=lambda r: r["layer_shapes_us"])
 
 
-def token_weights() -> list[tuple[object, torch.Tensor]]:
-    """An 8B Q4_K_M token's matvec weights, distinct per layer (4.9 GB), with an x for each."""
+def token_mix() -> list[tuple[str, tuple[int, int]]]:
+    """An 8B Q4_K_M token's matvecs: (type, shape), llama.cpp's mix of Q4_K and Q6_K."""
     out = []
     for layer in range(N_LAYERS):
         for name, shape in LAYER.items():
             six = name in ("attn_v", "ffn_down") and _more_bits(layer)
-            out.append((random_weight("Q6_K" if six else "Q4_K", shape), torch.randn(1, shape[1], device="cuda",
-                                                                                    dtype=torch.bfloat16)))
-    out.append((random_weight("Q6_K", HEAD), torch.randn(1, HEAD[1], device="cuda", dtype=torch.bfloat16)))
-    return out
+            out.append(("Q6_K" if six else "Q4_K", shape))
+    return out + [("Q6_K", HEAD)]
+
+
+def token_weights() -> list[tuple[object, torch.Tensor]]:
+    """The token's weights, distinct per layer (4.9 GB), with an x for each."""
+    return [(random_weight(type_name, shape), torch.randn(1, shape[1], device="cuda", dtype=torch.bfloat16))
+            for type_name, shape in token_mix()]
 
 
 def token_time(weights: list, fn) -> float:

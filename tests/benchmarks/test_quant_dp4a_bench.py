@@ -1,23 +1,24 @@
-"""benchmarks/quant_dp4a.py's token arithmetic: the dp4a estimate swaps the Q4_K tensors'
-times only; the Q6_K half of attn_v/ffn_down and the Q6_K head keep the float matvec's."""
+"""benchmarks/quant_dp4a.py's arithmetic: the 8B Q4_K_M token it times is llama.cpp's mix
+(Q6_K for attn_v/ffn_down in the use_more_bits layers and for the head, Q4_K elsewhere),
+and every launch it sweeps gives each thread exactly one slot."""
 from __future__ import annotations
-
-import pytest
 
 from benchmarks import quant_dp4a as bench
 from benchmarks import quant_matvec as qm
 
 
-def test_dp4a_token_estimate_changes_the_q4_k_tensors_only():
-    q4 = {shape: {"bytes": 100, "float_us": 2.0, "dp4a_us": 1.0} for shape in bench.SHAPES}
-    q6 = {shape: {"bytes": 150, "float_us": 3.0} for shape in (qm.LAYER["attn_v"], qm.LAYER["ffn_down"], qm.HEAD)}
-    q6[qm.HEAD]["float_us"] = 10.0
+def test_the_token_is_llama_cpps_q4_k_m_mix():
+    mix = bench.token_mix()
     six_bit = sum(1 for layer in range(qm.N_LAYERS) if qm._more_bits(layer)) * 2   # attn_v and ffn_down
-    four_bit = qm.N_LAYERS * len(qm.LAYER) - six_bit
-    float_token = bench.q4_k_m_token(q4, q6, 1e12, use_dp4a=False)
-    dp4a_token = bench.q4_k_m_token(q4, q6, 1e12, use_dp4a=True)
-    assert float_token["matvec_ms"] == pytest.approx((four_bit * 2.0 + six_bit * 3.0 + 10.0) / 1e3)
-    assert dp4a_token["matvec_ms"] == pytest.approx((four_bit * 1.0 + six_bit * 3.0 + 10.0) / 1e3)
-    assert dp4a_token["weight_gb"] == float_token["weight_gb"] == pytest.approx(
-        (four_bit * 100 + six_bit * 150 + 150) / 1e9)
-    assert dp4a_token["of_limit"] > float_token["of_limit"]
+    assert len(mix) == qm.N_LAYERS * len(qm.LAYER) + 1
+    assert sum(t == "Q6_K" for t, _ in mix) == six_bit + 1
+    assert mix[-1] == ("Q6_K", qm.HEAD)
+    assert {shape for _, shape in mix} == set(qm.LAYER.values()) | {qm.HEAD}
+
+
+def test_each_swept_launch_fills_its_warps_with_one_slot_a_thread():
+    for type_name, slots in bench.SLOTS.items():
+        launches = bench.launches(type_name)
+        assert len(launches) >= 8
+        for rows, blocks, unroll, warps in launches:
+            assert rows * blocks * slots == 32 * warps and unroll in (1, 2)
