@@ -32,7 +32,10 @@ if str(_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from engines.torch.load.gguf_writer import model_shapes, write_gguf  # noqa: E402
+import gguf  # noqa: E402
+
+from engines.torch.load.dequant import FP16_FIELDS, TORCH_DEQUANT  # noqa: E402
+from engines.torch.load.gguf_writer import gguf_tensor_name, model_shapes, write_gguf, write_metadata  # noqa: E402
 from engines.torch.model.configs import ModelConfig, named_config  # noqa: E402
 
 log = logging.getLogger("benchmarks.shape_gguf")
@@ -77,6 +80,74 @@ def write_shape(cfg: ModelConfig, path: Path, seed: int = 0) -> Path:
     write_gguf(partial, cfg, {}, model_shapes(cfg), _sampler(seed), float16=True)
     partial.rename(path)
     log.info("wrote %s (%.2f GB) in %.0f s", path, path.stat().st_size / 1e9, time.perf_counter() - t)
+    return path
+
+
+def q4_k_m_type(name: str, cfg: ModelConfig, columns: int) -> str:
+    """llama.cpp's Q4_K_M choice for a 2-D tensor (llama_tensor_get_type, simplified): Q6_K
+    for the head and for attn_v/ffn_down in its use_more_bits layers, Q4_K elsewhere; rows
+    that are not whole super-blocks fall back as llama.cpp's do (Q4_K -> Q5_0, Q6_K -> Q8_0)."""
+    chosen = "Q4_K"
+    if name == "lm_head.weight":
+        chosen = "Q6_K"
+    elif name.endswith(("v_proj.weight", "down_proj.weight")):
+        layer, n = int(name.split(".")[2]), cfg.num_layers
+        if layer < n // 8 or layer >= 7 * n // 8 or (layer - n // 8) % 3 == 2:
+            chosen = "Q6_K"
+    if columns % 256:
+        chosen = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}[chosen]
+    return chosen
+
+
+def _random_blocks(type_name: str, shape: tuple[int, int], gen) -> np.ndarray:
+    """uint8 [rows, row_bytes]: random quants, fp16 scales small and finite (drawn on the GPU)."""
+    import torch
+
+    block, size, _ = TORCH_DEQUANT[type_name]
+    blocks = shape[0] * shape[1] // block
+    raw = torch.randint(0, 256, (blocks, size), dtype=torch.uint8, generator=gen, device=gen.device)
+    for offset in FP16_FIELDS[type_name]:
+        scale = torch.empty(blocks, device=gen.device).uniform_(0.002, 0.02, generator=gen).half()
+        raw[:, offset:offset + 2] = scale.view(torch.uint8).reshape(-1, 2)
+    return raw.reshape(shape[0], -1).cpu().numpy()
+
+
+def write_block_shape(cfg: ModelConfig, path: Path, seed: int = 0) -> Path:
+    """cfg as a Q4_K_M-typed GGUF of random blocks, written straight (no F16 file, no
+    quantizer): for timing our engine where llama.cpp is not built. The types and bytes
+    are a Q4_K_M file's; the values are not what llama.cpp's quantizer would make."""
+    import torch
+
+    if path.exists():
+        log.info("%s exists: kept", path)
+        return path
+    t = time.perf_counter()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    gen = torch.Generator(device="cuda" if torch.cuda.is_available() else "cpu").manual_seed(seed)
+    shapes, make = model_shapes(cfg), _sampler(seed)
+    w = gguf.GGUFWriter(str(partial), cfg.arch)
+    write_metadata(w, cfg, {})
+    types = {name: q4_k_m_type(name, cfg, shape[1]) if len(shape) == 2 else "F32" for name, shape in shapes.items()}
+    for name, shape in shapes.items():
+        if types[name] == "F32":
+            w.add_tensor_info(gguf_tensor_name(name, cfg.arch), shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
+        else:
+            _, size, _ = TORCH_DEQUANT[types[name]]
+            block = TORCH_DEQUANT[types[name]][0]
+            w.add_tensor_info(gguf_tensor_name(name, cfg.arch), (shape[0], shape[1] // block * size),
+                              np.dtype(np.uint8), shape[0] * shape[1] // block * size,
+                              raw_dtype=gguf.GGMLQuantizationType[types[name]])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for name, shape in shapes.items():
+        w.write_tensor_data(np.asarray(make(name, shape), dtype=np.float32) if types[name] == "F32"
+                            else _random_blocks(types[name], shape, gen))
+    w.close()
+    partial.rename(path)
+    log.info("wrote %s (%.2f GB of random Q4_K_M blocks) in %.0f s", path, path.stat().st_size / 1e9,
+             time.perf_counter() - t)
     return path
 
 

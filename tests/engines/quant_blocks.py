@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from engines.torch.load.dequant import TORCH_DEQUANT
+from engines.torch.load.dequant import FP16_FIELDS, TORCH_DEQUANT
 
 LEGACY = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
-# ggml type -> byte offsets of its fp16 scale fields (d, and dmin or m where it has one)
-FP16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2),
-               "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 
 
 def random_blocks(type_name: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:

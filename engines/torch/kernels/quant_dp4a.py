@@ -27,12 +27,18 @@ from engines.torch.kernels.quant_weight import QuantWeight
 
 QK = 32                        # activations per int8 block (ggml's QK8_1)
 MAX_ROWS = 8                   # rows of x (decode's batch): the weights are read once for all
+MAX_WARPS = 16                 # a launch's warps times the rows of x, up to this (dp4a_kernels says why)
 # type -> weights per block of its own (a K-quant's super-block)
 TYPES = {"Q4_K": 256, "Q6_K": 256, "Q4_0": 32, "Q8_0": 32}
 # type -> (rows per program, blocks per step, steps unrolled, warps): rows x blocks x slots
 # per block (4 for K-quants, 1 else) = the threads, so each slot is one thread's
 # (dp4a_kernels); the launch sweep's best (benchmarks/quant_dp4a.py)
-LAUNCH = {"Q4_K": (8, 2, 2, 2), "Q6_K": (8, 2, 2, 2), "Q4_0": (8, 8, 2, 2), "Q8_0": (8, 8, 2, 2)}
+LAUNCH = {"Q4_K": (8, 4, 2, 4), "Q6_K": (4, 8, 1, 4), "Q4_0": (8, 16, 1, 4), "Q8_0": (4, 32, 2, 4)}
+# Below this many output rows a program per BN rows leaves SMs idle and the float matvec
+# (which splits K) wins; at and above it dp4a wins (quant_dp4a.json, H200: Q4_K 14336x4096
+# 1.8x, the head 2.1x; 1024x4096 0.4x). Q6_K wins from 4096 rows.
+MIN_ROWS = {"Q4_K": 8192, "Q6_K": 4096, "Q4_0": 8192, "Q8_0": 8192}
+BATCH_MIN_ROWS = 4096  # past 2 rows of x the float path re-reads weights or dequantizes them: dp4a wins sooner
 
 
 def emulated() -> bool:
@@ -61,6 +67,11 @@ def supports(w: QuantWeight, rows_of_x: int) -> bool:
     return w.shape[1] % TYPES[w.type_name] == 0
 
 
+def chosen(w: QuantWeight, rows_of_x: int) -> bool:
+    """Whether qlinear should take this path: served, and N large enough for it to win."""
+    return supports(w, rows_of_x) and w.shape[0] >= (MIN_ROWS[w.type_name] if rows_of_x <= 2 else BATCH_MIN_ROWS)
+
+
 def _weight_args(w: QuantWeight) -> list:
     """The planes of w as the type's kernel reads them (words where it reads words), then strides."""
     p = w.planes
@@ -86,9 +97,11 @@ def qmatvec_dp4a(x: torch.Tensor, w: QuantWeight, block_n: int | None = None, bl
     bn, sb, unrolled, warps = (given or default for given, default in
                                zip((block_n, blocks_per_step, unroll, num_warps), LAUNCH[w.type_name]))
     m = x2.shape[0]
+    rows_of_x = triton.next_power_of_2(m)
     xq, dx, sx, s16 = quantize_x(x2.contiguous().reshape(-1))     # rows of whole blocks: one flat pass
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     kernel[(triton.cdiv(n, bn),)](out, *_weight_args(w), xq.view(torch.int32), dx, sx, s16,
-                                  m, n, k // TYPES[w.type_name], out.stride(0), BM=triton.next_power_of_2(m),
-                                  BN=bn, SB=sb, UNROLL=unrolled, EMULATE=emulated(), num_warps=warps)
+                                  m, n, k // TYPES[w.type_name], out.stride(0), BM=rows_of_x,
+                                  BN=bn, SB=sb, UNROLL=unrolled, EMULATE=emulated(),
+                                  num_warps=min(MAX_WARPS, warps * rows_of_x))
     return out

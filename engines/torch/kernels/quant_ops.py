@@ -76,7 +76,7 @@ def _qlinear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> torc
     x2 = x.reshape(-1, w.shape[1])
     if x2.shape[0] == 0:
         return x.new_empty((*x.shape[:-1], w.shape[0]))
-    if quant_dp4a.supports(w, x2.shape[0]):
+    if quant_dp4a.chosen(w, x2.shape[0]):
         y = quant_dp4a.qmatvec_dp4a(x2, w)
         y = y if bias is None else y + bias.to(y.dtype)
     elif x2.shape[0] <= quant_kernels.matvec_max_rows(w.type_name):
