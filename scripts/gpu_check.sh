@@ -52,6 +52,8 @@ declare -A PARTS=(
   [quant]="590 -m benchmarks.quant_decode --budget-s 540"
   [quant_more]="590 -m benchmarks.quant_decode --types Q8_0,Q4_0 --name quant_decode_more --budget-s 540"
   [quant_budget]="590 -m benchmarks.quant_decode --part budget --budget-s 540"
+  # The daemon's decode (compiled) against eager, on random Q4_K_M blocks: no llama.cpp build needed.
+  [quant_compiled]="400 -m benchmarks.quant_compiled --budget-s 380"
 )
 ORDER=(tests vmm vmm2 yield decode engines)  # pressure and colocate: one call each
 [ $# -gt 0 ] && ORDER=("$@")

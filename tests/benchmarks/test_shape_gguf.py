@@ -32,3 +32,22 @@ def test_shape_written_quantized_and_read_back(tmp_path):
     llm = plain_llama(str(path), n_ctx=64, n_threads=1, verbose=False)
     llm.eval([1, 2, 3])
     assert llm.n_tokens == 3
+
+
+def test_random_q4_k_m_blocks_written_straight_read_back_in_their_types(tmp_path):
+    """write_block_shape (benchmarks/quant_compiled.py's file, no quantizer): llama.cpp's
+    Q4_K_M mix of types, rows of whole super-blocks in K-quants, the rest their fallbacks;
+    the loader reads it as the config, every 2-D weight's bytes the file's."""
+    from benchmarks.shape_gguf import q4_k_m_type, write_block_shape
+
+    cfg = CFG.replace(dim=512, num_heads=8, num_kv_heads=2, head_dim=64, ffn_dim=640, num_layers=8)
+    path = write_block_shape(cfg, tmp_path / "blocks.gguf")
+    types = {t.name: t.tensor_type.name for t in open_reader(path).tensors}
+    assert types["blk.0.attn_v.weight"] == "Q6_K" and types["blk.2.attn_v.weight"] == "Q4_K"
+    assert types["blk.0.ffn_down.weight"] == "Q8_0"        # 640 columns: not whole super-blocks
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    assert set(types.values()) == {"Q4_K", "Q6_K", "Q8_0", "Q5_0", "F32"}
+    assert q4_k_m_type("lm_head.weight", cfg, 512) == "Q6_K"
+    model, _ = load_gguf(path, "cpu", torch.float32, llamacpp_numerics=False)
+    assert (model.cfg.dim, model.cfg.num_layers, model.cfg.ffn_dim) == (512, 8, 640)
+    assert write_block_shape(cfg, path) == path               # kept, not redone

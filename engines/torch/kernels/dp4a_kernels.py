@@ -4,17 +4,13 @@ Every kernel computes y[m, n] = W[n, :] . x[m, :] for M <= 8 rows of x, each row
 already quantized to int8 in blocks of 32 (ggml's q8_1: `xw` its int8 read as int32
 words, `dx` the scale of each block of 32, `sx` = dx * the block's sum of quants,
 `s16` the sum of quants of each 16). A program owns BN weight rows and all BM rows
-of x, and walks K in steps; a step is a tile [BN, BM * G, 4] of int32 words: G
-"slots" per weight row and row of x, each one thread's 16-byte vectors (the last
-axis stays in one thread, so its integer sums need no shuffle). The rows of x ride
-on the slot axis, not an axis of their own: a slot's weight words are loaded again
-for each row of x (an L1 hit), which keeps every tile in one layout; a 4-D
-[BM, BN, G, 4] tile cost shuffles and barriers in the loop at BM = 2 (0.13
-warp-instructions a weight against 0.07). The launcher gives BM times the warps,
-so each thread keeps one slot. Per-slot scales are [BN, BM * G, 1] tiles of the
-same layout; the accumulator is elementwise, reduced once after the loop (sm_90
-SASS of the Q4_K loop at BM = 1, 2 and 4: no barrier, no shuffle, ~0.07
-warp-instructions a weight and row of x, against ~0.3 for the float matvec).
+of x, and walks K in steps; a step is a tile [BM, BN, G, 4] of int32 words: G
+"slots" per weight row, each one thread's 16-byte vectors (the last axis stays in
+one thread, so its integer sums need no shuffle), the weight words loaded once for
+every row of x. Per-slot scales are [1, BN, G, 1] tiles of the same layout; the
+accumulator is elementwise, reduced once after the loop. At one row of x the loop
+has no barrier and no shuffle (sm_90 SASS: ~0.07 warp-instructions a weight for
+Q4_K, against ~0.3 for the float matvec).
 
 Loads past the last block are clamped, not masked, so they stay vectorized; x's
 loads there are masked to 0, which zeroes their products. Rows of x past M repeat
@@ -45,7 +41,7 @@ if triton is not None:
     def _dot(q0, x0, EMULATE: tl.constexpr):
         """Sum over a slot's words of dp4a(q0, x0): [1, BN, G, 4] x [BM, 1, G, 4] -> [BM, BN, G, 1]."""
         q0, x0 = tl.broadcast(q0, x0)
-        return tl.sum(_dp4a(q0, x0, tl.zeros_like(q0), EMULATE), axis=2, keep_dims=True).to(tl.float32)
+        return tl.sum(_dp4a(q0, x0, tl.zeros_like(q0), EMULATE), axis=3, keep_dims=True).to(tl.float32)
 
     @triton.jit
     def _dot2(q0, x0, q1, x1, EMULATE: tl.constexpr):
@@ -53,7 +49,7 @@ if triton is not None:
         q0, x0 = tl.broadcast(q0, x0)
         q1, x1 = tl.broadcast(q1, x1)
         both = _dp4a(q1, x1, _dp4a(q0, x0, tl.zeros_like(q0), EMULATE), EMULATE)
-        return tl.sum(both, axis=2, keep_dims=True).to(tl.float32)
+        return tl.sum(both, axis=3, keep_dims=True).to(tl.float32)
 
     @triton.jit
     def _half(word, HIGH: tl.constexpr):
@@ -68,12 +64,11 @@ if triton is not None:
 
     @triton.jit
     def _tiles(M, N, BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr):
-        """This program's weight rows (and clamped, [BN, 1, 1]); for each of the BM * G slots of a
-        row its row of x and place in the step ([1, BM * G, 1]); the words of a slot [1, 1, 4]."""
+        """This program's weight rows (and clamped [1, BN, 1, 1]), x rows [BM, 1, 1, 1], slots, words."""
         rows = tl.program_id(0) * BN + tl.arange(0, BN)
-        r = tl.minimum(rows, N - 1)[:, None, None].to(tl.int64)
-        s = tl.arange(0, BM * G)[None, :, None]
-        return rows, r, tl.minimum(s // G, M - 1), s % G, tl.arange(0, 4)[None, None, :]
+        r = tl.minimum(rows, N - 1)[None, :, None, None].to(tl.int64)
+        m = tl.minimum(tl.arange(0, BM), M - 1)[:, None, None, None]
+        return rows, r, m, tl.arange(0, G)[None, None, :, None], tl.arange(0, 4)[None, None, None, :]
 
     @triton.jit
     def _step(NB, h0, UNITS: tl.constexpr, slot):
@@ -82,11 +77,11 @@ if triton is not None:
         return tl.minimum(h, NB - 1), slot % UNITS, h < NB
 
     @triton.jit
-    def _store(out_ptr, acc, rows, M, N, s_om, BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr):
-        y = tl.sum(tl.reshape(acc, (BN, BM, G)), axis=2)                           # [BN, BM]
-        mo = tl.arange(0, BM)[None, :]
-        tl.store(out_ptr + mo * s_om + rows[:, None], y.to(out_ptr.dtype.element_ty),
-                 mask=(mo < M) & (rows[:, None] < N))
+    def _store(out_ptr, acc, rows, M, N, s_om, BM: tl.constexpr):
+        y = tl.sum(tl.sum(acc, axis=3), axis=2)                                    # [BM, BN]
+        mo = tl.arange(0, BM)[:, None]
+        tl.store(out_ptr + mo * s_om + rows[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=(mo < M) & (rows[None, :] < N))
 
     @triton.jit(do_not_specialize=["M", "N", "NB", "s_om"])
     def q4_k_kernel(out_ptr, qw_ptr, dm_ptr, sc_ptr, s_qw, s_dm, s_sc, xw_ptr, dx_ptr, sx_ptr, s16_ptr,
@@ -96,7 +91,7 @@ if triton is not None:
         high nibbles 2g + 1; d * scale * dx * dot - dmin * min * sx per sub-block."""
         rows, r, m, slot, w4 = _tiles(M, N, BM, BN, SB * 4)
         xrow, drow = xw_ptr + m * (NB * 64), m * (NB * 8)
-        acc = tl.zeros([BN, BM * SB * 4, 1], dtype=tl.float32)
+        acc = tl.zeros([BM, BN, SB * 4, 1], dtype=tl.float32)
         for h0 in range(0, NB, SB * UNROLL):
             for u in tl.static_range(UNROLL):
                 h, g, live = _step(NB, h0 + u * SB, 4, slot)
@@ -125,7 +120,7 @@ if triton is not None:
                 sx_hi = tl.load(sx_ptr + sub + 1, mask=live, other=0.0)
                 acc += (d * sc_lo * dx_lo * dot_lo + d * sc_hi * dx_hi * dot_hi
                         - dmin * (m_lo * sx_lo + m_hi * sx_hi))
-        _store(out_ptr, acc, rows, M, N, s_om, BM, BN, SB * 4)
+        _store(out_ptr, acc, rows, M, N, s_om, BM)
 
     @triton.jit
     def _q6(ql, qh, SHIFT_L: tl.constexpr, shift_h):
@@ -148,7 +143,7 @@ if triton is not None:
         words 8 part + 0..7 at bits 2t (low) and 2t + 4 (high)."""
         rows, r, m, slot, w4 = _tiles(M, N, BM, BN, SB * 4)
         xrow, drow, srow = xw_ptr + m * (NB * 64), m * (NB * 8), s16_ptr + m * (NB * 16)
-        acc = tl.zeros([BN, BM * SB * 4, 1], dtype=tl.float32)
+        acc = tl.zeros([BM, BN, SB * 4, 1], dtype=tl.float32)
         for h0 in range(0, NB, SB * UNROLL):
             for u in tl.static_range(UNROLL):
                 h, quarter, live = _step(NB, h0 + u * SB, 4, slot)
@@ -168,7 +163,7 @@ if triton is not None:
                 dx_lo = tl.load(dx_ptr + block, mask=live, other=0.0)
                 dx_hi = tl.load(dx_ptr + block + 2, mask=live, other=0.0)
                 acc += tl.load(d_ptr + r * s_d + h).to(tl.float32) * (dx_lo * lo + dx_hi * hi)
-        _store(out_ptr, acc, rows, M, N, s_om, BM, BN, SB * 4)
+        _store(out_ptr, acc, rows, M, N, s_om, BM)
 
     @triton.jit(do_not_specialize=["M", "N", "NB", "s_om"])
     def q4_0_kernel(out_ptr, qw_ptr, d_ptr, s_qw, s_d, xw_ptr, dx_ptr, sx_ptr, s16_ptr,
@@ -178,7 +173,7 @@ if triton is not None:
         value (q - 8) * d: d * (dx * dot - 8 * sx)."""
         rows, r, m, slot, w4 = _tiles(M, N, BM, BN, SB)
         xrow, drow = xw_ptr + m * (NB * 8), m * NB
-        acc = tl.zeros([BN, BM * SB, 1], dtype=tl.float32)
+        acc = tl.zeros([BM, BN, SB, 1], dtype=tl.float32)
         for h0 in range(0, NB, SB * UNROLL):
             for u in tl.static_range(UNROLL):
                 b, _, live = _step(NB, h0 + u * SB, 1, slot)
@@ -189,7 +184,7 @@ if triton is not None:
                 dx = tl.load(dx_ptr + drow + b, mask=live, other=0.0)
                 sx = tl.load(sx_ptr + drow + b, mask=live, other=0.0)
                 acc += tl.load(d_ptr + r * s_d + b).to(tl.float32) * (dx * dot - 8.0 * sx)
-        _store(out_ptr, acc, rows, M, N, s_om, BM, BN, SB)
+        _store(out_ptr, acc, rows, M, N, s_om, BM)
 
     @triton.jit(do_not_specialize=["M", "N", "NB", "s_om"])
     def q8_0_kernel(out_ptr, qw_ptr, d_ptr, s_qw, s_d, xw_ptr, dx_ptr, sx_ptr, s16_ptr,
@@ -198,7 +193,7 @@ if triton is not None:
         """Q8_0: a slot is one block of 32 signed bytes (8 words): d * dx * dot."""
         rows, r, m, slot, w4 = _tiles(M, N, BM, BN, SB)
         xrow, drow = xw_ptr + m * (NB * 8), m * NB
-        acc = tl.zeros([BN, BM * SB, 1], dtype=tl.float32)
+        acc = tl.zeros([BM, BN, SB, 1], dtype=tl.float32)
         for h0 in range(0, NB, SB * UNROLL):
             for u in tl.static_range(UNROLL):
                 b, _, live = _step(NB, h0 + u * SB, 1, slot)
@@ -208,7 +203,7 @@ if triton is not None:
                             tl.load(qp + 4), tl.load(xp + 4, mask=live, other=0), EMULATE)
                 dx = tl.load(dx_ptr + drow + b, mask=live, other=0.0)
                 acc += tl.load(d_ptr + r * s_d + b).to(tl.float32) * dx * dot
-        _store(out_ptr, acc, rows, M, N, s_om, BM, BN, SB)
+        _store(out_ptr, acc, rows, M, N, s_om, BM)
 
     @triton.jit
     def _round_half_away(v):

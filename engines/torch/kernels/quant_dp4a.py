@@ -27,7 +27,6 @@ from engines.torch.kernels.quant_weight import QuantWeight
 
 QK = 32                        # activations per int8 block (ggml's QK8_1)
 MAX_ROWS = 8                   # rows of x (decode's batch): the weights are read once for all
-MAX_WARPS = 16                 # a launch's warps times the rows of x, up to this (dp4a_kernels says why)
 # type -> weights per block of its own (a K-quant's super-block)
 TYPES = {"Q4_K": 256, "Q6_K": 256, "Q4_0": 32, "Q8_0": 32}
 # type -> (rows per program, blocks per step, steps unrolled, warps): rows x blocks x slots
@@ -97,11 +96,9 @@ def qmatvec_dp4a(x: torch.Tensor, w: QuantWeight, block_n: int | None = None, bl
     bn, sb, unrolled, warps = (given or default for given, default in
                                zip((block_n, blocks_per_step, unroll, num_warps), LAUNCH[w.type_name]))
     m = x2.shape[0]
-    rows_of_x = triton.next_power_of_2(m)
     xq, dx, sx, s16 = quantize_x(x2.contiguous().reshape(-1))     # rows of whole blocks: one flat pass
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     kernel[(triton.cdiv(n, bn),)](out, *_weight_args(w), xq.view(torch.int32), dx, sx, s16,
-                                  m, n, k // TYPES[w.type_name], out.stride(0), BM=rows_of_x,
-                                  BN=bn, SB=sb, UNROLL=unrolled, EMULATE=emulated(),
-                                  num_warps=min(MAX_WARPS, warps * rows_of_x))
+                                  m, n, k // TYPES[w.type_name], out.stride(0), BM=triton.next_power_of_2(m),
+                                  BN=bn, SB=sb, UNROLL=unrolled, EMULATE=emulated(), num_warps=warps)
     return out
