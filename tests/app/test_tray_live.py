@@ -153,8 +153,14 @@ def test_tray_menu_from_live_daemon_reclaims(xdisplay, tray_host, daemon, tmp_pa
     follower = ControlClient(daemon.url, daemon.client.token_file)
     follow_events(follower, events, stop_events)
 
-    click(xdisplay, x + size // 2, y + size // 2)  # pystray xorg -> default action -> our popup menu
-    assert app.popup.posted.wait(20), "the menu did not open on a click"
+    # pystray xorg -> default action -> our popup menu. Under a loaded suite the first click can
+    # land before pystray listens on the freshly drawn dock window (seen once in make test):
+    # a user would click again, and so does the test, only after a long wait for the first.
+    for wait_s in (15, 15):
+        click(xdisplay, x + size // 2, y + size // 2)
+        if app.popup.posted.wait(wait_s):
+            break
+    assert app.popup.posted.is_set(), "the menu did not open on two clicks"
     target = app.popup.item_centers[GIVE_BACK_ALL]
     left, top, right, bottom = app.popup.bounds
     wait_until(lambda: grab(xdisplay), 30, "a screenshot of the menu").crop(
