@@ -8,8 +8,9 @@ mmvq; the float matvec (`quant_kernels.qmatvec`) is instruction-bound on 4- and
   quantized weight read and the fraction of the device's copy bandwidth. Each
   time is a CUDA graph cycling through enough copies of the weight to pass the
   L2 cache (50 MB on the H100), so no read is an L2 hit a real step would miss;
-- a sweep of each type's dp4a launch (rows per program, warps, steps unrolled;
-  blocks per step follow: one slot a thread) on one layer's shapes;
+- a sweep of each type's dp4a launch (rows per program from 1, as llama.cpp's mmvq, to
+  16; warps; steps unrolled; blocks per step follow: one slot a thread) per layer shape,
+  beside the float path: the launch and the routing each shape should get;
 - one whole 8B Q4_K_M token's matvecs at M=1 (32 layers of distinct weights,
   Q6_K for attn_v/ffn_down in half the layers and the head, as llama.cpp's
   quantizer mixes them) in one graph, float path and dp4a, against the
@@ -84,27 +85,32 @@ def compare_shape(type_name: str, shape: tuple[int, int], bandwidth: float) -> d
 
 
 def launches(type_name: str) -> list[tuple[int, int, int, int]]:
-    """(rows, blocks per step, unroll, warps) with rows x blocks x slots = the threads."""
+    """(rows, blocks per step, unroll, warps) with rows x blocks x slots = the threads. One or
+    two rows a program is llama.cpp's mmvq shape: what a weight of few rows needs to fill SMs."""
     out = []
-    for rows, warps, unroll in itertools.product((4, 8, 16), (1, 2, 4), (1, 2)):
+    for rows, warps, unroll in itertools.product((1, 2, 4, 8, 16), (1, 2, 4), (1, 2)):
         blocks = 32 * warps // (rows * SLOTS[type_name])
-        if blocks >= 1 and blocks * rows * SLOTS[type_name] == 32 * warps:
+        if blocks >= 1 and blocks * rows * SLOTS[type_name] == 32 * warps and (unroll == 1 or rows >= 4):
             out.append((rows, blocks, unroll, warps))
     return out
 
 
-def sweep(type_name: str) -> list[dict]:
-    """One 8B layer's shapes in this type, per dp4a launch (weights cycled past L2)."""
-    sets = [(copies(type_name, shape), torch.randn(1, shape[1], device="cuda", dtype=torch.bfloat16))
-            for shape in sorted(set(LAYER.values()))]
-    rows = []
-    for launch in launches(type_name):
-        def call(x, w, launch=launch):
-            return quant_dp4a.qmatvec_dp4a(x, w, *launch)
-        total = sum(cycled_time(call, weights, x) for weights, x in sets)
-        rows.append({"type": type_name, "launch": launch, "layer_shapes_us": total * 1e6})
-        del call
-    return sorted(rows, key=lambda r: r["layer_shapes_us"])
+def sweep(type_name: str) -> dict:
+    """Per 8B layer shape in this type: each dp4a launch's time (weights cycled past L2) and the
+    float path's, best first: what `quant_dp4a.LAUNCH` and `MIN_ROWS` should say per shape."""
+    out = {}
+    for shape in sorted(set(LAYER.values())):
+        weights = copies(type_name, shape)
+        x = torch.randn(1, shape[1], device="cuda", dtype=torch.bfloat16)
+        rows = []
+        for launch in launches(type_name):
+            def call(x, w, launch=launch):
+                return quant_dp4a.qmatvec_dp4a(x, w, *launch)
+            rows.append({"launch": launch, "us": cycled_time(call, weights, x) * 1e6})
+        rows.sort(key=lambda r: r["us"])
+        out[f"{shape[0]}x{shape[1]}"] = {"float_us": cycled_time(float_matvec, weights, x) * 1e6, "best": rows[:3]}
+        del weights
+    return out
 
 
 def token_mix() -> list[tuple[str, tuple[int, int]]]:
@@ -162,9 +168,10 @@ def main() -> None:
     write_result("quant_dp4a", result)
     if not args.no_sweep:
         result["sweep"] = {t: sweep(t) for t in quant_dp4a.TYPES}
-        for t, rows in result["sweep"].items():
-            print_table([f"{t} launch (rows, blocks, unroll, warps)", "layer shapes us"],
-                        [[r["launch"], r["layer_shapes_us"]] for r in rows[:5]])
+        print_table(["type shape", "float us", "best dp4a us", "launch (rows, blocks, unroll, warps)", "next"],
+                    [[f"{t} {shape}", cell["float_us"], cell["best"][0]["us"], cell["best"][0]["launch"],
+                      cell["best"][1]["launch"]] for t, shapes in result["sweep"].items()
+                     for shape, cell in shapes.items()])
         write_result("quant_dp4a", result)
 
 
