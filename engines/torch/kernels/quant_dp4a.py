@@ -10,10 +10,12 @@ by four int8 activations: a 32-bit word of Q4_K quants is 8 weights, two masks a
 a shift away from two dp4a operands. Per weight that is ~0.07 warp-instructions
 (`dp4a_kernels` says how the tiles are laid out), against ~0.3 for the float path.
 
-Up to 8 rows of x (decode's batch) share each weight load. Types: Q4_K, Q6_K (the two of a Q4_K_M file), Q4_0 and Q8_0. x's int8 rounding
-costs accuracy the float path does not lose (~0.4% of a dot product's scale per
-block, the error llama.cpp's CUDA build has too); tests/engines/test_quant_dp4a.py
-bounds it. Under Triton's interpreter (the CPU tests) dp4a is emulated bytewise.
+Up to 8 rows of x (decode's batch) share each weight load. Types: Q4_K, Q6_K (the
+two of a Q4_K_M file), Q4_0 and Q8_0. x's int8 rounding costs accuracy the float
+path does not lose (~0.4% of a dot product's scale per block, the error llama.cpp's
+CUDA build has too); tests/engines/test_quant_dp4a.py bounds it. Under Triton's
+interpreter (the CPU tests) dp4a is emulated bytewise. `chosen` says where qlinear
+takes this path: where a weight has rows enough to fill the GPU (quant_dp4a.json).
 """
 from __future__ import annotations
 
