@@ -85,3 +85,19 @@ def test_it_refuses_what_it_does_not_serve():
         quant_dp4a.qmatvec_dp4a(torch.randn(9, 256), w)
     assert not quant_dp4a.supports(QuantWeight("Q5_K", (2, 256), {}), 1)
     assert not quant_dp4a.supports(QuantWeight("Q4_0", (2, 48), {}), 1)
+
+
+def test_only_nvidia_gpus_with_dp4a_take_the_path(monkeypatch):
+    """PTX dp4a exists from sm_61; a ROCm build of torch (device type "cuda" there too) runs
+    Triton without PTX: both keep the float matvec instead of failing to compile."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(quant_dp4a, "_cuda_has_dp4a", lambda index: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert quant_dp4a.device_has_dp4a(cuda)
+    monkeypatch.setattr(torch.version, "hip", "6.2.0")
+    assert not quant_dp4a.device_has_dp4a(cuda)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(quant_dp4a, "_cuda_has_dp4a", lambda index: False)    # a Maxwell card
+    assert not quant_dp4a.device_has_dp4a(cuda)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not quant_dp4a.device_has_dp4a(torch.device("cpu"))

@@ -19,6 +19,7 @@ takes this path: where a weight has rows enough to fill the GPU (quant_dp4a.json
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -62,10 +63,24 @@ def quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return q, dx, sx, s16
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_has_dp4a(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (6, 1)
+
+
+def device_has_dp4a(device: torch.device) -> bool:
+    """The kernels' `dp4a` is PTX: NVIDIA from sm_61 on. A ROCm build of torch runs Triton
+    on AMD GPUs with no PTX (device type "cuda" there too): those keep the float path."""
+    if device.type != "cuda":
+        return emulated()                     # the CPU runs the kernels only in the interpreter
+    return torch.version.hip is None and _cuda_has_dp4a(device.index if device.index is not None
+                                                          else torch.cuda.current_device())
+
+
 def supports(w: QuantWeight, rows_of_x: int) -> bool:
     if triton is None or w.type_name not in TYPES or not 1 <= rows_of_x <= MAX_ROWS:
         return False
-    return w.shape[1] % TYPES[w.type_name] == 0
+    return w.shape[1] % TYPES[w.type_name] == 0 and device_has_dp4a(w.device)
 
 
 def chosen(w: QuantWeight, rows_of_x: int) -> bool:
