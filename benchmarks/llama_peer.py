@@ -5,7 +5,8 @@ The GPU machine has nvcc and CMake but no network: the sources travel as
 llama-cpp-python 0.3.36 vendors). `start_build` extracts and builds
 llama-bench, llama-quantize and llama-batched-bench for sm_90 only in the
 background (the shapes are written meanwhile); a finished build under
-build/quant/ is reused. `llama_bench` and `batched_bench` run them on a file
+build/quant/ is reused, and so is a prebuilt bin/ carried in .gpu/ from an
+earlier machine (`llama_prebuilt`). `llama_bench` and `batched_bench` run them on a file
 with every layer on the GPU and flash attention on, and parse their output.
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks import llama_prebuilt
+
 log = logging.getLogger("benchmarks.llama_peer")
 TARGETS = ("llama-bench", "llama-quantize", "llama-batched-bench", "llama-completion")
 CMAKE_FLAGS = ("-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90", "-DCMAKE_BUILD_TYPE=Release",
@@ -28,6 +31,7 @@ CMAKE_FLAGS = ("-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90", "-DCMAKE_BUILD
 @dataclass
 class Build:
     work: Path
+    source_tar: Path | None = None
     process: subprocess.Popen | None = None
     started: float = field(default_factory=time.perf_counter)
     seconds: float | None = None
@@ -51,7 +55,17 @@ class Build:
             self.seconds = time.perf_counter() - self.started
             log.info("llama.cpp build: rc=%s in %.0f s (log %s)", self.process.returncode, self.seconds,
                      self.work / "build.log")
+            self._keep_for_next_machine()
         return all((self.bin_dir / t).exists() for t in TARGETS)
+
+    def _keep_for_next_machine(self) -> None:
+        """A fresh build's bin/ goes back with the results (llama_prebuilt says how it returns)."""
+        dest = os.environ.get("DEVICE_OUT") or os.environ.get("OUT")
+        if dest and self.source_tar is not None and all((self.bin_dir / t).exists() for t in TARGETS):
+            try:
+                llama_prebuilt.pack(self.bin_dir, self.source_tar, Path(dest))
+            except OSError:
+                log.exception("packing llama.cpp's bin/ failed (the benchmark goes on)")
 
     def log_tail(self) -> str:
         path = self.work / "build.log"
@@ -61,13 +75,15 @@ class Build:
 def start_build(source_tar: Path, work: Path, jobs: int = 16) -> Build:
     """Extract and build in the background; a build already there is reused."""
     work.mkdir(parents=True, exist_ok=True)
-    build = Build(work)
-    if all((build.bin_dir / t).exists() for t in TARGETS):
+    build = Build(work, source_tar)
+    if not source_tar.exists():
+        raise FileNotFoundError(f"{source_tar} is missing: run scripts/fetch_llama_src.sh here and carry .gpu")
+    if all((build.bin_dir / t).exists() for t in TARGETS) or (
+            llama_prebuilt.unpack(source_tar.parent, source_tar, build.bin_dir.parent)
+            and all((build.bin_dir / t).exists() for t in TARGETS)):
         build.cached, build.seconds = True, 0.0
         log.info("llama.cpp build: reused %s", build.bin_dir)
         return build
-    if not source_tar.exists():
-        raise FileNotFoundError(f"{source_tar} is missing: run scripts/fetch_llama_src.sh here and carry .gpu")
     src, out = work / "llama.cpp", work / "llama.cpp-build"
     script = (f"set -e; rm -rf {src}; tar xJf {source_tar} -C {work}; "
               f"cmake -S {src} -B {out} {' '.join(CMAKE_FLAGS)}; "
@@ -85,8 +101,9 @@ def load_and_first_token_s(binary: str | Path, gguf: Path, runs: int = 3, timeou
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        done = subprocess.run([str(binary), "-m", str(gguf), "-n", "1", "-ngl", "99", "-p", "Hello", "-no-cnv"],
-                              capture_output=True, text=True, timeout=timeout_s)
+        cmd = [str(binary), "-m", str(gguf), "-n", "1", "-ngl", "99", "-p", "Hello", "-no-cnv"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                              env=llama_prebuilt.tool_env(binary))
         times.append(time.perf_counter() - start)
         if done.returncode != 0:
             return {"error": done.stderr[-1500:]}
@@ -95,7 +112,8 @@ def load_and_first_token_s(binary: str | Path, gguf: Path, runs: int = 3, timeou
 
 def _run(cmd: list[str], timeout_s: float, with_stderr: bool = False) -> str:
     log.info("running %s", " ".join(cmd))
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                          env=llama_prebuilt.tool_env(cmd[0]))
     if done.returncode:
         raise RuntimeError(f"{cmd[0]} rc={done.returncode}: {done.stderr[-1500:]}")
     # batched-bench prints its rows through llama.cpp's log, which may go to either stream

@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 
 import gguf  # noqa: E402
 
+from benchmarks.llama_prebuilt import tool_env  # noqa: E402
 from engines.torch.load.dequant import FP16_FIELDS, TORCH_DEQUANT  # noqa: E402
 from engines.torch.load.gguf_writer import gguf_tensor_name, model_shapes, write_gguf, write_metadata  # noqa: E402
 from engines.torch.model.configs import ModelConfig, named_config  # noqa: E402
@@ -162,7 +163,7 @@ def quantize(source: Path, dest: Path, type_name: str, quantize_bin: str | None 
     if quantize_bin:
         cmd = [quantize_bin] + (["--allow-requantize"] if allow_requantize else []) + \
               [str(source), str(partial), type_name] + ([str(threads)] if threads else [])
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=tool_env(quantize_bin))
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr[-2000:]}")
     else:

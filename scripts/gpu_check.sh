@@ -12,6 +12,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 FINAL_OUT="${OUT:-$PWD/benchmarks/results}"
+# On the lent machine: a fresh llama.cpp build's bin/ comes back beside the results, not
+# inside the tarball (benchmarks/llama_prebuilt.py: the next machine skips the build).
+[ -n "${OUT:-}" ] && export DEVICE_OUT="$OUT"
 export OUT=/tmp/gpu_results   # benchmarks write here; packed at the end
 mkdir -p "$OUT" "$FINAL_OUT"
 PY="${PYTHON:-python3}"  # the GPU machine's python3 (no .venv there)
