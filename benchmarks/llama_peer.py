@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,10 +63,15 @@ class Build:
         """A fresh build's bin/ goes back with the results (llama_prebuilt says how it returns)."""
         dest = os.environ.get("DEVICE_OUT") or os.environ.get("OUT")
         if dest and self.source_tar is not None and all((self.bin_dir / t).exists() for t in TARGETS):
-            try:
-                llama_prebuilt.pack(self.bin_dir, self.source_tar, Path(dest))
-            except OSError:
-                log.exception("packing llama.cpp's bin/ failed (the benchmark goes on)")
+            # xz of bin/ takes tens of seconds: off the benchmark's path, on a thread the
+            # interpreter waits for at exit (lzma lets go of the GIL while it compresses)
+            threading.Thread(target=self._pack, args=(Path(dest),), name="llama-pack").start()
+
+    def _pack(self, dest: Path) -> None:
+        try:
+            llama_prebuilt.pack(self.bin_dir, self.source_tar, dest)
+        except OSError:
+            log.exception("packing llama.cpp's bin/ failed (the benchmark goes on)")
 
     def log_tail(self) -> str:
         path = self.work / "build.log"

@@ -25,7 +25,7 @@ import itertools
 
 import torch
 
-from benchmarks.quant_matvec import HEAD, LAYER, N_LAYERS, _more_bits, copy_bandwidth, random_weight
+from benchmarks.quant_matvec import HEAD, LAYER, N_LAYERS, _more_bits, copy_bandwidth, graph_time, random_weight
 from benchmarks.results_io import print_table, write_result
 from engines.torch.kernels import quant_dp4a, quant_kernels, quant_ops
 
@@ -35,22 +35,8 @@ SLOTS = {"Q4_K": 4, "Q6_K": 4, "Q4_0": 1, "Q8_0": 1}
 
 def cycled_time(fn, weights: list, x: torch.Tensor, calls: int = 24) -> float:
     """Seconds per fn(x, w) call, a CUDA graph of `calls` calls cycling through `weights`."""
-    fn(x, weights[0])
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(x, weights[i % len(weights)])
-    best = float("inf")
-    for _ in range(3):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        best = min(best, start.elapsed_time(stop) / 1e3 / calls)
-    del graph
-    return best
+    turn = itertools.cycle(weights)
+    return graph_time(lambda: fn(x, next(turn)), iters=calls)
 
 
 def copies(type_name: str, shape: tuple[int, int]) -> list:

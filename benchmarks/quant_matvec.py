@@ -54,13 +54,13 @@ def random_weight(type_name: str, shape: tuple[int, int]) -> QuantWeight:
     return QuantWeight.from_gguf(raw, type_name, shape, "cuda")
 
 
-def graph_time(fn) -> float:
-    """Seconds per call of fn, from a CUDA graph of ITERS calls (best of 3 replays)."""
+def graph_time(fn, iters: int = ITERS) -> float:
+    """Seconds per call of fn, from a CUDA graph of `iters` calls (best of 3 replays)."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(ITERS):
+        for _ in range(iters):
             fn()
     best = float("inf")
     for _ in range(3):
@@ -69,7 +69,7 @@ def graph_time(fn) -> float:
         graph.replay()
         stop.record()
         stop.synchronize()
-        best = min(best, start.elapsed_time(stop) / 1e3 / ITERS)
+        best = min(best, start.elapsed_time(stop) / 1e3 / iters)
     del graph
     return best
 

@@ -70,18 +70,24 @@ def _sampler(seed: int):
     return make
 
 
-def write_shape(cfg: ModelConfig, path: Path, seed: int = 0) -> Path:
-    """cfg as an F16 GGUF with random weights (kept if path exists)."""
+def _write_once(path: Path, write, what: str) -> Path:
+    """write(partial) unless path exists; renamed into place only once whole."""
     if path.exists():
         log.info("%s exists: kept", path)
         return path
     t = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
-    write_gguf(partial, cfg, {}, model_shapes(cfg), _sampler(seed), float16=True)
+    write(partial)
     partial.rename(path)
-    log.info("wrote %s (%.2f GB) in %.0f s", path, path.stat().st_size / 1e9, time.perf_counter() - t)
+    log.info("wrote %s (%.2f GB%s) in %.0f s", path, path.stat().st_size / 1e9, what, time.perf_counter() - t)
     return path
+
+
+def write_shape(cfg: ModelConfig, path: Path, seed: int = 0) -> Path:
+    """cfg as an F16 GGUF with random weights (kept if path exists)."""
+    return _write_once(path, lambda partial: write_gguf(partial, cfg, {}, model_shapes(cfg), _sampler(seed),
+                                                          float16=True), "")
 
 
 def q4_k_m_type(name: str, cfg: ModelConfig, columns: int) -> str:
@@ -117,28 +123,25 @@ def write_block_shape(cfg: ModelConfig, path: Path, seed: int = 0) -> Path:
     """cfg as a Q4_K_M-typed GGUF of random blocks, written straight (no F16 file, no
     quantizer): for timing our engine where llama.cpp is not built. The types and bytes
     are a Q4_K_M file's; the values are not what llama.cpp's quantizer would make."""
+    return _write_once(path, lambda partial: _write_blocks(cfg, partial, seed), " of random Q4_K_M blocks")
+
+
+def _write_blocks(cfg: ModelConfig, path: Path, seed: int) -> None:
     import torch
 
-    if path.exists():
-        log.info("%s exists: kept", path)
-        return path
-    t = time.perf_counter()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
     gen = torch.Generator(device="cuda" if torch.cuda.is_available() else "cpu").manual_seed(seed)
     shapes, make = model_shapes(cfg), _sampler(seed)
-    w = gguf.GGUFWriter(str(partial), cfg.arch)
+    w = gguf.GGUFWriter(str(path), cfg.arch)
     write_metadata(w, cfg, {})
     types = {name: q4_k_m_type(name, cfg, shape[1]) if len(shape) == 2 else "F32" for name, shape in shapes.items()}
     for name, shape in shapes.items():
         if types[name] == "F32":
             w.add_tensor_info(gguf_tensor_name(name, cfg.arch), shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
         else:
-            _, size, _ = TORCH_DEQUANT[types[name]]
-            block = TORCH_DEQUANT[types[name]][0]
-            w.add_tensor_info(gguf_tensor_name(name, cfg.arch), (shape[0], shape[1] // block * size),
-                              np.dtype(np.uint8), shape[0] * shape[1] // block * size,
-                              raw_dtype=gguf.GGMLQuantizationType[types[name]])
+            block, size, _ = TORCH_DEQUANT[types[name]]
+            row_bytes = shape[1] // block * size
+            w.add_tensor_info(gguf_tensor_name(name, cfg.arch), (shape[0], row_bytes), np.dtype(np.uint8),
+                              shape[0] * row_bytes, raw_dtype=gguf.GGMLQuantizationType[types[name]])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -146,10 +149,6 @@ def write_block_shape(cfg: ModelConfig, path: Path, seed: int = 0) -> Path:
         w.write_tensor_data(np.asarray(make(name, shape), dtype=np.float32) if types[name] == "F32"
                             else _random_blocks(types[name], shape, gen))
     w.close()
-    partial.rename(path)
-    log.info("wrote %s (%.2f GB of random Q4_K_M blocks) in %.0f s", path, path.stat().st_size / 1e9,
-             time.perf_counter() - t)
-    return path
 
 
 def quantize(source: Path, dest: Path, type_name: str, quantize_bin: str | None = None,
