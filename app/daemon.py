@@ -129,7 +129,7 @@ def open_kv(settings: Settings) -> KvRuntime:
         return KvRuntime()
     from engines.factory import prepare_device
 
-    prepare_device(pool)   # the libraries' share of the context now, not on the first load
+    prepare_device(pool)   # the libraries' and kernels' share of the context now, not on the first load
     try:
         from kvcached.broker import Broker
 

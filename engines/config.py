@@ -68,6 +68,9 @@ class EngineConfig:
     torch_max_context: int | None = None        # torch engine: tokens per slot; None: engines/context.py
     torch_prefill_chunk: int = 512              # torch engine: prompt tokens computed per step
     torch_cuda_graphs: bool = True              # torch engine: decode in captured CUDA graphs on GPU
+    # torch engine on CUDA: the decode step compiled by torch.compile (fewer, fused kernels); off,
+    # eager kernels in the graphs: a load without the compile, slower steps (the kernel warm-up).
+    torch_compile: bool = True
     # torch engine: weights in kvcached pool pages, so the broker's weights-to-host rung can move
     # them (engines/torch/weights_rung.py); None: where the model is on CUDA.
     torch_weights_to_host: bool | None = None

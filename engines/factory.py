@@ -17,6 +17,7 @@ never an error the user sees for a model llama.cpp can serve.
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Callable
 import logging
 
@@ -54,18 +55,28 @@ def pool_on_cuda(kv_pool: object | None) -> bool:
 
 
 def prepare_device(kv_pool: object | None) -> None:
-    """Once, when the daemon opens the GPU: the CUDA libraries every torch model uses
-    set up (engines/torch/cuda_libraries.py says why). A failure is logged: the first
-    load sets them up then."""
+    """Once, when the daemon opens the GPU: the CUDA libraries every torch model uses set
+    up (engines/torch/cuda_libraries.py), then the code of the engine's kernels loaded by a
+    tiny model's round trip (engines/torch/kernel_warm_up.py): the process's fixed cost,
+    paid before the first load, so every unload returns to it. A failure is logged: the
+    first load pays it then."""
     if not pool_on_cuda(kv_pool):
         return
     try:
         import torch
 
         from engines.torch.cuda_libraries import warm_up_libraries
-        warm_up_libraries(torch.device("cuda", torch.cuda.current_device()))
+        from engines.torch.kernel_warm_up import warm_up_engine_kernels
+        device = torch.device("cuda", torch.cuda.current_device())
+        free_before, started = torch.cuda.mem_get_info(device)[0], time.monotonic()
+        warm_up_libraries(device)
+        warm_up_engine_kernels(kv_pool)
+        seconds = time.monotonic() - started
+        loaded_mib = (free_before - torch.cuda.mem_get_info(device)[0]) / (1 << 20)
+        log.info("CUDA libraries and kernel code loaded in %.1f s: %.0f MiB of the device (kept for "
+                 "the process; every unload returns to this level)", seconds, loaded_mib)
     except Exception as exc:  # noqa: BLE001 - serving goes on; the first load pays it
-        log.warning("setting up the CUDA libraries failed (the first load will): %s", exc)
+        log.warning("setting up the CUDA libraries and kernels failed (the first load will): %s", exc)
 
 
 def create_engine(info: ModelInfo, config: EngineConfig | None = None, kv_pool: object | None = None) -> Engine:

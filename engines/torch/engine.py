@@ -121,7 +121,8 @@ class TorchEngine(MemoryVerbs, Engine):
                               self.config.max_queue)
         with phases.phase("runner"):
             runner = self.runner = Runner(self.model, self.store,
-                                          use_graphs=device.type == "cuda" and self.config.torch_cuda_graphs)
+                                          use_graphs=device.type == "cuda" and self.config.torch_cuda_graphs,
+                                          compile=None if self.config.torch_compile else False)
         if self._weights_movable():
             # After the runner fused its projections, before anything is compiled or captured:
             # kernels and graphs see the addresses the weights keep while they are away.

@@ -4,7 +4,8 @@
 and torch.compile at the daemon's defaults (32 MiB pages), loaded, serving, unloaded,
 three times (benchmarks/unload_residue.measure, the benchmark's "full" variant): after
 each unload within 64 MiB of the level before the first load (the daemon's, with the
-CUDA libraries set up: engines/torch/cuda_libraries.py), and no growth over the cycles.
+CUDA libraries set up and the kernels' code loaded by a tiny model's round trip:
+engines/factory.prepare_device), and no growth over the cycles.
 Run: PYTHONPATH=. python3 -m pytest -q -s tests/gpu/test_unload_gpu.py
 """
 from __future__ import annotations

@@ -1,0 +1,44 @@
+"""The kernel warm-up the daemon runs when it opens the GPU (engines/torch/kernel_warm_up.py):
+a tiny model's round trip through the real torch engine, on the page pool the models use,
+that gives every page back. On the CPU this checks the round trip and what it leaves; the
+code it loads into a CUDA context is measured by tests/gpu/test_unload_gpu.py."""
+from __future__ import annotations
+
+import pytest
+
+from engines import factory
+from engines.torch import kernel_warm_up
+from kvcached.config import KvcachedConfig
+from kvcached.standalone import standalone_pool
+
+
+@pytest.fixture()
+def host_pool():
+    pool = standalone_pool(KvcachedConfig(backend="host", page_size=64 << 10, reserve_pages=0))
+    yield pool
+    pool.close()
+
+
+def test_the_warm_up_runs_each_head_size_and_gives_every_page_back(host_pool, monkeypatch):
+    loaded: list[int] = []
+    real_config = kernel_warm_up.warm_up_config
+    monkeypatch.setattr(kernel_warm_up, "warm_up_config",
+                        lambda head_dim: loaded.append(head_dim) or real_config(head_dim))
+    seconds = kernel_warm_up.warm_up_engine_kernels(host_pool, cuda_graphs=False)
+    assert loaded == list(kernel_warm_up.WARM_UP_HEAD_DIMS)
+    assert seconds > 0
+    host_pool.shrink()
+    assert host_pool.held() == 0     # the tiny models' KV pages all back
+
+
+def test_the_warm_up_shape_is_a_valid_small_model():
+    for head_dim in kernel_warm_up.WARM_UP_HEAD_DIMS:
+        cfg = kernel_warm_up.warm_up_config(head_dim)
+        assert cfg.head_dim == head_dim and cfg.num_params < 2_000_000   # a few MiB in bf16
+
+
+def test_prepare_device_leaves_a_cpu_pool_alone(host_pool, monkeypatch):
+    monkeypatch.setattr(kernel_warm_up, "warm_up_engine_kernels",
+                        lambda pool: pytest.fail("no kernels to load on the host backend"))
+    factory.prepare_device(host_pool)
+    factory.prepare_device(None)
