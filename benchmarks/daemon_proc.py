@@ -106,6 +106,17 @@ class Daemon:
         self.control = ControlClient(self.base_url, self.paths.token_file, timeout_s=30.0)
         return self
 
+    def wait_for_device(self, timeout_s: float = 120.0) -> float:
+        """Wait until the daemon has opened its device (the memory broker answers in
+        /control/memory; on the GPU the CUDA libraries and kernel code are loaded by
+        then: engines.factory.prepare_device); returns the seconds waited."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if (self.control_get("/control/memory") or {}).get("broker"):
+                return time.monotonic() - started
+            time.sleep(0.2)
+        raise DaemonFailed(f"{self.name}: the memory broker did not open in {timeout_s:.0f} s:\n{self.log_tail()}")
+
     def _wait_healthy(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         with httpx.Client(timeout=2.0, trust_env=False) as client:

@@ -124,15 +124,6 @@ def pool_memory(daemon) -> int:
     return int((memory.get("broker") or {}).get("pool_held_bytes") or 0)
 
 
-def wait_for_broker(daemon, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if (daemon.control_get("/control/memory") or {}).get("broker"):
-            return
-        time.sleep(0.2)
-    raise RuntimeError("the daemon's broker did not open")
-
-
 def run_cycle(daemon, cycle: int, models: list[str], args, records: list[Record]) -> dict:
     busy, idle = models[cycle % 2], models[1 - cycle % 2]
     if args.unload_each_cycle or cycle == 0:
@@ -207,7 +198,7 @@ def run(args: argparse.Namespace) -> dict:
     records: list[Record] = []
     cycles: list[dict] = []
     with running(settings_for(args), name="exhaustion") as daemon:
-        wait_for_broker(daemon)
+        daemon.wait_for_device()
         baseline = daemon_memory(daemon)        # before the first load
         # Logged, as each cycle is: a run cut off by its time limit still tells its figures.
         log.info("daemon memory before the first load: %d bytes", baseline)

@@ -43,6 +43,9 @@ def test_a_run_stops_before_a_cycle_would_pass_its_budget_and_is_written_as_not_
         def log_tail(self, n):
             return ""
 
+        def wait_for_device(self):
+            return 0.0
+
     clock = itertools.count(0.0, 10.0)              # every reading of the clock: 10 s later
     monkeypatch.setattr(exhaustion.time, "monotonic", lambda: next(clock))
     monkeypatch.setattr(exhaustion, "running", lambda *a, **k: contextlib.nullcontext(Daemon()))
