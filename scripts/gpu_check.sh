@@ -46,7 +46,8 @@ declare -A PARTS=(
   # What stays after an unload, by part of the engine (a fresh process per variant).
   [unload_residue]="560 -m benchmarks.unload_residue"
   [weights_tier]="580 -m benchmarks.weights_tier"   # carry .gpu too: llama.cpp's load of the same files
-  [exhaustion]="590 -m benchmarks.exhaustion --backend cuda --cycles 10 --hold-s 20 --budget-s 540"
+  # EXHAUSTION_BUDGET_S: less where other parts share the call (each call has 600 s).
+  [exhaustion]="590 -m benchmarks.exhaustion --backend cuda --cycles 10 --hold-s 20 --budget-s ${EXHAUSTION_BUDGET_S:-540}"
   [quant_matvec]="240 -m benchmarks.quant_matvec"
   # Q4_K at batch 1 on dp4a (int8 activations, as llama.cpp's mmvq) against the float matvec.
   [quant_dp4a]="240 -m benchmarks.quant_dp4a"
