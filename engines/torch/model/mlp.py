@@ -24,10 +24,13 @@ def can_fuse(*parts: nn.Module) -> bool:
 
 
 def fused_linear(*parts: nn.Linear) -> nn.Linear:
-    """One Linear whose output is the parts' outputs side by side."""
+    """One Linear whose output is the parts' outputs side by side. Made on the meta device
+    and given the parts' tensors: nn.Linear on the real device would allocate a weight of
+    its own and fill it from torch's default generator, which fails while another model of
+    the process captures a CUDA graph (engines/torch/serve/graph_capture.py)."""
     weight = torch.cat([p.weight for p in parts], dim=0)
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None,
-                      device=weight.device, dtype=weight.dtype)
+                      device="meta", dtype=weight.dtype)
     fused.weight = nn.Parameter(weight, requires_grad=False)
     if parts[0].bias is not None:
         fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)

@@ -27,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engines.torch.cuda_libraries import process_stream, release_library_blocks
 from engines.torch.kernels import decode_attention
+from engines.torch.serve.graph_capture import capturing
 from engines.torch.serve.kv_access import _ACTIVE as _ACTIVE_KV
 from engines.torch.serve.kv_access import KVStore, SlotKV
 from engines.torch.serve.scheduler import PrefillChunk, Sequence, StepPlan
@@ -89,7 +90,7 @@ class DecodeGraph:
                 self._forward()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=runner.graph_pool):
+        with capturing(self.graph, runner.graph_pool, device):         # graph_capture.py: other models go on
             self.logits = self._forward()                               # [B, 1, V]
 
     def close(self) -> None:

@@ -1,0 +1,62 @@
+"""Capturing a CUDA graph in a process where other models keep working.
+
+The daemon serves several models, each on its own threads: while one captures a
+decode graph (at load, or a pending bucket while it is idle), another loads its
+weights or runs its steps. torch captures in CUDA's "global" mode by default,
+where a potentially unsafe call from any other thread (a cudaMalloc by another
+model's load) fails that call and invalidates the capture. Measured on the H100
+(exhaustion benchmark, two models): a pending capture of one model while the other
+loaded failed both, and left torch's default CUDA generator marked as capturing,
+so every later random draw of the process failed ("Offset increment outside graph
+capture encountered unexpectedly") and every later load answered 500.
+
+So a capture here:
+- runs in "thread_local" mode: only this thread's own unsafe calls are refused,
+  other threads' work neither fails nor breaks the capture;
+- holds a process-wide lock: one capture at a time (torch registers its default
+  generator with the graph being captured, one graph at a time);
+- if it fails anyway, gives the default generator a fresh state object, so
+  the failure stays this capture's and not the whole process's.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CAPTURE_MODE = "thread_local"
+_CAPTURE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def capturing(graph: torch.cuda.CUDAGraph, pool: object | None, device: torch.device) -> Iterator[None]:
+    """`with capturing(graph, pool, device): forward()` records forward() into graph."""
+    with _CAPTURE_LOCK:
+        try:
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode=CAPTURE_MODE):
+                yield
+        except BaseException:
+            reset_default_generator(device)
+            raise
+
+
+def reset_default_generator(device: torch.device) -> bool:
+    """After a failed capture: the default CUDA generator of device, left in capture mode
+    (its epilogue never ran), gets a copy of its state that is not capturing. Seed and
+    offset are kept. False where this torch has no graph-safe generator states."""
+    generator = torch.cuda.default_generators[device.index if device.index is not None
+                                              else torch.cuda.current_device()]
+    if not (hasattr(generator, "clone_state") and hasattr(generator, "graphsafe_set_state")):
+        return False
+    try:
+        generator.graphsafe_set_state(generator.clone_state())
+    except RuntimeError as exc:   # reported, not raised: the capture's own error is the one to see
+        log.warning("resetting the CUDA generator after a failed capture failed: %s", exc)
+        return False
+    log.warning("a CUDA graph capture failed: the default CUDA generator was reset out of capture mode")
+    return True

@@ -1,0 +1,67 @@
+"""A CUDA graph captured while another thread of the process allocates and draws random
+numbers (engines/torch/serve/graph_capture.py). In the exhaustion benchmark on the H100
+one model's pending capture and another model's load broke each other, and the default
+CUDA generator stayed in capture mode for the rest of the process (every load after it
+failed). Here: the capture and the other thread's work both succeed, and a failed
+capture leaves the default generator usable."""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from engines.torch.serve.graph_capture import capturing
+
+DEVICE = torch.device("cuda", 0)
+
+
+def _matmul_graph(x: torch.Tensor, side: torch.cuda.Stream) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    with torch.cuda.stream(side):
+        (x @ x).sum()                                       # warm-up off the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with capturing(graph, None, DEVICE):
+        out = x @ x
+        for _ in range(200):                                # long enough for the other thread to run
+            out = torch.tanh(out @ x)
+    return graph, out
+
+
+def test_a_capture_and_another_threads_allocations_both_succeed():
+    x = torch.randn(256, 256, device=DEVICE) / 16
+    side = torch.cuda.Stream(DEVICE)
+    stop, errors, made = threading.Event(), [], []
+
+    def other_model() -> None:
+        try:
+            while not stop.is_set():                        # fresh segments (cudaMalloc) and random draws
+                made.append(torch.empty(64 << 20, dtype=torch.uint8, device=DEVICE).normal_().sum())
+                torch.nn.Linear(512, 512, device=DEVICE)     # the default generator, as nn.Linear's init
+                made.pop()
+                torch.cuda.empty_cache()
+        except Exception as exc:   # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    worker = threading.Thread(target=other_model)
+    worker.start()
+    try:
+        for _ in range(5):
+            graph, out = _matmul_graph(x, side)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.isfinite(out).all()
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors, errors
+
+
+def test_a_failed_capture_leaves_the_default_generator_usable():
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with capturing(graph, None, DEVICE):
+            torch.cuda.synchronize()                        # not allowed while capturing: fails it
+    except Exception:  # noqa: BLE001 - the failure is the point
+        pass
+    torch.randn(16, device=DEVICE)                          # raised for the rest of the process before
+    torch.nn.Linear(64, 64, device=DEVICE)
