@@ -45,6 +45,11 @@ class Build:
     def binary(self, name: str) -> str:
         return str(self.bin_dir / name)
 
+    @property
+    def has_tools(self) -> bool:
+        """Every tool the benchmarks run is in bin/ (built here or restored from a prebuilt)."""
+        return all((self.bin_dir / t).exists() for t in TARGETS)
+
     def wait(self, timeout_s: float) -> bool:
         """Whether the build is done and its binaries exist (logs the outcome once)."""
         if self.process is not None and self.seconds is None:
@@ -57,12 +62,12 @@ class Build:
             log.info("llama.cpp build: rc=%s in %.0f s (log %s)", self.process.returncode, self.seconds,
                      self.work / "build.log")
             self._keep_for_next_machine()
-        return all((self.bin_dir / t).exists() for t in TARGETS)
+        return self.has_tools
 
     def _keep_for_next_machine(self) -> None:
         """A fresh build's bin/ goes back with the results (llama_prebuilt says how it returns)."""
         dest = os.environ.get("DEVICE_OUT") or os.environ.get("OUT")
-        if dest and self.source_tar is not None and all((self.bin_dir / t).exists() for t in TARGETS):
+        if dest and self.source_tar is not None and self.has_tools:
             # xz of bin/ takes tens of seconds: off the benchmark's path, on a thread the
             # interpreter waits for at exit (lzma lets go of the GIL while it compresses)
             threading.Thread(target=self._pack, args=(Path(dest),), name="llama-pack").start()
@@ -84,9 +89,8 @@ def start_build(source_tar: Path, work: Path, jobs: int = 16) -> Build:
     build = Build(work, source_tar)
     if not source_tar.exists():
         raise FileNotFoundError(f"{source_tar} is missing: run scripts/fetch_llama_src.sh here and carry .gpu")
-    if all((build.bin_dir / t).exists() for t in TARGETS) or (
-            llama_prebuilt.unpack(source_tar.parent, source_tar, build.bin_dir.parent)
-            and all((build.bin_dir / t).exists() for t in TARGETS)):
+    if build.has_tools or (llama_prebuilt.unpack(source_tar.parent, source_tar, build.bin_dir.parent)
+                           and build.has_tools):
         build.cached, build.seconds = True, 0.0
         log.info("llama.cpp build: reused %s", build.bin_dir)
         return build

@@ -1,4 +1,4 @@
-"""Matrix-vector at batch 1 on integer dot products, as llama.cpp's MMVQ does (issue 16).
+"""Matrix-vector at decode's batch (1-8 rows) on integer dot products, as llama.cpp's MMVQ does.
 
 Why: the float matvec of `quant_kernels` is instruction-bound, not memory-bound, on
 4- and 6-bit types (~10 SASS instructions a weight for Q4_K on sm_90: x's bf16

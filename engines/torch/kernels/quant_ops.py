@@ -1,9 +1,10 @@
 """`qlinear`: y = x @ W^T (+ bias) with W a `QuantWeight` kept in GGUF block form.
 
 Dispatch, on the rows M of x (all leading dims flattened):
-- CUDA with Triton, one row (decode at batch 1), Q4_K, Q6_K, Q4_0 or Q8_0:
-  `quant_dp4a.qmatvec_dp4a`, x quantized to int8 and the weights' quants
-  multiplied on integer dot products (as llama.cpp's MMVQ; quant_dp4a says why).
+- CUDA with Triton, 1 to 8 rows (decode), Q4_K, Q6_K, Q4_0 or Q8_0, where the
+  weight has rows enough to win (`quant_dp4a.chosen`): `quant_dp4a.qmatvec_dp4a`,
+  x quantized to int8 and the weights' quants multiplied on integer dot products
+  (as llama.cpp's MMVQ; quant_dp4a says why).
 - CUDA with Triton, a block type, M <= `quant_kernels.matvec_max_rows` (4; 8 for
   Q8_0) (decode): `quant_kernels.qmatvec`, the memory-bound matrix-vector kernel
   that reads each quantized byte once. Its cost grows with M, so past that many

@@ -139,13 +139,13 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     return (d * q).reshape(n, QK_K)
 
 
-# GGML type name -> (weights per block, bytes per block, block decoder)
 # ggml type -> byte offsets of its block's fp16 scale fields (d, and dmin or m where it has one):
 # where random bytes need finite, small scales to be a usable block (tests, shape benchmarks)
 FP16_FIELDS: dict[str, tuple[int, ...]] = {
     "Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2),
     "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 
+# GGML type name -> (weights per block, bytes per block, block decoder)
 TORCH_DEQUANT: dict[str, tuple[int, int, Callable[[torch.Tensor], torch.Tensor]]] = {
     "Q8_0": (32, 34, _q8_0),
     "Q4_0": (32, 18, _q4_0),
