@@ -42,6 +42,8 @@ declare -A PARTS=(
   [colocate]="590 -m benchmarks.colocate"
   [constrained]="200 -m benchmarks.constrained --model synthetic/smollm2-135m --rounds 3"
   [cold_start]="420 -m benchmarks.cold_start"
+  # Issue 15: captures while another thread allocates; the default generator after a failed capture.
+  [capture]="150 -m pytest -q -s -p no:cacheprovider --timeout 140 tests/gpu/test_graph_capture_gpu.py"
   [unload]="300 -m pytest -q -s -p no:cacheprovider --timeout 280 tests/gpu/test_unload_gpu.py"
   # What stays after an unload, by part of the engine (a fresh process per variant).
   [unload_residue]="560 -m benchmarks.unload_residue"
