@@ -44,6 +44,7 @@ from app.server.metrics import Metrics
 from app.server.security import is_loopback_host
 from app.settings import Settings
 from engines import compile_cache
+from engines.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +115,10 @@ class KvRuntime:
             self.pool.backend.close()
 
 
-def open_kv(settings: Settings) -> KvRuntime:
+def open_kv(settings: Settings, engines: EngineConfig) -> KvRuntime:
     """Open the backend, the pool and the broker; what fails is logged and left out
-    (serving without memory brokering beats not serving)."""
+    (serving without memory brokering beats not serving). engines: what the models will
+    run with (the kernel warm-up runs the same decode batches)."""
     from kvcached.vmm import open_backend
     from kvcached.page_pool import PagePool
 
@@ -129,7 +131,7 @@ def open_kv(settings: Settings) -> KvRuntime:
         return KvRuntime()
     from engines.factory import prepare_device
 
-    prepare_device(pool)   # the libraries' and kernels' share of the context now, not on the first load
+    prepare_device(pool, engines)   # the libraries' and kernels' share of the context now, not on the first load
     try:
         from kvcached.broker import Broker
 
@@ -151,14 +153,15 @@ def make_engine_factory(config, runtime: Callable[[], KvRuntime]):
     return make_engine
 
 
-def open_kv_in_background(settings: Settings, link: BrokerLink) -> concurrent.futures.Future:
+def open_kv_in_background(settings: Settings, engines: EngineConfig,
+                          link: BrokerLink) -> concurrent.futures.Future:
     """open_kv on a thread (it imports torch: seconds on a small CPU; /health must answer at
     once); the broker goes to the link when it is there. Returns the KvRuntime's future."""
     opened: concurrent.futures.Future = concurrent.futures.Future()
 
     def run() -> tuple[object | None, str]:
         try:
-            runtime = open_kv(settings)
+            runtime = open_kv(settings, engines)
         except BaseException as exc:
             opened.set_exception(exc)
             raise
@@ -178,8 +181,8 @@ def build_context(settings: Settings) -> ServerContext:
     token = auth.ensure_token(paths.token_file)
     hub = EventHub()
     link = BrokerLink(None, hub)
-    runtime = open_kv_in_background(settings, link)
     config = engine_config(settings, paths)
+    runtime = open_kv_in_background(settings, config, link)
     manager = ModelManager(ModelRegistry(config), make_engine_factory(config, runtime.result), settings, hub, link)
     metrics = Metrics(lambda: {l.name: _memory_gauges(l.engine) for l in manager.loaded()})
     hub.listen(lambda event: _count_reclaim(metrics, event))

@@ -54,12 +54,13 @@ def pool_on_cuda(kv_pool: object | None) -> bool:
     return kv_pool is not None and kv_pool.backend.name == "cuda"
 
 
-def prepare_device(kv_pool: object | None) -> None:
+def prepare_device(kv_pool: object | None, config: EngineConfig | None = None) -> None:
     """Once, when the daemon opens the GPU: the CUDA libraries every torch model uses set
     up (engines/torch/cuda_libraries.py), then the code of the engine's kernels loaded by a
     tiny model's round trip (engines/torch/kernel_warm_up.py): the process's fixed cost,
-    paid before the first load, so every unload returns to it. A failure is logged: the
-    first load pays it then."""
+    paid before the first load, so every unload returns to it; config: the engines'
+    settings (the warm-up decodes the same batch sizes). A failure is logged: the first
+    load pays it then."""
     if not pool_on_cuda(kv_pool):
         return
     try:
@@ -70,7 +71,7 @@ def prepare_device(kv_pool: object | None) -> None:
         device = torch.device("cuda", torch.cuda.current_device())
         free_before, started = torch.cuda.mem_get_info(device)[0], time.monotonic()
         warm_up_libraries(device)
-        warm_up_engine_kernels(kv_pool)
+        warm_up_engine_kernels(kv_pool, config or EngineConfig())
         seconds = time.monotonic() - started
         loaded_mib = (free_before - torch.cuda.mem_get_info(device)[0]) / (1 << 20)
         log.info("CUDA libraries and kernel code loaded in %.1f s: %.0f MiB of the device (kept for "

@@ -34,10 +34,10 @@ log = logging.getLogger(__name__)
 # (SmolLM2 and Llama 3.2 run 64, most 7-8B models 128); the rest of the shape is as small
 # as the engine allows, so the warm-up costs a fraction of a second and a few MiB.
 WARM_UP_HEAD_DIMS = (64, 128)
-WARM_UP_SLOTS = 2            # decode buckets 1 and 2: both the eager and the captured step
 WARM_UP_CONTEXT = 256
 WARM_UP_PROMPT = "warm " * 24  # a prefill of more than one token: the prefill path's kernels
 WARM_UP_TOKENS = 4
+CAPTURES_WAIT_S = 60.0       # the serving loop captures the other batch buckets while idle
 
 
 def warm_up_config(head_dim: int) -> ModelConfig:
@@ -46,15 +46,17 @@ def warm_up_config(head_dim: int) -> ModelConfig:
                        max_context=WARM_UP_CONTEXT, eos_ids=())
 
 
-def warm_up_engine_kernels(kv_pool: object, cuda_graphs: bool = True) -> float:
+def warm_up_engine_kernels(kv_pool: object, served: EngineConfig) -> float:
     """Run the tiny models through the torch engine on kv_pool's device and give everything
-    back; returns the seconds it took. Raises what the engine raises (the caller logs it:
-    the first served model then loads the code instead)."""
+    back; returns the seconds it took. served: the models' engine settings; the warm-up
+    decodes with as many slots (so captures every batch bucket they will: cuBLAS picks its
+    GEMM kernels by batch size) and with CUDA graphs as they do. Raises what the engine
+    raises (the caller logs it: the first served model then loads the code instead)."""
     from engines.torch.engine import TorchEngine
 
     started = time.monotonic()
-    config = EngineConfig(torch_num_slots=WARM_UP_SLOTS, torch_max_context=WARM_UP_CONTEXT,
-                          torch_cuda_graphs=cuda_graphs, torch_compile=False,
+    config = EngineConfig(torch_num_slots=served.torch_num_slots, torch_max_context=WARM_UP_CONTEXT,
+                          torch_cuda_graphs=served.torch_cuda_graphs, torch_compile=False,
                           torch_weights_to_host=False)
     for head_dim in WARM_UP_HEAD_DIMS:
         cfg = warm_up_config(head_dim)
@@ -68,6 +70,20 @@ def warm_up_engine_kernels(kv_pool: object, cuda_graphs: bool = True) -> float:
                                                               ignore_eos=True))
             for _ in engine.generate(request):
                 pass
+            _wait_for_background_captures(engine)
         finally:
             engine.unload()
     return time.monotonic() - started
+
+
+def _wait_for_background_captures(engine: object) -> None:
+    """Until the serving loop has captured every decode bucket the load left pending (the
+    larger batches' GEMMs load their own kernels), or CAPTURES_WAIT_S passed (logged:
+    the first model that decodes such a batch loads that code instead)."""
+    runner = getattr(engine, "runner", None)
+    deadline = time.monotonic() + CAPTURES_WAIT_S
+    while runner is not None and runner.pending and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if runner is not None and runner.pending:
+        log.warning("kernel warm-up: %d decode graphs still pending after %.0f s", len(runner.pending),
+                    CAPTURES_WAIT_S)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from engines import factory
+from engines.config import EngineConfig
 from engines.torch import kernel_warm_up
 from kvcached.config import KvcachedConfig
 from kvcached.standalone import standalone_pool
@@ -24,7 +25,7 @@ def test_the_warm_up_runs_each_head_size_and_gives_every_page_back(host_pool, mo
     real_config = kernel_warm_up.warm_up_config
     monkeypatch.setattr(kernel_warm_up, "warm_up_config",
                         lambda head_dim: loaded.append(head_dim) or real_config(head_dim))
-    seconds = kernel_warm_up.warm_up_engine_kernels(host_pool, cuda_graphs=False)
+    seconds = kernel_warm_up.warm_up_engine_kernels(host_pool, EngineConfig(torch_cuda_graphs=False))
     assert loaded == list(kernel_warm_up.WARM_UP_HEAD_DIMS)
     assert seconds > 0
     host_pool.shrink()
@@ -39,6 +40,17 @@ def test_the_warm_up_shape_is_a_valid_small_model():
 
 def test_prepare_device_leaves_a_cpu_pool_alone(host_pool, monkeypatch):
     monkeypatch.setattr(kernel_warm_up, "warm_up_engine_kernels",
-                        lambda pool: pytest.fail("no kernels to load on the host backend"))
-    factory.prepare_device(host_pool)
+                        lambda pool, served: pytest.fail("no kernels to load on the host backend"))
+    factory.prepare_device(host_pool, EngineConfig())
     factory.prepare_device(None)
+
+
+def test_the_warm_up_decodes_as_many_slots_as_the_served_models(host_pool, monkeypatch):
+    from engines.torch import engine as torch_engine
+
+    slots: list[int] = []
+    real_engine = torch_engine.TorchEngine
+    monkeypatch.setattr(torch_engine, "TorchEngine",
+                        lambda info, config, pool: slots.append(config.torch_num_slots) or real_engine(info, config, pool))
+    kernel_warm_up.warm_up_engine_kernels(host_pool, EngineConfig(torch_num_slots=3, torch_cuda_graphs=False))
+    assert slots == [3] * len(kernel_warm_up.WARM_UP_HEAD_DIMS)
