@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -89,8 +90,7 @@ def start_build(source_tar: Path, work: Path, jobs: int = 16) -> Build:
     build = Build(work, source_tar)
     if not source_tar.exists():
         raise FileNotFoundError(f"{source_tar} is missing: run scripts/fetch_llama_src.sh here and carry .gpu")
-    if build.has_tools or (llama_prebuilt.unpack(source_tar.parent, source_tar, build.bin_dir.parent)
-                           and build.has_tools):
+    if build.has_tools or _restored_and_runs(source_tar, build):
         build.cached, build.seconds = True, 0.0
         log.info("llama.cpp build: reused %s", build.bin_dir)
         return build
@@ -103,6 +103,19 @@ def start_build(source_tar: Path, work: Path, jobs: int = 16) -> Build:
         build.process = subprocess.Popen(["bash", "-c", script], stdout=sink, stderr=subprocess.STDOUT,
                                          env={**os.environ, "CUDAARCHS": "90"})
     return build
+
+
+def _restored_and_runs(source_tar: Path, build: Build) -> bool:
+    """A prebuilt bin/ carried in .gpu/ restored, and it starts here; one that does not (built
+    on another image) is removed, so the sources are built as before."""
+    if not (llama_prebuilt.unpack(source_tar.parent, source_tar, build.bin_dir.parent) and build.has_tools):
+        return False
+    problem = llama_prebuilt.runs_here(build.bin_dir)
+    if problem:
+        log.warning("prebuilt llama.cpp does not run here (building instead): %s", problem)
+        shutil.rmtree(build.bin_dir, ignore_errors=True)
+        return False
+    return True
 
 
 def load_and_first_token_s(binary: str | Path, gguf: Path, runs: int = 3, timeout_s: float = 600) -> dict:

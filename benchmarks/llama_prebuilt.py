@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -31,9 +32,41 @@ MAX_PACKED = 44 << 20          # beside the sources and wheels, under the 64 MiB
 
 def tool_env(binary: str | Path) -> dict[str, str]:
     """The tools load libllama/libggml from their own folder, also where bin/ was restored
-    under another path than the one it was linked in (its RPATH names the build's)."""
-    here = str(Path(binary).parent)
-    return {**os.environ, "LD_LIBRARY_PATH": ":".join(filter(None, (here, os.environ.get("LD_LIBRARY_PATH"))))}
+    under another path than the one it was linked in (its RPATH names the build's), and
+    cuBLAS from the machine's CUDA (a bin/ built elsewhere carries no cuBLAS: hundreds of MB)."""
+    dirs = [str(Path(binary).parent), os.environ.get("LD_LIBRARY_PATH", ""), *cuda_library_dirs()]
+    return {**os.environ, "LD_LIBRARY_PATH": ":".join(d for d in dirs if d)}
+
+
+def cuda_library_dirs() -> list[str]:
+    """Where the machine keeps libcublas: the toolkit's lib64, or the pip packages torch loads."""
+    roots = [Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "lib64", Path("/usr/local/cuda/lib64")]
+    try:
+        import nvidia  # the namespace package of torch's CUDA wheels
+        roots += [lib for base in nvidia.__path__ for lib in Path(base).glob("*/lib")]
+    except ImportError:
+        pass
+    found = []
+    for root in roots:
+        if any(root.glob("libcublas.so*")) and str(root) not in found:
+            found.append(str(root))
+    return found
+
+
+def runs_here(bin_dir: Path, tool: str = "llama-completion") -> str:
+    """'' when a restored bin/ starts on this machine, else why not (a library the loader
+    cannot find, a C library too old: it was built on another machine's image)."""
+    binary = bin_dir / tool
+    try:
+        done = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60,
+                              env=tool_env(binary))
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    output = done.stdout + done.stderr
+    if done.returncode < 0 or done.returncode == 127 or "error while loading shared libraries" in output \
+            or "version `GLIBC" in output:
+        return output[-800:] or f"rc={done.returncode}"
+    return ""
 
 
 def source_digest(source_tar: Path) -> str:

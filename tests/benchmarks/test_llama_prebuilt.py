@@ -57,3 +57,26 @@ def test_a_build_too_big_to_carry_is_not_kept(tmp_path, monkeypatch):
     sources.write_bytes(b"s")
     assert llama_prebuilt.pack(fake_bin(tmp_path / "m", size=50_000), sources, tmp_path / "out") == []
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_prebuilt_that_does_not_start_here_is_removed_for_a_build(tmp_path):
+    sources = tmp_path / "carried" / "llama.cpp-src.tar.xz"
+    sources.parent.mkdir()
+    sources.write_bytes(b"the sources")
+    built = fake_bin(tmp_path / "machine1", size=1000)
+    (built / "llama-completion").write_bytes(
+        b"#!/bin/sh\necho 'llama-completion: error while loading shared libraries: libcublas.so.13' >&2\nexit 127\n")
+    llama_prebuilt.pack(built, sources, sources.parent)
+
+    build = llama_peer.Build(tmp_path / "machine2", sources)
+    assert not llama_peer._restored_and_runs(sources, build)
+    assert not build.bin_dir.exists()                       # gone: the sources are built instead
+    assert "libcublas.so.13" in llama_prebuilt.runs_here(built)
+
+
+def test_the_tools_find_the_machines_cublas(tmp_path, monkeypatch):
+    cuda = tmp_path / "cuda"
+    (cuda / "lib64").mkdir(parents=True)
+    (cuda / "lib64" / "libcublas.so.13").write_bytes(b"")
+    monkeypatch.setenv("CUDA_HOME", str(cuda))
+    assert str(cuda / "lib64") in llama_prebuilt.tool_env(tmp_path / "bin" / "llama-bench")["LD_LIBRARY_PATH"].split(":")
