@@ -16,5 +16,9 @@ def format_bytes(count: float) -> str:
 
 def model_held_bytes(model: dict) -> int:
     """What a model holds in memory now: weights plus mapped KV (a /control/models entry)."""
-    memory = model.get("memory") or {}
-    return int(memory.get("weights", 0) or 0) + int(memory.get("kv_held", 0) or 0)
+    return model_weights_bytes(model) + int((model.get("memory") or {}).get("kv_held", 0) or 0)
+
+
+def model_weights_bytes(model: dict) -> int:
+    """Of it, the weights (quantized GGUFs: their blocks, about the file's tensor bytes)."""
+    return int((model.get("memory") or {}).get("weights", 0) or 0)

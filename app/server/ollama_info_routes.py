@@ -105,6 +105,8 @@ def _running_models(ctx: ServerContext) -> dict:
             "name": loaded.name, "model": loaded.name, "size": size, "digest": digest(loaded.info),
             "details": details(loaded.info), "expires_at": rfc3339(loaded.expires_at),
             "size_vram": size if memory.on_gpu else 0,
+            # Ebbtide's own: of size, the weights (a quantized GGUF's blocks) and the KV mapped now.
+            "weights_bytes": memory.weights_bytes, "kv_bytes": memory.kv_held_bytes,
             # The context it is served with (llama.cpp engines may cap the model's own).
             "context_length": served_ctx_of(ctx, loaded.info),
             # Which engine serves it, and why another one does not (a torch load that fell back).

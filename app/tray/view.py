@@ -9,7 +9,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from app.human import format_bytes, model_held_bytes
+from app.human import format_bytes, model_held_bytes, model_weights_bytes
 
 YIELD_SHOWN_S = 5.0  # how long the icon keeps its "giving back" look after a reclaim
 
@@ -31,6 +31,7 @@ class ModelRow:
     engine: str = ""
     remote: str = ""    # the remote server that serves it ([remotes.NAME]); "" for a local model
     rung: str = ""      # the broker's ladder: loaded | kv_on_host | weights_on_host | unloaded
+    weights_bytes: int = 0  # of held_bytes, the weights (the rest is KV)
 
     @property
     def shown_state(self) -> str:
@@ -41,6 +42,12 @@ class ModelRow:
         if self.rung == "weights_on_host":
             return "paused, off the GPU"
         return self.state
+
+    def held_words(self) -> str:
+        """'1.3 GB (weights 1.1 GB)': what a quantized file costs on the card is the first
+        thing a person on an 8-16 GB GPU asks."""
+        held = format_bytes(self.held_bytes)
+        return f"{held} (weights {format_bytes(self.weights_bytes)})" if self.weights_bytes else held
 
 
 @dataclass(frozen=True)
@@ -76,7 +83,7 @@ class TrayView:
                  + (f" of {format_bytes(self.device_total)}" if self.device_total else "")]
         if self.device_total:
             lines.append(f"Others use {format_bytes(self.others_bytes)}, {format_bytes(self.device_free)} free")
-        lines += [f"{m.name}: {m.shown_state}, {format_bytes(m.held_bytes)}" for m in in_memory[:4]]
+        lines += [f"{m.name}: {m.shown_state}, {m.held_words()}" for m in in_memory[:4]]
         if self.mode is TrayMode.YIELDING:
             lines.append("Giving memory back to other apps")
         if self.message:
@@ -99,7 +106,7 @@ def view_from(models: list[dict], memory: dict, *, last_reclaim_at: float = 0.0,
     now = time.time() if now is None else now
     rows = tuple(ModelRow(str(m.get("name", "?")), str(m.get("state", "unloaded")), bool(m.get("busy")),
                           model_held_bytes(m), str(m.get("engine") or ""), str(m.get("remote") or ""),
-                          str(m.get("rung") or ""))
+                          str(m.get("rung") or ""), model_weights_bytes(m))
                  for m in models)
     in_memory = [r for r in rows if r.state not in ("unloaded",)]
     mode = TrayMode.NORMAL

@@ -24,7 +24,10 @@ def test_models_load_lazily_and_unload_after_keep_alive(start_daemon) -> None:
         assert http.get("/api/ps").json()["models"] == []  # nothing loads at start
         model = daemon.default_model()
         http.post("/api/generate", json={"model": model, "prompt": "", "keep_alive": "1h"})
-        assert [m["name"] for m in http.get("/api/ps").json()["models"]] == [model]
+        running = http.get("/api/ps").json()["models"]
+        assert [m["name"] for m in running] == [model]
+        # Ebbtide's own keys: what of the size is the weights (a quantized file's blocks) and the KV.
+        assert running[0]["weights_bytes"] > 0 and running[0]["weights_bytes"] + running[0]["kv_bytes"] == running[0]["size"]
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and http.get("/api/ps").json()["models"]:
             time.sleep(0.2)

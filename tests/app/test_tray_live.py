@@ -130,6 +130,7 @@ def test_tray_menu_from_live_daemon_reclaims(xdisplay, tray_host, daemon, tmp_pa
     held = {m["name"]: m for m in daemon.client.models()}[model]
     row = next(r for r in view.models if r.name == model)
     assert row.state == held["state"] == "loaded" and row.held_bytes > 0
+    assert row.weights_bytes == held["memory"]["weights"] > 0
     assert any(e.label.startswith(f"{model} (idle") for e in app.entries())
 
     app.build_icon()

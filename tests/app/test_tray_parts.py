@@ -35,7 +35,7 @@ def test_view_from_control_api_bodies() -> None:
     assert view.mode is TrayMode.NORMAL and view.held_bytes == 300 * MiB
     assert view.held_fraction == pytest.approx(0.3) and view.others_fraction == pytest.approx(0.3)
     assert [r.shown_state for r in view.models] == ["idle", "paused", "unloaded"]
-    assert "300.0 MiB" in view.tooltip() and "small: idle" in view.tooltip()
+    assert "300.0 MiB" in view.tooltip() and "small: idle, 100.0 MiB (weights 90.0 MiB)" in view.tooltip()
     assert view_from(MODELS, MEMORY, last_reclaim_at=99.0, now=100.0).mode is TrayMode.YIELDING
     assert view_from(MODELS[1:], MEMORY, now=100.0).mode is TrayMode.PAUSED
 
