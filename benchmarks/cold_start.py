@@ -31,11 +31,14 @@ import httpx
 
 from benchmarks.daemon_proc import Daemon
 from benchmarks.e2e_common import base_settings, bundled_gguf, setup_logging
-from benchmarks.llama_peer import load_and_first_token_s
+from benchmarks.llama_peer import load_and_first_token_s, start_build
 from benchmarks.results_io import print_table, write_result
+from benchmarks.shape_gguf import write_block_shape
 from benchmarks.stream_client import openai_completion
 
+_ROOT = Path(__file__).resolve().parent.parent
 FIRST_TOKEN_TIMEOUT_S = 600.0
+PEER_BUILD_WAIT_S = 400.0
 # Tokens asked for: the first streamed text is timed. A random-weight GGUF of a named shape
 # (byte-level vocabulary) may spend its first tokens on bytes that are not text yet; 16 make
 # text all but certain, and each costs one decode step (milliseconds) before it shows.
@@ -89,6 +92,25 @@ def measure_daemon(gguf: Path, model: str) -> list[dict]:
     return rows
 
 
+def shaped_gguf(shape: str) -> Path:
+    from engines.torch.model.configs import named_config
+
+    return write_block_shape(named_config(shape), _ROOT / "build" / "quant" / "blocks" / f"{shape}.Q4_K_M.gguf")
+
+
+def peer_completion(source_tar: Path):
+    """Starts restoring (or building) llama.cpp; returns a callable giving its llama-completion
+    once ready, None when the build failed (logged: the run goes on without the reference)."""
+    build = start_build(source_tar, _ROOT / "build" / "quant")
+
+    def ready() -> Path | None:
+        if build.wait(PEER_BUILD_WAIT_S):
+            return Path(build.binary("llama-completion"))
+        print(f"llama.cpp build failed; no reference:\n{build.log_tail()}")
+        return None
+    return ready
+
+
 def main() -> None:
     setup_logging()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,12 +118,19 @@ def main() -> None:
     parser.add_argument("--name", default="", help="results file suffix and model name")
     parser.add_argument("--llama-completion", type=Path, default=None,
                         help="llama.cpp's llama-completion (CUDA build: benchmarks/llama_peer.py)")
+    parser.add_argument("--shape", default="", help="a named config written as random Q4_K_M blocks, "
+                                                     "instead of --gguf (llama-3.1-8b, qwen2.5-7b...)")
+    parser.add_argument("--llama-src", type=Path, default=None,
+                        help="llama.cpp's sources (.gpu/llama.cpp-src.tar.xz): the reference's llama-completion")
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    gguf = args.gguf or bundled_gguf()
-    model = args.name or "cold-" + gguf.stem.lower().replace(".", "-")
+    # The peer restores (or builds) in the background while the file is written and timed.
+    completion = peer_completion(args.llama_src) if args.llama_src else (lambda: args.llama_completion)
+    gguf = shaped_gguf(args.shape) if args.shape else (args.gguf or bundled_gguf())
+    model = "cold-" + (args.name or gguf.stem.lower().replace(".", "-").replace("_", "-"))
     rows = measure_daemon(gguf, model)
-    reference = load_and_first_token_s(args.llama_completion, gguf, args.runs) if args.llama_completion else None
+    binary = completion()
+    reference = load_and_first_token_s(binary, gguf, args.runs) if binary else None
     print_table(["case", "first token s", "device open s", "phases (s)"],
                 [[r["case"], f"{r['first_token_s']:.2f}", f"{r.get('device_open_s', 0.0):.2f}",
                   " ".join(f"{k}={v:.2f}" for k, v in r["load_phases_s"].items())] for r in rows])

@@ -42,6 +42,8 @@ declare -A PARTS=(
   [colocate]="590 -m benchmarks.colocate"
   [constrained]="200 -m benchmarks.constrained --model synthetic/smollm2-135m --rounds 3"
   [cold_start]="420 -m benchmarks.cold_start"
+  # Issue 22's 8B case against llama.cpp's load of the same file (carry .gpu: a prebuilt bin/ or the sources).
+  [cold_start_8b]="590 -m benchmarks.cold_start --shape llama-3.1-8b --llama-src .gpu/llama.cpp-src.tar.xz --name 8b --runs 2"
   # Issue 15: captures while another thread allocates; the default generator after a failed capture.
   [capture]="150 -m pytest -q -s -p no:cacheprovider --timeout 140 tests/gpu/test_graph_capture_gpu.py"
   [unload]="300 -m pytest -q -s -p no:cacheprovider --timeout 280 tests/gpu/test_unload_gpu.py"
