@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from app import env, exit_codes
 from app.control_client import ControlClient, ControlError, DaemonNotRunning
-from app.human import format_bytes, model_held_bytes
+from app.human import format_bytes, model_held_bytes, model_weights_bytes
 from app.instance_lock import AlreadyRunning, InstanceLock
 from app.paths import AppPaths, app_paths
 from app.settings import FIELDS, SettingValueError
@@ -110,9 +110,10 @@ def _print_models(models: list[dict]) -> None:
     """One row a model; WHY says which engine serves (or would serve) it and why."""
     rows = [(m.get("name", "?"), m.get("state", "?") + (" (busy)" if m.get("busy") else ""),
              m.get("engine") or "", format_bytes(model_held_bytes(m)),
+             format_bytes(model_weights_bytes(m)) if model_weights_bytes(m) else "",
              (f"{m['route']['engine']}: {m['route']['reason']}" if m.get("route") else "")) for m in models]
-    header = ("NAME", "STATE", "ENGINE", "MEMORY", "WHY")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
+    header = ("NAME", "STATE", "ENGINE", "MEMORY", "WEIGHTS", "WHY")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
 

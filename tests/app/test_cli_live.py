@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from app import exit_codes
+from app.human import format_bytes
 from desktop_support import LiveDaemon
 
 pytestmark = pytest.mark.timeout(240)
@@ -23,6 +24,8 @@ def test_client_commands(daemon: LiveDaemon) -> None:
     ps = daemon.cli("ps")
     assert ps.returncode == 0 and model in ps.stdout
     assert "loaded" in ps.stdout and "MiB" in ps.stdout
+    weights = {m["name"]: m for m in daemon.client.models()}[model]["memory"]["weights"]
+    assert "WEIGHTS" in ps.stdout and format_bytes(weights) in ps.stdout   # of MEMORY, the weights
     models = daemon.cli("models")
     assert models.returncode == 0 and model in models.stdout
     status = daemon.cli("status")
