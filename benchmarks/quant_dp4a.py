@@ -135,30 +135,40 @@ def measure_token(bandwidth: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--sweep-only", action="store_true", help="only the per-shape launch sweep")
+    parser.add_argument("--name", default="quant_dp4a", help="results file name")
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s; dp4a launches {quant_dp4a.LAUNCH}")
     result: dict = {"copy_bandwidth_gbs": bandwidth / 1e9, "launch": quant_dp4a.LAUNCH, "shapes": {}}
+    if not args.sweep_only:
+        measure_kernels(bandwidth, result, args.name)
+    if not args.no_sweep:
+        result["sweep"] = {}
+        for type_name in quant_dp4a.TYPES:      # written after each type: a cut-off run keeps what ran
+            result["sweep"][type_name] = sweep(type_name)
+            write_result(args.name, result)
+        print_table(["type shape", "float us", "best dp4a us", "launch (rows, blocks, unroll, warps)", "next"],
+                    [[f"{t} {shape}", cell["float_us"], cell["best"][0]["us"], cell["best"][0]["launch"],
+                      cell["best"][1]["launch"]] for t, shapes in result["sweep"].items()
+                     for shape, cell in shapes.items()])
+
+
+def measure_kernels(bandwidth: float, result: dict, name: str) -> None:
+    """The 8B token's matvecs, then each type and shape at M=1, 2, 8: float path against dp4a."""
     token = measure_token(bandwidth)
     result["token_8b_q4_k_m"] = token
     print_table(["8B Q4_K_M token, M=1", "weight GB", "matvec ms", "limit ms", "of limit"],
                 [[k, token["weight_gb"], token[k]["matvec_ms"], token["limit_ms"], token[k]["of_limit"]]
                  for k in ("float", "dp4a")])
-    write_result("quant_dp4a", result)
+    write_result(name, result)
     for type_name in quant_dp4a.TYPES:
         for shape in sorted(set(LAYER.values()) | {HEAD}):
             result["shapes"][f"{type_name} {shape[0]}x{shape[1]}"] = compare_shape(type_name, shape, bandwidth)
     print_table(["type shape", "MB", "float us", "of copy", "dp4a us", "of copy", "speedup", "M=2 x", "M=8 x"],
                 [[k, c["bytes"] / 1e6, c["float_us"], c["float_of_copy"], c["dp4a_us"], c["dp4a_of_copy"],
                   c["speedup"], c["m2_speedup"], c["m8_speedup"]] for k, c in result["shapes"].items()])
-    write_result("quant_dp4a", result)
-    if not args.no_sweep:
-        result["sweep"] = {t: sweep(t) for t in quant_dp4a.TYPES}
-        print_table(["type shape", "float us", "best dp4a us", "launch (rows, blocks, unroll, warps)", "next"],
-                    [[f"{t} {shape}", cell["float_us"], cell["best"][0]["us"], cell["best"][0]["launch"],
-                      cell["best"][1]["launch"]] for t, shapes in result["sweep"].items()
-                     for shape, cell in shapes.items()])
-        write_result("quant_dp4a", result)
+    write_result(name, result)
 
 
 if __name__ == "__main__":

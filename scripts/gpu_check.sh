@@ -55,6 +55,8 @@ declare -A PARTS=(
   [quant_matvec]="240 -m benchmarks.quant_matvec"
   # Q4_K at batch 1 on dp4a (int8 activations, as llama.cpp's mmvq) against the float matvec.
   [quant_dp4a]="240 -m benchmarks.quant_dp4a"
+  # Only the per-shape launch sweep (what LAUNCH and MIN_ROWS should say per 8B layer shape).
+  [quant_dp4a_sweep]="240 -m benchmarks.quant_dp4a --sweep-only --name quant_dp4a_sweep"
   # Quantized GGUFs vs llama.cpp's CUDA build (carry .gpu: scripts/fetch_llama_src.sh makes it).
   # One call each; the build and the shape files stay under build/quant for the next part.
   [quant]="590 -m benchmarks.quant_decode --budget-s 540"
