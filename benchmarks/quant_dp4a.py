@@ -140,7 +140,8 @@ def main() -> None:
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s; dp4a launches {quant_dp4a.LAUNCH}")
-    result: dict = {"copy_bandwidth_gbs": bandwidth / 1e9, "launch": quant_dp4a.LAUNCH, "shapes": {}}
+    result: dict = {"copy_bandwidth_gbs": bandwidth / 1e9, "launch": quant_dp4a.LAUNCH,
+                    "launch_one_row_of_x": quant_dp4a.LAUNCH_ONE_ROW_OF_X, "shapes": {}}
     if not args.sweep_only:
         measure_kernels(bandwidth, result, args.name)
     if not args.no_sweep:

@@ -79,6 +79,32 @@ def test_the_integer_dot_matvec_is_the_weight_times_x_as_quantized(case):
     assert torch.all((got - exact).abs() <= step_error * 1.001 + 3e-5 * scale + 1e-6)
 
 
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("type_name", sorted(quant_dp4a.TYPES))
+def test_the_launch_chosen_for_one_row_of_x_is_exact_too(type_name):
+    """Batch-1 decode's launch (one weight row a program) on a weight of ragged rows and steps."""
+    cols = 768 if quant_dp4a.TYPES[type_name] == 256 else 160
+    w, ref = weight(type_name, 5, cols, seed=11)
+    x = torch.randn(1, cols)
+    got = quant_dp4a.qmatvec_dp4a(x, w)
+    q, d = q8_1_reference(x)
+    x_as_quantized = (q.float().reshape(-1, 32) * d[:, None]).reshape(1, cols)
+    scale = x_as_quantized.abs() @ ref.abs().t()
+    assert torch.all((got - x_as_quantized @ ref.t()).abs() <= 3e-5 * scale + 1e-6)
+
+
+def test_routing_follows_the_sweep():
+    """4096-row weights take dp4a at one row of x (one weight row a program fills the SMs);
+    at two rows the per-type thresholds hold; 1024-row ones keep the float matvec."""
+    assert quant_dp4a.launch_for("Q4_K", 1, 14336)[0] == 1
+    assert quant_dp4a.launch_for("Q4_K", 8, 14336) == quant_dp4a.LAUNCH["Q4_K"]
+    assert quant_dp4a.launch_for("Q6_K", 1, 128256) == quant_dp4a.LAUNCH["Q6_K"]      # the head: not swept
+    for type_name in quant_dp4a.TYPES:
+        assert quant_dp4a.min_rows(type_name, 1) == 4096
+        assert quant_dp4a.min_rows(type_name, 2) == quant_dp4a.MIN_ROWS[type_name]
+        assert quant_dp4a.min_rows(type_name, 8) == quant_dp4a.BATCH_MIN_ROWS
+
+
 def test_it_refuses_what_it_does_not_serve():
     w, _ = weight("Q4_K", 2, 256, seed=0)
     with pytest.raises(ValueError, match="1 to 8 rows of x"):

@@ -36,10 +36,23 @@ TYPES = {"Q4_K": 256, "Q6_K": 256, "Q4_0": 32, "Q8_0": 32}
 # per block (4 for K-quants, 1 else) = the threads, so each slot is one thread's
 # (dp4a_kernels); the launch sweep's best (benchmarks/quant_dp4a.py)
 LAUNCH = {"Q4_K": (8, 4, 2, 4), "Q6_K": (4, 8, 1, 4), "Q4_0": (8, 16, 1, 4), "Q8_0": (4, 32, 2, 4)}
+# At one row of x (batch-1 decode, the figure users feel) one weight row a program, as
+# llama.cpp's mmvq: 4096-row weights then fill the SMs too. The per-shape sweep
+# (quant_dp4a_sweep_h100.json, H100) put it first or second on every 8B layer shape, within
+# 4% of the best: Q4_K 4096x14336 15.9 us against 29.6 for the float matvec and 4096x4096
+# 8.2 against 10.8. Past one row of x the rows of a program share x's loads (with one
+# weight row a program, every program re-reads all of x from L2): LAUNCH there.
+LAUNCH_ONE_ROW_OF_X = {"Q4_K": (1, 8, 1, 1), "Q6_K": (1, 8, 1, 1), "Q4_0": (1, 128, 1, 4), "Q8_0": (1, 128, 1, 4)}
+# The sweep covered layer shapes only; the output head (128,256 rows) read at 0.91 of copy
+# bandwidth with LAUNCH (quant_dp4a.json, H200) and keeps it until a sweep says otherwise.
+ONE_ROW_LAUNCH_MAX_ROWS = 65536
 # Below this many output rows a program per BN rows leaves SMs idle and the float matvec
 # (which splits K) wins; at and above it dp4a wins (quant_dp4a.json, H200: Q4_K 14336x4096
 # 1.8x, the head 2.1x; 1024x4096 0.4x). Q6_K wins from 4096 rows.
 MIN_ROWS = {"Q4_K": 8192, "Q6_K": 4096, "Q4_0": 8192, "Q8_0": 8192}
+# At one row of x with LAUNCH_ONE_ROW_OF_X: dp4a wins from 4096 rows for every type; at 1024
+# (k/v projections) the two paths are within 15% either way (float ahead but for Q4_K).
+ONE_ROW_MIN_ROWS = 4096
 BATCH_MIN_ROWS = 4096  # past 2 rows of x the float path re-reads weights or dequantizes them: dp4a wins sooner
 
 
@@ -85,7 +98,20 @@ def supports(w: QuantWeight, rows_of_x: int) -> bool:
 
 def chosen(w: QuantWeight, rows_of_x: int) -> bool:
     """Whether qlinear should take this path: served, and N large enough for it to win."""
-    return supports(w, rows_of_x) and w.shape[0] >= (MIN_ROWS[w.type_name] if rows_of_x <= 2 else BATCH_MIN_ROWS)
+    return supports(w, rows_of_x) and w.shape[0] >= min_rows(w.type_name, rows_of_x)
+
+
+def min_rows(type_name: str, rows_of_x: int) -> int:
+    """The fewest output rows at which this path beats the float matvec (the constants say where from)."""
+    if rows_of_x == 1:
+        return ONE_ROW_MIN_ROWS
+    return MIN_ROWS[type_name] if rows_of_x <= 2 else BATCH_MIN_ROWS
+
+
+def launch_for(type_name: str, rows_of_x: int, rows_of_w: int) -> tuple[int, int, int, int]:
+    """(rows per program, blocks per step, steps unrolled, warps) for this many rows of x and of W."""
+    one_row = rows_of_x == 1 and rows_of_w <= ONE_ROW_LAUNCH_MAX_ROWS
+    return (LAUNCH_ONE_ROW_OF_X if one_row else LAUNCH)[type_name]
 
 
 def _weight_args(w: QuantWeight) -> list:
@@ -110,9 +136,9 @@ def qmatvec_dp4a(x: torch.Tensor, w: QuantWeight, block_n: int | None = None, bl
                          f"{w.type_name} {tuple(w.shape)} at {tuple(x.shape)}")
     n, k = w.shape
     kernel = getattr(dp4a_kernels, f"{w.type_name.lower()}_kernel")
-    bn, sb, unrolled, warps = (given or default for given, default in
-                               zip((block_n, blocks_per_step, unroll, num_warps), LAUNCH[w.type_name]))
     m = x2.shape[0]
+    bn, sb, unrolled, warps = (given or default for given, default in
+                               zip((block_n, blocks_per_step, unroll, num_warps), launch_for(w.type_name, m, n)))
     xq, dx, sx, s16 = quantize_x(x2.contiguous().reshape(-1))     # rows of whole blocks: one flat pass
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     kernel[(triton.cdiv(n, bn),)](out, *_weight_args(w), xq.view(torch.int32), dx, sx, s16,
