@@ -62,6 +62,8 @@ declare -A PARTS=(
   # Quantized GGUFs vs llama.cpp's CUDA build (carry .gpu: scripts/fetch_llama_src.sh makes it).
   # One call each; the build and the shape files stay under build/quant for the next part.
   [quant]="590 -m benchmarks.quant_decode --budget-s 540"
+  # As the daemon serves (its decode step compiled), against llama.cpp in the same run.
+  [quant_as_served]="590 -m benchmarks.quant_decode --compile --name quant_decode_compiled --budget-s 540"
   [quant_more]="590 -m benchmarks.quant_decode --types Q8_0,Q4_0 --name quant_decode_more --budget-s 540"
   [quant_budget]="590 -m benchmarks.quant_decode --part budget --budget-s 540"
   # The daemon's decode (compiled) against eager, on random Q4_K_M blocks: no llama.cpp build needed.
