@@ -81,13 +81,14 @@ def launches(type_name: str) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def sweep(type_name: str) -> dict:
-    """Per 8B layer shape in this type: each dp4a launch's time (weights cycled past L2) and the
-    float path's, best first: what `quant_dp4a.LAUNCH` and `MIN_ROWS` should say per shape."""
+def sweep(type_name: str, rows_of_x: int = 1) -> dict:
+    """Per 8B layer shape in this type, at rows_of_x rows of x: each dp4a launch's time (weights
+    cycled past L2) and the float path's, best first: what `quant_dp4a.LAUNCH_ONE_ROW_OF_X`,
+    `LAUNCH` and the row thresholds should say per shape."""
     out = {}
     for shape in sorted(set(LAYER.values())):
         weights = copies(type_name, shape)
-        x = torch.randn(1, shape[1], device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(rows_of_x, shape[1], device="cuda", dtype=torch.bfloat16)
         rows = []
         for launch in launches(type_name):
             def call(x, w, launch=launch):
@@ -137,6 +138,7 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--sweep-only", action="store_true", help="only the per-shape launch sweep")
     parser.add_argument("--name", default="quant_dp4a", help="results file name")
+    parser.add_argument("--sweep-rows", default="1", help="rows of x the sweep runs at (1,2,8: decode's batches)")
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s; dp4a launches {quant_dp4a.LAUNCH}")
@@ -145,14 +147,17 @@ def main() -> None:
     if not args.sweep_only:
         measure_kernels(bandwidth, result, args.name)
     if not args.no_sweep:
-        result["sweep"] = {}
-        for type_name in quant_dp4a.TYPES:      # written after each type: a cut-off run keeps what ran
-            result["sweep"][type_name] = sweep(type_name)
-            write_result(args.name, result)
-        print_table(["type shape", "float us", "best dp4a us", "launch (rows, blocks, unroll, warps)", "next"],
-                    [[f"{t} {shape}", cell["float_us"], cell["best"][0]["us"], cell["best"][0]["launch"],
-                      cell["best"][1]["launch"]] for t, shapes in result["sweep"].items()
-                     for shape, cell in shapes.items()])
+        for rows_of_x in map(int, args.sweep_rows.split(",")):
+            key = "sweep" if rows_of_x == 1 else f"sweep_m{rows_of_x}"
+            result[key] = {}
+            for type_name in quant_dp4a.TYPES:      # written after each type: a cut-off run keeps what ran
+                result[key][type_name] = sweep(type_name, rows_of_x)
+                write_result(args.name, result)
+            print_table([f"type shape, M={rows_of_x}", "float us", "best dp4a us",
+                         "launch (rows, blocks, unroll, warps)", "next"],
+                        [[f"{t} {shape}", cell["float_us"], cell["best"][0]["us"], cell["best"][0]["launch"],
+                          cell["best"][1]["launch"]] for t, shapes in result[key].items()
+                         for shape, cell in shapes.items()])
 
 
 def measure_kernels(bandwidth: float, result: dict, name: str) -> None:

@@ -57,8 +57,9 @@ declare -A PARTS=(
   [quant_matvec]="240 -m benchmarks.quant_matvec"
   # Q4_K at batch 1 on dp4a (int8 activations, as llama.cpp's mmvq) against the float matvec.
   [quant_dp4a]="240 -m benchmarks.quant_dp4a"
-  # Only the per-shape launch sweep (what LAUNCH and MIN_ROWS should say per 8B layer shape).
-  [quant_dp4a_sweep]="240 -m benchmarks.quant_dp4a --sweep-only --name quant_dp4a_sweep"
+  # Only the per-shape launch sweep (what the launches and row thresholds should say per 8B
+  # layer shape), at decode's batches 1, 2 and 8 (~60 s each on the H100).
+  [quant_dp4a_sweep]="240 -m benchmarks.quant_dp4a --sweep-only --sweep-rows 1,2,8 --name quant_dp4a_sweep"
   # Quantized GGUFs vs llama.cpp's CUDA build (carry .gpu: scripts/fetch_llama_src.sh makes it).
   # One call each; the build and the shape files stay under build/quant for the next part.
   [quant]="590 -m benchmarks.quant_decode --budget-s 540"
