@@ -33,7 +33,7 @@ from benchmarks.daemon_proc import Daemon
 from benchmarks.e2e_common import base_settings, bundled_gguf, setup_logging
 from benchmarks.llama_peer import load_and_first_token_s, start_build
 from benchmarks.results_io import print_table, write_result
-from benchmarks.shape_gguf import write_block_shape
+from benchmarks.shape_gguf import named_block_shape
 from benchmarks.stream_client import openai_completion
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -92,12 +92,6 @@ def measure_daemon(gguf: Path, model: str) -> list[dict]:
     return rows
 
 
-def shaped_gguf(shape: str) -> Path:
-    from engines.torch.model.configs import named_config
-
-    return write_block_shape(named_config(shape), _ROOT / "build" / "quant" / "blocks" / f"{shape}.Q4_K_M.gguf")
-
-
 def peer_completion(source_tar: Path):
     """Starts restoring (or building) llama.cpp; returns a callable giving its llama-completion
     once ready, None when the build failed (logged: the run goes on without the reference)."""
@@ -126,7 +120,7 @@ def main() -> None:
     args = parser.parse_args()
     # The peer restores (or builds) in the background while the file is written and timed.
     completion = peer_completion(args.llama_src) if args.llama_src else (lambda: args.llama_completion)
-    gguf = shaped_gguf(args.shape) if args.shape else (args.gguf or bundled_gguf())
+    gguf = named_block_shape(args.shape) if args.shape else (args.gguf or bundled_gguf())
     model = "cold-" + (args.name or gguf.stem.lower().replace(".", "-").replace("_", "-"))
     rows = measure_daemon(gguf, model)
     binary = completion()

@@ -6,7 +6,7 @@ CUDA), which fuses the norms, RoPE, residuals and activations between the
 quantized matvecs. This runs both on the same Q4_K_M-typed file in one process:
 decode tok/s at batch 1 and 8, the graph replay of one step, the warm-up the
 compile costs, and the bandwidth fraction. The file is written straight as random
-Q4_K/Q6_K blocks in llama.cpp's Q4_K_M mix (`shape_gguf.write_block_shape`), so
+Q4_K/Q6_K blocks in llama.cpp's Q4_K_M mix (`shape_gguf.named_block_shape`), so
 it needs no llama.cpp build; llama.cpp's figures on llama.cpp-quantized files of
 the same shapes come from `quant_decode.json` where it is there (another run:
 said so beside them).
@@ -27,8 +27,7 @@ import torch
 from benchmarks.decode import bench_engine, measure_bandwidth
 from benchmarks.quant_decode import load_measured
 from benchmarks.results_io import print_table, write_result
-from benchmarks.shape_gguf import write_block_shape
-from engines.torch.model.configs import named_config
+from benchmarks.shape_gguf import named_block_shape
 
 log = logging.getLogger("benchmarks.quant_compiled")
 _ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +46,7 @@ def peer_figures(model: str) -> dict:
 
 def bench_model(name: str, args: argparse.Namespace, bandwidth: float, deadline: float, row: dict, save) -> None:
     """Fills row (eager, then compiled), calling save() after each: a cut-off run keeps what ran."""
-    path = write_block_shape(named_config(name), _ROOT / "build" / "quant" / "blocks" / f"{name}.Q4_K_M.gguf")
+    path = named_block_shape(name)
     model, loaded = load_measured(path)
     row.update(loaded, llama_cpp_other_run=peer_figures(name))
     try:

@@ -119,6 +119,15 @@ def _random_blocks(type_name: str, shape: tuple[int, int], gen) -> np.ndarray:
     return raw.reshape(shape[0], -1).cpu().numpy()
 
 
+BLOCK_SHAPES = _ROOT / "build" / "quant" / "blocks"   # named shapes as random Q4_K_M blocks, kept between runs
+
+
+def named_block_shape(name: str) -> Path:
+    """The named config (llama-3.1-8b, smollm2-135m...) as random Q4_K_M blocks under
+    BLOCK_SHAPES, written on first use (write_block_shape)."""
+    return write_block_shape(named_config(name), BLOCK_SHAPES / f"{name}.Q4_K_M.gguf")
+
+
 def write_block_shape(cfg: ModelConfig, path: Path, seed: int = 0) -> Path:
     """cfg as a Q4_K_M-typed GGUF of random blocks, written straight (no F16 file, no
     quantizer): for timing our engine where llama.cpp is not built. The types and bytes

@@ -214,7 +214,7 @@ class TorchEngine(MemoryVerbs, Engine):
             # the residue after an unload is attributed from this line and NVML's figure).
             log.info("%s unloaded: allocator holds %.0f MiB, page pool %.0f MiB", self.info.name,
                      torch.cuda.memory_reserved(self.device) / MiB,
-                     getattr(self.kv_pool, "reserved", lambda: 0)() / MiB)
+                     self.kv_pool.reserved() / MiB)
 
     @property
     def state(self) -> ModelState:

@@ -76,14 +76,14 @@ def warm_up_engine_kernels(kv_pool: object, served: EngineConfig) -> float:
     return time.monotonic() - started
 
 
-def _wait_for_background_captures(engine: object) -> None:
+def _wait_for_background_captures(engine) -> None:
     """Until the serving loop has captured every decode bucket the load left pending (the
     larger batches' GEMMs load their own kernels), or CAPTURES_WAIT_S passed (logged:
     the first model that decodes such a batch loads that code instead)."""
-    runner = getattr(engine, "runner", None)
+    runner = engine.runner
     deadline = time.monotonic() + CAPTURES_WAIT_S
-    while runner is not None and runner.pending and time.monotonic() < deadline:
+    while runner.pending and time.monotonic() < deadline:
         time.sleep(0.05)
-    if runner is not None and runner.pending:
+    if runner.pending:
         log.warning("kernel warm-up: %d decode graphs still pending after %.0f s", len(runner.pending),
                     CAPTURES_WAIT_S)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from gguf import GGUFReader
 
-from benchmarks import cold_start, llama_prebuilt
+from benchmarks import cold_start, llama_prebuilt, shape_gguf
 from tests.benchmarks.test_llama_prebuilt import fake_bin
 
 
@@ -22,9 +22,9 @@ def test_the_peers_completion_comes_from_the_carried_prebuilt(tmp_path, monkeypa
 
 
 def test_a_named_shape_is_written_once_as_q4_k_m_blocks(tmp_path, monkeypatch):
-    monkeypatch.setattr(cold_start, "_ROOT", tmp_path)
-    path = cold_start.shaped_gguf("smollm2-135m")
+    monkeypatch.setattr(shape_gguf, "BLOCK_SHAPES", tmp_path)
+    path = shape_gguf.named_block_shape("smollm2-135m")
     types = {t.tensor_type.name for t in GGUFReader(path).tensors}
     assert {"Q4_K", "Q6_K"} <= types
     written = path.stat().st_mtime_ns
-    assert cold_start.shaped_gguf("smollm2-135m") == path and path.stat().st_mtime_ns == written   # kept
+    assert shape_gguf.named_block_shape("smollm2-135m") == path and path.stat().st_mtime_ns == written   # kept
