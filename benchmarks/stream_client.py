@@ -115,6 +115,11 @@ def feed_ollama(state: StreamState, line: str) -> None:
             state.num_tokens = int(payload["eval_count"])
 
 
+# A stream whose tokens rendered no text (a random-weight model's special or partial-byte
+# tokens): callers that time the response's end instead compare the error to this.
+TEXTLESS = "tokens were counted but no text arrived"
+
+
 def finish(record: RequestRecord, state: StreamState, now: float) -> RequestRecord:
     record.t_end = now
     record.num_tokens = state.num_tokens if state.num_tokens is not None else state.text_chunks
@@ -123,7 +128,7 @@ def finish(record: RequestRecord, state: StreamState, now: float) -> RequestReco
     elif not state.done:
         record.error = "the stream ended without its final chunk"
     elif record.t_first is None and record.num_tokens > 0:
-        record.error = "tokens were counted but no text arrived"
+        record.error = TEXTLESS
     elif record.t_first is None:
         record.t_first = now  # nothing generated (an immediate stop): first "token" is the end
     return record

@@ -51,6 +51,8 @@ declare -A PARTS=(
   [unload]="300 -m pytest -q -s -p no:cacheprovider --timeout 280 tests/gpu/test_unload_gpu.py"
   # What stays after an unload, by part of the engine (a fresh process per variant).
   [unload_residue]="560 -m benchmarks.unload_residue"
+  # The same in the daemon at its defaults, step by step (one model, again, two, under pressure).
+  [daemon_residue]="300 -m benchmarks.daemon_residue"
   [weights_tier]="580 -m benchmarks.weights_tier"   # carry .gpu too: llama.cpp's load of the same files
   # EXHAUSTION_BUDGET_S: less where other parts share the call (each call has 600 s).
   [exhaustion]="590 -m benchmarks.exhaustion --backend cuda --cycles 10 --hold-s 20 --budget-s ${EXHAUSTION_BUDGET_S:-540}"
