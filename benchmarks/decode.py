@@ -111,6 +111,12 @@ def bench_engine(model, kind: str, args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(0)
     out: dict = {"compiled": runner.is_compiled, "triton_attention": runner.kv.use_triton}
     try:
+        # As the engine's load does: compile and capture the buckets, and (compiled) time batch
+        # 1's eager graph against the compiled one (engines/torch/serve/batch_one.py).
+        t_warm = time.perf_counter()
+        runner.warm_up()
+        out["warm_up_s"] = time.perf_counter() - t_warm
+        out["batch_one_eager"] = runner.is_compiled and 1 in runner.batch_buckets
         long = [Sequence(prompt=torch.randint(0, cfg.vocab_size, (args.prefill,), generator=gen).tolist(),
                          max_tokens=1, slot=7)]
         prefill(runner, long)                                    # warm-up (kernels, allocator)
@@ -121,7 +127,7 @@ def bench_engine(model, kind: str, args: argparse.Namespace) -> dict:
                              max_tokens=10 ** 6, slot=i) for i in range(batch)]
             prefill(runner, seqs)
             t_first = time.perf_counter()
-            decode_steps(runner, seqs, 3)                         # captures (and compiles) the step
+            decode_steps(runner, seqs, 3)                         # the first steps (graphs captured above)
             out[f"warmup_b{batch}_s"] = time.perf_counter() - t_first
             # Best of REPEATS: on the lent machine the same run varies by up to ~8% (decode_host.json),
             # always slower, never faster, so the best is the steadiest estimate of each KV kind.

@@ -17,7 +17,7 @@ from benchmarks.load_gen import (
     throughput, words_for_tokens,
 )
 from benchmarks.stream_client import (
-    RequestRecord, StreamState, feed_ollama, feed_openai, finish, parse_sse_line,
+    TEXTLESS, RequestRecord, StreamState, feed_ollama, feed_openai, finish, parse_sse_line,
 )
 
 
@@ -140,3 +140,13 @@ def test_ollama_lines_and_failures() -> None:
     cut = StreamState()
     feed_ollama(cut, '{"response":"a","done":false}')
     assert finish(RequestRecord("m", "generate", 0.0, t_first=0.1), cut, 1.0).error is not None
+
+
+def test_a_stream_of_tokens_without_text_is_told_apart() -> None:
+    """A random-weight model may answer only tokens that render no text: the record says
+    so with TEXTLESS (cold_start then times the response's end), not a generic failure."""
+    state = StreamState()
+    for line in ['data: {"choices":[],"usage":{"completion_tokens":4}}', "data: [DONE]"]:
+        feed_openai(state, parse_sse_line(line))
+    record = finish(RequestRecord("m", "completion", t_send=1.0), state, 2.5)
+    assert record.error == TEXTLESS and record.t_end - record.t_send == pytest.approx(1.5)

@@ -27,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engines.torch.cuda_libraries import process_stream, release_library_blocks
 from engines.torch.kernels import decode_attention
+from engines.torch.serve import batch_one
 from engines.torch.serve.graph_capture import capturing
 from engines.torch.serve.kv_access import _ACTIVE as _ACTIVE_KV
 from engines.torch.serve.kv_access import KVStore, SlotKV
@@ -75,7 +76,8 @@ class DecodeGraph:
         self.staging_rows = self.staging.numpy()   # filled in place: no tensor built per step
         self.staged = torch.zeros(3, batch, dtype=torch.long, device=device)
         self.copied = torch.cuda.Event()
-        if runner.is_compiled:
+        self.forward = runner.forward_for(batch)
+        if self.forward is runner.decode_forward and runner.is_compiled:
             # One compiled step for every bucket: batch and read length are sizes, not constants.
             for t in (self.ids, self.pos, self.slots, self.key_index):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
@@ -106,7 +108,7 @@ class DecodeGraph:
         self.pos.copy_(self.staged[1].unsqueeze(1))
         self.slots.copy_(self.staged[2])
         self.runner.kv.bind_batch(self.slots, self.key_index)
-        return self.runner.decode_forward(self.ids, self.pos)
+        return self.forward(self.ids, self.pos)
 
     def _load(self, tokens: list[int], positions: list[int], slots: list[int]) -> None:
         n = len(tokens)
@@ -160,9 +162,9 @@ class Runner:
             self.decode_forward = torch.compile(self._decode_forward)
         layout = store.layout
         self.max_ctx = layout.max_context
-        # Compiled, batch 1 runs as 2 (a repeated row costs nothing at decode, where
-        # weights dominate): Dynamo specializes size-1 dimensions, so a bucket of 1
-        # would compile the whole model a second time.
+        # Compiled, batch 1 runs as 2: Dynamo specializes size-1 dimensions, so a bucket
+        # of 1 would compile the whole model a second time. warm_up adds an eager batch-1
+        # graph where it replays faster than that (batch_one.py: the one-row dp4a kernels).
         self.batch_buckets = pow2_buckets(2 if self.is_compiled and layout.max_slots > 1 else 1,
                                           layout.max_slots)
         # The Triton kernel reads each row's own length on the device: one bucket does.
@@ -174,6 +176,11 @@ class Runner:
         self.side_stream = process_stream(self.device, "capture warm-up") if self.use_graphs else None
         if on_cuda:
             _OPEN_CUDA_RUNNERS.add(self)
+
+    def forward_for(self, batch: int) -> Callable:
+        """The step a graph of this batch captures: compiled, except batch 1 of a compiled
+        model, which is captured eager (batch_one.py: only where that replays faster)."""
+        return self._decode_forward if self.is_compiled and batch == 1 else self.decode_forward
 
     def warm_keys(self) -> list[tuple[int, int]]:
         """Every (batch bucket, read bucket) a decode step can need."""
@@ -207,6 +214,9 @@ class Runner:
                 for i, key in enumerate(now):
                     self._capture(key, slot=0)
                     progress((i + 1) / len(now))
+                batch_one.choose(self, slot=0)
+                while first is None and self.pending:   # batch 1's other read lengths
+                    self._capture(self.pending.pop(0), slot=0)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         finally:
