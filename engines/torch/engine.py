@@ -132,8 +132,9 @@ class TorchEngine(MemoryVerbs, Engine):
             if device.type == "cuda":
                 self.weights.prepare_ahead()
         if runner.use_graphs or runner.is_compiled:
-            # Compile and capture the first bucket here, not in the middle of serving; the
-            # serving loop captures the rest while idle (runner.warm_up says why).
+            # Capture the first bucket here (compiled: batch 1's eager graph, no compile), not
+            # in the middle of serving; the serving loop compiles and captures the rest while
+            # idle (runner.warm_up says why).
             report(0.93, "compiling")
             with phases.phase("compile_capture"):
                 runner.warm_up(lambda f: report(0.93 + 0.06 * f, "compiling"),

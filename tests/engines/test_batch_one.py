@@ -43,3 +43,53 @@ def test_choose_is_a_no_op_without_graphs():
     runner = _runner()
     batch_one.choose(runner, slot=0)
     assert runner.graphs == {} and 1 not in runner.batch_buckets
+
+
+class _FakeGraph:
+    """DecodeGraph's place in the bookkeeping (capturing one needs CUDA): its key and whether closed."""
+    def __init__(self, runner, batch, read_len, tokens, positions, slots):
+        self.batch, self.read_len, self.closed = batch, read_len, False
+
+    def close(self):
+        self.closed = True
+
+
+def _graphed_runner(monkeypatch, eager_ms: float, compiled_ms: float) -> Runner:
+    import engines.torch.serve.runner as runner_module
+    monkeypatch.setattr(runner_module, "DecodeGraph", _FakeGraph)
+    monkeypatch.setattr(batch_one, "replay_ms", lambda graph, slot: eager_ms if graph.batch == 1 else compiled_ms)
+    store = StaticStore(kv_layout(CFG.num_layers, CFG.num_kv_heads, CFG.head_dim, torch.float32, 4, 512, 64 * 1024),
+                        torch.float32, torch.device("cpu"))
+    runner = Runner(synthetic_model(CFG, "cpu", torch.float32, seed=0), store, use_graphs=False, compile=True)
+    runner.use_graphs = True          # what a CUDA runner is; the graphs themselves are fakes
+    runner.read_buckets = [256, 512]  # two read lengths, as without the Triton attention kernel
+    return runner
+
+
+@pytest.mark.parametrize("eager_ms, compiled_ms, kept", [(4.09, 5.14, True), (2.03, 1.07, False)])
+def test_eager_first_then_decide_after_the_first_compiled_bucket(monkeypatch, eager_ms, compiled_ms, kept):
+    runner = _graphed_runner(monkeypatch, eager_ms, compiled_ms)
+    assert batch_one.eager_first(runner, slot=0)
+    assert list(runner.graphs) == [(1, 256)] and runner.batch_buckets == [1, 2, 4]
+    assert set(runner.pending) == set(runner.warm_keys()) - {(1, 256)}   # the compile waits for idle time
+    eager = runner.graphs[(1, 256)]
+    batch_one.decide(runner, slot=1)                # nothing compiled yet: nothing to compare
+    assert runner.batch_one_undecided
+    runner.graphs[(2, 256)] = _FakeGraph(runner, 2, 256, [0], [0], [1])   # the idle loop's first capture
+    runner.pending.remove((2, 256))
+    batch_one.decide(runner, slot=1)
+    assert not runner.batch_one_undecided
+    assert (1 in runner.batch_buckets) is kept and eager.closed is not kept
+    assert ((1, 512) in runner.pending) is kept and ((1, 256) in runner.graphs) is kept
+    assert set(runner.graphs) | set(runner.pending) == set(runner.warm_keys())
+
+
+def test_choose_after_a_full_warm_up_adds_batch_one_only_where_it_wins(monkeypatch):
+    runner = _graphed_runner(monkeypatch, 4.09, 5.14)
+    runner.graphs = {key: _FakeGraph(runner, *key, [0], [0], [0]) for key in runner.warm_keys()}
+    batch_one.choose(runner, slot=0)
+    assert runner.batch_buckets[0] == 1 and (1, 256) in runner.graphs and runner.pending == [(1, 512)]
+    slower = _graphed_runner(monkeypatch, 2.03, 1.07)
+    slower.graphs = {key: _FakeGraph(slower, *key, [0], [0], [0]) for key in slower.warm_keys()}
+    batch_one.choose(slower, slot=0)
+    assert 1 not in slower.batch_buckets and slower.pending == []

@@ -11,10 +11,16 @@ quant_decode_h100_one_row_dp4a.json): Llama-3.1-8B Q4_K_M at batch 1 replays its
 step in 5.14 ms compiled (as batch 2) and 4.09 ms eager at batch 1; SmolLM2-135M,
 bound by kernel launches, 1.07 ms compiled and 2.03 ms eager.
 
-So which wins depends on the model, and is measured where it runs: after the first
-compiled bucket is captured, an eager graph at batch 1 is captured beside it (no
-compile: a fraction of a second) and both are replayed; the eager one is kept for
-batch 1 only if it is faster by more than `MARGIN`.
+So which wins depends on the model, and is measured where it runs, by replaying both
+graphs; the eager one serves batch 1 only if it is faster by more than `MARGIN`. Two
+ways in:
+- the engine's load (issue 22: a cold model answers before anything compiles):
+  `eager_first` captures the eager batch-1 graph and nothing compiled, so the first
+  request runs as soon as the weights are on the device; the serving loop compiles and
+  captures the rest while idle, and `decide`, after the first compiled bucket, keeps
+  batch 1 eager or drops it for the compiled graph;
+- a full warm-up (benchmarks, tests): `choose` captures the eager graph after the
+  compiled buckets and decides at once.
 """
 from __future__ import annotations
 
@@ -33,37 +39,81 @@ def keep_eager(eager_ms: float, compiled_ms: float) -> bool:
     return eager_ms < compiled_ms * (1.0 - MARGIN)
 
 
-def replay_ms(graph: torch.cuda.CUDAGraph, replays: int = REPLAYS) -> float:
-    """Milliseconds a replay of graph takes on the GPU (its inputs as they were staged)."""
-    graph.replay()
+def replay_ms(graph, slot: int, replays: int = REPLAYS) -> float:
+    """Milliseconds a replay of the DecodeGraph takes on the GPU, its inputs staged first at
+    slot's position 0 (mapped and free to overwrite): a graph's last inputs may be another
+    sequence's, whose pages may be gone or reused since."""
+    graph.run([0], [0], [slot])
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(replays):
-        graph.replay()
+        graph.graph.replay()
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / replays
 
 
+def applies(runner) -> bool:
+    """Compiled, graphed and batching: batch 1 would otherwise run as 2."""
+    return runner.is_compiled and runner.use_graphs and runner.batch_buckets[-1] > 1
+
+
+def eager_first(runner, slot: int) -> bool:
+    """At load: batch 1's eager graph now (on slot, mapped at position 0), every compiled
+    bucket left pending for the idle loop. False (nothing done) where it does not apply."""
+    from engines.torch.serve.runner import DecodeGraph
+
+    if not applies(runner) or 1 in runner.batch_buckets:
+        return False
+    read_len = runner.read_buckets[0]
+    runner.batch_buckets.insert(0, 1)
+    runner.graphs[(1, read_len)] = DecodeGraph(runner, 1, read_len, [0], [0], [slot])
+    runner.pending = [key for key in runner.warm_keys() if key not in runner.graphs]
+    runner.batch_one_undecided = True
+    return True
+
+
+def decide(runner, slot: int) -> None:
+    """Once the first compiled bucket at the first read length is captured: keep batch 1
+    eager if it replays faster, else drop its graphs (batch 1 runs as 2 again)."""
+    if not runner.batch_one_undecided:
+        return
+    read_len = runner.read_buckets[0]
+    eager = runner.graphs.get((1, read_len))
+    compiled_batch = next((b for b in runner.batch_buckets if b > 1), None)
+    compiled = runner.graphs.get((compiled_batch, read_len))
+    if eager is None or compiled is None:
+        return
+    runner.batch_one_undecided = False
+    if not _eager_wins(eager, compiled, compiled_batch, slot):
+        for key in [k for k in runner.graphs if k[0] == 1]:
+            runner.graphs.pop(key).close()
+        runner.batch_buckets.remove(1)
+        runner.pending = [key for key in runner.pending if key[0] != 1]
+
+
 def choose(runner, slot: int) -> None:
-    """Capture batch 1 eagerly on slot (mapped at position 0, free to overwrite) and keep it
-    if it beats the first compiled bucket; the runner's other read lengths then get batch-1
-    graphs of their own (pending). A no-op unless compiled, graphed and with a compiled
-    bucket captured at the first read length."""
+    """After a full warm-up captured the compiled buckets: capture batch 1 eagerly on slot and
+    keep it if it beats the first compiled bucket; the runner's other read lengths then get
+    batch-1 graphs of their own (pending). A no-op where it does not apply."""
     from engines.torch.serve.runner import DecodeGraph
 
     read_len = runner.read_buckets[0]
     compiled = runner.graphs.get((runner.batch_buckets[0], read_len))
-    if not (runner.is_compiled and runner.use_graphs and compiled is not None) or 1 in runner.batch_buckets:
+    if not applies(runner) or compiled is None or 1 in runner.batch_buckets:
         return
     eager = DecodeGraph(runner, 1, read_len, [0], [0], [slot])
-    eager_ms, compiled_ms = replay_ms(eager.graph), replay_ms(compiled.graph)
-    kept = keep_eager(eager_ms, compiled_ms)
-    log.info("batch 1: eager graph %.2f ms a step, compiled (as batch %d) %.2f ms: %s kept",
-             eager_ms, runner.batch_buckets[0], compiled_ms, "eager" if kept else "compiled")
-    if not kept:
+    if not _eager_wins(eager, compiled, runner.batch_buckets[0], slot):
         eager.close()
         return
     runner.graphs[(1, read_len)] = eager
     runner.batch_buckets.insert(0, 1)
     runner.pending.extend((1, r) for r in runner.read_buckets[1:])
+
+
+def _eager_wins(eager, compiled, compiled_batch: int, slot: int) -> bool:
+    eager_ms, compiled_ms = replay_ms(eager, slot), replay_ms(compiled, slot)
+    kept = keep_eager(eager_ms, compiled_ms)
+    log.info("batch 1: eager graph %.2f ms a step, compiled (as batch %d) %.2f ms: %s kept",
+             eager_ms, compiled_batch, compiled_ms, "eager" if kept else "compiled")
+    return kept

@@ -172,6 +172,7 @@ class Runner:
             pow2_buckets(min(MIN_READ_BUCKET, self.max_ctx), self.max_ctx)
         self.graphs: dict[tuple[int, int], DecodeGraph] = {}
         self.pending: list[tuple[int, int]] = []   # buckets warm_up left for capture_pending
+        self.batch_one_undecided = False           # batch_one.eager_first until decide
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.side_stream = process_stream(self.device, "capture warm-up") if self.use_graphs else None
         if on_cuda:
@@ -197,7 +198,11 @@ class Runner:
         `first`: capture only that many buckets now (the compile happens with the
         first: one compiled step serves every bucket); the rest wait in `pending`
         for `capture_pending()`, which the serving loop calls when it is idle, so a
-        cold model's first request waits for one graph, not all of them.
+        cold model's first request waits for one graph, not all of them. Compiled,
+        that one graph is batch 1's, eager (batch_one.eager_first): the first request
+        waits for no compile at all; the idle loop compiles with the first compiled
+        bucket (under the step lock: a broker verb on this model waits for it, as it
+        waited for the load before).
         Runs on slot 0, position 0 (mapped for it, released after): padding repeats
         that row, and reads past it see unmapped pages, which read zeros. A no-op
         where nothing is compiled or captured (the CPU)."""
@@ -211,12 +216,15 @@ class Runner:
             with self.store.step_guard():
                 if prefill_tokens > 1:
                     self._warm_prefill(prefill_tokens)
-                for i, key in enumerate(now):
-                    self._capture(key, slot=0)
-                    progress((i + 1) / len(now))
-                batch_one.choose(self, slot=0)
-                while first is None and self.pending:   # batch 1's other read lengths
-                    self._capture(self.pending.pop(0), slot=0)
+                if first is not None and batch_one.eager_first(self, slot=0):
+                    progress(1.0)   # compiled: batch 1 eager now, the compile while idle
+                else:
+                    for i, key in enumerate(now):
+                        self._capture(key, slot=0)
+                        progress((i + 1) / len(now))
+                    batch_one.choose(self, slot=0)
+                    while first is None and self.pending:   # batch 1's other read lengths
+                        self._capture(self.pending.pop(0), slot=0)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         finally:
@@ -234,6 +242,7 @@ class Runner:
         try:
             with self.store.step_guard():
                 self._capture(key, slot)
+                batch_one.decide(self, slot)   # after the first compiled bucket (eager_first)
         finally:
             self.store.release(slot)
         return True
