@@ -23,7 +23,7 @@ from gguf.constants import GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys
 from engines.errors import ModelLoadError
 
 # Scalar value types: struct format and size (GGUF is little-endian).
-_SCALARS: dict[GGUFValueType, str] = {
+SCALARS: dict[GGUFValueType, str] = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
     GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
     GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
@@ -72,7 +72,7 @@ class GgufMeta:
         return self.fim_token_ids is not None
 
 
-class _Cursor:
+class Cursor:
     """Little-endian reads over a read-only buffer, bounds-checked."""
 
     def __init__(self, buf: mmap.mmap, path: str) -> None:
@@ -99,7 +99,7 @@ class _Cursor:
         return self.raw_string().decode("utf-8", errors="replace")
 
 
-def _value_type(cur: _Cursor) -> GGUFValueType:
+def value_type(cur: Cursor) -> GGUFValueType:
     code = cur.scalar("<I")
     try:
         return GGUFValueType(code)
@@ -107,8 +107,8 @@ def _value_type(cur: _Cursor) -> GGUFValueType:
         raise ModelLoadError(f"{cur.path}: unknown GGUF value type {code} at byte {cur.pos}") from None
 
 
-def _read_array(cur: _Cursor, key: str, fim_found: dict[str, int]) -> object:
-    elem = _value_type(cur)
+def _read_array(cur: Cursor, key: str, fim_found: dict[str, int]) -> object:
+    elem = value_type(cur)
     count = cur.scalar("<Q")
     if elem == GGUFValueType.STRING:
         scan_fim = key == Keys.Tokenizer.LIST
@@ -126,7 +126,7 @@ def _read_array(cur: _Cursor, key: str, fim_found: dict[str, int]) -> object:
         return kept if count <= MAX_KEPT_ARRAY else count
     if elem == GGUFValueType.ARRAY:
         raise ModelLoadError(f"{cur.path}: nested GGUF arrays under {key!r} are not supported")
-    fmt = _SCALARS[elem]
+    fmt = SCALARS[elem]
     size = struct.calcsize(fmt)
     cur.need(size * count)
     if count <= MAX_KEPT_ARRAY:
@@ -137,22 +137,22 @@ def _read_array(cur: _Cursor, key: str, fim_found: dict[str, int]) -> object:
     return count
 
 
-def _read_kv(cur: _Cursor, kv_count: int) -> tuple[dict[str, object], dict[str, int]]:
+def _read_kv(cur: Cursor, kv_count: int) -> tuple[dict[str, object], dict[str, int]]:
     kv: dict[str, object] = {}
     fim_found: dict[str, int] = {}
     for _ in range(kv_count):
         key = cur.string()
-        vtype = _value_type(cur)
+        vtype = value_type(cur)
         if vtype == GGUFValueType.STRING:
             kv[key] = cur.string()
         elif vtype == GGUFValueType.ARRAY:
             kv[key] = _read_array(cur, key, fim_found)
         else:
-            kv[key] = cur.scalar(_SCALARS[vtype])
+            kv[key] = cur.scalar(SCALARS[vtype])
     return kv, fim_found
 
 
-def _read_tensor_infos(cur: _Cursor, tensor_count: int) -> tuple[int, Counter, dict[str, int]]:
+def _read_tensor_infos(cur: Cursor, tensor_count: int) -> tuple[int, Counter, dict[str, int]]:
     """Parameter count, how many 2-D+ tensors each quantization type holds, and each
     tensor's type by name (the engine choice reads the layout from the names)."""
     params, types, by_name = 0, Counter(), {}
@@ -208,12 +208,12 @@ def read_gguf_meta(path: str | Path) -> GgufMeta:
     path = str(path)
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _parse(_Cursor(buf, path))
+            return _parse(Cursor(buf, path))
     except (OSError, ValueError) as exc:  # ValueError: mmap of an empty file
         raise ModelLoadError(f"{path}: cannot read GGUF header: {exc}") from exc
 
 
-def _parse(cur: _Cursor) -> GgufMeta:
+def _parse(cur: Cursor) -> GgufMeta:
     magic = cur.scalar("<I")
     if magic != GGUF_MAGIC:
         raise ModelLoadError(f"{cur.path}: not a GGUF file (magic {magic:#010x})")

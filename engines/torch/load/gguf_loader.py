@@ -4,7 +4,7 @@ Block-quantized 2-D weights stay in their blocks on the device
 (engines.torch.load.gguf_quant: QuantWeight inside QuantLinear and
 QuantEmbedding), except on the llama.cpp-numerics CPU path below. What is
 dense (norms, biases, F16/BF16/F32 weights, or everything on that path):
-reads through the `gguf` package's GGUFReader (memory-mapped), dequantizes each
+reads through gguf_file.GgufFile (memory-mapped, GGUFReader's tensors), dequantizes each
 tensor with `gguf.quants.dequantize` (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K,
 Q5_K, Q6_K and the rest it knows; on a GPU the common quant types decode there
 instead, through engines.torch.load.dequant), maps llama.cpp tensor names onto the
@@ -97,26 +97,15 @@ def unpermute_qk(w: Any, num_heads: int) -> Any:
 
 def read_metadata(reader: Any) -> dict[str, Any]:
     """GGUF key/values as python values (strings, numbers, lists)."""
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            meta[key] = field.contents()
-        except Exception as exc:  # an odd field must not stop the load
-            log.warning("GGUF field %s unreadable: %s", key, exc)
-    return meta
+    return dict(reader.metadata)
 
 
 def open_reader(path: str | Path) -> Any:
-    import gguf
+    """The file's key/values and memory-mapped tensors (gguf_file.GgufFile: GGUFReader's
+    tensors, parsed in a fraction of its time). ModelLoadError where it is no readable GGUF."""
+    from engines.torch.load.gguf_file import GgufFile
 
-    try:
-        return gguf.GGUFReader(str(path))
-    except FileNotFoundError:
-        raise ModelLoadError(f"GGUF file not found: {path}") from None
-    except (ValueError, OSError, KeyError) as exc:
-        raise ModelLoadError(f"not a readable GGUF file: {path} ({exc})") from None
+    return GgufFile(path)
 
 
 def dequantize_tensor(tensor: Any) -> np.ndarray:

@@ -6,13 +6,15 @@ model then holds it in a QuantLinear or QuantEmbedding (engines.torch.quant).
 Float weights (F32, F16, BF16) stay dense parameters of the model's dtype:
 cuBLAS is the best kernel for them and they take no more bytes.
 
-On the raw rows, before any repacking:
+Each weight's bytes are read once from the memory-mapped file and copied to the
+device through pinned buffers (staged_upload.py); on the raw rows there, before
+any repacking:
 - llama.cpp's Q/K row permutation is undone (`unpermute_qk` moves whole rows,
   so it acts on block rows as on floats);
 - q/k/v and gate/up whose types match are concatenated into one weight
-  (`qkv_proj`, `gate_up_proj`): rows are independent in every GGUF type, so
-  the fused weight is exact and one kernel reads it. Where types differ
-  (Q4_K_M keeps some attn_v in Q6_K) they stay apart.
+  (`qkv_proj`, `gate_up_proj`), each part copied into its slice: rows are
+  independent in every GGUF type, so the fused weight is exact and one kernel
+  reads it. Where types differ (Q4_K_M keeps some attn_v in Q6_K) they stay apart.
 
 A weight of a type with no kernel (IQ*, TQ*, MXFP4...) or stacked experts in
 blocks is a ModelLoadError: engines.choice routes such files to llama.cpp
@@ -20,19 +22,24 @@ before they get here, and engines.factory falls back if one does.
 """
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from engines.errors import ModelLoadError
 from engines.torch.kernels.quant_weight import BLOCK_TYPES, SUPPORTED_TYPES, QuantWeight
 from engines.torch.load.gguf_names import hf_name
+from engines.torch.load.staged_upload import StagedUpload
 from engines.torch.model.configs import ModelConfig
 from engines.torch.model.families import family
 
 # (parent module, parts in output order) -> the fused module's name
+log = logging.getLogger(__name__)
+
 FUSED_GROUPS: dict[tuple[str, tuple[str, ...]], str] = {
     ("self_attn", ("q_proj", "k_proj", "v_proj")): "qkv_proj",
     ("mlp", ("gate_proj", "up_proj")): "gate_up_proj",
@@ -52,37 +59,65 @@ def is_block_tensor(tensor: Any) -> bool:
     return type_name in BLOCK_TYPES
 
 
-def _raw_rows(tensor: Any, cfg: ModelConfig, name: str) -> np.ndarray:
-    """uint8 [out, row_bytes] in the model's row order."""
-    rows = np.asarray(tensor.data).reshape(int(tensor.shape[1]), -1)
-    heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
-    proj = name.split(".")[-2]
-    if family(cfg.arch).permuted_qk and proj in heads:
-        from engines.torch.load.gguf_loader import unpermute_qk
+@dataclass
+class _Rows:
+    """One weight as it will sit on the device: its parts' GGUF tensors, in order (one,
+    or a fused group's), each with the head count its Q/K rows are un-permuted by."""
+    type_name: str
+    in_features: int
+    row_bytes: int
+    parts: list[tuple[Any, int | None]]
 
-        rows = unpermute_qk(rows, heads[proj])
-    return rows
+    @property
+    def rows(self) -> int:
+        return sum(int(tensor.shape[1]) for tensor, _ in self.parts)
 
 
-def _fuse(raw: dict[str, tuple[str, np.ndarray, int]]) -> dict[str, list[str]]:
-    """Concatenate, in place, each fusable group whose parts share one type and width.
-    raw: HF weight name -> (type, rows, in_features). Returns fused module -> its parts' modules."""
+def _rows_of(tensor: Any, cfg: ModelConfig, name: str) -> _Rows:
+    rows = int(tensor.shape[1])
+    heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}.get(name.split(".")[-2])
+    permuted = family(cfg.arch).permuted_qk and heads is not None
+    return _Rows(tensor.tensor_type.name, int(tensor.shape[0]), int(tensor.data.nbytes) // rows,
+                 [(tensor, heads if permuted else None)])
+
+
+def _fuse(weights: dict[str, _Rows]) -> dict[str, list[str]]:
+    """Merge, in place, each fusable group whose parts share one type and width (their rows
+    are concatenated on the device). Returns fused module -> its parts' modules."""
     fused: dict[str, list[str]] = {}
-    for name in [n for n in raw if n.startswith("model.layers.")]:
+    for name in [n for n in weights if n.startswith("model.layers.")]:
         prefix, parent, module, _ = name.rsplit(".", 3)
         for (group_parent, parts), target in FUSED_GROUPS.items():
             if (parent, module) != (group_parent, parts[0]):
                 continue
             modules = [f"{prefix}.{parent}.{p}" for p in parts]
-            entries = [raw.get(f"{m}.weight") for m in modules]
-            if any(e is None for e in entries) or len({(e[0], e[2]) for e in entries}) != 1:
+            entries = [weights.get(f"{m}.weight") for m in modules]
+            if any(e is None for e in entries) or \
+                    len({(e.type_name, e.in_features, e.row_bytes) for e in entries}) != 1:
                 continue
             for m in modules:
-                del raw[f"{m}.weight"]
-            raw[f"{prefix}.{parent}.{target}.weight"] = (entries[0][0], np.concatenate([e[1] for e in entries]),
-                                                         entries[0][2])
+                del weights[f"{m}.weight"]
+            first = entries[0]
+            weights[f"{prefix}.{parent}.{target}.weight"] = _Rows(
+                first.type_name, first.in_features, first.row_bytes, [p for e in entries for p in e.parts])
             fused[f"{prefix}.{parent}.{target}"] = modules
     return fused
+
+
+def _upload(weight: _Rows, upload: StagedUpload, device: torch.device | str) -> torch.Tensor:
+    """The weight's raw rows on the device: each part's bytes read once from the memory map
+    into its slice, its Q/K rows un-permuted there."""
+    from engines.torch.load.gguf_loader import unpermute_qk
+
+    raw = torch.empty((weight.rows, weight.row_bytes), dtype=torch.uint8, device=device)
+    at = 0
+    for tensor, heads in weight.parts:
+        part = raw[at:at + int(tensor.shape[1])]
+        upload.copy(tensor.data, part)
+        if heads is not None:
+            part.copy_(unpermute_qk(part, heads))   # a new tensor first: no aliasing
+        at += part.shape[0]
+    return raw
 
 
 def fuse_biases(state: dict[str, torch.Tensor], fused: dict[str, list[str]]) -> None:
@@ -97,24 +132,29 @@ def read_quant_weights(reader: Any, cfg: ModelConfig, device: torch.device | str
                        ) -> tuple[dict[str, QuantWeight], dict[str, list[str]], set[str]]:
     """(HF weight name -> QuantWeight on device, fused module -> parts, the GGUF tensor
     names read here: the dense loader skips them)."""
-    raw: dict[str, tuple[str, np.ndarray, int]] = {}
+    weights: dict[str, _Rows] = {}
     taken: set[str] = set()
     for tensor in reader.tensors:
         name = hf_name(tensor.name, cfg.arch)
         if name is None or not is_block_tensor(tensor):
             continue
-        raw[name] = (tensor.tensor_type.name, _raw_rows(tensor, cfg, name), int(tensor.shape[0]))
+        weights[name] = _rows_of(tensor, cfg, name)
         taken.add(tensor.name)
-    fused = _fuse(raw)
+    fused = _fuse(weights)
     quant: dict[str, QuantWeight] = {}
-    for i, (name, (type_name, rows, in_features)) in enumerate(raw.items()):
-        # One tensor at a time crosses to the device: the file is memory-mapped, so the
-        # host holds at most one tensor's (or one fused group's) bytes.
-        host = torch.from_numpy(np.array(rows))          # its own contiguous copy of the map
-        try:
-            quant[name] = QuantWeight.from_gguf(host, type_name, (rows.shape[0], in_features), device)
-        except ValueError as exc:
-            raise ModelLoadError(f"{name}: {exc}") from None
-        if progress is not None:
-            progress((i + 1) / len(raw))
+    started = time.monotonic()
+    with StagedUpload(device) as upload:
+        # One weight at a time: the file is memory-mapped, and the host holds no more than
+        # the two pinned chunks of staged_upload.
+        for i, (name, weight) in enumerate(weights.items()):
+            raw = _upload(weight, upload, device)
+            try:
+                quant[name] = QuantWeight.from_gguf(raw, weight.type_name, (weight.rows, weight.in_features), device)
+            except ValueError as exc:
+                raise ModelLoadError(f"{name}: {exc}") from None
+            if progress is not None:
+                progress((i + 1) / len(weights))
+    seconds = time.monotonic() - started
+    log.info("%d quantized weights to %s: %.2f GB in %.2f s (%.2f GB/s)", len(quant), device,
+             upload.bytes_copied / 1e9, seconds, upload.bytes_copied / 1e9 / max(seconds, 1e-9))
     return quant, fused, taken
