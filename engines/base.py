@@ -137,6 +137,12 @@ class Engine(abc.ABC):
         watchdog; None while idle, or where the engine has no worker of its own."""
         return None
 
+    def finish_background_work(self, timeout_s: float) -> bool:
+        """Wait (at most timeout_s) for what the load left to do while idle (the torch engine
+        compiles and captures its decode graphs then); True when nothing is left. For warm-ups
+        that load a model only to fill caches, then unload it."""
+        return True
+
     def attach_broker(self, handle: object | None) -> None:
         """The broker registered this engine (a kvcached ClientHandle; None: it left).
         Engines that admit work against the broker's budget keep it; others ignore it."""

@@ -304,6 +304,15 @@ class TorchEngine(MemoryVerbs, Engine):
     def busy(self) -> bool:
         return self.loop is not None and self.loop.busy
 
+    def finish_background_work(self, timeout_s: float) -> bool:
+        """Until the serving loop has compiled and captured every decode bucket the load left
+        pending (it does while idle), or timeout_s passed."""
+        runner = self.runner
+        deadline = time.monotonic() + timeout_s
+        while runner is not None and runner.pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return runner is None or not runner.pending
+
     def stalled_s(self) -> float | None:
         loop = self.loop
         return None if loop is None else loop.stalled_s()

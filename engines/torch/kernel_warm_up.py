@@ -80,10 +80,6 @@ def _wait_for_background_captures(engine) -> None:
     """Until the serving loop has captured every decode bucket the load left pending (the
     larger batches' GEMMs load their own kernels), or CAPTURES_WAIT_S passed (logged:
     the first model that decodes such a batch loads that code instead)."""
-    runner = engine.runner
-    deadline = time.monotonic() + CAPTURES_WAIT_S
-    while runner.pending and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if runner.pending:
-        log.warning("kernel warm-up: %d decode graphs still pending after %.0f s", len(runner.pending),
+    if not engine.finish_background_work(CAPTURES_WAIT_S):
+        log.warning("kernel warm-up: %d decode graphs still pending after %.0f s", len(engine.runner.pending),
                     CAPTURES_WAIT_S)
