@@ -56,13 +56,25 @@ if triton is not None:
 
     # sizes vary per weight and per call: one compiled kernel serves them (strides stay
     # specialized: their divisibility by 16 lets the loads vectorize)
-    @triton.jit(do_not_specialize=["M", "N", "K", "stride_os", "stride_om", "chunks_per_split"])
+    @triton.jit(do_not_specialize=["M", "N", "K", "stride_os", "stride_om", "chunks_per_split", "x_div"])
     def _qmv_kernel(x_ptr, out_ptr, bias_ptr, p0, p1, p2, p3, s0, s1, s2, s3,
                     M, N, K, stride_xm, stride_os, stride_om, chunks_per_split,
                     TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr, CPI: tl.constexpr,
                     BN: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    PAIRED: tl.constexpr, S2: tl.constexpr, L2: tl.constexpr):
+                    PAIRED: tl.constexpr, S2: tl.constexpr, L2: tl.constexpr,
+                    ids_ptr=None, x_div=1, INDEXED: tl.constexpr = False):
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        if INDEXED:
+            # Stacked experts (quant_experts.py): program axis 2 is a (token, expert) pair; its
+            # expert's N rows start at expert * N, its x row is pair // x_div, its output row pair.
+            pair = tl.program_id(2)
+            first_row = tl.load(ids_ptr + pair).to(tl.int64) * N
+            p0 += first_row * s0
+            p1 += first_row * s1
+            p2 += first_row * s2
+            p3 += first_row * s3
+            x_ptr += (pair // x_div).to(tl.int64) * stride_xm
+            out_ptr += pair.to(tl.int64) * stride_om
         rows = pid_n * BN + tl.arange(0, BN)
         # clamp, not mask: the tail's loads stay unconditional and vectorized; its stores are masked
         b0, b1, b2, b3, c0, c1, c2, c3 = _row_pointers(p0, p1, p2, p3, s0, s1, s2, s3, tl.minimum(rows, N - 1))

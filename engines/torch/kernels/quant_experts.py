@@ -1,0 +1,80 @@
+"""Stacked experts in GGUF blocks: each (token, expert) pair's matrix-vector, one launch.
+
+An MoE layer's experts are three stacked weights [E, out, in] (llama.cpp's
+ffn_gate_exps, ffn_up_exps, ffn_down_exps), kept here as one `QuantWeight` of
+E * out rows (the file's own row order: expert-major). At decode, which experts a
+token needs is known only on the device (the router's top k), and a step inside a
+CUDA graph may not ask the host. So `qmatvec_experts` runs quant_kernels' matvec
+with a third program axis over the pairs: each program reads its pair's expert id
+from device memory and offsets the weight's planes by that expert's first row,
+reading only the experts chosen (as llama.cpp's mul_mat_id), each once per pair.
+
+Pair p reads row p // x_div of x: the gate and up projections of token t's k
+pairs all read x[t] (x_div = k); the down projection reads its own pair's
+activation (x_div = 1). Under torch.compile the call is one opaque op
+(`ebbtide::qexperts`), as qlinear is. Elsewhere (the CPU, no Triton) the
+reference path dequantizes each pair's expert in float32.
+"""
+from __future__ import annotations
+
+import torch
+
+from engines.torch.kernels import quant_kernels
+from engines.torch.kernels.quant_weight import PLANES, QuantWeight
+
+
+def qmatvec_experts_reference(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tensor,
+                              x_div: int) -> torch.Tensor:
+    rows = w.shape[0] // num_experts
+    out = [x[p // x_div].float() @ w.row_slice(e * rows, (e + 1) * rows).dequantize(torch.float32).t()
+           for p, e in enumerate(ids.tolist())]
+    return torch.stack(out).to(x.dtype) if out else x.new_empty((0, rows))
+
+
+def _launch(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tensor, x_div: int) -> torch.Tensor:
+    launch = quant_kernels.LAUNCH.get(w.type_name, quant_kernels.DEFAULT_LAUNCH)
+    block_n, chunks_per_step, num_warps = launch[:3]
+    pairs, n, k = ids.numel(), w.shape[0] // num_experts, w.shape[1]
+    x = x.contiguous()
+    type_id, s, l = quant_kernels.TILES[w.type_name]
+    planes, strides = quant_kernels._planes(w)
+    cdiv = quant_kernels.triton.cdiv
+    chunks_per_split = cdiv(cdiv(k, quant_kernels.CHUNK), chunks_per_step) * chunks_per_step   # no K split:
+    # the pairs' programs fill the SMs
+    s2, l2 = quant_kernels.PAIR_TILES.get(w.type_name, (1, 1))
+    out = torch.empty((pairs, n), dtype=x.dtype, device=x.device)
+    grid = (cdiv(n, block_n), 1, pairs)
+    quant_kernels._qmv_kernel[grid](
+        x, out, out, *planes, *strides, 1, n, k, x.stride(0), 0, n, chunks_per_split,
+        TYPE=type_id, S=s, L=l, CPI=chunks_per_step, BN=block_n, BM=1, HAS_BIAS=False,
+        PAIRED=w.type_name in quant_kernels.PAIR_TILES, S2=s2, L2=l2, num_warps=num_warps,
+        ids_ptr=ids.contiguous(), x_div=x_div, INDEXED=True)
+    return out
+
+
+def _experts(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tensor, x_div: int) -> torch.Tensor:
+    if x.is_cuda and quant_kernels.kernel_ready(w):
+        return _launch(x, w, num_experts, ids, x_div)
+    return qmatvec_experts_reference(x, w, num_experts, ids, x_div)
+
+
+@torch.library.custom_op("ebbtide::qexperts", mutates_args=())
+def _experts_op(x: torch.Tensor, planes: list[torch.Tensor], type_name: str, rows: int, in_features: int,
+                num_experts: int, ids: torch.Tensor, x_div: int) -> torch.Tensor:
+    names = [name for name, *_ in PLANES[type_name]]
+    return _experts(x, QuantWeight(type_name, (rows, in_features), dict(zip(names, planes))), num_experts, ids, x_div)
+
+
+@_experts_op.register_fake
+def _experts_fake(x: torch.Tensor, planes: list[torch.Tensor], type_name: str, rows: int, in_features: int,
+                  num_experts: int, ids: torch.Tensor, x_div: int) -> torch.Tensor:
+    return x.new_empty((ids.shape[0], rows // num_experts))
+
+
+def qmatvec_experts(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tensor, x_div: int) -> torch.Tensor:
+    """x [R, in]; w: E experts stacked, [E * out, in]; ids [P] (an expert per pair) ->
+    [P, out], row p = expert ids[p] applied to x[p // x_div]."""
+    if torch.compiler.is_compiling():
+        names = [name for name, *_ in PLANES[w.type_name]]
+        return _experts_op(x, [w.planes[name] for name in names], w.type_name, *w.shape, num_experts, ids, x_div)
+    return _experts(x, w, num_experts, ids, x_div)
