@@ -12,8 +12,9 @@ tensor list, tensor types) without loading a byte of weights:
   vision tower, a layout a converter changed): the loader would refuse them;
 - tensor types it has no kernel for: its GGUF weights stay in their blocks
   on the GPU (engines.torch.load.gguf_quant), so a type without a kernel
-  (IQ*, TQ*, MXFP4...) or experts stacked in blocks goes to llama.cpp, never
-  to a silent dequantization that would take four times the memory.
+  (IQ*, TQ*, MXFP4...) goes to llama.cpp, never to a silent dequantization that
+  would take four times the memory. Experts stacked in blocks have their kernel
+  (engines.torch.kernels.quant_experts).
 
 A model the device's default engine cannot serve is a detour (`Choice.is_detour`):
 engines.factory logs it as a warning and puts the reason in the engine's note
@@ -132,21 +133,9 @@ def _type_gap(info: ModelInfo, facts: FileFacts | None) -> str | None:
     return None
 
 
-def _experts_gap(info: ModelInfo, facts: FileFacts | None) -> str | None:
-    """Stacked experts in blocks: the torch engine's experts path multiplies dense
-    [E, out, in] weights only (engines.torch.model.moe); a grouped quantized kernel is to come."""
-    if facts is None:
-        return None
-    quantized = sorted({_type_name(code) for name, code in facts.tensors.items()
-                        if "_exps." in name and _type_name(code) not in _FLOAT_TYPES})
-    if quantized:
-        return f"the torch engine has no kernel for experts stacked in {', '.join(quantized)} blocks"
-    return None
-
-
 # What keeps the torch engine from a model, checked in order: the first gap is the reason.
 TORCH_CHECKS: tuple[Callable[[ModelInfo, FileFacts | None], str | None], ...] = (
-    _family_gap, _tensor_gap, _type_gap, _experts_gap)
+    _family_gap, _tensor_gap, _type_gap)
 
 
 def torch_gap(info: ModelInfo) -> str | None:

@@ -1,5 +1,5 @@
 """Routing of quantized GGUFs (issue 16): a weight type the torch engine has no
-kernel for (IQ*, TQ*, MXFP4) or experts stacked in blocks go to llama.cpp with a
+kernel for (IQ*, TQ*, MXFP4), stacked experts included, goes to llama.cpp with a
 reason (a warning in the log, the note /api/ps shows), never to a silent
 dequantization or a 500; every type with a kernel goes to torch on a GPU.
 The routing reads only the header, so header-only files suffice there; the
@@ -68,13 +68,16 @@ def test_types_with_a_kernel_stay_on_torch(tmp_path, type_name):
     assert choose(path, has_cuda=False).engine == "llamacpp" and not choose(path, has_cuda=False).is_detour
 
 
-def test_quantized_stacked_experts_go_to_llamacpp(tmp_path):
+def test_stacked_experts_go_by_their_type(tmp_path):
+    """Experts stacked in blocks of a type with a kernel stay on torch (quant_experts.py; they
+    went to llama.cpp before it); in a type without one they go to llama.cpp like any weight."""
     base = {"token_embd.weight": "Q8_0", "blk.0.attn_q.weight": "Q4_K", "blk.0.ffn_gate_inp.weight": "F32"}
     dense = write_typed_header(tmp_path / "f16.gguf", {**base, "blk.0.ffn_gate_exps.weight": "F16"})
     assert choose(dense).engine == "torch"
     blocks = write_typed_header(tmp_path / "q4k.gguf", {**base, "blk.0.ffn_gate_exps.weight": "Q4_K"})
-    choice = choose(blocks)
-    assert choice.engine == "llamacpp" and "experts stacked in Q4_K blocks" in choice.reason
+    assert (choose(blocks).engine, choose(blocks).is_detour) == ("torch", False)
+    iq = write_typed_header(tmp_path / "iq.gguf", {**base, "blk.0.ffn_gate_exps.weight": "IQ4_XS"})
+    assert choose(iq).engine == "llamacpp" and "no kernel for IQ4_XS" in choose(iq).reason
 
 
 @pytest.fixture(scope="module")

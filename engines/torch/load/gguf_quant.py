@@ -16,8 +16,9 @@ any repacking:
   independent in every GGUF type, so the fused weight is exact and one kernel
   reads it. Where types differ (Q4_K_M keeps some attn_v in Q6_K) they stay apart.
 
-A weight of a type with no kernel (IQ*, TQ*, MXFP4...) or stacked experts in
-blocks is a ModelLoadError: engines.choice routes such files to llama.cpp
+Stacked experts (ffn_*_exps, [E, out, in]) are one weight of E * out rows, as the
+file stores them (engines.torch.kernels.quant_experts reads them by expert). A
+weight of a type with no kernel (IQ*, TQ*, MXFP4...) is a ModelLoadError: engines.choice routes such files to llama.cpp
 before they get here, and engines.factory falls back if one does.
 """
 from __future__ import annotations
@@ -53,10 +54,15 @@ def is_block_tensor(tensor: Any) -> bool:
         return False
     if type_name not in SUPPORTED_TYPES:
         raise ModelLoadError(f"tensor {tensor.name}: the torch engine has no kernel for {type_name}")
-    if len(tensor.shape) != 2:
-        raise ModelLoadError(f"tensor {tensor.name}: {type_name} stacked experts have no kernel "
-                             "in the torch engine yet")
+    if len(tensor.shape) != (3 if is_experts(tensor) else 2):
+        raise ModelLoadError(f"tensor {tensor.name}: {type_name} blocks of {len(tensor.shape)} dimensions "
+                             "are not a weight the torch engine reads")
     return type_name in BLOCK_TYPES
+
+
+def is_experts(tensor: Any) -> bool:
+    """A stack of experts [E, out, in] (ffn_gate_exps...): kept as one weight of E * out rows."""
+    return "_exps." in tensor.name
 
 
 @dataclass
@@ -70,11 +76,19 @@ class _Rows:
 
     @property
     def rows(self) -> int:
-        return sum(int(tensor.shape[1]) for tensor, _ in self.parts)
+        return sum(_row_count(tensor) for tensor, _ in self.parts)
+
+
+def _row_count(tensor: Any) -> int:
+    """Rows of the weight as stored: out, or E * out for stacked experts (GGUF dims run in, out, E)."""
+    count = 1
+    for dim in tensor.shape[1:]:
+        count *= int(dim)
+    return count
 
 
 def _rows_of(tensor: Any, cfg: ModelConfig, name: str) -> _Rows:
-    rows = int(tensor.shape[1])
+    rows = _row_count(tensor)
     heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}.get(name.split(".")[-2])
     permuted = family(cfg.arch).permuted_qk and heads is not None
     return _Rows(tensor.tensor_type.name, int(tensor.shape[0]), int(tensor.data.nbytes) // rows,
@@ -112,7 +126,7 @@ def _upload(weight: _Rows, upload: StagedUpload, device: torch.device | str) -> 
     raw = torch.empty((weight.rows, weight.row_bytes), dtype=torch.uint8, device=device)
     at = 0
     for tensor, heads in weight.parts:
-        part = raw[at:at + int(tensor.shape[1])]
+        part = raw[at:at + _row_count(tensor)]
         upload.copy(tensor.data, part)
         if heads is not None:
             part.copy_(unpermute_qk(part, heads))   # a new tensor first: no aliasing

@@ -5,9 +5,11 @@ router's logits in float32, the top k, renormalized to sum 1 (Mixtral and
 Qwen3-MoE both set norm_w), each chosen expert's SwiGLU, summed by weight.
 
 The experts are three stacked 3-D weights [E, out, in] (`ExpertWeights`, a
-module with a `.weight`, so a quantized loader can replace it by name) and
-every step goes through one function, `experts_forward`, which a grouped
-quantized kernel can replace. It picks one of three ways, all exact:
+module with a `.weight`; a quantized file's loader puts a `QuantExperts` in its
+place, whose CUDA path is `quant_experts_forward`: qlinear per expert hit when
+eager, one launch per projection over every (token, expert) pair inside a graph;
+on the CPU its `.weight` is the dense stack). Dense, every step goes through one
+function, `experts_forward`. It picks one of three ways, all exact:
 
 - `grouped`: tokens sorted by expert, one GEMM per expert hit. Fewest FLOPs,
   but it reads the routing on the host: eager steps only (prefill, CPU).
@@ -24,8 +26,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from engines.torch.kernels import quant_kernels
+from engines.torch.kernels.quant_ops import qlinear
 from engines.torch.model.configs import ModelConfig
 from engines.torch.model.mlp import ACTIVATIONS
+from engines.torch.quant.modules import QuantExperts
 
 
 class ExpertWeights(nn.Module):
@@ -39,10 +44,16 @@ def _must_not_sync(x: torch.Tensor) -> bool:
 
 
 def _grouped(x, topk_ids, topk_weights, w_gate, w_up, w_down, act) -> torch.Tensor:
+    return _by_expert(x, topk_ids, topk_weights,
+                      lambda e, xe: (act(xe @ w_gate[e].T) * (xe @ w_up[e].T)) @ w_down[e].T)
+
+
+def _by_expert(x, topk_ids, topk_weights, expert_mlp) -> torch.Tensor:
+    """Tokens sorted by expert; expert_mlp(e, rows of x) for each expert hit, summed by weight."""
     num_tokens, k = topk_ids.shape
     flat = topk_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=w_gate.shape[0]).tolist()
+    counts = torch.bincount(flat).tolist()
     weights = topk_weights.reshape(-1, 1).float()
     out = torch.zeros(num_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
     start = 0
@@ -51,8 +62,7 @@ def _grouped(x, topk_ids, topk_weights, w_gate, w_up, w_down, act) -> torch.Tens
             rows = order[start:start + count]                     # (token, slot) pairs of this expert
             tokens = rows // k
             xe = x.index_select(0, tokens)                         # [c, dim]
-            h = act(xe @ w_gate[expert].T) * (xe @ w_up[expert].T)
-            out.index_add_(0, tokens, (h @ w_down[expert].T).float() * weights[rows])
+            out.index_add_(0, tokens, expert_mlp(expert, xe).float() * weights[rows])
             start += count
     return out.to(x.dtype)
 
@@ -86,6 +96,26 @@ def experts_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
     return _dense(x, topk_ids, topk_weights, w_gate, w_up, w_down, act)
 
 
+def quant_experts_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                          gate: QuantExperts, up: QuantExperts, down: QuantExperts,
+                          act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """experts_forward over experts in GGUF blocks, on CUDA. Eager (prefill): each expert hit
+    multiplies its tokens through qlinear. Inside a graph: every (token, expert) pair's
+    matvec in one launch per projection (quant_experts.py), reading the chosen experts only.
+    Rows the kernels cannot read (K-quant rows not whole 256-weight chunks) are
+    dequantized for the step and go the dense way."""
+    if not all(quant_kernels.kernel_ready(m.qweight) for m in (gate, up, down)):
+        return experts_forward(x, topk_ids, topk_weights, gate.weight, up.weight, down.weight, act)
+    if not _must_not_sync(x):
+        return _by_expert(x, topk_ids, topk_weights, lambda e, xe: qlinear(
+            act(qlinear(xe, gate.expert(e))) * qlinear(xe, up.expert(e)), down.expert(e)))
+    num_tokens, k = topk_ids.shape
+    flat = topk_ids.reshape(-1)
+    h = act(gate.pairs(x, flat, k)) * up.pairs(x, flat, k)        # [N*k, F]: token t's pairs read x[t]
+    out = down.pairs(h, flat, 1).view(num_tokens, k, -1)           # [N, k, dim]
+    return (out.float() * topk_weights.unsqueeze(-1).float()).sum(1).to(x.dtype)
+
+
 class Experts(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -95,6 +125,9 @@ class Experts(nn.Module):
         self.down_proj = ExpertWeights(cfg.num_experts, cfg.dim, cfg.ffn_dim)
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.gate_proj, QuantExperts) and x.device.type != "cpu":
+            return quant_experts_forward(x, topk_ids, topk_weights, self.gate_proj, self.up_proj,
+                                         self.down_proj, self.act)
         return experts_forward(x, topk_ids, topk_weights, self.gate_proj.weight, self.up_proj.weight,
                                self.down_proj.weight, self.act)
 

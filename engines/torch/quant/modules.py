@@ -1,4 +1,4 @@
-"""`QuantLinear` and `QuantEmbedding`: nn.Modules whose weight is a `QuantWeight`.
+"""`QuantLinear`, `QuantEmbedding` and `QuantExperts`: nn.Modules whose weight is a `QuantWeight`.
 
 They replace nn.Linear / nn.Embedding by name (engines.torch.quant.adopt), so
 the model's forward is the same code for dense and quantized weights. A
@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engines.torch.kernels.quant_experts import qmatvec_experts
 from engines.torch.kernels.quant_ops import qlinear
 from engines.torch.kernels.quant_weight import QuantWeight
 
@@ -63,6 +64,43 @@ class QuantEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, ggml={self.qweight.type_name}"
 
 
+class QuantExperts(nn.Module):
+    """E stacked experts [E, out, in] in GGUF blocks, one QuantWeight of E * out rows (the
+    file's order), where an ExpertWeights stood. On CUDA `pairs` runs each (token, expert)
+    pair's matvec (quant_experts.py) and `expert(e)` is one expert's rows for qlinear; on
+    the CPU `weight` is the dense stack, dequantized once (as QuantLinear does)."""
+
+    def __init__(self, qweight: QuantWeight, num_experts: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.qweight, self.num_experts, self.dtype = qweight, num_experts, dtype
+        self.out_features, self.in_features = qweight.shape[0] // num_experts, qweight.shape[1]
+        self.dense: torch.Tensor | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """[E, out, in] in the model's dtype: kept on the CPU; on CUDA a transient copy (the
+        fallback for rows the kernels cannot read)."""
+        if self.dense is not None:
+            return self.dense
+        dense = self.qweight.dequantize(self.dtype).view(self.num_experts, self.out_features, self.in_features)
+        if self.qweight.device.type == "cpu":
+            self.dense = dense
+        return dense
+
+    def expert(self, index: int) -> QuantWeight:
+        return self.qweight.row_slice(index * self.out_features, (index + 1) * self.out_features)
+
+    def pairs(self, x: torch.Tensor, ids: torch.Tensor, x_div: int) -> torch.Tensor:
+        return qmatvec_experts(x, self.qweight, self.num_experts, ids, x_div)
+
+    def cache_bytes(self) -> int:
+        return 0 if self.dense is None else self.dense.numel() * self.dense.element_size()
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, in_features={self.in_features}, "
+                f"out_features={self.out_features}, ggml={self.qweight.type_name}")
+
+
 def quant_weights(model: nn.Module) -> list[QuantWeight]:
     """Every QuantWeight a model holds, each once."""
     seen: dict[int, QuantWeight] = {}
@@ -74,5 +112,5 @@ def quant_weights(model: nn.Module) -> list[QuantWeight]:
 
 
 def quant_cache_bytes(model: nn.Module) -> int:
-    """Bytes of the CPU's dequantized copies (QuantLinear.dense)."""
-    return sum(m.cache_bytes() for m in model.modules() if isinstance(m, QuantLinear))
+    """Bytes of the CPU's dequantized copies (QuantLinear.dense, QuantExperts.dense)."""
+    return sum(m.cache_bytes() for m in model.modules() if isinstance(m, (QuantLinear, QuantExperts)))

@@ -1,0 +1,55 @@
+"""Stacked quantized experts on the GPU (engines/torch/kernels/quant_experts.py through
+moe.quant_experts_forward): the pairs kernel, eager and captured in a CUDA graph with the
+routing changing between replays, equals the dense experts over the dequantized weights;
+the eager (per expert hit) path too."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from engines.torch.kernels.quant_weight import QuantWeight  # noqa: E402
+from engines.torch.model import moe  # noqa: E402
+from engines.torch.quant.modules import QuantExperts  # noqa: E402
+from tests.engines.quant_blocks import block_bytes  # noqa: E402
+
+EXPERTS, DIM, FFN, K = 8, 512, 256, 2
+
+
+def _stack(type_name: str, out: int, inp: int, seed: int) -> QuantExperts:
+    raw = torch.from_numpy(block_bytes(type_name, EXPERTS * out, inp, seed).copy())
+    return QuantExperts(QuantWeight.from_gguf(raw, type_name, (EXPERTS * out, inp), "cuda"), EXPERTS, torch.float32)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K", "Q8_0", "Q4_0"])
+def test_pairs_in_a_graph_and_per_expert_eager_equal_the_dense_experts(type_name, monkeypatch):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gate, up, down = _stack(type_name, FFN, DIM, 1), _stack(type_name, FFN, DIM, 2), _stack(type_name, DIM, FFN, 3)
+    act = torch.nn.functional.silu
+    x = torch.randn(3, DIM, device="cuda")
+    ids = torch.stack([torch.randperm(EXPERTS, device="cuda")[:K] for _ in range(3)])
+    weights = torch.softmax(torch.randn(3, K, device="cuda"), -1)
+
+    def dense():
+        return moe._dense(x, ids, weights, gate.weight, up.weight, down.weight, act)
+
+    eager = moe.quant_experts_forward(x, ids, weights, gate, up, down, act)         # per expert hit
+    torch.testing.assert_close(eager, dense(), rtol=1e-3, atol=1e-3)
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with monkeypatch.context() as patch, torch.cuda.stream(side):
+        patch.setattr(moe, "_must_not_sync", lambda x: True)                         # the graph's path, eager:
+        torch.testing.assert_close(moe.quant_experts_forward(x, ids, weights, gate, up, down, act), dense(),
+                                   rtol=1e-3, atol=1e-3)                           # Triton compiles here
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        captured = moe.quant_experts_forward(x, ids, weights, gate, up, down, act)   # the pairs kernel
+    for _ in range(3):                         # new routing, same buffers: the graph reads it on the device
+        ids.copy_(torch.stack([torch.randperm(EXPERTS, device="cuda")[:K] for _ in range(3)]))
+        x.normal_()
+        graph.replay()
+        torch.testing.assert_close(captured, dense(), rtol=1e-3, atol=1e-3)
