@@ -106,6 +106,14 @@ def q4_k_m_type(name: str, cfg: ModelConfig, columns: int) -> str:
     return chosen
 
 
+def _block_type(name: str, cfg: ModelConfig, shape: tuple[int, ...]) -> str:
+    """Q4_K_M's type for a weight (stacked experts too), F32 for vectors and for the MoE router,
+    which llama.cpp's quantizer never quantizes."""
+    if len(shape) < 2 or name.endswith("mlp.gate.weight"):
+        return "F32"
+    return q4_k_m_type(name, cfg, shape[-1])
+
+
 def _random_blocks(type_name: str, shape: tuple[int, int], gen) -> np.ndarray:
     """uint8 [rows, row_bytes]: random quants, fp16 scales small and finite (drawn on the GPU)."""
     import torch
@@ -142,21 +150,21 @@ def _write_blocks(cfg: ModelConfig, path: Path, seed: int) -> None:
     shapes, make = model_shapes(cfg), _sampler(seed)
     w = gguf.GGUFWriter(str(path), cfg.arch)
     write_metadata(w, cfg, {})
-    types = {name: q4_k_m_type(name, cfg, shape[1]) if len(shape) == 2 else "F32" for name, shape in shapes.items()}
+    types = {name: _block_type(name, cfg, shape) for name, shape in shapes.items()}
     for name, shape in shapes.items():
         if types[name] == "F32":
             w.add_tensor_info(gguf_tensor_name(name, cfg.arch), shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
         else:
             block, size, _ = TORCH_DEQUANT[types[name]]
-            row_bytes = shape[1] // block * size
-            w.add_tensor_info(gguf_tensor_name(name, cfg.arch), (shape[0], row_bytes), np.dtype(np.uint8),
-                              shape[0] * row_bytes, raw_dtype=gguf.GGMLQuantizationType[types[name]])
+            row_bytes = shape[-1] // block * size       # stacked experts: [E, out, row_bytes]
+            w.add_tensor_info(gguf_tensor_name(name, cfg.arch), (*shape[:-1], row_bytes), np.dtype(np.uint8),
+                              int(np.prod(shape[:-1])) * row_bytes, raw_dtype=gguf.GGMLQuantizationType[types[name]])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     for name, shape in shapes.items():
         w.write_tensor_data(np.asarray(make(name, shape), dtype=np.float32) if types[name] == "F32"
-                            else _random_blocks(types[name], shape, gen))
+                            else _random_blocks(types[name], (int(np.prod(shape[:-1])), shape[-1]), gen))
     w.close()
 
 

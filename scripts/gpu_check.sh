@@ -69,6 +69,9 @@ declare -A PARTS=(
   [quant_as_served]="590 -m benchmarks.quant_decode --compile --name quant_decode_compiled --budget-s 540"
   [quant_more]="590 -m benchmarks.quant_decode --types Q8_0,Q4_0 --name quant_decode_more --budget-s 540"
   [quant_budget]="590 -m benchmarks.quant_decode --part budget --budget-s 540"
+  # Issue 17: Qwen3-30B-A3B's shape, experts stacked in Q4_K/Q6_K blocks (random blocks written
+  # straight: its F16 file would not fit the disk), against llama.cpp on the same file.
+  [quant_moe]="590 -m benchmarks.quant_decode --blocks --models qwen3-30b-a3b --types Q4_K_M --name quant_decode_moe --budget-s 540"
   # The daemon's decode (compiled) against eager, on random Q4_K_M blocks: no llama.cpp build needed.
   [quant_compiled]="400 -m benchmarks.quant_compiled --budget-s 380"
 )

@@ -51,3 +51,29 @@ def test_random_q4_k_m_blocks_written_straight_read_back_in_their_types(tmp_path
     model, _ = load_gguf(path, "cpu", torch.float32, llamacpp_numerics=False)
     assert (model.cfg.dim, model.cfg.num_layers, model.cfg.ffn_dim) == (512, 8, 640)
     assert write_block_shape(cfg, path) == path               # kept, not redone
+
+
+def test_an_moe_shape_as_random_blocks_stacks_its_experts_in_blocks(tmp_path):
+    """quant_decode --blocks for Qwen3-30B-A3B's shape (its F16 file would not fit the GPU
+    machine's disk): stacked experts 3-D in Q4_K/Q6_K, the router F32 as llama.cpp keeps it;
+    our loader keeps the experts in blocks and llama.cpp runs the very same file."""
+    from benchmarks.shape_gguf import write_block_shape
+    from engines.torch.quant.modules import QuantExperts
+
+    cfg = named_config("qwen3-30b-a3b").replace(num_layers=2, vocab_size=1024, dim=512, num_heads=8,
+                                                num_kv_heads=2, head_dim=64, ffn_dim=256, num_experts=8,
+                                                num_experts_used=2)
+    path = write_block_shape(cfg, tmp_path / "moe.gguf")
+    tensors = {t.name: t for t in open_reader(path).tensors}
+    assert tensors["blk.0.ffn_gate_exps.weight"].tensor_type.name == "Q4_K"
+    assert len(tensors["blk.0.ffn_gate_exps.weight"].shape) == 3
+    assert tensors["blk.1.ffn_down_exps.weight"].tensor_type.name == "Q6_K"   # a use_more_bits layer
+    assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type.name == "F32"
+    model, _ = load_gguf(path, "cpu", torch.float32, llamacpp_numerics=False)
+    assert sum(isinstance(m, QuantExperts) for m in model.modules()) == 3 * 2
+    pytest.importorskip("llama_cpp")
+    from engines.llamacpp.native import plain_llama   # use_extra_bufts really off (AMX)
+
+    llm = plain_llama(str(path), n_ctx=64, n_threads=1, verbose=False)
+    llm.eval([1, 2, 3])
+    assert llm.n_tokens == 3

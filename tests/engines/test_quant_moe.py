@@ -67,6 +67,7 @@ def _stack(type_name: str, experts: int, out: int, inp: int, seed: int) -> Quant
 
 @pytest.mark.parametrize("in_graph", [False, True])
 def test_both_cuda_paths_equal_the_dense_experts(monkeypatch, in_graph):
+    torch.manual_seed(0)
     experts, dim, ffn = 4, 256, 256
     gate, up, down = (_stack("Q4_K", experts, o, i, s) for o, i, s in ((ffn, dim, 1), (ffn, dim, 2), (dim, ffn, 3)))
     x = torch.randn(3, dim)
@@ -76,4 +77,5 @@ def test_both_cuda_paths_equal_the_dense_experts(monkeypatch, in_graph):
     monkeypatch.setattr(moe, "_must_not_sync", lambda x: in_graph)
     got = moe.quant_experts_forward(x, ids, weights, gate, up, down, act)
     want = moe._dense(x, ids, weights, gate.weight, up.weight, down.weight, act)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # float32 sums in another order over random blocks' large values: relative to the largest
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5

@@ -19,6 +19,11 @@ from tests.engines.quant_blocks import block_bytes  # noqa: E402
 EXPERTS, DIM, FFN, K = 8, 512, 256, 2
 
 
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """float32 sums in another order over random blocks' large values: relative to the largest."""
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-4
+
+
 def _stack(type_name: str, out: int, inp: int, seed: int) -> QuantExperts:
     raw = torch.from_numpy(block_bytes(type_name, EXPERTS * out, inp, seed).copy())
     return QuantExperts(QuantWeight.from_gguf(raw, type_name, (EXPERTS * out, inp), "cuda"), EXPERTS, torch.float32)
@@ -37,14 +42,13 @@ def test_pairs_in_a_graph_and_per_expert_eager_equal_the_dense_experts(type_name
         return moe._dense(x, ids, weights, gate.weight, up.weight, down.weight, act)
 
     eager = moe.quant_experts_forward(x, ids, weights, gate, up, down, act)         # per expert hit
-    torch.testing.assert_close(eager, dense(), rtol=1e-3, atol=1e-3)
+    _close(eager, dense())
     graph = torch.cuda.CUDAGraph()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with monkeypatch.context() as patch, torch.cuda.stream(side):
         patch.setattr(moe, "_must_not_sync", lambda x: True)                         # the graph's path, eager:
-        torch.testing.assert_close(moe.quant_experts_forward(x, ids, weights, gate, up, down, act), dense(),
-                                   rtol=1e-3, atol=1e-3)                           # Triton compiles here
+        _close(moe.quant_experts_forward(x, ids, weights, gate, up, down, act), dense())   # Triton compiles
     torch.cuda.current_stream().wait_stream(side)
     with torch.cuda.graph(graph):
         captured = moe.quant_experts_forward(x, ids, weights, gate, up, down, act)   # the pairs kernel
@@ -52,4 +56,4 @@ def test_pairs_in_a_graph_and_per_expert_eager_equal_the_dense_experts(type_name
         ids.copy_(torch.stack([torch.randperm(EXPERTS, device="cuda")[:K] for _ in range(3)]))
         x.normal_()
         graph.replay()
-        torch.testing.assert_close(captured, dense(), rtol=1e-3, atol=1e-3)
+        _close(captured, dense())

@@ -75,6 +75,11 @@ def write_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, extra: dict[str, Any]) 
         w.add_layer_norm_rms_eps(cfg.rms_eps)
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(0)
+    if cfg.num_experts:   # what the loader builds experts from (a family's extra may say it too)
+        moe = {"expert_count": cfg.num_experts, "expert_used_count": cfg.num_experts_used}
+        if cfg.arch == "qwen3moe":
+            moe["expert_feed_forward_length"] = cfg.ffn_dim
+        extra = {**moe, **extra}
     for key, value in extra.items():
         full = f"{cfg.arch}.{key}"
         if isinstance(value, str):
