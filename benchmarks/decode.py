@@ -116,7 +116,8 @@ def bench_engine(model, kind: str, args: argparse.Namespace) -> dict:
         t_warm = time.perf_counter()
         runner.warm_up()
         out["warm_up_s"] = time.perf_counter() - t_warm
-        out["batch_one_eager"] = runner.is_compiled and 1 in runner.batch_buckets
+        if runner.is_compiled:   # batch_one's choice for a lone request
+            out["batch_one"] = runner.batch_one_kind if 1 in runner.batch_buckets else "compiled as batch 2"
         long = [Sequence(prompt=torch.randint(0, cfg.vocab_size, (args.prefill,), generator=gen).tolist(),
                          max_tokens=1, slot=7)]
         prefill(runner, long)                                    # warm-up (kernels, allocator)

@@ -142,3 +142,22 @@ def test_concat_and_row_slice():
     assert torch.equal(both.row_slice(OUT, OUT + 8).dequantize(), ref_b)
     with pytest.raises(ValueError):
         QuantWeight.concat([a, _weight("Q6_K")[0]])
+
+
+def test_repeated_rows_compute_one_row_and_repeat_it(monkeypatch):
+    """quant_ops.repeated_rows (a graph of one request padded to two equal rows, batch_one.py):
+    the projection computes row 0 alone and repeats it: what two rows give, to float32 rounding."""
+    from engines.torch.kernels import quant_ops
+
+    w, ref = _weight("Q4_K")
+    row = torch.randn(1, 1, IN)
+    x = torch.cat([row, row])                            # [2, 1, IN]: the padded batch
+    want = qlinear(x, w)
+    seen = []
+    reference = quant_ops.qlinear_reference
+    monkeypatch.setattr(quant_ops, "qlinear_reference", lambda x, w, b=None: seen.append(x.shape) or reference(x, w, b))
+    with quant_ops.repeated_rows():
+        got = qlinear(x, w)
+    assert [tuple(shape) for shape in seen] == [(1, IN)] and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)     # one row's sums, not two rows'
+    assert qlinear(x, w).shape == want.shape and tuple(seen[-1]) == (2, 1, IN)   # off again outside

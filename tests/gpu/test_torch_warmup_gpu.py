@@ -65,11 +65,14 @@ def test_warm_up_captures_every_bucket_and_serves_exactly(model_gpu, compile):
     store.close()
 
 
-def test_a_compiled_models_eager_batch_one_graph_serves_exactly(model_gpu, monkeypatch):
-    """Where batch_one keeps the eager graph (forced here: on this tiny model the compiled
-    step may win), a lone sequence decodes through it as the uncompiled runner does."""
+@pytest.mark.parametrize("kind", ["eager", "repeated"])
+def test_a_compiled_models_batch_one_graph_serves_exactly(model_gpu, monkeypatch, kind):
+    """Where batch_one keeps a graph of batch 1's own (forced here: on this tiny model the
+    compiled batch-2 step may win), a lone sequence decodes through it as the uncompiled
+    runner does: the eager step at one row, or the compiled step of two rows computing one
+    (quant_ops.repeated_rows; this model's dense projections are unaffected)."""
     from engines.torch.serve import batch_one
-    monkeypatch.setattr(batch_one, "keep_eager", lambda eager_ms, compiled_ms: True)
+    monkeypatch.setattr(batch_one, "fastest", lambda times: kind)
     try:
         store = virtual_store()
     except Exception as exc:  # the cuda VMM backend is another engineer's part
@@ -77,8 +80,9 @@ def test_a_compiled_models_eager_batch_one_graph_serves_exactly(model_gpu, monke
     runner = Runner(model_gpu, store, use_graphs=True, compile=True)
     runner.warm_up()
     assert runner.batch_buckets[0] == 1 and set(runner.graphs) == set(runner.warm_keys())
-    eager = runner.graphs[(1, runner.read_buckets[0])]
-    assert eager.forward == runner._decode_forward and eager.forward is not runner.decode_forward
+    graph = runner.graphs[(1, runner.read_buckets[0])]
+    assert graph.repeated is (kind == "repeated") and runner.batch_one_kind == kind
+    assert (graph.forward is runner.decode_forward) is (kind == "repeated")   # eager: never compiled
     one = {0: PROMPTS[2]}
     want = run(Runner(model_gpu, static_store(CUDA), use_graphs=False, compile=False), one, 8)
     torch.testing.assert_close(run(runner, one, 8).float().cpu(), want, rtol=2e-3, atol=2e-3)

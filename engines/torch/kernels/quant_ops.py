@@ -34,12 +34,17 @@ fake for shapes: the compiled decode step stays one graph around it.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
 from engines.torch.kernels import quant_dp4a, quant_kernels
 from engines.torch.kernels.quant_weight import FLOAT_TYPES, PLANES, QuantWeight
 
+_REPEATED = threading.local()   # repeated_rows() is on in this thread
 SCRATCH_WEIGHTS = 64 * 1024 * 1024   # 128 MiB of bf16: every layer of an 8B model in one piece
 
 
@@ -67,11 +72,28 @@ def qmatmul_dequant(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None =
     return out
 
 
+@contextlib.contextmanager
+def repeated_rows() -> Iterator[None]:
+    """While a CUDA graph of one request padded to two identical rows is captured (the
+    compiled step's smallest batch is 2: engines/torch/serve/batch_one.py): each quantized
+    projection computes row 0 alone, with the one-row kernels, and repeats it. The graph
+    records those kernels; replays run no Python. Only for inputs whose rows are equal."""
+    before = getattr(_REPEATED, "on", False)
+    _REPEATED.on = True
+    try:
+        yield
+    finally:
+        _REPEATED.on = before
+
+
 def _qlinear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor:
     if w.type_name in FLOAT_TYPES:
         weight = w.planes["w"]
         return F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype),
                         None if bias is None else bias.to(x.dtype))
+    if getattr(_REPEATED, "on", False) and x.numel() == 2 * w.shape[1]:
+        row = _qlinear(x.reshape(2, -1)[:1], w, bias)
+        return torch.cat([row, row]).reshape(*x.shape[:-1], w.shape[0])
     if not (x.is_cuda and quant_kernels.kernel_ready(w)):
         return qlinear_reference(x, w, bias)
     x2 = x.reshape(-1, w.shape[1])

@@ -17,6 +17,7 @@ touched, and the read-length bucket only adds masked zeros.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import weakref
@@ -27,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engines.torch.cuda_libraries import process_stream, release_library_blocks
 from engines.torch.kernels import decode_attention
+from engines.torch.kernels.quant_ops import repeated_rows
 from engines.torch.serve import batch_one
 from engines.torch.serve.graph_capture import capturing
 from engines.torch.serve.kv_access import _ACTIVE as _ACTIVE_KV
@@ -63,9 +65,12 @@ class DecodeGraph:
     """One captured decode step over fixed buffers: B rows, attention over read_len tokens."""
 
     def __init__(self, runner: Runner, batch: int, read_len: int,
-                 tokens: list[int], positions: list[int], slots: list[int]) -> None:
+                 tokens: list[int], positions: list[int], slots: list[int], repeated: bool = False) -> None:
+        """repeated: one request in a graph of two rows, captured under quant_ops.repeated_rows
+        (each quantized projection computes row 0 alone: batch_one.py)."""
         device = runner.device
         self.runner = runner
+        self.repeated = repeated
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.slots = torch.zeros(batch, dtype=torch.long, device=device)
@@ -108,7 +113,8 @@ class DecodeGraph:
         self.pos.copy_(self.staged[1].unsqueeze(1))
         self.slots.copy_(self.staged[2])
         self.runner.kv.bind_batch(self.slots, self.key_index)
-        return self.forward(self.ids, self.pos)
+        with repeated_rows() if self.repeated else contextlib.nullcontext():
+            return self.forward(self.ids, self.pos)
 
     def _load(self, tokens: list[int], positions: list[int], slots: list[int]) -> None:
         n = len(tokens)
@@ -173,10 +179,18 @@ class Runner:
         self.graphs: dict[tuple[int, int], DecodeGraph] = {}
         self.pending: list[tuple[int, int]] = []   # buckets warm_up left for capture_pending
         self.batch_one_undecided = False           # batch_one.eager_first until decide
+        self.batch_one_kind = "eager"              # compiled, batch 1's graphs: "eager" or "repeated"
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.side_stream = process_stream(self.device, "capture warm-up") if self.use_graphs else None
         if on_cuda:
             _OPEN_CUDA_RUNNERS.add(self)
+
+    def new_graph(self, batch: int, read_len: int, tokens: list[int], positions: list[int],
+                  slots: list[int]) -> DecodeGraph:
+        """A decode graph of this bucket; batch 1 of a compiled model as batch_one chose it."""
+        if batch == 1 and self.batch_one_kind == "repeated":
+            return DecodeGraph(self, 2, read_len, tokens, positions, slots, repeated=True)
+        return DecodeGraph(self, batch, read_len, tokens, positions, slots)
 
     def forward_for(self, batch: int) -> Callable:
         """The step a graph of this batch captures: compiled, except batch 1 of a compiled
@@ -253,7 +267,7 @@ class Runner:
             self._decode_eager([0] * batch, [0] * batch, [slot] * batch)   # compiles
         elif key not in self.graphs:
             log.info("capturing decode graph: batch %d, read length %d", batch, read_len)
-            self.graphs[key] = DecodeGraph(self, batch, read_len, [0], [0], [slot])
+            self.graphs[key] = self.new_graph(batch, read_len, [0], [0], [slot])
 
     def _warm_prefill(self, n: int) -> None:
         """One prefill chunk of the largest size: the caching allocator keeps its blocks, so
@@ -363,6 +377,5 @@ class Runner:
         graph = self.graphs.get(key)
         if graph is None:
             log.info("capturing decode graph: batch %d, read length %d", *key)
-            graph = DecodeGraph(self, key[0], key[1], tokens, positions, slots)
-            self.graphs[key] = graph
+            graph = self.graphs[key] = self.new_graph(key[0], key[1], tokens, positions, slots)
         return graph.run(tokens, positions, slots)
