@@ -71,7 +71,10 @@ def run(args) -> dict:
     steps = {"one": lambda d: step_one(d, models), "again": lambda d: step_one(d, models),
              "two": lambda d: step_two(d, models), "pressure": lambda d: step_pressure(d, models, args)}
     rows = []
-    with running(settings_for(args), name="daemon_residue") as daemon:
+    settings = settings_for(args)
+    if args.max_context:   # unload_residue.py's engines serve 2,048 tokens; the daemon 8,192 by default
+        settings["max_context"] = args.max_context
+    with running(settings, name="daemon_residue") as daemon:
         daemon.wait_for_device()
         baseline, _ = settled_memory(daemon, args.settle_s)
         for name, step in steps.items():
@@ -90,12 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     common.setup_logging()
     parser = exhaustion_parser()
     parser.set_defaults(hold_s=10.0, settle_s=2.0)
+    parser.add_argument("--max-context", type=int, default=0,
+                        help="the daemon's max_context (default: its own): the KV's address space "
+                             "grows with it, mapped to the zero page where no token is")
     args = resolve_defaults(parser.parse_args(argv))
     result = run(args)
     print_table(["step", "daemon MiB", "over baseline MiB", "pool MiB"],
                 [[r["step"], r["daemon_bytes"] // MiB, r["over_baseline_bytes"] // MiB, r["pool_bytes"] // MiB]
                  for r in result["steps"]])
-    print(json.dumps({"written": str(write_result("daemon_residue", result))}))
+    name = "daemon_residue" + (f"_ctx{args.max_context}" if args.max_context else "")
+    print(json.dumps({"written": str(write_result(name, result))}))
     return 0
 
 

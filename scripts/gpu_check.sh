@@ -53,6 +53,7 @@ declare -A PARTS=(
   [unload_residue]="560 -m benchmarks.unload_residue"
   # The same in the daemon at its defaults, step by step (one model, again, two, under pressure).
   [daemon_residue]="300 -m benchmarks.daemon_residue"
+  [daemon_residue_2k]="300 -m benchmarks.daemon_residue --max-context 2048"   # unload_residue's context
   [weights_tier]="580 -m benchmarks.weights_tier"   # carry .gpu too: llama.cpp's load of the same files
   # EXHAUSTION_BUDGET_S: less where other parts share the call (each call has 600 s).
   [exhaustion]="590 -m benchmarks.exhaustion --backend cuda --cycles 10 --hold-s 20 --budget-s ${EXHAUSTION_BUDGET_S:-540}"
