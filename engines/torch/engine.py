@@ -124,6 +124,7 @@ class TorchEngine(MemoryVerbs, Engine):
             runner = self.runner = Runner(self.model, self.store,
                                           use_graphs=device.type == "cuda" and self.config.torch_cuda_graphs,
                                           compile=None if self.config.torch_compile else False)
+            runner.phase_seconds = phases.seconds   # the idle compile and captures report there too
         if self._weights_movable():
             # After the runner fused its projections, before anything is compiled or captured:
             # kernels and graphs see the addresses the weights keep while they are away.

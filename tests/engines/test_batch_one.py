@@ -108,3 +108,14 @@ def test_choose_after_a_full_warm_up_keeps_the_fastest(monkeypatch, times, kept)
     else:
         assert runner.batch_buckets[0] == 1 and runner.graphs[(1, 256)].kind == kept
         assert runner.pending == [(1, 512)]
+
+
+def test_the_idle_captures_decide_batch_one_and_report_their_time(monkeypatch):
+    runner = _graphed_runner(monkeypatch, CASES[2][0])       # the repeated graph wins
+    phases = runner.phase_seconds = {"read": 1.0}
+    batch_one.eager_first(runner, slot=0)
+    while runner.capture_pending(slot=1):                     # what the serving loop does while idle
+        pass
+    assert runner.batch_one_kind == "repeated" and set(runner.graphs) == set(runner.warm_keys())
+    assert all(graph.kind == "repeated" for key, graph in runner.graphs.items() if key[0] == 1)
+    assert phases["read"] == 1.0 and phases["capture_while_idle"] > 0

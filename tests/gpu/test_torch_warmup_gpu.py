@@ -154,6 +154,7 @@ def test_engine_load_reports_compiling_and_captures_before_serving():
             time.sleep(0.1)
         with step_lock:
             assert set(runner.graphs) == set(runner.warm_keys())
+        assert engine.load_phases["capture_while_idle"] > 0     # the idle compile, in /api/ps's phases
         captured = dict(runner.graphs)
         request = GenerateRequest(kind=RequestKind.COMPLETION, prompt="hello there",
                                   sampling=SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))

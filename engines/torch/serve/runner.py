@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import time
 import weakref
 from collections.abc import Callable
 
@@ -180,6 +181,7 @@ class Runner:
         self.pending: list[tuple[int, int]] = []   # buckets warm_up left for capture_pending
         self.batch_one_undecided = False           # batch_one.eager_first until decide
         self.batch_one_kind = "eager"              # compiled, batch 1's graphs: "eager" or "repeated"
+        self.phase_seconds: dict[str, float] = {}  # the engine's load phases: idle captures add theirs
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.side_stream = process_stream(self.device, "capture warm-up") if self.use_graphs else None
         if on_cuda:
@@ -252,6 +254,7 @@ class Runner:
         if not self.pending:
             return False
         key = self.pending.pop(0)
+        started = time.monotonic()
         self.store.ensure(slot, 1)
         try:
             with self.store.step_guard():
@@ -259,6 +262,9 @@ class Runner:
                 batch_one.decide(self, slot)   # after the first compiled bucket (eager_first)
         finally:
             self.store.release(slot)
+        # Where the load's phases are reported (/api/ps): the compile moved here (issue 22).
+        phases = self.phase_seconds
+        phases["capture_while_idle"] = phases.get("capture_while_idle", 0.0) + time.monotonic() - started
         return True
 
     def _capture(self, key: tuple[int, int], slot: int) -> None:
