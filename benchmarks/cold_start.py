@@ -8,7 +8,9 @@ streamed token (the load happens inside it, as a user meets it):
   restart      the daemon restarted with the same home: kernels cached on disk
   reload       the model unloaded (control API) and asked for again in the same process
 
-with the engine's load phases (engines/phases.py, from /api/ps) for each, and the
+with the engine's load phases (engines/phases.py, from /api/ps) for each (the read phase
+also as GB/s of the file, beside the file's read rate from disk and from the page
+cache: benchmarks/read_rate.py), and the
 seconds the daemon took after /health to open its device (the CUDA libraries and
 kernel code: engines.factory.prepare_device), waited for before the request. With
 --llama-completion, the reference: llama.cpp's own `llama-completion` (CUDA build, all
@@ -32,6 +34,7 @@ import httpx
 from benchmarks.daemon_proc import Daemon
 from benchmarks.e2e_common import base_settings, bundled_gguf, setup_logging
 from benchmarks.llama_peer import load_and_first_token_s, start_build
+from benchmarks.read_rate import file_read_rates
 from benchmarks.results_io import print_table, write_result
 from benchmarks.shape_gguf import named_block_shape
 from benchmarks.stream_client import TEXTLESS, openai_completion
@@ -131,7 +134,11 @@ def main() -> None:
     completion = peer_completion(args.llama_src) if args.llama_src else (lambda: args.llama_completion)
     gguf = named_block_shape(args.shape) if args.shape else (args.gguf or bundled_gguf())
     model = "cold-" + (args.name or gguf.stem.lower().replace(".", "-").replace("_", "-"))
+    rates = file_read_rates(gguf)          # the daemon then reads it from the page cache, as llama.cpp does
     rows = measure_daemon(gguf, model)
+    for row in rows:                        # the load's read phase against the file's size
+        read_s = row["load_phases_s"].get("read")
+        row["read_gb_s"] = gguf.stat().st_size / read_s / 1e9 if read_s else None
     binary = completion()
     reference = load_and_first_token_s(binary, gguf, args.runs) if binary else None
     print_table(["case", "first token s", "device open s", "phases (s)"],
@@ -139,8 +146,11 @@ def main() -> None:
                   " ".join(f"{k}={v:.2f}" for k, v in r["load_phases_s"].items())] for r in rows])
     if reference:
         print(f"llama.cpp llama-completion (load + 1 token, whole process): {reference}")
+    print(f"the file reads at {rates['disk_gb_s']:.2f} GB/s from disk ({'' if rates['dropped'] else 'pages not dropped; '}"
+          f"page cache {rates['page_cache_gb_s']:.2f} GB/s); the loads' read phases: "
+          + ", ".join(f"{r['case']} {r['read_gb_s']:.2f} GB/s" for r in rows if r.get("read_gb_s")))
     path = write_result("cold_start" + (f"_{args.name}" if args.name else ""),
-                        {"gguf": gguf.name, "file_bytes": gguf.stat().st_size, "cases": rows,
+                        {"gguf": gguf.name, "file_bytes": gguf.stat().st_size, "read_rates": rates, "cases": rows,
                          "llama_cpp_load_and_first_token": reference})
     print(f"wrote {path}")
 

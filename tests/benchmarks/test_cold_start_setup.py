@@ -28,3 +28,12 @@ def test_a_named_shape_is_written_once_as_q4_k_m_blocks(tmp_path, monkeypatch):
     assert {"Q4_K", "Q6_K"} <= types
     written = path.stat().st_mtime_ns
     assert shape_gguf.named_block_shape("smollm2-135m") == path and path.stat().st_mtime_ns == written   # kept
+
+
+def test_a_files_read_rates_from_disk_and_page_cache(tmp_path):
+    from benchmarks.read_rate import file_read_rates
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(bytes(8 << 20))
+    rates = file_read_rates(path)
+    assert rates["disk_gb_s"] > 0 and rates["page_cache_gb_s"] > 0 and isinstance(rates["dropped"], bool)
