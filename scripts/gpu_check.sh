@@ -71,8 +71,9 @@ declare -A PARTS=(
   [quant_more]="590 -m benchmarks.quant_decode --types Q8_0,Q4_0 --name quant_decode_more --budget-s 540"
   [quant_budget]="590 -m benchmarks.quant_decode --part budget --budget-s 540"
   # Issue 17: Qwen3-30B-A3B's shape, experts stacked in Q4_K/Q6_K blocks (random blocks written
-  # straight: its F16 file would not fit the disk), against llama.cpp on the same file.
-  [quant_moe]="590 -m benchmarks.quant_decode --blocks --models qwen3-30b-a3b --types Q4_K_M --name quant_decode_moe --budget-s 540"
+  # straight: its F16 file would not fit the disk), compiled as the daemon serves it, against
+  # llama.cpp on the same file.
+  [quant_moe]="590 -m benchmarks.quant_decode --blocks --compile --models qwen3-30b-a3b --types Q4_K_M --name quant_decode_moe --budget-s 540"
   # Issue 17's dense families at their shapes, Q4_K_M random blocks, against llama.cpp on the same files.
   [quant_families]="590 -m benchmarks.quant_decode --blocks --models qwen3-8b,phi-4-mini,gemma-3-12b --types Q4_K_M --name quant_decode_families --budget-s 540"
   # The daemon's decode (compiled) against eager, on random Q4_K_M blocks: no llama.cpp build needed.

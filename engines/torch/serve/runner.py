@@ -170,8 +170,8 @@ class Runner:
         layout = store.layout
         self.max_ctx = layout.max_context
         # Compiled, batch 1 runs as 2: Dynamo specializes size-1 dimensions, so a bucket
-        # of 1 would compile the whole model a second time. warm_up adds an eager batch-1
-        # graph where it replays faster than that (batch_one.py: the one-row dp4a kernels).
+        # of 1 would compile the whole model a second time. batch_one.py adds a batch-1 graph
+        # of its own (eager, or the compiled step computing its one row) where that is faster.
         self.batch_buckets = pow2_buckets(2 if self.is_compiled and layout.max_slots > 1 else 1,
                                           layout.max_slots)
         # The Triton kernel reads each row's own length on the device: one bucket does.
