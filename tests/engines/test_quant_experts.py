@@ -54,3 +54,23 @@ def test_it_is_one_op_under_torch_compile():
     compiled = torch.compile(step, backend="eager", fullgraph=True)
     want, _ = _want(x, ref, ids, 2)
     torch.testing.assert_close(compiled(x, ids).float(), 2 * want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K", "Q4_0", "Q8_0"])
+@pytest.mark.parametrize("x_div", [1, 2])
+def test_the_integer_dot_pairs_are_each_expert_times_x_as_quantized(type_name: str, x_div: int):
+    """quant_dp4a's kernels over pairs (the CUDA path of its four types), dp4a emulated: each
+    pair's product is its expert's weight times its x row as ggml's q8_1 quantizes it."""
+    from tests.engines.test_quant_dp4a import q8_1_reference
+
+    k = 512 if type_name.endswith("_K") else 96
+    w, ref = _stacked(type_name, k)
+    ids = torch.tensor([2, 0, 2, 3, 1, 1])
+    x = torch.randn(len(ids) // x_div, k)
+    q, d = q8_1_reference(x)
+    as_quantized = (q.float().reshape(-1, 32) * d[:, None]).reshape(x.shape)
+    want, scale = _want(as_quantized, ref, ids, x_div)
+    got = quant_experts._launch_dp4a(x, w, EXPERTS, ids, x_div)
+    assert got.shape == (len(ids), OUT)
+    assert torch.all((got.float() - want).abs() <= BOUND * scale + 1e-6), (got.float() - want).abs().max()

@@ -1,7 +1,8 @@
 """Stacked quantized experts on the GPU (engines/torch/kernels/quant_experts.py through
-moe.quant_experts_forward): the pairs kernel, eager and captured in a CUDA graph with the
-routing changing between replays, equals the dense experts over the dequantized weights;
-the eager (per expert hit) path too."""
+moe.quant_experts_forward): the pairs kernels (the integer-dot ones for Q4_K, Q6_K, Q4_0,
+Q8_0; the float matvec for Q5_K), eager and captured in a CUDA graph with the routing
+changing between replays, against the dense experts over the dequantized weights (within
+x's int8 rounding for the integer-dot types); the eager (per expert hit) path too."""
 from __future__ import annotations
 
 import sys
@@ -19,9 +20,12 @@ from tests.engines.quant_blocks import block_bytes  # noqa: E402
 EXPERTS, DIM, FFN, K = 8, 512, 256, 2
 
 
-def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+DP4A_TYPES = ("Q4_K", "Q6_K", "Q4_0", "Q8_0")   # their pairs run on int8 activations (quant_dp4a)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, bound: float = 1e-4) -> None:
     """float32 sums in another order over random blocks' large values: relative to the largest."""
-    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-4
+    assert ((got - want).abs().max() / want.abs().max()).item() < bound
 
 
 def _stack(type_name: str, out: int, inp: int, seed: int) -> QuantExperts:
@@ -29,7 +33,7 @@ def _stack(type_name: str, out: int, inp: int, seed: int) -> QuantExperts:
     return QuantExperts(QuantWeight.from_gguf(raw, type_name, (EXPERTS * out, inp), "cuda"), EXPERTS, torch.float32)
 
 
-@pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize("type_name", [*DP4A_TYPES, "Q5_K"])
 def test_pairs_in_a_graph_and_per_expert_eager_equal_the_dense_experts(type_name, monkeypatch):
     torch.backends.cuda.matmul.allow_tf32 = False
     gate, up, down = _stack(type_name, FFN, DIM, 1), _stack(type_name, FFN, DIM, 2), _stack(type_name, DIM, FFN, 3)
@@ -41,6 +45,8 @@ def test_pairs_in_a_graph_and_per_expert_eager_equal_the_dense_experts(type_name
     def dense():
         return moe._dense(x, ids, weights, gate.weight, up.weight, down.weight, act)
 
+    # x rounded to int8 per 32 (half a step of amax/127) moves the pairs' sums by ~1% at most
+    pairs_bound = 3e-2 if type_name in DP4A_TYPES else 1e-4
     eager = moe.quant_experts_forward(x, ids, weights, gate, up, down, act)         # per expert hit
     _close(eager, dense())
     graph = torch.cuda.CUDAGraph()
@@ -48,7 +54,8 @@ def test_pairs_in_a_graph_and_per_expert_eager_equal_the_dense_experts(type_name
     side.wait_stream(torch.cuda.current_stream())
     with monkeypatch.context() as patch, torch.cuda.stream(side):
         patch.setattr(moe, "_must_not_sync", lambda x: True)                         # the graph's path, eager:
-        _close(moe.quant_experts_forward(x, ids, weights, gate, up, down, act), dense())   # Triton compiles
+        pairs = moe.quant_experts_forward(x, ids, weights, gate, up, down, act)      # Triton compiles here
+        _close(pairs, dense(), pairs_bound)
     torch.cuda.current_stream().wait_stream(side)
     with torch.cuda.graph(graph):
         captured = moe.quant_experts_forward(x, ids, weights, gate, up, down, act)   # the pairs kernel
@@ -56,4 +63,7 @@ def test_pairs_in_a_graph_and_per_expert_eager_equal_the_dense_experts(type_name
         ids.copy_(torch.stack([torch.randperm(EXPERTS, device="cuda")[:K] for _ in range(3)]))
         x.normal_()
         graph.replay()
-        _close(captured, dense())
+        _close(captured, dense(), pairs_bound)
+        with monkeypatch.context() as patch:   # the same kernels outside the graph: the same sums
+            patch.setattr(moe, "_must_not_sync", lambda x: True)
+            _close(captured, moe.quant_experts_forward(x, ids, weights, gate, up, down, act), 1e-6)

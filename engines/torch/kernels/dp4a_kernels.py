@@ -63,12 +63,26 @@ if triton is not None:
         return ((word << (24 - 8 * BYTE)) >> 24).to(tl.float32)
 
     @triton.jit
-    def _tiles(M, N, BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr):
-        """This program's weight rows (and clamped [1, BN, 1, 1]), x rows [BM, 1, 1, 1], slots, words."""
+    def _tiles(M, N, BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr, ids_ptr, x_div,
+               INDEXED: tl.constexpr):
+        """This program's weight rows (and clamped [1, BN, 1, 1]), x rows [BM, 1, 1, 1], slots, words.
+        INDEXED (stacked experts, quant_experts.py): program axis 1 is a (token, expert) pair,
+        its weight rows offset by its expert's first row, its x row pair // x_div (BM = 1)."""
         rows = tl.program_id(0) * BN + tl.arange(0, BN)
         r = tl.minimum(rows, N - 1)[None, :, None, None].to(tl.int64)
         m = tl.minimum(tl.arange(0, BM), M - 1)[:, None, None, None]
+        if INDEXED:
+            pair = tl.program_id(1)
+            r += tl.load(ids_ptr + pair).to(tl.int64) * N
+            m = m * 0 + pair // x_div
         return rows, r, m, tl.arange(0, G)[None, None, :, None], tl.arange(0, 4)[None, None, None, :]
+
+    @triton.jit
+    def _pair_out(out_ptr, s_om, INDEXED: tl.constexpr):
+        """Where this program's output row starts: the pair's row where INDEXED."""
+        if INDEXED:
+            out_ptr += tl.program_id(1).to(tl.int64) * s_om
+        return out_ptr
 
     @triton.jit
     def _step(NB, h0, UNITS: tl.constexpr, slot):
@@ -83,13 +97,14 @@ if triton is not None:
         tl.store(out_ptr + mo * s_om + rows[None, :], y.to(out_ptr.dtype.element_ty),
                  mask=(mo < M) & (rows[None, :] < N))
 
-    @triton.jit(do_not_specialize=["M", "N", "NB", "s_om"])
+    @triton.jit(do_not_specialize=["M", "N", "NB", "s_om", "x_div"])
     def q4_k_kernel(out_ptr, qw_ptr, dm_ptr, sc_ptr, s_qw, s_dm, s_sc, xw_ptr, dx_ptr, sx_ptr, s16_ptr,
                     M, N, NB, s_om, BM: tl.constexpr, BN: tl.constexpr, SB: tl.constexpr,
-                    UNROLL: tl.constexpr, EMULATE: tl.constexpr):
+                    UNROLL: tl.constexpr, EMULATE: tl.constexpr,
+                    ids_ptr=None, x_div=1, INDEXED: tl.constexpr = False):
         """Q4_K: a slot is a 32-byte group g of a super-block: low nibbles are sub-block 2g,
         high nibbles 2g + 1; d * scale * dx * dot - dmin * min * sx per sub-block."""
-        rows, r, m, slot, w4 = _tiles(M, N, BM, BN, SB * 4)
+        rows, r, m, slot, w4 = _tiles(M, N, BM, BN, SB * 4, ids_ptr, x_div, INDEXED)
         xrow, drow = xw_ptr + m * (NB * 64), m * (NB * 8)
         acc = tl.zeros([BM, BN, SB * 4, 1], dtype=tl.float32)
         for h0 in range(0, NB, SB * UNROLL):
@@ -120,7 +135,7 @@ if triton is not None:
                 sx_hi = tl.load(sx_ptr + sub + 1, mask=live, other=0.0)
                 acc += (d * sc_lo * dx_lo * dot_lo + d * sc_hi * dx_hi * dot_hi
                         - dmin * (m_lo * sx_lo + m_hi * sx_hi))
-        _store(out_ptr, acc, rows, M, N, s_om, BM)
+        _store(_pair_out(out_ptr, s_om, INDEXED), acc, rows, M, N, s_om, BM)
 
     @triton.jit
     def _q6(ql, qh, SHIFT_L: tl.constexpr, shift_h):
@@ -133,15 +148,16 @@ if triton is not None:
         s = tl.load(s16p, mask=live, other=0).to(tl.float32)
         return sc * (_dot(q, tl.load(xp, mask=live, other=0), EMULATE) - 32.0 * s)
 
-    @triton.jit(do_not_specialize=["M", "N", "NB", "s_om"])
+    @triton.jit(do_not_specialize=["M", "N", "NB", "s_om", "x_div"])
     def q6_k_kernel(out_ptr, ql_ptr, qh_ptr, sc_ptr, d_ptr, s_ql, s_qh, s_sc, s_d, xw_ptr, dx_ptr, sx_ptr, s16_ptr,
                     M, N, NB, s_om, BM: tl.constexpr, BN: tl.constexpr, SB: tl.constexpr,
-                    UNROLL: tl.constexpr, EMULATE: tl.constexpr):
+                    UNROLL: tl.constexpr, EMULATE: tl.constexpr,
+                    ids_ptr=None, x_div=1, INDEXED: tl.constexpr = False):
         """Q6_K: a slot is 8 words of ql (half `part` of the super-block, quarter t < 2): their
         low nibbles are weights 128 part + 32t + 0..31 (sub-blocks of 16: 8 part + 2t, + 1),
         their high nibbles the same + 64 (sub-blocks + 4, + 5); the 2 high bits sit in qh
         words 8 part + 0..7 at bits 2t (low) and 2t + 4 (high)."""
-        rows, r, m, slot, w4 = _tiles(M, N, BM, BN, SB * 4)
+        rows, r, m, slot, w4 = _tiles(M, N, BM, BN, SB * 4, ids_ptr, x_div, INDEXED)
         xrow, drow, srow = xw_ptr + m * (NB * 64), m * (NB * 8), s16_ptr + m * (NB * 16)
         acc = tl.zeros([BM, BN, SB * 4, 1], dtype=tl.float32)
         for h0 in range(0, NB, SB * UNROLL):
@@ -163,15 +179,16 @@ if triton is not None:
                 dx_lo = tl.load(dx_ptr + block, mask=live, other=0.0)
                 dx_hi = tl.load(dx_ptr + block + 2, mask=live, other=0.0)
                 acc += tl.load(d_ptr + r * s_d + h).to(tl.float32) * (dx_lo * lo + dx_hi * hi)
-        _store(out_ptr, acc, rows, M, N, s_om, BM)
+        _store(_pair_out(out_ptr, s_om, INDEXED), acc, rows, M, N, s_om, BM)
 
-    @triton.jit(do_not_specialize=["M", "N", "NB", "s_om"])
+    @triton.jit(do_not_specialize=["M", "N", "NB", "s_om", "x_div"])
     def q4_0_kernel(out_ptr, qw_ptr, d_ptr, s_qw, s_d, xw_ptr, dx_ptr, sx_ptr, s16_ptr,
                     M, N, NB, s_om, BM: tl.constexpr, BN: tl.constexpr, SB: tl.constexpr,
-                    UNROLL: tl.constexpr, EMULATE: tl.constexpr):
+                    UNROLL: tl.constexpr, EMULATE: tl.constexpr,
+                    ids_ptr=None, x_div=1, INDEXED: tl.constexpr = False):
         """Q4_0: a slot is one block of 32 (4 words): low nibbles weights 0..15, high 16..31,
         value (q - 8) * d: d * (dx * dot - 8 * sx)."""
-        rows, r, m, slot, w4 = _tiles(M, N, BM, BN, SB)
+        rows, r, m, slot, w4 = _tiles(M, N, BM, BN, SB, ids_ptr, x_div, INDEXED)
         xrow, drow = xw_ptr + m * (NB * 8), m * NB
         acc = tl.zeros([BM, BN, SB, 1], dtype=tl.float32)
         for h0 in range(0, NB, SB * UNROLL):
@@ -184,14 +201,15 @@ if triton is not None:
                 dx = tl.load(dx_ptr + drow + b, mask=live, other=0.0)
                 sx = tl.load(sx_ptr + drow + b, mask=live, other=0.0)
                 acc += tl.load(d_ptr + r * s_d + b).to(tl.float32) * (dx * dot - 8.0 * sx)
-        _store(out_ptr, acc, rows, M, N, s_om, BM)
+        _store(_pair_out(out_ptr, s_om, INDEXED), acc, rows, M, N, s_om, BM)
 
-    @triton.jit(do_not_specialize=["M", "N", "NB", "s_om"])
+    @triton.jit(do_not_specialize=["M", "N", "NB", "s_om", "x_div"])
     def q8_0_kernel(out_ptr, qw_ptr, d_ptr, s_qw, s_d, xw_ptr, dx_ptr, sx_ptr, s16_ptr,
                     M, N, NB, s_om, BM: tl.constexpr, BN: tl.constexpr, SB: tl.constexpr,
-                    UNROLL: tl.constexpr, EMULATE: tl.constexpr):
+                    UNROLL: tl.constexpr, EMULATE: tl.constexpr,
+                    ids_ptr=None, x_div=1, INDEXED: tl.constexpr = False):
         """Q8_0: a slot is one block of 32 signed bytes (8 words): d * dx * dot."""
-        rows, r, m, slot, w4 = _tiles(M, N, BM, BN, SB)
+        rows, r, m, slot, w4 = _tiles(M, N, BM, BN, SB, ids_ptr, x_div, INDEXED)
         xrow, drow = xw_ptr + m * (NB * 8), m * NB
         acc = tl.zeros([BM, BN, SB, 1], dtype=tl.float32)
         for h0 in range(0, NB, SB * UNROLL):
@@ -203,7 +221,7 @@ if triton is not None:
                             tl.load(qp + 4), tl.load(xp + 4, mask=live, other=0), EMULATE)
                 dx = tl.load(dx_ptr + drow + b, mask=live, other=0.0)
                 acc += tl.load(d_ptr + r * s_d + b).to(tl.float32) * dx * dot
-        _store(out_ptr, acc, rows, M, N, s_om, BM)
+        _store(_pair_out(out_ptr, s_om, INDEXED), acc, rows, M, N, s_om, BM)
 
     @triton.jit
     def _round_half_away(v):

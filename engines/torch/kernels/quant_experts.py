@@ -7,7 +7,11 @@ token needs is known only on the device (the router's top k), and a step inside 
 CUDA graph may not ask the host. So `qmatvec_experts` runs quant_kernels' matvec
 with a third program axis over the pairs: each program reads its pair's expert id
 from device memory and offsets the weight's planes by that expert's first row,
-reading only the experts chosen (as llama.cpp's mul_mat_id), each once per pair.
+reading only the experts chosen (as llama.cpp's mul_mat_id), each once per pair. The
+types quant_dp4a serves (Q4_K, Q6_K, Q4_0, Q8_0) go through its integer-dot kernels
+the same way (x quantized to int8 once; at 6,144 rows of work a projection, more than
+the 4,096 from which dp4a beat the float matvec at one row of x in the H100 sweep);
+the other block types through the float matvec.
 
 Pair p reads row p // x_div of x: the gate and up projections of token t's k
 pairs all read x[t] (x_div = k); the down projection reads its own pair's
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from engines.torch.kernels import quant_kernels
+from engines.torch.kernels import dp4a_kernels, quant_dp4a, quant_kernels
 from engines.torch.kernels.quant_weight import PLANES, QuantWeight
 
 
@@ -52,7 +56,26 @@ def _launch(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tensor
     return out
 
 
+def _launch_dp4a(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tensor,
+                 x_div: int) -> torch.Tensor:
+    """The same pairs on quant_dp4a's integer-dot kernels (x quantized to int8 per 32 once,
+    every row of it), with the one-row launch: each pair is one row of x."""
+    n, k = w.shape[0] // num_experts, w.shape[1]
+    block_n, blocks_per_step, unroll, warps = quant_dp4a.launch_for(w.type_name, 1, n)
+    xq, dx, sx, s16 = quant_dp4a.quantize_x(x.contiguous().reshape(-1))
+    out = torch.empty((ids.numel(), n), dtype=x.dtype, device=x.device)
+    kernel = getattr(dp4a_kernels, f"{w.type_name.lower()}_kernel")
+    kernel[(quant_kernels.triton.cdiv(n, block_n), ids.numel())](
+        out, *quant_dp4a._weight_args(w), xq.view(torch.int32), dx, sx, s16, 1, n,
+        k // quant_dp4a.TYPES[w.type_name], out.stride(0), BM=1, BN=block_n, SB=blocks_per_step,
+        UNROLL=unroll, EMULATE=quant_dp4a.emulated(), num_warps=warps,
+        ids_ptr=ids.contiguous(), x_div=x_div, INDEXED=True)
+    return out
+
+
 def _experts(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tensor, x_div: int) -> torch.Tensor:
+    if x.is_cuda and quant_dp4a.supports(w, 1):
+        return _launch_dp4a(x, w, num_experts, ids, x_div)
     if x.is_cuda and quant_kernels.kernel_ready(w):
         return _launch(x, w, num_experts, ids, x_div)
     return qmatvec_experts_reference(x, w, num_experts, ids, x_div)
