@@ -134,14 +134,24 @@ def qmatvec_dp4a(x: torch.Tensor, w: QuantWeight, block_n: int | None = None, bl
     if not supports(w, x2.shape[0]):
         raise ValueError(f"the dp4a matvec serves {sorted(TYPES)} at 1 to {MAX_ROWS} rows of x, not "
                          f"{w.type_name} {tuple(w.shape)} at {tuple(x.shape)}")
-    n, k = w.shape
+    m, n = x2.shape[0], w.shape[0]
+    launch = tuple(given or default for given, default in
+                   zip((block_n, blocks_per_step, unroll, num_warps), launch_for(w.type_name, m, n)))
+    return run_kernel(x2, w, n, launch, m)
+
+
+def run_kernel(x2: torch.Tensor, w: QuantWeight, n: int, launch: tuple[int, int, int, int], out_rows: int,
+               **indexed) -> torch.Tensor:
+    """The type's kernel over x2's rows (quantized here, in one flat pass: rows of whole
+    blocks) and n rows of W -> [out_rows, n]. `indexed` (ids_ptr, x_div, INDEXED=True:
+    quant_experts.py): stacked experts, one program column and output row per pair."""
+    block_n, blocks_per_step, unroll, warps = launch
+    m = 1 if indexed else x2.shape[0]
+    xq, dx, sx, s16 = quantize_x(x2.contiguous().reshape(-1))
+    out = torch.empty((out_rows, n), dtype=x2.dtype, device=x2.device)
     kernel = getattr(dp4a_kernels, f"{w.type_name.lower()}_kernel")
-    m = x2.shape[0]
-    bn, sb, unrolled, warps = (given or default for given, default in
-                               zip((block_n, blocks_per_step, unroll, num_warps), launch_for(w.type_name, m, n)))
-    xq, dx, sx, s16 = quantize_x(x2.contiguous().reshape(-1))     # rows of whole blocks: one flat pass
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    kernel[(triton.cdiv(n, bn),)](out, *_weight_args(w), xq.view(torch.int32), dx, sx, s16,
-                                  m, n, k // TYPES[w.type_name], out.stride(0), BM=triton.next_power_of_2(m),
-                                  BN=bn, SB=sb, UNROLL=unrolled, EMULATE=emulated(), num_warps=warps)
+    kernel[(triton.cdiv(n, block_n), out_rows if indexed else 1)](
+        out, *_weight_args(w), xq.view(torch.int32), dx, sx, s16, m, n, w.shape[1] // TYPES[w.type_name],
+        out.stride(0), BM=triton.next_power_of_2(m), BN=block_n, SB=blocks_per_step, UNROLL=unroll,
+        EMULATE=emulated(), num_warps=warps, **indexed)
     return out

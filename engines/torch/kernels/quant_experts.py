@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from engines.torch.kernels import dp4a_kernels, quant_dp4a, quant_kernels
-from engines.torch.kernels.quant_weight import PLANES, QuantWeight
+from engines.torch.kernels import quant_dp4a, quant_kernels
+from engines.torch.kernels.quant_weight import QuantWeight
 
 
 def qmatvec_experts_reference(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tensor,
@@ -36,22 +36,17 @@ def qmatvec_experts_reference(x: torch.Tensor, w: QuantWeight, num_experts: int,
 
 
 def _launch(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tensor, x_div: int) -> torch.Tensor:
-    launch = quant_kernels.LAUNCH.get(w.type_name, quant_kernels.DEFAULT_LAUNCH)
-    block_n, chunks_per_step, num_warps = launch[:3]
+    block_n, chunks_per_step, num_warps = quant_kernels.LAUNCH.get(w.type_name, quant_kernels.DEFAULT_LAUNCH)[:3]
     pairs, n, k = ids.numel(), w.shape[0] // num_experts, w.shape[1]
     x = x.contiguous()
-    type_id, s, l = quant_kernels.TILES[w.type_name]
     planes, strides = quant_kernels._planes(w)
     cdiv = quant_kernels.triton.cdiv
-    chunks_per_split = cdiv(cdiv(k, quant_kernels.CHUNK), chunks_per_step) * chunks_per_step   # no K split:
-    # the pairs' programs fill the SMs
-    s2, l2 = quant_kernels.PAIR_TILES.get(w.type_name, (1, 1))
+    # No K split: the pairs' programs fill the SMs.
+    chunks_per_split = cdiv(cdiv(k, quant_kernels.CHUNK), chunks_per_step) * chunks_per_step
     out = torch.empty((pairs, n), dtype=x.dtype, device=x.device)
-    grid = (cdiv(n, block_n), 1, pairs)
-    quant_kernels._qmv_kernel[grid](
-        x, out, out, *planes, *strides, 1, n, k, x.stride(0), 0, n, chunks_per_split,
-        TYPE=type_id, S=s, L=l, CPI=chunks_per_step, BN=block_n, BM=1, HAS_BIAS=False,
-        PAIRED=w.type_name in quant_kernels.PAIR_TILES, S2=s2, L2=l2, num_warps=num_warps,
+    quant_kernels._qmv_kernel[(cdiv(n, block_n), 1, pairs)](
+        x, out, out, *planes, *strides, 1, n, k, x.stride(0), 0, n, chunks_per_split, HAS_BIAS=False,
+        **quant_kernels.kernel_meta(w.type_name, block_n, chunks_per_step, num_warps, 1),
         ids_ptr=ids.contiguous(), x_div=x_div, INDEXED=True)
     return out
 
@@ -60,17 +55,9 @@ def _launch_dp4a(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.T
                  x_div: int) -> torch.Tensor:
     """The same pairs on quant_dp4a's integer-dot kernels (x quantized to int8 per 32 once,
     every row of it), with the one-row launch: each pair is one row of x."""
-    n, k = w.shape[0] // num_experts, w.shape[1]
-    block_n, blocks_per_step, unroll, warps = quant_dp4a.launch_for(w.type_name, 1, n)
-    xq, dx, sx, s16 = quant_dp4a.quantize_x(x.contiguous().reshape(-1))
-    out = torch.empty((ids.numel(), n), dtype=x.dtype, device=x.device)
-    kernel = getattr(dp4a_kernels, f"{w.type_name.lower()}_kernel")
-    kernel[(quant_kernels.triton.cdiv(n, block_n), ids.numel())](
-        out, *quant_dp4a._weight_args(w), xq.view(torch.int32), dx, sx, s16, 1, n,
-        k // quant_dp4a.TYPES[w.type_name], out.stride(0), BM=1, BN=block_n, SB=blocks_per_step,
-        UNROLL=unroll, EMULATE=quant_dp4a.emulated(), num_warps=warps,
-        ids_ptr=ids.contiguous(), x_div=x_div, INDEXED=True)
-    return out
+    n = w.shape[0] // num_experts
+    return quant_dp4a.run_kernel(x, w, n, quant_dp4a.launch_for(w.type_name, 1, n), ids.numel(),
+                                 ids_ptr=ids.contiguous(), x_div=x_div, INDEXED=True)
 
 
 def _experts(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tensor, x_div: int) -> torch.Tensor:
@@ -84,8 +71,7 @@ def _experts(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tenso
 @torch.library.custom_op("ebbtide::qexperts", mutates_args=())
 def _experts_op(x: torch.Tensor, planes: list[torch.Tensor], type_name: str, rows: int, in_features: int,
                 num_experts: int, ids: torch.Tensor, x_div: int) -> torch.Tensor:
-    names = [name for name, *_ in PLANES[type_name]]
-    return _experts(x, QuantWeight(type_name, (rows, in_features), dict(zip(names, planes))), num_experts, ids, x_div)
+    return _experts(x, QuantWeight.from_plane_list(type_name, (rows, in_features), planes), num_experts, ids, x_div)
 
 
 @_experts_op.register_fake
@@ -98,6 +84,5 @@ def qmatvec_experts(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torc
     """x [R, in]; w: E experts stacked, [E * out, in]; ids [P] (an expert per pair) ->
     [P, out], row p = expert ids[p] applied to x[p // x_div]."""
     if torch.compiler.is_compiling():
-        names = [name for name, *_ in PLANES[w.type_name]]
-        return _experts_op(x, [w.planes[name] for name in names], w.type_name, *w.shape, num_experts, ids, x_div)
+        return _experts_op(x, w.plane_list(), w.type_name, *w.shape, num_experts, ids, x_div)
     return _experts(x, w, num_experts, ids, x_div)

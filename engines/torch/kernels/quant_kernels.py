@@ -32,7 +32,7 @@ import functools
 import torch
 
 from engines.torch.kernels.quant_decode import CHUNK, PAIR_TILES, TILES, decode_chunk, decode_pair, triton
-from engines.torch.kernels.quant_weight import PLANES, QuantWeight
+from engines.torch.kernels.quant_weight import QuantWeight
 
 if triton is not None:
     import triton.language as tl
@@ -183,7 +183,7 @@ def kernel_ready(w: QuantWeight) -> bool:
 
 
 def _planes(w: QuantWeight) -> tuple[list[torch.Tensor], list[int]]:
-    planes = [w.planes[name] for name, *_ in PLANES[w.type_name]]
+    planes = w.plane_list()
     planes += [planes[0]] * (4 - len(planes))
     return planes, [p.stride(0) for p in planes]
 
@@ -204,6 +204,16 @@ def split_for(n: int, k: int, device: torch.device, block_n: int, chunks_per_ste
     return triton.cdiv(steps, triton.cdiv(steps, split))
 
 
+def kernel_meta(type_name: str, block_n: int, chunks_per_step: int, num_warps: int, rows_of_x: int,
+                paired: bool = True) -> dict:
+    """_qmv_kernel's compile-time arguments for this type, launch and rows of x."""
+    type_id, s, l = TILES[type_name]
+    bm = triton.next_power_of_2(rows_of_x)
+    s2, l2 = PAIR_TILES.get(type_name, (1, 1))
+    return dict(TYPE=type_id, S=s, L=l, CPI=chunks_per_step, BN=block_n, BM=bm, num_warps=num_warps,
+                PAIRED=bm == 1 and paired and type_name in PAIR_TILES, S2=s2, L2=l2)
+
+
 def qmatvec(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None, block_n: int | None = None,
             split: int | None = None, chunks_per_step: int | None = None,
             num_warps: int | None = None, paired: bool = True) -> torch.Tensor:
@@ -216,16 +226,12 @@ def qmatvec(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None, b
     n = w.shape[0]
     assert m <= MAX_DECODE_ROWS and k == w.shape[1], "qmatvec: M <= 8 rows of in_features"
     x = x.contiguous()
-    type_id, s, l = TILES[w.type_name]
     planes, strides = _planes(w)
     split = split or split_for(n, k, x.device, block_n, chunks_per_step)
     steps = triton.cdiv(triton.cdiv(k, CHUNK), chunks_per_step)
     chunks_per_split = triton.cdiv(steps, split) * chunks_per_step
     split = triton.cdiv(triton.cdiv(k, CHUNK), chunks_per_split)
-    bm = triton.next_power_of_2(m)
-    s2, l2 = PAIR_TILES.get(w.type_name, (1, 1))
-    meta = dict(TYPE=type_id, S=s, L=l, CPI=chunks_per_step, BN=block_n, BM=bm, num_warps=num_warps,
-                PAIRED=bm == 1 and paired and w.type_name in PAIR_TILES, S2=s2, L2=l2)
+    meta = kernel_meta(w.type_name, block_n, chunks_per_step, num_warps, m, paired)
     grid = (triton.cdiv(n, block_n), split)
     if split == 1:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)

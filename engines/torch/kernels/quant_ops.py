@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from engines.torch.kernels import quant_dp4a, quant_kernels
-from engines.torch.kernels.quant_weight import FLOAT_TYPES, PLANES, QuantWeight
+from engines.torch.kernels.quant_weight import FLOAT_TYPES, QuantWeight
 
 _REPEATED = threading.local()   # repeated_rows() is on in this thread
 SCRATCH_WEIGHTS = 64 * 1024 * 1024   # 128 MiB of bf16: every layer of an 8B model in one piece
@@ -115,9 +115,7 @@ def _qlinear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> torc
 @torch.library.custom_op("ebbtide::qlinear", mutates_args=())
 def _qlinear_op(x: torch.Tensor, planes: list[torch.Tensor], type_name: str, out_features: int,
                 in_features: int, bias: torch.Tensor | None) -> torch.Tensor:
-    names = [name for name, *_ in PLANES[type_name]] if type_name in PLANES else ["w"]
-    w = QuantWeight(type_name, (out_features, in_features), dict(zip(names, planes)))
-    return _qlinear(x, w, bias)
+    return _qlinear(x, QuantWeight.from_plane_list(type_name, (out_features, in_features), planes), bias)
 
 
 @_qlinear_op.register_fake
@@ -129,6 +127,5 @@ def _qlinear_fake(x: torch.Tensor, planes: list[torch.Tensor], type_name: str, o
 def qlinear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] -> [..., out] in x's dtype."""
     if torch.compiler.is_compiling():
-        names = [name for name, *_ in PLANES[w.type_name]] if w.type_name in PLANES else ["w"]
-        return _qlinear_op(x, [w.planes[name] for name in names], w.type_name, *w.shape, bias)
+        return _qlinear_op(x, w.plane_list(), w.type_name, *w.shape, bias)
     return _qlinear(x, w, bias)

@@ -57,6 +57,10 @@ def _check_planes() -> None:
 _check_planes()
 
 
+def plane_names(type_name: str) -> list[str]:
+    return [name for name, *_ in PLANES[type_name]] if type_name in PLANES else ["w"]
+
+
 @dataclass
 class QuantWeight:
     """type_name: ggml type; shape: (out_features, in_features);
@@ -65,6 +69,15 @@ class QuantWeight:
     type_name: str
     shape: tuple[int, int]
     planes: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def from_plane_list(cls, type_name: str, shape: tuple[int, int], planes: list[torch.Tensor]) -> QuantWeight:
+        """The inverse of plane_list (custom ops take tensors, not a QuantWeight)."""
+        return cls(type_name, shape, dict(zip(plane_names(type_name), planes)))
+
+    def plane_list(self) -> list[torch.Tensor]:
+        """The planes in PLANES order ("w" alone for float types)."""
+        return [self.planes[name] for name in plane_names(self.type_name)]
 
     @classmethod
     def from_gguf(cls, raw: torch.Tensor, type_name: str, shape: tuple[int, int],

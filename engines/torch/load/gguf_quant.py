@@ -24,6 +24,7 @@ before they get here, and engines.factory falls back if one does.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,9 +39,9 @@ from engines.torch.load.staged_upload import StagedUpload
 from engines.torch.model.configs import ModelConfig
 from engines.torch.model.families import family
 
-# (parent module, parts in output order) -> the fused module's name
 log = logging.getLogger(__name__)
 
+# (parent module, parts in output order) -> the fused module's name
 FUSED_GROUPS: dict[tuple[str, tuple[str, ...]], str] = {
     ("self_attn", ("q_proj", "k_proj", "v_proj")): "qkv_proj",
     ("mlp", ("gate_proj", "up_proj")): "gate_up_proj",
@@ -81,10 +82,7 @@ class _Rows:
 
 def _row_count(tensor: Any) -> int:
     """Rows of the weight as stored: out, or E * out for stacked experts (GGUF dims run in, out, E)."""
-    count = 1
-    for dim in tensor.shape[1:]:
-        count *= int(dim)
-    return count
+    return math.prod(int(dim) for dim in tensor.shape[1:])
 
 
 def _rows_of(tensor: Any, cfg: ModelConfig, name: str) -> _Rows:
