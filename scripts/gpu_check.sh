@@ -26,6 +26,8 @@ fi
 # part -> "seconds command..."
 declare -A PARTS=(
   [tests]="300 -m pytest -q -p no:cacheprovider -x --timeout 240 tests/gpu"
+  # Only the GPU tests written since the last lease (no -x: each file reports on its own).
+  [tests_new]="300 -m pytest -q -p no:cacheprovider --timeout 240 tests/gpu/test_torch_warmup_gpu.py tests/gpu/test_staged_upload_gpu.py tests/gpu/test_quant_experts_gpu.py"
   [vmm]="120 -m benchmarks.vmm_driver_costs"
   [vmm2]="150 -m benchmarks.vmm"
   [yield]="240 -m benchmarks.yield"
@@ -68,6 +70,8 @@ declare -A PARTS=(
   [quant]="590 -m benchmarks.quant_decode --budget-s 540"
   # As the daemon serves (its decode step compiled), against llama.cpp in the same run.
   [quant_as_served]="590 -m benchmarks.quant_decode --compile --name quant_decode_compiled --budget-s 540"
+  # The same on random blocks written straight (a fresh machine skips the 8B F16 file and its quantize).
+  [quant_as_served_blocks]="590 -m benchmarks.quant_decode --blocks --compile --name quant_decode_compiled --budget-s ${QUANT_BUDGET_S:-540}"
   [quant_more]="590 -m benchmarks.quant_decode --types Q8_0,Q4_0 --name quant_decode_more --budget-s 540"
   [quant_budget]="590 -m benchmarks.quant_decode --part budget --budget-s 540"
   # Issue 17: Qwen3-30B-A3B's shape, experts stacked in Q4_K/Q6_K blocks (random blocks written
