@@ -64,6 +64,11 @@ class InvalidArgument(FatalError, ValueError):
     the message names the argument. Also a ValueError for generic callers."""
 
 
+class WindowMoved(InvalidArgument):
+    """A slot cannot continue at this token: its sliding layers' keys the token reads
+    were given back (kv_cache/window.py). The caller recomputes from token 0."""
+
+
 class KVFileRejected(KvcachedError):
     """A KV file (disk tier or spill) that must not be loaded; the message says why."""
 

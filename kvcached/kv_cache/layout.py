@@ -22,10 +22,22 @@ dim), rounded up to whole pages, so
 - all slots sit at a fixed stride, so one layer's K over every slot is one
   strided tensor `[S, H, max_context, D]` at a fixed address (unmapped tail
   pages read zeros), which CUDA graphs can capture once.
+
+**Sliding-window layers** (Gemma 2: every other layer; Gemma 3: five of six;
+Mistral with a window: all) get a part of their own: where some layers slide,
+a slot region is two page-aligned parts, the global layers' `[max_context, Lg,
+2, H, D]` then the sliding layers' `[max_context, Ls, 2, H, D]` (a model whose
+layers all slide, or none, has one part). A page of the sliding part holds
+only sliding layers' tokens, so once the window has moved past them it can be
+given back (kv_cache/window.py) while the global layers keep every token. Each
+layer's view is still one strided view at a fixed address; only the token
+stride differs between the parts. Without windows the layout is exactly the
+one-part layout above.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from kvcached.errors import ConfigError, InvalidArgument
 
@@ -68,6 +80,7 @@ class KVShape:
     num_kv_heads: int
     head_dim: int
     dtype: object = "float16"   # torch.dtype or its name
+    windows: tuple[int, ...] = ()   # per layer: sliding window in tokens, 0 global; (): all global
 
     def __post_init__(self) -> None:
         for key in ("num_layers", "num_kv_heads", "head_dim"):
@@ -75,6 +88,21 @@ class KVShape:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{key}: {value!r} must be a positive int")
         dtype_itemsize(self.dtype)  # validates
+        if self.windows and len(self.windows) != self.num_layers:
+            raise ConfigError(f"windows: {len(self.windows)} given for {self.num_layers} layers")
+        if any(not isinstance(w, int) or isinstance(w, bool) or w < 0 for w in self.windows):
+            raise ConfigError(f"windows: {self.windows!r} must be ints >= 0")
+
+    def window(self, layer: int) -> int:
+        return self.windows[layer] if self.windows else 0
+
+    @property
+    def sliding_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if self.window(i))
+
+    @property
+    def global_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if not self.window(i))
 
     @property
     def itemsize(self) -> int:
@@ -88,6 +116,20 @@ class KVShape:
     @property
     def token_bytes(self) -> int:
         return self.token_elems * self.itemsize
+
+
+@dataclass(frozen=True)
+class Part:
+    """One page-aligned part of every slot region: `[max_context, len(layers), 2, H, D]`."""
+    layers: tuple[int, ...]   # the model layers it holds, in order
+    window: int               # 0: global; else the largest window of its layers (what is kept)
+    offset: int               # elements from the slot's start, a whole number of pages
+    pages: int                # pages per slot
+    token_elems: int          # elements of one token of this part's layers, K and V
+
+    def pages_for(self, n_tokens: int, page_size: int, itemsize: int) -> int:
+        """Pages from this part's start that back tokens [0, n_tokens)."""
+        return ceil_div(n_tokens * self.token_elems * itemsize, page_size)
 
 
 @dataclass(frozen=True)
@@ -114,10 +156,44 @@ class KVLayout:
         if self.page_size % self.shape.itemsize:
             raise ConfigError(f"page_size: {self.page_size} is not a multiple of the dtype size")
 
+    # --- parts ---------------------------------------------------------------
+    @cached_property
+    def parts(self) -> tuple[Part, ...]:
+        """The global layers' part, then the sliding layers' (an empty group has none)."""
+        s, parts, offset = self.shape, [], 0
+        sliding = s.sliding_layers
+        groups = ((s.global_layers, 0), (sliding, max((s.window(i) for i in sliding), default=0)))
+        for layers, window in groups:
+            if not layers:
+                continue
+            token_elems = len(layers) * 2 * s.num_kv_heads * s.head_dim
+            pages = ceil_div(self.max_context * token_elems * s.itemsize, self.page_size)
+            parts.append(Part(layers, window, offset, pages, token_elems))
+            offset += pages * self.page_size // s.itemsize
+        return tuple(parts)
+
+    @cached_property
+    def _layer_place(self) -> dict[int, tuple[Part, int]]:
+        return {layer: (part, i) for part in self.parts for i, layer in enumerate(part.layers)}
+
+    def part_of(self, layer: int) -> tuple[Part, int]:
+        """The part holding a model layer, and the layer's index within it."""
+        self.check_layer(layer)
+        return self._layer_place[layer]
+
+    def part_pages(self, n_tokens: int) -> tuple[int, ...]:
+        """Per part, pages from its start that back tokens [0, n_tokens)."""
+        self.check_tokens(n_tokens)
+        return tuple(p.pages_for(n_tokens, self.page_size, self.shape.itemsize) for p in self.parts)
+
+    def part_first_page(self, slot: int, part: Part) -> int:
+        """Index of a part's first page of one slot, in the whole cache range."""
+        return self.first_page(slot) + part.offset * self.shape.itemsize // self.page_size
+
     # --- sizes -------------------------------------------------------------
     @property
     def pages_per_slot(self) -> int:
-        return ceil_div(self.max_context * self.shape.token_bytes, self.page_size)
+        return sum(p.pages for p in self.parts)
 
     @property
     def slot_bytes(self) -> int:
@@ -146,9 +222,9 @@ class KVLayout:
 
     # --- pages ---------------------------------------------------------------
     def pages_for_tokens(self, n_tokens: int) -> int:
-        """Pages (from a slot's start) that back tokens [0, n_tokens)."""
-        self.check_tokens(n_tokens)
-        return ceil_div(n_tokens * self.shape.token_bytes, self.page_size)
+        """Pages that back tokens [0, n_tokens) of a slot with nothing given back (with
+        one part: the first pages of its region)."""
+        return sum(self.part_pages(n_tokens))
 
     def first_page(self, slot: int) -> int:
         """Index of a slot's first page in the whole cache range."""
@@ -161,8 +237,9 @@ class KVLayout:
 
     def element_offset(self, slot: int, token: int, layer: int, is_value: bool, head: int, dim: int) -> int:
         s = self.shape
-        return (slot * self.slot_stride + token * s.token_elems
-                + (layer * 2 + int(is_value)) * s.num_kv_heads * s.head_dim
+        part, index = self.part_of(layer)
+        return (slot * self.slot_stride + part.offset + token * part.token_elems
+                + (index * 2 + int(is_value)) * s.num_kv_heads * s.head_dim
                 + head * s.head_dim + dim)
 
     def mapped_bytes_for(self, n_tokens: int) -> int:
@@ -181,20 +258,27 @@ class KVLayout:
         s = self.shape
         return ViewSpec(
             size=(s.num_kv_heads, n_tokens, s.head_dim),
-            stride=(s.head_dim, s.token_elems, 1),
+            stride=(s.head_dim, self.part_of(layer)[0].token_elems, 1),
             offset=self.element_offset(slot, 0, layer, is_value, 0, 0),
         )
 
-    def slot_view(self, slot: int, n_tokens: int) -> ViewSpec:
-        """A slot's first n_tokens as one contiguous [T, L, 2, H, D] block (copying a
-        prefix between slots, or a whole sequence, is one copy)."""
+    def part_view(self, slot: int, part: Part, first: int, n_tokens: int) -> ViewSpec:
+        """Tokens [first, first + n_tokens) of one part of a slot as one contiguous
+        [T, Lp, 2, H, D] block (a copy of a prefix is one copy a part)."""
         self.check_slot(slot)
-        self.check_tokens(n_tokens)
+        self.check_tokens(first + n_tokens)
         s = self.shape
-        size = (n_tokens, s.num_layers, 2, s.num_kv_heads, s.head_dim)
-        stride = (s.token_elems, 2 * s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim,
+        size = (n_tokens, len(part.layers), 2, s.num_kv_heads, s.head_dim)
+        stride = (part.token_elems, 2 * s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim,
                   s.head_dim, 1)
-        return ViewSpec(size, stride, slot * self.slot_stride)
+        return ViewSpec(size, stride, slot * self.slot_stride + part.offset + first * part.token_elems)
+
+    def slot_view(self, slot: int, n_tokens: int) -> ViewSpec:
+        """A slot's first n_tokens as one contiguous [T, L, 2, H, D] block: one-part
+        layouts only (with sliding layers, a slot's tokens are one block a part)."""
+        if len(self.parts) != 1 or self.parts[0].layers != tuple(range(self.shape.num_layers)):
+            raise InvalidArgument("slot_view: this layout has a part a layer group; use part_view")
+        return self.part_view(slot, self.parts[0], 0, n_tokens)
 
     def batched_view(self, layer: int, is_value: bool) -> ViewSpec:
         """One layer's K (or V) over every slot: [S, H, max_context, D]."""
@@ -202,7 +286,7 @@ class KVLayout:
         s = self.shape
         return ViewSpec(
             size=(self.max_slots, s.num_kv_heads, self.max_context, s.head_dim),
-            stride=(self.slot_stride, s.head_dim, s.token_elems, 1),
+            stride=(self.slot_stride, s.head_dim, self.part_of(layer)[0].token_elems, 1),
             offset=self.element_offset(0, 0, layer, is_value, 0, 0),
         )
 

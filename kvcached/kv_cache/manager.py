@@ -4,7 +4,8 @@ The layout (see layout.py) is token-major slot regions: slot s is
 `[max_context, L, 2, H_kv, D]` at a fixed, page-aligned stride, so a sequence
 grows from its slot's start one page at a time, one page holds every layer of
 many tokens, and each layer's K or V is a strided view attention reads
-without a copy. The engine's use:
+without a copy. Sliding-window layers sit in a part of their own, whose pages
+behind the window are given back as the slot grows (window.py). The engine's use:
 
     slot = kv.acquire_slot()              # a slot whose pages are still mapped first
     with kv.step_guard():                 # resumes a paused cache; blocks reclaim
@@ -30,9 +31,11 @@ import torch
 
 from kvcached.config import KvcachedConfig
 from kvcached.errors import KVFileRejected
-from kvcached.kv_cache import offload, spill_file
+from kvcached.errors import WindowMoved
+from kvcached.kv_cache import offload, spill_file, window
 from kvcached.kv_cache.layout import KVLayout, KVShape, dtype_name
 from kvcached.kv_cache.placement import SlotTable
+from kvcached.kv_cache.slot_copy import SlotCopy
 from kvcached.page_pool import PagePool
 from kvcached.virtual_tensor import VirtualTensor
 from kvcached.vmm.backend import VmmBackend
@@ -43,7 +46,7 @@ RESUME_CHUNK = 256 << 20   # bytes mapped per step of resume while the previous 
 PAUSE_CHUNK = 256 << 20    # bytes copied per step of pause while the previous chunk is unmapped
 
 
-class KVCache:
+class KVCache(SlotCopy):
     """`max_slots` sequences of up to `max_context` tokens of one model's KV. Thread-safe."""
 
     def __init__(self, pool_or_backend: PagePool | VmmBackend, shape: KVShape, max_slots: int,
@@ -60,7 +63,7 @@ class KVCache:
         self._vt = VirtualTensor(self.pool, (self.layout.total_elems,), self.dtype)
         self._flat = self._vt.tensor                      # [S * slot_stride]
         self._bytes = self._flat.view(torch.uint8)        # the same memory, as bytes
-        self._table = SlotTable(max_slots)
+        self._table = SlotTable(max_slots, len(self.layout.parts))
         self._cond = threading.Condition(threading.RLock())
         self._running = 0          # steps inside step_guard()
         self._reclaiming = 0       # trims/pauses waiting or running: new steps wait
@@ -94,45 +97,70 @@ class KVCache:
     def _truncate_paused(self, slot: int, n_tokens: int) -> None:
         """While paused: keep only the first n_tokens of a slot's paused bytes."""
         assert self._paused is not None
+        state = self._table.slots[slot]
+        keep = dict(window.live_extents(self.layout, slot, state, n_tokens))   # offset -> bytes
         start = self.layout.first_page(slot) * self.layout.page_size
-        keep = self.layout.live_bytes_for(n_tokens)
         extents = []
         for e in self._paused.extents:
-            if start <= e.offset < start + self.layout.slot_bytes:
-                if keep:
-                    extents.append(offload.Extent(e.offset, min(e.nbytes, keep), e.at))
-            else:
+            if not start <= e.offset < start + self.layout.slot_bytes:
                 extents.append(e)
+            elif keep.get(e.offset):
+                extents.append(offload.Extent(e.offset, min(e.nbytes, keep[e.offset]), e.at))
         self._paused = offload.PausedKV(tuple(extents))
 
-    def ensure(self, slot: int, n_tokens: int) -> int:
+    def ensure(self, slot: int, n_tokens: int, start: int | None = None) -> int:
         """Back tokens [0, n_tokens) of a slot with pages; they become its live tokens.
-        Returns bytes newly mapped. PoolExhausted/DeviceOutOfMemory leave it as it was."""
+        start: the first token the coming step writes (default: the live length, or
+        n_tokens on a shrink); sliding layers' pages wholly before start - window go back
+        to the pool (window.py), and WindowMoved says the slot lacks keys a step at start
+        reads. Returns bytes newly mapped. PoolExhausted/DeviceOutOfMemory leave it as it was."""
+        return self._ensure(slot, n_tokens, start)
+
+    def _ensure(self, slot: int, n_tokens: int, start: int | None, keep_from: int = 0) -> int:
         with self._cond:
             state = self._table.live(slot)
             self.layout.check_tokens(n_tokens)
+            start = min(state.num_tokens, n_tokens) if start is None else start
             if self._paused is not None:
-                if n_tokens <= state.num_tokens:   # shrinking needs no pages: stay paused
-                    self._truncate_paused(slot, n_tokens)
-                    state.num_tokens = n_tokens
+                if start == n_tokens <= state.num_tokens:   # shrinking needs no pages: stay paused
+                    self._shrink_paused(slot, n_tokens)
                     return 0
                 self._resume_locked()
-            needed = self.layout.pages_for_tokens(n_tokens)
-            mapped = 0
-            if needed > state.mapped_pages:
-                # A kernel still reading the zero page there (a batched decode over a
-                # read-length bucket reads every slot's tail) must finish before the
-                # mapping changes. Where no kernel reads past live tokens, none can be
-                # there: the device-wide sync is skipped, and with it a stall of every
-                # thread's CUDA calls until the GPU drains (three models in one daemon:
-                # steps of 37 ms instead of ~5).
-                if self.tail_readers:
-                    self.pool.backend.synchronize()
-                first = self.layout.first_page(slot)
-                mapped = self._vt.map_pages(first + state.mapped_pages, needed - state.mapped_pages)
-                state.mapped_pages = needed
-            state.num_tokens = n_tokens
+            plan = window.plan_ensure(self.layout, slot, state, n_tokens, start, keep_from)
+            mapped = self._apply(plan)
+            state.parts, state.num_tokens = list(plan.parts), n_tokens
             return mapped
+
+    def _shrink_paused(self, slot: int, n_tokens: int) -> None:
+        state = self._table.slots[slot]
+        if not window.can_resume_at(self.layout, state, n_tokens):
+            raise WindowMoved(f"slot {slot}: sliding keys before token {n_tokens} were given back")
+        self._truncate_paused(slot, n_tokens)
+        if not n_tokens:
+            state.clear_pages()   # nothing paused for it: a resume maps nothing there
+        state.num_tokens = n_tokens
+
+    def _apply(self, plan: window.PagePlan) -> int:
+        """Map the plan's spans (all or nothing), then give back the window's old pages."""
+        if plan.map and self.tail_readers:
+            # A kernel still reading the zero page there (a batched decode over a
+            # read-length bucket reads every slot's tail) must finish before the
+            # mapping changes. Where no kernel reads past live tokens, none can be
+            # there: the device-wide sync is skipped, and with it a stall of every
+            # thread's CUDA calls until the GPU drains (three models in one daemon:
+            # steps of 37 ms instead of ~5).
+            self.pool.backend.synchronize()
+        mapped, done = 0, []
+        try:
+            for first, count in plan.map:
+                mapped += self._vt.map_pages(first, count)
+                done.append((first, count))
+        except BaseException:
+            self._vt.unmap_spans(done)   # every span mapped was unmapped before
+            raise
+        if plan.unmap:   # the virtual tensor synchronizes once before it unmaps
+            self._vt.unmap_spans(plan.unmap)
+        return mapped
 
     def num_tokens(self, slot: int) -> int:
         with self._cond:
@@ -143,39 +171,6 @@ class KVCache:
         """One slot's K and V for one layer: two [H, T, D] views, last dim contiguous."""
         return (self._view(self.layout.layer_view(slot, layer, n_tokens, False)),
                 self._view(self.layout.layer_view(slot, layer, n_tokens, True)))
-
-    def slot_tokens(self, slot: int, n_tokens: int) -> torch.Tensor:
-        """A slot's first n_tokens, all layers, as one contiguous [T, L, 2, H, D] view."""
-        return self._view(self.layout.slot_view(slot, n_tokens))
-
-    def export_slot(self, slot: int, n_tokens: int) -> torch.Tensor:
-        """A host copy of a slot's first n_tokens ([T, L, 2, H, D]), live or paused: the
-        disk tier's input. A paused slot's bytes come from the host copy the pause made."""
-        with self._cond:
-            if n_tokens > self._table.live(slot).num_tokens:
-                raise ValueError(f"slot {slot} holds {self._table.live(slot).num_tokens} tokens, not {n_tokens}")
-            view = self.layout.slot_view(slot, n_tokens)
-            if self._paused is None:
-                return self._view(view).to("cpu", copy=True)
-            self._unspill_locked()
-            start = self.layout.first_page(slot) * self.layout.page_size
-            extent = next(e for e in self._paused.extents if e.offset == start)
-            nbytes = n_tokens * self.shape.token_bytes
-            host = self._staging.get(self._paused.nbytes)[extent.at:extent.at + nbytes]
-            return host.clone().view(self.dtype).reshape(view.size)
-
-    def import_slot(self, slot: int, kv: torch.Tensor) -> None:
-        """Make a slot hold this KV ([T, L, 2, H, D], as export_slot gave it): pages mapped
-        for its T tokens, bytes copied in. Resumes a paused cache (ensure does)."""
-        n_tokens = kv.shape[0]
-        with self._cond:
-            self.ensure(slot, n_tokens)
-            target = self._view(self.layout.slot_view(slot, n_tokens))
-            if tuple(target.shape) != tuple(kv.shape) or kv.dtype != self.dtype:
-                raise ValueError(f"KV {tuple(kv.shape)} {kv.dtype} does not fit slots of "
-                                 f"{tuple(target.shape)} {self.dtype}")
-            target.copy_(kv)
-            self.pool.backend.synchronize()
 
     def batched_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's K and V over every slot: [S, H, max_context, D] at fixed addresses
@@ -225,14 +220,18 @@ class KVCache:
     def trim(self) -> int:
         """Unmap every page that holds no live token; returns bytes given back."""
         with self._exclusive():
-            trimmable = self._table.trimmable(self.layout.pages_for_tokens)
+            trimmable = self._table.trimmable(self.layout.part_pages)
+            parts = self.layout.parts
             # step_guard ends when a step's kernels are queued, not done: a batched
             # decode may still read these pages. The virtual tensor synchronizes once
             # for all the spans (one cuCtxSynchronize a trim, not one a slot).
-            freed = self._vt.unmap_spans([(self.layout.first_page(slot) + first, count)
-                                          for slot, first, count in trimmable])
-            for slot, first, _ in trimmable:
-                self._table.slots[slot].mapped_pages = first
+            freed = self._vt.unmap_spans([(self.layout.part_first_page(slot, parts[part]) + first, count)
+                                          for slot, part, first, count in trimmable])
+            for slot, part, first, _ in trimmable:
+                state = self._table.slots[slot]
+                state.parts[part].end = first
+                if not state.is_live:
+                    state.parts[part].floor = state.parts[part].end = 0
             self._shrink_own_pool()
             return freed
 
@@ -242,9 +241,8 @@ class KVCache:
         with self._exclusive():
             if self._paused is not None:
                 return 0
-            ranges = [(self.layout.first_page(i) * self.layout.page_size,
-                       self.layout.live_bytes_for(s.num_tokens))
-                      for i, s in enumerate(self._table.slots) if s.is_live and s.num_tokens]
+            ranges = [extent for i, s in enumerate(self._table.slots) if s.is_live
+                      for extent in window.live_extents(self.layout, i, s, s.num_tokens)]
             page = self.layout.page_size
 
             def unmap(offset: int, nbytes: int) -> int:
@@ -256,11 +254,12 @@ class KVCache:
             # Whole pages a chunk: unmapping a chunk must never take bytes of the next.
             chunk = max(1, PAUSE_CHUNK // page) * page
             paused, freed = offload.save_unmapping(self._bytes, ranges, self._staging, unmap, chunk)
-            rest = [(self.layout.first_page(i), s.mapped_pages)   # pages past the live tokens
-                    for i, s in enumerate(self._table.slots) if s.mapped_pages]
+            rest = [(self.layout.part_first_page(i, part) + p.floor, p.end - p.floor)   # past the live tokens
+                    for i, s in enumerate(self._table.slots) for part, p in zip(self.layout.parts, s.parts)]
             freed += self._vt.unmap_spans(rest)
             for s in self._table.slots:
-                s.mapped_pages = 0
+                for p in s.parts:   # nothing mapped; a floor stays: resume maps from it
+                    p.end = p.floor
             self._paused = paused
             self._shrink_own_pool()
             log.debug("KV paused: %d live bytes to host, %d bytes unmapped", paused.nbytes, freed)
@@ -299,8 +298,8 @@ class KVCache:
         except BaseException:
             self._vt.unmap_pages(0, self._vt.num_pages)   # back to fully paused
             raise
-        for i, s in enumerate(self._table.slots):
-            s.mapped_pages = self.layout.pages_for_tokens(s.num_tokens) if s.is_live else 0
+        for s in self._table.slots:
+            s.parts = window.pages_after_resume(self.layout, s)
         self._paused = None
 
     @property
@@ -316,7 +315,7 @@ class KVCache:
     def live_bytes(self) -> int:
         """Bytes of live tokens' K and V (on the host while paused)."""
         with self._cond:
-            return self._table.live_tokens() * self.shape.token_bytes
+            return sum(window.kept_bytes(self.layout, s) for s in self._table.slots if s.is_live)
 
     def paused_host_bytes(self) -> int:
         with self._cond:
@@ -367,7 +366,8 @@ class KVCache:
             spill_file.read_into(path, self._spill_identity(span), self._staging.get(span)[:span])
         except KVFileRejected:
             for state in self._table.slots:
-                state.num_tokens = state.mapped_pages = 0
+                state.num_tokens = 0
+                state.clear_pages()
             self._paused = None
             raise
         finally:

@@ -1,8 +1,10 @@
 """Slot bookkeeping and fragmentation-aware slot choice, without torch.
 
-Each slot's mapped pages are a prefix of its region (the layout grows a slot
-from its start and trims from its end), so a slot is fully described by
-three numbers: is it live, how many tokens it holds, how many pages are mapped.
+A slot region is one part, or two where some layers slide (layout.py). Each
+part's mapped pages are one range [floor, end): the layout grows a part from
+its start and trims from its end, and only a sliding part's floor ever rises
+(its old pages given back, kv_cache/window.py), so a slot is fully described by
+whether it is live, how many tokens it holds, and each part's floor and end.
 
 Placement: a new sequence takes a free slot whose pages are still mapped
 before one that would need fresh pages, so a finished conversation's pages
@@ -12,25 +14,39 @@ fit), otherwise the largest one.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvcached.errors import InvalidArgument, PoolExhausted
+
+
+@dataclass
+class PartPages:
+    floor: int = 0    # pages [floor, end) of the part are mapped; floor > 0 only once
+    end: int = 0      # a sliding part's old pages were given back
 
 
 @dataclass
 class SlotState:
     is_live: bool = False
     num_tokens: int = 0        # tokens [0, num_tokens) hold live KV
-    mapped_pages: int = 0      # pages [0, mapped_pages) of the slot's region are mapped
+    parts: list[PartPages] = field(default_factory=lambda: [PartPages()])   # one per layout part
+
+    @property
+    def mapped_pages(self) -> int:
+        return sum(p.end - p.floor for p in self.parts)
+
+    def clear_pages(self) -> None:
+        """Nothing mapped and nothing given back (after a close or a lost pause)."""
+        self.parts = [PartPages() for _ in self.parts]
 
 
 class SlotTable:
     """The state of every slot. Not thread-safe: the KV cache holds its lock."""
 
-    def __init__(self, max_slots: int) -> None:
+    def __init__(self, max_slots: int, num_parts: int = 1) -> None:
         if max_slots <= 0:
             raise InvalidArgument(f"max_slots: {max_slots} must be > 0")
-        self.slots = [SlotState() for _ in range(max_slots)]
+        self.slots = [SlotState(parts=[PartPages() for _ in range(num_parts)]) for _ in range(max_slots)]
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -77,11 +93,14 @@ class SlotTable:
     def live_tokens(self) -> int:
         return sum(s.num_tokens for s in self.slots if s.is_live)
 
-    def trimmable(self, pages_for_tokens) -> list[tuple[int, int, int]]:
-        """(slot, first page within slot, count) of mapped pages holding no live token."""
+    def trimmable(self, part_pages) -> list[tuple[int, int, int, int]]:
+        """(slot, part, first page within the part, count) of mapped pages holding no live
+        token; part_pages(n) -> pages per part backing tokens [0, n)."""
         out = []
         for i, s in enumerate(self.slots):
-            keep = pages_for_tokens(s.num_tokens) if s.is_live else 0
-            if s.mapped_pages > keep:
-                out.append((i, keep, s.mapped_pages - keep))
+            keeps = part_pages(s.num_tokens) if s.is_live else (0,) * len(s.parts)
+            for j, (pages, keep) in enumerate(zip(s.parts, keeps)):
+                first = max(keep, pages.floor) if s.is_live else pages.floor
+                if pages.end > first:
+                    out.append((i, j, first, pages.end - first))
         return out

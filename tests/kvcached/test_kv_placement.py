@@ -12,7 +12,7 @@ from kvcached.kv_cache.placement import SlotTable
 def table_with(mapped: list[int], live: set[int] = frozenset()) -> SlotTable:
     table = SlotTable(len(mapped))
     for i, pages in enumerate(mapped):
-        table.slots[i].mapped_pages = pages
+        table.slots[i].parts[0].end = pages
         table.slots[i].is_live = i in live
     return table
 
@@ -59,8 +59,8 @@ def test_trimmable_keeps_exactly_the_pages_of_live_tokens(states):
     table = SlotTable(len(states))
     for s, (live, tokens, mapped) in zip(table.slots, states):
         s.is_live, s.num_tokens = live, tokens if live else 0
-        s.mapped_pages = max(mapped, pages_for(s.num_tokens))
-    cut = {slot: (first, count) for slot, first, count in table.trimmable(pages_for)}
+        s.parts[0].end = max(mapped, pages_for(s.num_tokens))
+    cut = {slot: (first, count) for slot, _, first, count in table.trimmable(lambda n: (pages_for(n),))}
     for i, s in enumerate(table.slots):
         keep = pages_for(s.num_tokens) if s.is_live else 0
         assert cut.get(i, (keep, 0)) == (keep, s.mapped_pages - keep)
