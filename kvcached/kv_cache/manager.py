@@ -128,7 +128,7 @@ class KVCache(SlotCopy):
                 self._resume_locked()
             plan = window.plan_ensure(self.layout, slot, state, n_tokens, start, keep_from)
             mapped = self._apply(plan)
-            state.parts, state.num_tokens = list(plan.parts), n_tokens
+            state.parts, state.num_tokens, state.kept_from = list(plan.parts), n_tokens, plan.kept_from
             return mapped
 
     def _shrink_paused(self, slot: int, n_tokens: int) -> None:
@@ -230,8 +230,8 @@ class KVCache(SlotCopy):
             for slot, part, first, _ in trimmable:
                 state = self._table.slots[slot]
                 state.parts[part].end = first
-                if not state.is_live:
-                    state.parts[part].floor = state.parts[part].end = 0
+                if not state.is_live:   # a freed slot starts afresh
+                    state.parts[part].floor = state.parts[part].end = state.kept_from = 0
             self._shrink_own_pool()
             return freed
 

@@ -30,6 +30,7 @@ class SlotState:
     is_live: bool = False
     num_tokens: int = 0        # tokens [0, num_tokens) hold live KV
     parts: list[PartPages] = field(default_factory=lambda: [PartPages()])   # one per layout part
+    kept_from: int = 0         # sliding layers' keys were written from this token on (an import)
 
     @property
     def mapped_pages(self) -> int:
@@ -38,6 +39,7 @@ class SlotState:
     def clear_pages(self) -> None:
         """Nothing mapped and nothing given back (after a close or a lost pause)."""
         self.parts = [PartPages() for _ in self.parts]
+        self.kept_from = 0
 
 
 class SlotTable:

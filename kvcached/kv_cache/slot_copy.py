@@ -48,8 +48,9 @@ class SlotCopy:
                 self._unspill_locked()
             s = self.shape
             out = torch.zeros((n_tokens, s.num_layers, 2, s.num_kv_heads, s.head_dim), dtype=self.dtype)
+            floor = window.window_floor(self.layout, state)
             for part, pages in zip(self.layout.parts, state.parts):
-                first = window.first_whole_token(self.layout, part, pages.floor)
+                first = floor if part.window else 0
                 if first < n_tokens:
                     out[first:, list(part.layers)] = self._part_tokens(slot, part, pages.floor, first, n_tokens)
             return out
@@ -78,9 +79,9 @@ class SlotCopy:
                              f"[T, {s.num_layers}, 2, {s.num_kv_heads}, {s.head_dim}] {self.dtype}")
         with self._cond:
             self._ensure(slot, n_tokens, 0, keep_from=min(window_floor, n_tokens))
-            state = self._table.live(slot)
-            for part, pages in zip(self.layout.parts, state.parts):
-                first = min(n_tokens, window.first_whole_token(self.layout, part, pages.floor))
+            floor = min(n_tokens, window.window_floor(self.layout, self._table.live(slot)))
+            for part in self.layout.parts:
+                first = floor if part.window else 0
                 target = self._view(self.layout.part_view(slot, part, first, n_tokens - first))
                 target.copy_(kv[first:, list(part.layers)])
             self.pool.backend.synchronize()

@@ -34,6 +34,7 @@ class PagePlan:
     map: tuple[Span, ...]
     unmap: tuple[Span, ...]
     parts: tuple[PartPages, ...]   # the slot's part ranges once done
+    kept_from: int                 # and its SlotState.kept_from
 
 
 def part_token_bytes(layout: KVLayout, part: Part) -> int:
@@ -47,7 +48,7 @@ def first_whole_token(layout: KVLayout, part: Part, floor: int) -> int:
 
 def window_floor(layout: KVLayout, state: SlotState) -> int:
     """The first token whose sliding layers' K and V the slot still holds (0: none given back)."""
-    return max((first_whole_token(layout, part, pages.floor)
+    return max((max(state.kept_from, first_whole_token(layout, part, pages.floor))
                 for part, pages in zip(layout.parts, state.parts) if part.window), default=0)
 
 
@@ -71,7 +72,8 @@ def releasable_floor(layout: KVLayout, part: Part, start: int) -> int:
 def plan_ensure(layout: KVLayout, slot: int, state: SlotState, n_tokens: int, start: int,
                 keep_from: int = 0) -> PagePlan:
     """The pages for tokens [0, n_tokens) of a step starting at `start`. keep_from (with
-    start 0 only): the first token whose sliding keys will be written (import_slot)."""
+    start 0 only): the first token whose sliding keys will be written (import_slot); the
+    page holding its first byte is mapped, and window_floor says keep_from, not that page."""
     if not 0 <= start <= min(n_tokens, state.num_tokens):
         raise InvalidArgument(f"start: {start} is not in [0, min({n_tokens}, {state.num_tokens})]")
     if not can_resume_at(layout, state, start):
@@ -81,8 +83,8 @@ def plan_ensure(layout: KVLayout, slot: int, state: SlotState, n_tokens: int, st
     for part, pages, need in zip(layout.parts, state.parts, layout.part_pages(n_tokens)):
         base = layout.part_first_page(slot, part)
         if part.window and start == 0:
-            new, to_map, to_unmap = _restart(pages, need, ceil_div(
-                keep_from * part_token_bytes(layout, part), layout.page_size))
+            new, to_map, to_unmap = _restart(pages, need,
+                                             keep_from * part_token_bytes(layout, part) // layout.page_size)
             maps += [(base + first, count) for first, count in to_map]
             unmaps += [(base + first, count) for first, count in to_unmap]
         else:
@@ -91,7 +93,7 @@ def plan_ensure(layout: KVLayout, slot: int, state: SlotState, n_tokens: int, st
             maps += _span(base, pages.end, need)
             unmaps += _span(base, pages.floor, floor)
         parts.append(new)
-    return PagePlan(tuple(maps), tuple(unmaps), tuple(parts))
+    return PagePlan(tuple(maps), tuple(unmaps), tuple(parts), keep_from if start == 0 else state.kept_from)
 
 
 def _span(base: int, first: int, end: int) -> list[Span]:
@@ -129,9 +131,9 @@ def live_extents(layout: KVLayout, slot: int, state: SlotState, n_tokens: int) -
 
 def kept_bytes(layout: KVLayout, state: SlotState) -> int:
     """Bytes of K and V the slot's live tokens keep (the sliding part from its floor)."""
-    total = 0
-    for part, pages in zip(layout.parts, state.parts):
-        first = first_whole_token(layout, part, pages.floor)
+    total, floor = 0, window_floor(layout, state)
+    for part in layout.parts:
+        first = floor if part.window else 0
         total += max(0, state.num_tokens - first) * part_token_bytes(layout, part)
     return total
 
