@@ -118,7 +118,7 @@ class TorchEngine(MemoryVerbs, Engine):
         with phases.phase("kv"):
             self.store = KvcachedStore.over(self.kv_pool, self.model, self.config.torch_num_slots, self.max_ctx)
         num_slots = self.store.layout.max_slots
-        scheduler = Scheduler(PrefixCache(num_slots), self.max_ctx, self.config.torch_prefill_chunk,
+        scheduler = Scheduler(PrefixCache(num_slots, can_resume_at=self.store.can_resume_at), self.max_ctx, self.config.torch_prefill_chunk,
                               self.config.max_queue)
         with phases.phase("runner"):
             runner = self.runner = Runner(self.model, self.store,

@@ -44,20 +44,23 @@ _CHUNK = 8 << 20
 class SavedKV:
     tokens: list[int]
     kv: torch.Tensor          # on the CPU, [n, ...] as written
+    window_floor: int = 0     # sliding layers' KV from this token on (zeros before: given back)
 
 
-def _header(identity: dict, tokens: list[int], kv: torch.Tensor) -> bytes:
+def _header(identity: dict, tokens: list[int], kv: torch.Tensor, window_floor: int) -> bytes:
     return json.dumps({"identity": identity, "tokens": tokens, "shape": list(kv.shape),
+                       "window_floor": window_floor,
                        "dtype": str(kv.dtype).removeprefix("torch."),
                        "nbytes": kv.numel() * kv.element_size()}, sort_keys=True).encode()
 
 
-def write(path: Path, identity: dict, tokens: list[int], kv: torch.Tensor) -> int:
-    """Write one conversation's KV atomically; returns the file's size."""
+def write(path: Path, identity: dict, tokens: list[int], kv: torch.Tensor, window_floor: int = 0) -> int:
+    """Write one conversation's KV atomically (its sliding layers' from window_floor on);
+    returns the file's size."""
     if kv.shape[0] != len(tokens):
         raise ValueError(f"KV of {kv.shape[0]} tokens for {len(tokens)} token ids")
     payload = kv.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
-    header = _header(identity, tokens, kv)
+    header = _header(identity, tokens, kv, window_floor)
     head = MAGIC + struct.pack("<Q", len(header)) + header
     digest = hashlib.sha256(head)
     digest.update(payload)
@@ -85,7 +88,8 @@ def read(path: Path, identity: dict) -> SavedKV:
     if not isinstance(dtype, torch.dtype) or len(payload) != meta.get("nbytes"):
         raise KVFileRejected(f"{path.name}: header does not describe its payload")
     kv = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).reshape(meta["shape"])
-    return SavedKV([int(t) for t in meta["tokens"]], kv)
+    # A file from before sliding layers gave pages back holds every token: floor 0.
+    return SavedKV([int(t) for t in meta["tokens"]], kv, int(meta.get("window_floor", 0)))
 
 
 def _verified_parts(name: str, data: bytes) -> tuple[dict, bytes]:
@@ -117,7 +121,8 @@ class DiskTier:
         found = [p for p in self.folder.glob(f"*{SUFFIX}") if p.is_file()]
         return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
 
-    def put(self, name: str, identity: dict, tokens: list[int], kv: torch.Tensor) -> Path | None:
+    def put(self, name: str, identity: dict, tokens: list[int], kv: torch.Tensor,
+            window_floor: int = 0) -> Path | None:
         """Write name.kv, then evict past the budget; None when one file alone exceeds it."""
         nbytes = kv.numel() * kv.element_size()
         if nbytes > self.max_bytes:
@@ -125,7 +130,7 @@ class DiskTier:
                      len(tokens), nbytes, self.max_bytes)
             return None
         path = self.folder / f"{name}{SUFFIX}"
-        write(path, identity, tokens, kv)
+        write(path, identity, tokens, kv, window_floor)
         self._evict()
         return path if path.exists() else None
 

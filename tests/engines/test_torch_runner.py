@@ -128,7 +128,7 @@ def test_buckets():
 def test_virtual_store_ensures_ahead_and_shrinks_exactly(virtual_store):
     calls = []
     real = virtual_store.cache.ensure
-    virtual_store.cache.ensure = lambda slot, n: (calls.append(n), real(slot, n))[1]
+    virtual_store.cache.ensure = lambda slot, n, start=None: (calls.append(n), real(slot, n, start))[1]
     for n in range(1, 40):
         virtual_store.ensure(0, n)
     assert calls == [16, 32, 48]                       # once in 16 tokens while growing

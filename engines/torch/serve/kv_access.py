@@ -44,8 +44,15 @@ class KVStore(abc.ABC):
         """K and V of one layer over every slot, [S, Hkv, max_ctx, D], fixed addresses."""
 
     @abc.abstractmethod
-    def ensure(self, slot: int, n_tokens: int) -> None:
-        """Tokens [0, n_tokens) of the slot are writable and live (maps pages as needed)."""
+    def ensure(self, slot: int, n_tokens: int, start: int | None = None) -> None:
+        """Tokens [0, n_tokens) of the slot are writable and live (maps pages as needed).
+        start: the first token this step writes (default: where the last step ended);
+        sliding layers' keys it can no longer read may be given back."""
+
+    def can_resume_at(self, slot: int, n_tokens: int) -> bool:
+        """Whether a sequence may continue at token n_tokens with the slot's KV: false where
+        sliding layers' keys it would read were given back (a prefix is then recomputed)."""
+        return True
 
     @abc.abstractmethod
     def release(self, slot: int) -> None:
@@ -104,7 +111,7 @@ class StaticStore(KVStore):
     def _view(self, spec) -> torch.Tensor:
         return self._flat.as_strided(spec.size, spec.stride, spec.offset)
 
-    def ensure(self, slot: int, n_tokens: int) -> None:
+    def ensure(self, slot: int, n_tokens: int, start: int | None = None) -> None:
         self.layout.check_tokens(n_tokens)
         self._live[slot] = n_tokens
 
@@ -148,26 +155,32 @@ class KvcachedStore(KVStore):
     def over(cls, pool, model: torch.nn.Module, num_slots: int, max_ctx: int) -> "KvcachedStore":
         """The store of `model`'s KV over kvcached `pool` (a PagePool): `num_slots` slots of
         `max_ctx` tokens, in the dtype the model's numerics want (float16 on the
-        llama.cpp-numerics path, as llama.cpp)."""
+        llama.cpp-numerics path, as llama.cpp). Sliding-window layers get a part of their
+        own, whose pages behind the window go back to the pool (kvcached/kv_cache/window.py)."""
         from engines.torch.ggml.numerics import kv_cache_dtype
         from kvcached.kv_cache.manager import KVCache
 
         cfg = model.cfg
-        shape = KVShape(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_cache_dtype(model))
+        windows = tuple(cfg.window(i) for i in range(cfg.num_layers))
+        shape = KVShape(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_cache_dtype(model),
+                        windows if any(windows) else ())
         return cls(KVCache(pool, shape, num_slots, max_ctx))
 
     def views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.batched_kv(layer)
 
-    def ensure(self, slot: int, n_tokens: int) -> None:
+    def ensure(self, slot: int, n_tokens: int, start: int | None = None) -> None:
         asked, ensured = self._asked[slot], self._ensured[slot]
+        # The cache's live length runs up to ENSURE_AHEAD past the tokens written: it is
+        # told where the step really starts, or it would give back keys the step reads.
+        start = min(asked, n_tokens) if start is None else start
         self._asked[slot] = n_tokens
-        if asked < n_tokens <= ensured:
+        if start == asked < n_tokens <= ensured:
             return                              # growing inside what is already live
         if n_tokens > asked:
             n_tokens = min(-(-n_tokens // self.ENSURE_AHEAD) * self.ENSURE_AHEAD, self.layout.max_context)
         try:
-            self.cache.ensure(slot, n_tokens)   # a shorter sequence sets exactly its length
+            self.cache.ensure(slot, n_tokens, start)   # a shorter sequence sets exactly its length
         except BaseException:
             self._asked[slot] = asked           # the cache is unchanged: so are we
             raise
@@ -179,13 +192,21 @@ class KvcachedStore(KVStore):
     def live_tokens(self, slot: int) -> int:
         return self.cache.num_tokens(slot)
 
+    def can_resume_at(self, slot: int, n_tokens: int) -> bool:
+        return self.cache.can_resume_at(slot, n_tokens)
+
+    def window_floor(self, slot: int) -> int:
+        """The first token whose sliding layers' KV the slot still holds (0: all of them)."""
+        return self.cache.window_floor(slot)
+
     def export_slot(self, slot: int, n_tokens: int) -> torch.Tensor:
         """A host copy of the slot's first n_tokens of KV (live or paused)."""
         return self.cache.export_slot(slot, n_tokens)
 
-    def import_slot(self, slot: int, kv: torch.Tensor) -> None:
-        """The slot holds exactly this KV's tokens (read back from the disk tier)."""
-        self.cache.import_slot(slot, kv)
+    def import_slot(self, slot: int, kv: torch.Tensor, window_floor: int = 0) -> None:
+        """The slot holds exactly this KV's tokens (read back from the disk tier), its
+        sliding layers' from window_floor (what export's slot held)."""
+        self.cache.import_slot(slot, kv, window_floor)
         self._asked[slot] = self._ensured[slot] = kv.shape[0]
 
     def step_guard(self):

@@ -49,13 +49,15 @@ def _name(ident: dict, tokens: list[int]) -> str:
 
 
 def save(store: KvcachedStore, prefixes: PrefixCache, tier: DiskTier, ident: dict) -> int:
-    """Write every idle slot's cached prefix; returns how many were kept."""
+    """Write every idle slot's cached prefix; returns how many were kept. One whose
+    sliding window moved past keys its next turn reads serves no one: not written."""
     kept = 0
     for slot, state in enumerate(prefixes.slots):
-        if state.is_running or not state.tokens:
+        if state.is_running or not state.tokens or not store.can_resume_at(slot, len(state.tokens)):
             continue
         kv = store.export_slot(slot, len(state.tokens))
-        kept += tier.put(_name(ident, state.tokens), ident, state.tokens, kv) is not None
+        kept += tier.put(_name(ident, state.tokens), ident, state.tokens, kv,
+                         window_floor=store.window_floor(slot)) is not None
     if kept:
         log.info("kept %d cached conversation(s) on disk in %s", kept, tier.folder)
     return kept
@@ -69,7 +71,7 @@ def restore(store: KvcachedStore, prefixes: PrefixCache, tier: DiskTier, ident: 
         if len(saved.tokens) > store.layout.max_context:
             log.info("a saved conversation of %d tokens exceeds the served context: dropped", len(saved.tokens))
             continue
-        store.import_slot(slot, saved.kv)
+        store.import_slot(slot, saved.kv, saved.window_floor)
         prefixes.hold(slot, saved.tokens)
         restored += 1
     if restored:

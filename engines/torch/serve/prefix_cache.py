@@ -6,12 +6,15 @@ tokens, so a new request goes to the free slot whose held tokens share the
 longest prefix with its prompt and skips recomputing that prefix. Slots with no
 useful prefix are handed out empty first, then least recently used. Dropping
 the cached prefixes (the broker's third reclaim step) forgets every idle slot's
-tokens so its KV pages can be freed. Pure bookkeeping, no torch.
+tokens so its KV pages can be freed. A slot whose sliding-window layers gave
+back keys a prefix's continuation reads (`can_resume_at`, the KV store's
+answer) offers no prefix there: the prompt is recomputed, never attended over
+missing keys. Pure bookkeeping, no torch.
 """
 from __future__ import annotations
 
 import itertools
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 
@@ -31,10 +34,12 @@ class SlotState:
 
 
 class PrefixCache:
-    def __init__(self, num_slots: int, min_reuse: int = 1) -> None:
+    def __init__(self, num_slots: int, min_reuse: int = 1,
+                 can_resume_at: Callable[[int, int], bool] | None = None) -> None:
         assert num_slots >= 1
         self.slots = [SlotState() for _ in range(num_slots)]
         self.min_reuse = min_reuse
+        self.can_resume_at = can_resume_at   # (slot, prefix length) -> its KV still serves it
         self._clock = itertools.count(1)
 
     def acquire(self, prompt: list[int]) -> tuple[int, int] | None:
@@ -52,8 +57,8 @@ class PrefixCache:
         free = [i for i, s in enumerate(self.slots) if not s.is_running and i not in exclude]
         if not free:
             return None
-        scored = [(min(common_prefix_len(self.slots[i].tokens, prompt), max(len(prompt) - 1, 0)), i)
-                  for i in free]
+        scored = [(self._usable(i, min(common_prefix_len(self.slots[i].tokens, prompt),
+                                       max(len(prompt) - 1, 0))), i) for i in free]
         reuse, slot = max(scored, key=lambda t: (t[0], -self.slots[t[1]].last_used))
         if reuse < self.min_reuse:
             # No useful prefix: take an empty slot, else the least recently used one,
@@ -61,6 +66,13 @@ class PrefixCache:
             slot = min(free, key=lambda i: (bool(self.slots[i].tokens), self.slots[i].last_used))
             reuse = 0
         return slot, reuse
+
+    def _usable(self, slot: int, reuse: int) -> int:
+        """reuse, or 0 where the slot's window moved past keys a continuation at reuse reads
+        (no shorter prefix helps: it would read further back still)."""
+        if reuse and self.can_resume_at is not None and not self.can_resume_at(slot, reuse):
+            return 0
+        return reuse
 
     def take(self, slot: int, prompt: list[int], reuse: int) -> None:
         """Run a sequence in slot, reusing the first `reuse` prompt tokens held there."""

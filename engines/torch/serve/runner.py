@@ -227,7 +227,7 @@ class Runner:
         keys = self.warm_keys() if self.use_graphs else [(b, 0) for b in self.batch_buckets]
         now, self.pending = (keys, []) if first is None else (keys[:first], keys[first:])
         prefill_tokens = min(prefill_tokens, self.max_ctx - 1)
-        self.store.ensure(0, max(1, prefill_tokens))
+        self.store.ensure(0, max(1, prefill_tokens), start=0)
         try:
             with self.store.step_guard():
                 if prefill_tokens > 1:
@@ -255,7 +255,7 @@ class Runner:
             return False
         key = self.pending.pop(0)
         started = time.monotonic()
-        self.store.ensure(slot, 1)
+        self.store.ensure(slot, 1, start=0)
         try:
             with self.store.step_guard():
                 self._capture(key, slot)
@@ -301,7 +301,7 @@ class Runner:
     def prefill(self, chunk: PrefillChunk) -> torch.Tensor | None:
         """Compute a prompt chunk's KV; the last chunk's final logits [1, V], else None."""
         seq, n = chunk.seq, chunk.end - chunk.start
-        self.store.ensure(seq.slot, chunk.end)
+        self.store.ensure(seq.slot, chunk.end, start=chunk.start)
         ids = torch.tensor([seq.prompt[chunk.start:chunk.end]], dtype=torch.long, device=self.device)
         positions = torch.arange(chunk.start, chunk.end, device=self.device).unsqueeze(0)   # [1, n]
         self.kv.bind_slot(seq.slot, chunk.end)
@@ -316,7 +316,7 @@ class Runner:
         positions = [s.num_computed for s in seqs]
         slots = [s.slot for s in seqs]
         for slot, pos in zip(slots, positions):
-            self.store.ensure(slot, pos + 1)
+            self.store.ensure(slot, pos + 1, start=pos)
         if self.use_graphs:
             return self._decode_graphed(tokens, positions, slots)
         return self._decode_eager(tokens, positions, slots)
