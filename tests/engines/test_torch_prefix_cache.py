@@ -47,3 +47,18 @@ def test_reuse_is_always_a_true_prefix(prompts, n):
         assert reuse <= len(p) - 1 and held[slot][:reuse] == p[:reuse]
         assert reuse == 0 or reuse == min(common_prefix_len(held[slot], p), len(p) - 1)
         pc.release(slot, p)
+
+
+def test_a_prefix_the_window_moved_past_is_recomputed():
+    # Slot 0 holds 10 tokens but gave back sliding keys before token 6 (window 4):
+    # continuing at 8 would read keys 4..7, so only a prefix of 10 there is usable.
+    def can_resume_at(slot: int, n: int) -> bool:
+        return slot != 0 or n >= 6 + 4
+
+    pc = PrefixCache(2, can_resume_at=can_resume_at)
+    pc.hold(0, list(range(10)))
+    pc.hold(1, [0, 1, 2])
+    assert pc.choose(list(range(8)) + [99]) == (1, 3)         # slot 0's 8 are cut; slot 1's 3 serve
+    assert pc.choose(list(range(10)) + [99]) == (0, 10)       # the whole held prefix still serves
+    pc.forget(1)
+    assert pc.choose(list(range(8)) + [99]) == (1, 0)         # nothing usable: recomputed, empty slot
