@@ -31,6 +31,8 @@ declare -A PARTS=(
   [vmm]="120 -m benchmarks.vmm_driver_costs"
   [vmm2]="150 -m benchmarks.vmm"
   [yield]="240 -m benchmarks.yield"
+  # Issue 17: sliding-window layers' old pages given back (Gemma 3/2, Mistral KV shapes, no weights).
+  [window_kv]="120 -m benchmarks.window_kv"
   [decode]="420 -m benchmarks.decode"
   [decode_check]="330 -m benchmarks.decode --models smollm2-135m,llama-3.1-8b --kv static,virtual"
   [families]="240 -m pytest -q -p no:cacheprovider --timeout 200 tests/gpu/test_families_gpu.py"
