@@ -30,8 +30,7 @@ from pathlib import Path
 import torch
 
 from kvcached.config import KvcachedConfig
-from kvcached.errors import KVFileRejected
-from kvcached.errors import WindowMoved
+from kvcached.errors import KVFileRejected, WindowMoved
 from kvcached.kv_cache import offload, spill_file, window
 from kvcached.kv_cache.layout import KVLayout, KVShape, dtype_name
 from kvcached.kv_cache.placement import SlotTable

@@ -79,7 +79,6 @@ def test_a_long_sequence_keeps_about_its_window_of_sliding_pages():
     state, mapped = table.slots[1], set()
     for n in range(1, 601):
         apply(layout, state, mapped, n, n - 1)       # one decode step a token
-    global_part, sliding = layout.parts
     assert state.parts[0].end - state.parts[0].floor == layout.part_pages(600)[0]
     # 5 layers x 512 bytes = 2560 bytes a token: the window's 40 tokens plus one page's slack.
     assert state.parts[1].end - state.parts[1].floor <= -(-41 * 2560 // PAGE) + 1
