@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engines.torch.kernels import fused_small
 from engines.torch.model.configs import ModelConfig
 
 # ModelConfig.activation -> the function (gelu_tanh: ggml_gelu and HF's gelu_pytorch_tanh)
@@ -42,6 +43,7 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.activation = cfg.activation
         self.act = ACTIVATIONS[cfg.activation]
         bias = cfg.mlp_bias
         self.gate_up_proj: nn.Linear | None = None   # from the file (Phi-3) or fuse()
@@ -60,7 +62,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is None:
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if fused_small.usable(gate_up):   # eager on the GPU: one launch, not two
+            return self.down_proj(fused_small.gated_activation(gate_up, self.activation))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 

@@ -1,0 +1,91 @@
+"""One launch for what eager torch runs as many: RMSNorm, and the gated MLP's activation.
+
+Why: an eager decode step (the batch-1 graph a cold model serves before anything
+compiles, and the one a compiled 8B model may keep at batch 1: serve/batch_one.py)
+is mostly small kernels. RMSNorm in float32 as `norms.RMSNorm` writes it is nine
+launches (cast, square, mean, add, rsqrt, multiply, the weight's cast, multiply,
+cast back), twice a layer; the gated activation is two (activation, multiply).
+Inside a CUDA graph each small launch still costs ~2 us on the H100, so an 8B
+Q4_K_M step spent about half of its 4.09 ms in them (the weights' matvecs read
+4.9 GB in ~1.8 ms). Here each is one program a row, float32 inside, one rounding
+at the end.
+
+Only where nothing fuses them already: on CUDA, outside torch.compile (Inductor
+fuses the torch ops with their neighbours, residual adds included, better than a
+custom kernel could be fused). `usable` says where.
+"""
+from __future__ import annotations
+
+import torch
+
+from engines.torch.kernels.quant_decode import tl, triton
+
+MAX_COLS = 16384      # one program holds a whole row in registers up to this
+GATED_KINDS = ("silu", "gelu_tanh")
+_GELU_C = 0.7978845608028654   # sqrt(2 / pi)
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Eager on the GPU, a row that fits. (The CPU keeps the torch ops: its tests run these
+    kernels by name through Triton's interpreter, tests/engines/test_fused_small.py.)"""
+    return (triton is not None and x.is_cuda and not torch.compiler.is_compiling()
+            and x.shape[-1] <= MAX_COLS)
+
+
+if triton is not None:
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_cols, x_row_stride, out_row_stride, eps,
+                         BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * out_row_stride + cols, (x * inv * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gated_kernel(h_ptr, out_ptr, n_cols, h_row_stride, out_row_stride,
+                      GELU: tl.constexpr, BLOCK: tl.constexpr):
+        # h's row is [gate | up], each n_cols wide (the fused gate_up projection's output).
+        row, part = tl.program_id(0), tl.program_id(1)
+        cols = part * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        gate = tl.load(h_ptr + row * h_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(h_ptr + row * h_row_stride + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        if GELU:   # tanh-approximated GELU: x * sigmoid(2 * c * (x + 0.044715 x^3))
+            act = gate * tl.sigmoid(2.0 * _GELU_C * (gate + 0.044715 * gate * gate * gate))
+        else:      # SiLU
+            act = gate * tl.sigmoid(gate)
+        tl.store(out_ptr + row * out_row_stride + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, cols] with a contiguous last dim (a view where it can be)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * weight over the last dim, in float32, returned in x's dtype."""
+    rows = _rows(x)
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    n_cols = rows.shape[1]
+    block = triton.next_power_of_2(n_cols)
+    _rms_norm_kernel[(rows.shape[0],)](rows, weight.contiguous(), out, n_cols, rows.stride(0), out.stride(0),
+                                       float(eps), BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    return out.view(x.shape)
+
+
+def gated_activation(h: torch.Tensor, kind: str) -> torch.Tensor:
+    """act(gate) * up for h = [..., gate | up] (the fused projection's output), in h's dtype."""
+    if kind not in GATED_KINDS:
+        raise ValueError(f"gated activation: {kind!r} is not one of {', '.join(GATED_KINDS)}")
+    rows = _rows(h)
+    n_cols = rows.shape[1] // 2
+    out = torch.empty((rows.shape[0], n_cols), dtype=h.dtype, device=h.device)
+    block = min(1024, triton.next_power_of_2(n_cols))
+    _gated_kernel[(rows.shape[0], triton.cdiv(n_cols, block))](
+        rows, out, n_cols, rows.stride(0), out.stride(0), GELU=kind == "gelu_tanh", BLOCK=block,
+        num_warps=4)
+    return out.view(*h.shape[:-1], n_cols)

@@ -1,0 +1,58 @@
+"""The one-launch RMSNorm and gated activation on the GPU (engines/torch/kernels/fused_small.py),
+against the torch ops they replace in an eager step (compiled steps keep the torch ops:
+Inductor fuses those itself)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engines.torch.kernels import fused_small
+from engines.torch.model.mlp import ACTIVATIONS
+
+
+
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
+@pytest.mark.parametrize("cols", [576, 4096, 5120])
+@pytest.mark.parametrize("rows", [1, 2, 8, 512])
+def test_rms_norm_on_the_gpu(rows: int, cols: int) -> None:
+    x = torch.randn(rows, 1, cols, device="cuda", dtype=torch.bfloat16) * 3
+    weight = torch.randn(cols, device="cuda")
+    assert fused_small.usable(x)
+    got = fused_small.rms_norm(x, weight, 1e-5)
+    torch.testing.assert_close(got.float(), torch_rms_norm(x, weight, 1e-5).float(), rtol=2 ** -8, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("cols", [1536, 14336])
+def test_gated_activation_on_the_gpu(kind: str, cols: int) -> None:
+    h = torch.randn(8, 1, 2 * cols, device="cuda", dtype=torch.bfloat16) * 3
+    gate, up = h.float().chunk(2, dim=-1)
+    got = fused_small.gated_activation(h, kind)
+    torch.testing.assert_close(got.float(), ACTIVATIONS[kind](gate) * up, rtol=2 ** -8, atol=1e-3)
+
+
+def test_kernels_are_captured_in_a_cuda_graph() -> None:
+    x = torch.randn(2, 1, 4096, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(4096, device="cuda")
+    fused_small.rms_norm(x, weight, 1e-5)   # compiled outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_small.rms_norm(x, weight, 1e-5)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(out.float(), torch_rms_norm(x, weight, 1e-5).float(), rtol=2 ** -8, atol=1e-3)
+
+
+def test_compiled_code_keeps_the_torch_ops() -> None:
+    seen = []
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        seen.append(fused_small.usable(x))
+        return x * 2
+
+    torch.compile(step)(torch.ones(4, device="cuda"))
+    assert seen == [False]
