@@ -74,6 +74,8 @@ declare -A PARTS=(
   [quant_as_served]="590 -m benchmarks.quant_decode --compile --name quant_decode_compiled --budget-s 540"
   # The same on random blocks written straight (a fresh machine skips the 8B F16 file and its quantize).
   [quant_as_served_blocks]="590 -m benchmarks.quant_decode --blocks --compile --name quant_decode_compiled --budget-s ${QUANT_BUDGET_S:-540}"
+  # Issue 16's figures only (8B and SmolLM2 Q4_K_M, compiled as served): a short call.
+  [quant_served_q4km]="450 -m benchmarks.quant_decode --blocks --compile --types Q4_K_M --name quant_decode_compiled_q4km --budget-s ${QUANT_BUDGET_S:-420}"
   [quant_more]="590 -m benchmarks.quant_decode --types Q8_0,Q4_0 --name quant_decode_more --budget-s 540"
   [quant_budget]="590 -m benchmarks.quant_decode --part budget --budget-s 540"
   # Issue 17: Qwen3-30B-A3B's shape, experts stacked in Q4_K/Q6_K blocks (random blocks written
