@@ -162,7 +162,8 @@ class TorchEngine(MemoryVerbs, Engine):
         weights = self.weights
         budget = KVBudget(self.info.name, store, self.config.admission_timeout_s,
                           drop_own=self.drop_prefixes, ensure_ahead=KvcachedStore.ENSURE_AHEAD,
-                          away_bytes=(lambda: weights.host_bytes) if weights is not None else None)
+                          away_bytes=(lambda: weights.host_bytes) if weights is not None else None,
+                          step_tokens=self.config.torch_prefill_chunk)
         budget.handle = self._broker_handle
         store.trim()                # a warm-up's released pages: not counted against the budget
         budget.after_reclaim()

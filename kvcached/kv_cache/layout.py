@@ -226,6 +226,28 @@ class KVLayout:
         one part: the first pages of its region)."""
         return sum(self.part_pages(n_tokens))
 
+    def pages_held_at_most(self, n_tokens: int, reach: int) -> int:
+        """Pages a slot growing to n_tokens can hold at once when no step ensures more than
+        `reach` tokens past where it starts: a sliding part keeps its window and one step's
+        reach (window.py gives back what lies wholly before), plus the two pages its ends
+        may straddle. What a KV budget books for a windowed model."""
+        total = 0
+        for part, pages in zip(self.parts, self.part_pages(n_tokens)):
+            if part.window:
+                pages = min(pages, part.pages_for(part.window + reach, self.page_size, self.shape.itemsize) + 2)
+            total += pages
+        return total
+
+    def pages_held_at_least(self, n_tokens: int) -> int:
+        """Pages a slot with n_tokens live tokens surely holds: a sliding part keeps at
+        least its window's whole pages (it gives back only what lies before the window)."""
+        total = 0
+        for part, pages in zip(self.parts, self.part_pages(n_tokens)):
+            if part.window:
+                pages = min(pages, part.window * part.token_elems * self.shape.itemsize // self.page_size)
+            total += pages
+        return total
+
     def first_page(self, slot: int) -> int:
         """Index of a slot's first page in the whole cache range."""
         self.check_slot(slot)

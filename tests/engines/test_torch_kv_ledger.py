@@ -26,6 +26,12 @@ class Layout:
     def pages_for_tokens(self, n_tokens: int) -> int:
         return -(-n_tokens // TOKENS_PER_PAGE)
 
+    def pages_held_at_most(self, n_tokens: int, reach: int) -> int:   # no sliding layers
+        return self.pages_for_tokens(n_tokens)
+
+    def pages_held_at_least(self, n_tokens: int) -> int:
+        return self.pages_for_tokens(n_tokens)
+
 
 class Cache:
     """The pages the real KVCache maps: a slot's mapped pages only grow (ensure) until trimmed."""

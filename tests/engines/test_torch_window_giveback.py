@@ -75,6 +75,9 @@ def test_same_greedy_tokens_with_the_window_given_back(tmp_path, name):
         slot = next(i for i, s in enumerate(engine.loop.scheduler.prefix_cache.slots) if s.tokens)
         assert store.window_floor(slot) > 0                       # pages really went back
         assert store.held_bytes < store.layout.mapped_bytes_for(len(ids) + NEW_TOKENS)
+        # What the broker is asked for books the window, not the whole context, and holds what was held.
+        booked = engine.budget.ledger.booking_pages(len(ids) + NEW_TOKENS)
+        assert store.held_bytes <= booked * store.layout.page_size < store.layout.mapped_bytes_for(len(ids) + NEW_TOKENS)
         # The next turn extends the conversation: its prefix is reused where the window allows.
         follow = PROMPT + engine.text.detokenize(tokens) + " And then"
         again, usage = greedy(engine, follow, 8)

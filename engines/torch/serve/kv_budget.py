@@ -80,16 +80,17 @@ class PageStore(Protocol):
 class KVBudget:
     def __init__(self, name: str, store: PageStore, timeout_s: float, drop_own: Callable[[], int],
                  ensure_ahead: int = 1, grow_tokens: int = GROW_TOKENS,
-                 away_bytes: Callable[[], int] | None = None) -> None:
+                 away_bytes: Callable[[], int] | None = None, step_tokens: int = 1) -> None:
         """drop_own: the engine's drop_prefixes (gives back its own cached prefixes).
         away_bytes: the weights' bytes in host memory (weights_to_host), which a resume
-        maps again: asked of the broker with the paused KV."""
+        maps again: asked of the broker with the paused KV. step_tokens: the most tokens one
+        step writes to a slot (KVLedger: what a sliding-window slot holds beyond its window)."""
         assert grow_tokens >= 1
         self.name = name
         self.timeout_s = timeout_s
         self.grow_tokens = grow_tokens
         self.handle = None                 # kvcached.broker.ClientHandle, once registered
-        self.ledger = KVLedger(store.layout, ensure_ahead)
+        self.ledger = KVLedger(store.layout, ensure_ahead, step_tokens)
         self._store = store
         self._drop_own = drop_own
         self._away_bytes = away_bytes or (lambda: 0)

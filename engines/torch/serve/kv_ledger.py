@@ -37,17 +37,22 @@ class PageLayout(Protocol):
     max_slots: int
     max_context: int
 
-    def pages_for_tokens(self, n_tokens: int) -> int: ...
+    def pages_held_at_most(self, n_tokens: int, reach: int) -> int: ...
+
+    def pages_held_at_least(self, n_tokens: int) -> int: ...
 
 
 class KVLedger:
-    def __init__(self, layout: PageLayout, ensure_ahead: int = 1) -> None:
+    def __init__(self, layout: PageLayout, ensure_ahead: int = 1, step_tokens: int = 1) -> None:
         """ensure_ahead: the store maps a growing slot this many tokens at a time
-        (KvcachedStore.ENSURE_AHEAD), so a booking rounds up to it."""
-        assert ensure_ahead >= 1
+        (KvcachedStore.ENSURE_AHEAD), so a booking rounds up to it. step_tokens: the most
+        tokens one step writes to a slot (the prefill chunk): with sliding-window layers
+        a slot holds their window plus that much, not all its tokens (layout's bounds)."""
+        assert ensure_ahead >= 1 and step_tokens >= 1
         self.layout = layout
         self.page_size = layout.page_size
         self.ensure_ahead = ensure_ahead
+        self.reach = step_tokens + ensure_ahead
         self.credit = 0                          # bytes granted, not booked yet
         self._floor = [0] * layout.max_slots     # pages known mapped per slot
         self._booked = [0] * layout.max_slots    # pages booked by the slot's running sequence (0: none)
@@ -57,7 +62,8 @@ class KVLedger:
     def booking_pages(self, tokens: int) -> int:
         """Pages a slot holding `tokens` tokens may map."""
         ahead = self.ensure_ahead
-        return self.layout.pages_for_tokens(min(-(-tokens // ahead) * ahead, self.layout.max_context))
+        rounded = min(-(-tokens // ahead) * ahead, self.layout.max_context)
+        return self.layout.pages_held_at_most(rounded, self.reach)
 
     def need(self, slot: int, tokens: int) -> int:
         """Bytes booking `tokens` in `slot` adds to the commitment (a new booking, or a
@@ -68,7 +74,7 @@ class KVLedger:
     def resume_need(self, live_tokens: Callable[[int], int]) -> int:
         """Bytes a resume maps beyond the bookings: the free slots' cached tokens."""
         free = (s for s, b in enumerate(self._booked) if not b)
-        return sum(self.layout.pages_for_tokens(live_tokens(s)) for s in free) * self.page_size
+        return sum(self.layout.pages_held_at_most(live_tokens(s), self.reach) for s in free) * self.page_size
 
     # --- credit and bookings ----------------------------------------------------
     def grant(self, nbytes: int) -> None:
@@ -110,7 +116,7 @@ class KVLedger:
         """A step boundary: raise the floors of the slots that ran (their live tokens are
         mapped), end the bookings of slots no longer running, note what is mapped.
         Returns how many bookings ended."""
-        floor, booked, pages_for = self._floor, self._booked, self.layout.pages_for_tokens
+        floor, booked, pages_for = self._floor, self._booked, self.layout.pages_held_at_least
         ended = 0
         for slot in range(len(booked)):
             is_running = slot in running
@@ -126,7 +132,7 @@ class KVLedger:
     def reset(self, mapped_bytes: int, live_tokens: Callable[[int], int] | None) -> None:
         """After a trim or resume (every slot maps exactly its live tokens) or a pause
         (live_tokens None: nothing is mapped)."""
-        pages_for = self.layout.pages_for_tokens
+        pages_for = self.layout.pages_held_at_least
         self._floor = [0 if live_tokens is None else pages_for(live_tokens(s))
                        for s in range(self.layout.max_slots)]
         self._mapped = mapped_bytes
