@@ -10,7 +10,7 @@ the arithmetic `ensure` maps by (a one-part layout; tests/kvcached check it
 against real mappings), so the 13 GiB of Gemma-3-12B at 32k tokens need not be
 mapped to be counted. A length whose held bytes would pass --max-held is skipped.
 
-    PYTHONPATH=. python3 -m benchmarks.window_kv [--backend host|cuda|auto]
+    PYTHONPATH=. python3 -m benchmarks.window_kv [--backend host|cuda|auto] [--page-mib 32]
 """
 from __future__ import annotations
 
@@ -90,11 +90,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="auto", choices=("host", "cuda", "auto"))
     parser.add_argument("--models", default=",".join(SHAPES))
+    parser.add_argument("--page-mib", type=int, default=None,
+                        help="page size (default: the backend's; 32 on the host shows the GPU's default)")
     parser.add_argument("--max-held", type=float, default=None,
                         help="GiB a run may hold with the giveback (default: 4 on the host, 40 on CUDA)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    config = KvcachedConfig(backend=args.backend, reserve_pages=0)
+    config = KvcachedConfig(backend=args.backend, reserve_pages=0,
+                            **({"page_size": args.page_mib * MiB} if args.page_mib else {}))
     rows = []
     with open_backend(config) as backend:
         max_held = (args.max_held or (4 if backend.name == "host" else 40)) * GiB
@@ -104,7 +107,8 @@ def main() -> None:
     print_table(["model", "tokens", "without MiB", "held MiB", "held/without", "expected", "RSS added MiB"],
                 [[r["model"], r["tokens"], r["without_bytes"] / MiB, r["held_bytes"] / MiB,
                   r["held_fraction"], r["expected_fraction"], r["rss_added_bytes"] / MiB] for r in rows])
-    path = write_result(f"window_kv_{backend_name}", {
+    suffix = f"_{page // MiB}mib" if args.page_mib else ""
+    path = write_result(f"window_kv_{backend_name}{suffix}", {
         "backend": backend_name, "page_size": page, "chunk_tokens": CHUNK, "dtype": "bfloat16",
         "without": "KVLayout.pages_for_tokens of the same shape with no sliding layers",
         "rows": rows,
