@@ -47,6 +47,32 @@ def test_rms_norm_reads_strided_rows() -> None:
     torch.testing.assert_close(fused_small.rms_norm(x, weight, 1e-5), torch_rms_norm(x.clone(), weight, 1e-5))
 
 
+@pytest.mark.parametrize("cols", [64, 576, 1000])
+def test_add_rms_norm_is_the_add_then_the_norm(cols: int) -> None:
+    """float32 residual: the sum exactly torch's add, the norm within float32 summation order."""
+    gen = torch.Generator().manual_seed(cols)
+    x, delta = torch.randn(3, 1, cols, generator=gen) * 4, torch.randn(3, 1, cols, generator=gen)
+    weight = torch.randn(cols, generator=gen)
+    total, normed = fused_small.add_rms_norm(x, delta, weight, 1e-6)
+    assert torch.equal(total, x + delta)
+    torch.testing.assert_close(normed, torch_rms_norm(x + delta, weight, 1e-6), rtol=1e-5, atol=1e-5)
+
+
+def test_add_rms_norm_refuses_mismatched_shapes() -> None:
+    with pytest.raises(ValueError, match="addend"):
+        fused_small.add_rms_norm(torch.zeros(2, 8), torch.zeros(1, 8), torch.ones(8), 1e-6)
+
+
+def test_add_then_norm_keeps_the_torch_ops_off_the_gpu() -> None:
+    """On the CPU (and for LayerNorm anywhere) it is the add, then the module."""
+    from engines.torch.model.norms import LayerNorm, add_then_norm
+
+    x, delta = torch.randn(2, 16), torch.randn(2, 16)
+    for norm in (RMSNorm(16, 1e-6), LayerNorm(16, 1e-5)):
+        total, normed = add_then_norm(norm, x, delta)
+        assert torch.equal(total, x + delta) and torch.equal(normed, norm(x + delta))
+
+
 @pytest.mark.parametrize("kind", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("cols", [96, 1536, 2500])
 def test_gated_activation_matches_the_torch_ops(kind: str, cols: int) -> None:

@@ -10,7 +10,6 @@ from engines.torch.kernels import fused_small
 from engines.torch.model.mlp import ACTIVATIONS
 
 
-
 def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
@@ -33,6 +32,18 @@ def test_gated_activation_on_the_gpu(kind: str, cols: int) -> None:
     gate, up = h.float().chunk(2, dim=-1)
     got = fused_small.gated_activation(h, kind)
     torch.testing.assert_close(got.float(), ACTIVATIONS[kind](gate) * up, rtol=2 ** -8, atol=1e-3)
+
+
+@pytest.mark.parametrize("cols", [576, 4096])
+def test_add_rms_norm_on_the_gpu(cols: int) -> None:
+    """The residual's sum is torch's bf16 add exactly; the norm reads that sum."""
+    x = torch.randn(8, 1, cols, device="cuda", dtype=torch.bfloat16) * 3
+    delta = torch.randn_like(x)
+    weight = torch.randn(cols, device="cuda")
+    total, normed = fused_small.add_rms_norm(x, delta, weight, 1e-5)
+    assert torch.equal(total, x + delta)
+    torch.testing.assert_close(normed.float(), torch_rms_norm(x + delta, weight, 1e-5).float(),
+                               rtol=2 ** -8, atol=1e-3)
 
 
 def test_kernels_are_captured_in_a_cuda_graph() -> None:

@@ -1,10 +1,12 @@
-"""One launch for what eager torch runs as many: RMSNorm, and the gated MLP's activation.
+"""One launch for what eager torch runs as many: RMSNorm (with the residual add before
+it), and the gated MLP's activation.
 
 Why: an eager decode step (the batch-1 graph a cold model serves before anything
 compiles, and the one a compiled 8B model may keep at batch 1: serve/batch_one.py)
 is mostly small kernels. RMSNorm in float32 as `norms.RMSNorm` writes it is nine
 launches (cast, square, mean, add, rsqrt, multiply, the weight's cast, multiply,
-cast back), twice a layer; the gated activation is two (activation, multiply).
+cast back), twice a layer, and the residual add before the MLP's norm one more; the
+gated activation is two (activation, multiply).
 Inside a CUDA graph each small launch still costs ~2 us on the H100, so an 8B
 Q4_K_M step spent about half of its 4.09 ms in them (the weights' matvecs read
 4.9 GB in ~1.8 ms). Here each is one program a row, float32 inside, one rounding
@@ -45,6 +47,23 @@ if triton is not None:
         tl.store(out_ptr + row * out_row_stride + cols, (x * inv * w).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, n_cols, x_row_stride, d_row_stride,
+                             sum_row_stride, out_row_stride, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        d = tl.load(d_ptr + row * d_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        # The sum rounded to the residual's dtype first, as torch's add is: the norm reads
+        # the very residual the next add continues from.
+        s = (x + d).to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + row * sum_row_stride + cols, s, mask=mask)
+        sf = s.to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(sf * sf, axis=0) / n_cols + eps)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * out_row_stride + cols, (sf * inv * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _gated_kernel(h_ptr, out_ptr, n_cols, h_row_stride, out_row_stride,
                       GELU: tl.constexpr, BLOCK: tl.constexpr):
         # h's row is [gate | up], each n_cols wide (the fused gate_up projection's output).
@@ -75,6 +94,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     _rms_norm_kernel[(rows.shape[0],)](rows, weight.contiguous(), out, n_cols, rows.stride(0), out.stride(0),
                                        float(eps), BLOCK=block, num_warps=min(16, max(1, block // 256)))
     return out.view(x.shape)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rms_norm(x + delta)) in one launch: the residual stream and its norm."""
+    rows, drows = _rows(x), _rows(delta)
+    if drows.shape != rows.shape:
+        raise ValueError(f"add_rms_norm: the residual {tuple(x.shape)} and the addend "
+                         f"{tuple(delta.shape)} differ")
+    total = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    n_cols = rows.shape[1]
+    block = triton.next_power_of_2(n_cols)
+    _add_rms_norm_kernel[(rows.shape[0],)](rows, drows, weight.contiguous(), total, out, n_cols, rows.stride(0),
+                                           drows.stride(0), total.stride(0), out.stride(0), float(eps),
+                                           BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    return total.view(x.shape), out.view(x.shape)
 
 
 def gated_activation(h: torch.Tensor, kind: str) -> torch.Tensor:

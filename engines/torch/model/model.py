@@ -52,7 +52,7 @@ from engines.torch.model.attention import KVAccess
 from engines.torch.model.configs import ModelConfig
 from engines.torch.model.mlp import MLP, PlainMLP
 from engines.torch.model.moe import SparseMoE
-from engines.torch.model.norms import RMSNorm, make_norm
+from engines.torch.model.norms import RMSNorm, add_then_norm, make_norm
 from engines.torch.model.rope import RopeScaling
 from engines.torch.model.rotary import Rotary
 from engines.torch.model.self_attention import Attention
@@ -88,10 +88,10 @@ class DecoderLayer(nn.Module):
                 positions: torch.Tensor, kv: KVAccess) -> torch.Tensor:
         attn = self.self_attn(self.input_layernorm(x), cos, sin, positions, kv)
         if not self.sandwich:
-            x = x + attn
-            return x + self.mlp(self.post_attention_layernorm(x))
-        x = x + self.post_attention_layernorm(attn)
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            x, h = add_then_norm(self.post_attention_layernorm, x, attn)
+            return x + self.mlp(h)
+        x, h = add_then_norm(self.pre_feedforward_layernorm, x, self.post_attention_layernorm(attn))
+        return x + self.post_feedforward_layernorm(self.mlp(h))
 
 
 class Backbone(nn.Module):

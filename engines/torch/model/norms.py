@@ -42,6 +42,15 @@ class LayerNorm(nn.Module):
         return out.to(x.dtype)
 
 
+def add_then_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, norm(x + delta)): a residual add and the norm that reads it, in one
+    launch where an RMSNorm runs eager on the GPU (fused_small), else as two ops."""
+    if type(norm) is RMSNorm and fused_small.usable(x) and delta.shape == x.shape and delta.dtype == x.dtype:
+        return fused_small.add_rms_norm(x, delta, norm.weight, norm.eps)
+    total = x + delta
+    return total, norm(total)
+
+
 # ModelConfig.norm -> the class
 NORM_CLASSES: dict[str, type[nn.Module]] = {"rms": RMSNorm, "layer": LayerNorm}
 
