@@ -9,6 +9,7 @@ import torch
 
 from engines.torch.ggml.numerics import kv_cache_dtype
 from engines.torch.model.attention import ContiguousKV
+from engines.torch.model.norms import add_then_norm
 
 # llama.cpp's pooling types (GGUF `pooling_type`): 1 mean, 2 CLS (first token), 3 last token.
 POOL_MEAN, POOL_CLS, POOL_LAST = 1, 2, 3
@@ -25,11 +26,7 @@ def pooled_embedding(model, ids: list[int], pooling: int = POOL_MEAN) -> torch.T
                       kv_cache_dtype(model), model.device)
     input_ids = torch.tensor([ids], device=model.device)
     positions = torch.arange(len(ids), device=model.device).unsqueeze(0)
-    kv.begin(positions)
-    x = model.model.embed_tokens(input_ids)                              # [1, T, dim]
-    cos, sin = model.rotary(positions)
-    for layer in model.model.layers:
-        x = layer(x, cos, sin, positions, kv)
-    hidden = model.model.norm(x).float()[0]                              # [T, dim]
+    x, pending = model.hidden(input_ids, positions, kv)
+    hidden = add_then_norm(model.model.norm, x, pending)[1].float()[0]   # [T, dim]
     pooled = {POOL_CLS: hidden[0], POOL_LAST: hidden[-1]}.get(pooling, hidden.mean(dim=0))
     return torch.nn.functional.normalize(pooled, dim=0).cpu()

@@ -84,14 +84,22 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = make_norm(cfg.norm, cfg.dim, cfg.rms_eps)
         self.mlp = make_mlp(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                positions: torch.Tensor, kv: KVAccess) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, positions, kv)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                kv: KVAccess, pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual, addend): the residual stream before this layer's last add, and what
+        that add adds. The caller adds it inside the next norm (the next layer's, or the
+        final one): add and norm are one launch in an eager step on the GPU (norms.add_then_norm).
+        `pending`: the previous layer's addend (None for the first layer)."""
+        if pending is None:
+            h = self.input_layernorm(x)
+        else:
+            x, h = add_then_norm(self.input_layernorm, x, pending)
+        attn = self.self_attn(h, cos, sin, positions, kv)
         if not self.sandwich:
             x, h = add_then_norm(self.post_attention_layernorm, x, attn)
-            return x + self.mlp(h)
+            return x, self.mlp(h)
         x, h = add_then_norm(self.pre_feedforward_layernorm, x, self.post_attention_layernorm(attn))
-        return x + self.post_feedforward_layernorm(self.mlp(h))
+        return x, self.post_feedforward_layernorm(self.mlp(h))
 
 
 class Backbone(nn.Module):
@@ -139,20 +147,30 @@ class LlamaModel(nn.Module):
         """The context this model will serve: LongRoPE picks its factors by it."""
         self.rotary.fit_context(max_context)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVAccess,
-                logit_index: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor,
+               kv: KVAccess) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual, addend) after the last layer, [B, T, dim] each: their sum is the hidden
+        state the final norm reads (DecoderLayer.forward says why it stays apart)."""
         kv.begin(positions)
         x = self.model.embed_tokens(input_ids)                        # [B, T, dim]
         if self.cfg.embed_scale != 1.0:
             x = x * self.cfg.embed_scale
         rope = self.rotary(positions)
         rope_local = self.rotary_local(positions) if self.rotary_local is not None else rope
+        pending = None
         for layer, is_local in zip(self.model.layers, self.is_local):
-            x = layer(x, *(rope_local if is_local else rope), positions, kv)
+            x, pending = layer(x, *(rope_local if is_local else rope), positions, kv, pending)
+        return x, pending
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVAccess,
+                logit_index: torch.Tensor | None = None) -> torch.Tensor:
+        x, pending = self.hidden(input_ids, positions, kv)
         if logit_index is not None:
             rows = torch.arange(x.shape[0], device=x.device)
             x = x[rows, logit_index].unsqueeze(1)                      # [B, 1, dim]
-        logits = self.lm_head(self.model.norm(x)).float()             # [B, T|1, V]
+            pending = pending[rows, logit_index].unsqueeze(1)
+        _, normed = add_then_norm(self.model.norm, x, pending)
+        logits = self.lm_head(normed).float()                         # [B, T|1, V]
         if self.cfg.final_softcap:
             logits = self.cfg.final_softcap * torch.tanh(logits / self.cfg.final_softcap)
         return logits
