@@ -60,6 +60,38 @@ def test_pending_graphs_are_captured_when_idle_on_an_empty_slot() -> None:
         engine.unload()
 
 
+def test_a_request_right_after_the_load_never_waits_for_a_capture() -> None:
+    """The loop is idle the moment the load ends; the request that loaded the model comes a
+    moment later. It runs first, and the pending graphs wait for CAPTURE_AFTER_IDLE_S of
+    quiet after it (on the GPU the first of them compiles the model: seconds to a minute)."""
+    from engines.torch.serve.serving import CAPTURE_AFTER_IDLE_S
+
+    engine = TorchEngine(ModelInfo(name="tiny", path="", source="synthetic",
+                                   metadata={"config": TINY.replace(max_context=128)}),
+                         EngineConfig(torch_num_slots=2, torch_max_context=128, torch_prefill_chunk=64),
+                         standalone_pool(KvcachedConfig(page_size=64 << 10, reserve_pages=0)))
+    engine.load()
+    try:
+        runner = engine.loop.runner
+        captured_at: list[float] = []
+        capture = runner._capture
+        runner._capture = lambda key, slot: (captured_at.append(time.monotonic()), capture(key, slot))[1]
+        runner.pending = [(1, 0)]                        # what a CUDA load leaves
+        engine.loop.idle_since = time.monotonic()        # as the load's end sets it
+        time.sleep(0.2)                                  # the loaded model's request, a moment later
+        assert captured_at == []
+        generate(engine, "abc")
+        answered_at = time.monotonic()
+        assert captured_at == []                         # nothing captured before or during it
+        deadline = time.monotonic() + 30
+        while runner.pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert runner.pending == [] and len(captured_at) == 1
+        assert captured_at[0] - answered_at >= CAPTURE_AFTER_IDLE_S - 0.1   # after the quiet, not at once
+    finally:
+        engine.unload()
+
+
 def test_no_capture_without_an_empty_slot() -> None:
     from engines.torch.serve.prefix_cache import PrefixCache
 

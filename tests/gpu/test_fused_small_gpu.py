@@ -22,7 +22,9 @@ def test_rms_norm_on_the_gpu(rows: int, cols: int) -> None:
     weight = torch.randn(cols, device="cuda")
     assert fused_small.usable(x)
     got = fused_small.rms_norm(x, weight, 1e-5)
-    torch.testing.assert_close(got.float(), torch_rms_norm(x, weight, 1e-5).float(), rtol=2 ** -8, atol=1e-3)
+    # Float32 inside both; summed in another order, a value next to a rounding boundary
+    # lands one bf16 step away (3 of 2M values at 512 rows on the H100): one step allowed.
+    torch.testing.assert_close(got.float(), torch_rms_norm(x, weight, 1e-5).float(), rtol=2 ** -7, atol=1e-3)
 
 
 @pytest.mark.parametrize("kind", ["silu", "gelu_tanh"])

@@ -24,7 +24,7 @@ from engines.torch.kernels.quant_decode import tl, triton
 
 MAX_COLS = 16384      # one program holds a whole row in registers up to this
 GATED_KINDS = ("silu", "gelu_tanh")
-_GELU_C = 0.7978845608028654   # sqrt(2 / pi)
+_GELU_C = tl.constexpr(0.7978845608028654) if triton is not None else None   # sqrt(2 / pi)
 
 
 def usable(x: torch.Tensor) -> bool:

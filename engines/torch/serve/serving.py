@@ -39,6 +39,12 @@ from kvcached.errors import TemporaryError
 log = logging.getLogger(__name__)
 
 ADMISSION_WAIT_S = 0.05   # refused memory with nothing running: look again this often
+# The load's pending decode graphs are captured (the first compiled one compiles with it:
+# ~30 s with an empty kernel cache, ~10 s with it filled, on the H100) only after the model
+# has been quiet this long. Without it the loop, idle the moment the load ended, began that
+# compile before the request that loaded the model reached it, and the request waited for
+# it (benchmarks/results/cold_start_*_h100.json: 9.5 of a restart's 13.2 s).
+CAPTURE_AFTER_IDLE_S = 2.0
 
 
 @dataclass(eq=False)
@@ -178,18 +184,25 @@ class ServingLoop:
                 log.exception("giving back memory after a failed step failed")
 
     def _wait_for_work(self) -> bool:
-        """Until a request comes (capturing a decode graph the load left pending
-        meanwhile); False once stopped."""
-        while self._is_idle() and self._capture_idle_safely():
+        """Until a request comes (capturing the decode graphs the load left pending once
+        the model has been quiet for CAPTURE_AFTER_IDLE_S); False once stopped."""
+        while self._quiet_long_enough() and self._capture_idle_safely():
             self.last_progress = time.monotonic()
         with self._wake:
             while not (self._stop or self._inbox or self._jobs):
                 self._wake.wait()
             return not self._stop
 
-    def _is_idle(self) -> bool:
+    def _quiet_long_enough(self) -> bool:
+        """True once no request has come or run for CAPTURE_AFTER_IDLE_S (waiting out the
+        rest of it); False as soon as one comes, or where no graph is pending."""
         with self._wake:
-            return not (self._stop or self._inbox or self._jobs)
+            while not (self._stop or self._inbox or self._jobs) and self.runner.pending:
+                left = CAPTURE_AFTER_IDLE_S - (time.monotonic() - self.idle_since)
+                if left <= 0:
+                    return True
+                self._wake.wait(left)
+            return False
 
     def _capture_while_idle(self) -> bool:
         """One decode graph the load left pending (runner.warm_up), on a slot that holds
