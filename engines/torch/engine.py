@@ -125,6 +125,8 @@ class TorchEngine(MemoryVerbs, Engine):
                                           use_graphs=device.type == "cuda" and self.config.torch_cuda_graphs,
                                           compile=None if self.config.torch_compile else False)
             runner.phase_seconds = phases.seconds   # the idle compile and captures report there too
+        if runner.attention_check_s:   # the Triton attention's check on this device, inside "runner"
+            phases.seconds["attention_check"] = runner.attention_check_s
         if self._weights_movable():
             # After the runner fused its projections, before anything is compiled or captured:
             # kernels and graphs see the addresses the weights keep while they are away.

@@ -147,6 +147,7 @@ class Runner:
         self.model = model
         self.store = store
         self.kv = SlotKV(store)
+        self.attention_check_s = 0.0
         self.device = model.device
         on_cuda = self.device.type == "cuda"
         self.use_graphs = on_cuda if use_graphs is None else use_graphs
@@ -160,8 +161,10 @@ class Runner:
         if (on_cuda if triton is None else triton) and decode_attention.is_available(self.device):
             # Checked on every attention the model's layers ask for (windows, soft-caps, partial RoPE).
             specs = tuple(dict.fromkeys(layer.self_attn.spec for layer in model.model.layers))
+            started = time.monotonic()
             self.kv.use_triton = decode_attention.self_check(
                 self.device, model.dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, specs)
+            self.attention_check_s = time.monotonic() - started   # part of the load's "runner" phase
         store.set_tail_reads(not self.kv.use_triton)
         self.decode_forward = self._decode_forward
         if self.is_compiled:
@@ -231,7 +234,9 @@ class Runner:
         try:
             with self.store.step_guard():
                 if prefill_tokens > 1:
+                    started = time.monotonic()
                     self._warm_prefill(prefill_tokens)
+                    self.phase_seconds["prefill_warm_up"] = time.monotonic() - started   # in compile_capture
                 if first is not None and batch_one.eager_first(self, slot=0):
                     progress(1.0)   # compiled: batch 1 eager now, the compile while idle
                 else:
