@@ -132,8 +132,6 @@ class TorchEngine(MemoryVerbs, Engine):
             # kernels and graphs see the addresses the weights keep while they are away.
             with phases.phase("weights_to_pages"):
                 self.weights = WeightsRung(self.model, self.kv_pool)
-            if device.type == "cuda":
-                self.weights.prepare_ahead()
         if runner.use_graphs or runner.is_compiled:
             # Capture the first bucket here (compiled: batch 1's eager graph, no compile), not
             # in the middle of serving; the serving loop compiles and captures the rest while
@@ -149,6 +147,8 @@ class TorchEngine(MemoryVerbs, Engine):
         self.loop = ServingLoop(scheduler, runner, self.budget, self.config.max_queue,
                                 before_step=self._resume_if_paused, name=self.info.name,
                                 on_memory_error=self._give_back_failed)
+        if self.weights is not None and device.type == "cuda":
+            self.loop.when_quiet(self.weights.prepare_ahead)   # not on the first request's path
         report(1.0, "ready")
 
     def _weights_movable(self) -> bool:

@@ -64,7 +64,7 @@ def test_a_request_right_after_the_load_never_waits_for_a_capture() -> None:
     """The loop is idle the moment the load ends; the request that loaded the model comes a
     moment later. It runs first, and the pending graphs wait for CAPTURE_AFTER_IDLE_S of
     quiet after it (on the GPU the first of them compiles the model: seconds to a minute)."""
-    from engines.torch.serve.serving import CAPTURE_AFTER_IDLE_S
+    from engines.torch.serve.idle_work import CAPTURE_AFTER_IDLE_S
 
     engine = TorchEngine(ModelInfo(name="tiny", path="", source="synthetic",
                                    metadata={"config": TINY.replace(max_context=128)}),
@@ -88,6 +88,41 @@ def test_a_request_right_after_the_load_never_waits_for_a_capture() -> None:
             time.sleep(0.05)
         assert runner.pending == [] and len(captured_at) == 1
         assert captured_at[0] - answered_at >= CAPTURE_AFTER_IDLE_S - 0.1   # after the quiet, not at once
+    finally:
+        engine.unload()
+
+
+def test_quiet_tasks_run_once_after_the_quiet_period_and_before_captures() -> None:
+    """The engine's one-shot idle work (the weights' pinned buffer on the GPU) waits for the
+    same quiet as the captures, runs once, and comes first; a failing task ends nothing."""
+    from engines.torch.serve.idle_work import CAPTURE_AFTER_IDLE_S
+
+    engine = TorchEngine(ModelInfo(name="tiny", path="", source="synthetic",
+                                   metadata={"config": TINY.replace(max_context=128)}),
+                         EngineConfig(torch_num_slots=2, torch_max_context=128, torch_prefill_chunk=64),
+                         standalone_pool(KvcachedConfig(page_size=64 << 10, reserve_pages=0)))
+    engine.load()
+    try:
+        loop, runner = engine.loop, engine.loop.runner
+        order: list[tuple[str, float]] = []
+        capture = runner._capture
+        runner._capture = lambda key, slot: (order.append(("capture", time.monotonic())), capture(key, slot))[1]
+        runner.pending = [(1, 0)]
+        asked = time.monotonic()
+        loop.idle_since = asked
+        loop.when_quiet(lambda: 1 / 0)                   # logged, the worker goes on
+        loop.when_quiet(lambda: order.append(("task", time.monotonic())))
+        deadline = time.monotonic() + 30
+        while runner.pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [name for name, _ in order] == ["task", "capture"]
+        assert order[0][1] - asked >= CAPTURE_AFTER_IDLE_S - 0.1
+        assert generate(engine, "abc") is not None       # the worker still serves
+        loop.when_quiet(lambda: order.append(("later", time.monotonic())))   # added while it waits
+        deadline = time.monotonic() + 30
+        while len(order) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [name for name, _ in order] == ["task", "capture", "later"]
     finally:
         engine.unload()
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engines.errors import EngineBusy
+from engines.torch.serve.idle_work import IdleWork
 from engines.torch.serve.kv_budget import KVBudget
 from engines.torch.serve.oom import as_temporary, give_back_cached_blocks
 from engines.torch.serve.runner import Runner
@@ -39,12 +40,6 @@ from kvcached.errors import TemporaryError
 log = logging.getLogger(__name__)
 
 ADMISSION_WAIT_S = 0.05   # refused memory with nothing running: look again this often
-# The load's pending decode graphs are captured (the first compiled one compiles with it:
-# ~30 s with an empty kernel cache, ~10 s with it filled, on the H100) only after the model
-# has been quiet this long. Without it the loop, idle the moment the load ended, began that
-# compile before the request that loaded the model reached it, and the request waited for
-# it (benchmarks/results/cold_start_*_h100.json: 9.5 of a restart's 13.2 s).
-CAPTURE_AFTER_IDLE_S = 2.0
 
 
 @dataclass(eq=False)
@@ -66,7 +61,7 @@ class Job:
         self.matcher = StopMatcher(self.request.sampling.stop)
 
 
-class ServingLoop:
+class ServingLoop(IdleWork):
     def __init__(self, scheduler: Scheduler, runner: Runner, budget: KVBudget, max_queue: int,
                  before_step: Callable[[], None] = lambda: None, name: str = "torch",
                  on_memory_error: Callable[[list[int]], None] = lambda slots: None) -> None:
@@ -91,6 +86,7 @@ class ServingLoop:
         self._closing = False
         self.idle_since = time.monotonic()
         self.last_progress = time.monotonic()   # the worker's heartbeat (stalled_s)
+        self.quiet_tasks: list[Callable[[], None]] = []   # IdleWork.when_quiet
         self._thread = threading.Thread(target=self._run, name="torch-engine", daemon=True)
         self._thread.start()
 
@@ -182,51 +178,6 @@ class ServingLoop:
                 self.on_memory_error(slots)
             except Exception:  # noqa: BLE001 - the requests have their error; log and go on
                 log.exception("giving back memory after a failed step failed")
-
-    def _wait_for_work(self) -> bool:
-        """Until a request comes (capturing the decode graphs the load left pending once
-        the model has been quiet for CAPTURE_AFTER_IDLE_S); False once stopped."""
-        while self._quiet_long_enough() and self._capture_idle_safely():
-            self.last_progress = time.monotonic()
-        with self._wake:
-            while not (self._stop or self._inbox or self._jobs):
-                self._wake.wait()
-            return not self._stop
-
-    def _quiet_long_enough(self) -> bool:
-        """True once no request has come or run for CAPTURE_AFTER_IDLE_S (waiting out the
-        rest of it); False as soon as one comes, or where no graph is pending."""
-        with self._wake:
-            while not (self._stop or self._inbox or self._jobs) and self.runner.pending:
-                left = CAPTURE_AFTER_IDLE_S - (time.monotonic() - self.idle_since)
-                if left <= 0:
-                    return True
-                self._wake.wait(left)
-            return False
-
-    def _capture_while_idle(self) -> bool:
-        """One decode graph the load left pending (runner.warm_up), on a slot that holds
-        nothing; False when none is pending or no slot is empty. A request arriving
-        meanwhile waits for this one capture (~1 s on the H100), not for all of them."""
-        if not self.runner.pending:
-            return False
-        slot = self.scheduler.prefix_cache.empty_slot()
-        if slot is None:
-            return False
-        with self.step_lock:
-            return self.runner.capture_pending(slot)
-
-    def _capture_idle_safely(self) -> bool:
-        """_capture_while_idle, where a failure (out of memory while another application
-        holds the GPU) leaves the rest to be captured on demand, never ends the worker."""
-        try:
-            return self._capture_while_idle()
-        except Exception as exc:  # noqa: BLE001 - a dead worker hangs every request
-            log.warning("capturing a pending decode graph failed (%s); the rest are captured "
-                        "when first needed", as_temporary(exc, f"model {self.stats.name}"))
-            self.runner.pending.clear()
-            give_back_cached_blocks()
-            return False
 
     def _wait(self, seconds: float) -> None:
         with self._wake:
