@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import codecs
 import functools
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -133,16 +134,31 @@ class BpeTokenizer(_Common):
         added_types = {TOKEN_TYPE_CONTROL: True, TOKEN_TYPE_USER_DEFINED: False}
         tk.add_tokens([AddedToken(tok, special=added_types[kind], normalized=False)
                        for tok, kind in zip(self.vocab, self.token_types) if kind in added_types])
-        # encode_special_tokens=True makes CONTROL tokens plain text (llama.cpp
-        # parse_special=False). It is a flag on the object, so each mode gets its
-        # own tokenizer instead of flipping one under concurrent HTTP threads.
-        literal = HfTokenizer.from_str(tk.to_str())
-        literal.encode_special_tokens = True
-        self._by_mode = {True: tk, False: literal}
+        self._parsing = tk
+        self._literal: HfTokenizer | None = None   # made by prepare(), or on first use
+        self._literal_lock = threading.Lock()
         self._byte_of = _byte_decoder()
 
+    def prepare(self) -> None:
+        """Make the second tokenizer, for text whose special-token spellings stay text
+        (llama.cpp's parse_special=False: infill, constrained output). encode_special_tokens
+        is a flag on the object, so that mode gets a tokenizer of its own rather than one
+        flipped under concurrent HTTP threads. Not at load: copying a 128k-token vocabulary
+        took ~1 s, on the path of the request that loaded the model (engines call this once
+        the model is quiet)."""
+        with self._literal_lock:
+            if self._literal is None:
+                from tokenizers import Tokenizer as HfTokenizer
+
+                literal = HfTokenizer.from_str(self._parsing.to_str())
+                literal.encode_special_tokens = True
+                self._literal = literal
+
     def encode(self, text: str, add_special: bool = False, parse_special: bool = True) -> list[int]:
-        ids = self._by_mode[parse_special].encode(text, add_special_tokens=False).ids
+        if not parse_special and self._literal is None:
+            self.prepare()
+        tokenizer = self._parsing if parse_special else self._literal
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
         return self._with_specials(ids, add_special)
 
     def token_bytes(self, token_id: int, skip_special: bool = True) -> bytes:
