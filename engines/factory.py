@@ -67,11 +67,14 @@ def prepare_device(kv_pool: object | None, config: EngineConfig | None = None) -
         import torch
 
         from engines.torch.cuda_libraries import warm_up_libraries
-        from engines.torch.kernel_warm_up import warm_up_engine_kernels
+        from engines.torch.kernel_warm_up import import_compiler, warm_up_engine_kernels
+        config = config or EngineConfig()
         device = torch.device("cuda", torch.cuda.current_device())
         free_before, started = torch.cuda.mem_get_info(device)[0], time.monotonic()
         warm_up_libraries(device)
-        warm_up_engine_kernels(kv_pool, config or EngineConfig())
+        warm_up_engine_kernels(kv_pool, config)
+        if config.torch_compile:
+            log.info("torch.compile's machinery imported in %.1f s", import_compiler())
         seconds = time.monotonic() - started
         loaded_mib = (free_before - torch.cuda.mem_get_info(device)[0]) / (1 << 20)
         log.info("CUDA libraries and kernel code loaded in %.1f s: %.0f MiB of the device (kept for "

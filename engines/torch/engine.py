@@ -313,8 +313,10 @@ class TorchEngine(MemoryVerbs, Engine):
 
     def finish_background_work(self, timeout_s: float) -> bool:
         """Until the serving loop has compiled and captured every decode bucket the load left
-        pending (it does while idle), or timeout_s passed."""
-        runner = self.runner
+        pending (it does while idle, at once once asked here), or timeout_s passed."""
+        runner, loop = self.runner, self.loop
+        if loop is not None:
+            loop.hurry()
         deadline = time.monotonic() + timeout_s
         while runner is not None and runner.pending and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -76,6 +76,18 @@ def warm_up_engine_kernels(kv_pool: object, served: EngineConfig) -> float:
     return time.monotonic() - started
 
 
+def import_compiler() -> float:
+    """Import torch.compile's machinery (Dynamo, Inductor) now; returns the seconds. Made the
+    first time a Runner wraps its decode step, that import cost each daemon's first load ~2 s
+    (the CPU build here: `torch.compile(f)` alone, nothing compiled), on the path of the request
+    that loaded the model; reloads paid nothing. Nothing is compiled here."""
+    import torch
+
+    started = time.monotonic()
+    torch.compile(lambda x: x)
+    return time.monotonic() - started
+
+
 def _wait_for_background_captures(engine) -> None:
     """Until the serving loop has captured every decode bucket the load left pending (the
     larger batches' GEMMs load their own kernels), or CAPTURES_WAIT_S passed (logged:

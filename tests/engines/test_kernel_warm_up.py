@@ -4,6 +4,8 @@ that gives every page back. On the CPU this checks the round trip and what it le
 code it loads into a CUDA context is measured by tests/gpu/test_unload_gpu.py."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from engines import factory
@@ -54,3 +56,19 @@ def test_the_warm_up_decodes_as_many_slots_as_the_served_models(host_pool, monke
                         lambda info, config, pool: slots.append(config.torch_num_slots) or real_engine(info, config, pool))
     kernel_warm_up.warm_up_engine_kernels(host_pool, EngineConfig(torch_num_slots=3, torch_cuda_graphs=False))
     assert slots == [3] * len(kernel_warm_up.WARM_UP_HEAD_DIMS)
+
+
+def test_import_compiler_imports_dynamo_and_inductor_in_a_fresh_process():
+    """What a Runner's first torch.compile wrap would import on the first load's path (~2 s
+    on the CPU build here) is imported at device open instead; nothing is compiled."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "assert 'torch._dynamo' not in sys.modules\n"
+            "from engines.torch.kernel_warm_up import import_compiler\n"
+            "import_compiler()\n"
+            "assert {'torch._dynamo', 'torch._inductor'} <= set(sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=str(Path(__file__).resolve().parents[2]))
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -136,3 +136,21 @@ def test_no_capture_without_an_empty_slot() -> None:
     assert cache.empty_slot() == 1
     cache.take(1, [4], 0)
     assert cache.empty_slot() is None
+
+
+def test_a_warm_up_that_waits_for_the_captures_does_not_wait_for_the_quiet() -> None:
+    """finish_background_work (kernel warm-up, `ebbtide warmup`) asks for the idle work at once."""
+    from engines.torch.serve.idle_work import CAPTURE_AFTER_IDLE_S
+
+    engine = TorchEngine(ModelInfo(name="tiny", path="", source="synthetic",
+                                   metadata={"config": TINY.replace(max_context=128)}),
+                         EngineConfig(torch_num_slots=2, torch_max_context=128, torch_prefill_chunk=64),
+                         standalone_pool(KvcachedConfig(page_size=64 << 10, reserve_pages=0)))
+    engine.load()
+    try:
+        time.sleep(CAPTURE_AFTER_IDLE_S + 0.5)            # the load's own idle work done: the worker waits
+        engine.loop.idle_since = time.monotonic() + 3600   # as if a request had just ended, for an hour
+        engine.loop.runner.pending = [(1, 0)]
+        assert engine.finish_background_work(10.0)
+    finally:
+        engine.unload()

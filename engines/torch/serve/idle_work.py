@@ -15,7 +15,7 @@ request in, waiting or running):
   and the request waited for it (cold_start_*_h100.json: 9.5 of a restart's 13.2 s).
 
 A mixin of ServingLoop (serving.py): it reads the loop's `_wake`, `_stop`, `_inbox`,
-`_jobs`, `idle_since`, `quiet_tasks`, `runner`, `scheduler`, `step_lock` and `stats`.
+`_jobs`, `idle_since`, `quiet_tasks`, `hurried`, `kicked`, `runner`, `scheduler`, `step_lock` and `stats`.
 """
 from __future__ import annotations
 
@@ -38,14 +38,23 @@ class IdleWork:
             self.quiet_tasks.append(task)
             self._wake.notify()
 
+    def hurry(self) -> None:
+        """Do the idle work without waiting for the quiet period (a warm-up that waits for
+        it: nobody else is asking this model for anything)."""
+        with self._wake:
+            self.hurried = self.kicked = True
+            self._wake.notify()
+
     def _wait_for_work(self) -> bool:
         """Until a request comes (doing the idle work meanwhile); False once stopped."""
         while True:
             while self._quiet_long_enough() and self._one_idle_job():
                 self.last_progress = time.monotonic()
             with self._wake:
-                while not (self._stop or self._inbox or self._jobs or self.quiet_tasks):
+                # A new quiet task, or hurry(), sends the worker back to the idle work once.
+                while not (self._stop or self._inbox or self._jobs or self.quiet_tasks or self.kicked):
                     self._wake.wait()
+                self.kicked = False
                 if self._stop or self._inbox or self._jobs:
                     return not self._stop
 
@@ -58,7 +67,7 @@ class IdleWork:
         with self._wake:
             while not (self._stop or self._inbox or self._jobs) and self._has_idle_work():
                 left = CAPTURE_AFTER_IDLE_S - (time.monotonic() - self.idle_since)
-                if left <= 0:
+                if left <= 0 or self.hurried:
                     return True
                 self._wake.wait(left)
             return False

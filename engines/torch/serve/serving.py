@@ -87,6 +87,7 @@ class ServingLoop(IdleWork):
         self.idle_since = time.monotonic()
         self.last_progress = time.monotonic()   # the worker's heartbeat (stalled_s)
         self.quiet_tasks: list[Callable[[], None]] = []   # IdleWork.when_quiet
+        self.hurried = self.kicked = False                 # IdleWork.hurry
         self._thread = threading.Thread(target=self._run, name="torch-engine", daemon=True)
         self._thread.start()
 
