@@ -59,6 +59,8 @@ declare -A PARTS=(
   [unload_residue]="560 -m benchmarks.unload_residue"
   # The same in the daemon at its defaults, step by step (one model, again, two, under pressure).
   [daemon_residue]="300 -m benchmarks.daemon_residue"
+  # What each cuBLAS handle holds (one per thread serving at once) and CUBLAS_WORKSPACE_CONFIG's cost.
+  [cublas_handles]="240 -m benchmarks.cublas_handles"
   [daemon_residue_2k]="300 -m benchmarks.daemon_residue --max-context 2048"   # unload_residue's context
   [weights_tier]="580 -m benchmarks.weights_tier"   # carry .gpu too: llama.cpp's load of the same files
   # EXHAUSTION_BUDGET_S: less where other parts share the call (each call has 600 s).
