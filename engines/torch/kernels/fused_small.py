@@ -24,7 +24,6 @@ from engines.torch.kernels.quant_decode import tl, triton
 
 MAX_COLS = 16384      # one program holds a whole row in registers up to this
 GATED_KINDS = ("silu", "gelu_tanh")
-_GELU_C = tl.constexpr(0.7978845608028654) if triton is not None else None   # sqrt(2 / pi)
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -72,8 +71,9 @@ if triton is not None:
         mask = cols < n_cols
         gate = tl.load(h_ptr + row * h_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(h_ptr + row * h_row_stride + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-        if GELU:   # tanh-approximated GELU: x * sigmoid(2 * c * (x + 0.044715 x^3))
-            act = gate * tl.sigmoid(2.0 * _GELU_C * (gate + 0.044715 * gate * gate * gate))
+        if GELU:   # tanh-approximated GELU: x * sigmoid(2 * c * (x + 0.044715 x^3)), c = sqrt(2 / pi)
+            # (a literal: Triton compiles no module global, and its interpreter no constexpr one)
+            act = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate))
         else:      # SiLU
             act = gate * tl.sigmoid(gate)
         tl.store(out_ptr + row * out_row_stride + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
