@@ -265,3 +265,27 @@ def test_torch_dequant_equals_gguf_quants(tmp_path, tiny_f32, tiny_state, ftype)
                 assert np.array_equal(got.numpy(), want), (path.name, tensor.name)
                 seen.add(name)
     assert seen >= {"Q8_0", "Q4_0", "Q4_1", "Q6_K", "Q4_K" if ftype == 15 else "Q5_K"}
+
+
+def test_metadata_is_handed_over_before_any_weight_is_read(tiny_f32, monkeypatch):
+    """source.read_model builds the tokenizer from it while the weights load."""
+    from engines.torch.load import gguf_loader
+
+    order: list[str] = []
+    reading = gguf_loader.load_gguf_state
+    monkeypatch.setattr(gguf_loader, "load_gguf_state",
+                        lambda *a, **k: (order.append("weights"), reading(*a, **k))[1])
+    seen = {}
+    gguf_loader.load_gguf(tiny_f32, on_metadata=lambda meta, cfg: (order.append("metadata"),
+                                                                   seen.update(meta=meta, cfg=cfg)))
+    assert order == ["metadata", "weights"]
+    assert seen["cfg"].num_layers == TINY.num_layers and "general.architecture" in seen["meta"]
+
+
+def test_read_model_builds_the_tokenizer_beside_the_weights(tiny_f32):
+    from engines.base import ModelInfo
+    from engines.torch.source import read_model
+
+    model, text = read_model(ModelInfo(name="tiny", path=str(tiny_f32), source="gguf"), torch.device("cpu"),
+                             torch.float32, lambda f: None, False)
+    assert text is not None and text.tokenizer.vocab and model.cfg.num_layers == TINY.num_layers

@@ -213,8 +213,12 @@ def read_config(reader: Any, meta: dict[str, Any]) -> ModelConfig:
 def load_gguf(path: str | Path, device: torch.device | str = "cpu",
               dtype: torch.dtype | None = None,
               progress: Callable[[float], None] | None = None,
-              llamacpp_numerics: bool = True) -> tuple[LlamaModel, dict[str, Any]]:
-    """Load a GGUF model; returns (model in eval mode, GGUF metadata).
+              llamacpp_numerics: bool = True,
+              on_metadata: Callable[[dict[str, Any], ModelConfig], None] | None = None
+              ) -> tuple[LlamaModel, dict[str, Any]]:
+    """Load a GGUF model; returns (model in eval mode, GGUF metadata). on_metadata(meta, cfg)
+    is called once both are read, before any weight is (the caller may start work that
+    needs only them meanwhile: engines/torch/source.py builds the tokenizer).
 
     Block-quantized weights stay in their blocks (engines.torch.load.gguf_quant),
     except on the llama.cpp-numerics path: llamacpp_numerics, where it applies
@@ -227,6 +231,8 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu",
     reader = open_reader(path)
     meta = read_metadata(reader)
     cfg = read_config(reader, meta)
+    if on_metadata is not None:
+        on_metadata(meta, cfg)
     dtype = dtype or default_dtype(device)
     types = {t.tensor_type.name for t in reader.tensors
              if (hf_name(t.name, cfg.arch) or "").endswith("proj.weight")
