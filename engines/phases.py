@@ -6,7 +6,9 @@ the result as `engine.load_phases` ({phase: seconds}, in load order), which
 torch engine: read (file read, dequantize or repack, weights to the device),
 kv (the virtual KV tensor), runner (fused projections, the attention kernel's
 self-check), compile_capture (torch.compile of the decode step and the first
-bucket's CUDA graph; the other buckets are captured later, while idle).
+bucket's CUDA graph; the other buckets are captured later, while idle:
+capture_while_idle). Two entries are parts of others, not additions to them:
+attention_check (within runner) and prefill_warm_up (within compile_capture).
 """
 from __future__ import annotations
 
