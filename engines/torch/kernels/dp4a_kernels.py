@@ -18,6 +18,7 @@ row M - 1 and are not stored.
 """
 from __future__ import annotations
 
+from engines.torch.kernels.gated_input import load_x
 from engines.torch.kernels.quant_decode import triton
 
 if triton is not None:
@@ -228,13 +229,16 @@ if triton is not None:
         """roundf, as ggml's quantize_row_q8_1 rounds (not round-half-even)."""
         return tl.where(v >= 0, tl.floor(v + 0.5), tl.ceil(v - 0.5))
 
-    @triton.jit(do_not_specialize=["K"])
-    def quantize_x_kernel(x_ptr, q_ptr, d_ptr, s_ptr, s16_ptr, K, BLOCKS: tl.constexpr):
-        """x [K] -> int8 quants, the scale and scaled sum of each 32, the quant sum of each 16."""
+    @triton.jit(do_not_specialize=["K", "ROW"])
+    def quantize_x_kernel(x_ptr, q_ptr, d_ptr, s_ptr, s16_ptr, K, ROW, BLOCKS: tl.constexpr,
+                          GATE: tl.constexpr = 0):
+        """x [K] -> int8 quants, the scale and scaled sum of each 32, the quant sum of each 16.
+        GATE: x is rows of ROW values read as act(gate) * up from rows of [gate | up] (2 ROW)."""
         blk = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
         k = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
         live = k < K
-        x = tl.load(x_ptr + k, mask=live, other=0.0).to(tl.float32)
+        at = k if GATE == 0 else (k // ROW) * (2 * ROW) + k % ROW
+        x = load_x(x_ptr, at, live, ROW, GATE)
         d = tl.max(tl.abs(x), axis=1) / 127.0
         inv = tl.where(d > 0, 1.0 / tl.where(d > 0, d, 1.0), 0.0)
         q = _round_half_away(x * inv[:, None])

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import torch
 
+from engines.torch.kernels.gated_input import activate, gate_code
 from engines.torch.kernels.quant_decode import tl, triton
 
 MAX_COLS = 16384      # one program holds a whole row in registers up to this
-GATED_KINDS = ("silu", "gelu_tanh")
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -64,19 +64,15 @@ if triton is not None:
 
     @triton.jit
     def _gated_kernel(h_ptr, out_ptr, n_cols, h_row_stride, out_row_stride,
-                      GELU: tl.constexpr, BLOCK: tl.constexpr):
+                      GATE: tl.constexpr, BLOCK: tl.constexpr):
         # h's row is [gate | up], each n_cols wide (the fused gate_up projection's output).
         row, part = tl.program_id(0), tl.program_id(1)
         cols = part * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
         gate = tl.load(h_ptr + row * h_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(h_ptr + row * h_row_stride + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-        if GELU:   # tanh-approximated GELU: x * sigmoid(2 * c * (x + 0.044715 x^3)), c = sqrt(2 / pi)
-            # (a literal: Triton compiles no module global, and its interpreter no constexpr one)
-            act = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate))
-        else:      # SiLU
-            act = gate * tl.sigmoid(gate)
-        tl.store(out_ptr + row * out_row_stride + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
+        act_up = activate(gate, up, GATE)
+        tl.store(out_ptr + row * out_row_stride + cols, act_up.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -115,13 +111,11 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
 
 def gated_activation(h: torch.Tensor, kind: str) -> torch.Tensor:
     """act(gate) * up for h = [..., gate | up] (the fused projection's output), in h's dtype."""
-    if kind not in GATED_KINDS:
-        raise ValueError(f"gated activation: {kind!r} is not one of {', '.join(GATED_KINDS)}")
     rows = _rows(h)
     n_cols = rows.shape[1] // 2
     out = torch.empty((rows.shape[0], n_cols), dtype=h.dtype, device=h.device)
     block = min(1024, triton.next_power_of_2(n_cols))
     _gated_kernel[(rows.shape[0], triton.cdiv(n_cols, block))](
-        rows, out, n_cols, rows.stride(0), out.stride(0), GELU=kind == "gelu_tanh", BLOCK=block,
+        rows, out, n_cols, rows.stride(0), out.stride(0), GATE=gate_code(kind), BLOCK=block,
         num_warps=4)
     return out.view(*h.shape[:-1], n_cols)

@@ -25,6 +25,7 @@ import os
 import torch
 
 from engines.torch.kernels import dp4a_kernels
+from engines.torch.kernels.gated_input import gate_code
 from engines.torch.kernels.quant_decode import triton
 from engines.torch.kernels.quant_weight import QuantWeight
 
@@ -61,10 +62,13 @@ def emulated() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_x(x: torch.Tensor, gated: str | None = None,
+               row: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [K] -> (int8 [K], float32 dx [K/32], float32 sx [K/32], int32 sums of each 16 [K/16]):
-    ggml's quantize_row_q8_1, plus the half-block sums Q6_K's bias of 32 needs."""
-    k = x.numel()
+    ggml's quantize_row_q8_1, plus the half-block sums Q6_K's bias of 32 needs. gated: x is
+    rows of [gate | up] (2 row values each) and what is quantized is act(gate) * up, K = its
+    rows times `row` (gated_input.py: the activation's own launch saved)."""
+    k = x.numel() // 2 if gated else x.numel()
     blocks = triton.cdiv(k, QK)
     q = torch.empty(blocks * QK, dtype=torch.int8, device=x.device)
     dx = torch.empty(blocks, dtype=torch.float32, device=x.device)
@@ -72,7 +76,7 @@ def quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     s16 = torch.empty(blocks * 2, dtype=torch.int32, device=x.device)
     per_program = 8
     dp4a_kernels.quantize_x_kernel[(triton.cdiv(blocks, per_program),)](
-        x.reshape(-1), q, dx, sx, s16, k, BLOCKS=per_program)
+        x.reshape(-1), q, dx, sx, s16, k, row or k, BLOCKS=per_program, GATE=gate_code(gated) if gated else 0)
     return q, dx, sx, s16
 
 
@@ -128,26 +132,27 @@ def _weight_args(w: QuantWeight) -> list:
 
 
 def qmatvec_dp4a(x: torch.Tensor, w: QuantWeight, block_n: int | None = None, blocks_per_step: int | None = None,
-                 unroll: int | None = None, num_warps: int | None = None) -> torch.Tensor:
-    """x [M, K] (M <= 8; or [K]) -> [M, N] in x's dtype; W in Q4_K, Q6_K, Q4_0 or Q8_0 planes."""
-    x2 = x.reshape(-1, w.shape[1])
+                 unroll: int | None = None, num_warps: int | None = None, gated: str | None = None) -> torch.Tensor:
+    """x [M, K] (M <= 8; or [K]) -> [M, N] in x's dtype; W in Q4_K, Q6_K, Q4_0 or Q8_0 planes.
+    gated: x is [M, 2K] = [gate | up] and the product is with act(gate) * up."""
+    x2 = x.reshape(-1, 2 * w.shape[1] if gated else w.shape[1])
     if not supports(w, x2.shape[0]):
         raise ValueError(f"the dp4a matvec serves {sorted(TYPES)} at 1 to {MAX_ROWS} rows of x, not "
                          f"{w.type_name} {tuple(w.shape)} at {tuple(x.shape)}")
     m, n = x2.shape[0], w.shape[0]
     launch = tuple(given or default for given, default in
                    zip((block_n, blocks_per_step, unroll, num_warps), launch_for(w.type_name, m, n)))
-    return run_kernel(x2, w, n, launch, m)
+    return run_kernel(x2, w, n, launch, m, gated=gated)
 
 
 def run_kernel(x2: torch.Tensor, w: QuantWeight, n: int, launch: tuple[int, int, int, int], out_rows: int,
-               **indexed) -> torch.Tensor:
+               gated: str | None = None, **indexed) -> torch.Tensor:
     """The type's kernel over x2's rows (quantized here, in one flat pass: rows of whole
     blocks) and n rows of W -> [out_rows, n]. `indexed` (ids_ptr, x_div, INDEXED=True:
     quant_experts.py): stacked experts, one program column and output row per pair."""
     block_n, blocks_per_step, unroll, warps = launch
     m = 1 if indexed else x2.shape[0]
-    xq, dx, sx, s16 = quantize_x(x2.contiguous().reshape(-1))
+    xq, dx, sx, s16 = quantize_x(x2.contiguous().reshape(-1), gated, w.shape[1])
     out = torch.empty((out_rows, n), dtype=x2.dtype, device=x2.device)
     kernel = getattr(dp4a_kernels, f"{w.type_name.lower()}_kernel")
     kernel[(triton.cdiv(n, block_n), out_rows if indexed else 1)](

@@ -31,6 +31,7 @@ import functools
 
 import torch
 
+from engines.torch.kernels.gated_input import gate_code, load_x
 from engines.torch.kernels.quant_decode import CHUNK, PAIR_TILES, TILES, decode_chunk, decode_pair, triton
 from engines.torch.kernels.quant_weight import QuantWeight
 
@@ -62,7 +63,7 @@ if triton is not None:
                     TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr, CPI: tl.constexpr,
                     BN: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr,
                     PAIRED: tl.constexpr, S2: tl.constexpr, L2: tl.constexpr,
-                    ids_ptr=None, x_div=1, INDEXED: tl.constexpr = False):
+                    ids_ptr=None, x_div=1, INDEXED: tl.constexpr = False, GATE: tl.constexpr = 0):
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         if INDEXED:
             # Stacked experts (quant_experts.py): program axis 2 is a (token, expert) pair; its
@@ -94,8 +95,8 @@ if triton is not None:
                 start = (c + t3 // S2) * (S * L)         # [1, T2, 1] each tile row's chunk, unclamped
                 m3 = ((start + z3 * 32) < K) & ((c + t3 // S2) < last)
                 qa, sa, oa, xa, qb, sb, ob, xb = decode_pair(TYPE, b0, b1, b2, b3, h3, z3, j2, m3)
-                x_a = tl.load(x_ptr + start + xa, mask=m3, other=0.0).to(tl.float32)
-                x_b = tl.load(x_ptr + start + xb, mask=m3, other=0.0).to(tl.float32)
+                x_a = load_x(x_ptr, start + xa, m3, K, GATE)
+                x_b = load_x(x_ptr, start + xb, m3, K, GATE)
                 acc2 += (qa * sa + oa) * x_a
                 acc2 += (qb * sb + ob) * x_b
             total = tl.sum(tl.sum(acc2, axis=2), axis=1)[:, None]      # [BN, 1]
@@ -107,7 +108,7 @@ if triton is not None:
                 kx = c * S * L + t3 * L                  # [1, T, 1] first weight of each sub-block
                 m3 = (kx < K) & ((c + t3 // S) < last)   # past the split's last chunk: x reads 0
                 q, scale, offset = decode_chunk(TYPE, b0, b1, b2, b3, b0, b1, b2, b3, h3, h3, z3, j3, z3, m3, m3)
-                xv = tl.load(x_ptr + kx + j3, mask=m3, other=0.0).to(tl.float32)
+                xv = load_x(x_ptr, kx + j3, m3, K, GATE)
                 acc1 += (q * scale + offset) * xv
             total = tl.sum(tl.sum(acc1, axis=2), axis=1)[:, None]      # [BN, 1]
         else:
@@ -119,8 +120,7 @@ if triton is not None:
                 m3 = (kx < K) & ((c + t3 // S) < last)
                 q, scale, offset = decode_chunk(TYPE, b0, b1, b2, b3, b0, b1, b2, b3, h3, h3, z3, j3, z3, m3, m3)
                 for m in tl.static_range(BM):
-                    xv = tl.load(x_ptr + m * stride_xm + kx + j3, mask=m3 & ((j3 * 0 + m) < M), other=0.0)
-                    xv = xv.to(tl.float32)
+                    xv = load_x(x_ptr, m * stride_xm + kx + j3, m3 & ((j3 * 0 + m) < M), K, GATE)
                     part = scale * tl.sum(q * xv, axis=2, keep_dims=True) + offset * tl.sum(xv, axis=2, keep_dims=True)
                     acc = tl.where(mids == m, acc + part, acc)
             total = tl.sum(acc, axis=1)                  # [BN, BM]
@@ -216,15 +216,17 @@ def kernel_meta(type_name: str, block_n: int, chunks_per_step: int, num_warps: i
 
 def qmatvec(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None, block_n: int | None = None,
             split: int | None = None, chunks_per_step: int | None = None,
-            num_warps: int | None = None, paired: bool = True) -> torch.Tensor:
-    """x [M, K] (M <= 8) -> [M, N] in x's dtype. Launch arguments left None come from LAUNCH."""
+            num_warps: int | None = None, paired: bool = True, gated: str | None = None) -> torch.Tensor:
+    """x [M, K] (M <= 8) -> [M, N] in x's dtype. Launch arguments left None come from LAUNCH.
+    gated ("silu", "gelu_tanh"): x is a gated MLP's [M, 2K] = [gate | up], and the kernel reads
+    act(gate) * up (gated_input.py)."""
     launch = LAUNCH.get(w.type_name, DEFAULT_LAUNCH)
     block_n = block_n or launch[0]
     chunks_per_step = chunks_per_step or launch[1]
     num_warps = num_warps or launch[2]
-    m, k = x.shape
-    n = w.shape[0]
-    assert m <= MAX_DECODE_ROWS and k == w.shape[1], "qmatvec: M <= 8 rows of in_features"
+    m, width = x.shape
+    k, n = w.shape[1], w.shape[0]
+    assert m <= MAX_DECODE_ROWS and width == (2 * k if gated else k), "qmatvec: M <= 8 rows of in_features"
     x = x.contiguous()
     planes, strides = _planes(w)
     split = split or split_for(n, k, x.device, block_n, chunks_per_step)
@@ -232,6 +234,7 @@ def qmatvec(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None, b
     chunks_per_split = triton.cdiv(steps, split) * chunks_per_step
     split = triton.cdiv(triton.cdiv(k, CHUNK), chunks_per_split)
     meta = kernel_meta(w.type_name, block_n, chunks_per_step, num_warps, m, paired)
+    meta["GATE"] = gate_code(gated) if gated else 0
     grid = (triton.cdiv(n, block_n), split)
     if split == 1:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)

@@ -35,16 +35,25 @@ fake for shapes: the compiled decode step stays one graph around it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from engines.torch.kernels import quant_dp4a, quant_kernels
+from engines.torch.kernels import fused_small, quant_dp4a, quant_kernels
 from engines.torch.kernels.quant_weight import FLOAT_TYPES, QuantWeight
 
 _REPEATED = threading.local()   # repeated_rows() is on in this thread
+_GATED_KERNELS = {"on": True}    # qlinear_gated's kernels built here (off after a build error)
+try:
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+    _KERNEL_BUILD_ERRORS: tuple[type[BaseException], ...] = (CompilationError, OutOfResources)
+except ImportError:   # no Triton: nothing is built
+    _KERNEL_BUILD_ERRORS = ()
+log = logging.getLogger(__name__)
 SCRATCH_WEIGHTS = 64 * 1024 * 1024   # 128 MiB of bf16: every layer of an 8B model in one piece
 
 
@@ -107,6 +116,53 @@ def _qlinear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> torc
     else:
         y = qmatmul_dequant(x2, w, bias)
     return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def gated_activation(h: torch.Tensor, kind: str) -> torch.Tensor:
+    """act(gate) * up of h = [..., gate | up], in h's dtype."""
+    if fused_small.usable(h):
+        return fused_small.gated_activation(h, kind)
+    gate, up = h.chunk(2, dim=-1)
+    act = F.silu(gate) if kind == "silu" else F.gelu(gate, approximate="tanh")
+    return act * up
+
+
+def _gated_kernels_apply(h: torch.Tensor, w: QuantWeight) -> bool:
+    return (_GATED_KERNELS["on"] and h.is_cuda and not torch.compiler.is_compiling()
+            and w.type_name not in FLOAT_TYPES and quant_kernels.kernel_ready(w)
+            and not getattr(_REPEATED, "on", False))
+
+
+def _gated_decode(h2: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, kind: str) -> torch.Tensor | None:
+    """The decode kernels with the activation in their x loads; None where no decode kernel serves."""
+    rows = h2.shape[0]
+    if quant_dp4a.chosen(w, rows):
+        y = quant_dp4a.qmatvec_dp4a(h2, w, gated=kind)
+        return y if bias is None else y + bias.to(y.dtype)
+    if rows <= quant_kernels.matvec_max_rows(w.type_name):
+        return quant_kernels.qmatvec(h2, w, bias, gated=kind)
+    return None
+
+
+def qlinear_gated(h: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """qlinear(act(gate) * up) for h = [..., gate | up] (a gated MLP's down projection). Where a
+    decode kernel reads W on the GPU (eager: compiled steps leave the activation to Inductor),
+    it computes the activation as it reads x (gated_input.py): one launch a layer fewer;
+    elsewhere the activation first, then qlinear. A kernel that does not compile on this
+    device (it was written after the last GPU run) is logged once and not tried again."""
+    k = w.shape[1]
+    if _gated_kernels_apply(h, w):
+        h2 = h.reshape(-1, 2 * k)
+        try:
+            y = _gated_decode(h2, w, bias, kind)
+        except _KERNEL_BUILD_ERRORS as exc:
+            _GATED_KERNELS["on"] = False
+            log.warning("the down projection's gated x loads do not build here (%s): the activation "
+                        "runs as a kernel of its own", exc)
+            y = None
+        if y is not None:
+            return y.reshape(*h.shape[:-1], w.shape[0])
+    return qlinear(gated_activation(h, kind), w, bias)
 
 
 # Under torch.compile the call is one opaque op (as kv_access's slot_attend): Dynamo does not

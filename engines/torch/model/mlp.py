@@ -64,6 +64,8 @@ class MLP(nn.Module):
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         gate_up = self.gate_up_proj(x)
         if fused_small.usable(gate_up):   # eager on the GPU: one launch, not two
+            if hasattr(self.down_proj, "gated"):   # quantized: none, the down projection's x loads do it
+                return self.down_proj.gated(gate_up, self.activation)
             return self.down_proj(fused_small.gated_activation(gate_up, self.activation))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from engines.torch.kernels.quant_experts import qmatvec_experts
-from engines.torch.kernels.quant_ops import qlinear
+from engines.torch.kernels.quant_ops import gated_activation, qlinear, qlinear_gated
 from engines.torch.kernels.quant_weight import QuantWeight
 
 
@@ -39,6 +39,13 @@ class QuantLinear(nn.Module):
         if self.dense is None:
             self.dense = self.qweight.dequantize(self.dtype)
         return nn.functional.linear(x, self.dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def gated(self, h: torch.Tensor, kind: str) -> torch.Tensor:
+        """self(act(gate) * up) for h = [..., gate | up]: on the GPU the decode kernels compute
+        the activation as they read x (quant_ops.qlinear_gated)."""
+        if self.qweight.device.type != "cpu":
+            return qlinear_gated(h, self.qweight, self.bias, kind)
+        return self(gated_activation(h, kind))
 
     def cache_bytes(self) -> int:
         return 0 if self.dense is None else self.dense.numel() * self.dense.element_size()
@@ -92,6 +99,13 @@ class QuantExperts(nn.Module):
 
     def pairs(self, x: torch.Tensor, ids: torch.Tensor, x_div: int) -> torch.Tensor:
         return qmatvec_experts(x, self.qweight, self.num_experts, ids, x_div)
+
+    def gated(self, h: torch.Tensor, kind: str) -> torch.Tensor:
+        """self(act(gate) * up) for h = [..., gate | up]: on the GPU the decode kernels compute
+        the activation as they read x (quant_ops.qlinear_gated)."""
+        if self.qweight.device.type != "cpu":
+            return qlinear_gated(h, self.qweight, self.bias, kind)
+        return self(gated_activation(h, kind))
 
     def cache_bytes(self) -> int:
         return 0 if self.dense is None else self.dense.numel() * self.dense.element_size()
