@@ -8,7 +8,12 @@ model's four projections and the LM head as bare F.linear calls at M = 1, 2, 8
 rows, timed with CUDA events, and the bandwidth they reach.
 
     python -m benchmarks.decode_profile [--models smollm2-135m,llama-3.1-8b]
-        [--variants triton,torchops] [--steps 50]
+        [--variants triton,torchops] [--steps 50] [--q4km]
+
+--q4km: the named shapes as random Q4_K_M blocks (benchmarks/shape_gguf.py), loaded as the
+daemon loads a GGUF (weights in their blocks, the quantized kernels), so the table is the
+step users get from their files: how many kernels a layer, and which (issue 16: SmolLM2's
+step is bound by their number). Writes decode_profile_q4km.json.
 """
 from __future__ import annotations
 
@@ -101,6 +106,20 @@ def kernel_table(model, variant: str, args: argparse.Namespace) -> dict:
         store.close()
 
 
+def load_model(name: str, cfg, q4km: bool):
+    """Random bf16 weights of the named config, or (q4km) its random Q4_K_M blocks read as the
+    torch engine reads a GGUF file."""
+    if not q4km:
+        from engines.torch.model.synthetic import synthetic_model
+
+        return synthetic_model(cfg, torch.device("cuda"), torch.bfloat16)
+    from benchmarks.shape_gguf import named_block_shape
+    from engines.torch.load.gguf_loader import load_gguf
+
+    model, _ = load_gguf(named_block_shape(name), torch.device("cuda"), torch.bfloat16)
+    return model
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -109,15 +128,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--q4km", action="store_true", help="random Q4_K_M blocks of each shape, loaded as a GGUF")
     args = p.parse_args()
     from engines.torch.model.configs import named_config
-    from engines.torch.model.synthetic import synthetic_model
 
     results: dict = {"settings": vars(args), "models": {}}
     for name in args.models.split(","):
         cfg = named_config(name)
         row: dict = {"gemm_floor": gemm_floor(cfg, torch.bfloat16)}
-        model = synthetic_model(cfg, torch.device("cuda"), torch.bfloat16)
+        model = load_model(name, cfg, args.q4km)
         for variant in args.variants.split(","):
             try:
                 row[variant] = kernel_table(model, variant, args)
@@ -134,7 +153,7 @@ def main() -> None:
                     [[m, f["step_gemms_us"], *[f"{v['us']}us {v['gb_s']}GB/s" for k, v in f.items()
                                                 if k != "step_gemms_us"]] for m, f in floor.items()])
         results["models"][name] = row
-        write_result("decode_profile", results)
+        write_result("decode_profile_q4km" if args.q4km else "decode_profile", results)
         del model
         gc.collect()
         torch.cuda.empty_cache()

@@ -40,6 +40,8 @@ declare -A PARTS=(
   [families]="240 -m pytest -q -p no:cacheprovider --timeout 200 tests/gpu/test_families_gpu.py"
   [decode_families]="580 -m benchmarks.decode --models qwen3-8b,phi-4-mini,gemma-3-12b,qwen3-30b-a3b --kv static,virtual --steps 64"
   [profile]="300 -m benchmarks.decode_profile"
+  # The served step of Q4_K_M files (random blocks), kernel by kernel: what a layer launches (issue 16).
+  [profile_q4km]="300 -m benchmarks.decode_profile --q4km --variants triton"
   [host]="300 -m benchmarks.decode_host --models smollm2-135m,llama-3.2-1b,llama-3.1-8b"
   [engines]="180 -m benchmarks.engine_compare --model synthetic/smollm2-135m --engines torch"
   [pressure]="560 -m benchmarks.desktop_pressure"
