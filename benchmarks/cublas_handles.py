@@ -5,11 +5,12 @@ The daemon serving two models at once kept 64 MiB more after both unloaded than 
 torch gives each thread that runs cuBLAS a handle from a per-process pool and never
 destroys one; each serving loop is a thread, so two models decoding at once make a second
 handle. This measures, in a fresh process per setting (NVML, this process):
-  handles   the device memory after 1, 2, 3 threads held a handle at once (workspaces
-            cleared, allocator emptied: what stays is the handles themselves);
+  handles   the device memory after 1, 2, 3 threads ran a bf16 linear layer at once
+            (workspaces cleared, allocator emptied: what stays is their handles);
   raw       one cublasCreate / cublasDestroy through the library torch loaded;
   gemm      bf16 linear layers of decode and prefill shapes, GPU time and host time a call,
-            with CUBLAS_WORKSPACE_CONFIG unset and set (it sizes the handle's own pool).
+            with CUBLAS_WORKSPACE_CONFIG unset and set (it sizes the handle's own pool), and
+            with torch preferring cuBLASLt (whose handles hold no workspace of their own).
 
     python -m benchmarks.cublas_handles      # GPU only; writes benchmarks/results/cublas_handles.json
 """
@@ -27,7 +28,10 @@ from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
-SETTINGS = ("", ":4096:8", ":4096:2", ":0:0")   # "" = unset, cuBLAS's and torch's defaults
+# (CUBLAS_WORKSPACE_CONFIG, torch's preferred BLAS library): "" / None = unset, the defaults.
+# cuBLASLt handles take no workspace of their own (the caller's): preferring it may leave a
+# thread's GEMMs without the 64 MiB handle, where torch does not make one anyway.
+SETTINGS = (("", None), (":4096:8", None), (":4096:2", None), (":0:0", None), ("", "cublaslt"))
 SHAPES = ((1, 4096, 4096), (1, 14336, 4096), (512, 4096, 4096), (512, 14336, 4096), (4096, 4096, 4096))
 CALLS = 50
 
@@ -41,11 +45,14 @@ def process_mib(torch, nvml, handle) -> float:
 
 
 def handles_at_once(torch, threads: int) -> None:
-    """`threads` threads each take a handle and hold it until all have one."""
+    """`threads` threads each run a bf16 linear layer (what a serving thread does, whichever
+    library torch picks) and stay alive until all have."""
     barrier = threading.Barrier(threads)
+    weight = torch.randn(256, 256, dtype=torch.bfloat16, device="cuda")
 
     def hold() -> None:
-        torch.cuda.current_blas_handle()
+        with torch.inference_mode():
+            torch.nn.functional.linear(weight[:2], weight).sum().item()
         barrier.wait()
 
     workers = [threading.Thread(target=hold) for _ in range(threads)]
@@ -53,6 +60,7 @@ def handles_at_once(torch, threads: int) -> None:
         w.start()
     for w in workers:
         w.join()
+    del weight
     torch._C._cuda_clearCublasWorkspaces()
     torch.cuda.empty_cache()
 
@@ -95,6 +103,8 @@ def measure_one_setting() -> dict:
     import pynvml as nvml
     import torch
 
+    if os.environ.get("EBBTIDE_PREFERRED_BLAS"):
+        torch.backends.cuda.preferred_blas_library(os.environ["EBBTIDE_PREFERRED_BLAS"])
     nvml.nvmlInit()
     handle = nvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
     torch.zeros(1, device="cuda")
@@ -103,7 +113,8 @@ def measure_one_setting() -> dict:
     for threads in (1, 2, 3):
         handles_at_once(torch, threads)
         held[threads] = process_mib(torch, nvml, handle) - context
-    return {"workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"), "context_mib": context,
+    return {"workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+            "preferred_blas": str(torch.backends.cuda.preferred_blas_library()), "context_mib": context,
             "handles_mib_over_context": held, "raw": raw_create_destroy(torch, nvml, handle),
             "gemm": gemm_us(torch), "device": torch.cuda.get_device_name()}
 
@@ -115,18 +126,20 @@ def main() -> None:
     from benchmarks.results_io import print_table, write_result
 
     rows = []
-    for setting in SETTINGS:
-        env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    for setting, library in SETTINGS:
+        env = {k: v for k, v in os.environ.items() if k not in ("CUBLAS_WORKSPACE_CONFIG", "EBBTIDE_PREFERRED_BLAS")}
         if setting:
             env["CUBLAS_WORKSPACE_CONFIG"] = setting
+        if library:
+            env["EBBTIDE_PREFERRED_BLAS"] = library
         done = subprocess.run([sys.executable, "-m", "benchmarks.cublas_handles", "--one"], env=env, cwd=_ROOT,
                               capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise SystemExit(done.stderr[-3000:])
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print_table(["CUBLAS_WORKSPACE_CONFIG", "1 / 2 / 3 handles MiB", "raw create MiB",
+    print_table(["CUBLAS_WORKSPACE_CONFIG", "BLAS", "1 / 2 / 3 threads MiB", "raw create MiB",
                  *[f"{s} gpu/host us" for s in rows[0]["gemm"]]],
-                [[r["workspace_config"] or "unset",
+                [[r["workspace_config"] or "unset", r["preferred_blas"],
                   " / ".join(f"{v:.0f}" for v in r["handles_mib_over_context"].values()),
                   f"{r['raw'].get('create_mib', float('nan')):.0f}",
                   *[f"{g['gpu_us']:.0f}/{g['host_us']:.0f}" for g in r["gemm"].values()]] for r in rows])
