@@ -15,7 +15,8 @@ request in, waiting or running):
   and the request waited for it (cold_start_*_h100.json: 9.5 of a restart's 13.2 s).
 
 A mixin of ServingLoop (serving.py): it reads the loop's `_wake`, `_stop`, `_inbox`,
-`_jobs`, `idle_since`, `quiet_tasks`, `hurried`, `kicked`, `runner`, `scheduler`, `step_lock` and `stats`.
+`_jobs`, `idle_since`, `quiet_tasks`, `hurried`, `kicked`, `runner`, `scheduler`, `step_lock`,
+`stats` and `_let_callers_in`.
 """
 from __future__ import annotations
 
@@ -90,10 +91,11 @@ class IdleWork:
         meanwhile waits for this one capture (~1 s on the H100), not for all of them."""
         if not self.runner.pending:
             return False
-        slot = self.scheduler.prefix_cache.empty_slot()
-        if slot is None:
-            return False
+        self._let_callers_in()   # a broker verb already waiting goes first: a capture may compile
         with self.step_lock:
+            slot = self.scheduler.prefix_cache.empty_slot()   # under the lock: a verb may have changed it
+            if slot is None:
+                return False
             return self.runner.capture_pending(slot)
 
     def _capture_idle_safely(self) -> bool:
