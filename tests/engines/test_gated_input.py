@@ -97,13 +97,16 @@ def test_a_kernel_that_does_not_build_falls_back_once_and_says_so(monkeypatch, c
     h = gate_up(1, 64, torch.float32)
     calls = []
 
-    def no_build(*args, **kwargs):
+    plain = quant_ops._qlinear
+
+    def no_build(x, w, bias, gated=None):
+        if gated is None:
+            return plain(x, w, bias)
         calls.append(1)
         raise OutOfResources(300000, 232448, "shared memory")
 
     monkeypatch.setattr(quant_ops, "_GATED_KERNELS", {"on": True})
-    monkeypatch.setattr(quant_ops, "_gated_kernels_apply", lambda h, w: quant_ops._GATED_KERNELS["on"])
-    monkeypatch.setattr(quant_ops, "_gated_decode", no_build)
+    monkeypatch.setattr(quant_ops, "_qlinear", no_build)
     want = quant_ops.qlinear(act_then_round(h, "silu"), w)
     with caplog.at_level("WARNING"):
         torch.testing.assert_close(quant_ops.qlinear_gated(h, w, None, "silu"), want)

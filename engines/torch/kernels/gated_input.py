@@ -19,7 +19,10 @@ from engines.torch.kernels.quant_decode import tl, triton
 KINDS = {"silu": 1, "gelu_tanh": 2}   # MLP.activation -> GATE
 
 
-def gate_code(kind: str) -> int:
+def gate_code(kind: str | None) -> int:
+    """The kernels' GATE for an activation kind; 0 (x read as is) for None."""
+    if kind is None:
+        return 0
     if kind not in KINDS:
         raise ValueError(f"gated activation: {kind!r} is not one of {', '.join(KINDS)}")
     return KINDS[kind]

@@ -76,7 +76,7 @@ def quantize_x(x: torch.Tensor, gated: str | None = None,
     s16 = torch.empty(blocks * 2, dtype=torch.int32, device=x.device)
     per_program = 8
     dp4a_kernels.quantize_x_kernel[(triton.cdiv(blocks, per_program),)](
-        x.reshape(-1), q, dx, sx, s16, k, row or k, BLOCKS=per_program, GATE=gate_code(gated) if gated else 0)
+        x.reshape(-1), q, dx, sx, s16, k, row or k, BLOCKS=per_program, GATE=gate_code(gated))
     return q, dx, sx, s16
 
 

@@ -234,7 +234,7 @@ def qmatvec(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None, b
     chunks_per_split = triton.cdiv(steps, split) * chunks_per_step
     split = triton.cdiv(triton.cdiv(k, CHUNK), chunks_per_split)
     meta = kernel_meta(w.type_name, block_n, chunks_per_step, num_warps, m, paired)
-    meta["GATE"] = gate_code(gated) if gated else 0
+    meta["GATE"] = gate_code(gated)
     grid = (triton.cdiv(n, block_n), split)
     if split == 1:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)

@@ -95,7 +95,11 @@ def repeated_rows() -> Iterator[None]:
         _REPEATED.on = before
 
 
-def _qlinear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor:
+def _qlinear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, gated: str | None = None) -> torch.Tensor:
+    """gated: x is a gated MLP's [..., gate | up] and W reads act(gate) * up (qlinear_gated)."""
+    if gated is not None and not (x.is_cuda and w.type_name not in FLOAT_TYPES and quant_kernels.kernel_ready(w)
+                                  and not getattr(_REPEATED, "on", False)):
+        return _qlinear(gated_activation(x, gated), w, bias)    # no decode kernel reads W here
     if w.type_name in FLOAT_TYPES:
         weight = w.planes["w"]
         return F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype),
@@ -105,16 +109,16 @@ def _qlinear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> torc
         return torch.cat([row, row]).reshape(*x.shape[:-1], w.shape[0])
     if not (x.is_cuda and quant_kernels.kernel_ready(w)):
         return qlinear_reference(x, w, bias)
-    x2 = x.reshape(-1, w.shape[1])
+    x2 = x.reshape(-1, w.shape[1] * (1 if gated is None else 2))
     if x2.shape[0] == 0:
         return x.new_empty((*x.shape[:-1], w.shape[0]))
     if quant_dp4a.chosen(w, x2.shape[0]):
-        y = quant_dp4a.qmatvec_dp4a(x2, w)
+        y = quant_dp4a.qmatvec_dp4a(x2, w, gated=gated)
         y = y if bias is None else y + bias.to(y.dtype)
     elif x2.shape[0] <= quant_kernels.matvec_max_rows(w.type_name):
-        y = quant_kernels.qmatvec(x2, w, bias)
-    else:
-        y = qmatmul_dequant(x2, w, bias)
+        y = quant_kernels.qmatvec(x2, w, bias, gated=gated)
+    else:   # prefill: the activation as a kernel of its own, then dequantize + cuBLAS
+        y = qmatmul_dequant(x2 if gated is None else gated_activation(x2, gated), w, bias)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
@@ -127,41 +131,19 @@ def gated_activation(h: torch.Tensor, kind: str) -> torch.Tensor:
     return act * up
 
 
-def _gated_kernels_apply(h: torch.Tensor, w: QuantWeight) -> bool:
-    return (_GATED_KERNELS["on"] and h.is_cuda and not torch.compiler.is_compiling()
-            and w.type_name not in FLOAT_TYPES and quant_kernels.kernel_ready(w)
-            and not getattr(_REPEATED, "on", False))
-
-
-def _gated_decode(h2: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, kind: str) -> torch.Tensor | None:
-    """The decode kernels with the activation in their x loads; None where no decode kernel serves."""
-    rows = h2.shape[0]
-    if quant_dp4a.chosen(w, rows):
-        y = quant_dp4a.qmatvec_dp4a(h2, w, gated=kind)
-        return y if bias is None else y + bias.to(y.dtype)
-    if rows <= quant_kernels.matvec_max_rows(w.type_name):
-        return quant_kernels.qmatvec(h2, w, bias, gated=kind)
-    return None
-
-
 def qlinear_gated(h: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, kind: str) -> torch.Tensor:
     """qlinear(act(gate) * up) for h = [..., gate | up] (a gated MLP's down projection). Where a
     decode kernel reads W on the GPU (eager: compiled steps leave the activation to Inductor),
     it computes the activation as it reads x (gated_input.py): one launch a layer fewer;
     elsewhere the activation first, then qlinear. A kernel that does not compile on this
     device (it was written after the last GPU run) is logged once and not tried again."""
-    k = w.shape[1]
-    if _gated_kernels_apply(h, w):
-        h2 = h.reshape(-1, 2 * k)
+    if _GATED_KERNELS["on"] and not torch.compiler.is_compiling():
         try:
-            y = _gated_decode(h2, w, bias, kind)
+            return _qlinear(h, w, bias, gated=kind)
         except _KERNEL_BUILD_ERRORS as exc:
             _GATED_KERNELS["on"] = False
             log.warning("the down projection's gated x loads do not build here (%s): the activation "
                         "runs as a kernel of its own", exc)
-            y = None
-        if y is not None:
-            return y.reshape(*h.shape[:-1], w.shape[0])
     return qlinear(gated_activation(h, kind), w, bias)
 
 

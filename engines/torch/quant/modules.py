@@ -100,13 +100,6 @@ class QuantExperts(nn.Module):
     def pairs(self, x: torch.Tensor, ids: torch.Tensor, x_div: int) -> torch.Tensor:
         return qmatvec_experts(x, self.qweight, self.num_experts, ids, x_div)
 
-    def gated(self, h: torch.Tensor, kind: str) -> torch.Tensor:
-        """self(act(gate) * up) for h = [..., gate | up]: on the GPU the decode kernels compute
-        the activation as they read x (quant_ops.qlinear_gated)."""
-        if self.qweight.device.type != "cpu":
-            return qlinear_gated(h, self.qweight, self.bias, kind)
-        return self(gated_activation(h, kind))
-
     def cache_bytes(self) -> int:
         return 0 if self.dense is None else self.dense.numel() * self.dense.element_size()
 
