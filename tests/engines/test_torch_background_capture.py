@@ -29,11 +29,23 @@ def generate(engine: TorchEngine, text: str) -> str:
     return "".join(chunk.text for chunk in engine.generate(request))
 
 
+def wait_until(done, timeout_s: float = 30.0) -> None:
+    """Poll done() until it holds or timeout_s passed (the caller's assertions then say which)."""
+    deadline = time.monotonic() + timeout_s
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def tiny_engine(slots: int) -> TorchEngine:
+    """The tiny synthetic model on the host backend, not yet loaded."""
+    return TorchEngine(ModelInfo(name="tiny", path="", source="synthetic",
+                                 metadata={"config": TINY.replace(max_context=128)}),
+                       EngineConfig(torch_num_slots=slots, torch_max_context=128, torch_prefill_chunk=64),
+                       standalone_pool(KvcachedConfig(page_size=64 << 10, reserve_pages=0)))
+
+
 def test_pending_graphs_are_captured_when_idle_on_an_empty_slot() -> None:
-    engine = TorchEngine(ModelInfo(name="tiny", path="", source="synthetic",
-                                   metadata={"config": TINY.replace(max_context=128)}),
-                         EngineConfig(torch_num_slots=3, torch_max_context=128, torch_prefill_chunk=64),
-                         standalone_pool(KvcachedConfig(page_size=64 << 10, reserve_pages=0)))
+    engine = tiny_engine(slots=3)
     engine.load()
     try:
         runner = engine.loop.runner
@@ -49,9 +61,7 @@ def test_pending_graphs_are_captured_when_idle_on_an_empty_slot() -> None:
         runner._capture = lambda key, slot: (used.append((key, slot)), capture(key, slot))[1]
         runner.pending = [(1, 0), (2, 0)]                # what a CUDA load leaves
         assert generate(engine, "xyz") is not None       # the loop turns idle after this one
-        deadline = time.monotonic() + 30
-        while runner.pending and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: not runner.pending)
         assert runner.pending == [] and [key for key, _ in used] == [(1, 0), (2, 0)]
         cached_now = {i for i, s in enumerate(cache.slots) if s.tokens}
         assert all(slot not in cached_now for _, slot in used)   # never on a slot holding a prefix
@@ -66,10 +76,7 @@ def test_a_request_right_after_the_load_never_waits_for_a_capture() -> None:
     quiet after it (on the GPU the first of them compiles the model: seconds to a minute)."""
     from engines.torch.serve.idle_work import CAPTURE_AFTER_IDLE_S
 
-    engine = TorchEngine(ModelInfo(name="tiny", path="", source="synthetic",
-                                   metadata={"config": TINY.replace(max_context=128)}),
-                         EngineConfig(torch_num_slots=2, torch_max_context=128, torch_prefill_chunk=64),
-                         standalone_pool(KvcachedConfig(page_size=64 << 10, reserve_pages=0)))
+    engine = tiny_engine(slots=2)
     engine.load()
     try:
         runner = engine.loop.runner
@@ -83,9 +90,7 @@ def test_a_request_right_after_the_load_never_waits_for_a_capture() -> None:
         generate(engine, "abc")
         answered_at = time.monotonic()
         assert captured_at == []                         # nothing captured before or during it
-        deadline = time.monotonic() + 30
-        while runner.pending and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: not runner.pending)
         assert runner.pending == [] and len(captured_at) == 1
         assert captured_at[0] - answered_at >= CAPTURE_AFTER_IDLE_S - 0.1   # after the quiet, not at once
     finally:
@@ -97,10 +102,7 @@ def test_quiet_tasks_run_once_after_the_quiet_period_and_before_captures() -> No
     same quiet as the captures, runs once, and comes first; a failing task ends nothing."""
     from engines.torch.serve.idle_work import CAPTURE_AFTER_IDLE_S
 
-    engine = TorchEngine(ModelInfo(name="tiny", path="", source="synthetic",
-                                   metadata={"config": TINY.replace(max_context=128)}),
-                         EngineConfig(torch_num_slots=2, torch_max_context=128, torch_prefill_chunk=64),
-                         standalone_pool(KvcachedConfig(page_size=64 << 10, reserve_pages=0)))
+    engine = tiny_engine(slots=2)
     engine.load()
     try:
         loop, runner = engine.loop, engine.loop.runner
@@ -112,16 +114,12 @@ def test_quiet_tasks_run_once_after_the_quiet_period_and_before_captures() -> No
         loop.idle_since = asked
         loop.when_quiet(lambda: 1 / 0)                   # logged, the worker goes on
         loop.when_quiet(lambda: order.append(("task", time.monotonic())))
-        deadline = time.monotonic() + 30
-        while runner.pending and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: not runner.pending)
         assert [name for name, _ in order] == ["task", "capture"]
         assert order[0][1] - asked >= CAPTURE_AFTER_IDLE_S - 0.1
         assert generate(engine, "abc") is not None       # the worker still serves
         loop.when_quiet(lambda: order.append(("later", time.monotonic())))   # added while it waits
-        deadline = time.monotonic() + 30
-        while len(order) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: len(order) >= 3)
         assert [name for name, _ in order] == ["task", "capture", "later"]
     finally:
         engine.unload()
@@ -142,10 +140,7 @@ def test_a_warm_up_that_waits_for_the_captures_does_not_wait_for_the_quiet() -> 
     """finish_background_work (kernel warm-up, `ebbtide warmup`) asks for the idle work at once."""
     from engines.torch.serve.idle_work import CAPTURE_AFTER_IDLE_S
 
-    engine = TorchEngine(ModelInfo(name="tiny", path="", source="synthetic",
-                                   metadata={"config": TINY.replace(max_context=128)}),
-                         EngineConfig(torch_num_slots=2, torch_max_context=128, torch_prefill_chunk=64),
-                         standalone_pool(KvcachedConfig(page_size=64 << 10, reserve_pages=0)))
+    engine = tiny_engine(slots=2)
     engine.load()
     try:
         time.sleep(CAPTURE_AFTER_IDLE_S + 0.5)            # the load's own idle work done: the worker waits

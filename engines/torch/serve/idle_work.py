@@ -14,9 +14,9 @@ request in, waiting or running):
   load ended, began that compile before the request that loaded the model reached it,
   and the request waited for it (cold_start_*_h100.json: 9.5 of a restart's 13.2 s).
 
-A mixin of ServingLoop (serving.py): it reads the loop's `_wake`, `_stop`, `_inbox`,
-`_jobs`, `idle_since`, `quiet_tasks`, `hurried`, `kicked`, `runner`, `scheduler`, `step_lock`,
-`stats` and `_let_callers_in`.
+A mixin of ServingLoop (serving.py), which calls `_init_idle_work` before its worker
+starts; it reads the loop's `_wake`, `_stop`, `_inbox`, `_jobs`, `idle_since`, `runner`,
+`scheduler`, `step_lock`, `stats` and `_let_callers_in`.
 """
 from __future__ import annotations
 
@@ -33,6 +33,11 @@ CAPTURE_AFTER_IDLE_S = 2.0
 
 
 class IdleWork:
+    def _init_idle_work(self) -> None:
+        self.quiet_tasks: list[Callable[[], None]] = []   # when_quiet's, in order
+        self.hurried = False   # hurry(): no quiet period from now on
+        self.kicked = False    # hurry() since the worker last waited: look at the idle work again
+
     def when_quiet(self, task: Callable[[], None]) -> None:
         """Run task once, on the worker, when the model is next quiet (before any capture)."""
         with self._wake:

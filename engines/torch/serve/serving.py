@@ -86,8 +86,7 @@ class ServingLoop(IdleWork):
         self._closing = False
         self.idle_since = time.monotonic()
         self.last_progress = time.monotonic()   # the worker's heartbeat (stalled_s)
-        self.quiet_tasks: list[Callable[[], None]] = []   # IdleWork.when_quiet
-        self.hurried = self.kicked = False                 # IdleWork.hurry
+        self._init_idle_work()
         self._thread = threading.Thread(target=self._run, name="torch-engine", daemon=True)
         self._thread.start()
 
