@@ -21,6 +21,7 @@ from engines.text.tokenizer import (
     TOKEN_TYPE_CONTROL,
     TOKEN_TYPE_NORMAL,
     TOKEN_TYPE_USER_DEFINED,
+    SpecialModes,
     _byte_decoder,
 )
 
@@ -65,11 +66,12 @@ class HfTokenizer:
         self.eos_id = self._id_of(tk, config.get("eos_token"))
         self.add_bos = bool(config.get("add_bos_token", False)) and self.bos_id is not None
         self.add_eos = bool(config.get("add_eos_token", False)) and self.eos_id is not None
-        literal = HfTok.from_str(tk.to_str())
-        literal.encode_special_tokens = True   # parse_special=False, as in tokenizer.py
-        self._by_mode = {True: tk, False: literal}
+        self._modes = SpecialModes(tk)
         self._byte_level = '"ByteLevel"' in json.dumps(json.loads(tk.to_str()).get("decoder"))
         self._byte_of = _byte_decoder()
+
+    def prepare(self) -> None:
+        self._modes.prepare()
 
     @staticmethod
     def _id_of(tk: Any, value: Any) -> int | None:
@@ -77,7 +79,7 @@ class HfTokenizer:
         return tk.token_to_id(text) if text else None
 
     def encode(self, text: str, add_special: bool = False, parse_special: bool = True) -> list[int]:
-        ids = self._by_mode[parse_special].encode(text, add_special_tokens=False).ids
+        ids = self._modes.for_mode(parse_special).encode(text, add_special_tokens=False).ids
         if not add_special:
             return ids
         head = [self.bos_id] if self.add_bos and self.bos_id is not None else []

@@ -66,6 +66,35 @@ class Tokenizer(Protocol):
     def encode(self, text: str, add_special: bool = False, parse_special: bool = True) -> list[int]: ...
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str: ...
     def token_bytes(self, token_id: int, skip_special: bool = True) -> bytes: ...
+    def prepare(self) -> None: ...   # what encode would build on first use, built now (idle time)
+
+
+class SpecialModes:
+    """A `tokenizers.Tokenizer` for each parse_special mode. encode_special_tokens=True makes
+    CONTROL tokens plain text (llama.cpp's parse_special=False: infill, constrained output);
+    it is a flag on the object, so that mode gets a tokenizer of its own rather than one
+    flipped under concurrent HTTP threads. The copy is made by prepare(), or on first use,
+    not at load: copying a 128k-token vocabulary took ~1 s, on the path of the request
+    that loaded the model (engines call prepare once the model is quiet)."""
+
+    def __init__(self, parsing: Any) -> None:
+        self.parsing = parsing
+        self._literal: Any = None
+        self._lock = threading.Lock()
+
+    def prepare(self) -> None:
+        with self._lock:
+            if self._literal is None:
+                literal = type(self.parsing).from_str(self.parsing.to_str())
+                literal.encode_special_tokens = True
+                self._literal = literal
+
+    def for_mode(self, parse_special: bool) -> Any:
+        if parse_special:
+            return self.parsing
+        if self._literal is None:
+            self.prepare()
+        return self._literal
 
 
 @functools.lru_cache(maxsize=1)
@@ -134,31 +163,14 @@ class BpeTokenizer(_Common):
         added_types = {TOKEN_TYPE_CONTROL: True, TOKEN_TYPE_USER_DEFINED: False}
         tk.add_tokens([AddedToken(tok, special=added_types[kind], normalized=False)
                        for tok, kind in zip(self.vocab, self.token_types) if kind in added_types])
-        self._parsing = tk
-        self._literal: HfTokenizer | None = None   # made by prepare(), or on first use
-        self._literal_lock = threading.Lock()
+        self._modes = SpecialModes(tk)
         self._byte_of = _byte_decoder()
 
     def prepare(self) -> None:
-        """Make the second tokenizer, for text whose special-token spellings stay text
-        (llama.cpp's parse_special=False: infill, constrained output). encode_special_tokens
-        is a flag on the object, so that mode gets a tokenizer of its own rather than one
-        flipped under concurrent HTTP threads. Not at load: copying a 128k-token vocabulary
-        took ~1 s, on the path of the request that loaded the model (engines call this once
-        the model is quiet)."""
-        with self._literal_lock:
-            if self._literal is None:
-                from tokenizers import Tokenizer as HfTokenizer
-
-                literal = HfTokenizer.from_str(self._parsing.to_str())
-                literal.encode_special_tokens = True
-                self._literal = literal
+        self._modes.prepare()
 
     def encode(self, text: str, add_special: bool = False, parse_special: bool = True) -> list[int]:
-        if not parse_special and self._literal is None:
-            self.prepare()
-        tokenizer = self._parsing if parse_special else self._literal
-        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        ids = self._modes.for_mode(parse_special).encode(text, add_special_tokens=False).ids
         return self._with_specials(ids, add_special)
 
     def token_bytes(self, token_id: int, skip_special: bool = True) -> bytes:
@@ -186,6 +198,9 @@ class LlamaCppTokenizer(_Common):
             raise ModelLoadError(f"tokenizer model {meta.get('tokenizer.ggml.model')!r} needs "
                                  "llama-cpp-python, which is not installed") from None
         self._llama = Llama(model_path=str(path), vocab_only=True, verbose=False)
+
+    def prepare(self) -> None:
+        """Nothing is built on first use here."""
 
     def encode(self, text: str, add_special: bool = False, parse_special: bool = True) -> list[int]:
         # llama.cpp adds BOS only; EOS per metadata is added like the BPE backend does.

@@ -149,9 +149,8 @@ class TorchEngine(MemoryVerbs, Engine):
                                 on_memory_error=self._give_back_failed)
         if self.weights is not None and device.type == "cuda":
             self.loop.when_quiet(self.weights.prepare_ahead)   # not on the first request's path
-        prepare_text = getattr(self.text.tokenizer, "prepare", None) if self.text is not None else None
-        if prepare_text is not None:
-            self.loop.when_quiet(prepare_text)
+        if self.text is not None:
+            self.loop.when_quiet(self.text.tokenizer.prepare)
         report(1.0, "ready")
 
     def _weights_movable(self) -> bool:

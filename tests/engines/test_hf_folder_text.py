@@ -21,7 +21,7 @@ from engines.text.hf_folder import load_hf_folder_text  # noqa: E402
 def smollm_folder(tmp_path_factory, tokenizer, gguf_meta) -> Path:
     """The default model's tokenizer written as a HF folder, as the HF repo ships it."""
     folder = tmp_path_factory.mktemp("hf")
-    tokenizer._parsing.save(str(folder / "tokenizer.json"))
+    tokenizer._modes.parsing.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "add_bos_token": False, "bos_token": "<|im_start|>",
         "eos_token": {"content": "<|im_end|>", "special": True},
