@@ -31,7 +31,10 @@ MiB = 1 << 20
 # (CUBLAS_WORKSPACE_CONFIG, torch's preferred BLAS library): "" / None = unset, the defaults.
 # cuBLASLt handles take no workspace of their own (the caller's): preferring it may leave a
 # thread's GEMMs without the 64 MiB handle, where torch does not make one anyway.
-SETTINGS = (("", None), (":4096:8", None), (":4096:2", None), (":0:0", None), ("", "cublaslt"))
+# "latched": the daemon's way (engines/torch/cublas_pool.py): cuBLAS reads ":0:0" at one raw
+# handle's creation, torch reads the variable unset; ":32768:1": both read 32 MiB.
+SETTINGS = (("", None), ("latched", None), (":32768:1", None), (":4096:8", None), (":0:0", None),
+            ("", "cublaslt"))
 SHAPES = ((1, 4096, 4096), (1, 14336, 4096), (512, 4096, 4096), (512, 14336, 4096), (4096, 4096, 4096))
 CALLS = 50
 
@@ -108,12 +111,17 @@ def measure_one_setting() -> dict:
     nvml.nvmlInit()
     handle = nvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
     torch.zeros(1, device="cuda")
+    own_pool_mib = None
+    if os.environ.get("EBBTIDE_CUBLAS_LATCH"):
+        from engines.torch.cublas_pool import handles_without_own_pool
+        own_pool_mib = handles_without_own_pool(lambda: torch.cuda.mem_get_info()[0])
     context = process_mib(torch, nvml, handle)
     held = {}
     for threads in (1, 2, 3):
         handles_at_once(torch, threads)
         held[threads] = process_mib(torch, nvml, handle) - context
-    return {"workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    return {"workspace_config": "latched" if os.environ.get("EBBTIDE_CUBLAS_LATCH") else os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+            "latched_handle_mib": own_pool_mib,
             "preferred_blas": str(torch.backends.cuda.preferred_blas_library()), "context_mib": context,
             "handles_mib_over_context": held, "raw": raw_create_destroy(torch, nvml, handle),
             "gemm": gemm_us(torch), "device": torch.cuda.get_device_name()}
@@ -127,8 +135,11 @@ def main() -> None:
 
     rows = []
     for setting, library in SETTINGS:
-        env = {k: v for k, v in os.environ.items() if k not in ("CUBLAS_WORKSPACE_CONFIG", "EBBTIDE_PREFERRED_BLAS")}
-        if setting:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("CUBLAS_WORKSPACE_CONFIG", "EBBTIDE_PREFERRED_BLAS", "EBBTIDE_CUBLAS_LATCH")}
+        if setting == "latched":
+            env["EBBTIDE_CUBLAS_LATCH"] = "1"
+        elif setting:
             env["CUBLAS_WORKSPACE_CONFIG"] = setting
         if library:
             env["EBBTIDE_PREFERRED_BLAS"] = library

@@ -11,9 +11,14 @@ so "before the first load" is the level every unload returns to.
 """
 from __future__ import annotations
 
+import logging
 import threading
 
 import torch
+
+from engines.torch.cublas_pool import handles_without_own_pool
+
+log = logging.getLogger(__name__)
 
 
 def warm_up_libraries(device: torch.device) -> None:
@@ -24,6 +29,11 @@ def warm_up_libraries(device: torch.device) -> None:
     serving thread of the first model to take."""
     if device.type != "cuda":
         return
+    with torch.cuda.device(device):
+        torch.cuda.init()
+        own_pool_mib = handles_without_own_pool(lambda: torch.cuda.mem_get_info(device)[0])
+    if own_pool_mib is not None:
+        log.info("cuBLAS handles hold %.0f MiB of their own (torch gives them its workspace)", own_pool_mib)
     failure: list[BaseException] = []
     worker = threading.Thread(target=_exercise, args=(device, failure), name="cuda-warm-up")
     worker.start()
