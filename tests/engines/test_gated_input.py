@@ -105,13 +105,13 @@ def test_a_kernel_that_does_not_build_falls_back_once_and_says_so(monkeypatch, c
         calls.append(1)
         raise OutOfResources(300000, 232448, "shared memory")
 
-    monkeypatch.setattr(quant_ops, "_PROLOGUE_KERNELS", {"gated": True, "normed": True})
+    monkeypatch.setattr(quant_ops, "_GATED_KERNELS", {"on": True})
     monkeypatch.setattr(quant_ops, "_qlinear", no_build)
     want = quant_ops.qlinear(act_then_round(h, "silu"), w)
     with caplog.at_level("WARNING"):
         torch.testing.assert_close(quant_ops.qlinear_gated(h, w, None, "silu"), want)
         torch.testing.assert_close(quant_ops.qlinear_gated(h, w, None, "silu"), want)
-    assert calls == [1] and quant_ops._PROLOGUE_KERNELS["gated"] is False
+    assert calls == [1] and quant_ops._GATED_KERNELS["on"] is False
     assert "do not build here" in caplog.text
 
 

@@ -55,4 +55,4 @@ def test_gated_down_projection_in_a_cuda_graph():
     graph.replay()
     x = fused_small.gated_activation(h, "silu")
     check(out, quant_ops.qlinear(x, w), x, ref)
-    assert quant_ops._PROLOGUE_KERNELS["gated"]            # built here: no fallback taken
+    assert quant_ops._GATED_KERNELS["on"]                  # built here: no fallback taken

@@ -32,7 +32,6 @@ import functools
 import torch
 
 from engines.torch.kernels.gated_input import gate_code, load_x
-from engines.torch.kernels.normed_input import NORM_BLOCK, PendingNorm, load_input, row_norm_inverse
 from engines.torch.kernels.quant_decode import CHUNK, PAIR_TILES, TILES, decode_chunk, decode_pair, triton
 from engines.torch.kernels.quant_weight import QuantWeight
 
@@ -64,12 +63,8 @@ if triton is not None:
                     TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr, CPI: tl.constexpr,
                     BN: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr,
                     PAIRED: tl.constexpr, S2: tl.constexpr, L2: tl.constexpr,
-                    ids_ptr=None, x_div=1, INDEXED: tl.constexpr = False, GATE: tl.constexpr = 0,
-                    add_ptr=None, norm_w_ptr=None, sum_ptr=None, eps=0.0, NORM: tl.constexpr = False):
+                    ids_ptr=None, x_div=1, INDEXED: tl.constexpr = False, GATE: tl.constexpr = 0):
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-        inv = 1.0
-        if NORM:   # one row of x: residual (x_ptr) + addend, RMSNorm'd in the loads (normed_input.py)
-            inv = row_norm_inverse(x_ptr, add_ptr, sum_ptr, K, eps, (pid_n == 0) & (pid_k == 0), NORM_BLOCK)
         if INDEXED:
             # Stacked experts (quant_experts.py): program axis 2 is a (token, expert) pair; its
             # expert's N rows start at expert * N, its x row is pair // x_div, its output row pair.
@@ -100,8 +95,8 @@ if triton is not None:
                 start = (c + t3 // S2) * (S * L)         # [1, T2, 1] each tile row's chunk, unclamped
                 m3 = ((start + z3 * 32) < K) & ((c + t3 // S2) < last)
                 qa, sa, oa, xa, qb, sb, ob, xb = decode_pair(TYPE, b0, b1, b2, b3, h3, z3, j2, m3)
-                x_a = load_input(x_ptr, start + xa, m3, K, GATE, NORM, add_ptr, norm_w_ptr, inv)
-                x_b = load_input(x_ptr, start + xb, m3, K, GATE, NORM, add_ptr, norm_w_ptr, inv)
+                x_a = load_x(x_ptr, start + xa, m3, K, GATE)
+                x_b = load_x(x_ptr, start + xb, m3, K, GATE)
                 acc2 += (qa * sa + oa) * x_a
                 acc2 += (qb * sb + ob) * x_b
             total = tl.sum(tl.sum(acc2, axis=2), axis=1)[:, None]      # [BN, 1]
@@ -113,7 +108,7 @@ if triton is not None:
                 kx = c * S * L + t3 * L                  # [1, T, 1] first weight of each sub-block
                 m3 = (kx < K) & ((c + t3 // S) < last)   # past the split's last chunk: x reads 0
                 q, scale, offset = decode_chunk(TYPE, b0, b1, b2, b3, b0, b1, b2, b3, h3, h3, z3, j3, z3, m3, m3)
-                xv = load_input(x_ptr, kx + j3, m3, K, GATE, NORM, add_ptr, norm_w_ptr, inv)
+                xv = load_x(x_ptr, kx + j3, m3, K, GATE)
                 acc1 += (q * scale + offset) * xv
             total = tl.sum(tl.sum(acc1, axis=2), axis=1)[:, None]      # [BN, 1]
         else:
@@ -221,12 +216,10 @@ def kernel_meta(type_name: str, block_n: int, chunks_per_step: int, num_warps: i
 
 def qmatvec(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None, block_n: int | None = None,
             split: int | None = None, chunks_per_step: int | None = None,
-            num_warps: int | None = None, paired: bool = True, gated: str | None = None,
-            norm: PendingNorm | None = None) -> torch.Tensor:
+            num_warps: int | None = None, paired: bool = True, gated: str | None = None) -> torch.Tensor:
     """x [M, K] (M <= 8) -> [M, N] in x's dtype. Launch arguments left None come from LAUNCH.
     gated ("silu", "gelu_tanh"): x is a gated MLP's [M, 2K] = [gate | up], and the kernel reads
-    act(gate) * up (gated_input.py). norm: x is one row of the residual stream, and the kernel
-    reads rms_norm(x + norm.addend), storing x + addend in norm.total (normed_input.py)."""
+    act(gate) * up (gated_input.py)."""
     launch = LAUNCH.get(w.type_name, DEFAULT_LAUNCH)
     block_n = block_n or launch[0]
     chunks_per_step = chunks_per_step or launch[1]
@@ -242,7 +235,6 @@ def qmatvec(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None, b
     split = triton.cdiv(triton.cdiv(k, CHUNK), chunks_per_split)
     meta = kernel_meta(w.type_name, block_n, chunks_per_step, num_warps, m, paired)
     meta["GATE"] = gate_code(gated)
-    meta.update(norm.kernel_args(m, k) if norm is not None else {})
     grid = (triton.cdiv(n, block_n), split)
     if split == 1:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)

@@ -37,17 +37,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from engines.torch.kernels import fused_small, quant_dp4a, quant_kernels
-from engines.torch.kernels.normed_input import PendingNorm
 from engines.torch.kernels.quant_weight import FLOAT_TYPES, QuantWeight
 
 _REPEATED = threading.local()   # repeated_rows() is on in this thread
-_PROLOGUE_KERNELS = {"gated": True, "normed": True}   # built here (off after a build error)
+_GATED_KERNELS = {"on": True}    # qlinear_gated's kernels built here (off after a build error)
 try:
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
@@ -136,41 +135,16 @@ def qlinear_gated(h: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, ki
     """qlinear(act(gate) * up) for h = [..., gate | up] (a gated MLP's down projection). Where a
     decode kernel reads W on the GPU (eager: compiled steps leave the activation to Inductor),
     it computes the activation as it reads x (gated_input.py): one launch a layer fewer;
-    elsewhere the activation first, then qlinear."""
-    if not torch.compiler.is_compiling():
-        y = _with_prologue("gated", "the down projection's gated x loads", lambda: _qlinear(h, w, bias, gated=kind))
-        if y is not None:
-            return y
+    elsewhere the activation first, then qlinear. A kernel that does not compile on this
+    device (it was written after the last GPU run) is logged once and not tried again."""
+    if _GATED_KERNELS["on"] and not torch.compiler.is_compiling():
+        try:
+            return _qlinear(h, w, bias, gated=kind)
+        except _KERNEL_BUILD_ERRORS as exc:
+            _GATED_KERNELS["on"] = False
+            log.warning("the down projection's gated x loads do not build here (%s): the activation "
+                        "runs as a kernel of its own", exc)
     return qlinear(gated_activation(h, kind), w, bias)
-
-
-def qlinear_normed(norm: PendingNorm, w: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """qlinear(rms_norm(residual + addend)) with the add and the norm in the float matvec's x
-    loads (normed_input.py), residual + addend stored in norm.total; None where that kernel is
-    not the one that reads W here (the caller norms first, then projects)."""
-    rows = norm.residual.numel() // max(1, norm.residual.shape[-1])
-    if not (norm.residual.is_cuda and w.type_name not in FLOAT_TYPES and quant_kernels.kernel_ready(w)
-            and norm.fits(rows) and not getattr(_REPEATED, "on", False) and not quant_dp4a.chosen(w, rows)
-            and rows <= quant_kernels.matvec_max_rows(w.type_name) and not torch.compiler.is_compiling()):
-        return None
-    x = norm.residual.reshape(1, -1)
-    y = _with_prologue("normed", "the projection's RMSNorm prologue",
-                       lambda: quant_kernels.qmatvec(x, w, bias, norm=norm))
-    return None if y is None else y.reshape(*norm.residual.shape[:-1], w.shape[0])
-
-
-def _with_prologue(name: str, what: str, run: Callable[[], torch.Tensor]) -> torch.Tensor | None:
-    """run() unless its kernels failed to build on this device before: a kernel written after the
-    last GPU run that does not compile there is logged once and not tried again (None: the
-    caller takes the separate kernels)."""
-    if not _PROLOGUE_KERNELS[name]:
-        return None
-    try:
-        return run()
-    except _KERNEL_BUILD_ERRORS as exc:
-        _PROLOGUE_KERNELS[name] = False
-        log.warning("%s do not build here (%s): it runs as a kernel of its own", what, exc)
-        return None
 
 
 # Under torch.compile the call is one opaque op (as kv_access's slot_attend): Dynamo does not

@@ -13,7 +13,6 @@ from torch import nn
 
 from engines.torch.kernels import fused_small
 from engines.torch.model.configs import ModelConfig
-from engines.torch.model.norms import NormAhead, normed_value, project
 
 # ModelConfig.activation -> the function (gelu_tanh: ggml_gelu and HF's gelu_pytorch_tanh)
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -60,12 +59,10 @@ class MLP(nn.Module):
             self.gate_up_proj = fused_linear(self.gate_proj, self.up_proj)
             del self.gate_proj, self.up_proj
 
-    def forward(self, x: torch.Tensor | NormAhead) -> torch.Tensor:
-        """x: the normed input, or the norm still to do (the gate/up projection may do it)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is None:
-            x = normed_value(x)
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-        gate_up = project(self.gate_up_proj, x)
+        gate_up = self.gate_up_proj(x)
         if fused_small.usable(gate_up):   # eager on the GPU: one launch, not two
             if hasattr(self.down_proj, "gated"):   # quantized: none, the down projection's x loads do it
                 return self.down_proj.gated(gate_up, self.activation)

@@ -52,7 +52,7 @@ from engines.torch.model.attention import KVAccess
 from engines.torch.model.configs import ModelConfig
 from engines.torch.model.mlp import MLP, PlainMLP
 from engines.torch.model.moe import SparseMoE
-from engines.torch.model.norms import NormAhead, RMSNorm, add_then_norm, make_norm
+from engines.torch.model.norms import RMSNorm, add_then_norm, make_norm
 from engines.torch.model.rope import RopeScaling
 from engines.torch.model.rotary import Rotary
 from engines.torch.model.self_attention import Attention
@@ -64,16 +64,6 @@ def make_mlp(cfg: ModelConfig) -> nn.Module:
     if cfg.num_experts:
         return SparseMoE(cfg)
     return MLP(cfg) if cfg.gated_mlp else PlainMLP(cfg)
-
-
-# The forwards that take a NormAhead (their first projection may do the norm); a subclass
-# with a forward of its own (llama.cpp numerics: engines/torch/ggml) gets the normed tensor.
-_READ_NORM_AHEAD = (Attention.forward, MLP.forward)
-
-
-def handed(module: nn.Module, ahead: NormAhead) -> torch.Tensor | NormAhead:
-    """What module's forward is handed: the NormAhead where it reads one, else its value."""
-    return ahead if type(module).forward in _READ_NORM_AHEAD else ahead.value()
 
 
 class DecoderLayer(nn.Module):
@@ -98,16 +88,16 @@ class DecoderLayer(nn.Module):
                 kv: KVAccess, pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual, addend): the residual stream before this layer's last add, and what
         that add adds. The caller adds it inside the next norm (the next layer's, or the
-        final one): eager on the GPU, add and norm are one launch (norms.add_then_norm), or
-        none where the projection after them does both in its x loads (norms.NormAhead).
+        final one): add and norm are one launch in an eager step on the GPU (norms.add_then_norm).
         `pending`: the previous layer's addend (None for the first layer)."""
-        h = NormAhead(self.input_layernorm, x, pending)
-        attn = self.self_attn(handed(self.self_attn, h), cos, sin, positions, kv)
-        x = h.residual()
+        if pending is None:
+            h = self.input_layernorm(x)
+        else:
+            x, h = add_then_norm(self.input_layernorm, x, pending)
+        attn = self.self_attn(h, cos, sin, positions, kv)
         if not self.sandwich:
-            h = NormAhead(self.post_attention_layernorm, x, attn)
-            out = self.mlp(handed(self.mlp, h))
-            return h.residual(), out
+            x, h = add_then_norm(self.post_attention_layernorm, x, attn)
+            return x, self.mlp(h)
         x, h = add_then_norm(self.pre_feedforward_layernorm, x, self.post_attention_layernorm(attn))
         return x, self.post_feedforward_layernorm(self.mlp(h))
 
@@ -179,7 +169,8 @@ class LlamaModel(nn.Module):
             rows = torch.arange(x.shape[0], device=x.device)
             x = x[rows, logit_index].unsqueeze(1)                      # [B, 1, dim]
             pending = pending[rows, logit_index].unsqueeze(1)
-        logits = NormAhead(self.model.norm, x, pending).project(self.lm_head).float()   # [B, T|1, V]
+        _, normed = add_then_norm(self.model.norm, x, pending)
+        logits = self.lm_head(normed).float()                         # [B, T|1, V]
         if self.cfg.final_softcap:
             logits = self.cfg.final_softcap * torch.tanh(logits / self.cfg.final_softcap)
         return logits

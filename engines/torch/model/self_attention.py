@@ -15,7 +15,7 @@ from torch import nn
 from engines.torch.model.attention import AttnSpec, KVAccess
 from engines.torch.model.configs import ModelConfig
 from engines.torch.model.mlp import can_fuse, fused_linear
-from engines.torch.model.norms import NormAhead, RMSNorm, normed_value, project
+from engines.torch.model.norms import RMSNorm
 
 
 def layer_spec(cfg: ModelConfig, layer: int) -> AttnSpec:
@@ -46,16 +46,14 @@ class Attention(nn.Module):
             self.qkv_proj = fused_linear(self.q_proj, self.k_proj, self.v_proj)
             del self.q_proj, self.k_proj, self.v_proj
 
-    def project(self, x: torch.Tensor | NormAhead) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.qkv_proj is None:
-            x = normed_value(x)
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
         kv_width = self.num_kv * self.head_dim
-        return project(self.qkv_proj, x).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        return self.qkv_proj(x).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
 
-    def forward(self, x: torch.Tensor | NormAhead, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 positions: torch.Tensor, kv: KVAccess) -> torch.Tensor:
-        """x: the normed input, or the norm still to do (the q/k/v projection may do it)."""
         bsz, t, _ = x.shape
         q, k, v = self.project(x)
         q = q.reshape(bsz, t, self.num_heads, self.head_dim)

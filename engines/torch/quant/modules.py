@@ -17,9 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engines.torch.kernels.normed_input import PendingNorm
 from engines.torch.kernels.quant_experts import qmatvec_experts
-from engines.torch.kernels.quant_ops import gated_activation, qlinear, qlinear_gated, qlinear_normed
+from engines.torch.kernels.quant_ops import gated_activation, qlinear, qlinear_gated
 from engines.torch.kernels.quant_weight import QuantWeight
 
 
@@ -47,13 +46,6 @@ class QuantLinear(nn.Module):
         if self.qweight.device.type != "cpu":
             return qlinear_gated(h, self.qweight, self.bias, kind)
         return self(gated_activation(h, kind))
-
-    def normed(self, norm: PendingNorm) -> torch.Tensor | None:
-        """self(rms_norm(residual + addend)) with the add and norm in the kernel's x loads, on the
-        GPU where the float matvec reads W (quant_ops.qlinear_normed); None elsewhere."""
-        if self.qweight.device.type == "cpu":
-            return None
-        return qlinear_normed(norm, self.qweight, self.bias)
 
     def cache_bytes(self) -> int:
         return 0 if self.dense is None else self.dense.numel() * self.dense.element_size()
