@@ -1,7 +1,7 @@
 """What a cuBLAS handle holds on the device, and what CUBLAS_WORKSPACE_CONFIG costs (issue 15).
 
 The daemon serving two models at once kept 64 MiB more after both unloaded than after one
-(daemon_residue_h100.json: "two" 66 MiB over the level before the first load, "one" 2).
+(daemon_residue_h100_1138utc.json: "two" 66 MiB over the level before the first load, "one" 2).
 torch gives each thread that runs cuBLAS a handle from a per-process pool and never
 destroys one; each serving loop is a thread, so two models decoding at once make a second
 handle. This measures, in a fresh process per setting (NVML, this process):

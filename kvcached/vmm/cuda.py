@@ -180,8 +180,8 @@ class CudaBackend(VmmBackend):
     def close(self) -> None:
         if self._closed:
             return
+        self._ensure_context()   # before _closed: a thread that never used the backend (shutdown's) makes it current
         self._closed = True
-        self._ensure_context()
         check("cuMemRelease", cu.cuMemRelease(self._zero))
         check("cuDevicePrimaryCtxRelease", cu.cuDevicePrimaryCtxRelease(self._dev))
 

@@ -6,7 +6,7 @@ request in, waiting or running):
 - one-shot tasks the engine hands over (`when_quiet`): the weights' pinned host
   buffer, made ahead for a pause under pressure (engines/torch/weights_rung.py).
   Pinning 4.7 GB took ~3 s on the H100 and held up the load's CUDA work meanwhile
-  (cold_start_8b_h100.json: the load's capture took 3.2 s on a restart, 0.15 s on a
+  (cold_start_8b_h100_1142utc.json: the load's capture took 3.2 s on a restart, 0.15 s on a
   reload that kept the buffer);
 - the decode graphs `runner.warm_up` left pending, one at a time under the step lock
   (the first compiled one compiles the model: ~30 s with an empty kernel cache, ~8-10 s
