@@ -88,8 +88,9 @@ declare -A PARTS=(
   # straight: its F16 file would not fit the disk), compiled as the daemon serves it, against
   # llama.cpp on the same file.
   [quant_moe]="590 -m benchmarks.quant_decode --blocks --compile --models qwen3-30b-a3b --types Q4_K_M --name quant_decode_moe --budget-s 540"
-  # Issue 17's dense families at their shapes, Q4_K_M random blocks, against llama.cpp on the same files.
-  [quant_families]="590 -m benchmarks.quant_decode --blocks --models qwen3-8b,phi-4-mini,gemma-3-12b --types Q4_K_M --name quant_decode_families --budget-s 540"
+  # Issue 17's dense families at their shapes, Q4_K_M random blocks, compiled as the daemon serves them,
+  # against llama.cpp on the same files (tests/benchmarks/test_family_block_shapes.py writes them small).
+  [quant_families]="590 -m benchmarks.quant_decode --blocks --compile --models qwen3-8b,phi-4-mini,gemma-3-12b --types Q4_K_M --name quant_decode_families --budget-s 540"
   # The daemon's decode (compiled) against eager, on random Q4_K_M blocks: no llama.cpp build needed.
   [quant_compiled]="400 -m benchmarks.quant_compiled --budget-s 380"
 )
