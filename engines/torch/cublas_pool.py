@@ -60,13 +60,17 @@ def handles_without_own_pool(free_bytes: Callable[[], int], library_path: str | 
     path = library_path or loaded_cublas_path()
     if path is None:
         return None
-    library = ctypes.CDLL(path)
-    os.environ[VARIABLE] = NO_OWN_POOL
     try:
-        create_and_destroy_handle(library)
-    finally:
-        del os.environ[VARIABLE]     # before torch's first GEMM reads it for its workspace
-    return _one_handle_mib(library, free_bytes)
+        library = ctypes.CDLL(path)
+        os.environ[VARIABLE] = NO_OWN_POOL
+        try:
+            create_and_destroy_handle(library)
+        finally:
+            del os.environ[VARIABLE]     # before torch's first GEMM reads it for its workspace
+        return _one_handle_mib(library, free_bytes)
+    except (OSError, AttributeError, RuntimeError) as exc:   # serving goes on; handles keep their pools
+        log.warning("could not turn cuBLAS's own handle pools off (%s): each serving thread's handle keeps one", exc)
+        return None
 
 
 def _one_handle_mib(library: ctypes.CDLL, free_bytes: Callable[[], int]) -> float:

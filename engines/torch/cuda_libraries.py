@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def warm_up_libraries(device: torch.device) -> None:
-    """Run one bf16 GEMM, the GEMV shape decode uses and one attention, then give the
+    """cuBLAS's own per-handle pools turned off first (cublas_pool.py: torch brings each handle
+    its workspace), then one bf16 GEMM, the GEMV shape decode uses and one attention, and give the
     allocator's blocks and cuBLAS's workspaces back: what stays is what only the
     context can hold (handles and kernel code). On a thread that ends: torch's cuBLAS
     handles are per thread and go back to its pool when the thread ends, for the

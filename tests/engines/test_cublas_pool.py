@@ -96,3 +96,10 @@ def test_no_cublas_in_the_process_changes_nothing(monkeypatch):
     monkeypatch.setattr(cublas_pool, "loaded_cublas_path", lambda: None)
     assert cublas_pool.handles_without_own_pool(lambda: 0) is None
     assert cublas_pool.VARIABLE not in os.environ
+
+
+def test_a_library_that_cannot_be_loaded_leaves_things_as_they_were(tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        assert cublas_pool.handles_without_own_pool(lambda: 0, str(tmp_path / "libcublas.so.13")) is None
+    assert cublas_pool.VARIABLE not in os.environ
+    assert "could not turn cuBLAS's own handle pools off" in caplog.text
