@@ -17,7 +17,6 @@ handle. This measures, in a fresh process per setting (NVML, this process):
 from __future__ import annotations
 
 import ctypes
-import glob
 import json
 import os
 import subprocess
@@ -69,16 +68,18 @@ def handles_at_once(torch, threads: int) -> None:
 
 
 def raw_create_destroy(torch, nvml, handle) -> dict:
-    libs = sorted(glob.glob(str(Path(torch.__file__).parent.parent / "nvidia" / "*" / "lib" / "libcublas.so*")))
-    if not libs:
+    from engines.torch.cublas_pool import loaded_cublas_path
+
+    path = loaded_cublas_path()
+    if path is None:
         return {"library": None}
-    lib = ctypes.CDLL(libs[0])
+    lib = ctypes.CDLL(path)
     raw = ctypes.c_void_p()
     before = process_mib(torch, nvml, handle)
     lib.cublasCreate_v2(ctypes.byref(raw))
     created = process_mib(torch, nvml, handle)
     lib.cublasDestroy_v2(raw)
-    return {"library": libs[0], "create_mib": created - before, "destroy_mib": process_mib(torch, nvml, handle) - created}
+    return {"library": path, "create_mib": created - before, "destroy_mib": process_mib(torch, nvml, handle) - created}
 
 
 def gemm_us(torch) -> dict:

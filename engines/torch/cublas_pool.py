@@ -40,12 +40,16 @@ def loaded_cublas_path(maps: str = "/proc/self/maps") -> str | None:
     return None
 
 
-def create_and_destroy_handle(library: ctypes.CDLL) -> None:
+def handle_mib(library: ctypes.CDLL, free_bytes: Callable[[], int]) -> float:
+    """Create one handle, read what it took of the device (free_bytes before and after), destroy it."""
     handle = ctypes.c_void_p()
+    before = free_bytes()
     status = library.cublasCreate_v2(ctypes.byref(handle))
     if status != 0:
         raise RuntimeError(f"cublasCreate_v2 returned status {status}")
+    held = max(0, before - free_bytes()) / (1 << 20)
     library.cublasDestroy_v2(handle)
+    return held
 
 
 def handles_without_own_pool(free_bytes: Callable[[], int], library_path: str | None = None) -> float | None:
@@ -64,20 +68,11 @@ def handles_without_own_pool(free_bytes: Callable[[], int], library_path: str | 
         library = ctypes.CDLL(path)
         os.environ[VARIABLE] = NO_OWN_POOL
         try:
-            create_and_destroy_handle(library)
+            handle_mib(library, free_bytes)   # cuBLAS reads the variable at its first handle
         finally:
             del os.environ[VARIABLE]     # before torch's first GEMM reads it for its workspace
-        return _one_handle_mib(library, free_bytes)
+        return handle_mib(library, free_bytes)   # the check: what a handle holds now
     except (OSError, AttributeError, RuntimeError) as exc:   # serving goes on; handles keep their pools
         log.warning("could not turn cuBLAS's own handle pools off (%s): each serving thread's handle keeps one", exc)
         return None
 
-
-def _one_handle_mib(library: ctypes.CDLL, free_bytes: Callable[[], int]) -> float:
-    """What one more handle takes now (the check that cuBLAS took the setting)."""
-    handle = ctypes.c_void_p()
-    before = free_bytes()
-    library.cublasCreate_v2(ctypes.byref(handle))
-    held = max(0, before - free_bytes()) / (1 << 20)
-    library.cublasDestroy_v2(handle)
-    return held

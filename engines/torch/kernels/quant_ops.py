@@ -136,7 +136,7 @@ def qlinear_gated(h: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, ki
     decode kernel reads W on the GPU (eager: compiled steps leave the activation to Inductor),
     it computes the activation as it reads x (gated_input.py): one launch a layer fewer;
     elsewhere the activation first, then qlinear. A kernel that does not compile on this
-    device (it was written after the last GPU run) is logged once and not tried again."""
+    device (a Triton or GPU unlike the H100 it was run on) is logged once and not tried again."""
     if _GATED_KERNELS["on"] and not torch.compiler.is_compiling():
         try:
             return _qlinear(h, w, bias, gated=kind)

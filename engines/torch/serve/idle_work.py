@@ -12,7 +12,7 @@ request in, waiting or running):
   (the first compiled one compiles the model: ~30 s with an empty kernel cache, ~8-10 s
   with it filled, on the H100). Without the quiet period the loop, idle the moment the
   load ended, began that compile before the request that loaded the model reached it,
-  and the request waited for it (cold_start_*_h100.json: 9.5 of a restart's 13.2 s).
+  and the request waited for it (cold_start_*_h100_114*utc.json: 9.5 of a restart's 13.2 s).
 
 A mixin of ServingLoop (serving.py), which calls `_init_idle_work` before its worker
 starts; it reads the loop's `_wake`, `_stop`, `_inbox`, `_jobs`, `idle_since`, `runner`,
