@@ -118,6 +118,19 @@ def prefill_rate(model, tokens: int, args: argparse.Namespace) -> float:
         store.close()
 
 
+def weights_read_per_token(model) -> int:
+    """Weight bytes one token's step reads: all of them, but of stacked experts only the
+    top k of E each layer routes it to (an MoE's "active" weights)."""
+    from engines.torch.quant.modules import QuantExperts
+
+    total = model.weight_bytes()
+    for module in model.modules():
+        if isinstance(module, QuantExperts):
+            unread = 1 - model.cfg.num_experts_used / module.num_experts
+            total -= int(module.qweight.nbytes() * unread)
+    return total
+
+
 def bench_torch(path: Path, bandwidth: float, args: argparse.Namespace) -> dict:
     model, row = load_measured(path)
     try:
@@ -127,9 +140,11 @@ def bench_torch(path: Path, bandwidth: float, args: argparse.Namespace) -> dict:
         row[f"prefill_{args.prefill}_tok_s"] = run["prefill_tok_s"]
         row["prefill_512_tok_s"] = prefill_rate(model, 512, args)
         cfg = model.cfg
-        # A timed b1 step reads every weight once and the KV of ~32 + 3 + steps * 1.5 tokens on average.
+        # A timed b1 step reads its weights once (weights_read_per_token) and the KV of
+        # ~32 + 3 + steps * 1.5 tokens on average.
         mean_ctx = 32 + 3 + 1.5 * args.steps
-        step_bytes = row["weights_bytes"] + cfg.kv_bytes_per_token(model.dtype.itemsize) * mean_ctx
+        row["weights_read_b1_bytes"] = weights_read_per_token(model)
+        step_bytes = row["weights_read_b1_bytes"] + cfg.kv_bytes_per_token(model.dtype.itemsize) * mean_ctx
         row["bandwidth_limit_b1_tok_s"] = bandwidth / step_bytes
         row["bandwidth_fraction_b1"] = row["decode_b1_tok_s"] / row["bandwidth_limit_b1_tok_s"]
     finally:

@@ -28,6 +28,8 @@ declare -A PARTS=(
   [tests]="300 -m pytest -q -p no:cacheprovider -x --timeout 240 tests/gpu"
   # The GPU tests written or touched since the last lease (no -x: each file reports on its own).
   [tests_new]="300 -m pytest -q -p no:cacheprovider --timeout 240 tests/gpu/test_quant_gated_gpu.py tests/gpu/test_fused_small_gpu.py tests/gpu/test_torch_warmup_gpu.py tests/gpu/test_quant_model_gpu.py tests/gpu/test_torch_engine_gpu.py"
+  # The MoE layer's eager kernels (routing, combine, gated experts) and the q/k norm pair (issue 17).
+  [moe_tests]="150 -m pytest -q -p no:cacheprovider --timeout 120 tests/gpu/test_quant_experts_gpu.py tests/gpu/test_fused_small_gpu.py"
   # The fused eager kernels and batch 1's graphs only (a short call).
   [tests_quick]="130 -m pytest -q -p no:cacheprovider --timeout 120 tests/gpu/test_fused_small_gpu.py tests/gpu/test_torch_warmup_gpu.py"
   [vmm]="120 -m benchmarks.vmm_driver_costs"

@@ -103,3 +103,24 @@ def test_an_unknown_activation_is_refused_by_name() -> None:
 
 def test_rows_too_wide_for_one_program_keep_the_torch_ops() -> None:
     assert not fused_small.usable(torch.zeros(1, fused_small.MAX_COLS + 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_pair_is_both_norms_in_one_launch(dtype: torch.dtype) -> None:
+    """Qwen3's per-head q and k norms: q's 4 heads and k's 2 (a slice of one projection's
+    output, as Attention.project splits it), each with its own weight."""
+    gen = torch.Generator().manual_seed(7)
+    qkv = (torch.randn(1, 1, 4 * 64 + 2 * 64 + 2 * 64, generator=gen) * 3).to(dtype)
+    q, k, _ = qkv.split([256, 128, 128], dim=-1)
+    q, k = q.reshape(1, 1, 4, 64), k.reshape(1, 1, 2, 64)
+    wq, wk = torch.randn(64, generator=gen), torch.randn(64, generator=gen)
+    got_q, got_k = fused_small.rms_norm_pair(q, wq, k, wk, 1e-6)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    assert got_q.shape == q.shape and got_k.shape == k.shape and got_q.dtype == dtype
+    torch.testing.assert_close(got_q.float(), torch_rms_norm(q, wq, 1e-6).float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(got_k.float(), torch_rms_norm(k, wk, 1e-6).float(), rtol=tol, atol=tol)
+
+
+def test_rms_norm_pair_refuses_rows_of_two_widths() -> None:
+    with pytest.raises(ValueError, match="not one width"):
+        fused_small.rms_norm_pair(torch.randn(2, 64), torch.ones(64), torch.randn(2, 32), torch.ones(32), 1e-6)

@@ -75,7 +75,7 @@ def test_both_cuda_paths_equal_the_dense_experts(monkeypatch, in_graph):
     weights = torch.softmax(torch.randn(3, 2), -1)
     act = torch.nn.functional.silu
     monkeypatch.setattr(moe, "_must_not_sync", lambda x: in_graph)
-    got = moe.quant_experts_forward(x, ids, weights, gate, up, down, act)
+    got = moe.quant_experts_forward(x, ids, weights, gate, up, down, "silu")
     want = moe._dense(x, ids, weights, gate.weight, up.weight, down.weight, act)
     # float32 sums in another order over random blocks' large values: relative to the largest
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5

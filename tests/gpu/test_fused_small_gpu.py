@@ -69,3 +69,15 @@ def test_compiled_code_keeps_the_torch_ops() -> None:
 
     torch.compile(step)(torch.ones(4, device="cuda"))
     assert seen == [False]
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_rms_norm_pair_on_the_gpu(batch: int) -> None:
+    """Qwen3-8B's q (32 heads) and k (8 heads) norms of one qkv output, in one launch."""
+    qkv = torch.randn(batch, 1, 6144, device="cuda", dtype=torch.bfloat16) * 3
+    q, k, _ = qkv.split([4096, 1024, 1024], dim=-1)
+    q, k = q.reshape(batch, 1, 32, 128), k.reshape(batch, 1, 8, 128)
+    wq, wk = torch.randn(128, device="cuda"), torch.randn(128, device="cuda")
+    got_q, got_k = fused_small.rms_norm_pair(q, wq, k, wk, 1e-6)
+    torch.testing.assert_close(got_q.float(), torch_rms_norm(q, wq, 1e-6).float(), rtol=2 ** -7, atol=1e-3)
+    torch.testing.assert_close(got_k.float(), torch_rms_norm(k, wk, 1e-6).float(), rtol=2 ** -7, atol=1e-3)

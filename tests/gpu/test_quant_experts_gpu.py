@@ -47,18 +47,18 @@ def test_pairs_in_a_graph_and_per_expert_eager_equal_the_dense_experts(type_name
 
     # x rounded to int8 per 32 (half a step of amax/127) moves the pairs' sums by ~1% at most
     pairs_bound = 3e-2 if type_name in DP4A_TYPES else 1e-4
-    eager = moe.quant_experts_forward(x, ids, weights, gate, up, down, act)         # per expert hit
+    eager = moe.quant_experts_forward(x, ids, weights, gate, up, down, "silu")         # per expert hit
     _close(eager, dense())
     graph = torch.cuda.CUDAGraph()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with monkeypatch.context() as patch, torch.cuda.stream(side):
         patch.setattr(moe, "_must_not_sync", lambda x: True)                         # the graph's path, eager:
-        pairs = moe.quant_experts_forward(x, ids, weights, gate, up, down, act)      # Triton compiles here
+        pairs = moe.quant_experts_forward(x, ids, weights, gate, up, down, "silu")      # Triton compiles here
         _close(pairs, dense(), pairs_bound)
     torch.cuda.current_stream().wait_stream(side)
     with torch.cuda.graph(graph):
-        captured = moe.quant_experts_forward(x, ids, weights, gate, up, down, act)   # the pairs kernel
+        captured = moe.quant_experts_forward(x, ids, weights, gate, up, down, "silu")   # the pairs kernel
     for _ in range(3):                         # new routing, same buffers: the graph reads it on the device
         ids.copy_(torch.stack([torch.randperm(EXPERTS, device="cuda")[:K] for _ in range(3)]))
         x.normal_()
@@ -66,4 +66,34 @@ def test_pairs_in_a_graph_and_per_expert_eager_equal_the_dense_experts(type_name
         _close(captured, dense(), pairs_bound)
         with monkeypatch.context() as patch:   # the same kernels outside the graph: the same sums
             patch.setattr(moe, "_must_not_sync", lambda x: True)
-            _close(captured, moe.quant_experts_forward(x, ids, weights, gate, up, down, act), 1e-6)
+            _close(captured, moe.quant_experts_forward(x, ids, weights, gate, up, down, "silu"), 1e-6)
+
+
+@pytest.mark.parametrize(("experts", "k"), [(128, 8), (8, 2)])
+def test_routing_and_combine_kernels_equal_the_torch_ops(experts, k):
+    """moe_small's one-launch routing and weighted sum (the eager graph's) on the GPU, and
+    inside a CUDA graph with new logits each replay."""
+    from engines.torch.kernels import moe_small
+
+    logits = torch.randn(4, experts, device="cuda", dtype=torch.bfloat16) * 3
+    y = torch.randn(4 * k, 2048, device="cuda", dtype=torch.bfloat16)
+
+    def torch_ops():
+        probs = torch.softmax(logits.float(), -1)
+        w, ids = probs.topk(k, -1)
+        w = w / w.sum(-1, keepdim=True)
+        return ids, w, (y.view(4, k, -1).float() * w.unsqueeze(-1)).sum(1).to(y.dtype)
+
+    moe_small.route(logits, k, True)                      # Triton compiles outside the graph
+    moe_small.combine(y, torch.ones(4, k, device="cuda"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ids, weights = moe_small.route(logits, k, True)
+        out = moe_small.combine(y, weights)
+    for _ in range(3):
+        logits.normal_(0, 3)
+        graph.replay()
+        want_ids, want_w, want_out = torch_ops()
+        assert torch.equal(ids, want_ids)
+        torch.testing.assert_close(weights, want_w, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(out.float(), want_out.float(), rtol=2 ** -7, atol=2 ** -7)

@@ -1,5 +1,5 @@
 """One launch for what eager torch runs as many: RMSNorm (with the residual add before
-it), and the gated MLP's activation.
+it; or two of them, the per-head q and k norms), and the gated MLP's activation.
 
 Why: an eager decode step (the batch-1 graph a cold model serves before anything
 compiles, and the one a compiled 8B model may keep at batch 1: serve/batch_one.py)
@@ -63,6 +63,26 @@ if triton is not None:
         tl.store(out_ptr + row * out_row_stride + cols, (sf * inv * w).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _rms_norm_pair_kernel(a_ptr, b_ptr, wa_ptr, wb_ptr, oa_ptr, ob_ptr, a_rows, n_cols,
+                              a_row_stride, b_row_stride, eps, BLOCK: tl.constexpr):
+        # Rows 0 .. a_rows - 1 are a's (with wa), the rest b's (with wb): q's heads, then k's.
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        if row < a_rows:
+            x_at = a_ptr + row * a_row_stride
+            w_at = wa_ptr
+            o_at = oa_ptr + row * n_cols
+        else:
+            x_at = b_ptr + (row - a_rows) * b_row_stride
+            w_at = wb_ptr
+            o_at = ob_ptr + (row - a_rows) * n_cols
+        x = tl.load(x_at + cols, mask=mask, other=0.0).to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        w = tl.load(w_at + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(o_at + cols, (x * inv * w).to(oa_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _gated_kernel(h_ptr, out_ptr, n_cols, h_row_stride, out_row_stride,
                       GATE: tl.constexpr, BLOCK: tl.constexpr):
         # h's row is [gate | up], each n_cols wide (the fused gate_up projection's output).
@@ -107,6 +127,24 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
                                            drows.stride(0), total.stride(0), out.stride(0), float(eps),
                                            BLOCK=block, num_warps=min(16, max(1, block // 256)))
     return total.view(x.shape), out.view(x.shape)
+
+
+def rms_norm_pair(a: torch.Tensor, wa: torch.Tensor, b: torch.Tensor, wb: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(a, wa), rms_norm(b, wb)) in one launch: per-head q and k norms (Qwen3,
+    Gemma 3) over rows of one width, each returned in its own shape and dtype (a's)."""
+    rows_a, rows_b = _rows(a), _rows(b)
+    if rows_a.shape[1] != rows_b.shape[1] or a.dtype != b.dtype:
+        raise ValueError(f"rms_norm_pair: rows of {rows_a.shape[1]} and {rows_b.shape[1]} "
+                         f"({a.dtype}, {b.dtype}) are not one width and dtype")
+    out_a, out_b = torch.empty(rows_a.shape, dtype=a.dtype, device=a.device), torch.empty(
+        rows_b.shape, dtype=b.dtype, device=b.device)
+    n_cols = rows_a.shape[1]
+    block = triton.next_power_of_2(n_cols)
+    _rms_norm_pair_kernel[(rows_a.shape[0] + rows_b.shape[0],)](
+        rows_a, rows_b, wa.contiguous(), wb.contiguous(), out_a, out_b, rows_a.shape[0], n_cols,
+        rows_a.stride(0), rows_b.stride(0), float(eps), BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    return out_a.view(a.shape), out_b.view(b.shape)
 
 
 def gated_activation(h: torch.Tensor, kind: str) -> torch.Tensor:

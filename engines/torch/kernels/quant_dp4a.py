@@ -146,14 +146,18 @@ def qmatvec_dp4a(x: torch.Tensor, w: QuantWeight, block_n: int | None = None, bl
 
 
 def run_kernel(x2: torch.Tensor, w: QuantWeight, n: int, launch: tuple[int, int, int, int], out_rows: int,
-               gated: str | None = None, **indexed) -> torch.Tensor:
+               gated: str | None = None, out: torch.Tensor | None = None,
+               quantized: tuple[torch.Tensor, ...] | None = None, **indexed) -> torch.Tensor:
     """The type's kernel over x2's rows (quantized here, in one flat pass: rows of whole
-    blocks) and n rows of W -> [out_rows, n]. `indexed` (ids_ptr, x_div, INDEXED=True:
+    blocks; or `quantized`, quantize_x's result for x2, shared by two weights that read the
+    same x) and n rows of W -> [out_rows, n], into `out` where given (rows of unit column
+    stride: a slice of a wider buffer). `indexed` (ids_ptr, x_div, INDEXED=True:
     quant_experts.py): stacked experts, one program column and output row per pair."""
     block_n, blocks_per_step, unroll, warps = launch
     m = 1 if indexed else x2.shape[0]
-    xq, dx, sx, s16 = quantize_x(x2.contiguous().reshape(-1), gated, w.shape[1])
-    out = torch.empty((out_rows, n), dtype=x2.dtype, device=x2.device)
+    xq, dx, sx, s16 = quantized or quantize_x(x2.contiguous().reshape(-1), gated, w.shape[1])
+    if out is None:
+        out = torch.empty((out_rows, n), dtype=x2.dtype, device=x2.device)
     kernel = getattr(dp4a_kernels, f"{w.type_name.lower()}_kernel")
     kernel[(triton.cdiv(n, block_n), out_rows if indexed else 1)](
         out, *_weight_args(w), xq.view(torch.int32), dx, sx, s16, m, n, w.shape[1] // TYPES[w.type_name],

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 
 from engines.torch.kernels import quant_dp4a, quant_kernels
+from engines.torch.kernels.gated_input import gate_code
+from engines.torch.kernels.quant_ops import gated_activation
 from engines.torch.kernels.quant_weight import QuantWeight
 
 
@@ -35,7 +37,8 @@ def qmatvec_experts_reference(x: torch.Tensor, w: QuantWeight, num_experts: int,
     return torch.stack(out).to(x.dtype) if out else x.new_empty((0, rows))
 
 
-def _launch(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tensor, x_div: int) -> torch.Tensor:
+def _launch(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tensor, x_div: int,
+            out: torch.Tensor | None = None, gated: str | None = None) -> torch.Tensor:
     block_n, chunks_per_step, num_warps = quant_kernels.LAUNCH.get(w.type_name, quant_kernels.DEFAULT_LAUNCH)[:3]
     pairs, n, k = ids.numel(), w.shape[0] // num_experts, w.shape[1]
     x = x.contiguous()
@@ -43,29 +46,54 @@ def _launch(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tensor
     cdiv = quant_kernels.triton.cdiv
     # No K split: the pairs' programs fill the SMs.
     chunks_per_split = cdiv(cdiv(k, quant_kernels.CHUNK), chunks_per_step) * chunks_per_step
-    out = torch.empty((pairs, n), dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty((pairs, n), dtype=x.dtype, device=x.device)
     quant_kernels._qmv_kernel[(cdiv(n, block_n), 1, pairs)](
-        x, out, out, *planes, *strides, 1, n, k, x.stride(0), 0, n, chunks_per_split, HAS_BIAS=False,
+        x, out, out, *planes, *strides, 1, n, k, x.stride(0), 0, out.stride(0), chunks_per_split, HAS_BIAS=False,
         **quant_kernels.kernel_meta(w.type_name, block_n, chunks_per_step, num_warps, 1),
-        ids_ptr=ids.contiguous(), x_div=x_div, INDEXED=True)
+        ids_ptr=ids.contiguous(), x_div=x_div, INDEXED=True, GATE=gate_code(gated))
     return out
 
 
-def _launch_dp4a(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tensor,
-                 x_div: int) -> torch.Tensor:
+def _launch_dp4a(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tensor, x_div: int,
+                 out: torch.Tensor | None = None, gated: str | None = None,
+                 quantized: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """The same pairs on quant_dp4a's integer-dot kernels (x quantized to int8 per 32 once,
-    every row of it), with the one-row launch: each pair is one row of x."""
+    every row of it, or `quantized` already), with the one-row launch: each pair is one row of x."""
     n = w.shape[0] // num_experts
-    return quant_dp4a.run_kernel(x, w, n, quant_dp4a.launch_for(w.type_name, 1, n), ids.numel(),
-                                 ids_ptr=ids.contiguous(), x_div=x_div, INDEXED=True)
+    return quant_dp4a.run_kernel(x, w, n, quant_dp4a.launch_for(w.type_name, 1, n), ids.numel(), gated=gated,
+                                 out=out, quantized=quantized, ids_ptr=ids.contiguous(), x_div=x_div, INDEXED=True)
 
 
-def _experts(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tensor, x_div: int) -> torch.Tensor:
+def _experts(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tensor, x_div: int,
+             out: torch.Tensor | None = None, gated: str | None = None) -> torch.Tensor:
+    """gated: x's rows are [gate | up] and each pair reads act(gate) * up (gated_input.py)."""
     if x.is_cuda and quant_dp4a.supports(w, 1):
-        return _launch_dp4a(x, w, num_experts, ids, x_div)
+        return _launch_dp4a(x, w, num_experts, ids, x_div, out, gated)
     if x.is_cuda and quant_kernels.kernel_ready(w):
-        return _launch(x, w, num_experts, ids, x_div)
-    return qmatvec_experts_reference(x, w, num_experts, ids, x_div)
+        return _launch(x, w, num_experts, ids, x_div, out, gated)
+    y = qmatvec_experts_reference(x if gated is None else gated_activation(x, gated), w, num_experts, ids, x_div)
+    return y if out is None else out.copy_(y)
+
+
+def gate_up_pairs(x: torch.Tensor, gate: QuantWeight, up: QuantWeight, num_experts: int,
+                  ids: torch.Tensor, x_div: int) -> torch.Tensor:
+    """[P, 2 * out] = [gate pairs | up pairs], as a gated MLP's fused gate_up projection
+    writes it, for the down projection's gated x loads (`qmatvec_experts(..., gated=)`).
+    Each half written in place; where both types run on the integer dots, x is quantized
+    once for the two (three launches where the torch ops took six: two quantizations,
+    two matvecs, the activation and the product)."""
+    rows = gate.shape[0] // num_experts
+    h = torch.empty((ids.numel(), 2 * rows), dtype=x.dtype, device=x.device)
+    # supports() checks the device: CUDA, or the CPU where Triton's interpreter emulates dp4a (the tests)
+    if quant_dp4a.supports(gate, 1) and quant_dp4a.supports(up, 1) and gate.shape == up.shape:
+        quantized = quant_dp4a.quantize_x(x.contiguous().reshape(-1))
+        _launch_dp4a(x, gate, num_experts, ids, x_div, h[:, :rows], quantized=quantized)
+        _launch_dp4a(x, up, num_experts, ids, x_div, h[:, rows:], quantized=quantized)
+        return h
+    _experts(x, gate, num_experts, ids, x_div, h[:, :rows])
+    _experts(x, up, num_experts, ids, x_div, h[:, rows:])
+    return h
 
 
 @torch.library.custom_op("ebbtide::qexperts", mutates_args=())
@@ -80,9 +108,13 @@ def _experts_fake(x: torch.Tensor, planes: list[torch.Tensor], type_name: str, r
     return x.new_empty((ids.shape[0], rows // num_experts))
 
 
-def qmatvec_experts(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tensor, x_div: int) -> torch.Tensor:
+def qmatvec_experts(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tensor, x_div: int,
+                    gated: str | None = None) -> torch.Tensor:
     """x [R, in]; w: E experts stacked, [E * out, in]; ids [P] (an expert per pair) ->
-    [P, out], row p = expert ids[p] applied to x[p // x_div]."""
+    [P, out], row p = expert ids[p] applied to x[p // x_div]. gated (eager only: compiled
+    steps leave the activation to Inductor): x [R, 2 * in] = [gate | up], read as act(gate) * up."""
     if torch.compiler.is_compiling():
+        if gated is not None:
+            x = gated_activation(x, gated)
         return _experts_op(x, w.plane_list(), w.type_name, *w.shape, num_experts, ids, x_div)
-    return _experts(x, w, num_experts, ids, x_div)
+    return _experts(x, w, num_experts, ids, x_div, gated=gated)

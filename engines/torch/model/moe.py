@@ -18,6 +18,10 @@ function, `experts_forward`. It picks one of three ways, all exact:
 - `dense`: every expert on every token, weighted by 0 where not routed. No host
   sync; reads each expert once, cheaper than gathering once N*k >= E
   (Mixtral at batch 8).
+
+Eager on CUDA (the batch-1 graph), the routing and the experts' weighted sum are one
+launch each (kernels/moe_small.py), and quantized experts' gate and up write one
+[gate | up] buffer the down projection reads gated (quant_experts.gate_up_pairs).
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from engines.torch.kernels import quant_kernels
+from engines.torch.kernels import moe_small, quant_kernels
+from engines.torch.kernels.quant_experts import gate_up_pairs
 from engines.torch.kernels.quant_ops import qlinear
 from engines.torch.model.configs import ModelConfig
 from engines.torch.model.mlp import ACTIVATIONS
@@ -97,13 +102,17 @@ def experts_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
 
 
 def quant_experts_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                          gate: QuantExperts, up: QuantExperts, down: QuantExperts,
-                          act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """experts_forward over experts in GGUF blocks, on CUDA. Eager (prefill): each expert hit
-    multiplies its tokens through qlinear. Inside a graph: every (token, expert) pair's
-    matvec in one launch per projection (quant_experts.py), reading the chosen experts only.
-    Rows the kernels cannot read (K-quant rows not whole 256-weight chunks) are
-    dequantized for the step and go the dense way."""
+                          gate: QuantExperts, up: QuantExperts, down: QuantExperts, kind: str) -> torch.Tensor:
+    """experts_forward over experts in GGUF blocks, on CUDA; kind: the activation
+    (mlp.ACTIVATIONS). Eager (prefill): each expert hit multiplies its tokens through
+    qlinear. Inside a graph: every (token, expert) pair's matvec in one launch per
+    projection (quant_experts.py), reading the chosen experts only; not compiling (the
+    eager graph batch 1 keeps), gate and up write one [gate | up] buffer from one
+    quantized x, the down projection computes the activation as it reads it, and one
+    kernel sums the pairs by weight (moe_small.combine). Rows the kernels cannot read
+    (K-quant rows not whole 256-weight chunks) are dequantized for the step and go the
+    dense way."""
+    act = ACTIVATIONS[kind]
     if not all(quant_kernels.kernel_ready(m.qweight) for m in (gate, up, down)):
         return experts_forward(x, topk_ids, topk_weights, gate.weight, up.weight, down.weight, act)
     if not _must_not_sync(x):
@@ -111,6 +120,9 @@ def quant_experts_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights:
             act(qlinear(xe, gate.expert(e))) * qlinear(xe, up.expert(e)), down.expert(e)))
     num_tokens, k = topk_ids.shape
     flat = topk_ids.reshape(-1)
+    if moe_small.usable(x):
+        h = gate_up_pairs(x, gate.qweight, up.qweight, gate.num_experts, flat, k)     # [N*k, 2F]
+        return moe_small.combine(down.pairs(h, flat, 1, gated=kind), topk_weights)
     h = act(gate.pairs(x, flat, k)) * up.pairs(x, flat, k)        # [N*k, F]: token t's pairs read x[t]
     out = down.pairs(h, flat, 1).view(num_tokens, k, -1)           # [N, k, dim]
     return (out.float() * topk_weights.unsqueeze(-1).float()).sum(1).to(x.dtype)
@@ -119,6 +131,7 @@ def quant_experts_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights:
 class Experts(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.activation = cfg.activation
         self.act = ACTIVATIONS[cfg.activation]
         self.gate_proj = ExpertWeights(cfg.num_experts, cfg.ffn_dim, cfg.dim)
         self.up_proj = ExpertWeights(cfg.num_experts, cfg.ffn_dim, cfg.dim)
@@ -127,7 +140,7 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         if isinstance(self.gate_proj, QuantExperts) and x.device.type != "cpu":
             return quant_experts_forward(x, topk_ids, topk_weights, self.gate_proj, self.up_proj,
-                                         self.down_proj, self.act)
+                                         self.down_proj, self.activation)
         return experts_forward(x, topk_ids, topk_weights, self.gate_proj.weight, self.up_proj.weight,
                                self.down_proj.weight, self.act)
 
@@ -146,7 +159,10 @@ class SparseMoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, dim] -> (expert ids [N, k], weights [N, k] float32)."""
-        probs = torch.softmax(self.gate(x).float(), dim=-1)            # [N, E]
+        logits = self.gate(x)
+        if moe_small.usable(logits) and logits.shape[-1] <= moe_small.MAX_EXPERTS:
+            return moe_small.route(logits, self.top_k, self.norm_topk_prob)   # one launch, not six
+        probs = torch.softmax(logits.float(), dim=-1)                  # [N, E]
         weights, ids = probs.topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)

@@ -51,6 +51,17 @@ def add_then_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> tupl
     return total, norm(total)
 
 
+def norm_pair(norm_a: nn.Module, a: torch.Tensor, norm_b: nn.Module,
+              b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm_a(a), norm_b(b)): the per-head q and k norms, one launch where both are RMSNorms
+    of one eps run eager on the GPU (a layer's two fewer in a launch-bound decode step)."""
+    if (type(norm_a) is RMSNorm and type(norm_b) is RMSNorm and norm_a.eps == norm_b.eps
+            and fused_small.usable(a) and fused_small.usable(b) and a.shape[-1] == b.shape[-1]
+            and a.dtype == b.dtype):
+        return fused_small.rms_norm_pair(a, norm_a.weight, b, norm_b.weight, norm_a.eps)
+    return norm_a(a), norm_b(b)
+
+
 # ModelConfig.norm -> the class
 NORM_CLASSES: dict[str, type[nn.Module]] = {"rms": RMSNorm, "layer": LayerNorm}
 

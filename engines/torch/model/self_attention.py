@@ -15,7 +15,7 @@ from torch import nn
 from engines.torch.model.attention import AttnSpec, KVAccess
 from engines.torch.model.configs import ModelConfig
 from engines.torch.model.mlp import can_fuse, fused_linear
-from engines.torch.model.norms import RMSNorm
+from engines.torch.model.norms import RMSNorm, norm_pair
 
 
 def layer_spec(cfg: ModelConfig, layer: int) -> AttnSpec:
@@ -59,7 +59,7 @@ class Attention(nn.Module):
         q = q.reshape(bsz, t, self.num_heads, self.head_dim)
         k = k.reshape(bsz, t, self.num_kv, self.head_dim)
         if self.q_norm is not None:          # Qwen3, Gemma 3: per head, before RoPE
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = norm_pair(self.q_norm, q, self.k_norm, k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.reshape(bsz, t, self.num_kv, self.head_dim).transpose(1, 2)
         out = self.attend(q, k, v, cos, sin, positions, kv)             # [B, Hq, T, D]

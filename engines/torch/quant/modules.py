@@ -97,8 +97,8 @@ class QuantExperts(nn.Module):
     def expert(self, index: int) -> QuantWeight:
         return self.qweight.row_slice(index * self.out_features, (index + 1) * self.out_features)
 
-    def pairs(self, x: torch.Tensor, ids: torch.Tensor, x_div: int) -> torch.Tensor:
-        return qmatvec_experts(x, self.qweight, self.num_experts, ids, x_div)
+    def pairs(self, x: torch.Tensor, ids: torch.Tensor, x_div: int, gated: str | None = None) -> torch.Tensor:
+        return qmatvec_experts(x, self.qweight, self.num_experts, ids, x_div, gated)
 
     def cache_bytes(self) -> int:
         return 0 if self.dense is None else self.dense.numel() * self.dense.element_size()
