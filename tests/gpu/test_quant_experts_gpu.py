@@ -94,6 +94,9 @@ def test_routing_and_combine_kernels_equal_the_torch_ops(experts, k):
         logits.normal_(0, 3)
         graph.replay()
         want_ids, want_w, want_out = torch_ops()
-        assert torch.equal(ids, want_ids)
+        # bf16 logits tie often (seen at 128 experts on the H100): equal probabilities may be
+        # picked in another order than torch.topk's; what each pick selects must be the same
+        probs = torch.softmax(logits.float(), -1)
+        assert torch.equal(probs.gather(-1, ids), probs.gather(-1, want_ids))
         torch.testing.assert_close(weights, want_w, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(out.float(), want_out.float(), rtol=2 ** -7, atol=2 ** -7)
