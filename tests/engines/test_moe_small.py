@@ -120,7 +120,7 @@ def test_the_fused_eager_path_equals_the_dense_experts(monkeypatch) -> None:
     buffers, combine) against the dense experts over the dequantized weights, within x's
     int8 rounding."""
     torch.manual_seed(0)
-    dim = ffn = 64                                         # Q8_0: blocks of 32
+    dim = ffn = 32                                         # Q8_0: one block of 32 a row
     gate, up, down = _stack("Q8_0", ffn, dim, 1), _stack("Q8_0", ffn, dim, 2), _stack("Q8_0", dim, ffn, 3)
     x = torch.randn(3, dim)
     ids = torch.tensor([[0, 2], [3, 2], [1, 0]])
