@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from engines.torch.kernels import fused_small, quant_dp4a, quant_kernels
+from engines.torch.kernels.activations import ACTIVATIONS
 from engines.torch.kernels.quant_weight import FLOAT_TYPES, QuantWeight
 
 _REPEATED = threading.local()   # repeated_rows() is on in this thread
@@ -127,8 +128,7 @@ def gated_activation(h: torch.Tensor, kind: str) -> torch.Tensor:
     if fused_small.usable(h):
         return fused_small.gated_activation(h, kind)
     gate, up = h.chunk(2, dim=-1)
-    act = F.silu(gate) if kind == "silu" else F.gelu(gate, approximate="tanh")
-    return act * up
+    return ACTIVATIONS[kind](gate) * up
 
 
 def qlinear_gated(h: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, kind: str) -> torch.Tensor:

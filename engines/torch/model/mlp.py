@@ -8,14 +8,13 @@ Phi-3 files bring them merged already (`gate_up_proj`, gate rows first).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engines.torch.kernels import fused_small
+from engines.torch.kernels.activations import ACTIVATIONS   # ModelConfig.activation -> the function
 from engines.torch.model.configs import ModelConfig
 
-# ModelConfig.activation -> the function (gelu_tanh: ggml_gelu and HF's gelu_pytorch_tanh)
-ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+__all__ = ["ACTIVATIONS", "MLP", "PlainMLP", "can_fuse", "fused_linear"]
 
 
 def can_fuse(*parts: nn.Module) -> bool:
