@@ -325,11 +325,12 @@ class ModelManager:
 
     def watchdog_probes(self) -> list:
         """The heartbeats the watchdog reads: the broker's sampling thread (restarted
-        when it stops) and each loaded model's worker (reported with every stack)."""
+        when it stops) and pressure reclaim, and each loaded model's worker (those two
+        reported with every stack)."""
         from kvcached.broker.watchdog import Probe
 
         broker = self.broker.broker
-        probes = [broker.watchdog_probe()] if broker is not None else []
+        probes = broker.watchdog_probes() if broker is not None else []
         for loaded in self.loaded():
             probes.append(Probe(f"model {loaded.name}'s worker", loaded.engine.stalled_s, WORKER_STALL_S))
         return probes

@@ -1,8 +1,9 @@
 """The memory broker: one per process and device.
 
 A thread samples the device every `monitor_interval_s`; when others grow into
-the headroom it gives memory back, cheapest step first, from the idlest and
-lowest-priority clients (the order is policy.py's, pure and unit-tested).
+the headroom another (reclaimer.py) gives memory back, cheapest step first, from
+the idlest and lowest-priority clients (the order is policy.py's, pure and
+unit-tested): a verb that waits for its model never stops the samples.
 Admission makes room for a client that asks for more (the cheap steps from any
 other client, pause and unload from idle clients of lower priority), or
 refuses with AdmissionDenied; a granted admission is committed (the client's
@@ -20,7 +21,7 @@ wait for its model's step or its requests in flight, and that model's worker
 may be waiting in admit() for the broker meanwhile: holding the lock across
 the verb deadlocked the daemon on the GPU (issue 15,
 tests/engines/test_broker_deadlock.py). So two reclaims may act at once (the
-pressure thread and an admission); each re-checks its step just before acting
+pressure reclaim and an admission); each re-checks its step just before acting
 and an admission re-reads what is free before it commits.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ from kvcached.broker.events import Event, EventKind, EventLog, Subscription
 from kvcached.broker.handle import ClientHandle
 from kvcached.broker.host_relief import HostRelief
 from kvcached.broker.monitor import Monitor, open_monitor
+from kvcached.broker.reclaimer import PressureReclaimer
 from kvcached.broker.sample import MemorySample
 from kvcached.broker.watchdog import Probe
 from kvcached.broker.policy import (Action, ClientView, admission_need, admission_plan,
@@ -64,6 +66,7 @@ class Broker:
         self._is_short = False   # reclaim under pressure started and has not met its target yet
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._reclaimer = PressureReclaimer(self.tick)   # the pressure reclaim's own thread
         self._generation = 0     # of the sampling thread; a replaced one ends when it sees it
         if monitor is None:
             # With a pool (the daemon's), the backend it was opened on; else the same
@@ -122,6 +125,7 @@ class Broker:
     def start(self) -> "Broker":
         if self._thread is None:
             self._stop.clear()
+            self._reclaimer.start()
             self._start_thread()
             if self.host_relief is not None:
                 self.host_relief.start()
@@ -145,6 +149,7 @@ class Broker:
 
     def stop(self) -> None:
         self._stop.set()
+        self._reclaimer.stop()
         if self.host_relief is not None:
             self.host_relief.stop()
         if self._thread is not None:
@@ -177,14 +182,28 @@ class Broker:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def watchdog_probes(self) -> list[Probe]:
+        """The sampling thread's heartbeat (restarted when it stops) and the pressure
+        reclaim's (reported when one runs past its limit: reclaimer.py)."""
+        return [self.watchdog_probe(), self._reclaimer.probe()]
+
     def _loop(self, generation: int) -> None:
         while not self._stop.wait(self.config.monitor_interval_s):
             if generation != self._generation:
                 return   # replaced by restart_sampling while this one was stuck
             try:
-                self.tick()
-            except Exception:   # a broken verb or monitor must not end the thread
-                log.exception("broker: sampling or reclaim failed")
+                self._sample_and_kick()
+            except Exception:   # a broken monitor must not end the thread
+                log.exception("broker: sampling failed")
+
+    def _sample_and_kick(self) -> None:
+        """The sampling thread's round: sample, and where others are in the headroom start
+        the pressure reclaim (tick) on its own thread; no verb runs here, so the samples
+        go on while a verb waits for its model (reclaimer.py says why)."""
+        sample = self.sample()
+        if self.auto_yield and pressure_need(sample, self.config.headroom_bytes, self.config.reclaim_hysteresis_bytes,
+                                             is_reclaiming=self._is_short).is_needed:
+            self._reclaimer.kick()
 
     def tick(self) -> int:
         """Sample; while others are in the headroom, reclaim and sample again at once
@@ -202,8 +221,7 @@ class Broker:
             self._is_short = need.is_needed and need.steps == STEP_ORDER
             if not need.is_needed:
                 return got
-            # One pressure reclaim acts at a time: a sampling thread that replaced one
-            # stuck in a verb (restart_sampling) samples on, and leaves the acting to it.
+            # One pressure reclaim acts at a time (the reclaimer's thread, or a caller's tick).
             if not self._pressure_acting.acquire(blocking=False):
                 return got
             try:
