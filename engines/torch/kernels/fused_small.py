@@ -35,15 +35,20 @@ def usable(x: torch.Tensor) -> bool:
 
 if triton is not None:
     @triton.jit
+    def _store_normed(x, w_ptr, out_at, cols, mask, n_cols, eps):
+        """x (float32, one row) * rsqrt(mean(x^2) + eps) * w, stored at out_at in its dtype."""
+        inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_at + cols, (x * inv * w).to(out_at.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_cols, x_row_stride, out_row_stride, eps,
                          BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * out_row_stride + cols, (x * inv * w).to(out_ptr.dtype.element_ty), mask=mask)
+        _store_normed(x, w_ptr, out_ptr + row * out_row_stride, cols, mask, n_cols, eps)
 
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, n_cols, x_row_stride, d_row_stride,
@@ -57,10 +62,7 @@ if triton is not None:
         # the very residual the next add continues from.
         s = (x + d).to(sum_ptr.dtype.element_ty)
         tl.store(sum_ptr + row * sum_row_stride + cols, s, mask=mask)
-        sf = s.to(tl.float32)
-        inv = 1.0 / tl.sqrt(tl.sum(sf * sf, axis=0) / n_cols + eps)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * out_row_stride + cols, (sf * inv * w).to(out_ptr.dtype.element_ty), mask=mask)
+        _store_normed(s.to(tl.float32), w_ptr, out_ptr + row * out_row_stride, cols, mask, n_cols, eps)
 
     @triton.jit
     def _rms_norm_pair_kernel(a_ptr, b_ptr, wa_ptr, wb_ptr, oa_ptr, ob_ptr, a_rows, n_cols,
@@ -78,9 +80,7 @@ if triton is not None:
             w_at = wb_ptr
             o_at = ob_ptr + (row - a_rows) * n_cols
         x = tl.load(x_at + cols, mask=mask, other=0.0).to(tl.float32)
-        inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-        w = tl.load(w_at + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(o_at + cols, (x * inv * w).to(oa_ptr.dtype.element_ty), mask=mask)
+        _store_normed(x, w_at, o_at, cols, mask, n_cols, eps)
 
     @triton.jit
     def _gated_kernel(h_ptr, out_ptr, n_cols, h_row_stride, out_row_stride,

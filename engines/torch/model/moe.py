@@ -132,7 +132,6 @@ class Experts(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.activation = cfg.activation
-        self.act = ACTIVATIONS[cfg.activation]
         self.gate_proj = ExpertWeights(cfg.num_experts, cfg.ffn_dim, cfg.dim)
         self.up_proj = ExpertWeights(cfg.num_experts, cfg.ffn_dim, cfg.dim)
         self.down_proj = ExpertWeights(cfg.num_experts, cfg.dim, cfg.ffn_dim)
@@ -142,7 +141,7 @@ class Experts(nn.Module):
             return quant_experts_forward(x, topk_ids, topk_weights, self.gate_proj, self.up_proj,
                                          self.down_proj, self.activation)
         return experts_forward(x, topk_ids, topk_weights, self.gate_proj.weight, self.up_proj.weight,
-                               self.down_proj.weight, self.act)
+                               self.down_proj.weight, ACTIVATIONS[self.activation])
 
 
 class SparseMoE(nn.Module):
