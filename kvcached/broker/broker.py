@@ -38,9 +38,10 @@ from kvcached.broker.handle import ClientHandle
 from kvcached.broker.host_relief import HostRelief
 from kvcached.broker.monitor import Monitor, open_monitor
 from kvcached.broker.reclaimer import PressureReclaimer
+from kvcached.broker.sampler import SamplingThread
 from kvcached.broker.sample import MemorySample
 from kvcached.broker.watchdog import Probe
-from kvcached.broker.policy import (Action, ClientView, admission_need, admission_plan,
+from kvcached.broker.policy import (Action, ClientView, Need, admission_need, admission_plan,
                                     admission_reclaimable, eligible, never_fits, plan, pressure_need)
 from kvcached.config import KvcachedConfig
 from kvcached.errors import AdmissionDenied, ConfigError, DoesNotFit, InvalidArgument
@@ -64,10 +65,8 @@ class Broker:
         self._auto_yield = config.auto_yield
         self._last_sample: MemorySample | None = None
         self._is_short = False   # reclaim under pressure started and has not met its target yet
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._sampler = SamplingThread(self._sample_and_kick, config.monitor_interval_s, self.sample_age_s)
         self._reclaimer = PressureReclaimer(self.tick)   # the pressure reclaim's own thread
-        self._generation = 0     # of the sampling thread; a replaced one ends when it sees it
         if monitor is None:
             # With a pool (the daemon's), the backend it was opened on; else the same
             # one decision open_backend makes.
@@ -121,42 +120,20 @@ class Broker:
         with self._reclaim_lock:
             yield
 
-    # --- the thread ------------------------------------------------------------
+    # --- the threads (sampler.py, reclaimer.py) ----------------------------------
     def start(self) -> "Broker":
-        if self._thread is None:
-            self._stop.clear()
+        if self._sampler.thread is None:
             self._reclaimer.start()
-            self._start_thread()
+            self._sampler.start()
             if self.host_relief is not None:
                 self.host_relief.start()
         return self
 
-    def restart_sampling(self) -> None:
-        """A new sampling thread in place of one that stopped (the watchdog's recovery:
-        a thread stuck in a client's verb); the old one ends once it comes back."""
-        with self._lock:
-            if self._thread is None or self._stop.is_set():
-                return
-            log.warning("broker: restarting the sampling thread (last sample %.1f s ago)",
-                        self.sample_age_s() or 0.0)
-            self._start_thread()
-
-    def _start_thread(self) -> None:
-        self._generation += 1
-        self._thread = threading.Thread(target=self._loop, args=(self._generation,),
-                                        name=f"kvcached-broker-{self._generation}", daemon=True)
-        self._thread.start()
-
     def stop(self) -> None:
-        self._stop.set()
+        self._sampler.stop()
         self._reclaimer.stop()
         if self.host_relief is not None:
             self.host_relief.stop()
-        if self._thread is not None:
-            self._thread.join(timeout=10)   # a thread stuck in a verb must not hang shutdown
-            if self._thread.is_alive():
-                log.warning("broker: the sampling thread did not stop in 10 s; leaving it")
-            self._thread = None
 
     def sample_age_s(self) -> float | None:
         """Seconds since the monitor's last sample (None before the first): a sampling
@@ -168,9 +145,7 @@ class Broker:
         """The sampling thread's heartbeat for a Watchdog: its sample age, restarted past
         `limit_s` (default: 20 intervals, at least 5 s)."""
         limit = limit_s if limit_s is not None else max(5.0, 20 * self.config.monitor_interval_s)
-        return Probe("broker sampling thread",
-                     lambda: self.sample_age_s() if self._thread is not None else None,
-                     limit, self.restart_sampling)
+        return self._sampler.probe(limit)
 
     def close(self) -> None:
         self.stop()
@@ -187,23 +162,18 @@ class Broker:
         reclaim's (reported when one runs past its limit: reclaimer.py)."""
         return [self.watchdog_probe(), self._reclaimer.probe()]
 
-    def _loop(self, generation: int) -> None:
-        while not self._stop.wait(self.config.monitor_interval_s):
-            if generation != self._generation:
-                return   # replaced by restart_sampling while this one was stuck
-            try:
-                self._sample_and_kick()
-            except Exception:   # a broken monitor must not end the thread
-                log.exception("broker: sampling failed")
-
     def _sample_and_kick(self) -> None:
         """The sampling thread's round: sample, and where others are in the headroom start
         the pressure reclaim (tick) on its own thread; no verb runs here, so the samples
         go on while a verb waits for its model (reclaimer.py says why)."""
         sample = self.sample()
-        if self.auto_yield and pressure_need(sample, self.config.headroom_bytes, self.config.reclaim_hysteresis_bytes,
-                                             is_reclaiming=self._is_short).is_needed:
+        if self.auto_yield and self._pressure_need(sample).is_needed:
             self._reclaimer.kick()
+
+    def _pressure_need(self, sample: MemorySample) -> Need:
+        """What the headroom asks of a reclaim now (policy.pressure_need, this broker's settings)."""
+        return pressure_need(sample, self.config.headroom_bytes, self.config.reclaim_hysteresis_bytes,
+                             is_reclaiming=self._is_short)
 
     def tick(self) -> int:
         """Sample; while others are in the headroom, reclaim and sample again at once
@@ -215,8 +185,7 @@ class Broker:
             sample = self.sample()
             if not self.auto_yield:
                 return got
-            need = pressure_need(sample, self.config.headroom_bytes, self.config.reclaim_hysteresis_bytes,
-                                 is_reclaiming=self._is_short)
+            need = self._pressure_need(sample)
             # Short of the target, not merely under PSI pressure: aim at the target until met.
             self._is_short = need.is_needed and need.steps == STEP_ORDER
             if not need.is_needed:

@@ -54,13 +54,13 @@ def test_a_reclaim_stuck_in_a_verb_leaves_the_samples_flowing_and_is_reported(ca
     broker.start()
     try:
         assert stuck.entered.wait(20)                   # the reclaim is inside trim()
-        sampler = broker._thread
+        sampler = broker._sampler.thread
         with caplog.at_level(logging.ERROR, logger="kvcached.broker.watchdog"):
             watchdog.start()
             assert _wait(lambda: watchdog.stalls == 1)
             time.sleep(1.0)                             # > the limit: the samples go on meanwhile
             assert (broker.sample_age_s() or 99) < 0.5
-            assert broker._thread is sampler            # nothing restarted
+            assert broker._sampler.thread is sampler            # nothing restarted
             assert watchdog.stalls == 1                 # reported once, not every round
         report = "\n".join(r.getMessage() for r in caplog.records)
         headline = report.splitlines()[0]
@@ -101,10 +101,10 @@ def test_a_sampling_thread_stuck_in_the_monitor_is_replaced_and_the_stacks_are_l
         assert _wait(lambda: broker.sample_age_s() is not None)
         device.stall = True
         assert device.entered.wait(20)                  # the sampling thread is inside sample()
-        first = broker._thread
+        first = broker._sampler.thread
         with caplog.at_level(logging.ERROR, logger="kvcached.broker.watchdog"):
             watchdog.start()
-            assert _wait(lambda: broker._thread is not first)   # restarted
+            assert _wait(lambda: broker._sampler.thread is not first)   # restarted
             assert _wait(lambda: (broker.sample_age_s() or 99) < 0.5)   # sampling again
         report = "\n".join(r.getMessage() for r in caplog.records)
         assert "broker sampling thread has shown no progress" in report
