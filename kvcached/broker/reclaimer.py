@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from kvcached.broker.watchdog import Probe
+from kvcached.broker.watchdog import Probe, join_or_leave
 
 log = logging.getLogger(__name__)
 STALL_LIMIT_S = 60.0   # a reclaim's verbs take seconds at most (an unload, a capture waited out)
@@ -59,10 +59,7 @@ class PressureReclaimer:
         self._stop.set()
         self._wake.set()
         thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(timeout=timeout_s)   # one stuck in a verb must not hang shutdown
-            if thread.is_alive():
-                log.warning("broker: the pressure reclaim did not stop in %.0f s; leaving it", timeout_s)
+        join_or_leave(thread, timeout_s, "pressure reclaim")
 
     def _loop(self, stop: threading.Event) -> None:
         while True:

@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from kvcached.broker.watchdog import Probe
+from kvcached.broker.watchdog import Probe, join_or_leave
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,7 @@ class SamplingThread:
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
         thread, self.thread = self.thread, None
-        if thread is not None:
-            thread.join(timeout=timeout_s)   # one stuck in the monitor must not hang shutdown
-            if thread.is_alive():
-                log.warning("broker: the sampling thread did not stop in %.0f s; leaving it", timeout_s)
+        join_or_leave(thread, timeout_s, "sampling thread")
 
     def probe(self, limit_s: float) -> Probe:
         """For the watchdog: the last sample's age while running, restarted past `limit_s`."""

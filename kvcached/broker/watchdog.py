@@ -41,6 +41,16 @@ def all_stacks() -> str:
     return "\n".join(parts)
 
 
+def join_or_leave(thread: threading.Thread | None, timeout_s: float, what: str) -> None:
+    """Wait up to timeout_s for a thread to end; one stuck (in a verb, in the monitor) is
+    left running and logged, never allowed to hang shutdown."""
+    if thread is None:
+        return
+    thread.join(timeout=timeout_s)
+    if thread.is_alive():
+        log.warning("broker: the %s did not stop in %.0f s; leaving it", what, timeout_s)
+
+
 class Watchdog:
     """Checks `probes()` (read anew each round: models come and go) every interval."""
 
