@@ -39,6 +39,7 @@ from kvcached.errors import ClosedError, PoolExhausted
 from kvcached.kv_cache import offload
 from kvcached.page_pool import PagePool
 from kvcached.virtual_tensor import VirtualTensor
+from kvcached.vmm import device_sync
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,8 @@ class WeightArena:
 
     def _flush_allocator(self) -> None:
         if self._bytes.device.type == "cuda":
-            torch.cuda.synchronize(self._bytes.device)
-            torch.cuda.empty_cache()
+            device_sync.synchronize_device(self._bytes.device)
+            device_sync.empty_cache()
 
     # --- the weights rung ----------------------------------------------------------
     @property

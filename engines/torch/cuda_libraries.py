@@ -17,6 +17,7 @@ import threading
 import torch
 
 from engines.torch.cublas_pool import handles_without_own_pool
+from kvcached.vmm import device_sync
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,10 @@ def release_library_blocks() -> None:
     """cuBLAS's workspaces (one per handle and stream, which empty_cache does not free),
     then the caching allocator's free blocks, back to the driver."""
     clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-    if clear_workspaces is not None:
-        clear_workspaces()
-    torch.cuda.empty_cache()
+    with device_sync.exclusive():   # frees device memory: never during another thread's capture
+        if clear_workspaces is not None:
+            clear_workspaces()
+        torch.cuda.empty_cache()
 
 
 _STREAMS: dict[tuple[str, torch.device], torch.cuda.Stream] = {}

@@ -29,6 +29,7 @@ from engines.phases import LoadPhases
 from engines.errors import ContextOverflow, EmbeddingsUnsupported, InvalidRequest, ModelLoadError
 from engines.torch.embedding import pooled_embedding
 from engines.torch.serve.kv_access import KvcachedStore
+from kvcached.vmm import device_sync
 from engines.torch.serve.kv_budget import KVBudget
 from engines.torch.serve.oom import as_temporary
 from engines.torch.serve import kv_persist
@@ -216,7 +217,7 @@ class TorchEngine(MemoryVerbs, Engine):
         self.loop = self.runner = self.store = self.model = self.text = self.budget = self.weights = None
         gc.collect()
         if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+            device_sync.empty_cache()
             # What the process still holds besides the context and kernel code (issue 15:
             # the residue after an unload is attributed from this line and NVML's figure).
             log.info("%s unloaded: allocator holds %.0f MiB, page pool %.0f MiB", self.info.name,

@@ -29,6 +29,7 @@ except ImportError:  # cuda-python before 12.6 named the module cuda.cuda
 
 from kvcached.config import KvcachedConfig
 from kvcached.errors import BackendUnavailable, ClosedError, DeviceOutOfMemory, VmmError
+from kvcached.vmm import device_sync
 from kvcached.vmm.backend import VmmBackend
 
 _SUCCESS = cu.CUresult.CUDA_SUCCESS
@@ -172,7 +173,8 @@ class CudaBackend(VmmBackend):
     # -- the rest ---------------------------------------------------------
     def synchronize(self) -> None:
         self._ensure_context()
-        check("cuCtxSynchronize", cu.cuCtxSynchronize())
+        with device_sync.exclusive():   # never during another thread's graph capture (device_sync says why)
+            check("cuCtxSynchronize", cu.cuCtxSynchronize())
 
     def total_bytes(self) -> int:
         return int(check("cuDeviceTotalMem", cu.cuDeviceTotalMem(self._dev)))

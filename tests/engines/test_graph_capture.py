@@ -11,6 +11,22 @@ import torch
 
 from engines.torch.model.mlp import fused_linear
 from engines.torch.serve import graph_capture
+from kvcached.vmm import device_sync
+
+
+def _held_elsewhere() -> bool:
+    """Whether a thread other than the caller holds device_sync's lock."""
+    got: list[bool] = []
+
+    def probe() -> None:
+        got.append(device_sync._LOCK.acquire(timeout=0.05))
+        if got[0]:
+            device_sync._LOCK.release()
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join()
+    return not got[0]
 
 
 def test_captures_run_thread_local_and_one_at_a_time(monkeypatch):
@@ -18,18 +34,24 @@ def test_captures_run_thread_local_and_one_at_a_time(monkeypatch):
 
     @contextlib.contextmanager
     def fake_graph(graph, pool=None, capture_error_mode="global"):
-        seen.append((capture_error_mode, graph_capture._CAPTURE_LOCK.locked()))
+        seen.append((capture_error_mode, _held_elsewhere()))
         yield
 
     monkeypatch.setattr(torch.cuda, "graph", fake_graph)
     with graph_capture.capturing(object(), None, torch.device("cuda", 0)):
         pass
     assert seen == [("thread_local", True)]
-    assert not graph_capture._CAPTURE_LOCK.locked()
+    assert not _held_elsewhere()
 
 
-def test_a_failed_capture_resets_the_generator_and_frees_the_lock(monkeypatch):
+class _Graph:
+    def pool(self) -> tuple[int, int]:
+        return (0, 7)
+
+
+def test_a_failed_capture_resets_the_generator_ends_its_pool_and_frees_the_lock(monkeypatch):
     resets: list[torch.device] = []
+    hooks: list[tuple[str, int, tuple[int, int]]] = []
 
     @contextlib.contextmanager
     def failing_graph(graph, pool=None, capture_error_mode="global"):
@@ -38,14 +60,67 @@ def test_a_failed_capture_resets_the_generator_and_frees_the_lock(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "graph", failing_graph)
     monkeypatch.setattr(graph_capture, "reset_default_generator", resets.append)
+    # torch's capture_end raised before it ended the allocator's routing into the pool
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool",
+                        lambda index, pool: hooks.append(("end routing", index, pool)), raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_releasePool",
+                        lambda index, pool: hooks.append(("release", index, pool)), raising=False)
     device = torch.device("cuda", 0)
     with pytest.raises(RuntimeError, match="during capture"):
-        with graph_capture.capturing(object(), None, device):
+        with graph_capture.capturing(_Graph(), None, device):
             pass
     assert resets == [device]
-    acquired = graph_capture._CAPTURE_LOCK.acquire(timeout=1)   # another model can capture next
-    assert acquired
-    graph_capture._CAPTURE_LOCK.release()
+    assert hooks == [("end routing", 0, (0, 7)), ("release", 0, (0, 7))]
+    assert not _held_elsewhere()   # another model can capture next
+
+
+def test_a_pool_the_capture_ended_itself_is_left_alone(monkeypatch):
+    def not_recording(index, pool):
+        raise RuntimeError("endAllocatePool: not currently recording to mempool_id")
+
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", not_recording, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_releasePool", lambda index, pool: pytest.fail("released"),
+                        raising=False)
+    assert graph_capture.end_pool_routing(_Graph(), torch.device("cuda", 0)) is False
+
+
+def test_a_whole_device_wait_from_another_thread_waits_for_the_capture(monkeypatch):
+    """A trim's or an unload's device-wide wait during another model's capture failed both
+    on the H200 (kvcached/vmm/device_sync.py); it now waits for the capture to end."""
+    order: list[str] = []
+    inside, release = threading.Event(), threading.Event()
+
+    @contextlib.contextmanager
+    def slow_graph(graph, pool=None, capture_error_mode="global"):
+        order.append("capture begins")
+        inside.set()
+        release.wait(5)
+        yield
+        order.append("capture ends")
+
+    monkeypatch.setattr(torch.cuda, "graph", slow_graph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: order.append("synchronize"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: order.append("empty_cache"))
+
+    def capture() -> None:
+        with graph_capture.capturing(_Graph(), None, torch.device("cuda", 0)):
+            pass
+
+    def unload() -> None:
+        device_sync.synchronize_device()
+        device_sync.empty_cache()
+
+    capturer = threading.Thread(target=capture)
+    capturer.start()
+    inside.wait(5)
+    waiter = threading.Thread(target=unload)
+    waiter.start()
+    waiter.join(0.2)
+    assert order == ["capture begins"]          # the wait did not run during the capture
+    release.set()
+    capturer.join(5)
+    waiter.join(5)
+    assert order == ["capture begins", "capture ends", "synchronize", "empty_cache"]
 
 
 def test_a_second_capture_waits_for_the_first(monkeypatch):

@@ -16,6 +16,7 @@ import torch
 
 from engines.errors import OutOfMemory
 from kvcached.errors import TemporaryError
+from kvcached.vmm import device_sync
 
 log = logging.getLogger(__name__)
 
@@ -42,4 +43,4 @@ def as_temporary(exc: BaseException, what: str) -> BaseException:
 def give_back_cached_blocks() -> None:
     """After an out-of-memory: the caching allocator's free blocks back to the driver."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
+        device_sync.empty_cache()

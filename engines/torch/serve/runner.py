@@ -35,6 +35,7 @@ from engines.torch.serve.graph_capture import capturing
 from engines.torch.serve.kv_access import _ACTIVE as _ACTIVE_KV
 from engines.torch.serve.kv_access import KVStore, SlotKV
 from engines.torch.serve.scheduler import PrefillChunk, Sequence, StepPlan
+from kvcached.vmm import device_sync
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ class Runner:
                     while first is None and self.pending:   # batch 1's other read lengths
                         self._capture(self.pending.pop(0), slot=0)
             if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+                device_sync.synchronize_device(self.device)
         finally:
             self.store.release(0)
 
@@ -374,12 +375,12 @@ class Runner:
             self.model = None
         gc.collect()
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            device_sync.synchronize_device(self.device)
             _OPEN_CUDA_RUNNERS.discard(self)
             # cuBLAS's workspaces outlive empty_cache (cuda_libraries.process_stream says why);
             # cleared only when no other runner is open (another model's graphs may have captured one).
             if _OPEN_CUDA_RUNNERS:
-                torch.cuda.empty_cache()
+                device_sync.empty_cache()
             else:
                 release_library_blocks()
 
