@@ -131,3 +131,41 @@ def test_the_fused_eager_path_equals_the_dense_experts(monkeypatch) -> None:
     got = moe.quant_experts_forward(x, ids, weights, gate, up, down, "silu")
     want = moe._dense(x, ids, weights, gate.weight, up.weight, down.weight, torch.nn.functional.silu)
     assert ((got - want).abs().max() / want.abs().max()).item() < 3e-2
+
+
+@pytest.mark.parametrize("experts,k,dim", [(128, 8, 2048), (8, 2, 4096), (60, 4, 320)])
+def test_the_router_and_routing_in_one_launch_are_the_linear_then_route(experts: int, k: int, dim: int) -> None:
+    """route_from_hidden: the router's logits (rounded through x's dtype, as nn.Linear returns
+    them) split over programs, the last one routing, equal to route over the linear's
+    logits; the counters left at zero for the next launch (a graph replays it). Triton's
+    interpreter rounds float32 to bf16 toward zero, the GPU to nearest (its test is exact
+    where this one allows that step: the weights within 1%)."""
+    gen = torch.Generator().manual_seed(experts)
+    x = torch.randn(2, dim, generator=gen).to(torch.bfloat16)
+    router = (torch.randn(experts, dim, generator=gen) / dim ** 0.5).to(torch.bfloat16)
+    counts = moe_small.router_counts(torch.device("cpu"))
+    want_ids, want_weights = torch_route((x.float() @ router.float().t()).to(torch.bfloat16), k, True)
+    for _ in range(2):
+        ids, weights = moe_small.route_from_hidden(x, router, counts, k, True)
+        assert [set(r) for r in ids.tolist()] == [set(r) for r in want_ids.tolist()]
+        torch.testing.assert_close(weights.gather(-1, ids.argsort(-1)), want_weights.gather(-1, want_ids.argsort(-1)),
+                                   rtol=1e-2, atol=1e-3)
+        assert not counts.any()
+
+
+def test_the_moe_layer_routes_decode_in_one_launch_and_prefill_through_the_linear(monkeypatch) -> None:
+    from engines.torch.model.configs import named_config
+
+    cfg = named_config("qwen3-30b-a3b").replace(dim=64, ffn_dim=32, num_experts=16, num_experts_used=4)
+    layer = moe.SparseMoE(cfg).to(torch.bfloat16)
+    monkeypatch.setattr(moe_small, "usable", lambda x: True)     # the CPU stands in for the GPU here
+    launched: list[int] = []
+    real = moe_small.route_from_hidden
+    monkeypatch.setattr(moe_small, "route_from_hidden", lambda x, *a: launched.append(x.shape[0]) or real(x, *a))
+    decode = torch.randn(1, 64).to(torch.bfloat16)
+    ids, _ = layer.route(decode)
+    want_ids, _ = torch_route(layer.gate(decode), 4, cfg.norm_topk_prob)
+    assert launched == [1] and layer.router_counts is not None
+    assert set(ids[0].tolist()) == set(want_ids[0].tolist())
+    layer.route(torch.randn(moe_small.ROUTER_MAX_TOKENS + 1, 64).to(torch.bfloat16))   # a prefill's tokens
+    assert launched == [1]
