@@ -10,9 +10,6 @@ sum, divide) and the combine as four (cast, multiply, sum, cast back): ten a lay
 - `route(logits, k, renormalize)`: softmax over the router's logits in float32, the
   top k, renormalized to sum 1 where the family says so (llama.cpp's build_moe_ffn
   for Mixtral and Qwen3-MoE): one program a token;
-- `route_from_hidden(x, router, counts, k, renormalize)`: at decode's few tokens, the
-  router's matvec too, in the same launch (its programs split the experts; the last
-  to finish routes), where cuBLAS's matvec was a launch of its own;
 - `combine(y, weights)`: out[t] = sum_j weights[t, j] * y[t * k + j] in float32,
   rounded once to y's dtype: one program a (token, column block).
 
@@ -28,17 +25,18 @@ import torch
 from engines.torch.kernels.fused_small import usable
 from engines.torch.kernels.quant_decode import tl, triton
 
-__all__ = ["combine", "route", "route_from_hidden", "router_counts", "usable"]
+__all__ = ["combine", "route", "usable"]
 MAX_EXPERTS = 1024    # one program holds a token's logits in registers up to this
-ROUTER_ROWS = 8       # experts' logits a program of route_from_hidden (Qwen3-30B-A3B: 16 programs)
-ROUTER_MAX_TOKENS = 8  # decode's batches; a prefill's many tokens take cuBLAS's GEMM, then route
 
 
 if triton is not None:
     @triton.jit
-    def _pick(logits, cols, live, ids_at, weights_at, K: tl.constexpr, RENORMALIZE: tl.constexpr,
-              BLOCK: tl.constexpr):
-        """A token's logits [BLOCK] (float32, -inf past the experts) -> its top K ids and weights."""
+    def _route_kernel(logits_ptr, ids_ptr, weights_ptr, n_experts, row_stride,
+                      K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK: tl.constexpr):
+        token = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        live = cols < n_experts
+        logits = tl.load(logits_ptr + token * row_stride + cols, mask=live, other=float("-inf")).to(tl.float32)
         e = tl.exp(logits - tl.max(logits, axis=0))
         probs = e / tl.sum(e, axis=0)
         left = tl.where(live, probs, -1.0)          # probabilities are >= 0: -1 marks taken or absent
@@ -53,43 +51,8 @@ if triton is not None:
             left = tl.where(cols == at, -1.0, left)
         if RENORMALIZE:
             chosen = chosen / tl.sum(chosen, axis=0)
-        tl.store(ids_at + picks, chosen_ids)
-        tl.store(weights_at + picks, chosen)
-
-    @triton.jit
-    def _route_kernel(logits_ptr, ids_ptr, weights_ptr, n_experts, row_stride,
-                      K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK: tl.constexpr):
-        token = tl.program_id(0)
-        cols = tl.arange(0, BLOCK)
-        live = cols < n_experts
-        logits = tl.load(logits_ptr + token * row_stride + cols, mask=live, other=float("-inf")).to(tl.float32)
-        _pick(logits, cols, live, ids_ptr + token * K, weights_ptr + token * K, K, RENORMALIZE, BLOCK)
-
-    @triton.jit
-    def _router_kernel(x_ptr, w_ptr, logits_ptr, count_ptr, ids_ptr, weights_ptr, n_experts, dim, x_stride,
-                       K: tl.constexpr, RENORMALIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK: tl.constexpr):
-        # Program (token, part): logits of experts [part * ROWS, +ROWS), rounded through x's
-        # dtype as the router's linear layer returns them; the token's last program to finish
-        # (the counter) picks the top k from all of them, and sets the counter back to 0.
-        token, part = tl.program_id(0), tl.program_id(1)
-        rows = part * ROWS + tl.arange(0, ROWS)
-        live_rows = rows < n_experts
-        acc = tl.zeros([ROWS], dtype=tl.float32)
-        for d0 in range(0, dim, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            x = tl.load(x_ptr + token * x_stride + d, mask=d < dim, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * dim + d[None, :],
-                        mask=live_rows[:, None] & (d < dim)[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(w * x[None, :], axis=1)
-        logits_at = logits_ptr + token * BLOCK
-        tl.store(logits_at + rows, acc.to(x_ptr.dtype.element_ty).to(tl.float32), mask=live_rows)
-        if tl.atomic_add(count_ptr + token, 1) == tl.num_programs(1) - 1:   # acq_rel: the others' stores seen
-            cols = tl.arange(0, BLOCK)
-            live = cols < n_experts
-            logits = tl.load(logits_at + cols, mask=live, other=float("-inf"), volatile=True)
-            _pick(logits, cols, live, ids_ptr + token * K, weights_ptr + token * K, K, RENORMALIZE, BLOCK)
-            tl.atomic_xchg(count_ptr + token, 0)
+        tl.store(ids_ptr + token * K + picks, chosen_ids)
+        tl.store(weights_ptr + token * K + picks, chosen)
 
     @triton.jit
     def _combine_kernel(y_ptr, w_ptr, out_ptr, n_cols, y_row_stride, out_row_stride,
@@ -116,35 +79,6 @@ def route(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor
     block = triton.next_power_of_2(experts)
     _route_kernel[(n,)](logits, ids, weights, experts, logits.stride(0), K=k, RENORMALIZE=renormalize,
                         BLOCK=block, num_warps=1 if block <= 256 else 4)
-    return ids, weights
-
-
-def router_counts(device: torch.device) -> torch.Tensor:
-    """The per-token counters route_from_hidden's programs meet at: zeros, left zeros by every
-    launch. One per model layer that routes (made before any capture: a zeroing node per
-    replay otherwise), never shared by two models, whose steps may run at once."""
-    return torch.zeros(ROUTER_MAX_TOKENS, dtype=torch.int32, device=device)
-
-
-def route_from_hidden(x: torch.Tensor, router: torch.Tensor, counts: torch.Tensor, k: int,
-                      renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """route(x @ router.T, k, renormalize) in one launch, for up to ROUTER_MAX_TOKENS tokens
-    (decode): the router's matvec split over programs of ROUTER_ROWS experts each, the
-    last to finish picking (the cuBLAS matvec alone took ~5 us a layer on the H200,
-    profile_moe, beside ~2 for the routing). x [N, dim], router [E, dim] in x's dtype."""
-    n, dim = x.shape
-    experts = router.shape[0]
-    if not 1 <= n <= ROUTER_MAX_TOKENS or not 1 <= k <= experts or experts > MAX_EXPERTS:
-        raise ValueError(f"route_from_hidden: {n} tokens (1 to {ROUTER_MAX_TOKENS}), top {k} of {experts} "
-                         f"experts (at most {MAX_EXPERTS})")
-    block = triton.next_power_of_2(experts)
-    logits = torch.empty((n, block), dtype=torch.float32, device=x.device)
-    ids = torch.empty((n, k), dtype=torch.int64, device=x.device)
-    weights = torch.empty((n, k), dtype=torch.float32, device=x.device)
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    _router_kernel[(n, triton.cdiv(experts, ROUTER_ROWS))](
-        x, router.contiguous(), logits, counts, ids, weights, experts, dim, x.stride(0), K=k,
-        RENORMALIZE=renormalize, ROWS=ROUTER_ROWS, BLOCK_D=256, BLOCK=block, num_warps=4)
     return ids, weights
 
 

@@ -152,17 +152,12 @@ class SparseMoE(nn.Module):
         self.top_k, self.norm_topk_prob = cfg.num_experts_used, cfg.norm_topk_prob
         self.gate = nn.Linear(cfg.dim, cfg.num_experts, bias=False)
         self.experts = Experts(cfg)
-        # moe_small.route_from_hidden's counters, made at the first eager GPU step (not a weight)
-        self.register_buffer("router_counts", None, persistent=False)
 
     def fuse(self) -> None:
         """Experts stay stacked (one function serves them)."""
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, dim] -> (expert ids [N, k], weights [N, k] float32)."""
-        counts = self._decode_router_counts(x)
-        if counts is not None:   # decode, eager on the GPU: the router's matvec and the routing, one launch
-            return moe_small.route_from_hidden(x, self.gate.weight, counts, self.top_k, self.norm_topk_prob)
         logits = self.gate(x)
         if moe_small.usable(logits) and logits.shape[-1] <= moe_small.MAX_EXPERTS:
             return moe_small.route(logits, self.top_k, self.norm_topk_prob)   # one launch, not six
@@ -171,19 +166,6 @@ class SparseMoE(nn.Module):
         if self.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
         return ids, weights
-
-    def _decode_router_counts(self, x: torch.Tensor) -> torch.Tensor | None:
-        """route_from_hidden's counters where it serves x (a decode step's few tokens, eager on
-        the GPU, a dense router of x's dtype), else None. Made outside any capture only."""
-        router = self.gate.weight if type(self.gate) is nn.Linear else None
-        if (router is None or router.dtype != x.dtype or not moe_small.usable(x)
-                or x.shape[0] > moe_small.ROUTER_MAX_TOKENS or router.shape[0] > moe_small.MAX_EXPERTS):
-            return None
-        if self.router_counts is None or self.router_counts.device != x.device:
-            if x.is_cuda and torch.cuda.is_current_stream_capturing():
-                return None
-            self.router_counts = moe_small.router_counts(x.device)
-        return self.router_counts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])                               # [B*T, dim]
