@@ -81,23 +81,3 @@ def test_rms_norm_pair_on_the_gpu(batch: int) -> None:
     got_q, got_k = fused_small.rms_norm_pair(q, wq, k, wk, 1e-6)
     torch.testing.assert_close(got_q.float(), torch_rms_norm(q, wq, 1e-6).float(), rtol=2 ** -7, atol=1e-3)
     torch.testing.assert_close(got_k.float(), torch_rms_norm(k, wk, 1e-6).float(), rtol=2 ** -7, atol=1e-3)
-
-
-@pytest.mark.parametrize("cols", [2048, 4096, 5120])
-@pytest.mark.parametrize("rows", [1, 8])
-def test_a_norms_quants_are_quantize_xs_and_the_matvec_reads_them(rows: int, cols: int) -> None:
-    """fused_small's quantize (kernels/normed_quants.py): the norm writes the q8_1 quants
-    quantize_x's own launch computes from its output, bit for bit, and the integer-dot
-    matvec after it gives the same product as with its own quantization."""
-    from benchmarks.quant_matvec import random_weight
-    from engines.torch.kernels import normed_quants, quant_dp4a
-
-    x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16) * 3
-    delta = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
-    weight = torch.randn(cols, device="cuda")
-    _, normed = fused_small.add_rms_norm(x, delta, weight, 1e-5, quantize=True)
-    found = normed_quants.recall(normed)
-    own = quant_dp4a.quantize_x(normed.clone().reshape(-1))
-    assert found is not None and all(torch.equal(a, b) for a, b in zip(found, own))
-    w = random_weight("Q4_K", (4096, cols))
-    assert torch.equal(quant_dp4a.qmatvec_dp4a(normed, w), quant_dp4a.qmatvec_dp4a(normed.clone(), w))

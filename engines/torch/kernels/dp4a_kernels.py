@@ -229,24 +229,6 @@ if triton is not None:
         """roundf, as ggml's quantize_row_q8_1 rounds (not round-half-even)."""
         return tl.where(v >= 0, tl.floor(v + 0.5), tl.ceil(v - 0.5))
 
-    @triton.jit
-    def store_q8_1(x, q_ptr, d_ptr, s_ptr, s16_ptr, blk, K, BLOCKS: tl.constexpr):
-        """x [BLOCKS, 32] (float32, blocks blk of a row of K values; 0 past K) quantized as
-        ggml's quantize_row_q8_1: the int8 quants, each block's scale and scaled sum, and
-        the quant sum of each 16 (Q6_K's bias of 32 needs those). Shared by quantize_x and
-        the RMSNorm that writes its output's quants too (fused_small)."""
-        k = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
-        d = tl.max(tl.abs(x), axis=1) / 127.0
-        inv = tl.where(d > 0, 1.0 / tl.where(d > 0, d, 1.0), 0.0)
-        q = _round_half_away(x * inv[:, None])
-        tl.store(q_ptr + k, q.to(tl.int8), mask=k < K)
-        whole = blk * 32 < K
-        tl.store(d_ptr + blk, d, mask=whole)
-        tl.store(s_ptr + blk, d * tl.sum(q, axis=1), mask=whole)
-        halves = tl.sum(tl.reshape(q, (BLOCKS, 2, 16)), axis=2).to(tl.int32)        # [BLOCKS, 2]
-        k16 = blk[:, None] * 2 + tl.arange(0, 2)[None, :]
-        tl.store(s16_ptr + k16, halves, mask=k16 * 16 < K)
-
     @triton.jit(do_not_specialize=["K", "ROW"])
     def quantize_x_kernel(x_ptr, q_ptr, d_ptr, s_ptr, s16_ptr, K, ROW, BLOCKS: tl.constexpr,
                           GATE: tl.constexpr = 0):
@@ -256,4 +238,14 @@ if triton is not None:
         k = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
         live = k < K
         at = k if GATE == 0 else (k // ROW) * (2 * ROW) + k % ROW
-        store_q8_1(load_x(x_ptr, at, live, ROW, GATE), q_ptr, d_ptr, s_ptr, s16_ptr, blk, K, BLOCKS)
+        x = load_x(x_ptr, at, live, ROW, GATE)
+        d = tl.max(tl.abs(x), axis=1) / 127.0
+        inv = tl.where(d > 0, 1.0 / tl.where(d > 0, d, 1.0), 0.0)
+        q = _round_half_away(x * inv[:, None])
+        tl.store(q_ptr + k, q.to(tl.int8), mask=live)
+        whole = blk * 32 < K
+        tl.store(d_ptr + blk, d, mask=whole)
+        tl.store(s_ptr + blk, d * tl.sum(q, axis=1), mask=whole)
+        halves = tl.sum(tl.reshape(q, (BLOCKS, 2, 16)), axis=2).to(tl.int32)        # [BLOCKS, 2]
+        k16 = blk[:, None] * 2 + tl.arange(0, 2)[None, :]
+        tl.store(s16_ptr + k16, halves, mask=k16 * 16 < K)

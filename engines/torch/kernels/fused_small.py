@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import torch
 
-from engines.torch.kernels import normed_quants
 from engines.torch.kernels.gated_input import activate, gate_code
 from engines.torch.kernels.quant_decode import tl, triton
 
@@ -35,41 +34,25 @@ def usable(x: torch.Tensor) -> bool:
 
 
 if triton is not None:
-    from engines.torch.kernels.dp4a_kernels import store_q8_1
-
     @triton.jit
     def _store_normed(x, w_ptr, out_at, cols, mask, n_cols, eps):
-        """x (float32, one row) * rsqrt(mean(x^2) + eps) * w, stored at out_at in its dtype;
-        returns what was stored."""
+        """x (float32, one row) * rsqrt(mean(x^2) + eps) * w, stored at out_at in its dtype."""
         inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        y = (x * inv * w).to(out_at.dtype.element_ty)
-        tl.store(out_at + cols, y, mask=mask)
-        return y
-
-    @triton.jit
-    def _store_quants(y, row, n_cols, q_ptr, d_ptr, s_ptr, s16_ptr, BLOCK: tl.constexpr):
-        """The row's stored values y quantized as quant_dp4a.quantize_x would from memory."""
-        blocks = tl.reshape(y.to(tl.float32), (BLOCK // 32, 32))
-        per_row = n_cols // 32
-        store_q8_1(blocks, q_ptr + row * n_cols, d_ptr + row * per_row, s_ptr + row * per_row,
-                   s16_ptr + row * 2 * per_row, tl.arange(0, BLOCK // 32), n_cols, BLOCK // 32)
+        tl.store(out_at + cols, (x * inv * w).to(out_at.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_cols, x_row_stride, out_row_stride, eps,
-                         q_ptr, d_ptr, s_ptr, s16_ptr, BLOCK: tl.constexpr, QUANT: tl.constexpr):
+                         BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        y = _store_normed(x, w_ptr, out_ptr + row * out_row_stride, cols, mask, n_cols, eps)
-        if QUANT:
-            _store_quants(y, row, n_cols, q_ptr, d_ptr, s_ptr, s16_ptr, BLOCK)
+        _store_normed(x, w_ptr, out_ptr + row * out_row_stride, cols, mask, n_cols, eps)
 
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, n_cols, x_row_stride, d_row_stride,
-                             sum_row_stride, out_row_stride, eps, q_ptr, qd_ptr, qs_ptr, q16_ptr,
-                             BLOCK: tl.constexpr, QUANT: tl.constexpr):
+                             sum_row_stride, out_row_stride, eps, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -79,9 +62,7 @@ if triton is not None:
         # the very residual the next add continues from.
         s = (x + d).to(sum_ptr.dtype.element_ty)
         tl.store(sum_ptr + row * sum_row_stride + cols, s, mask=mask)
-        y = _store_normed(s.to(tl.float32), w_ptr, out_ptr + row * out_row_stride, cols, mask, n_cols, eps)
-        if QUANT:
-            _store_quants(y, row, n_cols, q_ptr, qd_ptr, qs_ptr, q16_ptr, BLOCK)
+        _store_normed(s.to(tl.float32), w_ptr, out_ptr + row * out_row_stride, cols, mask, n_cols, eps)
 
     @triton.jit
     def _rms_norm_pair_kernel(a_ptr, b_ptr, wa_ptr, wb_ptr, oa_ptr, ob_ptr, a_rows, n_cols,
@@ -120,55 +101,32 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def _quants_for(out: torch.Tensor, quantize: bool) -> tuple[tuple[torch.Tensor, ...] | None, list]:
-    """The quants' buffers where the norm writes them too (a row of whole 32s), and the
-    kernel's four pointer arguments (out itself where none: never written then)."""
-    if not (quantize and out.shape[1] % normed_quants.QK == 0):
-        return None, [out] * 4
-    quants = normed_quants.allocate(out.shape[0], out.shape[1], out.device)
-    return quants, list(quants)
-
-
-def _normed(out: torch.Tensor, shape: torch.Size, quants: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
-    view = out.view(shape)
-    if quants is not None:
-        normed_quants.remember(view, quants)
-    return view
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, quantize: bool = False) -> torch.Tensor:
-    """x * rsqrt(mean(x^2) + eps) * weight over the last dim, in float32, returned in x's dtype.
-    quantize: the output's q8_1 quants written too, for the integer-dot matvec that reads
-    it next (normed_quants.py)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * weight over the last dim, in float32, returned in x's dtype."""
     rows = _rows(x)
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    quants, qargs = _quants_for(out, quantize)
     n_cols = rows.shape[1]
     block = triton.next_power_of_2(n_cols)
     _rms_norm_kernel[(rows.shape[0],)](rows, weight.contiguous(), out, n_cols, rows.stride(0), out.stride(0),
-                                       float(eps), *qargs, BLOCK=block, QUANT=quants is not None,
-                                       num_warps=min(16, max(1, block // 256)))
-    return _normed(out, x.shape, quants)
+                                       float(eps), BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    return out.view(x.shape)
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
-                 eps: float, quantize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + delta, rms_norm(x + delta)) in one launch: the residual stream and its norm
-    (with its quants where `quantize`, as rms_norm)."""
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rms_norm(x + delta)) in one launch: the residual stream and its norm."""
     rows, drows = _rows(x), _rows(delta)
     if drows.shape != rows.shape:
         raise ValueError(f"add_rms_norm: the residual {tuple(x.shape)} and the addend "
                          f"{tuple(delta.shape)} differ")
     total = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    quants, qargs = _quants_for(out, quantize)
     n_cols = rows.shape[1]
     block = triton.next_power_of_2(n_cols)
     _add_rms_norm_kernel[(rows.shape[0],)](rows, drows, weight.contiguous(), total, out, n_cols, rows.stride(0),
-                                           drows.stride(0), total.stride(0), out.stride(0), float(eps), *qargs,
-                                           BLOCK=block, QUANT=quants is not None,
-                                           num_warps=min(16, max(1, block // 256)))
-    return total.view(x.shape), _normed(out, x.shape, quants)
+                                           drows.stride(0), total.stride(0), out.stride(0), float(eps),
+                                           BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    return total.view(x.shape), out.view(x.shape)
 
 
 def rms_norm_pair(a: torch.Tensor, wa: torch.Tensor, b: torch.Tensor, wb: torch.Tensor,

@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from engines.torch.kernels import dp4a_kernels, normed_quants
+from engines.torch.kernels import dp4a_kernels
 from engines.torch.kernels.gated_input import gate_code
 from engines.torch.kernels.quant_decode import triton
 from engines.torch.kernels.quant_weight import QuantWeight
@@ -67,12 +67,7 @@ def quantize_x(x: torch.Tensor, gated: str | None = None,
     """x [K] -> (int8 [K], float32 dx [K/32], float32 sx [K/32], int32 sums of each 16 [K/16]):
     ggml's quantize_row_q8_1, plus the half-block sums Q6_K's bias of 32 needs. gated: x is
     rows of [gate | up] (2 row values each) and what is quantized is act(gate) * up, K = its
-    rows times `row` (gated_input.py: the activation's own launch saved). Where the norm
-    that wrote x wrote its quants too (normed_quants.py), those, with no launch."""
-    if gated is None:
-        found = normed_quants.recall(x)
-        if found is not None:
-            return found
+    rows times `row` (gated_input.py: the activation's own launch saved)."""
     k = x.numel() // 2 if gated else x.numel()
     blocks = triton.cdiv(k, QK)
     q = torch.empty(blocks * QK, dtype=torch.int8, device=x.device)

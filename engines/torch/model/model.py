@@ -181,12 +181,9 @@ class LlamaModel(nn.Module):
         call it after loading, never before. Quantized projections were fused by the
         loader where their types match (engines.torch.load.gguf_quant); the rest
         stay apart. Returns self."""
-        from engines.torch.model.quantized_norms import mark_quantized_norms
-
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
-        mark_quantized_norms(self)   # after fusing: the fused projections are the readers
         return self
 
     def weight_bytes(self) -> int:

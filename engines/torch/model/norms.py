@@ -19,13 +19,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        # Set where the projection reading the output takes the integer dots
-        # (quantized_norms.py): the fused kernel writes the output's quants too.
-        self.quantize_output = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused_small.usable(x):   # eager on the GPU: one launch, not nine
-            return fused_small.rms_norm(x, self.weight, self.eps, quantize=self.quantize_output)
+            return fused_small.rms_norm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * self.weight.float()).to(x.dtype)
@@ -49,7 +46,7 @@ def add_then_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> tupl
     """(x + delta, norm(x + delta)): a residual add and the norm that reads it, in one
     launch where an RMSNorm runs eager on the GPU (fused_small), else as two ops."""
     if type(norm) is RMSNorm and fused_small.usable(x) and delta.shape == x.shape and delta.dtype == x.dtype:
-        return fused_small.add_rms_norm(x, delta, norm.weight, norm.eps, quantize=norm.quantize_output)
+        return fused_small.add_rms_norm(x, delta, norm.weight, norm.eps)
     total = x + delta
     return total, norm(total)
 
