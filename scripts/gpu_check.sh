@@ -76,8 +76,6 @@ declare -A PARTS=(
   [quant_dp4a]="240 -m benchmarks.quant_dp4a"
   # Only the per-shape launch sweep (what the launches and row thresholds should say per 8B
   # layer shape), at decode's batches 1, 2 and 8 (~60 s each on the H100).
-  # The stacked experts' pairs kernel at Qwen3-30B-A3B's shapes, launch by launch.
-  [quant_pairs]="240 -m benchmarks.quant_pairs"
   [quant_dp4a_sweep]="240 -m benchmarks.quant_dp4a --sweep-only --sweep-rows 1,2,8 --name quant_dp4a_sweep"
   # Quantized GGUFs vs llama.cpp's CUDA build (carry .gpu: scripts/fetch_llama_src.sh makes it).
   # One call each; the build and the shape files stay under build/quant for the next part.

@@ -74,20 +74,3 @@ def test_the_integer_dot_pairs_are_each_expert_times_x_as_quantized(type_name: s
     got = quant_experts._launch_dp4a(x, w, EXPERTS, ids, x_div)
     assert got.shape == (len(ids), OUT)
     assert torch.all((got.float() - want).abs() <= BOUND * scale + 1e-6), (got.float() - want).abs().max()
-
-
-def test_short_rows_take_the_short_launch_with_the_same_products():
-    """Qwen3-30B-A3B's down projection (K = 768: 3 super-blocks) leaves 5 of 8 slots of the
-    one-row launch's step idle; pairs_launch takes PAIRS_SHORT_K there, and the products
-    are the one-row launch's (dp4a emulated)."""
-    from engines.torch.kernels import quant_dp4a
-
-    assert quant_experts.pairs_launch("Q6_K", 2048, 768) == quant_experts.PAIRS_SHORT_K["Q6_K"]
-    assert quant_experts.pairs_launch("Q4_K", 768, 2048) == quant_dp4a.launch_for("Q4_K", 1, 768)
-    assert quant_experts.pairs_launch("Q8_0", 2048, 768) == quant_dp4a.launch_for("Q8_0", 1, 2048)
-    w, _ = _stacked("Q6_K", 768)
-    ids = torch.tensor([2, 0, 3])
-    x = torch.randn(len(ids), 768)
-    short = quant_experts._launch_dp4a(x, w, EXPERTS, ids, 1)
-    one_row = quant_experts._launch_dp4a(x, w, EXPERTS, ids, 1, launch=quant_dp4a.launch_for("Q6_K", 1, OUT))
-    torch.testing.assert_close(short, one_row, rtol=1e-5, atol=1e-5)

@@ -28,11 +28,6 @@ from engines.torch.kernels.gated_input import gate_code
 from engines.torch.kernels.quant_ops import gated_activation
 from engines.torch.kernels.quant_weight import QuantWeight
 
-# type -> (rows a program, blocks a step, unroll, warps) where K holds fewer blocks than the
-# one-row launch's step (pairs_launch): 4 blocks a step (K-quants: 16 slots, 12 live at K = 768)
-# and rows enough for a warp. Unmeasured guess until benchmarks/quant_pairs.py has run.
-PAIRS_SHORT_K = {"Q4_K": (2, 4, 1, 1), "Q6_K": (2, 4, 1, 1)}
-
 
 def qmatvec_experts_reference(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tensor,
                               x_div: int) -> torch.Tensor:
@@ -60,29 +55,14 @@ def _launch(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tensor
     return out
 
 
-def pairs_launch(type_name: str, rows: int, k: int) -> tuple[int, int, int, int]:
-    """The integer-dot launch of one projection's pairs: decode's one-row launch (each pair
-    is one row of x), but where K is so short that it leaves slots of a step idle
-    (Qwen3-30B-A3B's down projection: K = 768, 3 super-blocks against 8 a step), as many
-    blocks a step as K holds and more rows a program in their place (PAIRS_SHORT_K)."""
-    launch = quant_dp4a.launch_for(type_name, 1, rows)
-    short = PAIRS_SHORT_K.get(type_name)
-    blocks = k // quant_dp4a.TYPES[type_name]
-    if short is not None and blocks < launch[1] * launch[2]:
-        return short
-    return launch
-
-
 def _launch_dp4a(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tensor, x_div: int,
                  out: torch.Tensor | None = None, gated: str | None = None,
-                 quantized: tuple[torch.Tensor, ...] | None = None,
-                 launch: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                 quantized: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """The same pairs on quant_dp4a's integer-dot kernels (x quantized to int8 per 32 once,
-    every row of it, or `quantized` already), with `pairs_launch` (or `launch`)."""
+    every row of it, or `quantized` already), with the one-row launch: each pair is one row of x."""
     n = w.shape[0] // num_experts
-    return quant_dp4a.run_kernel(x, w, n, launch or pairs_launch(w.type_name, n, w.shape[1]), ids.numel(),
-                                 gated=gated, out=out, quantized=quantized, ids_ptr=ids.contiguous(), x_div=x_div,
-                                 INDEXED=True)
+    return quant_dp4a.run_kernel(x, w, n, quant_dp4a.launch_for(w.type_name, 1, n), ids.numel(), gated=gated,
+                                 out=out, quantized=quantized, ids_ptr=ids.contiguous(), x_div=x_div, INDEXED=True)
 
 
 def _experts(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tensor, x_div: int,
