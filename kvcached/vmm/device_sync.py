@@ -7,10 +7,10 @@ A whole-device wait from another thread is not among them: a cuCtxSynchronize
 caching allocator's empty_cache (cudaFree) waits on the capturing stream too,
 which CUDA refuses (CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED) and which invalidates
 the capture. Measured on the H200 (exhaustion benchmark, two models): the pressure
-reclaim's trim of one model during the other's idle capture failed both; the
-failed capture left torch's caching allocator routing that thread's allocations
-into the graph's private pool, and every unload after it left 264-678 MiB held
-(2 MiB on the H100 run before, where the two never met).
+reclaim's trim of one model during the other's idle capture failed both, and every
+unload after it left 264-678 MiB in the caching allocator (2 MiB on the H100 run
+before, where the two never met). A GPU test (tests/gpu/test_graph_capture_gpu.py)
+has the wait and the capture on two threads: both succeed.
 
 So a capture holds `exclusive()` while it records, and every whole-device wait
 here or in the engines goes through `synchronize_device` / `empty_cache` (or holds

@@ -18,9 +18,6 @@ So a capture here:
   whole-device wait from another thread meanwhile (a trim's cuCtxSynchronize, an
   unload's empty_cache: CUDA refuses those during a capture and the capture fails;
   device_sync says what that cost on the H200);
-- if it fails anyway, ends the caching allocator's routing of this thread's
-  allocations into the graph's pool (torch skips that when the capture's end
-  fails: every later allocation of the thread went into a pool nothing frees);
 - if it fails anyway, gives the default generator a fresh state object, so
   the failure stays this capture's and not the whole process's.
 """
@@ -47,29 +44,8 @@ def capturing(graph: torch.cuda.CUDAGraph, pool: object | None, device: torch.de
             with torch.cuda.graph(graph, pool=pool, capture_error_mode=CAPTURE_MODE):
                 yield
         except BaseException:
-            end_pool_routing(graph, device)
             reset_default_generator(device)
             raise
-
-
-def end_pool_routing(graph: torch.cuda.CUDAGraph, device: torch.device) -> bool:
-    """After a failed capture, undo what its start did to the caching allocator, which
-    torch's capture_end skips when it raises: stop sending this stream's allocations to
-    the graph's private pool, and drop the capture's use of that pool (a graph that never
-    finished does not release it when destroyed), so its blocks can go back to the driver.
-    Private torch hooks: False where this torch lacks them or they refuse."""
-    end_allocate = getattr(torch._C, "_cuda_endAllocateToPool", None)
-    release = getattr(torch._C, "_cuda_releasePool", None)
-    if end_allocate is None or release is None:
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    try:
-        end_allocate(index, graph.pool())
-        release(index, graph.pool())
-    except RuntimeError as exc:   # the capture got far enough to end its routing itself
-        log.debug("a failed capture's pool left as it was: %s", exc)
-        return False
-    return True
 
 
 def reset_default_generator(device: torch.device) -> bool:
