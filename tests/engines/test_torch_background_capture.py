@@ -149,3 +149,31 @@ def test_a_warm_up_that_waits_for_the_captures_does_not_wait_for_the_quiet() -> 
         assert engine.finish_background_work(10.0)
     finally:
         engine.unload()
+
+
+def test_a_failed_idle_capture_is_logged_with_its_stack_and_the_model_serves_on(caplog) -> None:
+    """A capture that fails for a reason other than memory (the H200 exhaustion run's
+    "operation not permitted when stream is capturing") is logged with the call that
+    failed; the pending buckets are dropped and requests are answered as before."""
+    import logging
+
+    engine = tiny_engine(slots=3)
+    engine.load()
+    try:
+        runner = engine.loop.runner
+        first = generate(engine, "abc abc")
+
+        def unsupported_inside_capture(key, slot):
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+        runner._capture = unsupported_inside_capture
+        runner.pending = [(2, 0)]
+        with caplog.at_level(logging.WARNING, logger="engines.torch.serve.idle_work"):
+            assert generate(engine, "xyz") is not None
+            wait_until(lambda: "capturing a pending decode graph failed" in caplog.text)
+        failed = [r for r in caplog.records if "capturing a pending decode graph failed" in r.getMessage()]
+        assert failed and failed[0].exc_info is not None
+        assert "unsupported_inside_capture" in caplog.text            # the failing call's frame
+        assert generate(engine, "abc abc") == first
+    finally:
+        engine.unload()

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 
 from engines.torch.serve.oom import as_temporary, give_back_cached_blocks
+from kvcached.errors import TemporaryError
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,11 @@ class IdleWork:
         try:
             return self._capture_while_idle()
         except Exception as exc:  # noqa: BLE001 - a dead worker hangs every request
+            typed = as_temporary(exc, f"model {self.stats.name}")
+            # Out of memory under pressure is expected; anything else gets its stack (the H200
+            # exhaustion run's "operation not permitted when stream is capturing" had none).
             log.warning("capturing a pending decode graph failed (%s); the rest are captured "
-                        "when first needed", as_temporary(exc, f"model {self.stats.name}"))
+                        "when first needed", typed, exc_info=None if isinstance(typed, TemporaryError) else exc)
             self.runner.pending.clear()
             give_back_cached_blocks()
             return False
