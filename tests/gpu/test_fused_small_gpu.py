@@ -44,8 +44,10 @@ def test_add_rms_norm_on_the_gpu(cols: int) -> None:
     weight = torch.randn(cols, device="cuda")
     total, normed = fused_small.add_rms_norm(x, delta, weight, 1e-5)
     assert torch.equal(total, x + delta)
+    # One bf16 step, as test_rms_norm_on_the_gpu allows: a value next to a rounding boundary
+    # lands on either side in another summation order (1 of 32,768 on the H200 at 4,096).
     torch.testing.assert_close(normed.float(), torch_rms_norm(x + delta, weight, 1e-5).float(),
-                               rtol=2 ** -8, atol=1e-3)
+                               rtol=2 ** -7, atol=1e-3)
 
 
 def test_kernels_are_captured_in_a_cuda_graph() -> None:
