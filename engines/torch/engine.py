@@ -29,7 +29,6 @@ from engines.phases import LoadPhases
 from engines.errors import ContextOverflow, EmbeddingsUnsupported, InvalidRequest, ModelLoadError
 from engines.torch.embedding import pooled_embedding
 from engines.torch.serve.kv_access import KvcachedStore
-from kvcached.vmm import device_sync
 from engines.torch.serve.kv_budget import KVBudget
 from engines.torch.serve.oom import as_temporary
 from engines.torch.serve import kv_persist
@@ -43,6 +42,7 @@ from engines.torch.source import read_model, weights_estimate
 from engines.torch.weights_rung import WeightsRung
 from engines.types import EmbeddingResult, GenerateRequest, LoadProgress, ModelState, StreamChunk
 from kvcached.config import MiB
+from kvcached.vmm import device_sync
 from kvcached.errors import ConfigError
 from kvcached.page_pool import PagePool
 
