@@ -72,6 +72,8 @@ declare -A PARTS=(
   # EXHAUSTION_BUDGET_S: less where other parts share the call (each call has 600 s).
   [exhaustion]="590 -m benchmarks.exhaustion --backend cuda --cycles 10 --hold-s 20 --budget-s ${EXHAUSTION_BUDGET_S:-540}"
   [quant_matvec]="240 -m benchmarks.quant_matvec"
+  # A small model's matvecs (SmolLM2) and the MoE's k/v/o: today's path against a launch sweep (issues 16, 17).
+  [quant_small]="480 -m benchmarks.quant_small"
   # Q4_K at batch 1 on dp4a (int8 activations, as llama.cpp's mmvq) against the float matvec.
   [quant_dp4a]="240 -m benchmarks.quant_dp4a"
   # Only the per-shape launch sweep (what the launches and row thresholds should say per 8B
