@@ -93,10 +93,24 @@ def test_gate_and_up_share_one_quantized_x_and_write_one_buffer() -> None:
     gate, up = _stack("Q4_K", ROWS, K_QUANT_WIDTH, 1), _stack("Q4_K", ROWS, K_QUANT_WIDTH, 2)
     x = torch.randn(2, K_QUANT_WIDTH)
     ids = torch.tensor([3, 0, 1, 3])                       # two tokens, k = 2
-    h = quant_experts.gate_up_pairs(x, gate.qweight, up.qweight, EXPERTS, ids, 2)
+    h = quant_experts.gate_up_pairs(x, [gate.qweight, up.qweight], EXPERTS, ids, 2)
     assert h.shape == (4, 2 * ROWS)
     assert torch.equal(h[:, :ROWS], quant_experts._launch_dp4a(x, gate.qweight, EXPERTS, ids, 2))
     assert torch.equal(h[:, ROWS:], quant_experts._launch_dp4a(x, up.qweight, EXPERTS, ids, 2))
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K"])   # the integer-dot kernels, the float matvec
+def test_one_stack_of_gate_and_up_rows_writes_the_same_buffer_in_one_launch(type_name: str) -> None:
+    """The loader's [gate_e | up_e] stack (gguf_quant.interleave_experts): one launch, the
+    very values of gate and up launched apart."""
+    gate, up = _stack(type_name, ROWS, K_QUANT_WIDTH, 1), _stack(type_name, ROWS, K_QUANT_WIDTH, 2)
+    both = quant_experts.stack_gate_up(gate.qweight, up.qweight, EXPERTS)
+    assert both.shape == (EXPERTS * 2 * ROWS, K_QUANT_WIDTH)
+    x = torch.randn(2, K_QUANT_WIDTH)
+    ids = torch.tensor([3, 0, 1, 3])
+    h = quant_experts.gate_up_pairs(x, [both], EXPERTS, ids, 2)
+    assert torch.equal(h, quant_experts.gate_up_pairs(x, [gate.qweight, up.qweight], EXPERTS, ids, 2))
 
 
 @pytest.mark.timeout(600)
@@ -128,6 +142,8 @@ def test_the_fused_eager_path_equals_the_dense_experts(monkeypatch) -> None:
     monkeypatch.setattr(moe, "_must_not_sync", lambda x: True)
     monkeypatch.setattr(moe_small, "usable", lambda x: True)     # the CPU stands in for the GPU here
     assert quant_dp4a.supports(gate.qweight, 1)                   # emulated under the interpreter
-    got = moe.quant_experts_forward(x, ids, weights, gate, up, down, "silu")
+    got = moe.quant_experts_forward(x, ids, weights, (gate, up), down, "silu")
     want = moe._dense(x, ids, weights, gate.weight, up.weight, down.weight, torch.nn.functional.silu)
     assert ((got - want).abs().max() / want.abs().max()).item() < 3e-2
+    stacked = QuantExperts(quant_experts.stack_gate_up(gate.qweight, up.qweight, EXPERTS), EXPERTS, torch.float32)
+    assert torch.equal(moe.quant_experts_forward(x, ids, weights, (stacked,), down, "silu"), got)

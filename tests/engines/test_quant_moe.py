@@ -23,6 +23,7 @@ from engines.config import EngineConfig  # noqa: E402
 from engines.torch.kernels.quant_weight import QuantWeight  # noqa: E402
 from engines.torch.load.gguf_loader import load_gguf, open_reader  # noqa: E402
 from engines.torch.model import moe  # noqa: E402
+from engines.torch.kernels.quant_experts import stack_gate_up  # noqa: E402
 from engines.torch.quant.modules import QuantExperts  # noqa: E402
 from tests.engines.quant_blocks import block_bytes  # noqa: E402
 
@@ -50,7 +51,10 @@ def test_experts_in_blocks_load_route_and_match_llamacpp(tmp_path, name):
     assert choice.engine == "torch", choice.reason
     model, _ = load_gguf(path, dtype=torch.float32)
     experts = [m for m in model.modules() if isinstance(m, QuantExperts)]
-    assert len(experts) == 3 * model.cfg.num_layers and all(e.qweight.type_name == "Q8_0" for e in experts)
+    # gate and up of one type: one stack of [gate_e | up_e] rows an expert (gguf_quant), and down
+    assert len(experts) == 2 * model.cfg.num_layers and all(e.qweight.type_name == "Q8_0" for e in experts)
+    first = model.model.layers[0].mlp.experts
+    assert first.gate_up_proj.out_features == 2 * first.down_proj.in_features
     model.fit_context(N_CTX)
     ours, ours_tokens = torch_run(model)
     ref, ref_tokens = llamacpp_run(path)
@@ -65,8 +69,9 @@ def _stack(type_name: str, experts: int, out: int, inp: int, seed: int) -> Quant
     return QuantExperts(w, experts, torch.float32)
 
 
+@pytest.mark.parametrize("stacked", [False, True])      # gate and up apart, or the loader's one stack
 @pytest.mark.parametrize("in_graph", [False, True])
-def test_both_cuda_paths_equal_the_dense_experts(monkeypatch, in_graph):
+def test_both_cuda_paths_equal_the_dense_experts(monkeypatch, in_graph, stacked):
     torch.manual_seed(0)
     experts, dim, ffn = 4, 256, 256
     gate, up, down = (_stack("Q4_K", experts, o, i, s) for o, i, s in ((ffn, dim, 1), (ffn, dim, 2), (dim, ffn, 3)))
@@ -75,7 +80,9 @@ def test_both_cuda_paths_equal_the_dense_experts(monkeypatch, in_graph):
     weights = torch.softmax(torch.randn(3, 2), -1)
     act = torch.nn.functional.silu
     monkeypatch.setattr(moe, "_must_not_sync", lambda x: in_graph)
-    got = moe.quant_experts_forward(x, ids, weights, gate, up, down, "silu")
+    gate_up = (QuantExperts(stack_gate_up(gate.qweight, up.qweight, experts), experts, torch.float32),) \
+        if stacked else (gate, up)
+    got = moe.quant_experts_forward(x, ids, weights, gate_up, down, "silu")
     want = moe._dense(x, ids, weights, gate.weight, up.weight, down.weight, act)
     # float32 sums in another order over random blocks' large values: relative to the largest
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from engines.torch.kernels.quant_experts import stack_gate_up  # noqa: E402
 from engines.torch.kernels.quant_weight import QuantWeight  # noqa: E402
 from engines.torch.model import moe  # noqa: E402
 from engines.torch.quant.modules import QuantExperts  # noqa: E402
@@ -33,10 +34,13 @@ def _stack(type_name: str, out: int, inp: int, seed: int) -> QuantExperts:
     return QuantExperts(QuantWeight.from_gguf(raw, type_name, (EXPERTS * out, inp), "cuda"), EXPERTS, torch.float32)
 
 
+@pytest.mark.parametrize("stacked", [False, True])     # gate and up apart, or the loader's one stack
 @pytest.mark.parametrize("type_name", [*DP4A_TYPES, "Q5_K"])
-def test_pairs_in_a_graph_and_per_expert_eager_equal_the_dense_experts(type_name, monkeypatch):
+def test_pairs_in_a_graph_and_per_expert_eager_equal_the_dense_experts(type_name, stacked, monkeypatch):
     torch.backends.cuda.matmul.allow_tf32 = False
     gate, up, down = _stack(type_name, FFN, DIM, 1), _stack(type_name, FFN, DIM, 2), _stack(type_name, DIM, FFN, 3)
+    gate_up = (QuantExperts(stack_gate_up(gate.qweight, up.qweight, EXPERTS), EXPERTS, torch.float32),) \
+        if stacked else (gate, up)
     act = torch.nn.functional.silu
     x = torch.randn(3, DIM, device="cuda")
     ids = torch.stack([torch.randperm(EXPERTS, device="cuda")[:K] for _ in range(3)])
@@ -47,18 +51,18 @@ def test_pairs_in_a_graph_and_per_expert_eager_equal_the_dense_experts(type_name
 
     # x rounded to int8 per 32 (half a step of amax/127) moves the pairs' sums by ~1% at most
     pairs_bound = 3e-2 if type_name in DP4A_TYPES else 1e-4
-    eager = moe.quant_experts_forward(x, ids, weights, gate, up, down, "silu")         # per expert hit
+    eager = moe.quant_experts_forward(x, ids, weights, gate_up, down, "silu")         # per expert hit
     _close(eager, dense())
     graph = torch.cuda.CUDAGraph()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with monkeypatch.context() as patch, torch.cuda.stream(side):
         patch.setattr(moe, "_must_not_sync", lambda x: True)                         # the graph's path, eager:
-        pairs = moe.quant_experts_forward(x, ids, weights, gate, up, down, "silu")      # Triton compiles here
+        pairs = moe.quant_experts_forward(x, ids, weights, gate_up, down, "silu")      # Triton compiles here
         _close(pairs, dense(), pairs_bound)
     torch.cuda.current_stream().wait_stream(side)
     with torch.cuda.graph(graph):
-        captured = moe.quant_experts_forward(x, ids, weights, gate, up, down, "silu")   # the pairs kernel
+        captured = moe.quant_experts_forward(x, ids, weights, gate_up, down, "silu")   # the pairs kernel
     for _ in range(3):                         # new routing, same buffers: the graph reads it on the device
         ids.copy_(torch.stack([torch.randperm(EXPERTS, device="cuda")[:K] for _ in range(3)]))
         x.normal_()
@@ -66,7 +70,7 @@ def test_pairs_in_a_graph_and_per_expert_eager_equal_the_dense_experts(type_name
         _close(captured, dense(), pairs_bound)
         with monkeypatch.context() as patch:   # the same kernels outside the graph: the same sums
             patch.setattr(moe, "_must_not_sync", lambda x: True)
-            _close(captured, moe.quant_experts_forward(x, ids, weights, gate, up, down, "silu"), 1e-6)
+            _close(captured, moe.quant_experts_forward(x, ids, weights, gate_up, down, "silu"), 1e-6)
 
 
 @pytest.mark.parametrize(("experts", "k"), [(128, 8), (8, 2)])

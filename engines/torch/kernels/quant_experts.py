@@ -76,16 +76,21 @@ def _experts(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tenso
     return y if out is None else out.copy_(y)
 
 
-def gate_up_pairs(x: torch.Tensor, gate: QuantWeight, up: QuantWeight, num_experts: int,
+def gate_up_pairs(x: torch.Tensor, parts: list[QuantWeight], num_experts: int,
                   ids: torch.Tensor, x_div: int) -> torch.Tensor:
     """[P, 2 * out] = [gate pairs | up pairs], as a gated MLP's fused gate_up projection
     writes it, for the down projection's gated x loads (`qmatvec_experts(..., gated=)`).
-    Each half written in place; where both types run on the integer dots, x is quantized
-    once for the two (three launches where the torch ops took six: two quantizations,
-    two matvecs, the activation and the product)."""
+    parts: the loader's one stack of [gate_e | up_e] rows an expert (one launch writes
+    both halves), or gate and up apart, each half then written in place; where both
+    types run on the integer dots, x is quantized once for the two."""
+    # supports() checks the device: CUDA, or the CPU where Triton's interpreter emulates dp4a (the tests)
+    if len(parts) == 1:
+        if quant_dp4a.supports(parts[0], 1):
+            return _launch_dp4a(x, parts[0], num_experts, ids, x_div)
+        return _experts(x, parts[0], num_experts, ids, x_div)
+    gate, up = parts
     rows = gate.shape[0] // num_experts
     h = torch.empty((ids.numel(), 2 * rows), dtype=x.dtype, device=x.device)
-    # supports() checks the device: CUDA, or the CPU where Triton's interpreter emulates dp4a (the tests)
     if quant_dp4a.supports(gate, 1) and quant_dp4a.supports(up, 1) and gate.shape == up.shape:
         quantized = quant_dp4a.quantize_x(x.contiguous().reshape(-1))
         _launch_dp4a(x, gate, num_experts, ids, x_div, h[:, :rows], quantized=quantized)
@@ -94,6 +99,14 @@ def gate_up_pairs(x: torch.Tensor, gate: QuantWeight, up: QuantWeight, num_exper
     _experts(x, gate, num_experts, ids, x_div, h[:, :rows])
     _experts(x, up, num_experts, ids, x_div, h[:, rows:])
     return h
+
+
+def stack_gate_up(gate: QuantWeight, up: QuantWeight, num_experts: int) -> QuantWeight:
+    """Gate and up stacks as one of [gate_e | up_e] rows an expert, the loader's layout
+    (gguf_quant.interleave_experts): for tests and callers holding the two apart."""
+    rows = gate.shape[0] // num_experts
+    return QuantWeight.concat([part.row_slice(e * rows, (e + 1) * rows)
+                               for e in range(num_experts) for part in (gate, up)])
 
 
 @torch.library.custom_op("ebbtide::qexperts", mutates_args=())

@@ -17,7 +17,11 @@ any repacking:
   reads it. Where types differ (Q4_K_M keeps some attn_v in Q6_K) they stay apart.
 
 Stacked experts (ffn_*_exps, [E, out, in]) are one weight of E * out rows, as the
-file stores them (engines.torch.kernels.quant_experts reads them by expert). A
+file stores them (engines.torch.kernels.quant_experts reads them by expert). Gate and
+up stacks of one type become one `experts.gate_up_proj` of E * 2 out rows, interleaved
+by expert (expert e's gate rows, then its up rows): one launch reads a pair's gate and
+up, writing the [gate | up] row the down projection reads gated (one launch a layer
+fewer: benchmarks/results/README.md has what it saved). A
 weight of a type with no kernel (IQ*, TQ*, MXFP4...) is a ModelLoadError: engines.choice routes such files to llama.cpp
 before they get here, and engines.factory falls back if one does.
 """
@@ -45,6 +49,7 @@ log = logging.getLogger(__name__)
 FUSED_GROUPS: dict[tuple[str, tuple[str, ...]], str] = {
     ("self_attn", ("q_proj", "k_proj", "v_proj")): "qkv_proj",
     ("mlp", ("gate_proj", "up_proj")): "gate_up_proj",
+    ("experts", ("gate_proj", "up_proj")): "gate_up_proj",
 }
 
 
@@ -74,6 +79,11 @@ class _Rows:
     in_features: int
     row_bytes: int
     parts: list[tuple[Any, int | None]]
+    experts: int = 0      # stacked experts: parts interleaved by expert on the device
+
+    def shape_key(self) -> tuple:
+        """What parts must share to be fused: type, row width, and the stack's experts."""
+        return self.type_name, self.in_features, self.row_bytes, self.experts
 
     @property
     def rows(self) -> int:
@@ -90,7 +100,7 @@ def _rows_of(tensor: Any, cfg: ModelConfig, name: str) -> _Rows:
     heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}.get(name.split(".")[-2])
     permuted = family(cfg.arch).permuted_qk and heads is not None
     return _Rows(tensor.tensor_type.name, int(tensor.shape[0]), int(tensor.data.nbytes) // rows,
-                 [(tensor, heads if permuted else None)])
+                 [(tensor, heads if permuted else None)], int(tensor.shape[2]) if is_experts(tensor) else 0)
 
 
 def _fuse(weights: dict[str, _Rows]) -> dict[str, list[str]]:
@@ -104,14 +114,14 @@ def _fuse(weights: dict[str, _Rows]) -> dict[str, list[str]]:
                 continue
             modules = [f"{prefix}.{parent}.{p}" for p in parts]
             entries = [weights.get(f"{m}.weight") for m in modules]
-            if any(e is None for e in entries) or \
-                    len({(e.type_name, e.in_features, e.row_bytes) for e in entries}) != 1:
+            if any(e is None for e in entries) or len({e.shape_key() for e in entries}) != 1:
                 continue
             for m in modules:
                 del weights[f"{m}.weight"]
             first = entries[0]
             weights[f"{prefix}.{parent}.{target}.weight"] = _Rows(
-                first.type_name, first.in_features, first.row_bytes, [p for e in entries for p in e.parts])
+                first.type_name, first.in_features, first.row_bytes, [p for e in entries for p in e.parts],
+                first.experts)
             fused[f"{prefix}.{parent}.{target}"] = modules
     return fused
 
@@ -129,7 +139,15 @@ def _upload(weight: _Rows, upload: StagedUpload, device: torch.device | str) -> 
         if heads is not None:
             part.copy_(unpermute_qk(part, heads))   # a new tensor first: no aliasing
         at += part.shape[0]
+    if weight.experts and len(weight.parts) > 1:
+        return interleave_experts(raw, len(weight.parts), weight.experts)
     return raw
+
+
+def interleave_experts(raw: torch.Tensor, parts: int, experts: int) -> torch.Tensor:
+    """[part 0's E stacked experts; part 1's...] -> rows of expert 0's parts, then expert 1's...
+    (one copy on the device; rows are independent in every GGUF type)."""
+    return raw.view(parts, experts, -1, raw.shape[1]).transpose(0, 1).reshape(raw.shape)
 
 
 def fuse_biases(state: dict[str, torch.Tensor], fused: dict[str, list[str]]) -> None:

@@ -32,16 +32,16 @@ from torch import nn
 
 from engines.torch.kernels import moe_small, quant_kernels
 from engines.torch.kernels.quant_experts import gate_up_pairs
-from engines.torch.kernels.quant_ops import qlinear
+from engines.torch.kernels.quant_ops import gated_activation, qlinear, qlinear_gated
 from engines.torch.model.configs import ModelConfig
 from engines.torch.model.mlp import ACTIVATIONS
 from engines.torch.quant.modules import QuantExperts
 
 
 class ExpertWeights(nn.Module):
-    def __init__(self, num_experts: int, out_dim: int, in_dim: int) -> None:
+    def __init__(self, num_experts: int, out_dim: int, in_dim: int, device: torch.device | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, out_dim, in_dim))   # [E, out, in]
+        self.weight = nn.Parameter(torch.empty(num_experts, out_dim, in_dim, device=device))   # [E, out, in]
 
 
 def _must_not_sync(x: torch.Tensor) -> bool:
@@ -102,46 +102,69 @@ def experts_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
 
 
 def quant_experts_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                          gate: QuantExperts, up: QuantExperts, down: QuantExperts, kind: str) -> torch.Tensor:
-    """experts_forward over experts in GGUF blocks, on CUDA; kind: the activation
+                          gate_up: tuple[QuantExperts, ...], down: QuantExperts, kind: str) -> torch.Tensor:
+    """experts_forward over experts in GGUF blocks, on CUDA; gate_up: (gate, up), or the
+    loader's one stack of [gate_e | up_e] rows an expert (gguf_quant); kind: the activation
     (mlp.ACTIVATIONS). Eager (prefill): each expert hit multiplies its tokens through
     qlinear. Inside a graph: every (token, expert) pair's matvec in one launch per
-    projection (quant_experts.py), reading the chosen experts only; not compiling (the
-    eager graph batch 1 keeps), gate and up write one [gate | up] buffer from one
-    quantized x, the down projection computes the activation as it reads it, and one
-    kernel sums the pairs by weight (moe_small.combine). Rows the kernels cannot read
-    (K-quant rows not whole 256-weight chunks) are dequantized for the step and go the
-    dense way."""
-    act = ACTIVATIONS[kind]
-    if not all(quant_kernels.kernel_ready(m.qweight) for m in (gate, up, down)):
-        return experts_forward(x, topk_ids, topk_weights, gate.weight, up.weight, down.weight, act)
+    weight (quant_experts.py), reading the chosen experts only; not compiling (the eager
+    graph batch 1 keeps), gate and up write one [gate | up] buffer from one quantized x,
+    the down projection computes the activation as it reads it, and one kernel sums the
+    pairs by weight (moe_small.combine). Rows the kernels cannot read (K-quant rows not
+    whole 256-weight chunks) are dequantized for the step and go the dense way."""
+    if not all(quant_kernels.kernel_ready(m.qweight) for m in (*gate_up, down)):
+        w_gate, w_up = dense_gate_up(gate_up)
+        return experts_forward(x, topk_ids, topk_weights, w_gate, w_up, down.weight, ACTIVATIONS[kind])
     if not _must_not_sync(x):
-        return _by_expert(x, topk_ids, topk_weights, lambda e, xe: qlinear(
-            act(qlinear(xe, gate.expert(e))) * qlinear(xe, up.expert(e)), down.expert(e)))
+        return _by_expert(x, topk_ids, topk_weights, lambda e, xe: qlinear_gated(
+            torch.cat([qlinear(xe, part.expert(e)) for part in gate_up], dim=-1), down.expert(e), None, kind))
     num_tokens, k = topk_ids.shape
     flat = topk_ids.reshape(-1)
     if moe_small.usable(x):
-        h = gate_up_pairs(x, gate.qweight, up.qweight, gate.num_experts, flat, k)     # [N*k, 2F]
+        h = gate_up_pairs(x, [part.qweight for part in gate_up], gate_up[0].num_experts, flat, k)   # [N*k, 2F]
         return moe_small.combine(down.pairs(h, flat, 1, gated=kind), topk_weights)
-    h = act(gate.pairs(x, flat, k)) * up.pairs(x, flat, k)        # [N*k, F]: token t's pairs read x[t]
-    out = down.pairs(h, flat, 1).view(num_tokens, k, -1)           # [N, k, dim]
+    # compiled: each weight's pairs one custom op (QuantExperts.pairs); token t's pairs read x[t]
+    h = torch.cat([part.pairs(x, flat, k) for part in gate_up], dim=-1) if len(gate_up) > 1 \
+        else gate_up[0].pairs(x, flat, k)
+    out = down.pairs(gated_activation(h, kind), flat, 1).view(num_tokens, k, -1)      # [N, k, dim]
     return (out.float() * topk_weights.unsqueeze(-1).float()).sum(1).to(x.dtype)
+
+
+def dense_gate_up(gate_up: tuple[nn.Module, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate and up stacks [E, F, dim] of (gate, up) or of one [gate_e | up_e] stack (views)."""
+    if len(gate_up) == 2:
+        return gate_up[0].weight, gate_up[1].weight
+    both = gate_up[0].weight
+    return both.chunk(2, dim=1)
 
 
 class Experts(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.activation = cfg.activation
+        self.gate_up_proj: ExpertWeights | QuantExperts | None = None   # fuse(): the quantized loader's
         self.gate_proj = ExpertWeights(cfg.num_experts, cfg.ffn_dim, cfg.dim)
         self.up_proj = ExpertWeights(cfg.num_experts, cfg.ffn_dim, cfg.dim)
         self.down_proj = ExpertWeights(cfg.num_experts, cfg.dim, cfg.ffn_dim)
 
+    def fuse(self) -> None:
+        """Gate and up as one stack of 2F rows an expert, gate's then up's: where the quantized
+        loader stacked them so (engines.torch.load.gguf_quant), on the meta device it fills."""
+        if self.gate_up_proj is None:
+            experts, ffn, dim = self.gate_proj.weight.shape
+            self.gate_up_proj = ExpertWeights(experts, 2 * ffn, dim, device=self.gate_proj.weight.device)
+            del self.gate_proj, self.up_proj
+
+    def gate_up(self) -> tuple[nn.Module, ...]:
+        return (self.gate_up_proj,) if self.gate_up_proj is not None else (self.gate_proj, self.up_proj)
+
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.gate_proj, QuantExperts) and x.device.type != "cpu":
-            return quant_experts_forward(x, topk_ids, topk_weights, self.gate_proj, self.up_proj,
-                                         self.down_proj, self.activation)
-        return experts_forward(x, topk_ids, topk_weights, self.gate_proj.weight, self.up_proj.weight,
-                               self.down_proj.weight, ACTIVATIONS[self.activation])
+        gate_up = self.gate_up()
+        if x.device.type != "cpu" and all(isinstance(m, QuantExperts) for m in (*gate_up, self.down_proj)):
+            return quant_experts_forward(x, topk_ids, topk_weights, gate_up, self.down_proj, self.activation)
+        w_gate, w_up = dense_gate_up(gate_up)
+        return experts_forward(x, topk_ids, topk_weights, w_gate, w_up, self.down_proj.weight,
+                               ACTIVATIONS[self.activation])
 
 
 class SparseMoE(nn.Module):
