@@ -54,6 +54,21 @@ def test_route_picks_the_top_k_as_torch_does(experts: int, k: int, renormalize: 
         torch.testing.assert_close(weights.sum(-1), torch.ones(5), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize(("experts", "dim", "tokens"), [(128, 2048, 1), (8, 1000, 3)])   # Qwen3-MoE; ragged
+def test_router_logits_are_the_float32_matvec(experts: int, dim: int, tokens: int) -> None:
+    gen = torch.Generator().manual_seed(dim)
+    x = torch.randn(tokens, dim, generator=gen).to(torch.bfloat16)
+    weight = (torch.randn(experts, dim, generator=gen) * 0.02).to(torch.bfloat16)
+    got = moe_small.router_logits(x, weight)
+    assert got.dtype == torch.float32 and got.shape == (tokens, experts)
+    torch.testing.assert_close(got, x.float() @ weight.float().t(), rtol=1e-5, atol=1e-5)
+
+
+def test_router_logits_refuse_a_router_of_another_width() -> None:
+    with pytest.raises(ValueError, match="router of"):
+        moe_small.router_logits(torch.randn(1, 64), torch.randn(8, 32))
+
+
 def test_route_refuses_more_experts_than_it_holds() -> None:
     with pytest.raises(ValueError, match="top 9 of 8"):
         moe_small.route(torch.randn(1, 8), 9, True)

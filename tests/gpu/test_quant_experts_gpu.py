@@ -81,6 +81,8 @@ def test_routing_and_combine_kernels_equal_the_torch_ops(experts, k):
 
     logits = torch.randn(4, experts, device="cuda", dtype=torch.bfloat16) * 3
     y = torch.randn(4 * k, 2048, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(4, 2048, device="cuda", dtype=torch.bfloat16)
+    router = torch.randn(experts, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
 
     def torch_ops():
         probs = torch.softmax(logits.float(), -1)
@@ -90,13 +92,17 @@ def test_routing_and_combine_kernels_equal_the_torch_ops(experts, k):
 
     moe_small.route(logits, k, True)                      # Triton compiles outside the graph
     moe_small.combine(y, torch.ones(4, k, device="cuda"))
+    moe_small.router_logits(x, router)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         ids, weights = moe_small.route(logits, k, True)
         out = moe_small.combine(y, weights)
+        router_out = moe_small.router_logits(x, router)
     for _ in range(3):
         logits.normal_(0, 3)
+        x.normal_()
         graph.replay()
+        torch.testing.assert_close(router_out, x.float() @ router.float().t(), rtol=1e-4, atol=1e-4)
         want_ids, want_w, want_out = torch_ops()
         # bf16 logits tie often (seen at 128 experts on the H100): equal probabilities may be
         # picked in another order than torch.topk's; what each pick selects must be the same

@@ -7,6 +7,10 @@ matvecs, torch ran the routing as six launches (the logits' cast, softmax, top-k
 sum, divide) and the combine as four (cast, multiply, sum, cast back): ten a layer,
 ~480 a step, each ~3 us inside a CUDA graph. Here:
 
+- `router_logits(x, weight)`: the router's matvec, float32 logits (cuBLAS took ~5 us a
+  layer on the H200 for this 128 x 2048 bf16 weight, 240 us of a 3.2 ms step:
+  logs/profile_moe_h200.log); one program an expert row and token, each reading its
+  row once (a latency-bound read of 512 KB spread over the SMs);
 - `route(logits, k, renormalize)`: softmax over the router's logits in float32, the
   top k, renormalized to sum 1 where the family says so (llama.cpp's build_moe_ffn
   for Mixtral and Qwen3-MoE): one program a token;
@@ -25,8 +29,9 @@ import torch
 from engines.torch.kernels.fused_small import usable
 from engines.torch.kernels.quant_decode import tl, triton
 
-__all__ = ["combine", "route", "usable"]
+__all__ = ["combine", "route", "router_logits", "usable"]
 MAX_EXPERTS = 1024    # one program holds a token's logits in registers up to this
+ROUTER_MAX_TOKENS = 8  # router_logits reads the router once a token: decode's batch; a prompt takes cuBLAS
 
 
 if triton is not None:
@@ -54,6 +59,18 @@ if triton is not None:
         tl.store(ids_ptr + token * K + picks, chosen_ids)
         tl.store(weights_ptr + token * K + picks, chosen)
 
+    @triton.jit(do_not_specialize=["n_experts", "dim"])
+    def _router_kernel(x_ptr, w_ptr, out_ptr, n_experts, dim, x_stride, w_stride, out_stride, BK: tl.constexpr):
+        row, token = tl.program_id(0), tl.program_id(1)
+        acc = tl.zeros([BK], dtype=tl.float32)
+        for k0 in range(0, dim, BK):
+            cols = k0 + tl.arange(0, BK)
+            live = cols < dim
+            x = tl.load(x_ptr + token.to(tl.int64) * x_stride + cols, mask=live, other=0.0)
+            w = tl.load(w_ptr + row.to(tl.int64) * w_stride + cols, mask=live, other=0.0)
+            acc += x.to(tl.float32) * w.to(tl.float32)
+        tl.store(out_ptr + token.to(tl.int64) * out_stride + row, tl.sum(acc, axis=0))
+
     @triton.jit
     def _combine_kernel(y_ptr, w_ptr, out_ptr, n_cols, y_row_stride, out_row_stride,
                         K: tl.constexpr, BLOCK: tl.constexpr):
@@ -66,6 +83,19 @@ if triton is not None:
             y = tl.load(y_ptr + (token * K + j).to(tl.int64) * y_row_stride + cols, mask=live, other=0.0)
             acc += y.to(tl.float32) * w
         tl.store(out_ptr + token.to(tl.int64) * out_row_stride + cols, acc.to(out_ptr.dtype.element_ty), mask=live)
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [N, dim] @ weight [E, dim]^T -> float32 logits [N, E], summed in float32, not rounded."""
+    n, dim = x.shape
+    experts = weight.shape[0]
+    if weight.shape[1] != dim or x.stride(-1) != 1 or weight.stride(-1) != 1:
+        raise ValueError(f"router_logits: x {tuple(x.shape)} and a router of {tuple(weight.shape)}, both row-major")
+    out = torch.empty((n, experts), dtype=torch.float32, device=x.device)
+    block = min(1024, triton.next_power_of_2(dim))
+    _router_kernel[(experts, n)](x, weight, out, experts, dim, x.stride(0), weight.stride(0), out.stride(0),
+                                 BK=block, num_warps=4)
+    return out
 
 
 def route(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -181,9 +181,13 @@ class SparseMoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, dim] -> (expert ids [N, k], weights [N, k] float32)."""
-        logits = self.gate(x)
-        if moe_small.usable(logits) and logits.shape[-1] <= moe_small.MAX_EXPERTS:
+        if moe_small.usable(x) and self.gate.out_features <= moe_small.MAX_EXPERTS:
+            if x.shape[0] <= moe_small.ROUTER_MAX_TOKENS and type(self.gate) is nn.Linear:
+                logits = moe_small.router_logits(x.contiguous(), self.gate.weight)   # float32, not rounded to bf16
+            else:
+                logits = self.gate(x)
             return moe_small.route(logits, self.top_k, self.norm_topk_prob)   # one launch, not six
+        logits = self.gate(x)
         probs = torch.softmax(logits.float(), dim=-1)                  # [N, E]
         weights, ids = probs.topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
