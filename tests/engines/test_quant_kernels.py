@@ -110,6 +110,18 @@ def test_triton_matvec(type_name: str):
     _assert_within(quant_kernels.qmatvec(x, w, bias, split=2, chunks_per_step=1), x, ref, BOUND[type_name], bias)
 
 
+def test_short_rows_take_four_chunks_a_step_and_warps_by_rows():
+    """At one row of x a row of <= 1,024 weights is read in one four-chunk step: four warps a
+    program over few rows, one over many (quant_small.json); elsewhere the type's launch."""
+    assert quant_kernels.launch_for("Q5_0", 576, 576, 1) == (1, 4, 4)
+    assert quant_kernels.launch_for("Q5_0", 3072, 576, 1) == (1, 4, 1)
+    assert quant_kernels.launch_for("Q5_0", 3072, 576, 2) == quant_kernels.LAUNCH["Q5_0"]
+    assert quant_kernels.launch_for("Q4_K", 576, 1536, 1) == quant_kernels.LAUNCH["Q4_K"]
+    w, ref = _weight("Q5_0", 6, 576, seed=4)          # SmolLM2's width: 2.25 chunks, the tail masked
+    x = torch.randn(1, 576)
+    _assert_within(quant_kernels.qmatvec(x, w), x, ref, BOUND["Q5_0"])
+
+
 @pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K", "Q8_0", "Q5_0"])
 def test_triton_dequantize_tile_matmul(type_name: str):
     k = _in_features(type_name)
