@@ -45,6 +45,9 @@ declare -A PARTS=(
   # The served step of Q4_K_M files (random blocks), kernel by kernel: what a layer launches (issue 16).
   [profile_q4km]="300 -m benchmarks.decode_profile --q4km --variants triton"
   # Qwen3-30B-A3B's served step (Q4_K_M random blocks, eager graph as batch 1 keeps it), kernel by kernel (issue 17).
+  # SmolLM2's served batch-1 step when it stays eager (batch_one's choice on the H100), kernel by kernel (issue 16).
+  [profile_small]="200 -m benchmarks.decode_profile --q4km --models smollm2-135m --variants triton --no-compile --steps 30"
+  [quant_small_check]="120 -m benchmarks.quant_small --no-sweep --shapes smollm2 --name quant_small_check"
   [profile_moe]="300 -m benchmarks.decode_profile --q4km --models qwen3-30b-a3b --variants triton --no-compile --steps 30"
   [host]="300 -m benchmarks.decode_host --models smollm2-135m,llama-3.2-1b,llama-3.1-8b"
   [engines]="180 -m benchmarks.engine_compare --model synthetic/smollm2-135m --engines torch"
