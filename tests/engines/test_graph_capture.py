@@ -147,3 +147,34 @@ def test_fusing_projections_draws_nothing_from_the_default_generator():
     x = torch.randn(3, 8)
     assert torch.allclose(fused(x), torch.cat([p(x) for p in parts], dim=-1))
     assert fused.weight.device.type == "cpu" and not fused.weight.requires_grad
+
+
+def test_compiled_steps_warm_up_and_capture_one_model_at_a_time():
+    """A compiled step's warm-up (its compile) and capture are one piece, one model at a time;
+    an eager step (the batch-1 graph a load captures) never waits for another's compile."""
+    inside = threading.Event()
+    release = threading.Event()
+    order: list[str] = []
+
+    def step(name: str, compiled: bool) -> None:
+        with graph_capture.one_compile_at_a_time(compiled):
+            order.append(f"begin {name}")
+            if name == "a":
+                inside.set()
+                release.wait(5)
+            order.append(f"end {name}")
+
+    first = threading.Thread(target=step, args=("a", True))
+    first.start()
+    inside.wait(5)
+    eager = threading.Thread(target=step, args=("eager", False))
+    eager.start()
+    eager.join(5)
+    second = threading.Thread(target=step, args=("b", True))
+    second.start()
+    second.join(0.2)
+    assert order == ["begin a", "begin eager", "end eager"]     # b waits while a compiles
+    release.set()
+    first.join(5)
+    second.join(5)
+    assert order[3:] == ["end a", "begin b", "end b"]

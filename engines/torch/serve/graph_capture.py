@@ -20,11 +20,23 @@ So a capture here:
   device_sync says what that cost on the H200);
 - if it fails anyway, gives the default generator a fresh state object, so
   the failure stays this capture's and not the whole process's.
+
+A compiled step's warm-up (where torch.compile compiles) and its capture run as one
+piece, one model of the process at a time (`one_compile_at_a_time`): every model's
+compiled step is the same code object (Runner._decode_forward), and Dynamo's frame
+cache and global state are the process's. On the H200 (exhaustion benchmark) two models
+compiled their batch-2 steps at once (52 s), then one's capture failed in its own
+thread ("operation not permitted when stream is capturing"), as a recompile inside the
+capture does (Inductor's autotuning synchronizes). Serialized, no other model's compile
+runs between a step's warm-up, which settles its guards, and its capture. Eager steps
+(the batch-1 graph a load captures, so a cold model's first request waits for no
+compile) do not wait.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -34,6 +46,18 @@ from kvcached.vmm import device_sync
 log = logging.getLogger(__name__)
 
 CAPTURE_MODE = "thread_local"
+_COMPILED_STEPS = threading.RLock()    # one compiled step warmed up and captured at a time
+
+
+@contextlib.contextmanager
+def one_compile_at_a_time(compiled: bool) -> Iterator[None]:
+    """Around a step's warm-up and capture: where the step is compiled, no other model's
+    compiled warm-up or capture runs meanwhile (the module docstring says why)."""
+    if not compiled:
+        yield
+        return
+    with _COMPILED_STEPS:
+        yield
 
 
 @contextlib.contextmanager

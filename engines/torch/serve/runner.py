@@ -31,7 +31,7 @@ from engines.torch.cuda_libraries import process_stream, release_library_blocks
 from engines.torch.kernels import decode_attention
 from engines.torch.kernels.quant_ops import repeated_rows
 from engines.torch.serve import batch_one
-from engines.torch.serve.graph_capture import capturing
+from engines.torch.serve.graph_capture import capturing, one_compile_at_a_time
 from engines.torch.serve.kv_access import _ACTIVE as _ACTIVE_KV
 from engines.torch.serve.kv_access import KVStore, SlotKV
 from engines.torch.serve.scheduler import PrefillChunk, Sequence, StepPlan
@@ -92,15 +92,16 @@ class DecodeGraph:
         # step's own positions are mapped and free to overwrite (with the same values).
         # The warm-up also compiles, where torch.compile is on.
         self._load(tokens, positions, slots)
-        side = runner.side_stream
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._forward()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with capturing(self.graph, runner.graph_pool, device):         # graph_capture.py: other models go on
-            self.logits = self._forward()                               # [B, 1, V]
+        with one_compile_at_a_time(self.forward is runner.decode_forward and runner.is_compiled):
+            side = runner.side_stream
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._forward()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with capturing(self.graph, runner.graph_pool, device):         # graph_capture.py: other models go on
+                self.logits = self._forward()                               # [B, 1, V]
 
     def close(self) -> None:
         """The graph's executable and its buffers go (see Runner.close)."""
