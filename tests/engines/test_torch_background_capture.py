@@ -177,3 +177,34 @@ def test_a_failed_idle_capture_is_logged_with_its_stack_and_the_model_serves_on(
         assert generate(engine, "abc abc") == first
     finally:
         engine.unload()
+
+
+def test_an_idle_model_does_not_wait_behind_another_models_compile() -> None:
+    """While another model compiles its step (graph_capture's compile turn held elsewhere), an
+    idle model's compiled captures wait, outside its step lock: requests are served meanwhile;
+    the capture runs once the other compile is done."""
+    from engines.torch.serve import graph_capture
+
+    engine = tiny_engine(slots=3)
+    engine.load()
+    try:
+        runner = engine.loop.runner
+        runner.is_compiled = True                 # its captures would go through a compiled step
+        used: list[tuple[int, int]] = []
+        capture = runner._capture
+        runner._capture = lambda key, slot: (used.append(key), capture(key, slot))[1]
+        graph_capture._COMPILED_STEPS.acquire()   # another model compiling
+        try:
+            runner.pending = [(2, 0)]
+            engine.loop.hurry()                   # no quiet period: the worker tries at once
+            started = time.monotonic()
+            assert generate(engine, "abc abc") is not None
+            assert time.monotonic() - started < 10
+            time.sleep(2 * 1.0)                   # two of the idle loop's retries
+            assert used == [] and runner.pending == [(2, 0)]
+        finally:
+            graph_capture._COMPILED_STEPS.release()
+        wait_until(lambda: not runner.pending)
+        assert used == [(2, 0)]
+    finally:
+        engine.unload()

@@ -30,7 +30,9 @@ thread ("operation not permitted when stream is capturing"), as a recompile insi
 capture does (Inductor's autotuning synchronizes). Serialized, no other model's compile
 runs between a step's warm-up, which settles its guards, and its capture. Eager steps
 (the batch-1 graph a load captures, so a cold model's first request waits for no
-compile) do not wait.
+compile) do not wait, and an idle model's pending captures do not wait either
+(`compile_turn`: they try again a second later, so its requests and reclaims never sit
+behind another model's compile).
 """
 from __future__ import annotations
 
@@ -58,6 +60,23 @@ def one_compile_at_a_time(compiled: bool) -> Iterator[None]:
         return
     with _COMPILED_STEPS:
         yield
+
+
+@contextlib.contextmanager
+def compile_turn(compiled: bool) -> Iterator[bool]:
+    """one_compile_at_a_time that never waits: yields False, holding nothing, while another
+    model compiles or captures a compiled step, so an idle model does not sit behind that
+    compile (~50 s) under its step lock, where a request or a reclaim would wait too."""
+    if not compiled:
+        yield True
+        return
+    if not _COMPILED_STEPS.acquire(blocking=False):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        _COMPILED_STEPS.release()
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from engines.torch.serve.graph_capture import compile_turn
 from engines.torch.serve.oom import as_temporary, give_back_cached_blocks
 from kvcached.errors import TemporaryError
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 # Longer than the gap between an agent's requests of one burst, short beside a compile.
 CAPTURE_AFTER_IDLE_S = 2.0
+COMPILE_BUSY_RETRY_S = 1.0   # while another model compiles, how often to look again
 
 
 class IdleWork:
@@ -98,11 +100,17 @@ class IdleWork:
         if not self.runner.pending:
             return False
         self._let_callers_in()   # a broker verb already waiting goes first: a capture may compile
-        with self.step_lock:
+        with self.step_lock, compile_turn(self.runner.is_compiled) as turn:
             slot = self.scheduler.prefix_cache.empty_slot()   # under the lock: a verb may have changed it
             if slot is None:
                 return False
-            return self.runner.capture_pending(slot)
+            if turn:
+                return self.runner.capture_pending(slot)
+        # Another model compiles its step now (graph_capture.compile_turn): again shortly,
+        # serving whatever comes meanwhile.
+        with self._wake:
+            self._wake.wait(COMPILE_BUSY_RETRY_S)
+        return True
 
     def _capture_idle_safely(self) -> bool:
         """_capture_while_idle, where a failure (out of memory while another application
