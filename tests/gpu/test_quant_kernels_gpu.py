@@ -68,6 +68,19 @@ def test_qlinear_paths(type_name: str, rows: int):
         _assert_within(quant_kernels.qmatvec(x, w, paired=False), x, ref, MATVEC_BOUND)
 
 
+@pytest.mark.parametrize("type_name", ["Q5_0", "Q8_0", "Q4_0", "Q5_1", "Q4_1"])
+@pytest.mark.parametrize("out", [300, 3072])
+def test_short_rows_at_one_row_of_x(type_name: str, out: int):
+    """SmolLM2's width (576: 2.25 chunks) in one four-chunk step, four warps a program over few
+    rows, one over many (quant_kernels.launch_for)."""
+    raw = torch.from_numpy(random_blocks(type_name, out, 576, out).copy())
+    ref = dequantize_raw(raw, type_name, (out, 576))
+    w = QuantWeight.from_gguf(raw, type_name, (out, 576), CUDA)
+    x = torch.randn(1, 576, device=CUDA).bfloat16()
+    assert quant_kernels.launch_for(type_name, out, 576, 1)[1] == quant_kernels.SHORT_K_CHUNKS
+    _assert_within(qlinear(x, w), x, ref, MATVEC_BOUND)
+
+
 @pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K", "Q8_0"])
 def test_fused_prefill_kernel(type_name: str):
     w, ref = _weight(type_name, seed=3)
