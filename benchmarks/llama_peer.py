@@ -154,6 +154,19 @@ def llama_bench(build: Build, path: Path, prompts: tuple[int, ...], gen: int, ti
     return result
 
 
+def llama_bench_depth(build: Build, path: Path, depths: tuple[int, ...], gen: int, timeout_s: float) -> dict:
+    """tg<gen> tok/s after a context of each depth (llama-bench -d), -ngl 99 -fa 1: depth -> tok/s."""
+    out = _run([build.binary("llama-bench"), "-m", str(path), "-ngl", "99", "-fa", "1", "-r", "2",
+                "-p", "0", "-n", str(gen), "-d", ",".join(map(str, depths)), "-o", "json"], timeout_s)
+    return depth_rates(out)
+
+
+def depth_rates(llama_bench_json: str) -> dict[int, float]:
+    """llama-bench's JSON records -> {n_depth: mean tok/s} of its generation tests."""
+    return {int(rec.get("n_depth", 0)): float(rec["avg_ts"]) for rec in json.loads(llama_bench_json)
+            if rec.get("n_gen") and not rec.get("n_prompt")}
+
+
 def batched_bench(build: Build, path: Path, batches: tuple[int, ...], gen: int, timeout_s: float) -> dict:
     """Total decode tok/s with `b` sequences decoding together (llama-batched-bench's S_TG)."""
     out = _run([build.binary("llama-batched-bench"), "-m", str(path), "-ngl", "99", "-fa", "1",

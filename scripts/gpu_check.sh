@@ -92,6 +92,9 @@ declare -A PARTS=(
   # Issue 16's figures only (8B and SmolLM2 Q4_K_M, compiled as served): a short call.
   [quant_served_q4km]="450 -m benchmarks.quant_decode --blocks --compile --types Q4_K_M --name quant_decode_compiled_q4km --budget-s ${QUANT_BUDGET_S:-420}"
   [quant_more]="590 -m benchmarks.quant_decode --types Q8_0,Q4_0 --name quant_decode_more --budget-s 540"
+  # Batch-1 decode after 512, 4k and 16k tokens of context against llama-bench -d (carry .gpu):
+  # what attention's one program a KV head costs an agent's long prompts.
+  [decode_depth]="590 -m benchmarks.decode_depth --models llama-3.1-8b --depths 512,4096,16384 --budget-s 540"
   [quant_budget]="590 -m benchmarks.quant_decode --part budget --budget-s 540"
   # Issue 17: Qwen3-30B-A3B's shape, experts stacked in Q4_K/Q6_K blocks (random blocks written
   # straight: its F16 file would not fit the disk), compiled as the daemon serves it, against

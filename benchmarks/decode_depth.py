@@ -1,0 +1,102 @@
+"""Decode at long context against llama.cpp's CUDA build: the tokens a coding agent's step sees.
+
+The quantized benchmark (quant_decode.py) decodes after a 32-token prompt, where
+attention is a few percent of a step. Agents send 4-32k tokens of files and tool
+output, and there attention reads the whole history every token: Ebbtide's decode
+attention (kernels/decode_attention.py) walks a slot's history in one program per KV
+head (8 programs for Llama-3.1-8B, 3 for SmolLM2), llama.cpp's splits it across many
+(flash decoding). This measures what that costs, in one run on the same file:
+
+- ours: the file loaded as the daemon loads it (weights in blocks, KV in kvcached
+  virtual tensors, the decode step compiled and captured), one sequence prefilled to
+  each depth, then batch-1 decode tok/s (best of 3);
+- llama.cpp: llama-bench -ngl 99 -fa 1 -p 0 -n STEPS -d DEPTH (tg after DEPTH tokens).
+
+    python -m benchmarks.decode_depth [--models llama-3.1-8b] [--depths 512,4096,16384]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import sys
+from pathlib import Path
+
+_HERE, _ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent
+sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+import torch  # noqa: E402
+
+from benchmarks.decode import decode_steps, make_store, prefill  # noqa: E402
+from benchmarks.llama_peer import llama_bench_depth, start_build  # noqa: E402
+from benchmarks.quant_decode import Clock, load_measured  # noqa: E402
+from benchmarks.results_io import print_table, write_result  # noqa: E402
+from benchmarks.shape_gguf import named_block_shape  # noqa: E402
+from engines.torch.serve.runner import Runner  # noqa: E402
+from engines.torch.serve.scheduler import Sequence  # noqa: E402
+
+log = logging.getLogger("benchmarks.decode_depth")
+
+
+def ours_at_depths(path: Path, depths: list[int], steps: int) -> dict[int, float]:
+    """Batch-1 decode tok/s after a prompt of each depth, one slot of max(depths) + steps tokens."""
+    model, _ = load_measured(path)
+    store = make_store("virtual", model.cfg, model.dtype, model.device, 1, max(depths) + steps + 64)
+    rates: dict[int, float] = {}
+    try:
+        runner = Runner(model, store)
+        runner.warm_up()
+        gen = torch.Generator().manual_seed(0)
+        for depth in depths:
+            seq = Sequence(prompt=torch.randint(0, model.cfg.vocab_size, (depth,), generator=gen).tolist(),
+                           max_tokens=10 ** 6, slot=0)
+            prefill(runner, [seq])
+            decode_steps(runner, [seq], 3)
+            rates[depth] = max(steps / decode_steps(runner, [seq], steps) for _ in range(3))
+            log.info("%s: depth %d, %.1f tok/s", path.name, depth, rates[depth])
+            store.release(0)
+    finally:
+        store.close()
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rates
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="llama-3.1-8b")
+    parser.add_argument("--depths", default="512,4096,16384")
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--src", type=Path, default=_ROOT / ".gpu" / "llama.cpp-src.tar.xz")
+    parser.add_argument("--budget-s", type=float, default=540)
+    parser.add_argument("--name", default="decode_depth")
+    args = parser.parse_args()
+    clock = Clock(args.budget_s)
+    depths = [int(d) for d in args.depths.split(",")]
+    build = start_build(args.src, _ROOT / "build" / "quant")
+    results: dict = {"files": {}, "settings": {k: str(v) for k, v in vars(args).items()}}
+    table = []
+    for model in args.models.split(","):
+        path = named_block_shape(model)            # random Q4_K_M blocks, as quant_decode --blocks
+        row: dict = results["files"].setdefault(f"{model} Q4_K_M", {})
+        for side, call in (("torch", lambda: ours_at_depths(path, depths, args.steps)),
+                           ("llama_cpp", lambda: llama_bench_depth(build, path, tuple(depths), args.steps,
+                                                                   clock.left()) if build.wait(clock.left() - 60)
+                            else {"error": "llama.cpp did not build"})):
+            try:
+                row[side] = call()
+            except Exception as exc:
+                log.exception("%s %s failed", model, side)
+                row[side] = {"error": f"{type(exc).__name__}: {exc}"}
+            write_result(args.name, results)
+        for depth in depths:
+            ours, theirs = row["torch"].get(depth), row["llama_cpp"].get(depth)
+            table.append([model, depth, ours or "-", theirs or "-", ours / theirs if ours and theirs else "-"])
+    print_table(["model", "depth", "b1 ours", "b1 llama.cpp", "ratio"], table)
+    print(f"results: {write_result(args.name, results)}")
+
+
+if __name__ == "__main__":
+    main()
