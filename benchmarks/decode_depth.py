@@ -9,7 +9,9 @@ head (8 programs for Llama-3.1-8B, 3 for SmolLM2), llama.cpp's splits it across 
 
 - ours: the file loaded as the daemon loads it (weights in blocks, KV in kvcached
   virtual tensors, the decode step compiled and captured), one sequence prefilled to
-  each depth, then batch-1 decode tok/s (best of 3);
+  each depth, then batch-1 decode tok/s (best of 3); once as served (one program a KV
+  head) and once with each history split in pieces of --pieces keys (flash decoding,
+  `SlotKV.use_pieces`, not yet the engine's default: this says whether it should be);
 - llama.cpp: llama-bench -ngl 99 -fa 1 -p 0 -n STEPS -d DEPTH (tg after DEPTH tokens).
 
     python -m benchmarks.decode_depth [--models llama-3.1-8b] [--depths 512,4096,16384]
@@ -38,13 +40,16 @@ from engines.torch.serve.scheduler import Sequence  # noqa: E402
 log = logging.getLogger("benchmarks.decode_depth")
 
 
-def ours_at_depths(path: Path, depths: list[int], steps: int) -> dict[int, float]:
-    """Batch-1 decode tok/s after a prompt of each depth, one slot of max(depths) + steps tokens."""
+def ours_at_depths(path: Path, depths: list[int], steps: int, pieces: int | None = None) -> dict[int, float]:
+    """Batch-1 decode tok/s after a prompt of each depth, one slot of max(depths) + steps tokens;
+    pieces: the decode attention splits each history in pieces of that many keys (flash decoding)."""
     model, _ = load_measured(path)
     store = make_store("virtual", model.cfg, model.dtype, model.device, 1, max(depths) + steps + 64)
     rates: dict[int, float] = {}
     try:
         runner = Runner(model, store)
+        if pieces:
+            runner.kv.use_pieces(pieces)
         runner.warm_up()
         gen = torch.Generator().manual_seed(0)
         for depth in depths:
@@ -69,6 +74,7 @@ def main() -> None:
     parser.add_argument("--models", default="llama-3.1-8b")
     parser.add_argument("--depths", default="512,4096,16384")
     parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--pieces", type=int, default=512, help="keys a program with flash decoding on")
     parser.add_argument("--src", type=Path, default=_ROOT / ".gpu" / "llama.cpp-src.tar.xz")
     parser.add_argument("--budget-s", type=float, default=540)
     parser.add_argument("--name", default="decode_depth")
@@ -82,6 +88,7 @@ def main() -> None:
         path = named_block_shape(model)            # random Q4_K_M blocks, as quant_decode --blocks
         row: dict = results["files"].setdefault(f"{model} Q4_K_M", {})
         for side, call in (("torch", lambda: ours_at_depths(path, depths, args.steps)),
+                           ("torch_pieces", lambda: ours_at_depths(path, depths, args.steps, args.pieces)),
                            ("llama_cpp", lambda: llama_bench_depth(build, path, tuple(depths), args.steps,
                                                                    clock.left()) if build.wait(clock.left() - 60)
                             else {"error": "llama.cpp did not build"})):
@@ -92,9 +99,11 @@ def main() -> None:
                 row[side] = {"error": f"{type(exc).__name__}: {exc}"}
             write_result(args.name, results)
         for depth in depths:
-            ours, theirs = row["torch"].get(depth), row["llama_cpp"].get(depth)
-            table.append([model, depth, ours or "-", theirs or "-", ours / theirs if ours and theirs else "-"])
-    print_table(["model", "depth", "b1 ours", "b1 llama.cpp", "ratio"], table)
+            ours, split, theirs = (row[side].get(depth) for side in ("torch", "torch_pieces", "llama_cpp"))
+            table.append([model, depth, ours or "-", split or "-", theirs or "-",
+                          max(ours or 0, split or 0) / theirs if (ours or split) and theirs else "-"])
+    print_table(["model", "depth", "b1 ours", f"b1 ours, pieces of {args.pieces}", "b1 llama.cpp",
+                 "best ratio"], table)
     print(f"results: {write_result(args.name, results)}")
 
 

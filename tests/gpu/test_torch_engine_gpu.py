@@ -74,14 +74,16 @@ def test_graphed_decode_matches_eager(model_gpu, compile, triton):
     torch.testing.assert_close(graphed, eager, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-program", "pieces"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads", [(9, 3, 64), (32, 8, 128)])
-def test_triton_decode_attention_matches_reference(dtype, heads):
+def test_triton_decode_attention_matches_reference(dtype, heads, split):
+    """split: flash decoding, histories in pieces of 128 keys merged by an atomic count."""
     from engines.torch.kernels import decode_attention
 
     if not decode_attention.is_available(CUDA):
         pytest.skip("no Triton")
-    assert decode_attention.self_check(CUDA, dtype, *heads)
+    assert decode_attention.self_check(CUDA, dtype, *heads, split=split)
 
 
 @pytest.mark.parametrize("compile", [False, True])

@@ -17,7 +17,13 @@ no host sync inside a CUDA graph.
 One program per (batch row, KV head): the group's query heads ride together
 through the history in blocks (online softmax), and the new token's own key
 and value are taken from registers, so the kernel never reads what it wrote.
-Rows repeated as padding write identical values to the same place.
+Rows repeated as padding write identical values to the same place. With
+`Pieces` (flash decoding) each history is cut into pieces of a few hundred keys,
+one program each, and the last program of a row and KV head to finish (an
+atomic count) merges their partial softmax sums: a long history is then read
+by hundreds of programs, not by the 3-8 a row's KV heads give. Not yet the
+engine's default: benchmarks/decode_depth.py measures both against llama.cpp at
+4k and 16k tokens of context, and has not run on a GPU yet.
 
 Every family's attention (the layer's `AttnSpec`): any even head dim (Phi-3's
 96 runs in a 128-wide block, masked), the query scale, Gemma 2's logit
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -55,12 +62,13 @@ if triton is not None:
             q_ptr, k_new_ptr, v_new_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
             cos_ptr, sin_ptr,
             q_sb, q_sh, k_sb, k_sh, v_sb, v_sh, c_slot, c_head, c_tok, o_sb, o_sh, cs_b, scale,
-            softcap, window,
+            softcap, window, part_ptr, count_ptr, piece,
             GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
             ROPE_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROTARY: tl.constexpr,
-            SOFTCAP: tl.constexpr, WINDOW: tl.constexpr):
+            SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, SPLIT: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
+        split = tl.program_id(2)
         pos = tl.load(pos_ptr + b)
         slot = tl.load(slot_ptr + b)
         d = tl.arange(0, BLOCK_D)
@@ -88,24 +96,38 @@ if triton is not None:
             q = (q.to(tl.float32) * cos[None, :] + q_rot * sin[None, :]).to(q.dtype)
         k_new = k_new.to(k_cache_ptr.dtype.element_ty)
         v_new = tl.load(v_new_ptr + b * v_sb + h * v_sh + d, mask=d_ok, other=0.0).to(v_cache_ptr.dtype.element_ty)
-        tl.store(k_base + pos * c_tok + d, k_new, mask=d_ok)
-        tl.store(v_base + pos * c_tok + d, v_new, mask=d_ok)
+        first = 0
+        if WINDOW:
+            first = tl.maximum(pos - window + 1, 0)            # keys p - window < j <= p
+            first = (first // BLOCK_N) * BLOCK_N
+        # This program's keys [lo, hi): the whole history, or (SPLIT) its piece of it; the
+        # piece holding position pos writes the new token and starts from its score.
+        lo, hi = first, pos
+        if SPLIT:
+            lo, hi = tl.maximum(first, split * piece), tl.minimum(pos, (split + 1) * piece)
+            owner = split == pos // piece
+            mine = d_ok & ((d * 0 + split) == pos // piece)      # a [D] mask: the owner writes
+            tl.store(k_base + pos * c_tok + d, k_new, mask=mine)
+            tl.store(v_base + pos * c_tok + d, v_new, mask=mine)
+        else:
+            tl.store(k_base + pos * c_tok + d, k_new, mask=d_ok)
+            tl.store(v_base + pos * c_tok + d, v_new, mask=d_ok)
         # The new token first: its score starts the running max and sum (float32).
         m_i = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale  # [G]
         if SOFTCAP:
             m_i = _softcapped(m_i, softcap)
         l_i = tl.full([BLOCK_G], 1.0, dtype=tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32) + v_new.to(tl.float32)[None, :]
-        first = 0
-        if WINDOW:
-            first = tl.maximum(pos - window + 1, 0)            # keys p - window < j <= p
-            first = (first // BLOCK_N) * BLOCK_N
+        if SPLIT:   # another piece starts empty (a finite floor: exp of it minus any score is 0)
+            m_i = tl.where(owner, m_i, -1e30)
+            l_i = tl.where(owner, l_i, 0.0)
+            acc = tl.where(owner, acc, 0.0)
         # Dots in the cache's 16-bit type on tensor cores, accumulated in float32, as
         # flash attention does: float32 "ieee" dots spilled registers at head_dim 128
         # (117 us a layer for llama-3.1-8b on the H100, decode_profile.json).
-        for start in range(first, pos, BLOCK_N):
+        for start in range(lo, hi, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
-            valid = n < pos
+            valid = n < hi
             if WINDOW:
                 valid = valid & (n > pos - window)
             kv_ok = valid[:, None] & d_ok[None, :]
@@ -121,29 +143,87 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
-        out = acc / l_i[:, None]
-        tl.store(out_ptr + b * o_sb + (h * GROUP + g)[:, None] * o_sh + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=qd_ok)
+        out_at = out_ptr + b * o_sb + (h * GROUP + g)[:, None] * o_sh + d[None, :]
+        if SPLIT:
+            _split_finish(acc, m_i, l_i, out_at, qd_ok, part_ptr, count_ptr, b, h, split, first // piece,
+                          pos // piece, BLOCK_G, BLOCK_D)
+        else:
+            tl.store(out_at, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=qd_ok)
+
+    @triton.jit
+    def _split_finish(acc, m_i, l_i, out_at, qd_ok, part_ptr, count_ptr, b, h, split, lo_piece, hi_piece,
+                      BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+        """A piece's (m, l, acc) to its row of scratch; the last piece of (b, h) to get there
+        (an atomic count) merges them all into the output and zeroes the count for the next
+        call. A lone piece (a history of one piece) stores the output itself."""
+        if (split >= lo_piece) & (split <= hi_piece):
+            if lo_piece == hi_piece:
+                tl.store(out_at, (acc / l_i[:, None]).to(out_at.dtype.element_ty), mask=qd_ok)
+            else:
+                pieces = tl.num_programs(2)
+                width: tl.constexpr = BLOCK_G * (BLOCK_D + 2)
+                row = (b * tl.num_programs(1) + h) * pieces
+                gi = tl.arange(0, BLOCK_G)
+                di = tl.arange(0, BLOCK_D)
+                at = part_ptr + (row + split).to(tl.int64) * width
+                tl.store(at + gi, m_i)
+                tl.store(at + BLOCK_G + gi, l_i)
+                tl.store(at + 2 * BLOCK_G + gi[:, None] * BLOCK_D + di[None, :], acc)
+                counter = count_ptr + b * tl.num_programs(1) + h
+                if tl.atomic_add(counter, 1, sem="acq_rel") == hi_piece - lo_piece:
+                    big = tl.full([BLOCK_G], -1e30, dtype=tl.float32)
+                    total = tl.zeros([BLOCK_G], dtype=tl.float32)
+                    merged = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+                    for p in range(lo_piece, hi_piece + 1):
+                        src = part_ptr + (row + p).to(tl.int64) * width
+                        m_p = tl.load(src + gi, cache_modifier=".cg")
+                        l_p = tl.load(src + BLOCK_G + gi, cache_modifier=".cg")
+                        a_p = tl.load(src + 2 * BLOCK_G + gi[:, None] * BLOCK_D + di[None, :], cache_modifier=".cg")
+                        m_new = tl.maximum(big, m_p)
+                        keep, take = tl.exp(big - m_new), tl.exp(m_p - m_new)
+                        total = total * keep + l_p * take
+                        merged = merged * keep[:, None] + a_p * take[:, None]
+                        big = m_new
+                    tl.store(out_at, (merged / total[:, None]).to(out_at.dtype.element_ty), mask=qd_ok)
+                    tl.atomic_xchg(counter, 0)
 
 
 def is_available(device: torch.device) -> bool:
     return triton is not None and device.type == "cuda"
 
 
+@dataclass
+class Pieces:
+    """Flash decoding: each row's history cut into pieces of `tokens` keys, a program each
+    (`count` of them a row and KV head: the longest history's), merged by the last to
+    finish. One program a KV head walks a 16k-token history alone (8 programs for an 8B
+    model); pieces of 512 keys make 256. A history of one piece costs a row's other
+    programs nothing but their start. `counters`: int32 [rows, KV heads], zero between
+    calls (the merging program zeroes its own); one per KV store, so two models'
+    steps never share one."""
+    tokens: int
+    count: int
+    counters: torch.Tensor
+
+    @classmethod
+    def for_cache(cls, max_tokens: int, rows: int, kv_heads: int, device: torch.device,
+                  tokens: int = 512) -> Pieces:
+        return cls(tokens, -(-max_tokens // tokens), torch.zeros(rows, kv_heads, dtype=torch.int32, device=device))
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                      slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-                     spec: AttnSpec = PLAIN) -> torch.Tensor:
+                     spec: AttnSpec = PLAIN, pieces: Pieces | None = None) -> torch.Tensor:
     """q [B, Hq, 1, D]; k, v [B, Hkv, 1, D]; positions [B, 1]; slots [B];
     caches [S, Hkv, max_ctx, D] (strided, last dim contiguous); cos, sin [B, 1, 1, D]
     float32 (Rotary's output) to rotate q and k here, or None where they already are;
-    spec: the layer's scale, soft-cap, window and rotated dims. Returns [B, Hq, 1, D]."""
+    spec: the layer's scale, soft-cap, window and rotated dims; pieces: split each
+    history across programs (Pieces). Returns [B, Hq, 1, D]."""
     bsz, num_heads, _, head_dim = q.shape
     num_kv = k.shape[1]
     group = num_heads // num_kv
     out = torch.empty((bsz, num_heads, 1, head_dim), dtype=q.dtype, device=q.device)
-    # Keys a block: 128 at head_dim 64, 64 at 128 (16 KiB of K a block either way); a short
-    # history then takes one or two latency-bound trips through memory, not three.
     # Strided q/k/v are fine (the model hands over views of one q|k|v projection): the
     # kernel takes their batch and head strides; only the last dim must be contiguous.
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
@@ -154,16 +234,27 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
     else:
         cos = sin = positions        # unused: ROTARY is off
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
-    _decode_attention_kernel[(bsz, num_kv)](
+    block_g, block_d = max(16, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(head_dim))
+    # Keys a block: 128 at head_dim 64, 64 at 128 (16 KiB of K a block either way); a short
+    # history then takes one or two latency-bound trips through memory, not three.
+    block_n = max(16, min(128, 8192 // block_d))
+    split = pieces is not None and pieces.count > 1
+    if split:
+        assert pieces.tokens % block_n == 0 and pieces.counters.shape[0] >= bsz
+        scratch = torch.empty((bsz * num_kv * pieces.count, block_g * (block_d + 2)), dtype=torch.float32,
+                              device=q.device)
+        counters = pieces.counters
+    else:
+        scratch = counters = out            # unused: SPLIT is off
+    _decode_attention_kernel[(bsz, num_kv, pieces.count if split else 1)](
         q, k, v, positions.reshape(-1), slots, k_cache, v_cache, out, cos, sin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
         cos.stride(0), spec.scale or 1.0 / math.sqrt(head_dim), spec.softcap or 1.0, spec.window,
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), ROPE_DIM=spec.rope_dim or head_dim,
-        BLOCK_N=max(16, min(128, 8192 // triton.next_power_of_2(head_dim))),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        ROTARY=rotary, SOFTCAP=bool(spec.softcap), WINDOW=bool(spec.window))
+        scratch, counters, pieces.tokens if split else 1,
+        GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, ROPE_DIM=spec.rope_dim or head_dim,
+        BLOCK_N=block_n, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        ROTARY=rotary, SOFTCAP=bool(spec.softcap), WINDOW=bool(spec.window), SPLIT=split)
     return out
 
 
@@ -182,9 +273,10 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
 
 
 def self_check(device: torch.device, dtype: torch.dtype, num_heads: int, num_kv: int, head_dim: int,
-               specs: tuple[AttnSpec, ...] = (PLAIN,)) -> bool:
-    """Run the kernel once against the reference on this device and these shapes;
-    False (and a warning) where it fails or differs, so the caller falls back."""
+               specs: tuple[AttnSpec, ...] = (PLAIN,), split: bool = False) -> bool:
+    """Run the kernel once against the reference on this device and these shapes (split:
+    the histories in pieces of 128 keys); False (and a warning) where it fails or
+    differs, so the caller falls back."""
     try:
         gen = torch.Generator(device="cpu").manual_seed(0)
         rand = lambda *shape: torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)  # noqa: E731
@@ -204,8 +296,11 @@ def self_check(device: torch.device, dtype: torch.dtype, num_heads: int, num_kv:
             cos_s, sin_s = cos.clone(), sin.clone()
             cos_s[..., rope_dim:], sin_s[..., rope_dim:] = 1.0, 0.0      # Rotary's (1, 0) past rope_dim
             for rotary in (False, True):
+                pieces = Pieces.for_cache(ctx, 3, num_kv, device, tokens=128) if split else None
                 got = decode_attention(q, k, v, positions, slots, *[t.clone() for t in views],
-                                       *((cos_s, sin_s) if rotary else (None, None)), spec)
+                                       *((cos_s, sin_s) if rotary else (None, None)), spec, pieces)
+                if pieces is not None and bool(pieces.counters.any()):
+                    raise AssertionError("the merging programs left their counts set")
                 q_ref, k_ref = ((apply_rotary(q, cos_s, sin_s, spec.rope_dim), apply_rotary(k, cos_s, sin_s, spec.rope_dim))
                                 if rotary else (q, k))
                 ref_base = base.clone()

@@ -32,7 +32,7 @@ from engines.torch.model.attention import (
     rotate_qk,
     write_kv,
 )
-from engines.torch.kernels.decode_attention import decode_attention
+from engines.torch.kernels.decode_attention import Pieces, decode_attention
 from kvcached.kv_cache.layout import KVLayout, KVShape
 
 
@@ -258,6 +258,14 @@ class SlotKV(KVAccess):
         self._needs_mask = True
         self._mask: torch.Tensor | None = None
         self.use_triton = False   # the runner turns the one-kernel decode attention on where it checks out
+        self.pieces: Pieces | None = None   # flash decoding: histories split across programs (use_pieces)
+
+    def use_pieces(self, tokens: int) -> None:
+        """Split each decode history into pieces of `tokens` keys, one program each (flash
+        decoding; decode_attention.Pieces), for every graph captured from now on."""
+        layout = self.store.layout
+        self.pieces = Pieces.for_cache(layout.max_context, layout.max_slots, layout.shape.num_kv_heads,
+                                       self.k[0].device, tokens)
 
     def refresh(self) -> None:
         """Take the store's views again (after a store is rebuilt; addresses never move otherwise)."""
@@ -318,7 +326,8 @@ class SlotKV(KVAccess):
                      spec: AttnSpec = PLAIN) -> torch.Tensor:
         """A decode batch; cos, sin given: q and k are still to be rotated."""
         if self.use_triton and q.shape[2] == 1:
-            return decode_attention(q, k, v, positions, slots, self.k[layer], self.v[layer], cos, sin, spec)
+            return decode_attention(q, k, v, positions, slots, self.k[layer], self.v[layer], cos, sin, spec,
+                                    self.pieces)
         if cos is not None:
             q, k = rotate_qk(q, k, cos, sin, spec.rope_dim)
         read_len = mask.shape[-1]
