@@ -170,7 +170,10 @@ if triton is not None:
                 tl.store(at + BLOCK_G + gi, l_i)
                 tl.store(at + 2 * BLOCK_G + gi[:, None] * BLOCK_D + di[None, :], acc)
                 counter = count_ptr + b * tl.num_programs(1) + h
-                if tl.atomic_add(counter, 1, sem="acq_rel") == hi_piece - lo_piece:
+                # Every thread's stores before the one atomic (a barrier, then its release): the
+                # merger, after its acquire, reads them from L2 (.cg), past its own L1.
+                tl.debug_barrier()
+                if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == hi_piece - lo_piece:
                     big = tl.full([BLOCK_G], -1e30, dtype=tl.float32)
                     total = tl.zeros([BLOCK_G], dtype=tl.float32)
                     merged = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
