@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from benchmarks.decode import decode_steps, make_store, prefill  # noqa: E402
 from benchmarks.llama_peer import llama_bench_depth, start_build  # noqa: E402
-from benchmarks.quant_decode import Clock, load_measured  # noqa: E402
+from benchmarks.quant_decode import Clock, load_measured, measure_sides  # noqa: E402
 from benchmarks.results_io import print_table, write_result  # noqa: E402
 from benchmarks.shape_gguf import named_block_shape  # noqa: E402
 from engines.torch.serve.runner import Runner  # noqa: E402
@@ -87,17 +87,12 @@ def main() -> None:
     for model in args.models.split(","):
         path = named_block_shape(model)            # random Q4_K_M blocks, as quant_decode --blocks
         row: dict = results["files"].setdefault(f"{model} Q4_K_M", {})
-        for side, call in (("torch", lambda: ours_at_depths(path, depths, args.steps)),
-                           ("torch_pieces", lambda: ours_at_depths(path, depths, args.steps, args.pieces)),
-                           ("llama_cpp", lambda: llama_bench_depth(build, path, tuple(depths), args.steps,
-                                                                   clock.left()) if build.wait(clock.left() - 60)
-                            else {"error": "llama.cpp did not build"})):
-            try:
-                row[side] = call()
-            except Exception as exc:
-                log.exception("%s %s failed", model, side)
-                row[side] = {"error": f"{type(exc).__name__}: {exc}"}
-            write_result(args.name, results)
+        measure_sides(row, model, (
+            ("torch", lambda: ours_at_depths(path, depths, args.steps)),
+            ("torch_pieces", lambda: ours_at_depths(path, depths, args.steps, args.pieces)),
+            ("llama_cpp", lambda: llama_bench_depth(build, path, tuple(depths), args.steps, clock.left())
+             if build.wait(clock.left() - 60) else {"error": "llama.cpp did not build"})),
+            lambda: write_result(args.name, results))
         for depth in depths:
             ours, split, theirs = (row[side].get(depth) for side in ("torch", "torch_pieces", "llama_cpp"))
             table.append([model, depth, ours or "-", split or "-", theirs or "-",

@@ -143,10 +143,15 @@ def _run(cmd: list[str], timeout_s: float, with_stderr: bool = False) -> str:
     return done.stdout + (done.stderr if with_stderr else "")
 
 
+def _bench_command(build: Build, path: Path, repetitions: int) -> list[str]:
+    """llama-bench on path, every layer on the GPU, flash attention, JSON out."""
+    return [build.binary("llama-bench"), "-m", str(path), "-ngl", "99", "-fa", "1", "-r", str(repetitions),
+            "-o", "json"]
+
+
 def llama_bench(build: Build, path: Path, prompts: tuple[int, ...], gen: int, timeout_s: float) -> dict:
     """pp<N> and tg<gen> tok/s (mean of llama-bench's repetitions), -ngl 99 -fa 1."""
-    out = _run([build.binary("llama-bench"), "-m", str(path), "-ngl", "99", "-fa", "1", "-r", "3",
-                "-p", ",".join(map(str, prompts)), "-n", str(gen), "-o", "json"], timeout_s)
+    out = _run(_bench_command(build, path, 3) + ["-p", ",".join(map(str, prompts)), "-n", str(gen)], timeout_s)
     result: dict = {}
     for rec in json.loads(out):
         key = f"prefill_{rec['n_prompt']}_tok_s" if rec.get("n_prompt") else "decode_b1_tok_s"
@@ -156,8 +161,8 @@ def llama_bench(build: Build, path: Path, prompts: tuple[int, ...], gen: int, ti
 
 def llama_bench_depth(build: Build, path: Path, depths: tuple[int, ...], gen: int, timeout_s: float) -> dict:
     """tg<gen> tok/s after a context of each depth (llama-bench -d), -ngl 99 -fa 1: depth -> tok/s."""
-    out = _run([build.binary("llama-bench"), "-m", str(path), "-ngl", "99", "-fa", "1", "-r", "2",
-                "-p", "0", "-n", str(gen), "-d", ",".join(map(str, depths)), "-o", "json"], timeout_s)
+    out = _run(_bench_command(build, path, 2) + ["-p", "0", "-n", str(gen), "-d", ",".join(map(str, depths))],
+               timeout_s)
     return depth_rates(out)
 
 

@@ -34,6 +34,7 @@ import gc
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 _HERE, _ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent
@@ -209,19 +210,26 @@ def run_decode(args: argparse.Namespace, clock: Clock) -> dict:
             log.exception("quantizing %s failed", label)
             row["error"] = f"quantize: {type(exc).__name__}: {exc}"
             continue
-        for side, call in (("torch", lambda: bench_torch(path, bandwidth, args)),
-                           ("llama_cpp", lambda: bench_llamacpp(build, path, args, clock) if ok
-                            else {"error": "llama.cpp did not build"})):
-            try:
-                row[side] = call()
-            except Exception as exc:
-                log.exception("%s: %s failed", label, side)
-                row[side] = {"error": f"{type(exc).__name__}: {exc}"}
-            log.info("%s %s: %s", label, side, row[side])
-            write_result(args.name, results)
+        measure_sides(row, label, (("torch", lambda: bench_torch(path, bandwidth, args)),
+                                   ("llama_cpp", lambda: bench_llamacpp(build, path, args, clock) if ok
+                                    else {"error": "llama.cpp did not build"})),
+                      lambda: write_result(args.name, results))
         row["decode_b1_vs_llama_cpp"] = _ratio(row, "decode_b1_tok_s")
         row[f"prefill_{args.prefill}_vs_llama_cpp"] = _ratio(row, f"prefill_{args.prefill}_tok_s")
     return results
+
+
+def measure_sides(row: dict, label: str, sides, written: Callable[[], object]) -> None:
+    """row[side] = call() for each (side, call), or the error it raised (logged; the rest go
+    on), the results written after each (a call cut off at its limit keeps what ran)."""
+    for side, call in sides:
+        try:
+            row[side] = call()
+        except Exception as exc:
+            log.exception("%s: %s failed", label, side)
+            row[side] = {"error": f"{type(exc).__name__}: {exc}"}
+        log.info("%s %s: %s", label, side, row[side])
+        written()
 
 
 def _ratio(row: dict, key: str) -> float | None:

@@ -42,9 +42,9 @@ from engines.torch.source import read_model, weights_estimate
 from engines.torch.weights_rung import WeightsRung
 from engines.types import EmbeddingResult, GenerateRequest, LoadProgress, ModelState, StreamChunk
 from kvcached.config import MiB
-from kvcached.vmm import device_sync
 from kvcached.errors import ConfigError
 from kvcached.page_pool import PagePool
+from kvcached.vmm import device_sync
 
 log = logging.getLogger(__name__)
 

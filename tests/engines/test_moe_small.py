@@ -117,7 +117,7 @@ def test_gate_and_up_share_one_quantized_x_and_write_one_buffer() -> None:
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K"])   # the integer-dot kernels, the float matvec
 def test_one_stack_of_gate_and_up_rows_writes_the_same_buffer_in_one_launch(type_name: str) -> None:
-    """The loader's [gate_e | up_e] stack (gguf_quant.interleave_experts): one launch, the
+    """The loader's [gate_e | up_e] stack (quant_weight.interleave_stacks): one launch, the
     very values of gate and up launched apart."""
     gate, up = _stack(type_name, ROWS, K_QUANT_WIDTH, 1), _stack(type_name, ROWS, K_QUANT_WIDTH, 2)
     both = quant_experts.stack_gate_up(gate.qweight, up.qweight, EXPERTS)

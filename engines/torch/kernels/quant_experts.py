@@ -26,7 +26,7 @@ import torch
 from engines.torch.kernels import quant_dp4a, quant_kernels
 from engines.torch.kernels.gated_input import gate_code
 from engines.torch.kernels.quant_ops import gated_activation
-from engines.torch.kernels.quant_weight import QuantWeight
+from engines.torch.kernels.quant_weight import QuantWeight, interleave_stacks
 
 
 def qmatvec_experts_reference(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tensor,
@@ -103,10 +103,10 @@ def gate_up_pairs(x: torch.Tensor, parts: list[QuantWeight], num_experts: int,
 
 def stack_gate_up(gate: QuantWeight, up: QuantWeight, num_experts: int) -> QuantWeight:
     """Gate and up stacks as one of [gate_e | up_e] rows an expert, the loader's layout
-    (gguf_quant.interleave_experts): for tests and callers holding the two apart."""
-    rows = gate.shape[0] // num_experts
-    return QuantWeight.concat([part.row_slice(e * rows, (e + 1) * rows)
-                               for e in range(num_experts) for part in (gate, up)])
+    (quant_weight.interleave_stacks): for tests and callers holding the two apart."""
+    both = QuantWeight.concat([gate, up])
+    return QuantWeight(both.type_name, both.shape,
+                       {name: interleave_stacks(p, 2, num_experts) for name, p in both.planes.items()})
 
 
 @torch.library.custom_op("ebbtide::qexperts", mutates_args=())

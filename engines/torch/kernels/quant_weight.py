@@ -57,6 +57,13 @@ def _check_planes() -> None:
 _check_planes()
 
 
+def interleave_stacks(rows: torch.Tensor, parts: int, groups: int) -> torch.Tensor:
+    """[part 0's `groups` stacked groups of rows; part 1's; ...] -> group 0's rows of every
+    part, then group 1's... (one copy; rows are independent in every GGUF type): stacked
+    experts' gate and up become one stack of [gate_e | up_e] rows an expert."""
+    return rows.view(parts, groups, -1, *rows.shape[1:]).transpose(0, 1).reshape(rows.shape)
+
+
 def plane_names(type_name: str) -> list[str]:
     return [name for name, *_ in PLANES[type_name]] if type_name in PLANES else ["w"]
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from engines.errors import ModelLoadError
-from engines.torch.kernels.quant_weight import BLOCK_TYPES, SUPPORTED_TYPES, QuantWeight
+from engines.torch.kernels.quant_weight import BLOCK_TYPES, SUPPORTED_TYPES, QuantWeight, interleave_stacks
 from engines.torch.load.gguf_names import hf_name
 from engines.torch.load.staged_upload import StagedUpload
 from engines.torch.model.configs import ModelConfig
@@ -140,14 +140,8 @@ def _upload(weight: _Rows, upload: StagedUpload, device: torch.device | str) -> 
             part.copy_(unpermute_qk(part, heads))   # a new tensor first: no aliasing
         at += part.shape[0]
     if weight.experts and len(weight.parts) > 1:
-        return interleave_experts(raw, len(weight.parts), weight.experts)
+        return interleave_stacks(raw, len(weight.parts), weight.experts)
     return raw
-
-
-def interleave_experts(raw: torch.Tensor, parts: int, experts: int) -> torch.Tensor:
-    """[part 0's E stacked experts; part 1's...] -> rows of expert 0's parts, then expert 1's...
-    (one copy on the device; rows are independent in every GGUF type)."""
-    return raw.view(parts, experts, -1, raw.shape[1]).transpose(0, 1).reshape(raw.shape)
 
 
 def fuse_biases(state: dict[str, torch.Tensor], fused: dict[str, list[str]]) -> None:

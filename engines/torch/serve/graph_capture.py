@@ -55,10 +55,7 @@ _COMPILED_STEPS = threading.RLock()    # one compiled step warmed up and capture
 def one_compile_at_a_time(compiled: bool) -> Iterator[None]:
     """Around a step's warm-up and capture: where the step is compiled, no other model's
     compiled warm-up or capture runs meanwhile (the module docstring says why)."""
-    if not compiled:
-        yield
-        return
-    with _COMPILED_STEPS:
+    with _COMPILED_STEPS if compiled else contextlib.nullcontext():
         yield
 
 

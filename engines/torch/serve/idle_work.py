@@ -100,7 +100,7 @@ class IdleWork:
         if not self.runner.pending:
             return False
         self._let_callers_in()   # a broker verb already waiting goes first: a capture may compile
-        with self.step_lock, compile_turn(self.runner.is_compiled) as turn:
+        with self.step_lock, compile_turn(self.runner.compiles(self.runner.pending[0][0])) as turn:
             slot = self.scheduler.prefix_cache.empty_slot()   # under the lock: a verb may have changed it
             if slot is None:
                 return False

@@ -84,7 +84,7 @@ class DecodeGraph:
         self.staged = torch.zeros(3, batch, dtype=torch.long, device=device)
         self.copied = torch.cuda.Event()
         self.forward = runner.forward_for(batch)
-        if self.forward is runner.decode_forward and runner.is_compiled:
+        if runner.compiles(batch):
             # One compiled step for every bucket: batch and read length are sizes, not constants.
             for t in (self.ids, self.pos, self.slots, self.key_index):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
@@ -92,7 +92,7 @@ class DecodeGraph:
         # step's own positions are mapped and free to overwrite (with the same values).
         # The warm-up also compiles, where torch.compile is on.
         self._load(tokens, positions, slots)
-        with one_compile_at_a_time(self.forward is runner.decode_forward and runner.is_compiled):
+        with one_compile_at_a_time(runner.compiles(batch)):
             side = runner.side_stream
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -203,6 +203,10 @@ class Runner:
         """The step a graph of this batch captures: compiled, except batch 1 of a compiled
         model, which is captured eager (batch_one.py: only where that replays faster)."""
         return self._decode_forward if self.is_compiled and batch == 1 else self.decode_forward
+
+    def compiles(self, batch: int) -> bool:
+        """Whether a graph of this batch captures the compiled step (graph_capture's compile turn)."""
+        return self.is_compiled and self.forward_for(batch) is self.decode_forward
 
     def warm_keys(self) -> list[tuple[int, int]]:
         """Every (batch bucket, read bucket) a decode step can need."""
