@@ -25,7 +25,7 @@ fi
 
 # part -> "seconds command..."
 declare -A PARTS=(
-  [tests]="300 -m pytest -q -p no:cacheprovider -x --timeout 240 tests/gpu"
+  [tests]="330 -m pytest -q -p no:cacheprovider --timeout 240 tests/gpu"  # no -x: every file reports
   # The GPU tests written or touched since the last lease (no -x: each file reports on its own).
   [tests_new]="300 -m pytest -q -p no:cacheprovider --timeout 240 tests/gpu/test_quant_gated_gpu.py tests/gpu/test_fused_small_gpu.py tests/gpu/test_torch_warmup_gpu.py tests/gpu/test_quant_model_gpu.py tests/gpu/test_torch_engine_gpu.py"
   # The MoE layer's eager kernels (routing, combine, gated experts) and the q/k norm pair (issue 17).
