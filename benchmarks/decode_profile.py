@@ -8,7 +8,12 @@ model's four projections and the LM head as bare F.linear calls at M = 1, 2, 8
 rows, timed with CUDA events, and the bandwidth they reach.
 
     python -m benchmarks.decode_profile [--models smollm2-135m,llama-3.1-8b]
-        [--variants triton,torchops] [--steps 50] [--q4km]
+        [--variants triton,triton-no-pdl,torchops] [--steps 50] [--q4km]
+
+Variants: `triton` (the Triton decode attention, and programmatic dependent launch where
+the GPU has it: engines/torch/kernels/pdl.py), `triton-no-pdl` (the same kernels launched
+one after another as before), `torchops` (attention as torch ops). Each variant also
+times batch-1 decode as benchmarks.decode runs it (the host's part included).
 
 --q4km: the named shapes as random Q4_K_M blocks (benchmarks/shape_gguf.py), loaded as the
 daemon loads a GGUF (weights in their blocks, the quantized kernels), so the table is the
@@ -25,8 +30,9 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from benchmarks.decode import make_store, prefill
+from benchmarks.decode import decode_steps, make_store, prefill
 from benchmarks.results_io import print_table, write_result
+from engines.torch.kernels import pdl
 from engines.torch.serve.runner import Runner
 from engines.torch.serve.scheduler import Sequence, StepPlan
 
@@ -72,7 +78,8 @@ def kernel_table(model, variant: str, args: argparse.Namespace) -> dict:
     """One captured decode step (batch 1 as the engine runs it), kernel by kernel."""
     cfg = model.cfg
     store = make_store("virtual", cfg, model.dtype, model.device, 8, args.ctx)
-    runner = Runner(model, store, compile=not args.no_compile, triton=variant == "triton")
+    pdl.set_enabled(False if variant.endswith("no-pdl") else None)   # kernels captured below keep it
+    runner = Runner(model, store, compile=not args.no_compile, triton=variant.startswith("triton"))
     try:
         runner.warm_up()
         seq = Sequence(prompt=list(range(1, 33)), max_tokens=10 ** 6, slot=0)
@@ -81,6 +88,7 @@ def kernel_table(model, variant: str, args: argparse.Namespace) -> dict:
         for _ in range(args.steps):             # a realistic history length to attend over
             seq.output.append(int(runner.run(plan)[0].argmax()))
             seq.num_computed += 1
+        tok_s = max(args.steps / decode_steps(runner, [seq], args.steps) for _ in range(3))
         key = next(k for k in runner.graphs if k[0] >= 1)
         graph = runner.graphs[key].graph
         replay_us = time_cuda(graph.replay, args.steps)
@@ -97,12 +105,14 @@ def kernel_table(model, variant: str, args: argparse.Namespace) -> dict:
                 k[1] += evt.device_time_total if hasattr(evt, "device_time_total") else evt.cuda_time_total
         rows = sorted(((n, c / args.steps, us / args.steps) for n, (c, us) in kernels.items()),
                       key=lambda r: -r[2])
-        return {"graph_key": list(key), "replay_us": round(replay_us, 1),
+        return {"graph_key": list(key), "replay_us": round(replay_us, 1), "decode_b1_tok_s": round(tok_s, 1),
+                "pdl": pdl.options(model.device)["USE_PDL"],
                 "kernels_per_step": round(sum(r[1] for r in rows), 1),
                 "kernel_us_per_step": round(sum(r[2] for r in rows), 1),
                 "compiled": runner.is_compiled, "triton_attention": runner.kv.use_triton,
                 "top": [{"kernel": n, "calls": round(c, 2), "us": round(us, 2)} for n, c, us in rows[:30]]}
     finally:
+        pdl.set_enabled(None)
         store.close()
 
 
@@ -144,7 +154,7 @@ def main() -> None:
                 log.exception("%s %s failed", name, variant)
                 row[variant] = {"error": f"{type(exc).__name__}: {exc}"}
             v = row[variant]
-            print(f"\n{name} {variant}: replay {v.get('replay_us')} us, "
+            print(f"\n{name} {variant}: replay {v.get('replay_us')} us, b1 {v.get('decode_b1_tok_s')} tok/s, "
                   f"{v.get('kernels_per_step')} kernels, {v.get('kernel_us_per_step')} us of kernels")
             print_table(["kernel", "calls/step", "us/step"],
                         [[k["kernel"], k["calls"], k["us"]] for k in v.get("top", [])[:18]])

@@ -47,6 +47,10 @@ declare -A PARTS=(
   # Qwen3-30B-A3B's served step (Q4_K_M random blocks, eager graph as batch 1 keeps it), kernel by kernel (issue 17).
   # SmolLM2's served batch-1 step when it stays eager (batch_one's choice on the H100), kernel by kernel (issue 16).
   [profile_small]="200 -m benchmarks.decode_profile --q4km --models smollm2-135m --variants triton --no-compile --steps 30"
+  # Programmatic dependent launch (engines/torch/kernels/pdl.py): bit-equal decode and a kernel
+  # chain with and without it; SmolLM2's eager batch-1 step both ways, kernel by kernel.
+  [pdl]="150 -m pytest -q -p no:cacheprovider --timeout 120 tests/gpu/test_pdl_gpu.py"
+  [profile_pdl]="240 -m benchmarks.decode_profile --q4km --models smollm2-135m --variants triton-no-pdl,triton --no-compile --steps 30"
   [quant_small_check]="120 -m benchmarks.quant_small --no-sweep --shapes smollm2 --name quant_small_check"
   [profile_moe]="300 -m benchmarks.decode_profile --q4km --models qwen3-30b-a3b --variants triton --no-compile --steps 30"
   [host]="300 -m benchmarks.decode_host --models smollm2-135m,llama-3.2-1b,llama-3.1-8b"

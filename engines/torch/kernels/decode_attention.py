@@ -40,6 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engines.torch.kernels import pdl
+from engines.torch.kernels.pdl import pdl_start, pdl_wait
 from engines.torch.model.attention import PLAIN, AttnSpec, apply_rotary, cache_attention
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,9 @@ if triton is not None:
             softcap, window, part_ptr, count_ptr, piece,
             GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
             ROPE_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROTARY: tl.constexpr,
-            SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, SPLIT: tl.constexpr):
+            SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, SPLIT: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_start(USE_PDL)
+        pdl_wait(USE_PDL)     # pdl.py: q, k, v, positions, slots and the cache are all written before
         b = tl.program_id(0)
         h = tl.program_id(1)
         split = tl.program_id(2)
@@ -257,7 +261,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
         scratch, counters, pieces.tokens if split else 1,
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, ROPE_DIM=spec.rope_dim or head_dim,
         BLOCK_N=block_n, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        ROTARY=rotary, SOFTCAP=bool(spec.softcap), WINDOW=bool(spec.window), SPLIT=split)
+        ROTARY=rotary, SOFTCAP=bool(spec.softcap), WINDOW=bool(spec.window), SPLIT=split,
+        **pdl.options(q.device))
     return out
 
 

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import torch
 
+from engines.torch.kernels import pdl
 from engines.torch.kernels.gated_input import activate, gate_code
+from engines.torch.kernels.pdl import pdl_start, pdl_wait
 from engines.torch.kernels.quant_decode import tl, triton
 
 MAX_COLS = 16384      # one program holds a whole row in registers up to this
@@ -43,7 +45,9 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_cols, x_row_stride, out_row_stride, eps,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_start(USE_PDL)
+        pdl_wait(USE_PDL)     # pdl.py: every input here is the kernel before's
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -52,7 +56,9 @@ if triton is not None:
 
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, n_cols, x_row_stride, d_row_stride,
-                             sum_row_stride, out_row_stride, eps, BLOCK: tl.constexpr):
+                             sum_row_stride, out_row_stride, eps, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_start(USE_PDL)
+        pdl_wait(USE_PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -66,7 +72,9 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_pair_kernel(a_ptr, b_ptr, wa_ptr, wb_ptr, oa_ptr, ob_ptr, a_rows, n_cols,
-                              a_row_stride, b_row_stride, eps, BLOCK: tl.constexpr):
+                              a_row_stride, b_row_stride, eps, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_start(USE_PDL)
+        pdl_wait(USE_PDL)
         # Rows 0 .. a_rows - 1 are a's (with wa), the rest b's (with wb): q's heads, then k's.
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
@@ -84,7 +92,9 @@ if triton is not None:
 
     @triton.jit
     def _gated_kernel(h_ptr, out_ptr, n_cols, h_row_stride, out_row_stride,
-                      GATE: tl.constexpr, BLOCK: tl.constexpr):
+                      GATE: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_start(USE_PDL)
+        pdl_wait(USE_PDL)
         # h's row is [gate | up], each n_cols wide (the fused gate_up projection's output).
         row, part = tl.program_id(0), tl.program_id(1)
         cols = part * BLOCK + tl.arange(0, BLOCK)
@@ -108,7 +118,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     n_cols = rows.shape[1]
     block = triton.next_power_of_2(n_cols)
     _rms_norm_kernel[(rows.shape[0],)](rows, weight.contiguous(), out, n_cols, rows.stride(0), out.stride(0),
-                                       float(eps), BLOCK=block, num_warps=min(16, max(1, block // 256)))
+                                       float(eps), BLOCK=block, num_warps=min(16, max(1, block // 256)),
+                                       **pdl.options(x.device))
     return out.view(x.shape)
 
 
@@ -125,7 +136,8 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
     block = triton.next_power_of_2(n_cols)
     _add_rms_norm_kernel[(rows.shape[0],)](rows, drows, weight.contiguous(), total, out, n_cols, rows.stride(0),
                                            drows.stride(0), total.stride(0), out.stride(0), float(eps),
-                                           BLOCK=block, num_warps=min(16, max(1, block // 256)))
+                                           BLOCK=block, num_warps=min(16, max(1, block // 256)),
+                                           **pdl.options(x.device))
     return total.view(x.shape), out.view(x.shape)
 
 
@@ -143,7 +155,8 @@ def rms_norm_pair(a: torch.Tensor, wa: torch.Tensor, b: torch.Tensor, wb: torch.
     block = triton.next_power_of_2(n_cols)
     _rms_norm_pair_kernel[(rows_a.shape[0] + rows_b.shape[0],)](
         rows_a, rows_b, wa.contiguous(), wb.contiguous(), out_a, out_b, rows_a.shape[0], n_cols,
-        rows_a.stride(0), rows_b.stride(0), float(eps), BLOCK=block, num_warps=min(16, max(1, block // 256)))
+        rows_a.stride(0), rows_b.stride(0), float(eps), BLOCK=block, num_warps=min(16, max(1, block // 256)),
+        **pdl.options(a.device))
     return out_a.view(a.shape), out_b.view(b.shape)
 
 
@@ -155,5 +168,5 @@ def gated_activation(h: torch.Tensor, kind: str) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(n_cols))
     _gated_kernel[(rows.shape[0], triton.cdiv(n_cols, block))](
         rows, out, n_cols, rows.stride(0), out.stride(0), GATE=gate_code(kind), BLOCK=block,
-        num_warps=4)
+        num_warps=4, **pdl.options(h.device))
     return out.view(*h.shape[:-1], n_cols)

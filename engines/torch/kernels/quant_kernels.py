@@ -31,7 +31,9 @@ import functools
 
 import torch
 
+from engines.torch.kernels import pdl
 from engines.torch.kernels.gated_input import gate_code, load_x
+from engines.torch.kernels.pdl import pdl_start, pdl_wait
 from engines.torch.kernels.quant_decode import CHUNK, PAIR_TILES, TILES, decode_chunk, decode_pair, triton
 from engines.torch.kernels.quant_weight import QuantWeight
 
@@ -63,7 +65,11 @@ if triton is not None:
                     TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr, CPI: tl.constexpr,
                     BN: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr,
                     PAIRED: tl.constexpr, S2: tl.constexpr, L2: tl.constexpr,
-                    ids_ptr=None, x_div=1, INDEXED: tl.constexpr = False, GATE: tl.constexpr = 0):
+                    ids_ptr=None, x_div=1, INDEXED: tl.constexpr = False, GATE: tl.constexpr = 0,
+                    USE_PDL: tl.constexpr = False):
+        # USE_PDL (pdl.py): weights and bias before pdl_wait, x after it; never with INDEXED
+        # (the expert ids come from the kernel before).
+        pdl_start(USE_PDL)
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         if INDEXED:
             # Stacked experts (quant_experts.py): program axis 2 is a (token, expert) pair; its
@@ -95,6 +101,7 @@ if triton is not None:
                 start = (c + t3 // S2) * (S * L)         # [1, T2, 1] each tile row's chunk, unclamped
                 m3 = ((start + z3 * 32) < K) & ((c + t3 // S2) < last)
                 qa, sa, oa, xa, qb, sb, ob, xb = decode_pair(TYPE, b0, b1, b2, b3, h3, z3, j2, m3)
+                pdl_wait(USE_PDL)
                 x_a = load_x(x_ptr, start + xa, m3, K, GATE)
                 x_b = load_x(x_ptr, start + xb, m3, K, GATE)
                 acc2 += (qa * sa + oa) * x_a
@@ -108,6 +115,7 @@ if triton is not None:
                 kx = c * S * L + t3 * L                  # [1, T, 1] first weight of each sub-block
                 m3 = (kx < K) & ((c + t3 // S) < last)   # past the split's last chunk: x reads 0
                 q, scale, offset = decode_chunk(TYPE, b0, b1, b2, b3, b0, b1, b2, b3, h3, h3, z3, j3, z3, m3, m3)
+                pdl_wait(USE_PDL)
                 xv = load_x(x_ptr, kx + j3, m3, K, GATE)
                 acc1 += (q * scale + offset) * xv
             total = tl.sum(tl.sum(acc1, axis=2), axis=1)[:, None]      # [BN, 1]
@@ -119,11 +127,13 @@ if triton is not None:
                 kx = c * S * L + t3 * L
                 m3 = (kx < K) & ((c + t3 // S) < last)
                 q, scale, offset = decode_chunk(TYPE, b0, b1, b2, b3, b0, b1, b2, b3, h3, h3, z3, j3, z3, m3, m3)
+                pdl_wait(USE_PDL)
                 for m in tl.static_range(BM):
                     xv = load_x(x_ptr, m * stride_xm + kx + j3, m3 & ((j3 * 0 + m) < M), K, GATE)
                     part = scale * tl.sum(q * xv, axis=2, keep_dims=True) + offset * tl.sum(xv, axis=2, keep_dims=True)
                     acc = tl.where(mids == m, acc + part, acc)
             total = tl.sum(acc, axis=1)                  # [BN, BM]
+        pdl_wait(USE_PDL)     # a split with no chunk of K (no loop step) still stores after it
         mids2 = tl.arange(0, BM)[None, :]
         if HAS_BIAS:
             total += tl.load(bias_ptr + tl.minimum(rows, N - 1)).to(tl.float32)[:, None]
@@ -249,6 +259,7 @@ def qmatvec(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None, b
     split = triton.cdiv(triton.cdiv(k, CHUNK), chunks_per_split)
     meta = kernel_meta(w.type_name, block_n, chunks_per_step, num_warps, m, paired)
     meta["GATE"] = gate_code(gated)
+    meta.update(pdl.options(x.device))
     grid = (triton.cdiv(n, block_n), split)
     if split == 1:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
