@@ -19,6 +19,7 @@ row M - 1 and are not stored.
 from __future__ import annotations
 
 from engines.torch.kernels.gated_input import load_x
+from engines.torch.kernels.pdl import pdl_start, pdl_wait
 from engines.torch.kernels.quant_decode import triton
 
 if triton is not None:
@@ -102,9 +103,12 @@ if triton is not None:
     def q4_k_kernel(out_ptr, qw_ptr, dm_ptr, sc_ptr, s_qw, s_dm, s_sc, xw_ptr, dx_ptr, sx_ptr, s16_ptr,
                     M, N, NB, s_om, BM: tl.constexpr, BN: tl.constexpr, SB: tl.constexpr,
                     UNROLL: tl.constexpr, EMULATE: tl.constexpr,
-                    ids_ptr=None, x_div=1, INDEXED: tl.constexpr = False):
+                    ids_ptr=None, x_div=1, INDEXED: tl.constexpr = False,
+                    USE_PDL: tl.constexpr = False):
         """Q4_K: a slot is a 32-byte group g of a super-block: low nibbles are sub-block 2g,
         high nibbles 2g + 1; d * scale * dx * dot - dmin * min * sx per sub-block."""
+        pdl_start(USE_PDL)
+        pdl_wait(USE_PDL)     # pdl.py: x's quants are the kernel before's (never with INDEXED)
         rows, r, m, slot, w4 = _tiles(M, N, BM, BN, SB * 4, ids_ptr, x_div, INDEXED)
         xrow, drow = xw_ptr + m * (NB * 64), m * (NB * 8)
         acc = tl.zeros([BM, BN, SB * 4, 1], dtype=tl.float32)
@@ -153,11 +157,14 @@ if triton is not None:
     def q6_k_kernel(out_ptr, ql_ptr, qh_ptr, sc_ptr, d_ptr, s_ql, s_qh, s_sc, s_d, xw_ptr, dx_ptr, sx_ptr, s16_ptr,
                     M, N, NB, s_om, BM: tl.constexpr, BN: tl.constexpr, SB: tl.constexpr,
                     UNROLL: tl.constexpr, EMULATE: tl.constexpr,
-                    ids_ptr=None, x_div=1, INDEXED: tl.constexpr = False):
+                    ids_ptr=None, x_div=1, INDEXED: tl.constexpr = False,
+                    USE_PDL: tl.constexpr = False):
         """Q6_K: a slot is 8 words of ql (half `part` of the super-block, quarter t < 2): their
         low nibbles are weights 128 part + 32t + 0..31 (sub-blocks of 16: 8 part + 2t, + 1),
         their high nibbles the same + 64 (sub-blocks + 4, + 5); the 2 high bits sit in qh
         words 8 part + 0..7 at bits 2t (low) and 2t + 4 (high)."""
+        pdl_start(USE_PDL)
+        pdl_wait(USE_PDL)     # pdl.py: x's quants are the kernel before's (never with INDEXED)
         rows, r, m, slot, w4 = _tiles(M, N, BM, BN, SB * 4, ids_ptr, x_div, INDEXED)
         xrow, drow, srow = xw_ptr + m * (NB * 64), m * (NB * 8), s16_ptr + m * (NB * 16)
         acc = tl.zeros([BM, BN, SB * 4, 1], dtype=tl.float32)
@@ -186,9 +193,12 @@ if triton is not None:
     def q4_0_kernel(out_ptr, qw_ptr, d_ptr, s_qw, s_d, xw_ptr, dx_ptr, sx_ptr, s16_ptr,
                     M, N, NB, s_om, BM: tl.constexpr, BN: tl.constexpr, SB: tl.constexpr,
                     UNROLL: tl.constexpr, EMULATE: tl.constexpr,
-                    ids_ptr=None, x_div=1, INDEXED: tl.constexpr = False):
+                    ids_ptr=None, x_div=1, INDEXED: tl.constexpr = False,
+                    USE_PDL: tl.constexpr = False):
         """Q4_0: a slot is one block of 32 (4 words): low nibbles weights 0..15, high 16..31,
         value (q - 8) * d: d * (dx * dot - 8 * sx)."""
+        pdl_start(USE_PDL)
+        pdl_wait(USE_PDL)     # pdl.py: x's quants are the kernel before's (never with INDEXED)
         rows, r, m, slot, w4 = _tiles(M, N, BM, BN, SB, ids_ptr, x_div, INDEXED)
         xrow, drow = xw_ptr + m * (NB * 8), m * NB
         acc = tl.zeros([BM, BN, SB, 1], dtype=tl.float32)
@@ -208,8 +218,11 @@ if triton is not None:
     def q8_0_kernel(out_ptr, qw_ptr, d_ptr, s_qw, s_d, xw_ptr, dx_ptr, sx_ptr, s16_ptr,
                     M, N, NB, s_om, BM: tl.constexpr, BN: tl.constexpr, SB: tl.constexpr,
                     UNROLL: tl.constexpr, EMULATE: tl.constexpr,
-                    ids_ptr=None, x_div=1, INDEXED: tl.constexpr = False):
+                    ids_ptr=None, x_div=1, INDEXED: tl.constexpr = False,
+                    USE_PDL: tl.constexpr = False):
         """Q8_0: a slot is one block of 32 signed bytes (8 words): d * dx * dot."""
+        pdl_start(USE_PDL)
+        pdl_wait(USE_PDL)     # pdl.py: x's quants are the kernel before's (never with INDEXED)
         rows, r, m, slot, w4 = _tiles(M, N, BM, BN, SB, ids_ptr, x_div, INDEXED)
         xrow, drow = xw_ptr + m * (NB * 8), m * NB
         acc = tl.zeros([BM, BN, SB, 1], dtype=tl.float32)
@@ -231,9 +244,11 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["K", "ROW"])
     def quantize_x_kernel(x_ptr, q_ptr, d_ptr, s_ptr, s16_ptr, K, ROW, BLOCKS: tl.constexpr,
-                          GATE: tl.constexpr = 0):
+                          GATE: tl.constexpr = 0, USE_PDL: tl.constexpr = False):
         """x [K] -> int8 quants, the scale and scaled sum of each 32, the quant sum of each 16.
         GATE: x is rows of ROW values read as act(gate) * up from rows of [gate | up] (2 ROW)."""
+        pdl_start(USE_PDL)
+        pdl_wait(USE_PDL)
         blk = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
         k = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
         live = k < K

@@ -17,9 +17,11 @@ kernel: the next kernel's programs then queue behind this one's, never ahead of 
 can launch only once all of this kernel's programs run). Ordering stays transitive: a
 kernel finishes only after its own wait, so each waits, through the chain, for all before.
 
-Kernels that take part: the float matvec (`quant_kernels`), RMSNorm and its residual form,
-the gated activation (`fused_small`), decode attention. Others launch as before and so
-wait for everything before them, as any kernel does. Where PDL cannot run (the CPU,
+Kernels that take part: the float matvec (`quant_kernels`: weights before the wait), the
+integer-dot matvec and its x quantization (`dp4a_kernels`: they wait first), RMSNorm and its
+residual form, the gated activation (`fused_small`), decode attention. The stacked experts'
+launches (their expert ids come from the kernel before) and all others launch as before and
+so wait for everything before them, as any kernel does. Where PDL cannot run (the CPU,
 Triton's interpreter, GPUs before sm_90) `options` turns it off and the kernels compile
 without it.
 """

@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from engines.torch.kernels import dp4a_kernels
+from engines.torch.kernels import dp4a_kernels, pdl
 from engines.torch.kernels.gated_input import gate_code
 from engines.torch.kernels.quant_decode import triton
 from engines.torch.kernels.quant_weight import QuantWeight
@@ -76,7 +76,8 @@ def quantize_x(x: torch.Tensor, gated: str | None = None,
     s16 = torch.empty(blocks * 2, dtype=torch.int32, device=x.device)
     per_program = 8
     dp4a_kernels.quantize_x_kernel[(triton.cdiv(blocks, per_program),)](
-        x.reshape(-1), q, dx, sx, s16, k, row or k, BLOCKS=per_program, GATE=gate_code(gated))
+        x.reshape(-1), q, dx, sx, s16, k, row or k, BLOCKS=per_program, GATE=gate_code(gated),
+        **pdl.options(x.device))
     return q, dx, sx, s16
 
 
@@ -162,5 +163,5 @@ def run_kernel(x2: torch.Tensor, w: QuantWeight, n: int, launch: tuple[int, int,
     kernel[(triton.cdiv(n, block_n), out_rows if indexed else 1)](
         out, *_weight_args(w), xq.view(torch.int32), dx, sx, s16, m, n, w.shape[1] // TYPES[w.type_name],
         out.stride(0), BM=triton.next_power_of_2(m), BN=block_n, SB=blocks_per_step, UNROLL=unroll,
-        EMULATE=emulated(), num_warps=warps, **indexed)
+        EMULATE=emulated(), num_warps=warps, **(indexed or pdl.options(x2.device)))
     return out
