@@ -40,7 +40,7 @@ def assert_same_routing(ids: torch.Tensor, weights: torch.Tensor, logits: torch.
     assert all(len(set(row.tolist())) == k for row in ids)     # k distinct experts a token
 
 
-@pytest.mark.parametrize(("experts", "k"), [(128, 8), (8, 2), (60, 4)])   # Qwen3-MoE, Mixtral, Qwen1.5-MoE
+@pytest.mark.parametrize(("experts", "k"), [(128, 8), (8, 2), (60, 4), (64, 6), (8, 3)])   # Qwen3-MoE, Mixtral, Qwen1.5-MoE, DeepSeek-V2-Lite, a tiny test family
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_route_picks_the_top_k_as_torch_does(experts: int, k: int, renormalize: bool) -> None:
     gen = torch.Generator().manual_seed(experts + k)

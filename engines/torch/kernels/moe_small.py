@@ -37,7 +37,8 @@ ROUTER_MAX_TOKENS = 8  # router_logits reads the router once a token: decode's b
 if triton is not None:
     @triton.jit
     def _route_kernel(logits_ptr, ids_ptr, weights_ptr, n_experts, row_stride,
-                      K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK: tl.constexpr):
+                      K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+        # BLOCK_K: K rounded up to a power of 2 (Triton's ranges are; a family may route to 3 or 6)
         token = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         live = cols < n_experts
@@ -45,9 +46,9 @@ if triton is not None:
         e = tl.exp(logits - tl.max(logits, axis=0))
         probs = e / tl.sum(e, axis=0)
         left = tl.where(live, probs, -1.0)          # probabilities are >= 0: -1 marks taken or absent
-        picks = tl.arange(0, K)
-        chosen_ids = tl.zeros([K], dtype=tl.int64)
-        chosen = tl.zeros([K], dtype=tl.float32)
+        picks = tl.arange(0, BLOCK_K)
+        chosen_ids = tl.zeros([BLOCK_K], dtype=tl.int64)
+        chosen = tl.zeros([BLOCK_K], dtype=tl.float32)
         for j in tl.static_range(K):
             best = tl.max(left, axis=0)
             at = tl.min(tl.where(left == best, cols, BLOCK), axis=0)     # the lowest index of the largest
@@ -56,8 +57,8 @@ if triton is not None:
             left = tl.where(cols == at, -1.0, left)
         if RENORMALIZE:
             chosen = chosen / tl.sum(chosen, axis=0)
-        tl.store(ids_ptr + token * K + picks, chosen_ids)
-        tl.store(weights_ptr + token * K + picks, chosen)
+        tl.store(ids_ptr + token * K + picks, chosen_ids, mask=picks < K)
+        tl.store(weights_ptr + token * K + picks, chosen, mask=picks < K)
 
     @triton.jit(do_not_specialize=["n_experts", "dim"])
     def _router_kernel(x_ptr, w_ptr, out_ptr, n_experts, dim, x_stride, w_stride, out_stride, BK: tl.constexpr):
@@ -108,7 +109,7 @@ def route(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor
     weights = torch.empty((n, k), dtype=torch.float32, device=logits.device)
     block = triton.next_power_of_2(experts)
     _route_kernel[(n,)](logits, ids, weights, experts, logits.stride(0), K=k, RENORMALIZE=renormalize,
-                        BLOCK=block, num_warps=1 if block <= 256 else 4)
+                        BLOCK=block, BLOCK_K=triton.next_power_of_2(k), num_warps=1 if block <= 256 else 4)
     return ids, weights
 
 
