@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import time
 from collections import defaultdict
 
 import torch
@@ -74,6 +75,32 @@ def gemm_floor(cfg, dtype: torch.dtype) -> dict:
     return out
 
 
+def _per_step_us(fn, steps: int) -> float:
+    """Host-clock microseconds a step of fn, which ends synchronized, best of three runs."""
+    fn()
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        best = min(best, (time.perf_counter() - t) / steps)
+    return round(1e6 * best, 1)
+
+
+def host_breakdown(runner: Runner, seq: Sequence, key: tuple[int, int], steps: int) -> dict:
+    """Where a batch-1 token's time goes beyond the graph's replay: each line adds one layer of
+    the path benchmarks.decode times (the same position written again each time: timing only)."""
+    graph, plan = runner.graphs[key], StepPlan(decodes=(seq,))
+    tokens, positions, slots = [seq.output[-1]], [seq.num_computed], [seq.slot]
+    sync = torch.cuda.synchronize
+    return {
+        "replay_then_sync_us": _per_step_us(lambda: (graph.graph.replay(), sync()), steps),
+        "graph_run_then_sync_us": _per_step_us(lambda: (graph.run(tokens, positions, slots), sync()), steps),
+        "runner_run_then_sync_us": _per_step_us(lambda: (runner.run(plan), sync()), steps),
+        "runner_run_argmax_tolist_us": _per_step_us(lambda: runner.run(plan).argmax(-1).tolist(), steps),
+    }
+
+
 def kernel_table(model, variant: str, args: argparse.Namespace) -> dict:
     """One captured decode step (batch 1 as the engine runs it), kernel by kernel."""
     cfg = model.cfg
@@ -92,6 +119,7 @@ def kernel_table(model, variant: str, args: argparse.Namespace) -> dict:
         key = next(k for k in runner.graphs if k[0] >= 1)
         graph = runner.graphs[key].graph
         replay_us = time_cuda(graph.replay, args.steps)
+        host = host_breakdown(runner, seq, key, args.steps)
         acts = [torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=acts) as prof:
             for _ in range(args.steps):
@@ -106,7 +134,7 @@ def kernel_table(model, variant: str, args: argparse.Namespace) -> dict:
         rows = sorted(((n, c / args.steps, us / args.steps) for n, (c, us) in kernels.items()),
                       key=lambda r: -r[2])
         return {"graph_key": list(key), "replay_us": round(replay_us, 1), "decode_b1_tok_s": round(tok_s, 1),
-                "pdl": pdl.options(model.device)["USE_PDL"],
+                "pdl": pdl.options(model.device)["USE_PDL"], "host": host,
                 "kernels_per_step": round(sum(r[1] for r in rows), 1),
                 "kernel_us_per_step": round(sum(r[2] for r in rows), 1),
                 "compiled": runner.is_compiled, "triton_attention": runner.kv.use_triton,
@@ -156,6 +184,7 @@ def main() -> None:
             v = row[variant]
             print(f"\n{name} {variant}: replay {v.get('replay_us')} us, b1 {v.get('decode_b1_tok_s')} tok/s, "
                   f"{v.get('kernels_per_step')} kernels, {v.get('kernel_us_per_step')} us of kernels")
+            print("host path, us a step:", v.get("host"))
             print_table(["kernel", "calls/step", "us/step"],
                         [[k["kernel"], k["calls"], k["us"]] for k in v.get("top", [])[:18]])
         floor = row["gemm_floor"]
