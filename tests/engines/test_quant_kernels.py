@@ -94,6 +94,15 @@ def test_triton_dequantize_is_exact(type_name: str):
     assert torch.equal(quant_kernels.dequantize(w, torch.float32), ref)
 
 
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q5_0", "Q4_K", "Q6_K"])
+def test_triton_dequantize_of_chosen_rows_is_an_embedding_lookup(type_name: str):
+    """One launch reading rows by id (repeated, out of order, the last): the rows as
+    dequantized whole."""
+    w, ref = _weight(type_name, 20, _in_features(type_name), real=False)
+    ids = torch.tensor([19, 3, 3, 0, 7])
+    assert torch.equal(quant_kernels.dequantize(w, torch.float32, block_n=1, ids=ids), ref[ids])
+
+
 @pytest.mark.parametrize("type_name", sorted(BLOCK_TYPES))
 def test_triton_matvec(type_name: str):
     """M = 1 and 3 rows (padded to 4 in the kernel), 6 outputs (ragged for 4 rows a program), the

@@ -142,10 +142,15 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["N", "K"])
     def _dequant_kernel(out_ptr, p0, p1, p2, p3, s0, s1, s2, s3, N, K, stride_on,
-                        TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr, BN: tl.constexpr):
+                        TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr, BN: tl.constexpr,
+                        ids_ptr=None, INDEXED: tl.constexpr = False):
+        # INDEXED: output row i is weight row ids[i] (an embedding lookup: N is the ids' count)
         pid_n, c = tl.program_id(0), tl.program_id(1)
         rows = pid_n * BN + tl.arange(0, BN)
-        b0, b1, b2, b3, c0, c1, c2, c3 = _row_pointers(p0, p1, p2, p3, s0, s1, s2, s3, tl.minimum(rows, N - 1))
+        src = tl.minimum(rows, N - 1)
+        if INDEXED:
+            src = tl.load(ids_ptr + src)
+        b0, b1, b2, b3, c0, c1, c2, c3 = _row_pointers(p0, p1, p2, p3, s0, s1, s2, s3, src)
         z3 = tl.arange(0, S)[None, :, None]
         j3 = tl.arange(0, L)[None, None, :]
         z2 = tl.arange(0, S)[None, :]
@@ -275,14 +280,17 @@ def qmatvec(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None, b
     return out.to(x.dtype)
 
 
-def dequantize(w: QuantWeight, dtype: torch.dtype, block_n: int = 16) -> torch.Tensor:
-    """W -> [N, K] in `dtype`, decoded on W's device by the Triton kernel."""
+def dequantize(w: QuantWeight, dtype: torch.dtype, block_n: int = 16, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """W -> [N, K] in `dtype`, decoded on W's device by the Triton kernel; with `ids` (int64 [n],
+    on W's device), only those rows -> [n, K] in one launch (an embedding lookup)."""
     n, k = w.shape
     type_id, s, l = TILES[w.type_name]
     planes, strides = _planes(w)
-    out = torch.empty((n, k), dtype=dtype, device=w.device)
-    _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, CHUNK))](
-        out, *planes, *strides, n, k, k, TYPE=type_id, S=s, L=l, BN=block_n, num_warps=4)
+    rows = n if ids is None else ids.numel()
+    out = torch.empty((rows, k), dtype=dtype, device=w.device)
+    indexed = {} if ids is None else {"ids_ptr": ids, "INDEXED": True}
+    _dequant_kernel[(triton.cdiv(rows, block_n), triton.cdiv(k, CHUNK))](
+        out, *planes, *strides, rows, k, k, TYPE=type_id, S=s, L=l, BN=block_n, num_warps=4, **indexed)
     return out
 
 

@@ -141,7 +141,7 @@ class QuantWeight:
         """[out, in] in `dtype`: the Triton kernel on CUDA, the torch decoders elsewhere (same bits)."""
         if self.type_name in FLOAT_TYPES:
             return self.planes["w"].to(dtype)
-        from engines.torch.kernels import quant_kernels   # it imports this module
+        from engines.torch.kernels import quant_kernels
 
         if self.device.type == "cuda" and quant_kernels.kernel_ready(self):
             return quant_kernels.dequantize(self, dtype)
@@ -151,8 +151,13 @@ class QuantWeight:
         """Dequantized rows `ids` (any shape) -> [*ids.shape, in]: reads only those rows' blocks
         (an embedding lookup; no host sync, so it runs inside a captured decode step)."""
         flat = ids.reshape(-1).to(self.device)
+        from engines.torch.kernels import quant_kernels   # it imports this module
+
         if self.type_name in FLOAT_TYPES:
             picked = self.planes["w"].index_select(0, flat).to(dtype)
+        elif self.device.type == "cuda" and quant_kernels.kernel_ready(self):
+            # one launch reading the rows in place (three index_selects and a decode were four)
+            picked = quant_kernels.dequantize(self, dtype, block_n=1, ids=flat)
         else:
             chosen = QuantWeight(self.type_name, (flat.numel(), self.shape[1]),
                                  {name: p.index_select(0, flat) for name, p in self.planes.items()})
