@@ -93,6 +93,11 @@ def host_breakdown(runner: Runner, seq: Sequence, key: tuple[int, int], steps: i
     graph, plan = runner.graphs[key], StepPlan(decodes=(seq,))
     tokens, positions, slots = [seq.output[-1]], [seq.num_computed], [seq.slot]
     sync = torch.cuda.synchronize
+    with torch.inference_mode():      # the runner's own calls run under it (its buffers are inference tensors)
+        return _host_lines(runner, graph, plan, tokens, positions, slots, sync, steps)
+
+
+def _host_lines(runner, graph, plan, tokens, positions, slots, sync, steps: int) -> dict:
     return {
         "replay_then_sync_us": _per_step_us(lambda: (graph.graph.replay(), sync()), steps),
         "graph_run_then_sync_us": _per_step_us(lambda: (graph.run(tokens, positions, slots), sync()), steps),
