@@ -91,7 +91,8 @@ def host_breakdown(runner: Runner, seq: Sequence, key: tuple[int, int], steps: i
     """Where a batch-1 token's time goes beyond the graph's replay: each line adds one layer of
     the path benchmarks.decode times (the same position written again each time: timing only)."""
     graph, plan = runner.graphs[key], StepPlan(decodes=(seq,))
-    tokens, positions, slots = [seq.output[-1]], [seq.num_computed], [seq.slot]
+    # the last position written: mapped (the next one may start an unmapped page)
+    tokens, positions, slots = [seq.output[-1]], [seq.num_computed - 1], [seq.slot]
     sync = torch.cuda.synchronize
     with torch.inference_mode():      # the runner's own calls run under it (its buffers are inference tensors)
         return _host_lines(runner, graph, plan, tokens, positions, slots, sync, steps)

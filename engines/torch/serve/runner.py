@@ -35,6 +35,7 @@ from engines.torch.serve.graph_capture import capturing, one_compile_at_a_time
 from engines.torch.serve.kv_access import _ACTIVE as _ACTIVE_KV
 from engines.torch.serve.kv_access import KVStore, SlotKV
 from engines.torch.serve.scheduler import PrefillChunk, Sequence, StepPlan
+from engines.torch.serve.step_inputs import StepInputs
 from kvcached.vmm import device_sync
 
 log = logging.getLogger(__name__)
@@ -73,16 +74,9 @@ class DecodeGraph:
         device = runner.device
         self.runner = runner
         self.repeated = repeated
-        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.slots = torch.zeros(batch, dtype=torch.long, device=device)
+        self.inputs = StepInputs(batch, device)        # step_inputs.py: how tokens reach the graph
+        self.ids, self.pos, self.slots = self.inputs.ids, self.inputs.pos, self.inputs.slots
         self.key_index = torch.arange(read_len, device=device)
-        # Tokens, positions and slots cross to the device as one copy from pinned memory
-        # (three pageable copies each block the host ~10 us: 3% of a SmolLM2 step).
-        self.staging = torch.zeros(3, batch, dtype=torch.long, pin_memory=True)
-        self.staging_rows = self.staging.numpy()   # filled in place: no tensor built per step
-        self.staged = torch.zeros(3, batch, dtype=torch.long, device=device)
-        self.copied = torch.cuda.Event()
         self.forward = runner.forward_for(batch)
         if runner.compiles(batch):
             # One compiled step for every bucket: batch and read length are sizes, not constants.
@@ -99,6 +93,7 @@ class DecodeGraph:
                 for _ in range(2):
                     self._forward()
             torch.cuda.current_stream().wait_stream(side)
+            self.inputs.mark_read()                  # the warm-ups' reads come before the next load
             self.graph = torch.cuda.CUDAGraph()
             with capturing(self.graph, runner.graph_pool, device):         # graph_capture.py: other models go on
                 self.logits = self._forward()                               # [B, 1, V]
@@ -106,34 +101,22 @@ class DecodeGraph:
     def close(self) -> None:
         """The graph's executable and its buffers go (see Runner.close)."""
         self.graph.reset()
-        self.ids = self.pos = self.slots = self.key_index = self.staged = self.logits = None
-        self.staging = self.staging_rows = None
+        self.inputs.close()
+        self.ids = self.pos = self.slots = self.key_index = self.logits = None
 
     def _forward(self) -> torch.Tensor:
-        # The copies out of the staged inputs are part of the graph: three launches
-        # fewer on the host each step.
-        self.ids.copy_(self.staged[0].unsqueeze(1))
-        self.pos.copy_(self.staged[1].unsqueeze(1))
-        self.slots.copy_(self.staged[2])
+        self.inputs.take()
         self.runner.kv.bind_batch(self.slots, self.key_index)
         with repeated_rows() if self.repeated else contextlib.nullcontext():
             return self.forward(self.ids, self.pos)
 
     def _load(self, tokens: list[int], positions: list[int], slots: list[int]) -> None:
-        n = len(tokens)
-        self.copied.synchronize()      # the last step's copy has left the pinned buffer
-        # Straight into the pinned buffer through numpy: building a tensor from the lists
-        # and copying it cost ~25 us a step, 3% of a SmolLM2-135M step on the H100.
-        rows = self.staging_rows
-        for i, values in enumerate((tokens, positions, slots)):
-            rows[i, :n] = values
-            rows[i, n:] = values[0]
-        self.staged.copy_(self.staging, non_blocking=True)
-        self.copied.record()
+        self.inputs.load(tokens, positions, slots)
 
     def run(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
         self._load(tokens, positions, slots)
         self.graph.replay()
+        self.inputs.mark_read()
         return self.logits[:len(tokens), 0]                             # [n, V]
 
 
