@@ -12,8 +12,9 @@ rows, timed with CUDA events, and the bandwidth they reach.
 
 Variants: `triton` (the Triton decode attention, and programmatic dependent launch where
 the GPU has it: engines/torch/kernels/pdl.py), `triton-no-pdl` (the same kernels launched
-one after another as before), `torchops` (attention as torch ops). Each variant also
-times batch-1 decode as benchmarks.decode runs it (the host's part included).
+one after another as before), `triton-pinned` (`triton`, the step's inputs read from the
+pinned buffer by its first kernel: serve/step_inputs.py), `torchops` (attention as torch
+ops). Each variant also times batch-1 decode as benchmarks.decode runs it (the host's part included).
 
 --q4km: the named shapes as random Q4_K_M blocks (benchmarks/shape_gguf.py), loaded as the
 daemon loads a GGUF (weights in their blocks, the quantized kernels), so the table is the
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from benchmarks.decode import decode_steps, make_store, prefill
 from benchmarks.results_io import print_table, write_result
 from engines.torch.kernels import pdl
+from engines.torch.serve import step_inputs
 from engines.torch.serve.runner import Runner
 from engines.torch.serve.scheduler import Sequence, StepPlan
 
@@ -112,6 +114,7 @@ def kernel_table(model, variant: str, args: argparse.Namespace) -> dict:
     cfg = model.cfg
     store = make_store("virtual", cfg, model.dtype, model.device, 8, args.ctx)
     pdl.set_enabled(False if variant.endswith("no-pdl") else None)   # kernels captured below keep it
+    step_inputs.set_read_pinned(variant.endswith("pinned"))
     runner = Runner(model, store, compile=not args.no_compile, triton=variant.startswith("triton"))
     try:
         runner.warm_up()
@@ -147,6 +150,7 @@ def kernel_table(model, variant: str, args: argparse.Namespace) -> dict:
                 "top": [{"kernel": n, "calls": round(c, 2), "us": round(us, 2)} for n, c, us in rows[:30]]}
     finally:
         pdl.set_enabled(None)
+        step_inputs.set_read_pinned(False)
         store.close()
 
 

@@ -11,9 +11,10 @@ from engines.torch.serve.step_inputs import StepInputs
 pytestmark = pytest.mark.gpu
 
 
-def test_the_graph_reads_each_load_of_the_pinned_buffer():
-    inputs = StepInputs(4, torch.device("cuda"))
-    assert inputs.direct, "kernels read pinned memory on this GPU: the copies would be taken instead"
+@pytest.mark.parametrize("direct", [True, False])
+def test_the_graph_reads_each_load_of_the_pinned_buffer(direct: bool):
+    inputs = StepInputs(4, torch.device("cuda"), direct=direct)
+    assert inputs.direct == direct, "kernels read pinned memory on this GPU: the copies would be taken instead"
     inputs.load([0], [0], [0])
     graph = torch.cuda.CUDAGraph()
     side = torch.cuda.Stream()

@@ -2,10 +2,11 @@
 and how the host's values for each step reach them.
 
 The host fills a pinned buffer in place (no tensor built per step: building one from the
-lists and copying it cost ~25 us a SmolLM2 step). Where the GPU's kernels can read pinned
-memory (decided once a process by a probe), the graph's first kernel reads it directly
-(kernels/step_inputs.py: no DMA, no event, one launch); elsewhere the host copies it to a
-device buffer and the graph copies that apart, as before. Either way the host waits before
+lists and copying it cost ~25 us a SmolLM2 step). By default the host copies it to a device
+buffer and the graph copies that apart. `direct` (READ_PINNED_IN_GRAPH, off until measured):
+where the GPU's kernels can read pinned memory (decided once a device by a probe), the
+graph's first kernel reads it where it lies (kernels/step_inputs.py: no DMA, no event, one
+launch for three copies). Either way the host waits before
 writing the buffer again until the step that read it has read it (`read`).
 """
 from __future__ import annotations
@@ -18,6 +19,16 @@ from engines.torch.kernels import step_inputs
 
 log = logging.getLogger(__name__)
 _direct_by_device: dict[int, bool] = {}
+# Off until it has run on a GPU: written after the session's last lease (2026-12-07), checked
+# only through Triton's interpreter. tests/gpu/test_step_inputs_gpu.py (replays see each
+# load) and decode_profile's host lines (us a token, both ways) decide whether it goes on.
+READ_PINNED_IN_GRAPH = False
+
+
+def set_read_pinned(enabled: bool) -> None:
+    """READ_PINNED_IN_GRAPH for graphs captured from now on (benchmarks measuring both ways)."""
+    global READ_PINNED_IN_GRAPH
+    READ_PINNED_IN_GRAPH = enabled
 
 
 def _kernel_reads_pinned(device: torch.device) -> bool:
@@ -43,13 +54,16 @@ class StepInputs:
     """ids [B, 1], pos [B, 1], slots [B] on the device; `load` (host, before a replay),
     `take` (inside the graph, first), `mark_read` (host, after work that took them is queued)."""
 
-    def __init__(self, batch: int, device: torch.device) -> None:
+    def __init__(self, batch: int, device: torch.device, direct: bool | None = None) -> None:
+        """direct: the graph's first kernel reads the pinned buffer, where a probe finds it can
+        (None: READ_PINNED_IN_GRAPH)."""
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.slots = torch.zeros(batch, dtype=torch.long, device=device)
         self.staging = torch.zeros(3, batch, dtype=torch.long, pin_memory=True)
         self.staging_rows = self.staging.numpy()   # filled in place
-        self.direct = _kernel_reads_pinned(device)
+        wanted = READ_PINNED_IN_GRAPH if direct is None else direct
+        self.direct = wanted and _kernel_reads_pinned(device)
         self.staged = None if self.direct else torch.zeros(3, batch, dtype=torch.long, device=device)
         self.read = torch.cuda.Event()
 
