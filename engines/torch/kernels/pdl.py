@@ -50,8 +50,11 @@ def _device_has_pdl(index: int) -> bool:
 
 
 def supported(device: torch.device) -> bool:
-    """sm_90 or later, the real compiler (the interpreter runs no PTX)."""
+    """NVIDIA sm_90 or later, the real compiler (the interpreter runs no PTX). Not ROCm: its
+    devices are "cuda" to torch too, and their capability numbers are not sm versions."""
     if triton is None or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if torch.version.hip is not None:
         return False
     return _device_has_pdl(device.index if device.index is not None else torch.cuda.current_device())
 
