@@ -34,8 +34,10 @@ def has_penalties(params: SamplingParams) -> bool:
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, history: Sequence[int]) -> torch.Tensor:
     """llama.cpp's penalties over the last repeat_last_n tokens. logits: [V], modified copy."""
+    if not has_penalties(params):
+        return logits
     window = list(history[-params.repeat_last_n:]) if params.repeat_last_n > 0 else list(history)
-    if not window or not has_penalties(params):
+    if not window:
         return logits
     ids = torch.tensor(window, dtype=torch.long, device=logits.device)
     counts = torch.zeros_like(logits).index_add_(0, ids, torch.ones_like(ids, dtype=logits.dtype))

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from engines.errors import ContextOverflow, EngineBusy
 from engines.torch.serve.prefix_cache import PrefixCache
+from engines.torch.serve.token_history import TokenHistory
 from engines.types import FinishReason
 
 
@@ -66,6 +67,11 @@ class Sequence:
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.output
+
+    @property
+    def history(self) -> TokenHistory:
+        """`tokens` without the copy (token_history.py): what sampling reads each step."""
+        return TokenHistory(self.prompt, self.output)
 
     @property
     def is_prefilling(self) -> bool:

@@ -214,7 +214,7 @@ class ServingLoop(IdleWork):
             return []
         jobs = [self._jobs[s.seq_id] for s in seqs]
         logits, logprobs = shape_logits(logits, jobs)
-        tokens = sample(logits, [j.request.sampling for j in jobs], [s.tokens for s in seqs],
+        tokens = sample(logits, [j.request.sampling for j in jobs], [s.history for s in seqs],
                         [j.generator for j in jobs])
         for job, row, token in zip(jobs, logprobs, tokens):
             if row is not None:
