@@ -97,16 +97,12 @@ def host_breakdown(runner: Runner, seq: Sequence, key: tuple[int, int], steps: i
     tokens, positions, slots = [seq.output[-1]], [seq.num_computed - 1], [seq.slot]
     sync = torch.cuda.synchronize
     with torch.inference_mode():      # the runner's own calls run under it (its buffers are inference tensors)
-        return _host_lines(runner, graph, plan, tokens, positions, slots, sync, steps)
-
-
-def _host_lines(runner, graph, plan, tokens, positions, slots, sync, steps: int) -> dict:
-    return {
-        "replay_then_sync_us": _per_step_us(lambda: (graph.graph.replay(), sync()), steps),
-        "graph_run_then_sync_us": _per_step_us(lambda: (graph.run(tokens, positions, slots), sync()), steps),
-        "runner_run_then_sync_us": _per_step_us(lambda: (runner.run(plan), sync()), steps),
-        "runner_run_argmax_tolist_us": _per_step_us(lambda: runner.run(plan).argmax(-1).tolist(), steps),
-    }
+        return {
+            "replay_then_sync_us": _per_step_us(lambda: (graph.graph.replay(), sync()), steps),
+            "graph_run_then_sync_us": _per_step_us(lambda: (graph.run(tokens, positions, slots), sync()), steps),
+            "runner_run_then_sync_us": _per_step_us(lambda: (runner.run(plan), sync()), steps),
+            "runner_run_argmax_tolist_us": _per_step_us(lambda: runner.run(plan).argmax(-1).tolist(), steps),
+        }
 
 
 def kernel_table(model, variant: str, args: argparse.Namespace) -> dict:

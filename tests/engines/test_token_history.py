@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from engines.torch.serve.sampling import apply_penalties
@@ -15,6 +15,7 @@ bound = st.one_of(st.none(), st.integers(-30, 30))
 
 
 @given(tokens, tokens, bound, bound, st.sampled_from([None, 1, 2, -1]))
+@example([0, 1, 2, 3, 4], [5, 6, 7, 8, 9], 6, 3, None)       # an empty slice past the prompt
 def test_reads_as_the_joined_list(prompt, output, start, stop, step):
     joined, view = prompt + output, TokenHistory(prompt, output)
     assert len(view) == len(joined) and list(view) == joined

@@ -75,17 +75,16 @@ class DecodeGraph:
         self.runner = runner
         self.repeated = repeated
         self.inputs = StepInputs(batch, device)        # step_inputs.py: how tokens reach the graph
-        self.ids, self.pos, self.slots = self.inputs.ids, self.inputs.pos, self.inputs.slots
         self.key_index = torch.arange(read_len, device=device)
         self.forward = runner.forward_for(batch)
         if runner.compiles(batch):
             # One compiled step for every bucket: batch and read length are sizes, not constants.
-            for t in (self.ids, self.pos, self.slots, self.key_index):
+            for t in (self.inputs.ids, self.inputs.pos, self.inputs.slots, self.key_index):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
         # Warm up on the real inputs of this step: a warm-up writes K/V, and only the
         # step's own positions are mapped and free to overwrite (with the same values).
         # The warm-up also compiles, where torch.compile is on.
-        self._load(tokens, positions, slots)
+        self.inputs.load(tokens, positions, slots)
         with one_compile_at_a_time(runner.compiles(batch)):
             side = runner.side_stream
             side.wait_stream(torch.cuda.current_stream())
@@ -102,19 +101,16 @@ class DecodeGraph:
         """The graph's executable and its buffers go (see Runner.close)."""
         self.graph.reset()
         self.inputs.close()
-        self.ids = self.pos = self.slots = self.key_index = self.logits = None
+        self.key_index = self.logits = None
 
     def _forward(self) -> torch.Tensor:
         self.inputs.take()
-        self.runner.kv.bind_batch(self.slots, self.key_index)
+        self.runner.kv.bind_batch(self.inputs.slots, self.key_index)
         with repeated_rows() if self.repeated else contextlib.nullcontext():
-            return self.forward(self.ids, self.pos)
-
-    def _load(self, tokens: list[int], positions: list[int], slots: list[int]) -> None:
-        self.inputs.load(tokens, positions, slots)
+            return self.forward(self.inputs.ids, self.inputs.pos)
 
     def run(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
-        self._load(tokens, positions, slots)
+        self.inputs.load(tokens, positions, slots)
         self.graph.replay()
         self.inputs.mark_read()
         return self.logits[:len(tokens), 0]                             # [n, V]

@@ -27,7 +27,7 @@ class TokenHistory(Sequence):
             start, stop, step = index.indices(len(self))
             if step != 1:
                 return [self[i] for i in range(start, stop, step)]
-            split = len(self.prompt)
+            stop, split = max(start, stop), len(self.prompt)     # an empty slice stays empty
             if start >= split:
                 return self.output[start - split:stop - split]
             return self.prompt[start:min(stop, split)] + self.output[:max(0, stop - split)]
