@@ -13,8 +13,9 @@ rows, timed with CUDA events, and the bandwidth they reach.
 Variants: `triton` (the Triton decode attention, and programmatic dependent launch where
 the GPU has it: engines/torch/kernels/pdl.py), `triton-no-pdl` (the same kernels launched
 one after another as before), `triton-pinned` (`triton`, the step's inputs read from the
-pinned buffer by its first kernel: serve/step_inputs.py), `torchops` (attention as torch
-ops). Each variant also times batch-1 decode as benchmarks.decode runs it (the host's part included).
+pinned buffer by its first kernel: serve/step_inputs.py), `triton-separate-norms` (`triton`
+with each add + RMSNorm a kernel of its own, not read by the projection after it:
+kernels/normed_input.py), `torchops` (attention as torch ops). Each variant also times batch-1 decode as benchmarks.decode runs it (the host's part included).
 
 --q4km: the named shapes as random Q4_K_M blocks (benchmarks/shape_gguf.py), loaded as the
 daemon loads a GGUF (weights in their blocks, the quantized kernels), so the table is the
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 from benchmarks.decode import decode_steps, make_store, prefill
 from benchmarks.results_io import print_table, write_result
-from engines.torch.kernels import pdl
+from engines.torch.kernels import pdl, quant_ops
 from engines.torch.serve import step_inputs
 from engines.torch.serve.runner import Runner
 from engines.torch.serve.scheduler import Sequence, StepPlan
@@ -111,6 +112,7 @@ def kernel_table(model, variant: str, args: argparse.Namespace) -> dict:
     store = make_store("virtual", cfg, model.dtype, model.device, 8, args.ctx)
     pdl.set_enabled(False if variant.endswith("no-pdl") else None)   # kernels captured below keep it
     step_inputs.set_read_pinned(variant.endswith("pinned"))
+    quant_ops.use_normed_kernels(not variant.endswith("separate-norms"))
     runner = Runner(model, store, compile=not args.no_compile, triton=variant.startswith("triton"))
     try:
         runner.warm_up()
@@ -147,6 +149,7 @@ def kernel_table(model, variant: str, args: argparse.Namespace) -> dict:
     finally:
         pdl.set_enabled(None)
         step_inputs.set_read_pinned(False)
+        quant_ops.use_normed_kernels(True)
         store.close()
 
 

@@ -123,14 +123,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out.view(x.shape)
 
 
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + delta, rms_norm(x + delta)) in one launch: the residual stream and its norm."""
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                 total: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rms_norm(x + delta)) in one launch: the residual stream and its norm.
+    `total`: a contiguous tensor of x's shape and dtype to write the sum into."""
     rows, drows = _rows(x), _rows(delta)
     if drows.shape != rows.shape:
         raise ValueError(f"add_rms_norm: the residual {tuple(x.shape)} and the addend "
                          f"{tuple(delta.shape)} differ")
-    total = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    if total is None:
+        total = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    else:
+        total = total.view(rows.shape)
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     n_cols = rows.shape[1]
     block = triton.next_power_of_2(n_cols)

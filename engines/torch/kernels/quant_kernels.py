@@ -33,6 +33,7 @@ import torch
 
 from engines.torch.kernels import pdl
 from engines.torch.kernels.gated_input import gate_code, load_x
+from engines.torch.kernels.normed_input import NormedInput, load_normed
 from engines.torch.kernels.pdl import pdl_start, pdl_wait
 from engines.torch.kernels.quant_decode import CHUNK, PAIR_TILES, TILES, decode_chunk, decode_pair, triton
 from engines.torch.kernels.quant_weight import QuantWeight
@@ -46,6 +47,11 @@ if triton is not None:
         r2 = rows[:, None].to(tl.int64)
         return (p0 + r3 * s0, p1 + r3 * s1, p2 + r3 * s2, p3 + r3 * s3,
                 p0 + r2 * s0, p1 + r2 * s1, p2 + r2 * s2, p3 + r2 * s3)
+
+    @triton.jit
+    def _rstd(sum_of_squares, K, eps):
+        """1 / sqrt(mean(s^2) + eps), as fused_small's RMSNorm computes it."""
+        return 1.0 / tl.sqrt(sum_of_squares / K + eps)
 
     @triton.jit
     def _chunk_tiles(first, nchunks, S: tl.constexpr, L: tl.constexpr, T: tl.constexpr):
@@ -66,9 +72,12 @@ if triton is not None:
                     BN: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr,
                     PAIRED: tl.constexpr, S2: tl.constexpr, L2: tl.constexpr,
                     ids_ptr=None, x_div=1, INDEXED: tl.constexpr = False, GATE: tl.constexpr = 0,
-                    USE_PDL: tl.constexpr = False):
+                    USE_PDL: tl.constexpr = False, d_ptr=None, g_ptr=None, sum_ptr=None, eps=0.0,
+                    NORM: tl.constexpr = False, HAS_DELTA: tl.constexpr = False):
         # USE_PDL (pdl.py): weights and bias before pdl_wait, x after it; never with INDEXED
         # (the expert ids come from the kernel before).
+        # NORM (normed_input.py): x is rms_norm(x + d) * g, read here; sum(s^2) rides along in
+        # `sq`, rstd scales the sums after the loop. Only with split == 1 (the whole K here).
         pdl_start(USE_PDL)
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         if INDEXED:
@@ -96,32 +105,50 @@ if triton is not None:
             # one row of x, nibble types: each byte read once, both nibbles used (decode_pair)
             j2 = tl.arange(0, L2)[None, None, :]
             acc2 = tl.zeros([BN, CPI * S2, L2], dtype=tl.float32)
+            sq2 = tl.zeros([1, CPI * S2, L2], dtype=tl.float32)
             for c in range(first, last, CPI):
                 h3, h2, z3, z2, t3 = _chunk_tiles(c, nchunks, S2, L2, CPI * S2)
                 start = (c + t3 // S2) * (S * L)         # [1, T2, 1] each tile row's chunk, unclamped
                 m3 = ((start + z3 * 32) < K) & ((c + t3 // S2) < last)
                 qa, sa, oa, xa, qb, sb, ob, xb = decode_pair(TYPE, b0, b1, b2, b3, h3, z3, j2, m3)
                 pdl_wait(USE_PDL)
-                x_a = load_x(x_ptr, start + xa, m3, K, GATE)
-                x_b = load_x(x_ptr, start + xb, m3, K, GATE)
+                if NORM:
+                    s_a, x_a = load_normed(x_ptr, d_ptr, g_ptr, sum_ptr, start + xa, start + xa, m3, pid_n == 0,
+                                           HAS_DELTA)
+                    s_b, x_b = load_normed(x_ptr, d_ptr, g_ptr, sum_ptr, start + xb, start + xb, m3, pid_n == 0,
+                                           HAS_DELTA)
+                    sq2 += s_a * s_a + s_b * s_b
+                else:
+                    x_a = load_x(x_ptr, start + xa, m3, K, GATE)
+                    x_b = load_x(x_ptr, start + xb, m3, K, GATE)
                 acc2 += (qa * sa + oa) * x_a
                 acc2 += (qb * sb + ob) * x_b
             total = tl.sum(tl.sum(acc2, axis=2), axis=1)[:, None]      # [BN, 1]
+            if NORM:
+                total *= _rstd(tl.sum(tl.sum(sq2, axis=2), axis=1)[:, None], K, eps)
         elif BM == 1:
             # one row of x: accumulate w * x elementwise (two FMAs a weight), reduce once at the end
             acc1 = tl.zeros([BN, CPI * S, L], dtype=tl.float32)
+            sq1 = tl.zeros([1, CPI * S, L], dtype=tl.float32)
             for c in range(first, last, CPI):
                 h3, h2, z3, z2, t3 = _chunk_tiles(c, nchunks, S, L, CPI * S)
                 kx = c * S * L + t3 * L                  # [1, T, 1] first weight of each sub-block
                 m3 = (kx < K) & ((c + t3 // S) < last)   # past the split's last chunk: x reads 0
                 q, scale, offset = decode_chunk(TYPE, b0, b1, b2, b3, b0, b1, b2, b3, h3, h3, z3, j3, z3, m3, m3)
                 pdl_wait(USE_PDL)
-                xv = load_x(x_ptr, kx + j3, m3, K, GATE)
+                if NORM:
+                    sv, xv = load_normed(x_ptr, d_ptr, g_ptr, sum_ptr, kx + j3, kx + j3, m3, pid_n == 0, HAS_DELTA)
+                    sq1 += sv * sv
+                else:
+                    xv = load_x(x_ptr, kx + j3, m3, K, GATE)
                 acc1 += (q * scale + offset) * xv
             total = tl.sum(tl.sum(acc1, axis=2), axis=1)[:, None]      # [BN, 1]
+            if NORM:
+                total *= _rstd(tl.sum(tl.sum(sq1, axis=2), axis=1)[:, None], K, eps)
         else:
             # [BN, T, BM] partial sums per sub-block: q*x summed per sub-block, then scaled once
             acc = tl.zeros([BN, CPI * S, BM], dtype=tl.float32)
+            sqm = tl.zeros([1, 1, BM], dtype=tl.float32)
             for c in range(first, last, CPI):
                 h3, h2, z3, z2, t3 = _chunk_tiles(c, nchunks, S, L, CPI * S)
                 kx = c * S * L + t3 * L
@@ -129,10 +156,18 @@ if triton is not None:
                 q, scale, offset = decode_chunk(TYPE, b0, b1, b2, b3, b0, b1, b2, b3, h3, h3, z3, j3, z3, m3, m3)
                 pdl_wait(USE_PDL)
                 for m in tl.static_range(BM):
-                    xv = load_x(x_ptr, m * stride_xm + kx + j3, m3 & ((j3 * 0 + m) < M), K, GATE)
+                    mm = m3 & ((j3 * 0 + m) < M)
+                    if NORM:
+                        sv, xv = load_normed(x_ptr, d_ptr, g_ptr, sum_ptr, m * stride_xm + kx + j3, kx + j3, mm,
+                                             pid_n == 0, HAS_DELTA)
+                        sqm = tl.where(mids == m, sqm + tl.sum(tl.sum(sv * sv, axis=2), axis=1)[:, None, None], sqm)
+                    else:
+                        xv = load_x(x_ptr, m * stride_xm + kx + j3, mm, K, GATE)
                     part = scale * tl.sum(q * xv, axis=2, keep_dims=True) + offset * tl.sum(xv, axis=2, keep_dims=True)
                     acc = tl.where(mids == m, acc + part, acc)
             total = tl.sum(acc, axis=1)                  # [BN, BM]
+            if NORM:
+                total *= _rstd(tl.sum(sqm, axis=1), K, eps)
         pdl_wait(USE_PDL)     # a split with no chunk of K (no loop step) still stores after it
         mids2 = tl.arange(0, BM)[None, :]
         if HAS_BIAS:
@@ -243,12 +278,24 @@ def kernel_meta(type_name: str, block_n: int, chunks_per_step: int, num_warps: i
                 PAIRED=bm == 1 and paired and type_name in PAIR_TILES, S2=s2, L2=l2)
 
 
-def qmatvec(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None, block_n: int | None = None,
-            split: int | None = None, chunks_per_step: int | None = None,
+def _norm_args(normed: NormedInput | None, rows: int) -> dict:
+    """_qmv_kernel's NORM arguments: x + delta, the norm's weight, where the sum goes."""
+    if normed is None:
+        return {}
+    delta = normed.x if normed.delta is None else normed.delta
+    return dict(d_ptr=delta.view(rows, -1), g_ptr=normed.weight, sum_ptr=normed.sum.view(rows, -1),
+                eps=normed.eps, NORM=True, HAS_DELTA=normed.delta is not None)
+
+
+def qmatvec(x: torch.Tensor | NormedInput, w: QuantWeight, bias: torch.Tensor | None = None,
+            block_n: int | None = None, split: int | None = None, chunks_per_step: int | None = None,
             num_warps: int | None = None, paired: bool = True, gated: str | None = None) -> torch.Tensor:
     """x [M, K] (M <= 8) -> [M, N] in x's dtype. Launch arguments left None come from launch_for.
     gated ("silu", "gelu_tanh"): x is a gated MLP's [M, 2K] = [gate | up], and the kernel reads
-    act(gate) * up (gated_input.py)."""
+    act(gate) * up (gated_input.py). x a NormedInput ([..., K], M rows): the kernel reads
+    rms_norm(x + delta) and writes the sum (normed_input.py); K is never split then."""
+    normed = x if isinstance(x, NormedInput) else None
+    x = x.x.view(normed.rows(), -1) if normed is not None else x
     m, width = x.shape
     k, n = w.shape[1], w.shape[0]
     launch = launch_for(w.type_name, n, k, m)
@@ -256,15 +303,17 @@ def qmatvec(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None, b
     chunks_per_step = chunks_per_step or launch[1]
     num_warps = num_warps or launch[2]
     assert m <= MAX_DECODE_ROWS and width == (2 * k if gated else k), "qmatvec: M <= 8 rows of in_features"
+    assert not (gated and normed), "qmatvec: a gated x is never a normed one"
     x = x.contiguous()
     planes, strides = _planes(w)
-    split = split or split_for(n, k, x.device, block_n, chunks_per_step)
+    split = 1 if normed is not None else split or split_for(n, k, x.device, block_n, chunks_per_step)
     steps = triton.cdiv(triton.cdiv(k, CHUNK), chunks_per_step)
     chunks_per_split = triton.cdiv(steps, split) * chunks_per_step
     split = triton.cdiv(triton.cdiv(k, CHUNK), chunks_per_split)
     meta = kernel_meta(w.type_name, block_n, chunks_per_step, num_warps, m, paired)
     meta["GATE"] = gate_code(gated)
     meta.update(pdl.options(x.device))
+    meta.update(_norm_args(normed, m))
     grid = (triton.cdiv(n, block_n), split)
     if split == 1:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)

@@ -44,10 +44,12 @@ import torch.nn.functional as F
 
 from engines.torch.kernels import fused_small, quant_dp4a, quant_kernels
 from engines.torch.kernels.activations import ACTIVATIONS
+from engines.torch.kernels.normed_input import NormedInput
 from engines.torch.kernels.quant_weight import FLOAT_TYPES, QuantWeight
 
 _REPEATED = threading.local()   # repeated_rows() is on in this thread
 _GATED_KERNELS = {"on": True}    # qlinear_gated's kernels built here (off after a build error)
+_NORMED_KERNELS = {"on": True}   # qlinear_normed's, the same way
 try:
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
@@ -145,6 +147,30 @@ def qlinear_gated(h: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, ki
             log.warning("the down projection's gated x loads do not build here (%s): the activation "
                         "runs as a kernel of its own", exc)
     return qlinear(gated_activation(h, kind), w, bias)
+
+
+def use_normed_kernels(on: bool) -> None:
+    """Whether qlinear_normed may read a deferred norm in its kernel (A/Bs: decode_profile)."""
+    _NORMED_KERNELS["on"] = on
+
+
+def qlinear_normed(h: NormedInput, w: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """qlinear(rms_norm(x + delta)) for a deferred norm (normed_input.py). Where the float
+    decode kernel reads W (eager, a few rows, no dp4a), it reads the norm itself: one launch
+    a norm fewer; elsewhere the norm first (computed once for all its consumers), then
+    qlinear. A kernel that does not build here is logged once and not tried again."""
+    rows = h.rows()
+    if (_NORMED_KERNELS["on"] and h.device.type == "cuda" and w.type_name not in FLOAT_TYPES
+            and quant_kernels.kernel_ready(w) and not getattr(_REPEATED, "on", False)
+            and not torch.compiler.is_compiling() and 0 < rows <= quant_kernels.matvec_max_rows(w.type_name)
+            and not quant_dp4a.chosen(w, rows)):
+        try:
+            return quant_kernels.qmatvec(h, w, bias).view(*h.shape[:-1], w.shape[0])
+        except _KERNEL_BUILD_ERRORS as exc:
+            _NORMED_KERNELS["on"] = False
+            log.warning("the projections' normed x loads do not build here (%s): the norm runs as a "
+                        "kernel of its own", exc)
+    return qlinear(h.materialize(), w, bias)
 
 
 # Under torch.compile the call is one opaque op (as kv_access's slot_attend): Dynamo does not

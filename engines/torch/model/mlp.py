@@ -12,7 +12,9 @@ from torch import nn
 
 from engines.torch.kernels import fused_small
 from engines.torch.kernels.activations import ACTIVATIONS   # ModelConfig.activation -> the function
+from engines.torch.kernels.normed_input import NormedInput
 from engines.torch.model.configs import ModelConfig
+from engines.torch.model.norms import linear_on
 
 __all__ = ["ACTIVATIONS", "MLP", "PlainMLP", "can_fuse", "fused_linear"]
 
@@ -38,7 +40,9 @@ def fused_linear(*parts: nn.Linear) -> nn.Linear:
 
 
 class MLP(nn.Module):
-    """down(act(gate(x)) * up(x))."""
+    """down(act(gate(x)) * up(x)). x may be a deferred norm (norms.linear_on)."""
+
+    TAKES_NORMED = True
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -58,10 +62,10 @@ class MLP(nn.Module):
             self.gate_up_proj = fused_linear(self.gate_proj, self.up_proj)
             del self.gate_proj, self.up_proj
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | NormedInput) -> torch.Tensor:
         if self.gate_up_proj is None:
-            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-        gate_up = self.gate_up_proj(x)
+            return self.down_proj(self.act(linear_on(self.gate_proj, x)) * linear_on(self.up_proj, x))
+        gate_up = linear_on(self.gate_up_proj, x)
         if fused_small.usable(gate_up):   # eager on the GPU: one launch, not two
             if hasattr(self.down_proj, "gated"):   # quantized: none, the down projection's x loads do it
                 return self.down_proj.gated(gate_up, self.activation)

@@ -52,7 +52,7 @@ from engines.torch.model.attention import KVAccess
 from engines.torch.model.configs import ModelConfig
 from engines.torch.model.mlp import MLP, PlainMLP
 from engines.torch.model.moe import SparseMoE
-from engines.torch.model.norms import RMSNorm, add_then_norm, make_norm
+from engines.torch.model.norms import RMSNorm, add_then_norm, linear_on, make_norm
 from engines.torch.model.rope import RopeScaling
 from engines.torch.model.rotary import Rotary
 from engines.torch.model.self_attention import Attention
@@ -90,15 +90,15 @@ class DecoderLayer(nn.Module):
         that add adds. The caller adds it inside the next norm (the next layer's, or the
         final one): add and norm are one launch in an eager step on the GPU (norms.add_then_norm).
         `pending`: the previous layer's addend (None for the first layer)."""
-        if pending is None:
-            h = self.input_layernorm(x)
-        else:
-            x, h = add_then_norm(self.input_layernorm, x, pending)
+        # defer: the projections after a norm read it themselves where they can (normed_input.py)
+        x, h = add_then_norm(self.input_layernorm, x, pending, defer=True)
         attn = self.self_attn(h, cos, sin, positions, kv)
+        mlp_defers = getattr(self.mlp, "TAKES_NORMED", False)
         if not self.sandwich:
-            x, h = add_then_norm(self.post_attention_layernorm, x, attn)
+            x, h = add_then_norm(self.post_attention_layernorm, x, attn, defer=mlp_defers)
             return x, self.mlp(h)
-        x, h = add_then_norm(self.pre_feedforward_layernorm, x, self.post_attention_layernorm(attn))
+        x, h = add_then_norm(self.pre_feedforward_layernorm, x, self.post_attention_layernorm(attn),
+                             defer=mlp_defers)
         return x, self.post_feedforward_layernorm(self.mlp(h))
 
 
@@ -169,8 +169,8 @@ class LlamaModel(nn.Module):
             rows = torch.arange(x.shape[0], device=x.device)
             x = x[rows, logit_index].unsqueeze(1)                      # [B, 1, dim]
             pending = pending[rows, logit_index].unsqueeze(1)
-        _, normed = add_then_norm(self.model.norm, x, pending)
-        logits = self.lm_head(normed).float()                         # [B, T|1, V]
+        _, normed = add_then_norm(self.model.norm, x, pending, defer=True)
+        logits = linear_on(self.lm_head, normed).float()              # [B, T|1, V]
         if self.cfg.final_softcap:
             logits = self.cfg.final_softcap * torch.tanh(logits / self.cfg.final_softcap)
         return logits

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engines.torch.kernels import fused_small
+from engines.torch.kernels.normed_input import NormedInput
 
 
 class RMSNorm(nn.Module):
@@ -42,13 +43,34 @@ class LayerNorm(nn.Module):
         return out.to(x.dtype)
 
 
-def add_then_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def add_then_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None,
+                  defer: bool = False) -> tuple[torch.Tensor, torch.Tensor | NormedInput]:
     """(x + delta, norm(x + delta)): a residual add and the norm that reads it, in one
-    launch where an RMSNorm runs eager on the GPU (fused_small), else as two ops."""
-    if type(norm) is RMSNorm and fused_small.usable(x) and delta.shape == x.shape and delta.dtype == x.dtype:
+    launch where an RMSNorm runs eager on the GPU (fused_small), else as two ops.
+    delta None: (x, norm(x)). defer: the caller's projections take a NormedInput
+    (`linear_on`), so on the GPU the norm is left to the kernel that reads it
+    (normed_input.py); the sum is written by whichever consumer runs first."""
+    fusable = (type(norm) is RMSNorm and fused_small.usable(x)
+               and (delta is None or (delta.shape == x.shape and delta.dtype == x.dtype)))
+    if fusable and defer:
+        h = NormedInput(x, delta, norm.weight, norm.eps)
+        return h.sum, h
+    if delta is None:
+        return x, norm(x)
+    if fusable:
         return fused_small.add_rms_norm(x, delta, norm.weight, norm.eps)
     total = x + delta
     return total, norm(total)
+
+
+def linear_on(linear: nn.Module, x: torch.Tensor | NormedInput) -> torch.Tensor:
+    """linear(x) where x may be a deferred norm: a projection with a `normed` method (a
+    quantized one: its decode kernel reads the norm) takes it as it is; any other gets it
+    computed (once for all the consumers of one norm)."""
+    if not isinstance(x, NormedInput):
+        return linear(x)
+    fused = getattr(linear, "normed", None)
+    return fused(x) if fused is not None else linear(x.materialize())
 
 
 def norm_pair(norm_a: nn.Module, a: torch.Tensor, norm_b: nn.Module,

@@ -15,7 +15,8 @@ from torch import nn
 from engines.torch.model.attention import AttnSpec, KVAccess
 from engines.torch.model.configs import ModelConfig
 from engines.torch.model.mlp import can_fuse, fused_linear
-from engines.torch.model.norms import RMSNorm, norm_pair
+from engines.torch.kernels.normed_input import NormedInput
+from engines.torch.model.norms import RMSNorm, linear_on, norm_pair
 
 
 def layer_spec(cfg: ModelConfig, layer: int) -> AttnSpec:
@@ -46,13 +47,14 @@ class Attention(nn.Module):
             self.qkv_proj = fused_linear(self.q_proj, self.k_proj, self.v_proj)
             del self.q_proj, self.k_proj, self.v_proj
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor | NormedInput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of x, which may be a deferred norm (norms.linear_on)."""
         if self.qkv_proj is None:
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            return linear_on(self.q_proj, x), linear_on(self.k_proj, x), linear_on(self.v_proj, x)
         kv_width = self.num_kv * self.head_dim
-        return self.qkv_proj(x).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        return linear_on(self.qkv_proj, x).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor | NormedInput, cos: torch.Tensor, sin: torch.Tensor,
                 positions: torch.Tensor, kv: KVAccess) -> torch.Tensor:
         bsz, t, _ = x.shape
         q, k, v = self.project(x)

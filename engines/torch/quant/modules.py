@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from engines.torch.kernels.quant_experts import qmatvec_experts
-from engines.torch.kernels.quant_ops import gated_activation, qlinear, qlinear_gated
+from engines.torch.kernels.normed_input import NormedInput
+from engines.torch.kernels.quant_ops import gated_activation, qlinear, qlinear_gated, qlinear_normed
 from engines.torch.kernels.quant_weight import QuantWeight
 
 
@@ -46,6 +47,13 @@ class QuantLinear(nn.Module):
         if self.qweight.device.type != "cpu":
             return qlinear_gated(h, self.qweight, self.bias, kind)
         return self(gated_activation(h, kind))
+
+    def normed(self, h: NormedInput) -> torch.Tensor:
+        """self(rms_norm(x + delta)) for a deferred norm: on the GPU the decode kernel reads
+        the norm itself (quant_ops.qlinear_normed)."""
+        if self.qweight.device.type != "cpu":
+            return qlinear_normed(h, self.qweight, self.bias)
+        return self(h.materialize())
 
     def cache_bytes(self) -> int:
         return 0 if self.dense is None else self.dense.numel() * self.dense.element_size()
@@ -99,6 +107,13 @@ class QuantExperts(nn.Module):
 
     def pairs(self, x: torch.Tensor, ids: torch.Tensor, x_div: int, gated: str | None = None) -> torch.Tensor:
         return qmatvec_experts(x, self.qweight, self.num_experts, ids, x_div, gated)
+
+    def normed(self, h: NormedInput) -> torch.Tensor:
+        """self(rms_norm(x + delta)) for a deferred norm: on the GPU the decode kernel reads
+        the norm itself (quant_ops.qlinear_normed)."""
+        if self.qweight.device.type != "cpu":
+            return qlinear_normed(h, self.qweight, self.bias)
+        return self(h.materialize())
 
     def cache_bytes(self) -> int:
         return 0 if self.dense is None else self.dense.numel() * self.dense.element_size()
