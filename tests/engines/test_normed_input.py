@@ -13,7 +13,7 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from engines.torch.kernels import quant_kernels, quant_ops  # noqa: E402
+from engines.torch.kernels import quant_dp4a, quant_kernels, quant_ops  # noqa: E402
 from engines.torch.kernels.normed_input import NormedInput  # noqa: E402
 from engines.torch.kernels.quant_weight import QuantWeight  # noqa: E402
 from engines.torch.model.norms import linear_on  # noqa: E402
@@ -118,3 +118,32 @@ def test_mismatched_addend_is_refused_by_shape() -> None:
     x, delta, g = stream(2, 64, torch.float32)
     with pytest.raises(ValueError, match="differ"):
         NormedInput(x, delta[:1], g, 1e-5)
+
+
+@pytest.mark.parametrize("rows_of_x", [1, 2])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_dp4a_quantizes_the_norm_of_the_sum(rows_of_x: int, with_delta: bool) -> None:
+    """The dp4a path's x quantization reads the norm itself: the same int8 rows as quantizing
+    the separate norm's float32 output (a quant may move by one next to a rounding boundary,
+    the two sums of squares being added in different orders), and the residual written."""
+    cols = 512
+    x, delta, g = stream(rows_of_x, cols, torch.float32, seed=7 + rows_of_x)
+    delta = delta if with_delta else None
+    h = NormedInput(x, delta, g, 1e-5)
+    s, normed = add_then_norm_reference(x, delta, g, 1e-5)
+    q, dx, _, _ = quant_dp4a.quantize_x(h)
+    wq, wdx, _, _ = quant_dp4a.quantize_x(normed.reshape(-1))
+    assert (q.int() - wq.int()).abs().max() <= 1 and (q != wq).float().mean() < 1e-2
+    torch.testing.assert_close(dx, wdx, rtol=1e-5, atol=0)
+    torch.testing.assert_close(h.sum, s, rtol=0, atol=0)
+    w = weight("Q4_K", 8, cols)
+    want = quant_dp4a.qmatvec_dp4a(normed, w)
+    torch.testing.assert_close(quant_dp4a.qmatvec_dp4a(NormedInput(x, delta, g, 1e-5), w), want,
+                               rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+def test_dp4a_refuses_a_width_its_programs_would_straddle() -> None:
+    x, delta, g = stream(1, 96, torch.float32)
+    with pytest.raises(ValueError, match="whole programs"):
+        quant_dp4a.quantize_x(NormedInput(x, delta, g, 1e-5))
+    assert quant_dp4a.takes_normed(4096) and not quant_dp4a.takes_normed(576)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engines.torch.kernels import fused_small, quant_ops
+from engines.torch.kernels import fused_small, quant_dp4a, quant_ops
 from engines.torch.kernels.normed_input import NormedInput
 from engines.torch.kernels.quant_kernels import qmatvec
 from engines.torch.kernels.quant_weight import QuantWeight
@@ -52,6 +52,23 @@ def test_normed_matvec_equals_the_norm_kernel_then_the_matvec(type_name, rows, c
     h = NormedInput(x, delta, g, 1e-5)
     check(qmatvec(h, w), qmatvec(normed, w), normed, ref)
     assert torch.equal(h.sum, total) and torch.equal(total, x + delta)
+
+
+@pytest.mark.parametrize("type_name,rows", [("Q4_K", 4096), ("Q4_K", 28672), ("Q6_K", 4096)])
+@pytest.mark.parametrize("rows_of_x", [1, 2])
+def test_dp4a_quantizing_the_norm_equals_the_norm_kernel_then_dp4a(type_name, rows, rows_of_x):
+    """The 8B's dp4a projections (q, gate|up): x quantized from the norm read in place
+    (a quant moves by one where bf16's rounding of x would have moved it: within 2^-7)."""
+    w, ref = weight(type_name, rows, 4096)
+    x, delta, g = stream(rows_of_x, 4096, seed=rows_of_x)
+    total, normed = fused_small.add_rms_norm(x, delta, g, 1e-5)
+    h = NormedInput(x, delta, g, 1e-5)
+    assert quant_dp4a.chosen(w, rows_of_x)
+    got, want = quant_ops.qlinear_normed(h, w, None), quant_dp4a.qmatvec_dp4a(normed, w)
+    scale = normed.float().abs().cpu() @ ref.abs().float().t()
+    err = (got.float() - want.float()).abs().cpu()
+    assert torch.all(err <= 2.0 ** -7 * scale + 1e-2), (err / (scale + 1e-2)).max()
+    assert torch.equal(h.sum, total)
 
 
 def test_without_an_addend_the_norm_of_x():

@@ -19,6 +19,7 @@ row M - 1 and are not stored.
 from __future__ import annotations
 
 from engines.torch.kernels.gated_input import load_x
+from engines.torch.kernels.normed_input import load_normed, row_rstd
 from engines.torch.kernels.pdl import pdl_start, pdl_wait
 from engines.torch.kernels.quant_decode import triton
 
@@ -244,16 +245,26 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["K", "ROW"])
     def quantize_x_kernel(x_ptr, q_ptr, d_ptr, s_ptr, s16_ptr, K, ROW, BLOCKS: tl.constexpr,
-                          GATE: tl.constexpr = 0, USE_PDL: tl.constexpr = False):
+                          GATE: tl.constexpr = 0, USE_PDL: tl.constexpr = False,
+                          dl_ptr=None, g_ptr=None, sum_ptr=None, eps=0.0,
+                          NORM: tl.constexpr = False, HAS_DELTA: tl.constexpr = False):
         """x [K] -> int8 quants, the scale and scaled sum of each 32, the quant sum of each 16.
-        GATE: x is rows of ROW values read as act(gate) * up from rows of [gate | up] (2 ROW)."""
+        GATE: x is rows of ROW values read as act(gate) * up from rows of [gate | up] (2 ROW).
+        NORM (normed_input.py): x is rms_norm(x + dl) * g over rows of ROW, a program's blocks
+        inside one row (ROW a multiple of 32 * BLOCKS); each program writes its part of the sum."""
         pdl_start(USE_PDL)
         pdl_wait(USE_PDL)
         blk = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
         k = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
         live = k < K
-        at = k if GATE == 0 else (k // ROW) * (2 * ROW) + k % ROW
-        x = load_x(x_ptr, at, live, ROW, GATE)
+        if NORM:
+            row_start = (tl.program_id(0) * BLOCKS * 32 // ROW) * ROW
+            rstd = row_rstd(x_ptr, dl_ptr, row_start, ROW, eps, HAS_DELTA, 1024)
+            _, x = load_normed(x_ptr, dl_ptr, g_ptr, sum_ptr, k, k - row_start, live, True, HAS_DELTA)
+            x = x * rstd
+        else:
+            at = k if GATE == 0 else (k // ROW) * (2 * ROW) + k % ROW
+            x = load_x(x_ptr, at, live, ROW, GATE)
         d = tl.max(tl.abs(x), axis=1) / 127.0
         inv = tl.where(d > 0, 1.0 / tl.where(d > 0, d, 1.0), 0.0)
         q = _round_half_away(x * inv[:, None])

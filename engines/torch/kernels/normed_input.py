@@ -85,5 +85,18 @@ if triton is not None:
             s = s.to(tl.float32)
         g = tl.load(g_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
         return s, s * g
-else:   # no Triton here: nothing launches it (the callers check for triton first)
-    load_normed = None
+
+    @triton.jit
+    def row_rstd(x_ptr, delta_ptr, row_start, ROW, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+        """1 / sqrt(mean(s^2) + eps) of the row of ROW values at row_start, s = x + delta rounded
+        as load_normed rounds it: for kernels whose programs each hold a part of the row
+        (the dp4a path's x quantization), so each reads the whole row first."""
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, ROW, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            live = cols < ROW
+            s, _ = load_normed(x_ptr, delta_ptr, x_ptr, x_ptr, row_start + cols, cols, live, False, HAS_DELTA)
+            acc += s * s
+        return 1.0 / tl.sqrt(tl.sum(acc, axis=0) / ROW + eps)
+else:   # no Triton here: nothing launches these (the callers check for triton first)
+    load_normed = row_rstd = None

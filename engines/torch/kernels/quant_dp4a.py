@@ -26,6 +26,7 @@ import torch
 
 from engines.torch.kernels import dp4a_kernels, pdl
 from engines.torch.kernels.gated_input import gate_code
+from engines.torch.kernels.normed_input import NormedInput
 from engines.torch.kernels.quant_decode import triton
 from engines.torch.kernels.quant_weight import QuantWeight
 
@@ -62,23 +63,41 @@ def emulated() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def quantize_x(x: torch.Tensor, gated: str | None = None,
+QUANTIZE_BLOCKS = 8   # blocks of 32 a program of quantize_x_kernel
+
+
+def quantize_x(x: torch.Tensor | NormedInput, gated: str | None = None,
                row: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [K] -> (int8 [K], float32 dx [K/32], float32 sx [K/32], int32 sums of each 16 [K/16]):
     ggml's quantize_row_q8_1, plus the half-block sums Q6_K's bias of 32 needs. gated: x is
     rows of [gate | up] (2 row values each) and what is quantized is act(gate) * up, K = its
-    rows times `row` (gated_input.py: the activation's own launch saved)."""
+    rows times `row` (gated_input.py: the activation's own launch saved). x a NormedInput:
+    what is quantized is its rms_norm(x + delta), rows of its last dim (normed_input.py:
+    the norm's own launch saved; `takes_normed` says which widths)."""
+    norm = {}
+    if isinstance(x, NormedInput):
+        if not takes_normed(x.shape[-1]):
+            raise ValueError(f"quantize_x: rows of {x.shape[-1]} are not whole programs of "
+                             f"{QK * QUANTIZE_BLOCKS} for the norm read in place")
+        row = x.shape[-1]
+        norm = dict(dl_ptr=x.x if x.delta is None else x.delta, g_ptr=x.weight, sum_ptr=x.sum, eps=x.eps,
+                    NORM=True, HAS_DELTA=x.delta is not None)
+        x = x.x
     k = x.numel() // 2 if gated else x.numel()
     blocks = triton.cdiv(k, QK)
     q = torch.empty(blocks * QK, dtype=torch.int8, device=x.device)
     dx = torch.empty(blocks, dtype=torch.float32, device=x.device)
     sx = torch.empty(blocks, dtype=torch.float32, device=x.device)
     s16 = torch.empty(blocks * 2, dtype=torch.int32, device=x.device)
-    per_program = 8
-    dp4a_kernels.quantize_x_kernel[(triton.cdiv(blocks, per_program),)](
-        x.reshape(-1), q, dx, sx, s16, k, row or k, BLOCKS=per_program, GATE=gate_code(gated),
-        **pdl.options(x.device))
+    dp4a_kernels.quantize_x_kernel[(triton.cdiv(blocks, QUANTIZE_BLOCKS),)](
+        x.reshape(-1), q, dx, sx, s16, k, row or k, BLOCKS=QUANTIZE_BLOCKS, GATE=gate_code(gated),
+        **pdl.options(x.device), **norm)
     return q, dx, sx, s16
+
+
+def takes_normed(width: int) -> bool:
+    """Whether quantize_x reads a norm of rows this wide in place (each program inside one row)."""
+    return width % (QK * QUANTIZE_BLOCKS) == 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -132,18 +151,22 @@ def _weight_args(w: QuantWeight) -> list:
     return planes + [t.stride(0) for t in planes]
 
 
-def qmatvec_dp4a(x: torch.Tensor, w: QuantWeight, block_n: int | None = None, blocks_per_step: int | None = None,
-                 unroll: int | None = None, num_warps: int | None = None, gated: str | None = None) -> torch.Tensor:
+def qmatvec_dp4a(x: torch.Tensor | NormedInput, w: QuantWeight, block_n: int | None = None,
+                 blocks_per_step: int | None = None, unroll: int | None = None, num_warps: int | None = None,
+                 gated: str | None = None) -> torch.Tensor:
     """x [M, K] (M <= 8; or [K]) -> [M, N] in x's dtype; W in Q4_K, Q6_K, Q4_0 or Q8_0 planes.
-    gated: x is [M, 2K] = [gate | up] and the product is with act(gate) * up."""
-    x2 = x.reshape(-1, 2 * w.shape[1] if gated else w.shape[1])
+    gated: x is [M, 2K] = [gate | up] and the product is with act(gate) * up. x a NormedInput:
+    the product is with its norm, quantized as it is read (quantize_x)."""
+    normed = x if isinstance(x, NormedInput) else None
+    x2 = (x.x if normed is not None else x).reshape(-1, 2 * w.shape[1] if gated else w.shape[1])
     if not supports(w, x2.shape[0]):
         raise ValueError(f"the dp4a matvec serves {sorted(TYPES)} at 1 to {MAX_ROWS} rows of x, not "
                          f"{w.type_name} {tuple(w.shape)} at {tuple(x.shape)}")
     m, n = x2.shape[0], w.shape[0]
     launch = tuple(given or default for given, default in
                    zip((block_n, blocks_per_step, unroll, num_warps), launch_for(w.type_name, m, n)))
-    return run_kernel(x2, w, n, launch, m, gated=gated)
+    return run_kernel(x2, w, n, launch, m, gated=gated,
+                      quantized=None if normed is None else quantize_x(normed))
 
 
 def run_kernel(x2: torch.Tensor, w: QuantWeight, n: int, launch: tuple[int, int, int, int], out_rows: int,

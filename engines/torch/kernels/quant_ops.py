@@ -155,17 +155,24 @@ def use_normed_kernels(on: bool) -> None:
 
 
 def qlinear_normed(h: NormedInput, w: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """qlinear(rms_norm(x + delta)) for a deferred norm (normed_input.py). Where the float
-    decode kernel reads W (eager, a few rows, no dp4a), it reads the norm itself: one launch
-    a norm fewer; elsewhere the norm first (computed once for all its consumers), then
-    qlinear. A kernel that does not build here is logged once and not tried again."""
+    """qlinear(rms_norm(x + delta)) for a deferred norm (normed_input.py). Where a decode
+    kernel reads W (eager, a few rows), it reads the norm itself: the float matvec in its
+    x loads, the dp4a path as it quantizes x: one launch a norm fewer; elsewhere the norm
+    first (computed once for all its consumers), then qlinear. A kernel that does not build here is logged once and not tried again."""
     rows = h.rows()
-    if (_NORMED_KERNELS["on"] and h.device.type == "cuda" and w.type_name not in FLOAT_TYPES
-            and quant_kernels.kernel_ready(w) and not getattr(_REPEATED, "on", False)
-            and not torch.compiler.is_compiling() and 0 < rows <= quant_kernels.matvec_max_rows(w.type_name)
-            and not quant_dp4a.chosen(w, rows)):
+    eager_gpu = (_NORMED_KERNELS["on"] and h.device.type == "cuda" and w.type_name not in FLOAT_TYPES
+                 and quant_kernels.kernel_ready(w) and not getattr(_REPEATED, "on", False)
+                 and not torch.compiler.is_compiling())
+    dp4a = eager_gpu and quant_dp4a.chosen(w, rows)
+    if (dp4a and quant_dp4a.takes_normed(w.shape[1])) or (
+            eager_gpu and not dp4a and 0 < rows <= quant_kernels.matvec_max_rows(w.type_name)):
         try:
-            return quant_kernels.qmatvec(h, w, bias).view(*h.shape[:-1], w.shape[0])
+            if dp4a:
+                y = quant_dp4a.qmatvec_dp4a(h, w)
+                y = y if bias is None else y + bias.to(y.dtype)
+            else:
+                y = quant_kernels.qmatvec(h, w, bias)
+            return y.view(*h.shape[:-1], w.shape[0])
         except _KERNEL_BUILD_ERRORS as exc:
             _NORMED_KERNELS["on"] = False
             log.warning("the projections' normed x loads do not build here (%s): the norm runs as a "
