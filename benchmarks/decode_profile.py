@@ -15,7 +15,8 @@ the GPU has it: engines/torch/kernels/pdl.py), `triton-no-pdl` (the same kernels
 one after another as before), `triton-pinned` (`triton`, the step's inputs read from the
 pinned buffer by its first kernel: serve/step_inputs.py), `triton-separate-norms` (`triton`
 with each add + RMSNorm a kernel of its own, not read by the projection after it:
-kernels/normed_input.py), `torchops` (attention as torch ops). Each variant also times batch-1 decode as benchmarks.decode runs it (the host's part included).
+kernels/normed_input.py), `triton-ungrouped` (`triton` with q, k, v of different types
+launched one by one: kernels/quant_group.py), `torchops` (attention as torch ops). Each variant also times batch-1 decode as benchmarks.decode runs it (the host's part included).
 
 --q4km: the named shapes as random Q4_K_M blocks (benchmarks/shape_gguf.py), loaded as the
 daemon loads a GGUF (weights in their blocks, the quantized kernels), so the table is the
@@ -113,6 +114,7 @@ def kernel_table(model, variant: str, args: argparse.Namespace) -> dict:
     pdl.set_enabled(False if variant.endswith("no-pdl") else None)   # kernels captured below keep it
     step_inputs.set_read_pinned(variant.endswith("pinned"))
     quant_ops.use_normed_kernels(not variant.endswith("separate-norms"))
+    quant_ops.use_group_kernels(not variant.endswith("ungrouped"))
     runner = Runner(model, store, compile=not args.no_compile, triton=variant.startswith("triton"))
     try:
         runner.warm_up()
@@ -150,6 +152,7 @@ def kernel_table(model, variant: str, args: argparse.Namespace) -> dict:
         pdl.set_enabled(None)
         step_inputs.set_read_pinned(False)
         quant_ops.use_normed_kernels(True)
+        quant_ops.use_group_kernels(True)
         store.close()
 
 

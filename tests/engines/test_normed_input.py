@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 from engines.torch.kernels import quant_dp4a, quant_kernels, quant_ops  # noqa: E402
 from engines.torch.kernels.normed_input import NormedInput  # noqa: E402
 from engines.torch.kernels.quant_weight import QuantWeight  # noqa: E402
-from engines.torch.model.norms import linear_on  # noqa: E402
+from engines.torch.model.projections import linear_on  # noqa: E402
 from engines.torch.quant.modules import QuantLinear  # noqa: E402
 from tests.engines.quant_blocks import random_blocks  # noqa: E402
 
@@ -147,3 +147,31 @@ def test_dp4a_refuses_a_width_its_programs_would_straddle() -> None:
     with pytest.raises(ValueError, match="whole programs"):
         quant_dp4a.quantize_x(NormedInput(x, delta, g, 1e-5))
     assert quant_dp4a.takes_normed(4096) and not quant_dp4a.takes_normed(576)
+
+
+def test_a_model_with_deferred_norms_computes_what_it_did(monkeypatch) -> None:
+    """The layers' plumbing: with the fused norms 'usable' (as on the GPU; here their kernels
+    run in the interpreter), each norm reaches its projections deferred, the plain Linears of
+    a float model materialize it, and the residual stream each sum continues from is the one
+    the separate adds gave: the logits equal the torch ops' within float32 rounding."""
+    from engines.torch.kernels import fused_small
+    from engines.torch.model.attention import ContiguousKV
+    from engines.torch.model.model import build_model
+    from tests.engines.tiny_gguf import TINY, random_state
+
+    cfg = TINY.replace(vocab_size=300, dim=128, num_heads=4, num_kv_heads=2, head_dim=32, ffn_dim=256)
+    model = build_model(cfg, random_state(cfg), "cpu", torch.float32)
+    ids, positions = torch.tensor([[5, 9, 77, 3]]), torch.arange(4).unsqueeze(0)
+
+    def logits() -> torch.Tensor:
+        kv = ContiguousKV(cfg.num_layers, 1, cfg.num_kv_heads, 4, cfg.head_dim, torch.float32)
+        return model(ids, positions, kv)
+
+    want = logits()
+    made = []
+    monkeypatch.setattr(fused_small, "usable", lambda x: True)
+    monkeypatch.setattr(NormedInput, "materialize",
+                        lambda self, plain=NormedInput.materialize: made.append(1) or plain(self))
+    got = logits()
+    assert made, "no norm was deferred"
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -63,8 +63,10 @@ def gguf_name(hf: str) -> str:
 
 def write_tiny_gguf(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], arch: str = "llama",
                     qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
-                    rope_freqs: np.ndarray | None = None) -> Path:
-    """Write cfg/state as a GGUF file; 2-D weights stored as `qtype` (norms stay F32).
+                    rope_freqs: np.ndarray | None = None,
+                    qtype_of: dict[str, gguf.GGMLQuantizationType] | None = None) -> Path:
+    """Write cfg/state as a GGUF file; 2-D weights stored as `qtype` (norms stay F32), or as
+    qtype_of[projection] for the projections it names ("v_proj": a Q4_K_M file's mix).
     rope_freqs: llama3-style per-frequency divisors, stored as convert_hf_to_gguf does."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_layers)
@@ -95,8 +97,9 @@ def write_tiny_gguf(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor]
         proj = name.split(".")[-2]
         if arch == "llama" and proj in heads:
             array = permute(array, heads[proj])
-        if array.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
-            w.add_tensor(gguf_name(name), gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        stored = (qtype_of or {}).get(proj, qtype)
+        if array.ndim == 2 and stored != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(gguf_name(name), gguf.quants.quantize(array, stored), raw_dtype=stored)
         else:
             w.add_tensor(gguf_name(name), np.ascontiguousarray(array))
     w.write_header_to_file()

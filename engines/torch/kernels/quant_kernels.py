@@ -76,8 +76,6 @@ if triton is not None:
                     NORM: tl.constexpr = False, HAS_DELTA: tl.constexpr = False):
         # USE_PDL (pdl.py): weights and bias before pdl_wait, x after it; never with INDEXED
         # (the expert ids come from the kernel before).
-        # NORM (normed_input.py): x is rms_norm(x + d) * g, read here; sum(s^2) rides along in
-        # `sq`, rstd scales the sums after the loop. Only with split == 1 (the whole K here).
         pdl_start(USE_PDL)
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         if INDEXED:
@@ -91,6 +89,21 @@ if triton is not None:
             p3 += first_row * s3
             x_ptr += (pair // x_div).to(tl.int64) * stride_xm
             out_ptr += pair.to(tl.int64) * stride_om
+        qmv_rows(x_ptr, out_ptr, bias_ptr, p0, p1, p2, p3, s0, s1, s2, s3, M, N, K, stride_xm, stride_os,
+                 stride_om, chunks_per_split, pid_n, pid_k, pid_n == 0, d_ptr, g_ptr, sum_ptr, eps,
+                 TYPE, S, L, CPI, BN, BM, HAS_BIAS, PAIRED, S2, L2, GATE, USE_PDL, NORM, HAS_DELTA)
+
+    @triton.jit
+    def qmv_rows(x_ptr, out_ptr, bias_ptr, p0, p1, p2, p3, s0, s1, s2, s3, M, N, K, stride_xm, stride_os,
+                 stride_om, chunks_per_split, pid_n, pid_k, write_sum, d_ptr, g_ptr, sum_ptr, eps,
+                 TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr, CPI: tl.constexpr,
+                 BN: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr, PAIRED: tl.constexpr,
+                 S2: tl.constexpr, L2: tl.constexpr, GATE: tl.constexpr, USE_PDL: tl.constexpr,
+                 NORM: tl.constexpr, HAS_DELTA: tl.constexpr):
+        """Program (pid_n, pid_k) of a matvec: its BN rows of W over its split of K, stored.
+        NORM (normed_input.py): x is rms_norm(x + d) * g, read here; sum(s^2) rides along in
+        `sq`, rstd scales the sums after the loop. Only with one split (the whole K here);
+        the residual sum is stored where write_sum."""
         rows = pid_n * BN + tl.arange(0, BN)
         # clamp, not mask: the tail's loads stay unconditional and vectorized; its stores are masked
         b0, b1, b2, b3, c0, c1, c2, c3 = _row_pointers(p0, p1, p2, p3, s0, s1, s2, s3, tl.minimum(rows, N - 1))
@@ -113,9 +126,9 @@ if triton is not None:
                 qa, sa, oa, xa, qb, sb, ob, xb = decode_pair(TYPE, b0, b1, b2, b3, h3, z3, j2, m3)
                 pdl_wait(USE_PDL)
                 if NORM:
-                    s_a, x_a = load_normed(x_ptr, d_ptr, g_ptr, sum_ptr, start + xa, start + xa, m3, pid_n == 0,
+                    s_a, x_a = load_normed(x_ptr, d_ptr, g_ptr, sum_ptr, start + xa, start + xa, m3, write_sum,
                                            HAS_DELTA)
-                    s_b, x_b = load_normed(x_ptr, d_ptr, g_ptr, sum_ptr, start + xb, start + xb, m3, pid_n == 0,
+                    s_b, x_b = load_normed(x_ptr, d_ptr, g_ptr, sum_ptr, start + xb, start + xb, m3, write_sum,
                                            HAS_DELTA)
                     sq2 += s_a * s_a + s_b * s_b
                 else:
@@ -137,7 +150,7 @@ if triton is not None:
                 q, scale, offset = decode_chunk(TYPE, b0, b1, b2, b3, b0, b1, b2, b3, h3, h3, z3, j3, z3, m3, m3)
                 pdl_wait(USE_PDL)
                 if NORM:
-                    sv, xv = load_normed(x_ptr, d_ptr, g_ptr, sum_ptr, kx + j3, kx + j3, m3, pid_n == 0, HAS_DELTA)
+                    sv, xv = load_normed(x_ptr, d_ptr, g_ptr, sum_ptr, kx + j3, kx + j3, m3, write_sum, HAS_DELTA)
                     sq1 += sv * sv
                 else:
                     xv = load_x(x_ptr, kx + j3, m3, K, GATE)
@@ -159,7 +172,7 @@ if triton is not None:
                     mm = m3 & ((j3 * 0 + m) < M)
                     if NORM:
                         sv, xv = load_normed(x_ptr, d_ptr, g_ptr, sum_ptr, m * stride_xm + kx + j3, kx + j3, mm,
-                                             pid_n == 0, HAS_DELTA)
+                                             write_sum, HAS_DELTA)
                         sqm = tl.where(mids == m, sqm + tl.sum(tl.sum(sv * sv, axis=2), axis=1)[:, None, None], sqm)
                     else:
                         xv = load_x(x_ptr, m * stride_xm + kx + j3, mm, K, GATE)

@@ -42,7 +42,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from engines.torch.kernels import fused_small, quant_dp4a, quant_kernels
+from engines.torch.kernels import fused_small, quant_dp4a, quant_group, quant_kernels
 from engines.torch.kernels.activations import ACTIVATIONS
 from engines.torch.kernels.normed_input import NormedInput
 from engines.torch.kernels.quant_weight import FLOAT_TYPES, QuantWeight
@@ -50,6 +50,7 @@ from engines.torch.kernels.quant_weight import FLOAT_TYPES, QuantWeight
 _REPEATED = threading.local()   # repeated_rows() is on in this thread
 _GATED_KERNELS = {"on": True}    # qlinear_gated's kernels built here (off after a build error)
 _NORMED_KERNELS = {"on": True}   # qlinear_normed's, the same way
+_GROUP_KERNELS = {"on": True}    # qlinear_group's, the same way
 try:
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
@@ -178,6 +179,33 @@ def qlinear_normed(h: NormedInput, w: QuantWeight, bias: torch.Tensor | None) ->
             log.warning("the projections' normed x loads do not build here (%s): the norm runs as a "
                         "kernel of its own", exc)
     return qlinear(h.materialize(), w, bias)
+
+
+def use_group_kernels(on: bool) -> None:
+    """Whether qlinear_group may run projections of one x as one launch (A/Bs: decode_profile)."""
+    _GROUP_KERNELS["on"] = on
+
+
+def qlinear_group(x: torch.Tensor | NormedInput, weights: list[QuantWeight],
+                  biases: list[torch.Tensor | None]) -> list[torch.Tensor] | None:
+    """[qlinear(x, w, b) for each] in one launch where the float decode kernels would run each
+    alike (eager on the GPU: quant_group.grouped), else None (the caller runs them one by one).
+    A group kernel that does not build here is logged once and not tried again."""
+    if not (_GROUP_KERNELS["on"] and x.device.type == "cuda" and not torch.compiler.is_compiling()
+            and not getattr(_REPEATED, "on", False)):
+        return None
+    rows = x.rows() if isinstance(x, NormedInput) else x.numel() // x.shape[-1]
+    if rows == 0 or not quant_group.grouped(weights, rows):
+        return None
+    if isinstance(x, NormedInput) and not _NORMED_KERNELS["on"]:
+        x = x.materialize()
+    try:
+        y = quant_group.qmatvec_group(x if isinstance(x, NormedInput) else x.reshape(rows, -1), weights, biases)
+    except _KERNEL_BUILD_ERRORS as exc:
+        _GROUP_KERNELS["on"] = False
+        log.warning("projections of one x do not build as one launch here (%s): one launch each", exc)
+        return None
+    return list(y.view(*x.shape[:-1], -1).split([w.shape[0] for w in weights], dim=-1))
 
 
 # Under torch.compile the call is one opaque op (as kv_access's slot_attend): Dynamo does not

@@ -14,7 +14,7 @@ from engines.torch.kernels import fused_small
 from engines.torch.kernels.activations import ACTIVATIONS   # ModelConfig.activation -> the function
 from engines.torch.kernels.normed_input import NormedInput
 from engines.torch.model.configs import ModelConfig
-from engines.torch.model.norms import linear_on
+from engines.torch.model.projections import linear_on
 
 __all__ = ["ACTIVATIONS", "MLP", "PlainMLP", "can_fuse", "fused_linear"]
 
@@ -40,7 +40,7 @@ def fused_linear(*parts: nn.Linear) -> nn.Linear:
 
 
 class MLP(nn.Module):
-    """down(act(gate(x)) * up(x)). x may be a deferred norm (norms.linear_on)."""
+    """down(act(gate(x)) * up(x)). x may be a deferred norm (projections.py)."""
 
     TAKES_NORMED = True
 

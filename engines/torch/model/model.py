@@ -52,7 +52,8 @@ from engines.torch.model.attention import KVAccess
 from engines.torch.model.configs import ModelConfig
 from engines.torch.model.mlp import MLP, PlainMLP
 from engines.torch.model.moe import SparseMoE
-from engines.torch.model.norms import RMSNorm, add_then_norm, linear_on, make_norm
+from engines.torch.model.norms import RMSNorm, add_then_norm, make_norm
+from engines.torch.model.projections import linear_on
 from engines.torch.model.rope import RopeScaling
 from engines.torch.model.rotary import Rotary
 from engines.torch.model.self_attention import Attention

@@ -48,7 +48,7 @@ def add_then_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None,
     """(x + delta, norm(x + delta)): a residual add and the norm that reads it, in one
     launch where an RMSNorm runs eager on the GPU (fused_small), else as two ops.
     delta None: (x, norm(x)). defer: the caller's projections take a NormedInput
-    (`linear_on`), so on the GPU the norm is left to the kernel that reads it
+    (projections.linear_on), so on the GPU the norm is left to the kernel that reads it
     (normed_input.py); the sum is written by whichever consumer runs first."""
     fusable = (type(norm) is RMSNorm and fused_small.usable(x)
                and (delta is None or (delta.shape == x.shape and delta.dtype == x.dtype)))
@@ -61,16 +61,6 @@ def add_then_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None,
         return fused_small.add_rms_norm(x, delta, norm.weight, norm.eps)
     total = x + delta
     return total, norm(total)
-
-
-def linear_on(linear: nn.Module, x: torch.Tensor | NormedInput) -> torch.Tensor:
-    """linear(x) where x may be a deferred norm: a projection with a `normed` method (a
-    quantized one: its decode kernel reads the norm) takes it as it is; any other gets it
-    computed (once for all the consumers of one norm)."""
-    if not isinstance(x, NormedInput):
-        return linear(x)
-    fused = getattr(linear, "normed", None)
-    return fused(x) if fused is not None else linear(x.materialize())
 
 
 def norm_pair(norm_a: nn.Module, a: torch.Tensor, norm_b: nn.Module,

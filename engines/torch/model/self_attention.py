@@ -16,7 +16,8 @@ from engines.torch.model.attention import AttnSpec, KVAccess
 from engines.torch.model.configs import ModelConfig
 from engines.torch.model.mlp import can_fuse, fused_linear
 from engines.torch.kernels.normed_input import NormedInput
-from engines.torch.model.norms import RMSNorm, linear_on, norm_pair
+from engines.torch.model.norms import RMSNorm, norm_pair
+from engines.torch.model.projections import linear_on, linears_on
 
 
 def layer_spec(cfg: ModelConfig, layer: int) -> AttnSpec:
@@ -48,9 +49,10 @@ class Attention(nn.Module):
             del self.q_proj, self.k_proj, self.v_proj
 
     def project(self, x: torch.Tensor | NormedInput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v of x, which may be a deferred norm (norms.linear_on)."""
+        """q, k, v of x, which may be a deferred norm (projections.py)."""
         if self.qkv_proj is None:
-            return linear_on(self.q_proj, x), linear_on(self.k_proj, x), linear_on(self.v_proj, x)
+            q, k, v = linears_on((self.q_proj, self.k_proj, self.v_proj), x)
+            return q, k, v
         kv_width = self.num_kv * self.head_dim
         return linear_on(self.qkv_proj, x).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
 

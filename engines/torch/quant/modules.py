@@ -19,7 +19,7 @@ from torch import nn
 
 from engines.torch.kernels.quant_experts import qmatvec_experts
 from engines.torch.kernels.normed_input import NormedInput
-from engines.torch.kernels.quant_ops import gated_activation, qlinear, qlinear_gated, qlinear_normed
+from engines.torch.kernels.quant_ops import gated_activation, qlinear, qlinear_gated, qlinear_group, qlinear_normed
 from engines.torch.kernels.quant_weight import QuantWeight
 
 
@@ -54,6 +54,14 @@ class QuantLinear(nn.Module):
         if self.qweight.device.type != "cpu":
             return qlinear_normed(h, self.qweight, self.bias)
         return self(h.materialize())
+
+    @staticmethod
+    def group(linears: tuple[QuantLinear, ...], x: torch.Tensor | NormedInput) -> list[torch.Tensor] | None:
+        """[linear(x) for each] as one launch where the GPU's decode kernels can (projections of
+        one x in different types: quant_ops.qlinear_group), else None."""
+        if linears[0].qweight.device.type == "cpu":
+            return None
+        return qlinear_group(x, [linear.qweight for linear in linears], [linear.bias for linear in linears])
 
     def cache_bytes(self) -> int:
         return 0 if self.dense is None else self.dense.numel() * self.dense.element_size()
@@ -114,6 +122,14 @@ class QuantExperts(nn.Module):
         if self.qweight.device.type != "cpu":
             return qlinear_normed(h, self.qweight, self.bias)
         return self(h.materialize())
+
+    @staticmethod
+    def group(linears: tuple[QuantLinear, ...], x: torch.Tensor | NormedInput) -> list[torch.Tensor] | None:
+        """[linear(x) for each] as one launch where the GPU's decode kernels can (projections of
+        one x in different types: quant_ops.qlinear_group), else None."""
+        if linears[0].qweight.device.type == "cpu":
+            return None
+        return qlinear_group(x, [linear.qweight for linear in linears], [linear.bias for linear in linears])
 
     def cache_bytes(self) -> int:
         return 0 if self.dense is None else self.dense.numel() * self.dense.element_size()
