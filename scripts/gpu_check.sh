@@ -50,7 +50,7 @@ declare -A PARTS=(
   # Programmatic dependent launch (engines/torch/kernels/pdl.py): bit-equal decode and a kernel
   # chain with and without it; SmolLM2's eager batch-1 step both ways, kernel by kernel.
   # The decode step's inputs read from pinned memory by its first kernel, PDL, quantized models' graphs.
-  [tests_inputs]="300 -m pytest -q -p no:cacheprovider --timeout 120 tests/gpu/test_step_inputs_gpu.py tests/gpu/test_pdl_gpu.py tests/gpu/test_normed_input_gpu.py tests/gpu/test_quant_group_gpu.py tests/gpu/test_quant_model_gpu.py"
+  [tests_inputs]="300 -m pytest -q -p no:cacheprovider --timeout 120 tests/gpu/test_step_inputs_gpu.py tests/gpu/test_pdl_gpu.py tests/gpu/test_normed_input_gpu.py tests/gpu/test_quant_group_gpu.py tests/gpu/test_fused_small_gpu.py tests/gpu/test_quant_model_gpu.py"
   [pdl]="150 -m pytest -q -p no:cacheprovider --timeout 120 tests/gpu/test_pdl_gpu.py"
   [profile_pdl]="240 -m benchmarks.decode_profile --q4km --models smollm2-135m --variants triton-separate-norms,triton-ungrouped,triton,triton-pinned --no-compile --steps 30"
   [profile_pdl_8b]="300 -m benchmarks.decode_profile --q4km --models llama-3.1-8b --variants triton-no-pdl,triton --no-compile --steps 20"

@@ -83,3 +83,20 @@ def test_rms_norm_pair_on_the_gpu(batch: int) -> None:
     got_q, got_k = fused_small.rms_norm_pair(q, wq, k, wk, 1e-6)
     torch.testing.assert_close(got_q.float(), torch_rms_norm(q, wq, 1e-6).float(), rtol=2 ** -7, atol=1e-3)
     torch.testing.assert_close(got_k.float(), torch_rms_norm(k, wk, 1e-6).float(), rtol=2 ** -7, atol=1e-3)
+
+
+@pytest.mark.parametrize("head_dim,rope_dim", [(64, 64), (128, 96)])
+def test_rope_table_equals_rotarys_torch_ops(head_dim, rope_dim):
+    """The one-launch cos/sin table (kernels/rope_table.py) against Rotary's torch ops on the
+    GPU, positions up to 32k (the angle's range reduction is the kernel's libdevice cos/sin)."""
+    from engines.torch.kernels import rope_table
+    from engines.torch.model.rotary import Rotary
+
+    rotary = Rotary(head_dim, rope_dim, 500000.0).to("cuda")
+    positions = torch.tensor([[0, 1, 77, 4095, 8191, 32767]], device="cuda")
+    assert rope_table.usable(positions)
+    got_cos, got_sin = rotary(positions)
+    freqs = positions.unsqueeze(-1).float() * rotary.inv_freq
+    emb = torch.nn.functional.pad(torch.cat((freqs, freqs), dim=-1), (0, head_dim - rope_dim)).unsqueeze(1)
+    torch.testing.assert_close(got_cos, emb.cos() * rotary.mscale, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(got_sin, emb.sin() * rotary.mscale, rtol=1e-5, atol=2e-5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engines.torch.kernels import rope_table
 from engines.torch.model.rope import RopeScaling, magnitude_scale, scaled_inv_freq
 
 
@@ -40,6 +41,8 @@ class Rotary(nn.Module):
         self.set_freq_factors(torch.tensor(factors, dtype=torch.float32))
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if rope_table.usable(positions):    # eager on the GPU: one launch, not six or seven
+            return rope_table.rope_table(positions, self.inv_freq, self.mscale, self.head_dim)
         freqs = positions.unsqueeze(-1).float() * self.inv_freq          # [B, T, R/2]
         emb = torch.cat((freqs, freqs), dim=-1)                           # [B, T, R]
         if self.rope_dim < self.head_dim:                                 # angle 0 turns nothing
