@@ -12,8 +12,9 @@ rows, timed with CUDA events, and the bandwidth they reach.
 
 Variants: `triton` (the Triton decode attention, and programmatic dependent launch where
 the GPU has it: engines/torch/kernels/pdl.py), `triton-no-pdl` (the same kernels launched
-one after another as before), `triton-pinned` (`triton`, the step's inputs read from the
-pinned buffer by its first kernel: serve/step_inputs.py), `triton-separate-norms` (`triton`
+one after another as before), `triton-copied-inputs` (`triton` with the step's inputs copied
+to the device before each replay, not read from the pinned buffer by its first kernel:
+serve/step_inputs.py), `triton-separate-norms` (`triton`
 with each add + RMSNorm a kernel of its own, not read by the projection after it:
 kernels/normed_input.py), `triton-ungrouped` (`triton` with q, k, v of different types
 launched one by one: kernels/quant_group.py), `torchops` (attention as torch ops). Each variant also times batch-1 decode as benchmarks.decode runs it (the host's part included).
@@ -112,7 +113,7 @@ def kernel_table(model, variant: str, args: argparse.Namespace) -> dict:
     cfg = model.cfg
     store = make_store("virtual", cfg, model.dtype, model.device, 8, args.ctx)
     pdl.set_enabled(False if variant.endswith("no-pdl") else None)   # kernels captured below keep it
-    step_inputs.set_read_pinned(variant.endswith("pinned"))
+    step_inputs.set_read_pinned(not variant.endswith("copied-inputs"))
     quant_ops.use_normed_kernels(not variant.endswith("separate-norms"))
     quant_ops.use_group_kernels(not variant.endswith("ungrouped"))
     runner = Runner(model, store, compile=not args.no_compile, triton=variant.startswith("triton"))
@@ -150,7 +151,7 @@ def kernel_table(model, variant: str, args: argparse.Namespace) -> dict:
                 "top": [{"kernel": n, "calls": round(c, 2), "us": round(us, 2)} for n, c, us in rows[:30]]}
     finally:
         pdl.set_enabled(None)
-        step_inputs.set_read_pinned(False)
+        step_inputs.set_read_pinned(True)
         quant_ops.use_normed_kernels(True)
         quant_ops.use_group_kernels(True)
         store.close()

@@ -52,7 +52,7 @@ declare -A PARTS=(
   # The decode step's inputs read from pinned memory by its first kernel, PDL, quantized models' graphs.
   [tests_inputs]="300 -m pytest -q -p no:cacheprovider --timeout 120 tests/gpu/test_step_inputs_gpu.py tests/gpu/test_pdl_gpu.py tests/gpu/test_normed_input_gpu.py tests/gpu/test_quant_group_gpu.py tests/gpu/test_fused_small_gpu.py tests/gpu/test_quant_model_gpu.py"
   [pdl]="150 -m pytest -q -p no:cacheprovider --timeout 120 tests/gpu/test_pdl_gpu.py"
-  [profile_pdl]="240 -m benchmarks.decode_profile --q4km --models smollm2-135m --variants triton-separate-norms,triton-ungrouped,triton,triton-pinned --no-compile --steps 30"
+  [profile_pdl]="240 -m benchmarks.decode_profile --q4km --models smollm2-135m --variants triton-separate-norms,triton-ungrouped,triton,triton-copied-inputs --no-compile --steps 30"
   [profile_pdl_8b]="300 -m benchmarks.decode_profile --q4km --models llama-3.1-8b --variants triton-no-pdl,triton --no-compile --steps 20"
   [quant_small_check]="120 -m benchmarks.quant_small --no-sweep --shapes smollm2 --name quant_small_check"
   [profile_moe]="300 -m benchmarks.decode_profile --q4km --models qwen3-30b-a3b --variants triton --no-compile --steps 30"

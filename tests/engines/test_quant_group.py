@@ -62,3 +62,14 @@ def test_not_grouped_where_the_parts_would_launch_differently() -> None:
     assert not quant_group.grouped(weights((("Q5_0", 8), ("Q5_0", 8)), 576)[:1] + weights((("Q8_0", 8),), 512), 1)
     assert not quant_group.grouped(ws, 2)        # two rows of x: Q5_0 and Q8_0 have launch shapes of their own
     assert not quant_group.grouped(ws, 8)        # Q5_0's matvec stops at 4 rows
+
+
+def test_the_parts_that_launch_alike_group_without_the_one_that_does_not() -> None:
+    """An 8B's q takes dp4a where its k and v take the float matvec: those two group. Here a
+    Q8_0 part whose launch shape differs at two rows of x stands for q."""
+    from engines.torch.kernels import quant_ops
+
+    q, k, v = weights((("Q8_0", 16), ("Q4_K", 8), ("Q6_K", 8)), 512)
+    assert quant_ops._groupable([q, k, v], 2) == [1, 2]
+    assert quant_ops._groupable([k, v, q], 2) == [0, 1]
+    assert quant_ops._groupable([q, k], 2) == []

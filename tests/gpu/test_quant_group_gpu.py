@@ -59,6 +59,24 @@ def test_a_deferred_norm_in_a_graph():
     assert quant_ops._GROUP_KERNELS["on"]
 
 
+def test_an_8b_q_on_dp4a_beside_k_and_v_grouped():
+    """Llama-3.1-8B's Q4_K_M attention input: q (Q4_K, 4096 rows) takes dp4a, k (Q4_K) and v
+    (Q6_K, 1024 rows each) one group launch; all three from one deferred norm."""
+    from engines.torch.kernels import quant_dp4a
+
+    q, k, v = weights((("Q4_K", 4096), ("Q4_K", 1024), ("Q6_K", 1024)), 4096)
+    assert quant_dp4a.chosen(q, 1) and quant_ops._groupable([q, k, v], 1) == [1, 2]
+    gen = torch.Generator().manual_seed(0)
+    x, delta = (torch.randn(1, 4096, generator=gen).to(CUDA, torch.bfloat16) for _ in range(2))
+    g = torch.rand(4096, device=CUDA, dtype=torch.bfloat16) + 0.5
+    h = NormedInput(x, delta, g, 1e-5)
+    outs = quant_ops.qlinear_group(h, [q, k, v], [None] * 3)
+    for got, w in zip(outs, (q, k, v)):
+        want = quant_ops.qlinear_normed(NormedInput(x, delta, g, 1e-5), w, None)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=2e-2)
+    assert torch.equal(h.sum, x + delta)
+
+
 def test_graphed_decode_with_mixed_qkv_types_grouped_or_not(tmp_path, monkeypatch):
     path = write_tiny_gguf(tmp_path / "mixed.gguf", CFG, random_state(CFG, seed=5),
                            qtype=gguf.GGMLQuantizationType.Q5_0,

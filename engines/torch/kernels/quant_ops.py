@@ -188,24 +188,40 @@ def use_group_kernels(on: bool) -> None:
 
 def qlinear_group(x: torch.Tensor | NormedInput, weights: list[QuantWeight],
                   biases: list[torch.Tensor | None]) -> list[torch.Tensor] | None:
-    """[qlinear(x, w, b) for each] in one launch where the float decode kernels would run each
-    alike (eager on the GPU: quant_group.grouped), else None (the caller runs them one by one).
-    A group kernel that does not build here is logged once and not tried again."""
+    """[qlinear(x, w, b) for each], the weights that the float decode kernel would run alike in
+    one launch (eager on the GPU: quant_group.grouped; an 8B's k and v where q takes dp4a), the
+    others one each; None where fewer than two group (the caller runs them one by one). A
+    group kernel that does not build here is logged once and not tried again."""
     if not (_GROUP_KERNELS["on"] and x.device.type == "cuda" and not torch.compiler.is_compiling()
             and not getattr(_REPEATED, "on", False)):
         return None
     rows = x.rows() if isinstance(x, NormedInput) else x.numel() // x.shape[-1]
-    if rows == 0 or not quant_group.grouped(weights, rows):
+    together = _groupable(weights, rows)
+    if len(together) < 2:
         return None
-    if isinstance(x, NormedInput) and not _NORMED_KERNELS["on"]:
-        x = x.materialize()
+    group_x = x.materialize() if isinstance(x, NormedInput) and not _NORMED_KERNELS["on"] else x
     try:
-        y = quant_group.qmatvec_group(x if isinstance(x, NormedInput) else x.reshape(rows, -1), weights, biases)
+        y = quant_group.qmatvec_group(group_x if isinstance(group_x, NormedInput) else group_x.reshape(rows, -1),
+                                      [weights[i] for i in together], [biases[i] for i in together])
     except _KERNEL_BUILD_ERRORS as exc:
         _GROUP_KERNELS["on"] = False
         log.warning("projections of one x do not build as one launch here (%s): one launch each", exc)
         return None
-    return list(y.view(*x.shape[:-1], -1).split([w.shape[0] for w in weights], dim=-1))
+    grouped = dict(zip(together, y.view(*x.shape[:-1], -1).split([weights[i].shape[0] for i in together], dim=-1)))
+    return [grouped[i] if i in grouped else _alone(x, w, b) for i, (w, b) in enumerate(zip(weights, biases))]
+
+
+def _groupable(weights: list[QuantWeight], rows: int) -> list[int]:
+    """Indexes of the weights that run as one launch: all, else all but the first or the last
+    (a dp4a q beside float k and v), else none."""
+    for picked in (range(len(weights)), range(1, len(weights)), range(len(weights) - 1)):
+        if len(picked) >= 2 and quant_group.grouped([weights[i] for i in picked], rows):
+            return list(picked)
+    return []
+
+
+def _alone(x: torch.Tensor | NormedInput, w: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    return qlinear_normed(x, w, bias) if isinstance(x, NormedInput) else qlinear(x, w, bias)
 
 
 # Under torch.compile the call is one opaque op (as kv_access's slot_attend): Dynamo does not

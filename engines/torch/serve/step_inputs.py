@@ -2,11 +2,11 @@
 and how the host's values for each step reach them.
 
 The host fills a pinned buffer in place (no tensor built per step: building one from the
-lists and copying it cost ~25 us a SmolLM2 step). By default the host copies it to a device
-buffer and the graph copies that apart. `direct` (READ_PINNED_IN_GRAPH, off until measured):
-where the GPU's kernels can read pinned memory (decided once a device by a probe), the
-graph's first kernel reads it where it lies (kernels/step_inputs.py: no DMA, no event, one
-launch for three copies). Either way the host waits before
+lists and copying it cost ~25 us a SmolLM2 step). `direct` (READ_PINNED_IN_GRAPH, the
+default): where the GPU's kernels can read pinned memory (decided once a device by a probe),
+the graph's first kernel reads it where it lies (kernels/step_inputs.py: no DMA, no event,
+one launch for three copies); elsewhere the host copies it to a device buffer and the graph
+copies that apart. Either way the host waits before
 writing the buffer again until the step that read it has read it (`read`).
 """
 from __future__ import annotations
@@ -19,10 +19,10 @@ from engines.torch.kernels import step_inputs
 
 log = logging.getLogger(__name__)
 _direct_by_device: dict[int, bool] = {}
-# Off until it has run on a GPU: written after the session's last lease (2026-12-07), checked
-# only through Triton's interpreter. tests/gpu/test_step_inputs_gpu.py (replays see each
-# load) and decode_profile's host lines (us a token, both ways) decide whether it goes on.
-READ_PINNED_IN_GRAPH = False
+# On since its GPU run (H100, 2026-12-08: tests/gpu/test_step_inputs_gpu.py passed both ways;
+# decode_profile's SmolLM2 step, triton-pinned against triton: two kernels fewer, the host's
+# DecodeGraph.run ~17 us and runner+argmax ~15 us a token less, within that run's noise).
+READ_PINNED_IN_GRAPH = True
 
 
 def set_read_pinned(enabled: bool) -> None:
