@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from benchmarks.decode import bench_engine, make_store, measure_bandwidth, prefill, sync  # noqa: E402
 from benchmarks.llama_peer import Build, batched_bench, llama_bench, start_build  # noqa: E402
 from benchmarks.results_io import print_table, write_result  # noqa: E402
-from benchmarks.shape_gguf import named_block_shape, quantize, shape_paths, write_shape  # noqa: E402
+from benchmarks.shape_gguf import BLOCK_RECIPES, named_block_shape, quantize, shape_paths, write_shape  # noqa: E402
 from engines.torch.model.configs import named_config  # noqa: E402
 from engines.torch.serve.runner import Runner  # noqa: E402
 from engines.torch.serve.scheduler import Sequence  # noqa: E402
@@ -181,10 +181,12 @@ def run_decode(args: argparse.Namespace, clock: Clock) -> dict:
     for model in args.models.split(","):               # written while llama.cpp builds
         source, quantized = shape_paths(work / "shapes", model, args.types.split(","))
         try:
-            # --blocks: random Q4_K_M blocks written straight, no F16 file to quantize (a
+            # --blocks: random blocks of each type written straight, no F16 file to quantize (a
             # Qwen3-30B-A3B F16 file is 61 GB, more than the GPU machine's disk).
-            shapes[model] = (None, {"Q4_K_M": named_block_shape(model)}) if args.blocks else \
-                (write_shape(named_config(model), source), quantized)
+            if args.blocks:
+                shapes[model] = (None, {t: named_block_shape(model, t) for t in args.types.split(",")})
+            else:
+                shapes[model] = (write_shape(named_config(model), source), quantized)
         except Exception as exc:
             log.exception("writing %s failed", model)
             results["files"][model] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -311,15 +313,16 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=4096)
     parser.add_argument("--ctx", type=int, default=4096 + 512)
     parser.add_argument("--blocks", action="store_true",
-                        help="random Q4_K_M blocks written straight (shape_gguf.named_block_shape) instead of "
+                        help="random blocks of each type written straight (shape_gguf.named_block_shape) instead of "
                              "an F16 file quantized by llama.cpp: for shapes whose F16 file does not fit the disk")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to warm)")
     parser.add_argument("--budget-gib", type=float, default=12.0)
     parser.add_argument("--budget-tokens", type=int, default=8192)
     parser.add_argument("--name", default=None, help="result file name (default quant_decode / quant_budget)")
     args = parser.parse_args()
-    if args.blocks and args.types != "Q4_K_M":
-        parser.error("--blocks writes Q4_K_M files only: pass --types Q4_K_M")
+    unwritable = set(args.types.split(",")) - set(BLOCK_RECIPES)
+    if args.blocks and unwritable:
+        parser.error(f"--blocks writes {', '.join(BLOCK_RECIPES)} files, not {', '.join(sorted(unwritable))}")
     args.triton = True
     args.name = args.name or ("quant_decode" if args.part == "decode" else "quant_budget")
     if not torch.cuda.is_available():

@@ -106,12 +106,27 @@ def q4_k_m_type(name: str, cfg: ModelConfig, columns: int) -> str:
     return chosen
 
 
-def _block_type(name: str, cfg: ModelConfig, shape: tuple[int, ...]) -> str:
-    """Q4_K_M's type for a weight (stacked experts too), F32 for vectors and for the MoE router,
-    which llama.cpp's quantizer never quantizes."""
+def legacy_type(recipe: str, name: str, cfg: ModelConfig, columns: int) -> str:
+    """llama.cpp's choice in a Q8_0 or Q4_0 file: every 2-D weight of the recipe's type, but in
+    Q4_0 the output head (the embedding where it is tied), which its quantizer writes as Q6_K
+    (Q8_0 where rows are not whole super-blocks)."""
+    is_head = name == "lm_head.weight" or (cfg.tie_embeddings and name == "model.embed_tokens.weight")
+    if recipe == "Q4_0" and is_head:
+        return "Q6_K" if columns % 256 == 0 else "Q8_0"
+    return recipe
+
+
+BLOCK_RECIPES = ("Q4_K_M", "Q8_0", "Q4_0")   # the file types written as random blocks
+
+
+def _block_type(name: str, cfg: ModelConfig, shape: tuple[int, ...], recipe: str = "Q4_K_M") -> str:
+    """The recipe's type for a weight (stacked experts too), F32 for vectors and for the MoE
+    router, which llama.cpp's quantizer never quantizes."""
     if len(shape) < 2 or name.endswith("mlp.gate.weight"):
         return "F32"
-    return q4_k_m_type(name, cfg, shape[-1])
+    if recipe == "Q4_K_M":
+        return q4_k_m_type(name, cfg, shape[-1])
+    return legacy_type(recipe, name, cfg, shape[-1])
 
 
 def _random_blocks(type_name: str, shape: tuple[int, int], gen) -> np.ndarray:
@@ -130,27 +145,29 @@ def _random_blocks(type_name: str, shape: tuple[int, int], gen) -> np.ndarray:
 BLOCK_SHAPES = _ROOT / "build" / "quant" / "blocks"   # named shapes as random Q4_K_M blocks, kept between runs
 
 
-def named_block_shape(name: str) -> Path:
-    """The named config (llama-3.1-8b, smollm2-135m...) as random Q4_K_M blocks under
-    BLOCK_SHAPES, written on first use (write_block_shape)."""
-    return write_block_shape(named_config(name), BLOCK_SHAPES / f"{name}.Q4_K_M.gguf")
+def named_block_shape(name: str, recipe: str = "Q4_K_M") -> Path:
+    """The named config (llama-3.1-8b, smollm2-135m...) as random blocks of a recipe
+    (BLOCK_RECIPES) under BLOCK_SHAPES, written on first use (write_block_shape)."""
+    return write_block_shape(named_config(name), BLOCK_SHAPES / f"{name}.{recipe}.gguf", recipe=recipe)
 
 
-def write_block_shape(cfg: ModelConfig, path: Path, seed: int = 0) -> Path:
-    """cfg as a Q4_K_M-typed GGUF of random blocks, written straight (no F16 file, no
-    quantizer): for timing our engine where llama.cpp is not built. The types and bytes
-    are a Q4_K_M file's; the values are not what llama.cpp's quantizer would make."""
-    return _write_once(path, lambda partial: _write_blocks(cfg, partial, seed), " of random Q4_K_M blocks")
+def write_block_shape(cfg: ModelConfig, path: Path, seed: int = 0, recipe: str = "Q4_K_M") -> Path:
+    """cfg as a GGUF of random blocks typed as llama.cpp's quantizer types a file of `recipe`
+    (Q4_K_M, Q8_0, Q4_0), written straight (no F16 file, no quantizer): for files too big to
+    quantize in a call. The types and bytes are that file's; the values are not."""
+    if recipe not in BLOCK_RECIPES:
+        raise ValueError(f"random blocks: {recipe!r} is not one of {', '.join(BLOCK_RECIPES)}")
+    return _write_once(path, lambda partial: _write_blocks(cfg, partial, seed, recipe), f" of random {recipe} blocks")
 
 
-def _write_blocks(cfg: ModelConfig, path: Path, seed: int) -> None:
+def _write_blocks(cfg: ModelConfig, path: Path, seed: int, recipe: str) -> None:
     import torch
 
     gen = torch.Generator(device="cuda" if torch.cuda.is_available() else "cpu").manual_seed(seed)
     shapes, make = model_shapes(cfg), _sampler(seed)
     w = gguf.GGUFWriter(str(path), cfg.arch)
     write_metadata(w, cfg, {})
-    types = {name: _block_type(name, cfg, shape) for name, shape in shapes.items()}
+    types = {name: _block_type(name, cfg, shape, recipe) for name, shape in shapes.items()}
     for name, shape in shapes.items():
         if types[name] == "F32":
             w.add_tensor_info(gguf_tensor_name(name, cfg.arch), shape, np.dtype(np.float32), int(np.prod(shape)) * 4)

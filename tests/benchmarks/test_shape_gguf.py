@@ -78,3 +78,26 @@ def test_an_moe_shape_as_random_blocks_stacks_its_experts_in_blocks(tmp_path):
     llm = plain_llama(str(path), n_ctx=64, n_threads=1, verbose=False)
     llm.eval([1, 2, 3])
     assert llm.n_tokens == 3
+
+
+@pytest.mark.parametrize("recipe,head", [("Q8_0", "Q8_0"), ("Q4_0", "Q6_K")])
+def test_q8_0_and_q4_0_files_as_random_blocks(tmp_path, recipe, head):
+    """quant_decode --blocks --types Q8_0,Q4_0: every 2-D weight of the recipe's type, the head
+    of a Q4_0 file Q6_K as llama.cpp's quantizer writes it; the loader reads them."""
+    from benchmarks.shape_gguf import write_block_shape
+
+    cfg = CFG.replace(dim=512, num_heads=8, num_kv_heads=2, head_dim=64, ffn_dim=768, num_layers=2,
+                      tie_embeddings=False)
+    path = write_block_shape(cfg, tmp_path / f"{recipe}.gguf", recipe=recipe)
+    types = {t.name: t.tensor_type.name for t in open_reader(path).tensors}
+    assert types["output.weight"] == head and types["blk.1.ffn_down.weight"] == recipe
+    assert set(types.values()) == {recipe, head, "F32"}
+    model, _ = load_gguf(path, "cpu", torch.float32, llamacpp_numerics=False)
+    assert model.cfg.num_layers == 2
+
+
+def test_an_unknown_recipe_is_refused_by_name(tmp_path):
+    from benchmarks.shape_gguf import write_block_shape
+
+    with pytest.raises(ValueError, match="Q3_K_S"):
+        write_block_shape(CFG, tmp_path / "x.gguf", recipe="Q3_K_S")
