@@ -100,6 +100,8 @@ declare -A PARTS=(
   [quant_served_q4km]="450 -m benchmarks.quant_decode --blocks --compile --types Q4_K_M --name quant_decode_compiled_q4km --budget-s ${QUANT_BUDGET_S:-420}"
   # Issue 16's "Q8_0 and Q4_0 reported the same way": the 8B as random blocks of each (carry .gpu).
   [quant_served_legacy]="290 -m benchmarks.quant_decode --blocks --compile --types Q8_0,Q4_0 --models llama-3.1-8b --name quant_decode_compiled_legacy --budget-s ${QUANT_BUDGET_S:-270}"
+  # The same for Q4_0 only, eager (no compile: batch 1 serves the eager graph on an 8B): a short call.
+  [quant_legacy_eager]="150 -m benchmarks.quant_decode --blocks --types Q4_0 --models llama-3.1-8b --name quant_decode_legacy_eager --budget-s ${QUANT_BUDGET_S:-130}"
   [quant_more]="590 -m benchmarks.quant_decode --types Q8_0,Q4_0 --name quant_decode_more --budget-s 540"
   # Batch-1 decode after 512, 4k and 16k tokens of context against llama-bench -d (carry .gpu):
   # what attention's one program a KV head costs an agent's long prompts.
