@@ -6,16 +6,20 @@ its own (`fused_small.add_rms_norm`), twice a layer: 60 of the 257 kernels of a
 SmolLM2-135M decode step, which is bound by launches, not bytes
 (benchmarks/results: decode_profile_q4km_smollm2_pdl_h100.json).
 
-Here the float matvec (`quant_kernels._qmv_kernel`, NORM) reads x and delta itself:
+Here the float matvec (`quant_kernels.qmv_rows`, NORM) reads x and delta itself:
     y = rstd * sum_k W[n, k] * (s_k * g_k) (+ bias),  s = round(x + delta),
     rstd = 1 / sqrt(mean(s^2) + eps),
 accumulating sum(s^2) in the same loop that reads s, so nothing waits for the norm
 before the weights stream. Every program walks the whole of K (no K split), and
-program 0 stores s: the residual stream the next add continues from.
+program 0 stores s: the residual stream the next add continues from. The dp4a path's
+x quantization (`dp4a_kernels.quantize_x_kernel`, NORM), whose programs each hold a
+part of a row, reads the row's sum of squares first (`row_rstd`), then quantizes
+s * g * rstd; each program stores its part of s.
 
 The one difference from the separate kernel: x is not rounded to the model's dtype
 after the norm (the product stays float32 inside the kernel), so the result is a
-little closer to exact, not bit-equal. tests/engines/test_normed_input.py bounds it.
+little closer to exact, not bit-equal. tests/engines/test_normed_input.py bounds it
+(tests/gpu/test_normed_input_gpu.py on CUDA).
 
 `NormedInput` is the torch side: what a projection receives instead of h. A consumer
 that has no such kernel calls `materialize()`, which runs the separate launch once,
@@ -59,6 +63,12 @@ class NormedInput:
     def rows(self) -> int:
         """Rows of x with every leading dim flattened (the M of a matvec)."""
         return self.x.numel() // self.x.shape[-1]
+
+    def kernel_args(self) -> dict:
+        """What a kernel with NORM takes: the addend (x where there is none: never read then),
+        the norm's weight, where the sum goes (flat, contiguous), eps and HAS_DELTA."""
+        return dict(delta=self.x if self.delta is None else self.delta, g_ptr=self.weight, sum_ptr=self.sum,
+                    eps=self.eps, NORM=True, HAS_DELTA=self.delta is not None)
 
     def materialize(self) -> torch.Tensor:
         """h itself, computed once (the separate kernel), `sum` written on the way."""

@@ -80,8 +80,8 @@ def quantize_x(x: torch.Tensor | NormedInput, gated: str | None = None,
             raise ValueError(f"quantize_x: rows of {x.shape[-1]} are not whole programs of "
                              f"{QK * QUANTIZE_BLOCKS} for the norm read in place")
         row = x.shape[-1]
-        norm = dict(dl_ptr=x.x if x.delta is None else x.delta, g_ptr=x.weight, sum_ptr=x.sum, eps=x.eps,
-                    NORM=True, HAS_DELTA=x.delta is not None)
+        norm = x.kernel_args()
+        norm["dl_ptr"] = norm.pop("delta")
         x = x.x
     k = x.numel() // 2 if gated else x.numel()
     blocks = triton.cdiv(k, QK)

@@ -42,7 +42,7 @@ def _launch(x: torch.Tensor, w: QuantWeight, num_experts: int, ids: torch.Tensor
     block_n, chunks_per_step, num_warps = quant_kernels.LAUNCH.get(w.type_name, quant_kernels.DEFAULT_LAUNCH)[:3]
     pairs, n, k = ids.numel(), w.shape[0] // num_experts, w.shape[1]
     x = x.contiguous()
-    planes, strides = quant_kernels._planes(w)
+    planes, strides = quant_kernels.plane_args(w)
     cdiv = quant_kernels.triton.cdiv
     # No K split: the pairs' programs fill the SMs.
     chunks_per_split = cdiv(cdiv(k, quant_kernels.CHUNK), chunks_per_step) * chunks_per_step

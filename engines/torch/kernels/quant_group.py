@@ -23,7 +23,7 @@ from engines.torch.kernels import pdl, quant_dp4a, quant_kernels
 from engines.torch.kernels.normed_input import NormedInput
 from engines.torch.kernels.pdl import pdl_start
 from engines.torch.kernels.quant_decode import CHUNK, triton
-from engines.torch.kernels.quant_kernels import _norm_args, _planes, kernel_meta, launch_for, qmv_rows
+from engines.torch.kernels.quant_kernels import kernel_meta, launch_for, plane_args, qmv_rows
 from engines.torch.kernels.quant_weight import FLOAT_TYPES, QuantWeight
 
 MAX_PARTS = 3
@@ -94,7 +94,7 @@ def grouped(weights: list[QuantWeight], rows_of_x: int) -> bool:
 
 
 def _part_args(w: QuantWeight, bias: torch.Tensor | None, out: torch.Tensor, meta: dict) -> tuple[list, dict]:
-    planes, strides = _planes(w)
+    planes, strides = plane_args(w)
     return [*planes, *strides, w.shape[0], bias if bias is not None else out], {
         "T": meta["TYPE"], "S": meta["S"], "L": meta["L"], "P": meta["PAIRED"], "S2": meta["S2"],
         "L2": meta["L2"], "BIAS": bias is not None}
@@ -118,8 +118,8 @@ def qmatvec_group(x: torch.Tensor | NormedInput, weights: list[QuantWeight],
         args += part_args
         consts.update({_const_name(name, letter): value for name, value in part_consts.items()})
     chunks = triton.cdiv(triton.cdiv(k, CHUNK), chunks_per_step) * chunks_per_step
-    norm = _norm_args(normed, m)
-    norm_ptrs = [norm.pop(name, x2) for name in ("d_ptr", "g_ptr", "sum_ptr")] + [norm.pop("eps", 0.0)]
+    norm = normed.kernel_args() if normed is not None else {}
+    norm_ptrs = [norm.pop(name, x2) for name in ("delta", "g_ptr", "sum_ptr")] + [norm.pop("eps", 0.0)]
     programs = sum(triton.cdiv(w.shape[0], block_n) for w in weights)
     _qmv_group_kernel[(programs,)](
         x2, out, m, k, x2.stride(0), out.stride(0), chunks, *args, *norm_ptrs, **consts,

@@ -20,6 +20,10 @@ steps of several chunks, all loads of a step in flight; K is split across
 programs (float32 partials summed by one torch op) only where the rows alone
 leave SMs idle.
 
+The matvec body is `qmv_rows`, one program's rows: `_qmv_kernel` runs it for one weight,
+`quant_group` for several weights of one x side by side. Its x may be a deferred norm
+(NORM: normed_input.py) or a gated MLP's [gate | up] (GATE: gated_input.py).
+
 `dequantize`: W -> [N, K] in a float dtype, one program per (BN rows, chunk),
 for the prefill path of `quant_ops` and the tests. `qmatmul_fused`: the
 dequantize-tile matmul that prefill measured against (quant_ops says why it is
@@ -259,7 +263,7 @@ def kernel_ready(w: QuantWeight) -> bool:
     return w.type_name in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1") or w.shape[1] % CHUNK == 0
 
 
-def _planes(w: QuantWeight) -> tuple[list[torch.Tensor], list[int]]:
+def plane_args(w: QuantWeight) -> tuple[list[torch.Tensor], list[int]]:
     planes = w.plane_list()
     planes += [planes[0]] * (4 - len(planes))
     return planes, [p.stride(0) for p in planes]
@@ -291,15 +295,6 @@ def kernel_meta(type_name: str, block_n: int, chunks_per_step: int, num_warps: i
                 PAIRED=bm == 1 and paired and type_name in PAIR_TILES, S2=s2, L2=l2)
 
 
-def _norm_args(normed: NormedInput | None, rows: int) -> dict:
-    """_qmv_kernel's NORM arguments: x + delta, the norm's weight, where the sum goes."""
-    if normed is None:
-        return {}
-    delta = normed.x if normed.delta is None else normed.delta
-    return dict(d_ptr=delta.view(rows, -1), g_ptr=normed.weight, sum_ptr=normed.sum.view(rows, -1),
-                eps=normed.eps, NORM=True, HAS_DELTA=normed.delta is not None)
-
-
 def qmatvec(x: torch.Tensor | NormedInput, w: QuantWeight, bias: torch.Tensor | None = None,
             block_n: int | None = None, split: int | None = None, chunks_per_step: int | None = None,
             num_warps: int | None = None, paired: bool = True, gated: str | None = None) -> torch.Tensor:
@@ -318,7 +313,7 @@ def qmatvec(x: torch.Tensor | NormedInput, w: QuantWeight, bias: torch.Tensor | 
     assert m <= MAX_DECODE_ROWS and width == (2 * k if gated else k), "qmatvec: M <= 8 rows of in_features"
     assert not (gated and normed), "qmatvec: a gated x is never a normed one"
     x = x.contiguous()
-    planes, strides = _planes(w)
+    planes, strides = plane_args(w)
     split = 1 if normed is not None else split or split_for(n, k, x.device, block_n, chunks_per_step)
     steps = triton.cdiv(triton.cdiv(k, CHUNK), chunks_per_step)
     chunks_per_split = triton.cdiv(steps, split) * chunks_per_step
@@ -326,7 +321,9 @@ def qmatvec(x: torch.Tensor | NormedInput, w: QuantWeight, bias: torch.Tensor | 
     meta = kernel_meta(w.type_name, block_n, chunks_per_step, num_warps, m, paired)
     meta["GATE"] = gate_code(gated)
     meta.update(pdl.options(x.device))
-    meta.update(_norm_args(normed, m))
+    if normed is not None:
+        meta.update(normed.kernel_args())
+        meta["d_ptr"] = meta.pop("delta")
     grid = (triton.cdiv(n, block_n), split)
     if split == 1:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -347,7 +344,7 @@ def dequantize(w: QuantWeight, dtype: torch.dtype, block_n: int = 16, ids: torch
     on W's device), only those rows -> [n, K] in one launch (an embedding lookup)."""
     n, k = w.shape
     type_id, s, l = TILES[w.type_name]
-    planes, strides = _planes(w)
+    planes, strides = plane_args(w)
     rows = n if ids is None else ids.numel()
     out = torch.empty((rows, k), dtype=dtype, device=w.device)
     indexed = {} if ids is None else {"ids_ptr": ids, "INDEXED": True}
@@ -390,7 +387,7 @@ def qmatmul_fused(x: torch.Tensor, w: QuantWeight, block_m: int = 64, block_n: i
     n = w.shape[0]
     x = x.contiguous()
     type_id, s, l = TILES[w.type_name]
-    planes, strides = _planes(w)
+    planes, strides = plane_args(w)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     _qmm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         x, out, *planes, *strides, m, n, k, x.stride(0), n, TYPE=type_id, S=s, L=l,
