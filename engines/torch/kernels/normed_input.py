@@ -53,10 +53,6 @@ class NormedInput:
         return self.x.shape
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.x.dtype
-
-    @property
     def device(self) -> torch.device:
         return self.x.device
 

@@ -93,19 +93,21 @@ def grouped(weights: list[QuantWeight], rows_of_x: int) -> bool:
     return all(quant_kernels.split_for(w.shape[0], k, w.device, block_n, chunks_per_step) == 1 for w in weights)
 
 
-def _part_args(w: QuantWeight, bias: torch.Tensor | None, out: torch.Tensor, meta: dict) -> tuple[list, dict]:
+def _part_args(w: QuantWeight, bias: torch.Tensor | None, out: torch.Tensor, meta: dict,
+               letter: str) -> tuple[list, dict]:
+    """Part `letter`'s pointers and sizes, and its constexprs as the kernel names them (TA, SA2...)."""
     planes, strides = plane_args(w)
     return [*planes, *strides, w.shape[0], bias if bias is not None else out], {
-        "T": meta["TYPE"], "S": meta["S"], "L": meta["L"], "P": meta["PAIRED"], "S2": meta["S2"],
-        "L2": meta["L2"], "BIAS": bias is not None}
+        f"T{letter}": meta["TYPE"], f"S{letter}": meta["S"], f"L{letter}": meta["L"], f"P{letter}": meta["PAIRED"],
+        f"S{letter}2": meta["S2"], f"L{letter}2": meta["L2"], f"BIAS_{letter}": bias is not None}
 
 
 def qmatvec_group(x: torch.Tensor | NormedInput, weights: list[QuantWeight],
                   biases: list[torch.Tensor | None]) -> torch.Tensor:
-    """x [M, K] (or a NormedInput of M rows) -> [M, sum of N] in x's dtype: each weight's
+    """x [..., K] (or a NormedInput) of M rows -> [M, sum of N] in x's dtype: each weight's
     matvec side by side, in one launch (`grouped` must hold)."""
     normed = x if isinstance(x, NormedInput) else None
-    x2 = (normed.x.view(normed.rows(), -1) if normed is not None else x).contiguous()
+    x2 = (normed.x if normed is not None else x).reshape(-1, weights[0].shape[1]).contiguous()
     m, k = x2.shape
     block_n, chunks_per_step, num_warps = launch_for(weights[0].type_name, weights[0].shape[0], k, m)
     total = sum(w.shape[0] for w in weights)
@@ -114,9 +116,9 @@ def qmatvec_group(x: torch.Tensor | NormedInput, weights: list[QuantWeight],
     parts = list(zip(weights, biases)) + [(weights[-1], biases[-1])] * (MAX_PARTS - len(weights))   # see the kernel
     for (w, bias), letter in zip(parts, "ABC"):
         meta = kernel_meta(w.type_name, block_n, chunks_per_step, num_warps, m)
-        part_args, part_consts = _part_args(w, bias, out, meta)
+        part_args, part_consts = _part_args(w, bias, out, meta, letter)
         args += part_args
-        consts.update({_const_name(name, letter): value for name, value in part_consts.items()})
+        consts.update(part_consts)
     chunks = triton.cdiv(triton.cdiv(k, CHUNK), chunks_per_step) * chunks_per_step
     norm = normed.kernel_args() if normed is not None else {}
     norm_ptrs = [norm.pop(name, x2) for name in ("delta", "g_ptr", "sum_ptr")] + [norm.pop("eps", 0.0)]
@@ -127,10 +129,3 @@ def qmatvec_group(x: torch.Tensor | NormedInput, weights: list[QuantWeight],
         num_warps=num_warps, NORM=norm.get("NORM", False), HAS_DELTA=norm.get("HAS_DELTA", False),
         **pdl.options(x2.device))
     return out
-
-
-def _const_name(name: str, letter: str) -> str:
-    """A part's constexpr as the kernel names it: T -> TA, S2 -> SA2, BIAS -> BIAS_A."""
-    if name == "BIAS":
-        return f"BIAS_{letter}"
-    return f"{name[0]}{letter}{name[1:]}"

@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -101,8 +101,8 @@ def repeated_rows() -> Iterator[None]:
 
 def _qlinear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, gated: str | None = None) -> torch.Tensor:
     """gated: x is a gated MLP's [..., gate | up] and W reads act(gate) * up (qlinear_gated)."""
-    if gated is not None and not (x.is_cuda and w.type_name not in FLOAT_TYPES and quant_kernels.kernel_ready(w)
-                                  and not getattr(_REPEATED, "on", False)):
+    if gated is not None and not (_eager_gpu(x.device) and w.type_name not in FLOAT_TYPES
+                                  and quant_kernels.kernel_ready(w)):
         return _qlinear(gated_activation(x, gated), w, bias)    # no decode kernel reads W here
     if w.type_name in FLOAT_TYPES:
         weight = w.planes["w"]
@@ -117,8 +117,7 @@ def _qlinear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, gated: 
     if x2.shape[0] == 0:
         return x.new_empty((*x.shape[:-1], w.shape[0]))
     if quant_dp4a.chosen(w, x2.shape[0]):
-        y = quant_dp4a.qmatvec_dp4a(x2, w, gated=gated)
-        y = y if bias is None else y + bias.to(y.dtype)
+        y = _plus(quant_dp4a.qmatvec_dp4a(x2, w, gated=gated), bias)
     elif x2.shape[0] <= quant_kernels.matvec_max_rows(w.type_name):
         y = quant_kernels.qmatvec(x2, w, bias, gated=gated)
     else:   # prefill: the activation as a kernel of its own, then dequantize + cuBLAS
@@ -134,19 +133,35 @@ def gated_activation(h: torch.Tensor, kind: str) -> torch.Tensor:
     return ACTIVATIONS[kind](gate) * up
 
 
+def _built(flag: dict, what: str, instead: str, run: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    """run() while `flag` is on; None where its kernels do not compile on this device (a Triton
+    or GPU unlike the H100 they were run on): logged once, the flag off from then on."""
+    if not flag["on"]:
+        return None
+    try:
+        return run()
+    except _KERNEL_BUILD_ERRORS as exc:
+        flag["on"] = False
+        log.warning("%s do not build here (%s): %s", what, exc, instead)
+        return None
+
+
+def _eager_gpu(device: torch.device) -> bool:
+    """Where the fused decode launchers run: eager on CUDA (compiled steps leave the fusions
+    to Inductor) and not inside repeated_rows' one-row projections."""
+    return device.type == "cuda" and not torch.compiler.is_compiling() and not getattr(_REPEATED, "on", False)
+
+
 def qlinear_gated(h: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, kind: str) -> torch.Tensor:
     """qlinear(act(gate) * up) for h = [..., gate | up] (a gated MLP's down projection). Where a
     decode kernel reads W on the GPU (eager: compiled steps leave the activation to Inductor),
     it computes the activation as it reads x (gated_input.py): one launch a layer fewer;
-    elsewhere the activation first, then qlinear. A kernel that does not compile on this
-    device (a Triton or GPU unlike the H100 it was run on) is logged once and not tried again."""
-    if _GATED_KERNELS["on"] and not torch.compiler.is_compiling():
-        try:
-            return _qlinear(h, w, bias, gated=kind)
-        except _KERNEL_BUILD_ERRORS as exc:
-            _GATED_KERNELS["on"] = False
-            log.warning("the down projection's gated x loads do not build here (%s): the activation "
-                        "runs as a kernel of its own", exc)
+    elsewhere the activation first, then qlinear."""
+    if not torch.compiler.is_compiling():
+        y = _built(_GATED_KERNELS, "the down projection's gated x loads", "the activation runs as a kernel of its own",
+                   lambda: _qlinear(h, w, bias, gated=kind))
+        if y is not None:
+            return y
     return qlinear(gated_activation(h, kind), w, bias)
 
 
@@ -159,26 +174,29 @@ def qlinear_normed(h: NormedInput, w: QuantWeight, bias: torch.Tensor | None) ->
     """qlinear(rms_norm(x + delta)) for a deferred norm (normed_input.py). Where a decode
     kernel reads W (eager, a few rows), it reads the norm itself: the float matvec in its
     x loads, the dp4a path as it quantizes x: one launch a norm fewer; elsewhere the norm
-    first (computed once for all its consumers), then qlinear. A kernel that does not build here is logged once and not tried again."""
+    first (computed once for all its consumers), then qlinear."""
+    run = _normed_kernel(h, w, bias) if _eager_gpu(h.device) else None
+    y = None if run is None else _built(_NORMED_KERNELS, "the projections' normed x loads",
+                                        "the norm runs as a kernel of its own", run)
+    return qlinear(h.materialize(), w, bias) if y is None else y.view(*h.shape[:-1], w.shape[0])
+
+
+def _normed_kernel(h: NormedInput, w: QuantWeight, bias: torch.Tensor | None) -> Callable[[], torch.Tensor] | None:
+    """The decode kernel that reads h's norm itself for W, or None where none does."""
     rows = h.rows()
-    eager_gpu = (_NORMED_KERNELS["on"] and h.device.type == "cuda" and w.type_name not in FLOAT_TYPES
-                 and quant_kernels.kernel_ready(w) and not getattr(_REPEATED, "on", False)
-                 and not torch.compiler.is_compiling())
-    dp4a = eager_gpu and quant_dp4a.chosen(w, rows)
-    if (dp4a and quant_dp4a.takes_normed(w.shape[1])) or (
-            eager_gpu and not dp4a and 0 < rows <= quant_kernels.matvec_max_rows(w.type_name)):
-        try:
-            if dp4a:
-                y = quant_dp4a.qmatvec_dp4a(h, w)
-                y = y if bias is None else y + bias.to(y.dtype)
-            else:
-                y = quant_kernels.qmatvec(h, w, bias)
-            return y.view(*h.shape[:-1], w.shape[0])
-        except _KERNEL_BUILD_ERRORS as exc:
-            _NORMED_KERNELS["on"] = False
-            log.warning("the projections' normed x loads do not build here (%s): the norm runs as a "
-                        "kernel of its own", exc)
-    return qlinear(h.materialize(), w, bias)
+    if w.type_name in FLOAT_TYPES or not quant_kernels.kernel_ready(w) or rows == 0:
+        return None
+    if quant_dp4a.chosen(w, rows):
+        if not quant_dp4a.takes_normed(w.shape[1]):
+            return None
+        return lambda: _plus(quant_dp4a.qmatvec_dp4a(h, w), bias)
+    if rows > quant_kernels.matvec_max_rows(w.type_name):
+        return None
+    return lambda: quant_kernels.qmatvec(h, w, bias)
+
+
+def _plus(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 def use_group_kernels(on: bool) -> None:
@@ -190,22 +208,17 @@ def qlinear_group(x: torch.Tensor | NormedInput, weights: list[QuantWeight],
                   biases: list[torch.Tensor | None]) -> list[torch.Tensor] | None:
     """[qlinear(x, w, b) for each], the weights that the float decode kernel would run alike in
     one launch (eager on the GPU: quant_group.grouped; an 8B's k and v where q takes dp4a), the
-    others one each; None where fewer than two group (the caller runs them one by one). A
-    group kernel that does not build here is logged once and not tried again."""
-    if not (_GROUP_KERNELS["on"] and x.device.type == "cuda" and not torch.compiler.is_compiling()
-            and not getattr(_REPEATED, "on", False)):
+    others one each; None where fewer than two group (the caller runs them one by one)."""
+    if not _eager_gpu(x.device):
         return None
     rows = x.rows() if isinstance(x, NormedInput) else x.numel() // x.shape[-1]
     together = _groupable(weights, rows)
     if len(together) < 2:
         return None
     group_x = x.materialize() if isinstance(x, NormedInput) and not _NORMED_KERNELS["on"] else x
-    try:
-        y = quant_group.qmatvec_group(group_x if isinstance(group_x, NormedInput) else group_x.reshape(rows, -1),
-                                      [weights[i] for i in together], [biases[i] for i in together])
-    except _KERNEL_BUILD_ERRORS as exc:
-        _GROUP_KERNELS["on"] = False
-        log.warning("projections of one x do not build as one launch here (%s): one launch each", exc)
+    y = _built(_GROUP_KERNELS, "projections of one x as one launch", "one launch each",
+               lambda: quant_group.qmatvec_group(group_x, [weights[i] for i in together], [biases[i] for i in together]))
+    if y is None:
         return None
     grouped = dict(zip(together, y.view(*x.shape[:-1], -1).split([weights[i].shape[0] for i in together], dim=-1)))
     return [grouped[i] if i in grouped else _alone(x, w, b) for i, (w, b) in enumerate(zip(weights, biases))]

@@ -116,21 +116,6 @@ class QuantExperts(nn.Module):
     def pairs(self, x: torch.Tensor, ids: torch.Tensor, x_div: int, gated: str | None = None) -> torch.Tensor:
         return qmatvec_experts(x, self.qweight, self.num_experts, ids, x_div, gated)
 
-    def normed(self, h: NormedInput) -> torch.Tensor:
-        """self(rms_norm(x + delta)) for a deferred norm: on the GPU the decode kernel reads
-        the norm itself (quant_ops.qlinear_normed)."""
-        if self.qweight.device.type != "cpu":
-            return qlinear_normed(h, self.qweight, self.bias)
-        return self(h.materialize())
-
-    @staticmethod
-    def group(linears: tuple[QuantLinear, ...], x: torch.Tensor | NormedInput) -> list[torch.Tensor] | None:
-        """[linear(x) for each] as one launch where the GPU's decode kernels can (projections of
-        one x in different types: quant_ops.qlinear_group), else None."""
-        if linears[0].qweight.device.type == "cpu":
-            return None
-        return qlinear_group(x, [linear.qweight for linear in linears], [linear.bias for linear in linears])
-
     def cache_bytes(self) -> int:
         return 0 if self.dense is None else self.dense.numel() * self.dense.element_size()
 
